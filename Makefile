@@ -1,0 +1,42 @@
+# Set-up and everyday commands. Every target creates the virtualenv itself, with
+# torch pinned to the CPU build that lies on this machine's disk (see PEERS.md):
+# any other spelling pulls a multi-GB CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: venv run test test-fast lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+## run: generate text with the embedded demo model
+run: venv
+	$(VENV)/bin/tokenmill generate "ROMEO:"
+
+## test: lint, then the whole test suite
+test: venv
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(PY) -m pytest -q
+
+## test-fast: the suite without tests marked slow
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+
+bench: venv
+	$(PY) benchmarks/offline_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

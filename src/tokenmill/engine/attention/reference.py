@@ -1,0 +1,126 @@
+"""Reference attention: PyTorch ``scaled_dot_product_attention`` over the paged cache.
+
+Runs on CPU and GPU and is the oracle the faster backends are tested against.
+The cache of a layer is ``[2, num_slots, kv_heads, head_dim]`` (slot = block *
+block_size + offset). Decodes are batched into one SDPA call over their
+gathered context, padded with the null slot and masked; each prefill runs its
+own causal SDPA, straight on the fresh K/V when it has no cached context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.engine.attention.backend import AttentionBackend, AttentionBatch
+
+
+@dataclass
+class _Prefill:
+    start: int  # first query token in the flat batch
+    end: int
+    context_len: int
+    slots: torch.Tensor | None  # [seq_len] cache slots of the whole context, None if no context
+    mask: torch.Tensor | None  # [q_len, seq_len] bool, None for plain causal
+
+
+@dataclass
+class ReferenceMetadata:
+    slot_mapping: torch.Tensor
+    num_decodes: int
+    decode_slots: torch.Tensor | None  # [num_decodes, max_len] slot ids, padding -> slot 0
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_len] bool
+    prefills: list[_Prefill]
+
+
+class ReferenceBackend(AttentionBackend):
+    name = "reference"
+
+    def allocate_kv_cache(self, num_layers: int, num_blocks: int) -> list[torch.Tensor]:
+        s = self.spec
+        shape = (2, num_blocks * s.block_size, s.num_kv_heads, s.head_dim)
+        return [torch.zeros(shape, dtype=s.dtype, device=s.device) for _ in range(num_layers)]
+
+    def prepare(self, batch: AttentionBatch) -> ReferenceMetadata:
+        device = self.spec.device
+        nd = batch.num_decodes
+        decode_slots = decode_mask = None
+        if nd:
+            seq_lens = torch.tensor(batch.seq_lens[:nd], device=device)
+            slots, valid = self._context_slots(batch.block_table[:nd], seq_lens, int(seq_lens.max()))
+            query_pos = (seq_lens - 1).unsqueeze(1)
+            valid &= self._in_window(query_pos, torch.arange(slots.shape[1], device=device))
+            decode_slots, decode_mask = slots, valid[:, None, None, :]
+        prefills = []
+        for i in range(nd, batch.num_requests):
+            start, end = batch.query_start_loc[i], batch.query_start_loc[i + 1]
+            ctx_len, seq_len = batch.context_lens[i], batch.seq_lens[i]
+            slots = mask = None
+            if ctx_len > 0 or self.spec.sliding_window is not None:
+                seq = torch.tensor([seq_len], device=device)
+                slots = self._context_slots(batch.block_table[i : i + 1], seq, seq_len)[0][0]
+                q_pos = torch.arange(ctx_len, seq_len, device=device).unsqueeze(1)
+                k_pos = torch.arange(seq_len, device=device).unsqueeze(0)
+                mask = (k_pos <= q_pos) & self._in_window(q_pos, k_pos)
+            prefills.append(_Prefill(start, end, ctx_len, slots, mask))
+        return ReferenceMetadata(batch.slot_mapping, nd, decode_slots, decode_mask, prefills)
+
+    def _context_slots(
+        self, block_table: torch.Tensor, seq_lens: torch.Tensor, max_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = self.spec.block_size
+        pos = torch.arange(max_len, device=block_table.device)
+        slots = block_table[:, pos // bs] * bs + pos % bs
+        valid = pos.unsqueeze(0) < seq_lens.unsqueeze(1)
+        return torch.where(valid, slots, 0), valid
+
+    def _in_window(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        if self.spec.sliding_window is None:
+            return torch.ones((), dtype=torch.bool, device=q_pos.device)
+        return k_pos > q_pos - self.spec.sliding_window
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: ReferenceMetadata,
+    ) -> torch.Tensor:
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        scale = self.spec.scale
+        nd = meta.num_decodes
+        if nd:
+            assert meta.decode_slots is not None
+            keys = k_cache[meta.decode_slots].transpose(1, 2)  # [B, KV, L, D]
+            values = v_cache[meta.decode_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                q[:nd].unsqueeze(2),
+                keys,
+                values,
+                attn_mask=meta.decode_mask,
+                scale=scale,
+                enable_gqa=True,
+            )
+            out[:nd] = o.squeeze(2)
+        for p in meta.prefills:
+            query = q[p.start : p.end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+            if p.slots is None:
+                keys = k[p.start : p.end].transpose(0, 1).unsqueeze(0)
+                values = v[p.start : p.end].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(
+                    query, keys, values, is_causal=True, scale=scale, enable_gqa=True
+                )
+            else:
+                keys = k_cache[p.slots].transpose(0, 1).unsqueeze(0)
+                values = v_cache[p.slots].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(
+                    query, keys, values, attn_mask=p.mask, scale=scale, enable_gqa=True
+                )
+            out[p.start : p.end] = o[0].transpose(0, 1)
+        return out

@@ -1,0 +1,225 @@
+"""Model and engine configuration.
+
+``ModelConfig`` reads a Hugging Face ``config.json`` in both the transformers 4.x
+spelling (``torch_dtype``, top-level ``rope_theta``/``rope_scaling``) and the 5.x
+one (``dtype``, nested ``rope_parameters``). ``EngineConfig`` holds what the
+user chooses; every field has a default that works.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill.engine.errors import InvalidRequestError, ModelLoadError
+
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    scaling_type: str = "default"  # default | linear | llama3 | dynamic
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a decoder-only transformer, as the engine needs it."""
+
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    tie_word_embeddings: bool
+    dtype: torch.dtype
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    qk_norm: bool = False  # RMSNorm on each head of q and k (Qwen3)
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    path: Path | None = None
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V that one token occupies across all layers."""
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], path: Path | None = None) -> ModelConfig:
+        archs = raw.get("architectures") or []
+        model_type = raw.get("model_type", "")
+        try:
+            hidden = int(raw["hidden_size"])
+            num_heads = int(raw["num_attention_heads"])
+            cfg = cls(
+                architecture=archs[0] if archs else model_type,
+                model_type=model_type,
+                vocab_size=int(raw["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(raw["intermediate_size"]),
+                num_layers=int(raw["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+                head_dim=int(raw.get("head_dim") or hidden // num_heads),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                rope=_rope_config(raw),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                dtype=_config_dtype(raw),
+                attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
+                qk_norm=model_type == "qwen3",
+                sliding_window=_sliding_window(raw),
+                bos_token_id=raw.get("bos_token_id"),
+                eos_token_ids=_as_tuple(raw.get("eos_token_id")),
+                path=path,
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"config.json at {path} lacks the field {e.args[0]!r}") from e
+        return cfg
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        folder = Path(path)
+        file = folder / "config.json"
+        if not folder.is_dir():
+            raise ModelLoadError(f"model folder {str(folder)!r} does not exist")
+        if not file.is_file():
+            raise ModelLoadError(f"model folder {str(folder)!r} has no config.json")
+        try:
+            raw = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{file} is not valid JSON: {e}") from e
+        return cls.from_dict(raw, folder)
+
+
+def _config_dtype(raw: dict[str, Any]) -> torch.dtype:
+    name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    return DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def _rope_config(raw: dict[str, Any]) -> RopeConfig:
+    # 5.x nests everything under rope_parameters; 4.x has rope_theta and rope_scaling.
+    params = dict(raw.get("rope_parameters") or {})
+    scaling = dict(raw.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    theta = merged.get("rope_theta", raw.get("rope_theta", 10000.0))
+    kind = merged.get("rope_type") or merged.get("type") or "default"
+    return RopeConfig(
+        theta=float(theta),
+        scaling_type=str(kind),
+        factor=float(merged.get("factor", 1.0)),
+        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=merged.get("original_max_position_embeddings"),
+    )
+
+
+def _sliding_window(raw: dict[str, Any]) -> int | None:
+    window = raw.get("sliding_window")
+    if raw.get("model_type") in ("qwen2", "qwen3") and not raw.get("use_sliding_window", False):
+        return None
+    return int(window) if window else None
+
+
+def _as_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, list | tuple):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES and name != "auto":
+        raise InvalidRequestError("dtype", name, "one of auto, bfloat16, float16, float32")
+    return DTYPES.get(name, torch.float32)
+
+
+@dataclass
+class EngineConfig:
+    """What the user chooses when starting an engine.
+
+    ``kv_cache_memory`` is bytes for the KV pool, or a fraction (0, 1] of the
+    device memory left free after the weights load (GPU only). ``None`` means
+    0.9 of free memory on GPU and 1 GiB on CPU.
+    """
+
+    model: str | None = None  # folder in Hugging Face format; None: the embedded demo model
+    dtype: str = "auto"  # auto takes the checkpoint's dtype
+    device: str = "auto"  # auto: cuda when available, else cpu
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # per-step token budget; None: max(2048, max_model_len)
+    block_size: int = 16
+    kv_cache_memory: float | int | None = None
+    attention_backend: str = "auto"
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        checks = [
+            (
+                "max_num_seqs",
+                self.max_num_seqs,
+                isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
+                "an integer >= 1",
+            ),
+            (
+                "block_size",
+                self.block_size,
+                self.block_size in (8, 16, 32, 64, 128),
+                "one of 8, 16, 32, 64, 128",
+            ),
+            (
+                "max_model_len",
+                self.max_model_len,
+                self.max_model_len is None
+                or (isinstance(self.max_model_len, int) and self.max_model_len >= 2),
+                "an integer >= 2 or None",
+            ),
+            (
+                "max_num_batched_tokens",
+                self.max_num_batched_tokens,
+                self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+                "an integer >= 1 or None",
+            ),
+            (
+                "kv_cache_memory",
+                self.kv_cache_memory,
+                self.kv_cache_memory is None
+                or (isinstance(self.kv_cache_memory, float) and 0 < self.kv_cache_memory <= 1)
+                or (isinstance(self.kv_cache_memory, int) and self.kv_cache_memory > 1),
+                "bytes (an integer > 1), a fraction in (0, 1], or None",
+            ),
+        ]
+        for name, value, ok, allowed in checks:
+            if not ok:
+                raise InvalidRequestError(name, value, allowed)

@@ -1,0 +1,80 @@
+"""Incremental detokenization and stop strings.
+
+Decoding one token at a time breaks words (byte-level BPE emits a multi-byte
+character over several tokens; SentencePiece drops leading spaces without the
+previous token). So each step decodes a short window ending at the new tokens
+and keeps only the text after what that window decoded to before the new tokens
+(the classic prefix/read offset scheme). A window that ends in U+FFFD is an
+incomplete character: nothing is emitted until it completes.
+
+Stop strings: text that could still become the start of a stop string is held
+back, so a stream never shows text that is later cut.
+"""
+
+from __future__ import annotations
+
+from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.engine.tokenizer import Tokenizer
+
+_PREFIX_WINDOW = 5  # earlier tokens re-decoded for context; enough for every BPE merge seen
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+        self.tokenizer = tokenizer
+        self.skip_special = params.skip_special_tokens
+        self.stop = params.stop
+        self.include_stop = params.include_stop_str_in_output
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
+        self._special = tokenizer.special_token_ids if self.skip_special else frozenset()
+        self.token_ids: list[int] = [t for t in prompt_token_ids[-_PREFIX_WINDOW:] if t not in self._special]
+        self._prefix_offset = 0
+        self._read_offset = len(self.token_ids)
+        self.output_text = ""  # everything decoded so far (stop string already cut)
+        self._emitted = 0  # chars of output_text already handed out
+        self.stop_reason: str | None = None
+
+    def update(self, new_token_ids: list[int]) -> str | None:
+        """Add tokens; return the stop string if one was found (the text is cut there)."""
+        searched = len(self.output_text)
+        for tid in new_token_ids:
+            if tid in self._special:
+                continue
+            self.token_ids.append(tid)
+            self.output_text += self._decode_next()
+        if self.stop:
+            return self._check_stop(max(0, searched - self._hold))
+        return None
+
+    def _decode_next(self) -> str:
+        ids = self.token_ids
+        prefix = self.tokenizer.decode(ids[self._prefix_offset : self._read_offset], self.skip_special)
+        full = self.tokenizer.decode(ids[self._prefix_offset :], self.skip_special)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(ids)
+            return full[len(prefix) :]
+        return ""
+
+    def _check_stop(self, start: int) -> str | None:
+        # Only text that the new tokens could have completed needs searching.
+        best: tuple[int, str] | None = None
+        for s in self.stop:
+            i = self.output_text.find(s, start)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return None
+        i, s = best
+        self.output_text = self.output_text[: i + len(s) if self.include_stop else i]
+        self.stop_reason = s
+        return s
+
+    def take_new_text(self, finished: bool) -> str:
+        """Text not yet handed out, holding back a possible stop-string start unless finished."""
+        end = len(self.output_text)
+        if not finished and self.stop and self.stop_reason is None:
+            end = max(self._emitted, end - self._hold)
+        new = self.output_text[self._emitted : end]
+        self._emitted = end
+        return new

@@ -1,0 +1,61 @@
+"""Typed errors of the engine.
+
+Every error a user can cause says which field was wrong, the value it had and
+what is allowed, so a server can turn it into an OpenAI-style 400 without
+parsing messages. The engine imports nothing of tokenmill, so these live here
+rather than in ``tokenmill.protocol``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request parameter is out of range. Nothing was allocated for it."""
+
+    def __init__(self, field: str, value: Any, allowed: str, message: str | None = None):
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(message or f"{field}={shown} is invalid: allowed {allowed}")
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt leaves no room for a single output token within max_model_len."""
+
+    def __init__(self, num_prompt_tokens: int, max_model_len: int):
+        super().__init__(
+            "prompt",
+            f"<{num_prompt_tokens} tokens>",
+            f"at most {max_model_len - 1} tokens (max_model_len={max_model_len})",
+            message=(
+                f"prompt has {num_prompt_tokens} tokens, but max_model_len is {max_model_len}: "
+                f"at most {max_model_len - 1} prompt tokens leave room for one output token"
+            ),
+        )
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_model_len = max_model_len
+
+
+class ModelLoadError(EngineError):
+    """The model folder is missing, incomplete or corrupt."""
+
+
+class UnsupportedArchitectureError(ModelLoadError):
+    """config.json names an architecture the engine has no implementation for."""
+
+
+class InsufficientKVCacheError(EngineError):
+    """The KV cache pool cannot hold even one sequence of max_model_len tokens."""
+
+
+class RequestNotFoundError(EngineError, KeyError):
+    """abort() or a lookup named a request id the engine does not hold."""

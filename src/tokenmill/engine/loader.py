@@ -1,0 +1,60 @@
+"""Load and prepare weights: one step from a checkpoint folder to a ready model.
+
+The model is built on the meta device (no memory, no random init), given
+uninitialised memory of the right dtype on the target device, then filled from
+the checkpoint. What comes out is the prepared state (fused, cast) that a
+snapshot will later save and restore in place of this step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenmill.engine.config import ModelConfig
+from tokenmill.engine.models import model_class
+from tokenmill.engine.weights import iter_checkpoint
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """``None`` is the demo model shipped in the package."""
+    return DEMO_MODEL_DIR if model is None else Path(model).expanduser()
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    assert cfg.path is not None
+    start = time.perf_counter()
+    with torch.device("meta"):
+        model = model_class(cfg)(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    model.load_weights(iter_checkpoint(cfg.path, dtype, device))
+    model.rotary.build(device, dtype)
+    model.eval().requires_grad_(False)
+    logger.info("loaded %s in %.2f s", cfg.path, time.perf_counter() - start)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def generation_defaults(folder: Path) -> dict[str, Any]:
+    """generation_config.json, or {} when absent or unreadable (it is optional)."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        logger.warning("ignoring unreadable %s", path)
+        return {}

@@ -1,0 +1,151 @@
+"""The Llama-family decoder: Llama 2/3/3.1, Mistral, Qwen2/2.5 and Qwen3.
+
+They differ only in details that ModelConfig names: q/k/v biases (Qwen2), a
+per-head RMSNorm on q and k (Qwen3), sliding-window attention (Mistral v0.1),
+tied embeddings. Inputs are flat: all tokens of all requests of a step in one
+``[T]`` tensor, with attention told by an ``AttentionContext`` which token
+belongs to which sequence and where its KV lives.
+
+q/k/v and gate/up are fused into one matmul each; ``load_weights`` maps the
+checkpoint's separate tensors onto the fused ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from tokenmill.engine.attention.backend import AttentionContext
+from tokenmill.engine.config import ModelConfig
+from tokenmill.engine.errors import ModelLoadError
+from tokenmill.engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+
+# checkpoint name fragment -> (our fused parameter, shard index)
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rotary = rotary
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = ctx.attend(self.layer_idx, q, k, v)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), ctx)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.rotary) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Tied checkpoints have no lm_head tensor: logits reuse the embedding.
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
+        """Hidden states after the final norm, one row per input token."""
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden, ctx)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into the fused parameters.
+
+        Raises ModelLoadError naming any tensor that is missing, has no place in
+        the model, or has the wrong shape.
+        """
+        params = dict(self.named_parameters())
+        shard_sizes = self._shard_sizes()
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue  # derived buffers; a tied checkpoint may still carry a head copy
+            target, offset, size = name, 0, None
+            for frag, (fused, idx) in _FUSED.items():
+                if f".{frag}." in name:
+                    target = name.replace(frag, fused)
+                    offset, size = sum(shard_sizes[fused][:idx]), shard_sizes[fused][idx]
+                    break
+            param = params.get(target)
+            if param is None:
+                raise ModelLoadError(
+                    f"checkpoint tensor {hf_name!r} has no place in {self.config.architecture}"
+                )
+            dest = param.data if size is None else param.data.narrow(0, offset, size)
+            if dest.shape != tensor.shape:
+                raise ModelLoadError(
+                    f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor)
+            loaded.add(name)
+        missing = sorted(self._checkpoint_names(params) - loaded)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors: {shown}")
+
+    def _shard_sizes(self) -> dict[str, list[int]]:
+        cfg = self.config
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        return {"qkv_proj": [q, kv, kv], "gate_up_proj": [cfg.intermediate_size] * 2}
+
+    @staticmethod
+    def _checkpoint_names(params: dict[str, nn.Parameter]) -> set[str]:
+        """The checkpoint tensor names (without ``model.``) that fill our parameters."""
+        names = set()
+        for name in params:
+            parts = [name.replace(fused, frag) for frag, (fused, _) in _FUSED.items() if f".{fused}." in name]
+            names.update(parts or [name])
+        return names

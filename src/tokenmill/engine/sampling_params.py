@@ -1,0 +1,134 @@
+"""Per-request sampling parameters, validated once when the request arrives."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from tokenmill.engine.errors import InvalidRequestError
+
+_GREEDY_EPS = 1e-5
+
+
+class OutputKind(enum.Enum):
+    """What each RequestOutput carries while a request runs."""
+
+    CUMULATIVE = "cumulative"  # everything generated so far, every step
+    DELTA = "delta"  # only what is new since the last output
+    FINAL_ONLY = "final"  # one output, when the request finishes
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop. Defaults give greedy decoding of up to 16 tokens.
+
+    Example::
+
+        SamplingParams(temperature=0.8, top_p=0.95, max_tokens=64, stop=["\\n\\n"], seed=7)
+    """
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_tokens: int | None = 16  # None: up to max_model_len
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # number of top logprobs per token, beside the sampled one
+    skip_special_tokens: bool = True
+    output_kind: OutputKind = OutputKind.CUMULATIVE
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        if isinstance(self.output_kind, str):
+            self.output_kind = OutputKind(self.output_kind)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    def validate(self, vocab_size: int | None = None, max_logprobs: int = 20) -> None:
+        """Raise InvalidRequestError naming the first out-of-range field."""
+        _check(self.n, "n", isinstance(self.n, int) and 1 <= self.n <= 128, "an integer in [1, 128]")
+        _check(
+            self.temperature,
+            "temperature",
+            _num(self.temperature) and self.temperature >= 0,
+            "a number >= 0 (0 means greedy)",
+        )
+        _check(self.top_p, "top_p", _num(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]")
+        _check(
+            self.top_k,
+            "top_k",
+            isinstance(self.top_k, int) and self.top_k >= 0,
+            "an integer >= 0 (0 or -1 disables top-k)",
+        )
+        _check(self.min_p, "min_p", _num(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]")
+        _check(self.seed, "seed", self.seed is None or isinstance(self.seed, int), "an integer or null")
+        _check(
+            self.repetition_penalty,
+            "repetition_penalty",
+            _num(self.repetition_penalty) and self.repetition_penalty > 0,
+            "a number > 0",
+        )
+        _check(
+            self.presence_penalty,
+            "presence_penalty",
+            _num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+            "a number in [-2, 2]",
+        )
+        _check(
+            self.frequency_penalty,
+            "frequency_penalty",
+            _num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+            "a number in [-2, 2]",
+        )
+        _check(
+            self.max_tokens,
+            "max_tokens",
+            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            "an integer >= 1, or null for up to max_model_len",
+        )
+        _check(
+            self.min_tokens,
+            "min_tokens",
+            isinstance(self.min_tokens, int)
+            and self.min_tokens >= 0
+            and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
+            "an integer in [0, max_tokens]",
+        )
+        _check(
+            self.stop, "stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"
+        )
+        top = vocab_size if vocab_size is not None else None
+        for tid in self.stop_token_ids:
+            ok = isinstance(tid, int) and tid >= 0 and (top is None or tid < top)
+            _check(tid, "stop_token_ids", ok, f"token ids in [0, {top})" if top else "non-negative token ids")
+        _check(
+            self.logprobs,
+            "logprobs",
+            self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= max_logprobs),
+            f"an integer in [0, {max_logprobs}] or null",
+        )
+
+
+def _num(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and x == x  # rejects NaN
+
+
+def _check(value: object, name: str, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise InvalidRequestError(name, value, allowed)

@@ -1,0 +1,173 @@
+"""Tokenizer and chat template, read from a Hugging Face folder without transformers.
+
+``tokenizer.json`` is run by the ``tokenizers`` library; ``tokenizer_config.json``
+supplies special tokens and the chat template, which is rendered with jinja2 the
+way transformers renders it (trim_blocks, lstrip_blocks, a sandbox,
+``raise_exception``, ``tojson``, ``strftime_now``), so prompts match token for
+token.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from tokenmill.engine.errors import InvalidRequestError, ModelLoadError
+
+ChatMessage = dict[str, Any]
+
+
+class Tokenizer:
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ModelLoadError(f"model folder {str(folder)!r} has no tokenizer.json")
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exception on bad files
+            raise ModelLoadError(f"cannot read {path}: {e}") from e
+        cfg_path = folder / "tokenizer_config.json"
+        self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.chat_template = self._load_chat_template(folder)
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+        self.pad_token = _token_text(self.config.get("pad_token"))
+
+    @staticmethod
+    def _load_chat_template(folder: Path) -> str | None:
+        # transformers 4.43+ may keep it in chat_template.jinja beside the config.
+        jinja_file = folder / "chat_template.jinja"
+        if jinja_file.is_file():
+            return jinja_file.read_text()
+        cfg_path = folder / "tokenizer_config.json"
+        template = json.loads(cfg_path.read_text()).get("chat_template") if cfg_path.is_file() else None
+        if isinstance(template, list):  # named templates: take "default"
+            named = {t["name"]: t["template"] for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        return template
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, text: str | None) -> int | None:
+        return None if text is None else self._tok.token_to_id(text)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_id(self.eos_token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.token_id(self.bos_token)
+
+    @cached_property
+    def special_token_ids(self) -> frozenset[int]:
+        return frozenset(tid for tid, tok in self._tok.get_added_tokens_decoder().items() if tok.special)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [self._tok.id_to_token(i) or "" for i in ids]
+
+    def tokens_to_string(self, tokens: list[str]) -> str:
+        return self._tok.decoder.decode(tokens) if self._tok.decoder else "".join(tokens)
+
+    def apply_chat_template(
+        self,
+        messages: list[ChatMessage],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Render messages to the prompt text the model was trained on."""
+        template = chat_template or self.chat_template
+        if template is None:
+            raise InvalidRequestError(
+                "messages",
+                "<chat>",
+                "a model with a chat template (this one has none: "
+                "send a plain prompt, or pass chat_template)",
+            )
+        _check_messages(messages)
+        try:
+            return _compile(template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                pad_token=self.pad_token or "",
+                **kwargs,
+            )
+        except jinja2.TemplateError as e:
+            raise InvalidRequestError(
+                "messages", "<chat>", f"messages the chat template accepts ({e})"
+            ) from e
+
+    def encode_chat(
+        self, messages: list[ChatMessage], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> list[int]:
+        # The template already writes the BOS text; adding specials again would double it.
+        text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
+        return self.encode(text, add_special_tokens=False)
+
+
+def _token_text(token: Any) -> str | None:
+    if isinstance(token, dict):  # AddedToken serialised as a dict
+        return token.get("content")
+    return token
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages", messages, "a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise InvalidRequestError(f"messages[{i}]", m, "an object with a string 'role'")
+
+
+def _raise(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+_TEMPLATES: dict[str, jinja2.Template] = {}
+
+
+def _compile(template: str) -> jinja2.Template:
+    compiled = _TEMPLATES.get(template)
+    if compiled is None:
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        compiled = _TEMPLATES[template] = env.from_string(template)
+    return compiled

@@ -1,0 +1,50 @@
+"""Reading checkpoint tensors from a Hugging Face folder (single or sharded safetensors)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from tokenmill.engine.errors import ModelLoadError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint, from its index when sharded."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"{index} is not a valid safetensors index: {e}") from e
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ModelLoadError(f"{index} names shards that are missing: {', '.join(absent)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(
+            f"model folder {str(folder)!r} has no *.safetensors weights "
+            "(only safetensors checkpoints are read; convert .bin files first)"
+        )
+    return files
+
+
+def iter_checkpoint(
+    folder: Path, dtype: torch.dtype, device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every tensor, cast to ``dtype`` on ``device``."""
+    for file in safetensors_files(folder):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    tensor = f.get_tensor(name)
+                    yield name, tensor.to(device=device, dtype=dtype)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ModelLoadError(f"cannot read {file}: {e} (is the file complete?)") from e
