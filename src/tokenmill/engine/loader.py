@@ -1,9 +1,9 @@
 """Load and prepare weights: one step from a checkpoint folder to a ready model.
 
-The model is built on the meta device (no memory, no random init), given
-uninitialised memory of the right dtype on the target device, then filled from
-the checkpoint. What comes out is the prepared state (fused, cast) that a
-snapshot will later save and restore in place of this step.
+The model is built with uninitialised parameters of the right dtype on the
+target device (no random init), then filled from the checkpoint. What comes
+out is the prepared state (fused, cast) that a snapshot will later save and
+restore in place of this step.
 """
 
 from __future__ import annotations
@@ -34,9 +34,15 @@ def resolve_model_path(model: str | Path | None) -> Path:
 def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
     assert cfg.path is not None
     start = time.perf_counter()
-    with torch.device("meta"):
-        model = model_class(cfg)(cfg)
-    model = model.to(dtype).to_empty(device=device)
+    # Parameters are created empty, right on the device and in the dtype (the
+    # meta-device route costs more: to_empty pulls in torch's symbolic machinery).
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = model_class(cfg)(cfg)
+    finally:
+        torch.set_default_dtype(previous)
     model.load_weights(iter_checkpoint(cfg.path, dtype, device))
     model.rotary.build(device, dtype)
     model.eval().requires_grad_(False)

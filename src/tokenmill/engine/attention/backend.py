@@ -58,7 +58,9 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def allocate_kv_cache(self, num_layers: int, num_blocks: int) -> list[torch.Tensor]:
-        """One cache tensor per layer, the null block (block 0) zeroed."""
+        """One cache tensor per layer. The null block (block 0) must be zeroed; other
+        slots may hold garbage until written, so kernels must never read a slot at or
+        past a sequence's length without masking the load itself."""
 
     @abstractmethod
     def prepare(self, batch: AttentionBatch) -> Any:

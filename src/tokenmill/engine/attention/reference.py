@@ -41,7 +41,12 @@ class ReferenceBackend(AttentionBackend):
     def allocate_kv_cache(self, num_layers: int, num_blocks: int) -> list[torch.Tensor]:
         s = self.spec
         shape = (2, num_blocks * s.block_size, s.num_kv_heads, s.head_dim)
-        return [torch.zeros(shape, dtype=s.dtype, device=s.device) for _ in range(num_layers)]
+        # Uninitialised (pages are only touched as blocks fill), but for the null
+        # block: padding reads it, and 0 * garbage could be NaN.
+        caches = [torch.empty(shape, dtype=s.dtype, device=s.device) for _ in range(num_layers)]
+        for cache in caches:
+            cache[:, : s.block_size].zero_()
+        return caches
 
     def prepare(self, batch: AttentionBatch) -> ReferenceMetadata:
         device = self.spec.device
@@ -97,8 +102,11 @@ class ReferenceBackend(AttentionBackend):
         nd = meta.num_decodes
         if nd:
             assert meta.decode_slots is not None
-            keys = k_cache[meta.decode_slots].transpose(1, 2)  # [B, KV, L, D]
-            values = v_cache[meta.decode_slots].transpose(1, 2)
+            # index_select on a flat index is ~8x faster than advanced indexing on CPU.
+            b, length = meta.decode_slots.shape
+            flat = meta.decode_slots.view(-1)
+            keys = k_cache.index_select(0, flat).view(b, length, *k_cache.shape[1:]).transpose(1, 2)
+            values = v_cache.index_select(0, flat).view(b, length, *v_cache.shape[1:]).transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 q[:nd].unsqueeze(2),
                 keys,
@@ -117,8 +125,8 @@ class ReferenceBackend(AttentionBackend):
                     query, keys, values, is_causal=True, scale=scale, enable_gqa=True
                 )
             else:
-                keys = k_cache[p.slots].transpose(0, 1).unsqueeze(0)
-                values = v_cache[p.slots].transpose(0, 1).unsqueeze(0)
+                keys = k_cache.index_select(0, p.slots).transpose(0, 1).unsqueeze(0)
+                values = v_cache.index_select(0, p.slots).transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(
                     query, keys, values, attn_mask=p.mask, scale=scale, enable_gqa=True
                 )

@@ -1,0 +1,1 @@
+"""The ``tokenmill`` command: thin wiring of the packages below it."""

@@ -1,0 +1,110 @@
+"""Entry point of the ``tokenmill`` command.
+
+tokenmill generate "ROMEO:"                      # the embedded demo model
+tokenmill generate --model ./Llama-3.2-1B --chat "Name three rivers."
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from tokenmill.cli.generate import stdout_write, stream_generate
+
+app = typer.Typer(
+    help="tokenmill: serve open LLMs on your own GPUs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+@app.callback()
+def _main(
+    log_level: Annotated[str, typer.Option(help="Logging level: debug, info, warning, error.")] = "warning",
+) -> None:
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False)],
+    )
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts; all run at once.")],
+    model: Annotated[
+        Path | None, typer.Option(help="Hugging Face model folder. Default: the embedded demo model.")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate per prompt.")] = 128,
+    temperature: Annotated[
+        float | None, typer.Option(help="0 is greedy. Default: the model's generation_config.json.")
+    ] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass in (0, 1].")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens (0: all).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop when this text appears (repeatable).")] = None,
+    chat: Annotated[bool, typer.Option(help="Send each prompt as a user message (chat template).")] = False,
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    max_model_len: Annotated[int | None, typer.Option(help="Longest sequence (prompt + output).")] = None,
+    kv_cache_memory: Annotated[
+        float | None, typer.Option(help="KV pool: bytes, or a fraction (0, 1] of free memory.")
+    ] = None,
+) -> None:
+    """Generate text and stream it to the terminal."""
+    from tokenmill.engine import Engine, EngineConfig, EngineError
+
+    kv: float | int | None = kv_cache_memory
+    if kv is not None and kv > 1:
+        kv = int(kv)
+    try:
+        with err.status("loading model..."):
+            engine = Engine(
+                EngineConfig(
+                    model=str(model) if model else None,
+                    dtype=dtype,
+                    device=device,
+                    max_model_len=max_model_len,
+                    kv_cache_memory=kv,
+                )
+            )
+        err.print(
+            f"[dim]{engine.model_config.architecture} on {engine.device}, ready in "
+            f"{engine.startup_seconds:.2f} s; {engine.kv_plan.summary()}[/dim]"
+        )
+        params = engine.default_sampling_params()
+        params.max_tokens = max_tokens
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+            if value is not None:
+                setattr(params, name, value)
+        params.stop = list(stop or [])
+        inputs: list[str | list[int]] = list(prompts)
+        if chat:
+            inputs = [engine.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+
+        def header(i: int, label: str) -> None:
+            if i:
+                stdout_write("\n\n")
+            if len(prompts) > 1 or chat:
+                err.print(f"[bold cyan]── {prompts[i] if chat else label}[/bold cyan]")
+            if not chat:
+                stdout_write(label)
+
+        stream_generate(engine, inputs, params, stdout_write, header)
+        stdout_write("\n")
+    except EngineError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+if __name__ == "__main__":
+    app()
