@@ -42,7 +42,8 @@ def iter_checkpoint(
     """Yield (name, tensor) for every tensor, cast to ``dtype`` on ``device``."""
     for file in safetensors_files(folder):
         try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
+            # Reading straight onto the device skips a host copy of every tensor.
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                     tensor = f.get_tensor(name)
                     yield name, tensor.to(device=device, dtype=dtype)

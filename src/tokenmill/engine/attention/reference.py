@@ -54,7 +54,8 @@ class ReferenceBackend(AttentionBackend):
         decode_slots = decode_mask = None
         if nd:
             seq_lens = torch.tensor(batch.seq_lens[:nd], device=device)
-            slots, valid = self._context_slots(batch.block_table[:nd], seq_lens, int(seq_lens.max()))
+            max_len = max(batch.seq_lens[:nd])  # from the host list: no device sync
+            slots, valid = self._context_slots(batch.block_table[:nd], seq_lens, max_len)
             query_pos = (seq_lens - 1).unsqueeze(1)
             valid &= self._in_window(query_pos, torch.arange(slots.shape[1], device=device))
             decode_slots, decode_mask = slots, valid[:, None, None, :]
