@@ -108,3 +108,52 @@ def build_tiny_model(
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / f, out / f)
     return out
+
+
+# -- references and drivers shared by the engine tests ------------------------------------------------
+
+
+def random_prompts(lengths, seed: int = 0, vocab_size: int = VOCAB_SIZE, low: int = len(SPECIALS)):
+    """Token-id prompts of the given lengths, free of special tokens, reproducible from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(low, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+_HF_MODELS: dict[str, object] = {}
+
+
+def hf_model(folder: Path):
+    """The transformers model of a checkpoint folder, loaded once per folder, eager fp32."""
+    import transformers
+
+    key = str(folder)
+    if key not in _HF_MODELS:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        _HF_MODELS[key] = model.eval()
+    return _HF_MODELS[key]
+
+
+@torch.no_grad()
+def hf_logits(folder: Path, token_ids: list[int]) -> torch.Tensor:
+    """transformers' logits for every position of one sequence: [len(token_ids), vocab], fp32."""
+    model = hf_model(folder)
+    return model(torch.tensor([token_ids])).logits[0].float()
+
+
+def hf_greedy(folder: Path, prompt: list[int], max_tokens: int) -> list[int]:
+    """transformers' greedy continuation (no EOS stop), recomputing the whole sequence each step."""
+    ids = list(prompt)
+    for _ in range(max_tokens):
+        ids.append(int(hf_logits(folder, ids)[-1].argmax()))
+    return ids[len(prompt) :]
+
+
+def drain(engine, max_steps: int = 10_000) -> dict:
+    """Step until idle; return the last output of every request, by request id."""
+    last = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            return last
+        for out in engine.step():
+            last[out.request_id] = out
+    raise AssertionError(f"engine still busy after {max_steps} steps")

@@ -70,11 +70,16 @@ class IncrementalDetokenizer:
         self.stop_reason = s
         return s
 
+    def visible_text(self, finished: bool) -> str:
+        """The text a caller may see now: all of it once finished, else without the tail
+        that could still turn out to start a stop string."""
+        if finished or not self.stop or self.stop_reason is not None:
+            return self.output_text
+        return self.output_text[: max(self._emitted, len(self.output_text) - self._hold)]
+
     def take_new_text(self, finished: bool) -> str:
-        """Text not yet handed out, holding back a possible stop-string start unless finished."""
-        end = len(self.output_text)
-        if not finished and self.stop and self.stop_reason is None:
-            end = max(self._emitted, end - self._hold)
-        new = self.output_text[self._emitted : end]
-        self._emitted = end
+        """Visible text not yet handed out (for DELTA outputs)."""
+        visible = self.visible_text(finished)
+        new = visible[self._emitted :]
+        self._emitted = len(visible)
         return new

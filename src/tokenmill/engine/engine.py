@@ -98,6 +98,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.model_config, backend, kv_caches, self.device, config.seed)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
         self._ids = itertools.count()
+        self._sample_ids = itertools.count()
         self.startup_seconds = time.perf_counter() - start
         logger.info(
             "engine ready in %.2f s on %s (%s): %s",
@@ -112,16 +113,16 @@ class Engine:
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults, as vLLM does."""
         g = self.generation_config
-        params = SamplingParams(max_tokens=None)
+        fields: dict[str, Any] = {"max_tokens": None}
         if g.get("do_sample", False):
-            params.temperature = float(g.get("temperature", 1.0))
-            params.top_p = float(g.get("top_p", 1.0))
-            params.top_k = int(g.get("top_k", 0) or 0)
+            fields["temperature"] = float(g.get("temperature", 1.0))
+            fields["top_p"] = float(g.get("top_p", 1.0))
+            fields["top_k"] = int(g.get("top_k", 0) or 0)
             if g.get("min_p") is not None:
-                params.min_p = float(g["min_p"])
+                fields["min_p"] = float(g["min_p"])
         if g.get("repetition_penalty") is not None:
-            params.repetition_penalty = float(g["repetition_penalty"])
-        return params
+            fields["repetition_penalty"] = float(g["repetition_penalty"])
+        return SamplingParams(**fields)
 
     def add_request(
         self,
@@ -133,7 +134,9 @@ class Engine:
     ) -> str:
         """Queue a request; returns its id. Raises InvalidRequestError (nothing queued) on bad input."""
         if request_id is None:
-            request_id = f"req-{next(self._ids)}"
+            request_id = self._fresh_request_id()
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id", request_id, "a non-empty string")
         if request_id in self.output_processor:
             raise InvalidRequestError("request_id", request_id, "an id not already in use")
         params = params if params is not None else self.default_sampling_params()
@@ -149,7 +152,9 @@ class Engine:
             if params.n > 1:
                 child_params = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
             child = Request(
-                request_id=request_id if params.n == 1 else f"{request_id}#{i}",
+                # Internal ids end in a number unique to this engine, so no user id,
+                # however spelled, can collide with another request's sample.
+                request_id=f"{request_id}#{next(self._sample_ids)}",
                 prompt_token_ids=token_ids,
                 sampling_params=child_params,
                 eos_token_ids=self.eos_token_ids,
@@ -187,11 +192,21 @@ class Engine:
             raise PromptTooLongError(len(token_ids), self.max_model_len)
         return text, token_ids
 
+    def _fresh_request_id(self) -> str:
+        while True:
+            request_id = f"req-{next(self._ids)}"
+            if request_id not in self.output_processor:
+                return request_id
+
+    def requests_of(self, request_id: str) -> list[Request]:
+        """The scheduler's requests (one per sample) behind a live request id."""
+        return self.output_processor.requests_of(request_id)
+
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks now. False if the id is unknown or done."""
-        children = self.output_processor.children(request_id)
+        children = self.output_processor.requests_of(request_id)
         for child in children:
-            self.scheduler.abort_request(child)
+            self.scheduler.abort_request(child.request_id)
         self.output_processor.remove(request_id)
         return bool(children)
 

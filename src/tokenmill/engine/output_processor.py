@@ -63,9 +63,9 @@ class OutputProcessor:
             self._sample_of[child.request_id] = (tracked, i)
         self._tracked[request_id] = tracked
 
-    def children(self, request_id: str) -> list[str]:
+    def requests_of(self, request_id: str) -> list[Request]:
         tracked = self._tracked.get(request_id)
-        return [] if tracked is None else [s.request.request_id for s in tracked.samples]
+        return [] if tracked is None else [s.request for s in tracked.samples]
 
     def remove(self, request_id: str) -> None:
         tracked = self._tracked.pop(request_id, None)
@@ -121,7 +121,7 @@ class OutputProcessor:
                 lps = s.logprobs[s.num_tokens_sent :] if s.logprobs is not None else None
                 s.num_tokens_sent = len(ids)
             else:
-                text = s.detokenizer.output_text if s.detokenizer else ""
+                text = s.detokenizer.visible_text(s.finish_reason is not None) if s.detokenizer else ""
                 token_ids, lps = list(ids), (list(s.logprobs) if s.logprobs is not None else None)
             completions.append(
                 CompletionOutput(

@@ -73,7 +73,7 @@ class SamplingParams:
         _check(
             self.top_k,
             "top_k",
-            isinstance(self.top_k, int) and self.top_k >= 0,
+            isinstance(self.top_k, int) and self.top_k >= -1,
             "an integer >= 0 (0 or -1 disables top-k)",
         )
         _check(self.min_p, "min_p", _num(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]")

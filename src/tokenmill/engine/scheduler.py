@@ -4,24 +4,25 @@ Pure Python, no tensors. Each ``schedule()`` fills a token budget
 (``max_num_batched_tokens``): running requests first, in the order they
 started, each asking for the tokens it has not computed yet (one for a decode,
 the rest of its prompt for a prefill, cut to the budget: chunked prefill); then
-waiting requests in order while the budget, ``max_num_seqs`` and free blocks
-allow. Requests join and leave at every step.
+waiting requests, higher priority first, then by arrival, while the budget,
+``max_num_seqs`` and free blocks allow. Requests join and leave at every step.
 
 When a running request needs a block and none is free, the newest running
 request is preempted: its blocks go back to the pool and it returns to the
-front of the waiting queue, to be recomputed from its prompt and the tokens it
-had already generated (recompute is cheaper than swapping on one device).
+waiting queue under its original arrival, to be recomputed from its prompt and
+the tokens it had already generated (recompute is cheaper than swapping on one
+device).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.request_queue import WaitingQueue
 from tokenmill.engine.scheduler_output import (
     CachedRequestData,
     ModelRunnerOutput,
@@ -53,7 +54,7 @@ class Scheduler:
         self.config = config
         self.kv_cache = kv_cache
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()  # told to the runner in the next output
         self.num_preemptions = 0
@@ -62,7 +63,7 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def abort_request(self, request_id: str) -> Request | None:
         """Finish a request wherever it is, freeing its blocks. Unknown ids are ignored."""
@@ -126,12 +127,12 @@ class Scheduler:
         # After a preemption the pool is tight: admitting new work would only
         # preempt it again next step.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+            request = self.waiting.peek()
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             new_blocks = self.kv_cache.allocate_slots(request, num_new)
             if new_blocks is None:
                 break
-            self.waiting.popleft()
+            self.waiting.pop()
             self.running.append(request)
             request.status = RequestStatus.RUNNING
             if request.times.first_scheduled is None:
@@ -168,7 +169,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)  # keeps its place ahead of later arrivals
+        self.waiting.add(request)  # under its original arrival: ahead of later ones
         logger.info(
             "preempted %s (%d tokens, %d free blocks)",
             request.request_id,
@@ -215,6 +216,7 @@ class Scheduler:
         return None
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.waiting.forget(request.request_id)
         request.status = status
         request.times.finished = time.perf_counter()
         self.kv_cache.free(request.request_id)
