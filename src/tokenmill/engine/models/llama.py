@@ -27,6 +27,7 @@ from tokenmill.engine.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
+    linear,
 )
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) rows of the step's positions
@@ -106,7 +107,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight)
+        return linear(hidden, weight)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (Hugging Face names) into the fused parameters.
