@@ -20,7 +20,13 @@ from tokenmill.engine.attention import AttentionSpec, get_backend
 from tokenmill.engine.config import EngineConfig, ModelConfig, parse_dtype
 from tokenmill.engine.errors import InvalidRequestError, PromptTooLongError
 from tokenmill.engine.kv_cache_manager import KVCacheManager
-from tokenmill.engine.loader import generation_defaults, load_model, resolve_model_path, weight_bytes
+from tokenmill.engine.loader import (
+    generation_defaults,
+    load_model,
+    pack_for_device,
+    resolve_model_path,
+    weight_bytes,
+)
 from tokenmill.engine.memory import KVCachePlan, plan_kv_cache
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.output_processor import OutputProcessor
@@ -79,6 +85,7 @@ class Engine:
             config.kv_cache_memory,
             weight_bytes(self.model),
         )
+        pack_for_device(self.model, self.dtype, self.device)
         spec = AttentionSpec(
             num_heads=self.model_config.num_heads,
             num_kv_heads=self.model_config.num_kv_heads,

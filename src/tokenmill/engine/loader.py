@@ -19,6 +19,7 @@ from torch import nn
 
 from tokenmill.engine.config import ModelConfig
 from tokenmill.engine.models import model_class
+from tokenmill.engine.models.cpu_packing import pack_linear_layers, packing_supported
 from tokenmill.engine.weights import iter_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,17 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn
     model.eval().requires_grad_(False)
     logger.info("loaded %s in %.2f s", cfg.path, time.perf_counter() - start)
     return model
+
+
+def pack_for_device(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+    """The last preparation step: device-specific weight layouts (oneDNN packing for
+    bf16 on CPU). Returns the number of layers packed."""
+    if not packing_supported(dtype, device):
+        return 0
+    start = time.perf_counter()
+    packed = pack_linear_layers(model)
+    logger.info("packed %d linear layers for oneDNN in %.2f s", packed, time.perf_counter() - start)
+    return packed
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -119,8 +119,9 @@ class ModelRunner:
 
     def _prepare_inputs(self, sched: SchedulerOutput) -> _StepInputs:
         counts = sched.num_scheduled_tokens
-        # Decodes first: the backend batches them into one kernel call.
-        order = sorted(counts, key=lambda rid: counts[rid] != 1)
+        # Decodes first, shortest context first: backends batch decodes of similar
+        # length into one kernel call.
+        order = sorted(counts, key=lambda rid: (counts[rid] != 1, self.states[rid].num_computed_tokens))
         num_decodes = sum(1 for rid in order if counts[rid] == 1)
         ids: list[int] = []
         positions: list[int] = []

@@ -15,6 +15,7 @@ from torch import nn
 
 from tokenmill.engine.config import RopeConfig
 from tokenmill.engine.errors import ModelLoadError
+from tokenmill.engine.models.cpu_packing import pack_weight, packed_linear
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -41,8 +42,20 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.packed: torch.Tensor | None = None  # oneDNN layout, see cpu_packing
+
+    def pack(self) -> bool:
+        """Swap the weight for its oneDNN-packed form (bf16 on CPU); the plain copy is freed."""
+        packed = pack_weight(self.weight.data)
+        if packed is None:
+            return False
+        self.packed = packed
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype)
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return packed_linear(x, self.packed, self.bias)
         return linear(x, self.weight, self.bias)
 
 
