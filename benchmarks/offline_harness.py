@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from workloads import WORKLOAD_NAMES, Workload, make_workload
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PROGRESS = "[bench]"  # the parent echoes lines with this prefix, logs the rest
 
 
@@ -138,13 +139,16 @@ def _measure(engine: str, case: Case, repeats: int) -> dict[str, Any]:
     try:
         progress(engine, f"{case.name}: warm-up")
         case.run()
-        times, counts = [], Counts(0, 0)
+        times, counts, others = [], Counts(0, 0), []
         for i in range(repeats):
-            start = time.perf_counter()
+            other0, start = other_cpu_s(), time.perf_counter()
             counts = case.run()
             times.append(time.perf_counter() - start)
+            others.append((other_cpu_s() - other0) / times[-1])
             progress(
-                engine, f"{case.name}: run {i + 1}/{repeats} {counts.useful / times[-1]:.1f} tok/s"
+                engine,
+                f"{case.name}: run {i + 1}/{repeats} {counts.useful / times[-1]:.1f} tok/s"
+                f" (other processes: {max(0.0, others[-1]):.2f} cores)",
             )
     except Exception as exc:
         traceback.print_exc()
@@ -158,10 +162,38 @@ def _measure(engine: str, case: Case, repeats: int) -> dict[str, Any]:
         times_s=[round(t, 3) for t in times],
         tok_s_runs=[round(r, 1) for r in runs],
         tok_s=round(statistics.median(runs), 1),
+        other_load_cores=round(max(0.0, max(others)), 2),
     )
     if counts.useful != wl.output_tokens:
         entry["warning"] = f"got {counts.useful} useful tokens, expected {wl.output_tokens}"
     return entry
+
+
+def busy_cpu_s() -> float:
+    """CPU-seconds every process on the machine has used since boot."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[1:8])
+    return (user + nice + system + irq + softirq) / CLOCK_TICKS
+
+
+def other_cpu_s() -> float:
+    """CPU-seconds used by processes outside this worker's tree.
+
+    On a shared two-core machine another job's threads make torch's OpenMP
+    threads spin against each other and throughput drops several-fold, not by
+    the share taken; each timed run records this so a figure measured under
+    contention is marked as such rather than taken for the engine's.
+    """
+    ticks = 0
+    for pid in [os.getpid(), *_descendants(os.getpid())]:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # utime, stime, and for reaped children cutime, cstime (man 5 proc).
+        ticks += sum(int(f) for f in fields[11:15])
+    return busy_cpu_s() - ticks / CLOCK_TICKS
 
 
 def peak_rss_mb() -> dict[str, float]:

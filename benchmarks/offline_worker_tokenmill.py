@@ -17,18 +17,13 @@ from workloads import Workload
 def load(args: argparse.Namespace) -> CasesFor:
     from tokenmill import LLM, SamplingParams
 
-    llm = LLM(
-        model=str(args.model), dtype="bfloat16", max_model_len=2048, max_num_seqs=args.max_num_seqs
-    )
+    llm = LLM(model=str(args.model), dtype="bfloat16", max_model_len=2048, max_num_seqs=args.max_num_seqs)
 
     def run(workload: Workload) -> Counts:
-        params = [
-            SamplingParams(max_tokens=m, ignore_eos=True, temperature=0.0)
-            for m in workload.max_tokens
-        ]
+        params = [SamplingParams(max_tokens=m, ignore_eos=True, temperature=0.0) for m in workload.max_tokens]
         return count_outputs(llm.generate(workload.prompts, params), workload)
 
-    setup = f"LLM.generate, max_num_seqs={args.max_num_seqs}"
+    setup = f"continuous, max_num_seqs={args.max_num_seqs}"
     return lambda wl: [Case(wl.name, setup, wl, partial(run, wl))]
 
 

@@ -33,7 +33,7 @@ def load(args: argparse.Namespace) -> CasesFor:
         return [
             Case(
                 name=workload.name if i == 0 else f"{workload.name}/b{bs}",
-                setup=f"generate, static batches of {bs}, left-padded",
+                setup=f"static batches of {bs}, left-padded",
                 workload=workload,
                 run=partial(_run, model, pad_id, workload, bs),
             )

@@ -20,9 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def load(args: argparse.Namespace) -> CasesFor:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault(
-        "TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".bench" / "torchinductor" / "vllm")
-    )
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".bench" / "torchinductor" / "vllm"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from vllm import LLM, SamplingParams
 
@@ -35,14 +33,11 @@ def load(args: argparse.Namespace) -> CasesFor:
     )
 
     def run(workload: Workload) -> Counts:
-        params = [
-            SamplingParams(max_tokens=m, ignore_eos=True, temperature=0)
-            for m in workload.max_tokens
-        ]
+        params = [SamplingParams(max_tokens=m, ignore_eos=True, temperature=0) for m in workload.max_tokens]
         prompts = [{"prompt_token_ids": p} for p in workload.prompts]
         return count_outputs(llm.generate(prompts, params, use_tqdm=False), workload)
 
-    setup = f"LLM.generate, max_num_seqs={args.max_num_seqs}"
+    setup = f"continuous, max_num_seqs={args.max_num_seqs}"
     return lambda wl: [Case(wl.name, setup, wl, partial(run, wl))]
 
 

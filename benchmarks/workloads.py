@@ -61,9 +61,7 @@ def _uniform(name: str, n: int, prompt_len: int, out_len: int) -> Workload:
     )
 
 
-def _mixed(
-    name: str, n: int, prompt_range: tuple[int, int], out_range: tuple[int, int]
-) -> Workload:
+def _mixed(name: str, n: int, prompt_range: tuple[int, int], out_range: tuple[int, int]) -> Workload:
     rng = random.Random(f"{SEED}:{name}")
     lengths = [(rng.randint(*prompt_range), rng.randint(*out_range)) for _ in range(n)]
     return Workload(
