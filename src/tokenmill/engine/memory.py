@@ -107,11 +107,13 @@ def plan_kv_cache(
     )
     if plan.num_blocks < 2 or plan.max_full_length_sequences < 1:
         need = (plan.blocks_per_sequence + 1) * bytes_per_block
+        usable = max(plan.num_usable_blocks, 0)
+        shorter = f" or lower max_model_len to at most {usable * block_size}" if usable else ""
         raise InsufficientKVCacheError(
-            f"the KV cache gets {budget / GiB:.3f} GiB = {max(plan.num_usable_blocks, 0)} blocks of "
+            f"the KV cache gets {budget / GiB:.3f} GiB = {usable} blocks of "
             f"{block_size} tokens ({bytes_per_block} bytes each), but one sequence of "
             f"max_model_len={max_model_len} needs {plan.blocks_per_sequence} blocks "
-            f"({need / GiB:.3f} GiB with the null block): raise kv_cache_memory to at least {need} "
-            f"bytes or lower max_model_len to at most {max(plan.num_usable_blocks, 0) * block_size}"
+            f"({need / GiB:.3f} GiB with the null block): raise kv_cache_memory to at least "
+            f"{need} bytes{shorter}"
         )
     return plan
