@@ -34,7 +34,6 @@ class _RequestState:
 
 @dataclass
 class _StepInputs:
-    order: list[str]  # request ids, decodes first
     input_ids: torch.Tensor
     positions: torch.Tensor
     batch: AttentionBatch
@@ -159,7 +158,6 @@ class ModelRunner:
             slot_mapping=slots.to(dev, non_blocking=True),
         )
         return _StepInputs(
-            order=order,
             input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
             positions=pos_t.to(dev, non_blocking=True),
             batch=batch,

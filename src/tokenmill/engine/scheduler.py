@@ -106,7 +106,6 @@ class Scheduler:
         out = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = set()
         budget = self.config.max_num_batched_tokens
-        preempted = False
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -114,9 +113,7 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             new_blocks = self._allocate_or_preempt(request, num_new, out)
             if new_blocks is None:
-                preempted = True
                 break  # the request itself was preempted, and it was the last one
-            preempted = preempted or bool(out.preempted_request_ids)
             out.cached_requests.append(
                 CachedRequestData(request.request_id, new_blocks, request.num_computed_tokens)
             )
@@ -126,7 +123,12 @@ class Scheduler:
 
         # After a preemption the pool is tight: admitting new work would only
         # preempt it again next step.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (
+            not out.preempted_request_ids
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
             request = self.waiting.peek()
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             new_blocks = self.kv_cache.allocate_slots(request, num_new)
