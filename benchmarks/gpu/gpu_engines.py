@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from gpu_checkpoint import LlamaShape
+from gpu_parity import hf_greedy
 
 Log = Callable[[str], None]
 
@@ -167,17 +168,7 @@ def bench_transformers(
     log(f"  from_pretrained + to device {res['load_s']:.2f} s")
 
     def generate(batch: list[list[int]], n: int) -> torch.Tensor:
-        ids = torch.tensor(batch, device=device)
-        with torch.inference_mode():
-            out = model.generate(  # type: ignore[operator]
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        return out[:, ids.shape[1] :]
+        return hf_greedy(model, batch, n, device)
 
     res["warmup_s"], _ = _timed(device, lambda: generate(prompts.take(4), 8))
     t_one, _ = _timed(device, lambda: generate(prompts.take(1), 1))

@@ -65,20 +65,22 @@ def _theirs(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
-    result = []
+    return [hf_greedy(model, [p], n, device)[0].tolist() for p in prompts]
+
+
+def hf_greedy(model: Any, batch: list[list[int]], n: int, device: torch.device) -> torch.Tensor:
+    """transformers' greedy continuation of equal-length prompts: exactly ``n`` new ids each."""
+    ids = torch.tensor(batch, device=device)
     with torch.inference_mode():
-        for p in prompts:
-            ids = torch.tensor([p], device=device)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            result.append(out[0, len(p) :].tolist())
-    return result
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1] :]
 
 
 def run_parity(

@@ -7,7 +7,7 @@
 #   TOKENMILL_BENCH_CPU=1 bash benchmarks/gpu/run.sh    # CPU dry run, tiny shape, < 1 min
 #   bash benchmarks/gpu/run.sh --skip transformers      # extra flags go to gpu_bench.py
 #
-# PYTHON picks the interpreter (default: the first of python3, python that imports
+# PYTHON picks the interpreter (default: the first of python3, python, .venv/bin/python that imports
 # torch); BENCH_TIMEOUT caps the whole run in seconds (default 540), a backstop
 # behind the script's own step limits (450 s in all).
 set -euo pipefail
@@ -17,7 +17,7 @@ export OUT="${OUT:-.bench/gpu}"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [[ -z "${PYTHON:-}" ]]; then
-  for candidate in python3 python; do
+  for candidate in python3 python .venv/bin/python; do
     if "$candidate" -c "import torch" >/dev/null 2>&1; then PYTHON="$candidate"; break; fi
   done
 fi

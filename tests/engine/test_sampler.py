@@ -16,7 +16,7 @@ EOS = 1
 
 
 def row(prompt=(), output=(), eos=frozenset({EOS}), **params) -> SamplingRow:
-    return SamplingRow(SamplingParams(**params), list(prompt), list(output), eos)
+    return SamplingRow(SamplingParams(**params), [*prompt, *output], len(prompt), eos)
 
 
 def sample(logits, rows, seed: int = 0):

@@ -74,17 +74,10 @@ class ModelRunner:
             self._advance(sched, [])
             return result
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
-        rows = []
-        for rid in inputs.sample_ids:
-            s = self.states[rid]
-            rows.append(
-                SamplingRow(
-                    s.params,
-                    s.token_ids[: s.num_prompt_tokens],
-                    s.token_ids[s.num_prompt_tokens :],
-                    s.eos_token_ids,
-                )
-            )
+        rows = [
+            SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.eos_token_ids)
+            for s in (self.states[rid] for rid in inputs.sample_ids)
+        ]
         tokens, logprobs = self.sampler(logits, rows)
         for rid, tok, lp in zip(inputs.sample_ids, tokens, logprobs, strict=True):
             result.sampled_token_ids[rid] = tok

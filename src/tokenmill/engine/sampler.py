@@ -23,12 +23,22 @@ _SEED_STRIDE = 1_000_003
 
 @dataclass
 class SamplingRow:
-    """One request that samples this step."""
+    """One request that samples this step. Holds the runner's token list itself:
+    slicing it into prompt and output costs O(tokens) per step, so only the
+    penalties that need the pieces do it."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]
+    num_prompt_tokens: int
     eos_token_ids: frozenset[int]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
 
 
 class Sampler:
@@ -57,7 +67,7 @@ class Sampler:
         for i, r in enumerate(rows):
             p = r.params
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(r.prompt_token_ids + r.output_token_ids)), device=self.device)
+                seen = torch.tensor(sorted(set(r.token_ids)), device=self.device)
                 seen = seen[seen < vocab]
                 vals = logits[i, seen]
                 # transformers' rule: shrink positive logits, push negative ones further down.
@@ -74,7 +84,7 @@ class Sampler:
     def _mask_early_stop(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         cloned = False
         for i, r in enumerate(rows):
-            if len(r.output_token_ids) < r.params.min_tokens:
+            if r.num_output_tokens < r.params.min_tokens:
                 stops = set(r.params.stop_token_ids)
                 if not r.params.ignore_eos:
                     stops |= r.eos_token_ids
@@ -102,7 +112,7 @@ class Sampler:
         for i, r in enumerate(rows):
             if r.params.seed is not None and not greedy[i]:
                 self._row_generator.manual_seed(
-                    (r.params.seed * _SEED_STRIDE + len(r.output_token_ids)) % (2**63)
+                    (r.params.seed * _SEED_STRIDE + r.num_output_tokens) % (2**63)
                 )
                 q[i].exponential_(generator=self._row_generator)
         sampled = (probs / q).argmax(dim=-1)
