@@ -182,6 +182,7 @@ def test_chunked_prefill_with_preemption(tiny_llama, make_engine):
         block_size=8,
         max_model_len=64,
         max_num_batched_tokens=5,
+        kv_watermark=0.0,
     )
     final, _, _ = run_staggered(engine, prompts, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
     assert engine.stats().num_preemptions > 0

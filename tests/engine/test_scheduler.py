@@ -6,6 +6,7 @@ block 0 is the null block, so ``num_blocks=N`` gives ``N - 1`` usable blocks.
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -24,19 +25,41 @@ TOKEN = 7  # what the fake model samples unless told otherwise
 
 
 def make_scheduler(
-    num_blocks: int, block_size: int = 4, max_num_seqs: int = 8, budget: int = 64, max_model_len: int = 64
+    num_blocks: int,
+    block_size: int = 4,
+    max_num_seqs: int = 8,
+    budget: int = 64,
+    max_model_len: int = 64,
+    policy: str = "priority",
+    gap: int = 1,
+    watermark: float = 0.0,
+    prefix_caching: bool = True,
 ) -> tuple[Scheduler, KVCacheManager]:
-    kv = KVCacheManager(num_blocks, block_size)
-    return Scheduler(SchedulerConfig(max_num_seqs, budget, max_model_len), kv), kv
+    kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
+    config = SchedulerConfig(max_num_seqs, budget, max_model_len, policy, gap, watermark)
+    return Scheduler(config, kv), kv
 
 
-def req(rid: str, prompt_len: int, max_tokens: int = 8, **params) -> Request:
+_prompt_bases = itertools.count(1)
+
+
+def req(
+    rid: str,
+    prompt_len: int,
+    max_tokens: int = 8,
+    priority: int = 0,
+    prompt: list[int] | None = None,
+    **params,
+) -> Request:
+    """A request whose prompt shares no block with any other request's, unless ``prompt`` is given."""
+    base = 1000 * next(_prompt_bases)
     return Request(
         rid,
-        prompt_token_ids=list(range(10, 10 + prompt_len)),
+        prompt_token_ids=list(prompt) if prompt is not None else list(range(base, base + prompt_len)),
         sampling_params=SamplingParams(**params),
         eos_token_ids=frozenset({EOS}),
         max_tokens=max_tokens,
+        priority=priority,
     )
 
 
@@ -158,7 +181,7 @@ def test_preemption_takes_the_newest_and_returns_it_to_the_front():
     free 2 + 2 = 4 blocks.
     step 3: c is recomputed from prompt + its 1 token (9 tokens, 3 blocks) before d (1 block): 4 blocks.
     """
-    sched, kv = make_scheduler(num_blocks=5)
+    sched, kv = make_scheduler(num_blocks=5, policy="fcfs")
     a, b, c = req("a", 4, max_tokens=2), req("b", 4, max_tokens=2), req("c", 8, max_tokens=4)
     for r in (a, b, c):
         sched.add_request(r)
@@ -190,9 +213,11 @@ def test_newest_request_preempts_itself_when_it_is_the_one_short_of_blocks():
     step 2: a fits its 4th token in its block; b needs a 3rd block, none is free, and b is the newest: it
     preempts itself and is not scheduled.
     step 3: a (5 tokens) takes one of b's 2 freed blocks; b (9 tokens, 3 blocks) does not fit the 1 left.
-    step 4: a finished after step 3 and freed 2 blocks: b is recomputed with 3.
+    b's blocks were freed tail first, so the one a took was b's 2nd; b's 1st stays in the prefix cache.
+    step 4: a finished after step 3 and freed 2 blocks: b resumes from its cached 1st block (4 tokens)
+    and recomputes the other 5, in 3 blocks.
     """
-    sched, kv = make_scheduler(num_blocks=4)
+    sched, kv = make_scheduler(num_blocks=4, policy="fcfs")
     a, b = req("a", 3, max_tokens=3), req("b", 8)
     sched.add_request(a)
     sched.add_request(b)
@@ -203,7 +228,8 @@ def test_newest_request_preempts_itself_when_it_is_the_one_short_of_blocks():
     out, upd = step(sched)
     assert out.num_scheduled_tokens == {"a": 1} and upd["a"].finished and b.status == RequestStatus.PREEMPTED
     out, _ = step(sched)
-    assert out.num_scheduled_tokens == {"b": 9} and len(kv.block_table("b")) == 3
+    assert out.num_scheduled_tokens == {"b": 5} and len(kv.block_table("b")) == 3
+    assert out.new_requests[0].num_computed_tokens == 4 and b.num_cached_tokens == 0  # a resume, not a query
 
 
 @pytest.mark.parametrize(
@@ -300,7 +326,8 @@ def test_waiting_requests_are_admitted_by_priority():
 
 
 class SchedulerMachine(RuleBasedStateMachine):
-    """Random arrivals, steps with random sampled tokens (EOS sometimes), aborts and stop-string finishes.
+    """Random arrivals (with priorities, some sharing prompt prefixes), steps with random sampled tokens
+    (EOS sometimes), aborts and stop-string finishes, under both policies, with and without prefix caching.
 
     After every rule: the KV invariants hold, a running request owns exactly ceil(computed / block_size)
     blocks and a waiting one none, the runner's view of every block table (rebuilt only from the
@@ -309,17 +336,22 @@ class SchedulerMachine(RuleBasedStateMachine):
     """
 
     MAX_MODEL_LEN = 16
+    PREFIXES = ([3] * 12, [4] * 12)  # prompts drawn from these share blocks
 
     @initialize(
         block_size=st.sampled_from([2, 4]),
         spare_blocks=st.integers(0, 8),
         max_num_seqs=st.integers(1, 4),
         budget=st.integers(1, 24),
+        policy=st.sampled_from(["priority", "fcfs"]),
+        gap=st.integers(1, 2),
+        watermark=st.sampled_from([0.0, 0.1]),
+        prefix_caching=st.booleans(),
     )
-    def setup(self, block_size, spare_blocks, max_num_seqs, budget):
+    def setup(self, block_size, spare_blocks, max_num_seqs, budget, policy, gap, watermark, prefix_caching):
         num_blocks = 1 + -(-self.MAX_MODEL_LEN // block_size) + spare_blocks  # one full sequence always fits
-        self.kv = KVCacheManager(num_blocks, block_size)
-        self.config = SchedulerConfig(max_num_seqs, budget, self.MAX_MODEL_LEN)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
+        self.config = SchedulerConfig(max_num_seqs, budget, self.MAX_MODEL_LEN, policy, gap, watermark)
         self.sched = Scheduler(self.config, self.kv)
         self.runner_tables: dict[str, list[int]] = {}
         self.ids = 0
@@ -329,16 +361,23 @@ class SchedulerMachine(RuleBasedStateMachine):
         prompt_len=st.integers(1, MAX_MODEL_LEN - 1),
         max_tokens=st.integers(1, 8),
         min_tokens=st.integers(0, 2),
+        priority=st.integers(0, 3),
+        shared=st.sampled_from([None, 0, 1]),
     )
-    def add(self, prompt_len, max_tokens, min_tokens):
+    def add(self, prompt_len, max_tokens, min_tokens, priority, shared):
         rid = f"r{self.ids}"
         self.ids += 1
         max_tokens = max(min_tokens, max_tokens)
+        prompt = None
+        if shared is not None:
+            prompt = (self.PREFIXES[shared] + [self.ids % 7 + 5] * self.MAX_MODEL_LEN)[:prompt_len]
         r = req(
             rid,
             prompt_len,
             max_tokens=min(max_tokens, self.MAX_MODEL_LEN - prompt_len),
             min_tokens=min_tokens,
+            priority=priority,
+            prompt=prompt,
         )
         self.sched.add_request(r)
 
@@ -357,7 +396,11 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.runner_tables.pop(rid, None)
         for new in out.new_requests:
             assert new.request_id not in self.runner_tables
-            assert new.num_computed_tokens == 0
+            # Only a prefix-cache hit starts a request past 0, in whole blocks, never at its last token.
+            assert new.num_computed_tokens % kv.block_size == 0
+            assert new.num_computed_tokens < len(new.token_ids)
+            if not kv.enable_prefix_caching:
+                assert new.num_computed_tokens == 0
             assert new.token_ids == sched.requests[new.request_id].all_token_ids
             self.runner_tables[new.request_id] = list(new.block_ids)
         for cached in out.cached_requests:
@@ -375,10 +418,14 @@ class SchedulerMachine(RuleBasedStateMachine):
             r = sched.requests[rid]
             assert n >= 1 and r.num_computed_tokens + n <= r.num_tokens
             assert self.runner_tables[rid] == kv.block_table(rid)
+            if self.config.policy == "fcfs":
+                assert not out.preempted_request_ids or rid not in {x.request_id for x in out.new_requests}
             assert len(kv.block_table(rid)) == kv.blocks_for_tokens(r.num_computed_tokens + n)
 
         if out.preempted_request_ids:
             event("preempted")
+        if any(x.num_computed_tokens > 0 for x in out.new_requests):
+            event("prefix hit")
         if any(
             r.num_computed_tokens + n < r.num_tokens
             for r, n in ((sched.requests[i], n) for i, n in scheduled.items())
@@ -431,7 +478,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         for r in sched.waiting:
             assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
             assert r.num_computed_tokens == 0 and kv.block_table(r.request_id) == []
-        assert kv.num_used_blocks == sum(len(kv.block_table(r.request_id)) for r in sched.running)
+        in_use = {b for r in sched.running for b in kv.block_table(r.request_id)}
+        assert kv.num_used_blocks == len(in_use)
+        if not kv.enable_prefix_caching:
+            assert kv.num_used_blocks == sum(len(kv.block_table(r.request_id)) for r in sched.running)
 
     def teardown(self):
         if not hasattr(self, "sched"):

@@ -2,6 +2,7 @@
 
 tokenmill generate "ROMEO:"                      # the embedded demo model
 tokenmill generate --model ./Llama-3.2-1B --chat "Name three rivers."
+tokenmill profile --model ./Llama-3.2-1B -o llama-1b.json   # step-time profile for max_itl and simulations
 """
 
 from __future__ import annotations
@@ -104,6 +105,48 @@ def generate(
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+@app.command()
+def profile(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the JSON profile.")],
+    model: Annotated[
+        Path | None, typer.Option(help="Hugging Face model folder. Default: the embedded demo model.")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    max_model_len: Annotated[int | None, typer.Option(help="Longest sequence (prompt + output).")] = None,
+    repeats: Annotated[int, typer.Option(help="Runs of each workload.", min=1)] = 2,
+    quick: Annotated[bool, typer.Option(help="Fewer, smaller workloads (seconds, rougher fit).")] = False,
+) -> None:
+    """Measure step times of a model on this machine and write a timing profile.
+
+    The profile feeds chunked prefill under --max-itl and the simulated runner.
+    """
+    from rich.progress import Progress
+
+    from tokenmill.engine import EngineConfig, EngineError
+    from tokenmill.engine.profiler import profile_engine
+
+    config = EngineConfig(
+        model=str(model) if model else None, dtype=dtype, device=device, max_model_len=max_model_len
+    )
+    try:
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task("profiling", total=None)
+            timing = profile_engine(
+                config, quick=quick, repeats=repeats, progress=lambda s: bar.update(task, description=s)
+            )
+    except EngineError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    output.write_text(timing.to_json())
+    err.print(
+        f"[green]wrote {output}[/green]: {timing.fit['samples']} steps, median error "
+        f"{timing.fit['median_relative_error']:.1%}; overhead {timing.overhead_s * 1e3:.2f} ms, "
+        f"{timing.per_token_s * 1e6:.1f} us/token, {timing.per_decode_s * 1e6:.1f} us/decode, "
+        f"{timing.per_context_token_s * 1e9:.1f} ns/context token"
+    )
 
 
 if __name__ == "__main__":

@@ -4,31 +4,44 @@ Imports only torch, tokenizers, safetensors, jinja2 and numpy, so it runs on a
 bare GPU box without the web stack.
 """
 
+from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.block_hash import hash_blocks
 from tokenmill.engine.config import EngineConfig, ModelConfig
 from tokenmill.engine.engine import Engine, EngineStats
 from tokenmill.engine.errors import (
+    EngineDeadError,
     EngineError,
+    EngineOverloadedError,
     InsufficientKVCacheError,
     InvalidRequestError,
     ModelLoadError,
     PromptTooLongError,
     UnsupportedArchitectureError,
 )
+from tokenmill.engine.kv_events import AllCleared, BlockRemoved, BlockStored, KVEventBatch
 from tokenmill.engine.llm import LLM
 from tokenmill.engine.memory import KVCachePlan
 from tokenmill.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from tokenmill.engine.sampling_params import OutputKind, SamplingParams
+from tokenmill.engine.timing import TimingModel
 
 __all__ = [
     "LLM",
+    "AllCleared",
+    "AsyncEngine",
+    "BlockRemoved",
+    "BlockStored",
     "CompletionOutput",
     "Engine",
     "EngineConfig",
+    "EngineDeadError",
     "EngineError",
+    "EngineOverloadedError",
     "EngineStats",
     "InsufficientKVCacheError",
     "InvalidRequestError",
     "KVCachePlan",
+    "KVEventBatch",
     "ModelConfig",
     "ModelLoadError",
     "OutputKind",
@@ -36,6 +49,8 @@ __all__ = [
     "RequestMetrics",
     "RequestOutput",
     "SamplingParams",
+    "TimingModel",
     "TokenLogprob",
     "UnsupportedArchitectureError",
+    "hash_blocks",
 ]

@@ -182,6 +182,17 @@ class EngineConfig:
     kv_cache_memory: float | int | None = None
     attention_backend: str = "auto"
     seed: int = 0
+    # Scheduling (see scheduler.py and preemption.py).
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "priority"  # priority | fcfs
+    preemption_priority_gap: int = 1  # a waiting request preempts running ones at least this far below it
+    kv_watermark: float = 0.01  # fraction of KV blocks that admission leaves free
+    max_waiting_requests: int | None = None  # past it, add_request raises EngineOverloadedError
+    max_itl: float | None = None  # seconds: chunk prefills so running decodes keep this inter-token latency
+    # A SimulatedRunner instead of the model: step times from a timing profile.
+    runner: str = "model"  # model | simulated
+    timing_profile: str | None = None  # JSON from `tokenmill profile`; None: the shipped default
+    kv_events: bool = False  # record BlockStored/BlockRemoved/AllCleared for KV-aware routing
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -219,6 +230,38 @@ class EngineConfig:
                 or (isinstance(self.kv_cache_memory, int) and self.kv_cache_memory > 1),
                 "bytes (an integer > 1), a fraction in (0, 1], or None",
             ),
+            (
+                "scheduling_policy",
+                self.scheduling_policy,
+                self.scheduling_policy in ("priority", "fcfs"),
+                "priority or fcfs",
+            ),
+            (
+                "preemption_priority_gap",
+                self.preemption_priority_gap,
+                isinstance(self.preemption_priority_gap, int) and self.preemption_priority_gap >= 1,
+                "an integer >= 1",
+            ),
+            (
+                "kv_watermark",
+                self.kv_watermark,
+                isinstance(self.kv_watermark, int | float) and 0 <= self.kv_watermark < 0.5,
+                "a fraction in [0, 0.5)",
+            ),
+            (
+                "max_waiting_requests",
+                self.max_waiting_requests,
+                self.max_waiting_requests is None
+                or (isinstance(self.max_waiting_requests, int) and self.max_waiting_requests >= 0),
+                "an integer >= 0 or None",
+            ),
+            (
+                "max_itl",
+                self.max_itl,
+                self.max_itl is None or (isinstance(self.max_itl, int | float) and self.max_itl > 0),
+                "seconds > 0 or None",
+            ),
+            ("runner", self.runner, self.runner in ("model", "simulated"), "model or simulated"),
         ]
         for name, value, ok, allowed in checks:
             if not ok:

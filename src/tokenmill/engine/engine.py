@@ -2,7 +2,8 @@
 
 ``add_request`` validates and tokenizes (raising a typed error that costs
 nothing else), ``step`` runs one scheduler iteration and returns the outputs of
-the requests it advanced, ``abort`` frees a request wherever it is.
+the requests it advanced, ``abort`` frees a request wherever it is. The
+``AsyncEngine`` runs the same object in a background thread.
 """
 
 from __future__ import annotations
@@ -10,16 +11,19 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tokenmill.engine.attention import AttentionSpec, get_backend
+from tokenmill.engine.clock import Clock, RealClock
 from tokenmill.engine.config import EngineConfig, ModelConfig, parse_dtype
-from tokenmill.engine.errors import InvalidRequestError, PromptTooLongError
+from tokenmill.engine.errors import EngineOverloadedError, InvalidRequestError
+from tokenmill.engine.input_processor import InputProcessor, PreparedRequest, Prompt
 from tokenmill.engine.kv_cache_manager import KVCacheManager
+from tokenmill.engine.kv_events import KVEventBatch
 from tokenmill.engine.loader import (
     generation_defaults,
     load_model,
@@ -34,20 +38,37 @@ from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.request import Request
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.engine.scheduler import Scheduler, SchedulerConfig
+from tokenmill.engine.simulated_runner import SimulatedRunner
+from tokenmill.engine.timing import ChunkSizer, OnlineTimingModel, StepShape, StepTimeRecorder, TimingModel
 from tokenmill.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | Sequence[int]
+__all__ = ["Engine", "EngineStats", "Prompt"]
 
 
 @dataclass(frozen=True)
 class EngineStats:
+    """The engine after its last step."""
+
     num_running: int
     num_waiting: int
     kv_blocks_used: int
     kv_blocks_total: int
+    num_cached_blocks: int  # blocks holding a reusable prefix, in use or not
+    prefix_cache_queries: int  # prompt tokens looked up since start
+    prefix_cache_hits: int  # of which found in the cache
     num_preemptions: int
+    num_steps: int
+    last_step_seconds: float
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 class Engine:
@@ -61,20 +82,75 @@ class Engine:
                 print(out.outputs[0].text)
     """
 
-    def __init__(self, config: EngineConfig | None = None):
+    def __init__(self, config: EngineConfig | None = None, clock: Clock | None = None):
         config = config or EngineConfig()
         config.validate()
         self.config = config
+        self.clock = clock or RealClock()
         start = time.perf_counter()
         folder = resolve_model_path(config.model)
         self.model_config = ModelConfig.from_pretrained(folder)
-        self.device = _resolve_device(config.device)
-        self.dtype = self.model_config.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
         self.tokenizer = Tokenizer(folder)
         self.generation_config = generation_defaults(folder)
         self.max_model_len = self._resolve_max_model_len(config.max_model_len)
         self.eos_token_ids = self._eos_token_ids()
 
+        if config.runner == "simulated":
+            self.device = torch.device("cpu")
+            self.dtype = self.model_config.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
+            self.runner: ModelRunner | SimulatedRunner = self._simulated_runner()
+        else:
+            self.device = _resolve_device(config.device)
+            self.dtype = self.model_config.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
+            self.runner = self._model_runner()
+
+        self.kv_cache = KVCacheManager(
+            self.kv_plan.num_blocks, config.block_size, config.enable_prefix_caching, config.kv_events
+        )
+        self.step_timing: StepTimeRecorder | None = None  # sees every step's shape and duration
+        chunk_sizer = None
+        if config.max_itl is not None:
+            prior = TimingModel.load(config.timing_profile)
+            if isinstance(self.runner, SimulatedRunner):
+                timing: TimingModel | OnlineTimingModel = self.runner.timing
+            else:
+                timing = self.step_timing = OnlineTimingModel(prior)
+            chunk_sizer = ChunkSizer(timing, config.max_itl, min_chunk=config.block_size)
+        budget = config.max_num_batched_tokens or max(2048, self.max_model_len)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=budget,
+                max_model_len=self.max_model_len,
+                policy=config.scheduling_policy,
+                preemption_priority_gap=config.preemption_priority_gap,
+                watermark=config.kv_watermark,
+            ),
+            self.kv_cache,
+            chunk_sizer,
+            self.clock,
+        )
+        self.input_processor = InputProcessor(
+            self.tokenizer, self.model_config, self.max_model_len, self.eos_token_ids
+        )
+        self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
+        self._ids = itertools.count()
+        self._num_steps = 0
+        self._last_step_seconds = 0.0
+        self._finish_times: deque[float] = deque(maxlen=64)
+        self._kv_event_batches: list[KVEventBatch] = []
+        self.startup_seconds = time.perf_counter() - start
+        logger.info(
+            "engine ready in %.2f s on %s (%s%s): %s",
+            self.startup_seconds,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            ", simulated" if config.runner == "simulated" else "",
+            self.kv_plan.summary(),
+        )
+
+    def _model_runner(self) -> ModelRunner:
+        config = self.config
         self.model = load_model(self.model_config, self.dtype, self.device)
         self.kv_plan: KVCachePlan = plan_kv_cache(
             self.model_config,
@@ -97,23 +173,20 @@ class Engine:
         )
         backend = get_backend(config.attention_backend, spec)
         kv_caches = backend.allocate_kv_cache(self.model_config.num_layers, self.kv_plan.num_blocks)
-        self.kv_cache = KVCacheManager(self.kv_plan.num_blocks, config.block_size)
-        budget = config.max_num_batched_tokens or max(2048, self.max_model_len)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, budget, self.max_model_len), self.kv_cache
+        return ModelRunner(self.model, self.model_config, backend, kv_caches, self.device, config.seed)
+
+    def _simulated_runner(self) -> SimulatedRunner:
+        config = self.config
+        timing = TimingModel.load(config.timing_profile)
+        memory = config.kv_cache_memory
+        bytes_per_block = self.model_config.kv_bytes_per_token * config.block_size
+        if memory is None and timing.kv_cache_tokens:
+            # The profile says how many tokens of KV the real worker held.
+            memory = (-(-timing.kv_cache_tokens // config.block_size) + 1) * bytes_per_block
+        self.kv_plan = plan_kv_cache(
+            self.model_config, self.dtype, self.device, config.block_size, self.max_model_len, memory, 0
         )
-        self.runner = ModelRunner(self.model, self.model_config, backend, kv_caches, self.device, config.seed)
-        self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
-        self._ids = itertools.count()
-        self._sample_ids = itertools.count()
-        self.startup_seconds = time.perf_counter() - start
-        logger.info(
-            "engine ready in %.2f s on %s (%s): %s",
-            self.startup_seconds,
-            self.device,
-            str(self.dtype).removeprefix("torch."),
-            self.kv_plan.summary(),
-        )
+        return SimulatedRunner(timing, self.clock, self.model_config.vocab_size)
 
     # -- requests ---------------------------------------------------------
 
@@ -131,6 +204,22 @@ class Engine:
             fields["repetition_penalty"] = float(g["repetition_penalty"])
         return SamplingParams(**fields)
 
+    def prepare_request(
+        self,
+        request_id: str | None,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+        cache_salt: str | None = None,
+    ) -> PreparedRequest:
+        """Validate and tokenize without touching the engine's state (safe from another thread)."""
+        if request_id is None:
+            request_id = self._fresh_request_id()
+        params = params if params is not None else self.default_sampling_params()
+        arrival = arrival_time if arrival_time is not None else self.clock.now()
+        return self.input_processor.prepare(request_id, prompt, params, priority, arrival, cache_salt)
+
     def add_request(
         self,
         request_id: str | None,
@@ -138,66 +227,40 @@ class Engine:
         params: SamplingParams | None = None,
         priority: int = 0,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ) -> str:
-        """Queue a request; returns its id. Raises InvalidRequestError (nothing queued) on bad input."""
-        if request_id is None:
-            request_id = self._fresh_request_id()
-        if not isinstance(request_id, str) or not request_id:
-            raise InvalidRequestError("request_id", request_id, "a non-empty string")
-        if request_id in self.output_processor:
-            raise InvalidRequestError("request_id", request_id, "an id not already in use")
-        params = params if params is not None else self.default_sampling_params()
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError("sampling_params", type(params).__name__, "a SamplingParams")
-        params.validate(vocab_size=self.model_config.vocab_size)
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise InvalidRequestError("priority", priority, "an integer (higher is more important)")
-        prompt_text, token_ids = self._tokenize(prompt)
-        children = []
-        for i in range(params.n):
-            child_params = params
-            if params.n > 1:
-                child_params = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
-            child = Request(
-                # Internal ids end in a number unique to this engine, so no user id,
-                # however spelled, can collide with another request's sample.
-                request_id=f"{request_id}#{next(self._sample_ids)}",
-                prompt_token_ids=token_ids,
-                sampling_params=child_params,
-                eos_token_ids=self.eos_token_ids,
-                max_tokens=min(params.max_tokens or self.max_model_len, self.max_model_len - len(token_ids)),
-                priority=priority,
-            )
-            if arrival_time is not None:
-                child.times.arrival = arrival_time
-            children.append(child)
-        self.output_processor.add(request_id, prompt_text, params, children)
-        for child in children:
-            self.scheduler.add_request(child)
-        return request_id
+        """Queue a request; returns its id.
 
-    def _tokenize(self, prompt: Any) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt", prompt, "a non-empty string or list of token ids")
-            token_ids = self.tokenizer.encode(prompt)
-            text: str | None = prompt
-        elif isinstance(prompt, Sequence) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            token_ids, text = list(prompt), None
-            bad = [t for t in token_ids if not 0 <= t < self.model_config.vocab_size]
-            if bad:
-                raise InvalidRequestError(
-                    "prompt_token_ids", bad[0], f"token ids in [0, {self.model_config.vocab_size})"
-                )
-        else:
-            raise InvalidRequestError("prompt", type(prompt).__name__, "a string or a list of token ids")
-        if not token_ids:
-            raise InvalidRequestError("prompt", prompt, "at least one token")
-        if len(token_ids) >= self.max_model_len:
-            raise PromptTooLongError(len(token_ids), self.max_model_len)
-        return text, token_ids
+        Raises InvalidRequestError on bad input and EngineOverloadedError when the
+        waiting queue is full; either way nothing is queued.
+        """
+        prepared = self.prepare_request(request_id, prompt, params, priority, arrival_time, cache_salt)
+        self.check_capacity(len(prepared.children))
+        self.submit(prepared)
+        return prepared.request_id
+
+    def check_capacity(self, num_new: int, num_pending: int = 0) -> None:
+        limit = self.config.max_waiting_requests
+        waiting = self.scheduler.num_waiting + num_pending
+        if limit is not None and waiting + num_new > limit:
+            raise EngineOverloadedError(waiting, limit, self.retry_after(waiting + num_new - limit))
+
+    def submit(self, prepared: PreparedRequest) -> None:
+        """Queue a prepared request (the engine's thread only)."""
+        if prepared.request_id in self.output_processor:
+            raise InvalidRequestError("request_id", prepared.request_id, "an id not already in use")
+        self.output_processor.add(prepared.request_id, prepared.prompt, prepared.params, prepared.children)
+        for child in prepared.children:
+            self.scheduler.add_request(child)
+
+    def retry_after(self, queue_slots: int = 1) -> float:
+        """Seconds until ``queue_slots`` places in the waiting queue are likely to free up,
+        from the rate at which requests finished recently."""
+        times = self._finish_times
+        if len(times) >= 2 and times[-1] > times[0]:
+            rate = (len(times) - 1) / (times[-1] - times[0])
+            return min(60.0, max(0.1, queue_slots / rate))
+        return 1.0
 
     def _fresh_request_id(self) -> str:
         while True:
@@ -211,11 +274,13 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks now. False if the id is unknown or done."""
-        children = self.output_processor.requests_of(request_id)
-        for child in children:
+        return self.abort_request(request_id) is not None
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Like ``abort``, returning the request's final output (finish_reason "abort"), or None."""
+        for child in self.output_processor.requests_of(request_id):
             self.scheduler.abort_request(child.request_id)
-        self.output_processor.remove(request_id)
-        return bool(children)
+        return self.output_processor.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -224,18 +289,52 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
+        start = time.perf_counter()
         result = self.runner.execute(scheduled)
+        seconds = time.perf_counter() - start
+        if not scheduled.is_empty:
+            self._num_steps += 1
+            self._last_step_seconds = seconds
+            if self.step_timing is not None:
+                self.step_timing.record(StepShape.of(scheduled), seconds)
         updates = self.scheduler.update_from_output(scheduled, result)
-        return self.output_processor.process(updates, result.logprobs)
+        outputs = self.output_processor.process(updates, result.logprobs)
+        now = self.clock.now()
+        self._finish_times.extend(now for out in outputs if out.finished)
+        self._collect_kv_events()
+        return outputs
 
     def stats(self) -> EngineStats:
+        prefix = self.kv_cache.prefix_stats
         return EngineStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
             kv_blocks_used=self.kv_cache.num_used_blocks,
             kv_blocks_total=self.kv_cache.num_usable_blocks,
+            num_cached_blocks=self.kv_cache.pool.num_cached,
+            prefix_cache_queries=prefix.queries,
+            prefix_cache_hits=prefix.hits,
             num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self._num_steps,
+            last_step_seconds=self._last_step_seconds,
         )
+
+    # -- prefix cache -------------------------------------------------------
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (blocks in use keep serving their requests)."""
+        self.kv_cache.reset_prefix_cache()
+        self._collect_kv_events()
+
+    def take_kv_events(self) -> list[KVEventBatch]:
+        """KV events since the last call, one batch per step (needs ``EngineConfig(kv_events=True)``)."""
+        batches, self._kv_event_batches = self._kv_event_batches, []
+        return batches
+
+    def _collect_kv_events(self) -> None:
+        events = self.kv_cache.take_events()
+        if events:
+            self._kv_event_batches.append(KVEventBatch(time.time(), events))
 
     # -- set-up -------------------------------------------------------------
 

@@ -59,3 +59,23 @@ class InsufficientKVCacheError(EngineError):
 
 class RequestNotFoundError(EngineError, KeyError):
     """abort() or a lookup named a request id the engine does not hold."""
+
+
+class EngineOverloadedError(EngineError):
+    """The waiting queue is full (``max_waiting_requests``): retry after ``retry_after`` seconds.
+
+    Nothing was queued. A server maps it to 429 with a Retry-After header.
+    """
+
+    def __init__(self, num_waiting: int, max_waiting: int, retry_after: float):
+        self.num_waiting = num_waiting
+        self.max_waiting = max_waiting
+        self.retry_after = retry_after
+        super().__init__(
+            f"engine overloaded: {num_waiting} requests already wait (max_waiting_requests={max_waiting}); "
+            f"retry in about {retry_after:.1f} s"
+        )
+
+
+class EngineDeadError(EngineError):
+    """The engine's step loop stopped on an internal error; the engine must be restarted."""

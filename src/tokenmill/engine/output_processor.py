@@ -73,6 +73,18 @@ class OutputProcessor:
             for s in tracked.samples:
                 self._sample_of.pop(s.request.request_id, None)
 
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Mark every unfinished sample aborted, stop tracking, and return the last output."""
+        tracked = self._tracked.get(request_id)
+        if tracked is None:
+            return None
+        for s in tracked.samples:
+            if s.finish_reason is None:
+                s.finish_reason = "abort"
+        out = self._make_output(tracked)
+        self.remove(request_id)
+        return out
+
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._tracked
 
@@ -153,4 +165,8 @@ def _metrics(tracked: _Tracked) -> RequestMetrics:
         num_prompt_tokens=reqs[0].num_prompt_tokens,
         num_output_tokens=sum(r.num_output_tokens for r in reqs),
         num_preemptions=sum(r.num_preemptions for r in reqs),
+        num_cached_tokens=max(0, reqs[0].num_cached_tokens),
+        num_prefill_tokens=sum(r.num_prefill_tokens for r in reqs),
+        num_decode_tokens=sum(r.num_decode_tokens for r in reqs),
+        token_times=list(reqs[0].times.token_times),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 
@@ -44,6 +45,10 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    num_prefill_tokens: int = 0  # tokens computed by prefill (recomputation after preemption included)
+    num_decode_tokens: int = 0  # tokens computed one per step
+    token_times: list[float] = field(default_factory=list)  # first sample's tokens, when each came out
 
     @property
     def queue_time(self) -> float | None:
@@ -62,6 +67,12 @@ class RequestMetrics:
         if self.finished_time is None:
             return None
         return self.finished_time - self.arrival_time
+
+    @property
+    def inter_token_latencies(self) -> list[float]:
+        """Gaps between consecutive tokens of the first sample, in seconds."""
+        t = self.token_times
+        return [b - a for a, b in itertools.pairwise(t)]
 
     @property
     def mean_inter_token_latency(self) -> float | None:

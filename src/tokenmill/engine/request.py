@@ -35,6 +35,7 @@ class RequestTimes:
     first_token: float | None = None
     last_token: float | None = None
     finished: float | None = None
+    token_times: list[float] = field(default_factory=list)  # when each output token came out
 
 
 @dataclass
@@ -57,7 +58,13 @@ class Request:
     num_computed_tokens: int = 0
     num_preemptions: int = 0
     stop_reason: int | str | None = None
+    cache_salt: str | None = None  # keeps this tenant's prefix cache apart from others'
     times: RequestTimes = field(default_factory=RequestTimes)
+    # Filled by the KV cache manager and scheduler:
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks
+    num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first admission
+    num_prefill_tokens: int = 0  # tokens computed by prefill, recomputation after preemption included
+    num_decode_tokens: int = 0  # tokens computed one per step
 
     @property
     def num_prompt_tokens(self) -> int:

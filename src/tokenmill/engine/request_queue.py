@@ -27,6 +27,11 @@ class WaitingQueue:
         self._keys.insert(i, key)
         self._requests.insert(i, request)
 
+    @property
+    def arrival(self) -> dict[str, int]:
+        """Arrival order of every request seen and not yet finished (running ones too)."""
+        return self._arrival
+
     def peek(self) -> Request:
         return self._requests[0]
 

@@ -1,26 +1,33 @@
 """Continuous batching: which requests run in the next step, and with how many tokens.
 
 Pure Python, no tensors. Each ``schedule()`` fills a token budget
-(``max_num_batched_tokens``): running requests first, in the order they
-started, each asking for the tokens it has not computed yet (one for a decode,
-the rest of its prompt for a prefill, cut to the budget: chunked prefill); then
-waiting requests, higher priority first, then by arrival, while the budget,
-``max_num_seqs`` and free blocks allow. Requests join and leave at every step.
+(``max_num_batched_tokens``) in three passes:
 
-When a running request needs a block and none is free, the newest running
-request is preempted: its blocks go back to the pool and it returns to the
-waiting queue under its original arrival, to be recomputed from its prompt and
-the tokens it had already generated (recompute is cheaper than swapping on one
-device).
+1. running decodes, one token each, so a long prompt never stalls them;
+2. running prefills, the rest of their prompt cut to what is left of the
+   budget (chunked prefill). With ``max_itl`` set, a ``ChunkSizer`` shrinks
+   the prefill share further so the step stays within the decodes'
+   inter-token latency target;
+3. waiting requests, higher priority first, then by arrival, starting from the
+   longest prefix found in the prefix cache, while the budget,
+   ``max_num_seqs`` and the free blocks (minus a watermark) allow.
+
+When a running request needs a block and none is free, or when a waiting
+request outranks running ones and there is no room for it, a victim chosen by
+the preemption policy (``preemption.py``) is preempted: its blocks go back to
+the pool (its full blocks stay in the prefix cache, so the recompute is often
+cheap) and it returns to the waiting queue under its original arrival.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import math
 from dataclasses import dataclass
 
+from tokenmill.engine.clock import Clock, RealClock
 from tokenmill.engine.kv_cache_manager import KVCacheManager
+from tokenmill.engine.preemption import pick_victim
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.request_queue import WaitingQueue
 from tokenmill.engine.scheduler_output import (
@@ -29,6 +36,7 @@ from tokenmill.engine.scheduler_output import (
     NewRequestData,
     SchedulerOutput,
 )
+from tokenmill.engine.timing import ChunkSizer
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +46,9 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    policy: str = "priority"  # priority | fcfs (preemption.py)
+    preemption_priority_gap: int = 1  # a waiting request preempts only those this much below it
+    watermark: float = 0.01  # fraction of blocks admission leaves free for running requests to grow
 
 
 @dataclass(frozen=True)
@@ -49,15 +60,48 @@ class StepUpdate:
     finished: bool
 
 
+class _Step:
+    """The output being built, with the budget left and who was preempted."""
+
+    def __init__(self, out: SchedulerOutput, budget: int):
+        self.out = out
+        self.budget = budget
+        self.admitted: set[str] = set()
+        self.max_victim_priority: int | None = None
+
+    def add(self, request: Request, num_tokens: int) -> None:
+        self.out.num_scheduled_tokens[request.request_id] = num_tokens
+        self.budget -= num_tokens
+
+    def unschedule(self, request: Request) -> None:
+        rid = request.request_id
+        self.budget += self.out.num_scheduled_tokens.pop(rid, 0)
+        self.out.cached_requests = [c for c in self.out.cached_requests if c.request_id != rid]
+
+    def preempted(self, request: Request) -> None:
+        self.out.preempted_request_ids.add(request.request_id)
+        p = request.priority
+        self.max_victim_priority = p if self.max_victim_priority is None else max(p, self.max_victim_priority)
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache: KVCacheManager,
+        chunk_sizer: ChunkSizer | None = None,
+        clock: Clock | None = None,
+    ):
         self.config = config
         self.kv_cache = kv_cache
+        self.chunk_sizer = chunk_sizer
+        self.clock = clock or RealClock()
         self.requests: dict[str, Request] = {}
         self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()  # told to the runner in the next output
         self.num_preemptions = 0
+        self._watermark_blocks = math.ceil(config.watermark * kv_cache.num_usable_blocks)
 
     # -- queue management -------------------------------------------------
 
@@ -70,10 +114,7 @@ class Scheduler:
         request = self.requests.get(request_id)
         if request is None or request.is_finished:
             return None
-        if request.status == RequestStatus.RUNNING:
-            self.running.remove(request)
-        else:
-            self.waiting.remove(request)
+        self._remove(request)
         self._finish(request, RequestStatus.FINISHED_ABORTED)
         return request
 
@@ -82,10 +123,7 @@ class Scheduler:
         request = self.requests.get(request_id)
         if request is None or request.is_finished:
             return
-        if request.status == RequestStatus.RUNNING:
-            self.running.remove(request)
-        else:
-            self.waiting.remove(request)
+        self._remove(request)
         request.stop_reason = reason
         self._finish(request, RequestStatus.FINISHED_STOPPED)
 
@@ -103,43 +141,89 @@ class Scheduler:
     # -- one step ---------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_request_ids=self._finished_ids)
+        step = _Step(
+            SchedulerOutput(finished_request_ids=self._finished_ids), self.config.max_num_batched_tokens
+        )
         self._finished_ids = set()
-        budget = self.config.max_num_batched_tokens
 
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            new_blocks = self._allocate_or_preempt(request, num_new, out)
-            if new_blocks is None:
-                break  # the request itself was preempted, and it was the last one
-            out.cached_requests.append(
-                CachedRequestData(request.request_id, new_blocks, request.num_computed_tokens)
-            )
-            out.num_scheduled_tokens[request.request_id] = num_new
-            budget -= num_new
-            i += 1
-
-        # After a preemption the pool is tight: admitting new work would only
-        # preempt it again next step.
-        while (
-            not out.preempted_request_ids
-            and self.waiting
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
-        ):
-            request = self.waiting.peek()
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            new_blocks = self.kv_cache.allocate_slots(request, num_new)
-            if new_blocks is None:
+        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        for request in decodes:
+            if step.budget <= 0:
                 break
+            if request.status == RequestStatus.RUNNING:  # not preempted earlier in this pass
+                self._schedule_running(request, 1, step)
+
+        scheduled_decodes = [r for r in decodes if r.request_id in step.out.num_scheduled_tokens]
+        prefill_budget = self._prefill_budget(scheduled_decodes, prefills, step.budget)
+        for request in prefills:
+            if step.budget <= 0 or prefill_budget <= 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue
+            n = min(request.num_tokens - request.num_computed_tokens, step.budget, prefill_budget)
+            if self._schedule_running(request, n, step):
+                prefill_budget -= n
+
+        self._admit_waiting(step, prefill_budget)
+
+        # Register the full blocks the running requests compute in this step. (Admitted
+        # requests registered theirs on admission, so later admissions could hit them.)
+        for request in self.running:
+            n = step.out.num_scheduled_tokens.get(request.request_id)
+            if n is not None and request.request_id not in step.admitted:
+                self.kv_cache.cache_blocks(request, request.num_computed_tokens + n)
+        return step.out
+
+    def _prefill_budget(self, decodes: list[Request], prefills: list[Request], budget: int) -> int:
+        if self.chunk_sizer is None:
+            return budget
+        context = sum(r.num_tokens for r in decodes)
+        first = prefills[0].num_computed_tokens if prefills else 0
+        return self.chunk_sizer.prefill_budget(len(decodes), context, first, budget)
+
+    def _schedule_running(self, request: Request, num_new: int, step: _Step) -> bool:
+        """Allocate for a running request, preempting victims as needed. False if it was preempted itself."""
+        while True:
+            new_blocks = self.kv_cache.allocate_slots(request, num_new)
+            if new_blocks is not None:
+                break
+            victim = pick_victim(self.running, self.config.policy, self.waiting.arrival)
+            assert victim is not None  # the request itself is running
+            self._preempt(victim, step)
+            if victim is request:
+                return False
+        step.out.cached_requests.append(
+            CachedRequestData(request.request_id, new_blocks, request.num_computed_tokens)
+        )
+        step.add(request, num_new)
+        return True
+
+    def _admit_waiting(self, step: _Step, prefill_budget: int) -> None:
+        while self.waiting and step.budget > 0 and prefill_budget > 0:
+            request = self.waiting.peek()
+            if step.max_victim_priority is not None and (
+                self.config.policy == "fcfs" or request.priority <= step.max_victim_priority
+            ):
+                break  # the pool is tight: admitting more would only preempt it again next step
+            first_admission = request.num_cached_tokens < 0
+            hits = self.kv_cache.find_cached_prefix(request) if request.num_computed_tokens == 0 else []
+            num_hit = len(hits) * self.kv_cache.block_size
+            n = min(request.num_tokens - request.num_computed_tokens - num_hit, step.budget, prefill_budget)
+            if not self._make_room(request, n, hits, step):
+                break
+            new_blocks = self.kv_cache.allocate_slots(request, n, hits)
+            assert new_blocks is not None  # _make_room checked
             self.waiting.pop()
             self.running.append(request)
             request.status = RequestStatus.RUNNING
+            request.num_computed_tokens += num_hit
+            if first_admission:
+                request.num_cached_tokens = num_hit
+                self.kv_cache.record_prefix_query(request.num_prompt_tokens, num_hit)
             if request.times.first_scheduled is None:
-                request.times.first_scheduled = time.perf_counter()
-            out.new_requests.append(
+                request.times.first_scheduled = self.clock.now()
+            step.out.new_requests.append(
                 NewRequestData(
                     request_id=request.request_id,
                     token_ids=request.all_token_ids,
@@ -150,22 +234,57 @@ class Scheduler:
                     eos_token_ids=request.eos_token_ids,
                 )
             )
-            out.num_scheduled_tokens[request.request_id] = num_new
-            budget -= num_new
-        return out
+            step.admitted.add(request.request_id)
+            step.add(request, n)
+            prefill_budget -= n
+            self.kv_cache.cache_blocks(request, request.num_computed_tokens + n)
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> list[int] | None:
-        while True:
-            new_blocks = self.kv_cache.allocate_slots(request, num_new)
-            if new_blocks is not None:
-                return new_blocks
-            victim = self.running.pop()  # the newest; never one already scheduled this step
-            self._preempt(victim)
-            out.preempted_request_ids.add(victim.request_id)
-            if victim is request:
-                return None
+    def _make_room(self, request: Request, n: int, hits: list[int], step: _Step) -> bool:
+        """Whether ``request`` fits (a sequence slot, its blocks and the watermark), preempting
+        running requests it outranks by the priority gap if that makes it fit."""
 
-    def _preempt(self, request: Request) -> None:
+        def fits() -> bool:
+            seat = len(self.running) < self.config.max_num_seqs
+            # The watermark is room for running requests to grow: with none running, it would
+            # only keep a request that needs the whole pool out forever.
+            reserve = self._watermark_blocks if self.running else 0
+            return seat and self.kv_cache.can_allocate(request, n, hits) >= reserve
+
+        if fits():
+            return True
+        if self.config.policy == "fcfs":
+            return False
+        ceiling = request.priority - self.config.preemption_priority_gap
+        candidates = [r for r in self.running if r.priority <= ceiling and r.request_id not in step.admitted]
+        if not candidates or not self._would_fit_without(request, n, hits, candidates):
+            return False
+        while not fits():
+            victim = pick_victim(candidates, self.config.policy, self.waiting.arrival)
+            if victim is None:
+                return False
+            candidates.remove(victim)
+            self._preempt(victim, step)
+        return True
+
+    def _would_fit_without(self, request: Request, n: int, hits: list[int], victims: list[Request]) -> bool:
+        """Whether preempting all of ``victims`` would make room: so nobody is preempted in vain."""
+        if len(self.running) - len(victims) >= self.config.max_num_seqs:
+            return False
+        pool = self.kv_cache.pool
+        released: dict[int, int] = {}
+        for v in victims:
+            for b in self.kv_cache.block_table(v.request_id):
+                released[b] = released.get(b, 0) + 1
+        freed = sum(1 for b, k in released.items() if pool.ref_cnt[b] == k)
+        needed = self.kv_cache.blocks_for_tokens(len(hits) * self.kv_cache.block_size + n) - len(hits)
+        revived = sum(1 for b in hits if pool.ref_cnt[b] == released.get(b, 0))
+        reserve = self._watermark_blocks if len(self.running) > len(victims) else 0
+        return pool.num_free + freed - needed - revived >= reserve
+
+    def _preempt(self, request: Request, step: _Step) -> None:
+        self.running.remove(request)
+        step.unschedule(request)
+        step.preempted(request)
         self.kv_cache.free(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -173,21 +292,27 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.add(request)  # under its original arrival: ahead of later ones
         logger.info(
-            "preempted %s (%d tokens, %d free blocks)",
+            "preempted %s (priority %d, %d tokens; %d free blocks, %d running)",
             request.request_id,
+            request.priority,
             request.num_tokens,
             self.kv_cache.num_free_blocks,
+            len(self.running),
         )
 
     # -- results ----------------------------------------------------------
 
     def update_from_output(self, scheduled: SchedulerOutput, result: ModelRunnerOutput) -> list[StepUpdate]:
         updates: list[StepUpdate] = []
-        now = time.perf_counter()
+        now = self.clock.now()
         for request_id, num_tokens in scheduled.num_scheduled_tokens.items():
-            request = self.requests[request_id]
-            if request.is_finished:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
                 continue
+            if num_tokens > 1 or request.num_computed_tokens < request.num_prompt_tokens:
+                request.num_prefill_tokens += num_tokens
+            else:
+                request.num_decode_tokens += 1
             request.num_computed_tokens += num_tokens
             token = result.sampled_token_ids.get(request_id)
             if token is None:
@@ -196,6 +321,7 @@ class Scheduler:
             if request.times.first_token is None:
                 request.times.first_token = now
             request.times.last_token = now
+            request.times.token_times.append(now)
             status = self._stop_status(request, token)
             if status is not None:
                 self.running.remove(request)
@@ -217,10 +343,16 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    def _remove(self, request: Request) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.waiting.forget(request.request_id)
         request.status = status
-        request.times.finished = time.perf_counter()
+        request.times.finished = self.clock.now()
         self.kv_cache.free(request.request_id)
         self._finished_ids.add(request.request_id)
         del self.requests[request.request_id]

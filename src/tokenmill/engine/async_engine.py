@@ -1,0 +1,294 @@
+"""The engine as an asyncio service: a background thread steps it, callers stream results.
+
+Example::
+
+    engine = AsyncEngine(EngineConfig())
+    async for out in engine.generate("ROMEO:", SamplingParams(max_tokens=32, output_kind=OutputKind.DELTA)):
+        print(out.outputs[0].text, end="", flush=True)
+    engine.shutdown()
+
+Threads: requests are validated and tokenized in the caller's thread, so bad
+input fails at once and costs the step loop nothing. Accepted requests and
+aborts go to the loop through a command queue and are applied between steps.
+The loop hands each step's outputs to the event loop of every caller with one
+``call_soon_threadsafe`` per step. Torch releases the GIL in its kernels, so
+the event loop keeps serving while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.engine import Engine, EngineStats, Prompt
+from tokenmill.engine.errors import EngineDeadError, InvalidRequestError
+from tokenmill.engine.input_processor import PreparedRequest
+from tokenmill.engine.kv_events import KVEventBatch
+from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.sampling_params import OutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 1.0  # the loop re-checks for shutdown this often when idle
+
+
+@dataclass
+class _Stream:
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class _Add:
+    prepared: PreparedRequest
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+    loop: asyncio.AbstractEventLoop | None = None
+    done: asyncio.Future[bool] | None = None
+
+
+@dataclass(frozen=True)
+class _ResetPrefixCache:
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, engine: Engine | None = None):
+        self.engine = engine if engine is not None else Engine(config)
+        self._streams: dict[str, _Stream] = {}
+        self._streams_lock = threading.Lock()
+        self._commands: deque[_Add | _Abort | _ResetPrefixCache] = deque()
+        self._num_pending_adds = 0  # requests in _commands, not yet in the scheduler
+        self._wake = threading.Event()
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._ids = itertools.count()
+        self._stats = self.engine.stats()
+        self._kv_subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[KVEventBatch]]] = []
+        self._thread = threading.Thread(target=self._run, name="tokenmill-engine-loop", daemon=True)
+        self._thread.start()
+
+    # -- public API -----------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs until it finishes.
+
+        Raises InvalidRequestError or EngineOverloadedError before anything is
+        queued. Leaving the loop early (break, cancellation) aborts the request.
+        With no ``params``, the model's defaults are used with DELTA outputs.
+        """
+        stream = self._open(prompt, params, request_id, priority, cache_salt)
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if not stream.finished:
+                self._commands.append(_Abort(stream.request_id))
+                self._wake.set()
+            with self._streams_lock:
+                if self._streams.get(stream.request_id) is stream:
+                    del self._streams[stream.request_id]
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a request; returns once its blocks are freed (False if it was unknown or done)."""
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        self._commands.append(_Abort(request_id, loop, done))
+        self._wake.set()
+        return await done
+
+    async def reset_prefix_cache(self) -> None:
+        self._commands.append(_ResetPrefixCache())
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        """The engine after its most recent step."""
+        return self._stats
+
+    async def kv_events(self) -> AsyncIterator[KVEventBatch]:
+        """Every KV event batch from now on (needs ``EngineConfig(kv_events=True)``)."""
+        if not self.engine.config.kv_events:
+            raise InvalidRequestError("kv_events", False, "True in EngineConfig to subscribe to KV events")
+        queue: asyncio.Queue[KVEventBatch] = asyncio.Queue()
+        entry = (asyncio.get_running_loop(), queue)
+        self._kv_subscribers.append(entry)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._kv_subscribers.remove(entry)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._dead is None
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop; requests still running are aborted."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> AsyncEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    # -- caller side --------------------------------------------------------------
+
+    def _open(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None,
+        request_id: str | None,
+        priority: int,
+        cache_salt: str | None,
+    ) -> _Stream:
+        self._check_alive()
+        if params is None:
+            params = replace(self.engine.default_sampling_params(), output_kind=OutputKind.DELTA)
+        loop = asyncio.get_running_loop()
+        with self._streams_lock:  # reserve the id first: two callers may race for it
+            if request_id is None:
+                request_id = self._fresh_id()
+            elif not isinstance(request_id, str) or request_id in self._streams:
+                raise InvalidRequestError("request_id", request_id, "a string not already in use")
+            stream = _Stream(request_id, loop, asyncio.Queue())
+            self._streams[request_id] = stream
+        try:
+            prepared = self.engine.prepare_request(request_id, prompt, params, priority, None, cache_salt)
+            with self._streams_lock:
+                self.engine.check_capacity(len(prepared.children), self._num_pending_adds)
+                self._num_pending_adds += len(prepared.children)
+        except BaseException:
+            with self._streams_lock:
+                del self._streams[request_id]
+            raise
+        self._commands.append(_Add(prepared))
+        self._wake.set()
+        return stream
+
+    def _fresh_id(self) -> str:
+        while True:
+            rid = f"req-{next(self._ids)}"
+            if rid not in self._streams:
+                return rid
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine loop stopped: {self._dead!r}") from self._dead
+        if self._stopping:
+            raise EngineDeadError("the engine is shut down")
+
+    # -- the step loop (its own thread) -----------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._apply_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(_IDLE_WAIT_S)
+                    self._wake.clear()
+                    continue
+                outputs = self.engine.step()
+                self._stats = self.engine.stats()
+                self._deliver(outputs)
+                self._publish_kv_events()
+            self._abort_all()
+        except BaseException as e:  # the loop must never die silently: every stream hears of it
+            logger.exception("engine loop failed")
+            self._dead = e
+            self._fail_all(EngineDeadError(f"the engine loop stopped: {e!r}"))
+
+    def _apply_commands(self) -> None:
+        while self._commands:
+            cmd = self._commands.popleft()
+            if isinstance(cmd, _Add):
+                with self._streams_lock:
+                    self._num_pending_adds -= len(cmd.prepared.children)
+                    live = cmd.prepared.request_id in self._streams
+                if live:  # not abandoned before it reached the loop
+                    self.engine.submit(cmd.prepared)
+            elif isinstance(cmd, _Abort):
+                out = self.engine.abort_request(cmd.request_id)
+                if out is not None:
+                    self._deliver([out])
+                if cmd.loop is not None and cmd.done is not None:
+                    cmd.loop.call_soon_threadsafe(_resolve, cmd.done, out is not None)
+            else:
+                self.engine.reset_prefix_cache()
+                self._publish_kv_events()
+        self._stats = self.engine.stats()
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        with self._streams_lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                if out.finished:
+                    stream.finished = True
+                by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            _call_soon(loop, _put_all, items)
+
+    def _publish_kv_events(self) -> None:
+        for batch in self.engine.take_kv_events():
+            for loop, queue in list(self._kv_subscribers):
+                _call_soon(loop, queue.put_nowait, batch)
+
+    def _abort_all(self) -> None:
+        with self._streams_lock:
+            ids = list(self._streams)
+        outputs = [out for rid in ids if (out := self.engine.abort_request(rid)) is not None]
+        self._deliver(outputs)
+        self._fail_all(EngineDeadError("the engine was shut down"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._streams_lock:
+            streams = [s for s in self._streams.values() if not s.finished]
+        for s in streams:
+            _call_soon(s.loop, s.queue.put_nowait, error)
+
+
+def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.queue.put_nowait(out)
+
+
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    # A closed event loop raises RuntimeError: that caller is gone, nobody is listening.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)

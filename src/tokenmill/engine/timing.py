@@ -1,0 +1,202 @@
+"""A linear model of how long one engine step takes, fitted from measured steps.
+
+    step_time = overhead
+              + per_token        * scheduled tokens (prefill + decode: the matmuls)
+              + per_decode       * decoding sequences (sampling, per-sequence work)
+              + per_context_token * context tokens the decodes read (attention, KV bandwidth)
+              + per_attention_pair * query-key pairs of the prefills (their quadratic attention)
+
+The same model drives the ``SimulatedRunner`` (how long a fake step lasts) and
+chunked prefill under ``max_itl`` (how many prompt tokens fit into a step
+without stretching the running decodes' inter-token latency past the target).
+Profiles are small JSON files written by ``tokenmill profile``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from tokenmill.engine.scheduler_output import SchedulerOutput
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+DEFAULT_PROFILE = PROFILES_DIR / "demo-cpu.json"
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a step computes, in the terms the timing model charges for."""
+
+    num_prefill_tokens: int = 0
+    num_decodes: int = 0
+    decode_context_tokens: int = 0
+    prefill_attention_pairs: float = 0.0
+
+    @classmethod
+    def of(cls, sched: SchedulerOutput) -> StepShape:
+        computed = {n.request_id: n.num_computed_tokens for n in sched.new_requests}
+        computed.update({c.request_id: c.num_computed_tokens for c in sched.cached_requests})
+        prefill = decodes = ctx = 0
+        pairs = 0.0
+        for rid, n in sched.num_scheduled_tokens.items():
+            start = computed.get(rid, 0)
+            if n == 1 and start > 0:
+                decodes += 1
+                ctx += start + 1
+            else:
+                prefill += n
+                pairs += n * (start + (n + 1) / 2)
+        return cls(prefill, decodes, ctx, pairs)
+
+    def features(self) -> list[float]:
+        return [
+            1.0,
+            float(self.num_prefill_tokens + self.num_decodes),
+            float(self.num_decodes),
+            float(self.decode_context_tokens),
+            self.prefill_attention_pairs,
+        ]
+
+
+_COEFFS = ("overhead_s", "per_token_s", "per_decode_s", "per_context_token_s", "per_attention_pair_s")
+
+
+@dataclass(frozen=True)
+class TimingModel:
+    overhead_s: float = 0.0
+    per_token_s: float = 0.0
+    per_decode_s: float = 0.0
+    per_context_token_s: float = 0.0
+    per_attention_pair_s: float = 0.0
+    # Where it was measured, and the KV capacity a simulated worker should have.
+    model: str = ""
+    device: str = ""
+    dtype: str = ""
+    kv_cache_tokens: int | None = None
+    fit: dict[str, Any] = field(default_factory=dict)  # samples, error: how good the fit is
+
+    def step_time(self, shape: StepShape) -> float:
+        coeffs = [getattr(self, c) for c in _COEFFS]
+        return float(sum(c * x for c, x in zip(coeffs, shape.features(), strict=True)))
+
+    @classmethod
+    def fitted(cls, shapes: list[StepShape], seconds: list[float], **meta: Any) -> TimingModel:
+        """Least squares with every coefficient kept >= 0 (a negative cost would make no sense
+        and would let the chunk sizer extrapolate wildly)."""
+        x = np.array([s.features() for s in shapes], dtype=np.float64)
+        y = np.array(seconds, dtype=np.float64)
+        coef = _nonnegative_lstsq(x, y)
+        pred = x @ coef
+        rel = np.abs(pred - y) / np.maximum(y, 1e-9)
+        fit = {
+            "samples": len(y),
+            "median_relative_error": float(np.median(rel)) if len(y) else 0.0,
+            "p90_relative_error": float(np.quantile(rel, 0.9)) if len(y) else 0.0,
+        }
+        return cls(**dict(zip(_COEFFS, map(float, coef), strict=True)), fit=fit, **meta)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> TimingModel:
+        raw = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> TimingModel:
+        """A profile from a file; None loads the default profile that ships with tokenmill."""
+        return cls.from_json(Path(path or DEFAULT_PROFILE).read_text())
+
+
+def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    active = list(range(x.shape[1]))
+    coef = np.zeros(x.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+        if (sol >= 0).all():
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))  # drop the most negative term and refit
+    return coef
+
+
+class StepTimeRecorder(Protocol):
+    def record(self, shape: StepShape, seconds: float) -> None: ...
+
+
+class OnlineTimingModel:
+    """A timing model refitted from the engine's own recent steps.
+
+    Starts from a prior profile, rescaled to this machine by the median ratio
+    of measured to predicted step time, and switches to a fresh fit once it has
+    seen enough steps of different shapes.
+    """
+
+    def __init__(self, prior: TimingModel, window: int = 512, refit_every: int = 32):
+        self.model = prior
+        self._prior = prior
+        self._scale = 1.0
+        self._samples: deque[tuple[StepShape, float]] = deque(maxlen=window)
+        self._refit_every = refit_every
+        self._since_fit = 0
+        self.fitted = False
+
+    def record(self, shape: StepShape, seconds: float) -> None:
+        self._samples.append((shape, seconds))
+        self._since_fit += 1
+        if self._since_fit >= self._refit_every:
+            self._refit()
+
+    def step_time(self, shape: StepShape) -> float:
+        return self._scale * self.model.step_time(shape)
+
+    def _refit(self) -> None:
+        self._since_fit = 0
+        shapes = [s for s, _ in self._samples]
+        secs = [t for _, t in self._samples]
+        with_prefill = sum(1 for s in shapes if s.num_prefill_tokens > 0)
+        with_decode = sum(1 for s in shapes if s.num_decodes > 0)
+        if with_prefill >= 8 and with_decode >= 8:
+            self.model = TimingModel.fitted(shapes, secs)
+            self._scale = 1.0
+            self.fitted = True
+        elif not self.fitted:
+            ratios = [t / p for s, t in self._samples if (p := self._prior.step_time(s)) > 0]
+            if ratios:
+                self._scale = float(np.median(ratios))
+
+
+class ChunkSizer:
+    """How many prefill tokens a step may carry so that the decodes in it keep ``max_itl``."""
+
+    def __init__(self, timing: TimingModel | OnlineTimingModel, max_itl: float, min_chunk: int):
+        self.timing = timing
+        self.max_itl = max_itl
+        self.min_chunk = min_chunk
+
+    def prefill_budget(
+        self, num_decodes: int, decode_context_tokens: int, prefill_context: int, limit: int
+    ) -> int:
+        if num_decodes == 0:
+            return limit  # nobody is waiting on a next token: read the prompt as fast as possible
+
+        def fits(n: int) -> bool:
+            shape = StepShape(n, num_decodes, decode_context_tokens, n * (prefill_context + (n + 1) / 2))
+            return self.timing.step_time(shape) <= self.max_itl
+
+        lo, hi = 0, limit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        # Always make some progress, or a long prompt would starve behind a big decode batch.
+        return min(limit, max(lo, self.min_chunk))
