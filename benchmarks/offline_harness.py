@@ -102,7 +102,7 @@ def worker_main(engine: str, load: Loader, dists: Sequence[str]) -> None:
     """Load the engine, measure every case of every workload, write JSON."""
     args = parse_args()
     t0 = time.time() if args.t0 is None else args.t0
-    result: dict[str, Any] = {"engine": engine, "versions": _versions(dists)}
+    result: dict[str, Any] = {"engine": engine, "versions": versions(dists)}
     try:
         cases_for = load(args)
     except ImportError as exc:
@@ -245,7 +245,7 @@ def _vm_hwm_kib(pid: int) -> int:
     return 0
 
 
-def _versions(dists: Sequence[str]) -> dict[str, str]:
+def versions(dists: Sequence[str]) -> dict[str, str]:
     found = {"python": sys.version.split()[0]}
     for dist in dists:
         try:

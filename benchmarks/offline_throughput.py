@@ -18,32 +18,29 @@ output to ``.bench/results/logs/``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
-import os
-import platform
-import resource
 import signal
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bench_model import ensure_bench_model
-from offline_harness import PROGRESS, busy_cpu_s
+from bench_process import (
+    QUIET_CORES,
+    RESULTS,
+    VLLM_PYTHON,
+    child_env,
+    machine,
+    one_run_at_a_time,
+    run_worker,
+    wait_until_quiet,
+)
 from workloads import WORKLOAD_NAMES, make_workload
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RESULTS = ROOT / ".bench" / "results"
-LOCK = ROOT / ".bench" / "offline_throughput.lock"
-VLLM_PYTHON = ROOT / ".peers" / "vllm" / "bin" / "python"
 ENGINES = ("tokenmill", "transformers", "vllm")
-QUIET_CORES = 0.25  # other processes' load, in cores, above which figures are suspect
 NUMERIC_COLUMNS = {"start-up s", "peak RSS GiB", "other load", "output tok/s", "tokenmill / this"}
 
 
@@ -58,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "offline_throughput",
         "timestamp": stamp,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": _machine(),
+        "machine": machine(),
         "model": str(model.relative_to(ROOT)),
         "options": dict(vars(args)),
         "workloads": {w: make_workload(w, quick=args.quick).description for w in workloads},
@@ -66,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     # SIGTERM unwinds like Ctrl-C, so the running worker's group is killed too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with _one_run_at_a_time():
+    with one_run_at_a_time():
         for engine in engines:
             report["engines"][engine] = _run_engine(engine, model, workloads, args, stamp)
     out = RESULTS / f"offline_throughput-{stamp}.json"
@@ -112,7 +109,7 @@ def _run_engine(
         reason = f"{python.relative_to(ROOT)} missing: run benchmarks/peers/setup_vllm.sh"
         print(f"[bench] {engine}: skipped ({reason})")
         return {"engine": engine, "skipped": reason}
-    idle = _wait_until_quiet(args.wait_quiet)
+    idle = wait_until_quiet(args.wait_quiet)
     if idle > QUIET_CORES:
         print(f"[bench] warning: other processes busy on {idle:.1f} cores before {engine} starts")
     out = RESULTS / "logs" / f"{engine}-{stamp}.json"
@@ -129,31 +126,10 @@ def _run_engine(
         *(["--quick"] if args.quick else []),
     ]
     print(f"[bench] {engine}: starting (log: {log.relative_to(ROOT)})", flush=True)
-    busy0, own0, t0 = busy_cpu_s(), _own_cpu_s(), time.monotonic()
-    # Own session, so a timeout kills vLLM's engine-core grandchild with it.
-    proc = subprocess.Popen(
-        cmd,
-        env=_child_env(engine),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    reader = threading.Thread(target=_copy_output, args=(proc, log), daemon=True)
-    reader.start()
-    deadline, timed_out = t0 + args.timeout, False
-    try:
-        # Poll rather than block, so SIGTERM and Ctrl-C reach this thread at once.
-        while proc.poll() is None and not timed_out:
-            time.sleep(0.5)
-            timed_out = time.monotonic() > deadline
-    finally:  # also on Ctrl-C or SIGTERM: leave no engine process behind
-        _kill_group(proc.pid)
-        rc = proc.wait()
-        reader.join(timeout=10)
-    other = ((busy_cpu_s() - busy0) - (_own_cpu_s() - own0)) / (time.monotonic() - t0)
+    run = run_worker(cmd, child_env(engine), log, args.timeout)
+    rc, timed_out, other = run.returncode, run.timed_out, run.other_load_cores
     result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"engine": engine}
-    result["other_load_cores"] = round(max(other, 0.0), 2)
+    result["other_load_cores"] = other
     if other > QUIET_CORES:
         print(f"[bench] warning: other processes used {other:.1f} cores during the {engine} run")
     if rc != 0 and "skipped" not in result:
@@ -161,93 +137,6 @@ def _run_engine(
         result["error"] = f"{why}; see {log.relative_to(ROOT)}"
         print(f"[bench] {engine}: failed ({result['error']})")
     return result
-
-
-def _copy_output(proc: subprocess.Popen[str], log: Path) -> None:
-    """Keep all of a worker's output in its log, echo its progress lines."""
-    assert proc.stdout is not None
-    with log.open("w") as sink:
-        for line in proc.stdout:
-            sink.write(line)
-            if line.startswith(PROGRESS):
-                print(line, end="", flush=True)
-
-
-def _kill_group(pgid: int) -> None:
-    """Kill a worker's process group: vLLM's engine core outlives a killed worker."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def _one_run_at_a_time() -> Iterator[None]:
-    """Hold ``.bench/offline_throughput.lock`` for the whole run: two runs on
-    two cores would measure each other, so a second run waits its turn."""
-    LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with LOCK.open("w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[bench] another run holds {LOCK.relative_to(ROOT)}; waiting for it", flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def _own_cpu_s() -> float:
-    """CPU-seconds of this process and of its finished children (the workers)."""
-    me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def _wait_until_quiet(max_wait: float, sample_s: float = 2.0) -> float:
-    """Wait up to ``max_wait`` s for other processes to leave the CPU alone.
-
-    On a shared two-core machine another job's threads make torch's OpenMP
-    threads spin against each other, and throughput drops several-fold, not by
-    the share taken; a figure measured then says nothing about the engine.
-    Returns the other processes' load, in cores, over the last sample.
-    """
-    deadline = time.monotonic() + max_wait
-    while True:
-        busy0, own0 = busy_cpu_s(), _own_cpu_s()
-        time.sleep(sample_s)
-        other = ((busy_cpu_s() - busy0) - (_own_cpu_s() - own0)) / sample_s
-        if other <= QUIET_CORES or time.monotonic() >= deadline:
-            return other
-
-
-def _child_env(engine: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-        TORCHINDUCTOR_CACHE_DIR=str(ROOT / ".bench" / "torchinductor" / engine),
-    )
-    if engine == "vllm":
-        env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB
-        env["VLLM_CACHE_ROOT"] = str(ROOT / ".bench" / "vllm-cache")  # not ~/.cache
-    if engine == "tokenmill":  # an uninstalled checkout runs from src/
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
-    return env
-
-
-def _machine() -> dict[str, Any]:
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem_kib / 2**20, 1),
-        "platform": platform.platform(),
-    }
 
 
 def _rows(report: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:

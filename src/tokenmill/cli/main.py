@@ -141,6 +141,11 @@ def profile(
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     output.write_text(timing.to_json())
+    if timing.fit["median_relative_error"] > 0.25:
+        err.print(
+            "[yellow]warning:[/yellow] the fit is poor (median error "
+            f"{timing.fit['median_relative_error']:.0%}): was the machine busy? Profile on an idle one."
+        )
     err.print(
         f"[green]wrote {output}[/green]: {timing.fit['samples']} steps, median error "
         f"{timing.fit['median_relative_error']:.1%}; overhead {timing.overhead_s * 1e3:.2f} ms, "

@@ -69,7 +69,10 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, engine: Engine | None = None):
         self.engine = engine if engine is not None else Engine(config)
         self._streams: dict[str, _Stream] = {}
+        # Guards the streams, the pending count and the command queue against the loop
+        # closing: a command is either queued while the loop still drains it, or refused.
         self._streams_lock = threading.Lock()
+        self._closed = False
         self._commands: deque[_Add | _Abort | _ResetPrefixCache] = deque()
         self._num_pending_adds = 0  # requests in _commands, not yet in the scheduler
         self._wake = threading.Event()
@@ -107,25 +110,22 @@ class AsyncEngine:
                 if item.finished:
                     return
         finally:
-            if not stream.finished:
-                self._commands.append(_Abort(stream.request_id))
-                self._wake.set()
             with self._streams_lock:
+                if not stream.finished and not self._closed:
+                    self._commands.append(_Abort(stream.request_id))
+                    self._wake.set()
                 if self._streams.get(stream.request_id) is stream:
                     del self._streams[stream.request_id]
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request; returns once its blocks are freed (False if it was unknown or done)."""
-        self._check_alive()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bool] = loop.create_future()
-        self._commands.append(_Abort(request_id, loop, done))
-        self._wake.set()
+        self._command(_Abort(request_id, loop, done))
         return await done
 
     async def reset_prefix_cache(self) -> None:
-        self._commands.append(_ResetPrefixCache())
-        self._wake.set()
+        self._command(_ResetPrefixCache())
 
     def stats(self) -> EngineStats:
         """The engine after its most recent step."""
@@ -184,15 +184,22 @@ class AsyncEngine:
         try:
             prepared = self.engine.prepare_request(request_id, prompt, params, priority, None, cache_salt)
             with self._streams_lock:
+                self._check_alive()
                 self.engine.check_capacity(len(prepared.children), self._num_pending_adds)
                 self._num_pending_adds += len(prepared.children)
+                self._commands.append(_Add(prepared))
         except BaseException:
             with self._streams_lock:
                 del self._streams[request_id]
             raise
-        self._commands.append(_Add(prepared))
         self._wake.set()
         return stream
+
+    def _command(self, cmd: _Abort | _ResetPrefixCache) -> None:
+        with self._streams_lock:
+            self._check_alive()
+            self._commands.append(cmd)
+        self._wake.set()
 
     def _fresh_id(self) -> str:
         while True:
@@ -203,7 +210,7 @@ class AsyncEngine:
     def _check_alive(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop stopped: {self._dead!r}") from self._dead
-        if self._stopping:
+        if self._stopping or self._closed:
             raise EngineDeadError("the engine is shut down")
 
     # -- the step loop (its own thread) -----------------------------------------------
@@ -220,21 +227,43 @@ class AsyncEngine:
                 self._stats = self.engine.stats()
                 self._deliver(outputs)
                 self._publish_kv_events()
+            self._close()
             self._abort_all()
         except BaseException as e:  # the loop must never die silently: every stream hears of it
             logger.exception("engine loop failed")
             self._dead = e
+            self._close()
             self._fail_all(EngineDeadError(f"the engine loop stopped: {e!r}"))
+
+    def _close(self) -> None:
+        """Refuse new commands, then settle the queued ones: no caller may wait forever."""
+        with self._streams_lock:
+            self._closed = True
+            commands, self._commands = list(self._commands), deque()
+        for cmd in commands:
+            if isinstance(cmd, _Abort):
+                freed = False
+                if self._dead is None:
+                    try:
+                        freed = self.engine.abort_request(cmd.request_id) is not None
+                    except Exception:
+                        logger.exception("abort of %s failed while closing", cmd.request_id)
+                if cmd.loop is not None and cmd.done is not None:
+                    _call_soon(cmd.loop, _resolve, cmd.done, freed)
+            # Queued adds never reach the engine; their streams hear EngineDeadError.
 
     def _apply_commands(self) -> None:
         while self._commands:
             cmd = self._commands.popleft()
             if isinstance(cmd, _Add):
+                # Under the lock, so a request is always counted, pending or waiting, by
+                # the max_waiting_requests check of a concurrent caller.
                 with self._streams_lock:
-                    self._num_pending_adds -= len(cmd.prepared.children)
-                    live = cmd.prepared.request_id in self._streams
-                if live:  # not abandoned before it reached the loop
-                    self.engine.submit(cmd.prepared)
+                    try:
+                        if cmd.prepared.request_id in self._streams:  # not abandoned on the way
+                            self.engine.submit(cmd.prepared)
+                    finally:
+                        self._num_pending_adds -= len(cmd.prepared.children)
             elif isinstance(cmd, _Abort):
                 out = self.engine.abort_request(cmd.request_id)
                 if out is not None:

@@ -36,7 +36,7 @@ from tokenmill.engine.scheduler_output import (
     NewRequestData,
     SchedulerOutput,
 )
-from tokenmill.engine.timing import ChunkSizer
+from tokenmill.engine.timing import ChunkSizer, StepShape
 
 logger = logging.getLogger(__name__)
 
@@ -61,22 +61,31 @@ class StepUpdate:
 
 
 class _Step:
-    """The output being built, with the budget left and who was preempted."""
+    """The output being built: the budget left, the shape of the work so far, who was preempted."""
 
     def __init__(self, out: SchedulerOutput, budget: int):
         self.out = out
         self.budget = budget
         self.admitted: set[str] = set()
         self.max_victim_priority: int | None = None
+        self._shapes: dict[str, StepShape] = {}  # each scheduled request's share of the step
+        self.shape = StepShape()
 
-    def add(self, request: Request, num_tokens: int) -> None:
+    def add(self, request: Request, num_tokens: int, start: int) -> None:
+        """Schedule ``num_tokens`` of ``request`` from position ``start``."""
         self.out.num_scheduled_tokens[request.request_id] = num_tokens
         self.budget -= num_tokens
+        share = StepShape.of_request(num_tokens, start)
+        self._shapes[request.request_id] = share
+        self.shape = self.shape + share
 
     def unschedule(self, request: Request) -> None:
         rid = request.request_id
         self.budget += self.out.num_scheduled_tokens.pop(rid, 0)
         self.out.cached_requests = [c for c in self.out.cached_requests if c.request_id != rid]
+        share = self._shapes.pop(rid, None)
+        if share is not None:
+            self.shape = self.shape - share
 
     def preempted(self, request: Request) -> None:
         self.out.preempted_request_ids.add(request.request_id)
@@ -154,18 +163,20 @@ class Scheduler:
             if request.status == RequestStatus.RUNNING:  # not preempted earlier in this pass
                 self._schedule_running(request, 1, step)
 
-        scheduled_decodes = [r for r in decodes if r.request_id in step.out.num_scheduled_tokens]
-        prefill_budget = self._prefill_budget(scheduled_decodes, prefills, step.budget)
         for request in prefills:
-            if step.budget <= 0 or prefill_budget <= 0:
+            if step.budget <= 0:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue
-            n = min(request.num_tokens - request.num_computed_tokens, step.budget, prefill_budget)
-            if self._schedule_running(request, n, step):
-                prefill_budget -= n
+            n = min(
+                request.num_tokens - request.num_computed_tokens,
+                self._chunk_limit(step, request.num_computed_tokens),
+            )
+            if n <= 0:
+                break
+            self._schedule_running(request, n, step)
 
-        self._admit_waiting(step, prefill_budget)
+        self._admit_waiting(step)
 
         # Register the full blocks the running requests compute in this step. (Admitted
         # requests registered theirs on admission, so later admissions could hit them.)
@@ -175,12 +186,11 @@ class Scheduler:
                 self.kv_cache.cache_blocks(request, request.num_computed_tokens + n)
         return step.out
 
-    def _prefill_budget(self, decodes: list[Request], prefills: list[Request], budget: int) -> int:
+    def _chunk_limit(self, step: _Step, start: int) -> int:
+        """Tokens a prefill starting at ``start`` may take: the budget left, cut by max_itl."""
         if self.chunk_sizer is None:
-            return budget
-        context = sum(r.num_tokens for r in decodes)
-        first = prefills[0].num_computed_tokens if prefills else 0
-        return self.chunk_sizer.prefill_budget(len(decodes), context, first, budget)
+            return step.budget
+        return self.chunk_sizer.max_chunk(step.shape, start, step.budget)
 
     def _schedule_running(self, request: Request, num_new: int, step: _Step) -> bool:
         """Allocate for a running request, preempting victims as needed. False if it was preempted itself."""
@@ -196,11 +206,11 @@ class Scheduler:
         step.out.cached_requests.append(
             CachedRequestData(request.request_id, new_blocks, request.num_computed_tokens)
         )
-        step.add(request, num_new)
+        step.add(request, num_new, request.num_computed_tokens)
         return True
 
-    def _admit_waiting(self, step: _Step, prefill_budget: int) -> None:
-        while self.waiting and step.budget > 0 and prefill_budget > 0:
+    def _admit_waiting(self, step: _Step) -> None:
+        while self.waiting and step.budget > 0:
             request = self.waiting.peek()
             if step.max_victim_priority is not None and (
                 self.config.policy == "fcfs" or request.priority <= step.max_victim_priority
@@ -209,8 +219,9 @@ class Scheduler:
             first_admission = request.num_cached_tokens < 0
             hits = self.kv_cache.find_cached_prefix(request) if request.num_computed_tokens == 0 else []
             num_hit = len(hits) * self.kv_cache.block_size
-            n = min(request.num_tokens - request.num_computed_tokens - num_hit, step.budget, prefill_budget)
-            if not self._make_room(request, n, hits, step):
+            start = request.num_computed_tokens + num_hit
+            n = min(request.num_tokens - start, self._chunk_limit(step, start))
+            if n <= 0 or not self._make_room(request, n, hits, step):
                 break
             new_blocks = self.kv_cache.allocate_slots(request, n, hits)
             assert new_blocks is not None  # _make_room checked
@@ -235,8 +246,7 @@ class Scheduler:
                 )
             )
             step.admitted.add(request.request_id)
-            step.add(request, n)
-            prefill_budget -= n
+            step.add(request, n, start)
             self.kv_cache.cache_blocks(request, request.num_computed_tokens + n)
 
     def _make_room(self, request: Request, n: int, hits: list[int], step: _Step) -> bool:

@@ -41,17 +41,33 @@ class StepShape:
     def of(cls, sched: SchedulerOutput) -> StepShape:
         computed = {n.request_id: n.num_computed_tokens for n in sched.new_requests}
         computed.update({c.request_id: c.num_computed_tokens for c in sched.cached_requests})
-        prefill = decodes = ctx = 0
-        pairs = 0.0
+        shape = cls()
         for rid, n in sched.num_scheduled_tokens.items():
-            start = computed.get(rid, 0)
-            if n == 1 and start > 0:
-                decodes += 1
-                ctx += start + 1
-            else:
-                prefill += n
-                pairs += n * (start + (n + 1) / 2)
-        return cls(prefill, decodes, ctx, pairs)
+            shape = shape + cls.of_request(n, computed.get(rid, 0))
+        return shape
+
+    @classmethod
+    def of_request(cls, num_tokens: int, start: int) -> StepShape:
+        """One request's share of a step: ``num_tokens`` computed from position ``start``."""
+        if num_tokens == 1 and start > 0:
+            return cls(0, 1, start + 1, 0.0)
+        return cls(num_tokens, 0, 0, num_tokens * (start + (num_tokens + 1) / 2))
+
+    def __add__(self, other: StepShape) -> StepShape:
+        return StepShape(
+            self.num_prefill_tokens + other.num_prefill_tokens,
+            self.num_decodes + other.num_decodes,
+            self.decode_context_tokens + other.decode_context_tokens,
+            self.prefill_attention_pairs + other.prefill_attention_pairs,
+        )
+
+    def __sub__(self, other: StepShape) -> StepShape:
+        return StepShape(
+            self.num_prefill_tokens - other.num_prefill_tokens,
+            self.num_decodes - other.num_decodes,
+            self.decode_context_tokens - other.decode_context_tokens,
+            self.prefill_attention_pairs - other.prefill_attention_pairs,
+        )
 
     def features(self) -> list[float]:
         return [
@@ -174,21 +190,26 @@ class OnlineTimingModel:
 
 
 class ChunkSizer:
-    """How many prefill tokens a step may carry so that the decodes in it keep ``max_itl``."""
+    """How many prefill tokens a step may still take so that the decodes in it keep ``max_itl``."""
 
     def __init__(self, timing: TimingModel | OnlineTimingModel, max_itl: float, min_chunk: int):
         self.timing = timing
         self.max_itl = max_itl
         self.min_chunk = min_chunk
 
-    def prefill_budget(
-        self, num_decodes: int, decode_context_tokens: int, prefill_context: int, limit: int
-    ) -> int:
-        if num_decodes == 0:
-            return limit  # nobody is waiting on a next token: read the prompt as fast as possible
+    def max_chunk(self, committed: StepShape, context: int, limit: int) -> int:
+        """The largest chunk, of a prefill whose first ``context`` tokens are already in the KV
+        cache, that keeps the step (``committed`` so far plus this chunk) within ``max_itl``."""
+        if committed.num_decodes == 0:
+            return limit  # nobody is waiting on a next token: read prompts as fast as possible
 
         def fits(n: int) -> bool:
-            shape = StepShape(n, num_decodes, decode_context_tokens, n * (prefill_context + (n + 1) / 2))
+            shape = StepShape(
+                committed.num_prefill_tokens + n,
+                committed.num_decodes,
+                committed.decode_context_tokens,
+                committed.prefill_attention_pairs + n * (context + (n + 1) / 2),
+            )
             return self.timing.step_time(shape) <= self.max_itl
 
         lo, hi = 0, limit
@@ -198,5 +219,7 @@ class ChunkSizer:
                 lo = mid
             else:
                 hi = mid - 1
-        # Always make some progress, or a long prompt would starve behind a big decode batch.
-        return min(limit, max(lo, self.min_chunk))
+        if committed.num_prefill_tokens == 0:
+            # Some progress every step, or a long prompt would starve behind a big decode batch.
+            lo = max(lo, self.min_chunk)
+        return min(limit, lo)
