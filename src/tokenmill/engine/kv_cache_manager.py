@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tokenmill.engine.block_hash import ROOT_PARENT_HASH, BlockHash, hash_blocks
-from tokenmill.engine.block_pool import NULL_BLOCK, BlockPool
+from tokenmill.engine.block_pool import NULL_BLOCK, ROOT_REF, BlockPool, KVRef
 from tokenmill.engine.kv_events import KVEvent
 from tokenmill.engine.request import Request
 
@@ -63,6 +63,9 @@ class KVCacheManager:
         self.prefix_stats = PrefixCacheStats()
         self._tables: dict[str, list[int]] = {}
         self._num_registered: dict[str, int] = {}  # leading blocks of the table already cached
+        # The KV the request's next block to register is computed after; None once the
+        # chain cannot be registered any more (see BlockPool.cache).
+        self._chain: dict[str, KVRef | None] = {}
 
     # -- capacity -----------------------------------------------------------
 
@@ -113,13 +116,13 @@ class KVCacheManager:
         tokens = request.all_token_ids
         bs = self.block_size
         blocks: list[int] = []
-        parent = ROOT_PARENT_HASH
+        parent, after = ROOT_PARENT_HASH, ROOT_REF
         for i in range(max_blocks):
-            b = self.pool.lookup(hashes[i], parent, tokens[i * bs : (i + 1) * bs])
+            b = self.pool.lookup(hashes[i], parent, tokens[i * bs : (i + 1) * bs], after, request.cache_salt)
             if b is None:
                 break
             blocks.append(b)
-            parent = hashes[i]
+            parent, after = hashes[i], self.pool.ref(b)
         return blocks
 
     def record_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
@@ -129,8 +132,8 @@ class KVCacheManager:
 
     def reset_prefix_cache(self) -> None:
         self.pool.reset()
-        for rid, table in self._tables.items():
-            self._num_registered[rid] = len(table)  # blocks already in tables stay private
+        for rid in self._tables:
+            self._chain[rid] = None  # blocks already in tables stay private, and what follows them
 
     def take_events(self) -> list[KVEvent]:
         return self.pool.take_events()
@@ -160,12 +163,15 @@ class KVCacheManager:
         """
         if self.can_allocate(request, num_new_tokens, cached_blocks) < 0:
             return None
-        table = self._tables.setdefault(request.request_id, [])
-        assert not cached_blocks or not table, "prefix hits are only taken on admission"
+        rid = request.request_id
+        if rid not in self._tables:
+            self._tables[rid] = []
+            self._chain[rid] = self.pool.ref(cached_blocks[-1]) if cached_blocks else ROOT_REF
+            self._num_registered[rid] = len(cached_blocks)
+        table = self._tables[rid]
+        assert not cached_blocks or len(table) == 0, "prefix hits are only taken on admission"
         self.pool.touch(cached_blocks)
         table.extend(cached_blocks)
-        if cached_blocks:
-            self._num_registered[request.request_id] = len(cached_blocks)
         num_computed = request.num_computed_tokens + len(cached_blocks) * self.block_size
         needed = self.blocks_for_tokens(num_computed + num_new_tokens) - len(table)
         new_blocks = self.pool.allocate(max(0, needed))
@@ -178,17 +184,19 @@ class KVCacheManager:
             return
         rid = request.request_id
         table = self._tables.get(rid)
-        if table is None:
+        after = self._chain.get(rid)
+        if table is None or after is None:
             return
-        start = self._num_registered.get(rid, 0)
+        start = self._num_registered[rid]
         end = min(num_tokens // self.block_size, len(table))
         if end <= start:
             return
         hashes = self.block_hashes(request)
         bs = self.block_size
         parent = hashes[start - 1] if start else ROOT_PARENT_HASH
-        self.pool.cache(
-            table[start:end], hashes[start:end], parent, request.all_token_ids[start * bs : end * bs]
+        tokens = request.all_token_ids[start * bs : end * bs]
+        self._chain[rid] = self.pool.cache(
+            table[start:end], hashes[start:end], parent, tokens, after, request.cache_salt
         )
         self._num_registered[rid] = end
 
@@ -196,6 +204,7 @@ class KVCacheManager:
         """Return every block of the request to the pool (no-op if it holds none)."""
         table = self._tables.pop(request_id, [])
         self._num_registered.pop(request_id, None)
+        self._chain.pop(request_id, None)
         # Tail blocks first: they are the least likely to be shared, so they are evicted first.
         self.pool.free(table[::-1])
 

@@ -45,6 +45,10 @@ class LLM:
         block_size: int = 16,
         attention_backend: str = "auto",
         seed: int = 0,
+        enable_prefix_caching: bool = True,
+        scheduling_policy: str = "priority",
+        max_itl: float | None = None,
+        timing_profile: str | None = None,
     ):
         self.engine = Engine(
             EngineConfig(
@@ -58,6 +62,10 @@ class LLM:
                 block_size=block_size,
                 attention_backend=attention_backend,
                 seed=seed,
+                enable_prefix_caching=enable_prefix_caching,
+                scheduling_policy=scheduling_policy,
+                max_itl=max_itl,
+                timing_profile=timing_profile,
             )
         )
 
