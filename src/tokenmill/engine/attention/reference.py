@@ -3,13 +3,16 @@
 Runs on CPU and GPU and is the oracle the faster backends are tested against.
 The cache of a layer is ``[2, num_slots, kv_heads, head_dim]`` (slot = block *
 block_size + offset). Decodes of similar context length are batched into one
-SDPA call over their gathered context, padded with the null slot and masked;
-each prefill runs its own causal SDPA, straight on the fresh K/V when it has no
-cached context.
+SDPA call over their gathered context, padded with the null slot and masked.
+Prefills of the same shape (query length and cached context: many requests
+after one shared system prompt, or a burst of equal prompts) run as one
+batched causal SDPA call, straight on the fresh K/V when they have no cached
+context; per-call overhead, not arithmetic, dominates small prefills on CPU.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +22,13 @@ from tokenmill.engine.attention.backend import AttentionBackend, AttentionBatch
 
 
 @dataclass
-class _Prefill:
-    start: int  # first query token in the flat batch
-    end: int
-    context_len: int
-    slots: torch.Tensor | None  # [seq_len] cache slots of the whole context, None if no context
+class _PrefillGroup:
+    """Prefills with the same query length and context length, attended in one SDPA call."""
+
+    tokens: torch.Tensor | slice  # [n * q_len] rows of the flat batch, request by request
+    n: int
+    q_len: int
+    slots: torch.Tensor | None  # [n * seq_len] cache slots of the whole contexts, None if no context
     mask: torch.Tensor | None  # [q_len, seq_len] bool, None for plain causal
 
 
@@ -41,7 +46,7 @@ class _DecodeBucket:
 class ReferenceMetadata:
     slot_mapping: torch.Tensor
     decodes: list[_DecodeBucket]
-    prefills: list[_Prefill]
+    prefills: list[_PrefillGroup]
 
 
 # A decode joins the current bucket while its context is at most this many times
@@ -64,22 +69,37 @@ class ReferenceBackend(AttentionBackend):
         return caches
 
     def prepare(self, batch: AttentionBatch) -> ReferenceMetadata:
-        device = self.spec.device
         nd = batch.num_decodes
         decodes = [self._decode_bucket(batch, lo, hi) for lo, hi in _buckets(batch.seq_lens[:nd])]
-        prefills = []
+        groups: dict[tuple[int, int], list[int]] = {}
         for i in range(nd, batch.num_requests):
-            start, end = batch.query_start_loc[i], batch.query_start_loc[i + 1]
-            ctx_len, seq_len = batch.context_lens[i], batch.seq_lens[i]
-            slots = mask = None
-            if ctx_len > 0 or self.spec.sliding_window is not None:
-                seq = torch.tensor([seq_len], device=device)
-                slots = self._context_slots(batch.block_table[i : i + 1], seq, seq_len)[0][0]
-                q_pos = torch.arange(ctx_len, seq_len, device=device).unsqueeze(1)
-                k_pos = torch.arange(seq_len, device=device).unsqueeze(0)
-                mask = (k_pos <= q_pos) & self._in_window(q_pos, k_pos)
-            prefills.append(_Prefill(start, end, ctx_len, slots, mask))
+            q_len = batch.query_start_loc[i + 1] - batch.query_start_loc[i]
+            groups.setdefault((q_len, batch.context_lens[i]), []).append(i)
+        prefills = [
+            self._prefill_group(batch, q_len, ctx, members) for (q_len, ctx), members in groups.items()
+        ]
         return ReferenceMetadata(batch.slot_mapping, decodes, prefills)
+
+    def _prefill_group(
+        self, batch: AttentionBatch, q_len: int, ctx_len: int, members: list[int]
+    ) -> _PrefillGroup:
+        device = self.spec.device
+        seq_len = ctx_len + q_len
+        starts = [batch.query_start_loc[i] for i in members]
+        tokens: torch.Tensor | slice
+        if all(b - a == q_len for a, b in itertools.pairwise(starts)):
+            tokens = slice(starts[0], starts[0] + len(members) * q_len)  # contiguous: a view, no copy
+        else:
+            rows = torch.tensor(starts).unsqueeze(1) + torch.arange(q_len)
+            tokens = rows.view(-1).to(device)
+        slots = mask = None
+        if ctx_len > 0 or self.spec.sliding_window is not None:
+            seqs = torch.full((len(members),), seq_len, device=device)
+            slots = self._context_slots(batch.block_table[members], seqs, seq_len)[0].reshape(-1)
+            q_pos = torch.arange(ctx_len, seq_len, device=device).unsqueeze(1)
+            k_pos = torch.arange(seq_len, device=device).unsqueeze(0)
+            mask = (k_pos <= q_pos) & self._in_window(q_pos, k_pos)
+        return _PrefillGroup(tokens, len(members), q_len, slots, mask)
 
     def _decode_bucket(self, batch: AttentionBatch, lo: int, hi: int) -> _DecodeBucket:
         lens = batch.seq_lens[lo:hi]
@@ -132,21 +152,28 @@ class ReferenceBackend(AttentionBackend):
                 q[d.start : d.end].unsqueeze(2), keys, values, attn_mask=d.mask, scale=scale, enable_gqa=True
             )
             out[d.start : d.end] = o.squeeze(2)
-        for p in meta.prefills:
-            query = q[p.start : p.end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
-            if p.slots is None:
-                keys = k[p.start : p.end].transpose(0, 1).unsqueeze(0)
-                values = v[p.start : p.end].transpose(0, 1).unsqueeze(0)
+        for g in meta.prefills:
+            heads, dim = q.shape[1], q.shape[2]
+            query = q[g.tokens].view(g.n, g.q_len, heads, dim).transpose(1, 2)  # [n, H, q, D]
+            if g.slots is None:
+                kv_shape = (g.n, g.q_len, *k.shape[1:])
+                keys, values = k[g.tokens].view(kv_shape), v[g.tokens].view(kv_shape)
                 o = F.scaled_dot_product_attention(
-                    query, keys, values, is_causal=True, scale=scale, enable_gqa=True
+                    query,
+                    keys.transpose(1, 2),
+                    values.transpose(1, 2),
+                    is_causal=True,
+                    scale=scale,
+                    enable_gqa=True,
                 )
             else:
-                keys = k_cache.index_select(0, p.slots).transpose(0, 1).unsqueeze(0)
-                values = v_cache.index_select(0, p.slots).transpose(0, 1).unsqueeze(0)
+                kv_shape = (g.n, -1, *k_cache.shape[1:])
+                keys = k_cache.index_select(0, g.slots).view(kv_shape).transpose(1, 2)
+                values = v_cache.index_select(0, g.slots).view(kv_shape).transpose(1, 2)
                 o = F.scaled_dot_product_attention(
-                    query, keys, values, attn_mask=p.mask, scale=scale, enable_gqa=True
+                    query, keys, values, attn_mask=g.mask, scale=scale, enable_gqa=True
                 )
-            out[p.start : p.end] = o[0].transpose(0, 1)
+            out[g.tokens] = o.transpose(1, 2).reshape(g.n * g.q_len, heads, dim)
         return out
 
 
