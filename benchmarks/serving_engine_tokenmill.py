@@ -42,6 +42,14 @@ class TokenmillAdapter:
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished_requests()
 
+    def set_policy(self, policy: str) -> None:
+        """Switch the scheduling policy between runs (a benchmark device: both policies then share
+        one process, one warm engine and the same moment of a noisy machine)."""
+        from dataclasses import replace
+
+        scheduler = self.engine.scheduler
+        scheduler.config = replace(scheduler.config, policy=policy)
+
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()
 

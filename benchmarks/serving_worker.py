@@ -46,6 +46,9 @@ def main() -> int:
     p.add_argument("--options", default="{}", help="engine options as JSON")
     p.add_argument("--rate", type=float, default=None, help="priority: arrivals/s (default: 1.5x capacity)")
     p.add_argument("--repeats", type=int, default=3, help="runs of the scenario; figures are medians")
+    p.add_argument(
+        "--policies", default="", help="priority: run these policies in turn on the same engine (tokenmill)"
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--t0", type=float, default=None, help="time.time() when the parent spawned us")
     args = p.parse_args()
@@ -61,6 +64,7 @@ def main() -> int:
         drive(adapter, warmup_arrivals(vocab, "a"))
         runs = []
         for i in range(args.repeats):
+            args.run_index = i
             adapter.reset_prefix_cache()  # each run starts cold, as the first did
             runs.append(SCENARIO_RUNNERS[args.scenario](adapter, vocab, args))
             _progress(args, f"run {i + 1}/{args.repeats} done")
@@ -109,20 +113,36 @@ def run_priority(adapter: Adapter, vocab: int, args: argparse.Namespace) -> dict
     ]
     rate = args.rate or load.overload * capacity
     _progress(args, f"capacity {capacity:.2f} req/s, idle premium TTFT {statistics.median(idle):.3f} s")
-    records = drive(adapter, poisson_arrivals(vocab, load, rate))
-    out = {
+    out: dict[str, Any] = {
         "load": load.__dict__,
         "capacity_req_s": capacity,
         "rate_req_s": rate,
         "idle_premium_ttft_s": statistics.median(idle),
-        "summary": phase_summary(records),
-        "premium": class_ttft(records, 1),
-        "standard": class_ttft(records, 0),
     }
-    _progress(
-        args,
-        f"premium p99 TTFT {out['premium']['p99_ttft_s']:.3f} s, {out['summary']['output_tok_s']:.0f} tok/s",
-    )
+    policies = args.policies.split(",") if args.policies else [None]
+    if args.run_index % 2:  # alternate which policy goes first, so drift favours neither
+        policies.reverse()
+    for policy in policies:
+        if policy is not None:
+            adapter.set_policy(policy)  # type: ignore[attr-defined]
+        records = drive(adapter, poisson_arrivals(vocab, load, rate))
+        result = {
+            "summary": phase_summary(records),
+            "premium": class_ttft(records, 1),
+            "standard": class_ttft(records, 0),
+        }
+        _progress(
+            args,
+            f"{policy or ''} premium p99 TTFT {result['premium']['p99_ttft_s']:.3f} s, "
+            f"{result['summary']['output_tok_s']:.0f} tok/s",
+        )
+        if policy is None:
+            out.update(result)
+        else:
+            out[policy] = result
+    if "priority" in out and "fcfs" in out:
+        fcfs_tput = out["fcfs"]["summary"]["output_tok_s"]
+        out["throughput_vs_fcfs"] = out["priority"]["summary"]["output_tok_s"] / fcfs_tput
     return out
 
 

@@ -43,7 +43,10 @@ class AttentionBatch:
     context_lens: list[int]  # tokens already in the KV cache before this step
     seq_lens: list[int]  # context + this step's tokens
     block_table: torch.Tensor  # [num_requests, max_blocks] int64, padded with the null block
-    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot each new token's K/V goes to
+    # [num_tokens] int64: cache slot each new token's K/V goes to. The runner may pad the
+    # step's token axis past num_tokens; backends write and attend only the first num_tokens
+    # rows and leave the padding rows of their output zero.
+    slot_mapping: torch.Tensor
 
     @property
     def num_requests(self) -> int:

@@ -61,8 +61,13 @@ class ReferenceBackend(AttentionBackend):
     def allocate_kv_cache(self, num_layers: int, num_blocks: int) -> list[torch.Tensor]:
         s = self.spec
         shape = (2, num_blocks * s.block_size, s.num_kv_heads, s.head_dim)
-        # Uninitialised (pages are only touched as blocks fill), but for the null
-        # block: padding reads it, and 0 * garbage could be NaN.
+        if s.device.type == "cpu":
+            # Touch every page now, in one sequential pass: left to fault in block by
+            # block as requests first write them, the pool ended up on small pages and
+            # decode steps ran 1.6x slower until the whole pool had been written once.
+            return [torch.zeros(shape, dtype=s.dtype, device=s.device) for _ in range(num_layers)]
+        # On GPU, uninitialised but for the null block: padding reads it, and 0 * garbage
+        # could be NaN.
         caches = [torch.empty(shape, dtype=s.dtype, device=s.device) for _ in range(num_layers)]
         for cache in caches:
             cache[:, : s.block_size].zero_()
@@ -138,9 +143,12 @@ class ReferenceBackend(AttentionBackend):
         meta: ReferenceMetadata,
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        # The runner may pad the token axis (see ModelRunner): only the first rows are real.
+        n = meta.slot_mapping.shape[0]
+        k_cache.index_copy_(0, meta.slot_mapping, k[:n])
+        v_cache.index_copy_(0, meta.slot_mapping, v[:n])
         out = torch.empty_like(q)
+        out[n:] = 0
         scale = self.spec.scale
         for d in meta.decodes:
             # index_select on a flat index is ~8x faster than advanced indexing on CPU.
