@@ -47,8 +47,12 @@ class TokenmillAdapter:
         one process, one warm engine and the same moment of a noisy machine)."""
         from dataclasses import replace
 
+        from tokenmill.engine.request_queue import WaitingQueue
+
         scheduler = self.engine.scheduler
+        assert not scheduler.has_unfinished_requests(), "switch policies between runs only"
         scheduler.config = replace(scheduler.config, policy=policy)
+        scheduler.waiting = WaitingQueue(use_priority=policy == "priority")
 
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()

@@ -125,6 +125,8 @@ def run_priority(adapter: Adapter, vocab: int, args: argparse.Namespace) -> dict
     for policy in policies:
         if policy is not None:
             adapter.set_policy(policy)  # type: ignore[attr-defined]
+        # The same seeded prompts run once per policy: the second must not hit the first's cache.
+        adapter.reset_prefix_cache()
         records = drive(adapter, poisson_arrivals(vocab, load, rate))
         result = {
             "summary": phase_summary(records),

@@ -182,20 +182,21 @@ def test_a_preempted_request_keeps_its_place_in_line():
     assert (sched.num_preemptions, w.num_preemptions, a.num_preemptions) == (2, 1, 1)
 
 
-def test_fcfs_waiting_requests_never_preempt():
-    """fcfs, max_num_seqs 1. low runs; low2 (priority 0) then high (priority 5) arrive. high goes to the
-    front of the queue but waits for the seat: no preemption, even though it outranks low."""
+def test_fcfs_ignores_priorities_and_never_preempts():
+    """fcfs, max_num_seqs 1. low runs; low2 (priority 0) then high (priority 5) arrive. fcfs is first come,
+    first served: high queues behind low2 and waits for the seat, with no preemption, though it outranks
+    both."""
     sched, _ = make_scheduler(num_blocks=20, max_num_seqs=1, policy="fcfs")
     sched.add_request(req("low", 4, max_tokens=3))
     step(sched)
     sched.add_request(req("low2", 4))
     sched.add_request(req("high", 4, priority=5))
-    assert waiting_ids(sched) == ["high", "low2"]
+    assert waiting_ids(sched) == ["low2", "high"]
     for _ in range(2):
         out, _ = step(sched)
         assert out.preempted_request_ids == set() and list(out.num_scheduled_tokens) == ["low"]
     out, _ = step(sched)
-    assert new_ids(out) == ["high"] and sched.num_preemptions == 0
+    assert new_ids(out) == ["low2"] and sched.num_preemptions == 0
 
 
 @pytest.mark.parametrize(("policy", "victim"), [("fcfs", "new"), ("priority", "old")])

@@ -6,9 +6,9 @@ Two policies:
   priority, then the one with the fewest computed tokens (the least work to
   redo), then the newest. A waiting request may take the place of running ones
   only when it outranks them by at least ``preemption_priority_gap``.
-- ``fcfs``: priorities only order the waiting queue; when a running request
-  needs a block the newest running request is preempted, and waiting requests
-  never preempt.
+- ``fcfs``: first come, first served; priorities are ignored. When a running
+  request needs a block the most recently admitted running request is
+  preempted, and waiting requests never preempt.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ POLICIES = ("priority", "fcfs")
 
 
 def pick_victim(candidates: Iterable[Request], policy: str, arrival: dict[str, int]) -> Request | None:
-    """The request to preempt among ``candidates`` (listed oldest first), or None if there are none."""
+    """The request to preempt among ``candidates`` (in admission order), or None if there are none."""
     pool = list(candidates)
     if not pool:
         return None

@@ -1,7 +1,9 @@
 """The waiting queue: higher priority first, then first come, first served.
 
 A request keeps the place it got on arrival: when it is preempted and comes
-back, it goes ahead of everything of its priority that arrived after it.
+back, it goes ahead of everything of its priority that arrived after it. With
+``use_priority=False`` (the ``fcfs`` policy) priorities are ignored: arrival
+order only.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from tokenmill.engine.request import Request
 
 
 class WaitingQueue:
-    def __init__(self) -> None:
+    def __init__(self, use_priority: bool = True) -> None:
+        self.use_priority = use_priority
         self._keys: list[tuple[int, int]] = []  # (-priority, arrival order), sorted
         self._requests: list[Request] = []
         self._arrival: dict[str, int] = {}
@@ -22,7 +25,7 @@ class WaitingQueue:
 
     def add(self, request: Request) -> None:
         order = self._arrival.setdefault(request.request_id, next(self._counter))
-        key = (-request.priority, order)
+        key = (-request.priority if self.use_priority else 0, order)
         i = bisect.bisect(self._keys, key)
         self._keys.insert(i, key)
         self._requests.insert(i, request)

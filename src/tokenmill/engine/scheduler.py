@@ -106,7 +106,7 @@ class Scheduler:
         self.chunk_sizer = chunk_sizer
         self.clock = clock or RealClock()
         self.requests: dict[str, Request] = {}
-        self.waiting = WaitingQueue()
+        self.waiting = WaitingQueue(use_priority=config.policy == "priority")
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()  # told to the runner in the next output
         self.num_preemptions = 0
