@@ -8,6 +8,7 @@ CPU alone. Standard library only.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import os
@@ -15,6 +16,7 @@ import platform
 import resource
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -146,4 +148,27 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "memory_gib": round(mem_kib / 2**20, 1),
         "platform": platform.platform(),
+    }
+
+
+def split_names(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    """A comma-separated command-line list, every name checked against ``allowed``."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        sys.exit(f"{flag}: unknown {bad or value!r}; choose from {', '.join(allowed)}")
+    return names
+
+
+def report_header(
+    benchmark: str, stamp: str, argv: list[str] | None, args: argparse.Namespace, model: Path
+) -> dict[str, Any]:
+    """What every results JSON starts with: which benchmark, when, the command, machine and model."""
+    return {
+        "benchmark": benchmark,
+        "timestamp": stamp,
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine(),
+        "model": str(model.relative_to(ROOT)),
+        "options": dict(vars(args)),
     }

@@ -31,9 +31,10 @@ from bench_process import (
     RESULTS,
     VLLM_PYTHON,
     child_env,
-    machine,
     one_run_at_a_time,
+    report_header,
     run_worker,
+    split_names,
     wait_until_quiet,
 )
 from workloads import WORKLOAD_NAMES, make_workload
@@ -46,21 +47,14 @@ NUMERIC_COLUMNS = {"start-up s", "peak RSS GiB", "other load", "output tok/s", "
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    engines = _split(args.engines, ENGINES, "--engines")
-    workloads = _split(args.workloads, WORKLOAD_NAMES, "--workloads")
+    engines = split_names(args.engines, ENGINES, "--engines")
+    workloads = split_names(args.workloads, WORKLOAD_NAMES, "--workloads")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (RESULTS / "logs").mkdir(parents=True, exist_ok=True)
     model = ensure_bench_model()
-    report: dict[str, Any] = {
-        "benchmark": "offline_throughput",
-        "timestamp": stamp,
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine(),
-        "model": str(model.relative_to(ROOT)),
-        "options": dict(vars(args)),
-        "workloads": {w: make_workload(w, quick=args.quick).description for w in workloads},
-        "engines": {},
-    }
+    report: dict[str, Any] = report_header("offline_throughput", stamp, argv, args, model)
+    report["workloads"] = {w: make_workload(w, quick=args.quick).description for w in workloads}
+    report["engines"] = {}
     # SIGTERM unwinds like Ctrl-C, so the running worker's group is killed too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with one_run_at_a_time():
@@ -90,14 +84,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds to wait, before each engine, for other processes to stop using the CPU",
     )
     return p.parse_args(argv)
-
-
-def _split(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [n for n in names if n not in allowed]
-    if bad or not names:
-        sys.exit(f"{flag}: unknown {bad or value!r}; choose from {', '.join(allowed)}")
-    return names
 
 
 def _run_engine(
