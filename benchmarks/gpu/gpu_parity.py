@@ -4,7 +4,11 @@ Each checkpoint is built by transformers from a config (tests/tiny_models.py)
 and saved in the dtype under test, so both sides read the same weights.
 transformers generates each prompt alone (no padding); tokenmill generates all
 of them in one continuous batch. fp32 should match exactly; bf16 may drift
-late, so the first diverging index is reported, not just a yes or no.
+late, so the first diverging index is reported, not just a yes or no. The last
+two prompts share the longest one's first 96 tokens: tokenmill serves that
+prefix from its prefix cache (blocks computed in the same step) and attends
+both in one batched prefill, which this checks against transformers on the
+device.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ def parity_prompts(tokenizer_dir: Path) -> list[list[int]]:
     for i, n in enumerate(PROMPT_LENGTHS):
         ids = tok.encode(text[i * 5000 : i * 5000 + 8 * n]).ids
         prompts.append(ids[:n])
+    shared = prompts[-1][:96]
+    prompts += [shared + prompts[0][:6] + prompts[1][:2], shared + prompts[1][:8]]
     return prompts
 
 
