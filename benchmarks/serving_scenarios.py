@@ -15,7 +15,7 @@ import itertools
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 SCENARIOS = ("shared_prefix", "priority", "chunked_prefill")
@@ -224,10 +224,6 @@ def decode_gaps(records: dict[str, Record], exclude: str) -> dict[str, float]:
     """Inter-token gaps of every request but ``exclude`` (the long prompt)."""
     gaps = [g for r in records.values() if r.rid != exclude for g in r.gaps]
     return {"median_gap_s": pct(gaps, 0.5), "p99_gap_s": pct(gaps, 0.99), "max_gap_s": max(gaps)}
-
-
-def raw(records: dict[str, Record]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in records.values()]
 
 
 def median_of(runs: list[Any]) -> Any:

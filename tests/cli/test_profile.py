@@ -75,3 +75,16 @@ def test_profile_of_a_missing_model_fails_clearly(tmp_path):
     text = " ".join(result.output.split())
     assert "error" in text and "does not exist" in text and "no-such-model" in text
     assert not out.exists()
+
+
+def test_profile_into_a_missing_folder_fails_before_profiling(tmp_path, monkeypatch):
+    from tokenmill.engine import profiler
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("profiled although the output folder does not exist")
+
+    monkeypatch.setattr(profiler, "profile_engine", must_not_run)
+    out = tmp_path / "missing" / "p.json"
+    result = CliRunner().invoke(app, ["profile", "--quick", "-o", str(out)])
+    assert result.exit_code == 2
+    assert "does not exist" in " ".join(result.output.split())

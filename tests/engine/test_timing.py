@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenmill.engine import SamplingParams
+from tokenmill.engine import InvalidRequestError, SamplingParams
 from tokenmill.engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from tokenmill.engine.timing import (
     DEFAULT_PROFILE,
@@ -294,3 +294,21 @@ def test_online_model_keeps_its_fit_through_decode_only_windows():
         online.record(s, 10 * TRUE.step_time(s))
     assert online.fitted
     assert online.step_time(probe) == pytest.approx(TRUE.step_time(probe), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (None, "No such file"),
+        ("{not json", "Expecting"),
+        ('{"overhead_s": -1}', "overhead_s"),
+        ("[1, 2]", "object"),
+    ],
+)
+def test_a_bad_profile_is_a_typed_error_naming_the_field(tmp_path, content, why):
+    path = tmp_path / "profile.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(InvalidRequestError, match=why) as info:
+        TimingModel.load(path)
+    assert info.value.field == "timing_profile"

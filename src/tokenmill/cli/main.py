@@ -131,6 +131,9 @@ def profile(
     config = EngineConfig(
         model=str(model) if model else None, dtype=dtype, device=device, max_model_len=max_model_len
     )
+    if not output.parent.is_dir():  # say so now, not after minutes of profiling
+        err.print(f"[red]error:[/red] --output {output}: folder {output.parent} does not exist")
+        raise typer.Exit(2)
     try:
         with Progress(console=err, transient=True) as bar:
             task = bar.add_task("profiling", total=None)

@@ -95,13 +95,12 @@ class Engine:
         self.max_model_len = self._resolve_max_model_len(config.max_model_len)
         self.eos_token_ids = self._eos_token_ids()
 
+        self.dtype = self.model_config.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
         if config.runner == "simulated":
             self.device = torch.device("cpu")
-            self.dtype = self.model_config.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
             self.runner: ModelRunner | SimulatedRunner = self._simulated_runner()
         else:
             self.device = _resolve_device(config.device)
-            self.dtype = self.model_config.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
             self.runner = self._model_runner()
 
         self.kv_cache = KVCacheManager(
@@ -110,11 +109,10 @@ class Engine:
         self.step_timing: StepTimeRecorder | None = None  # sees every step's shape and duration
         chunk_sizer = None
         if config.max_itl is not None:
-            prior = TimingModel.load(config.timing_profile)
             if isinstance(self.runner, SimulatedRunner):
                 timing: TimingModel | OnlineTimingModel = self.runner.timing
             else:
-                timing = self.step_timing = OnlineTimingModel(prior)
+                timing = self.step_timing = OnlineTimingModel(TimingModel.load(config.timing_profile))
             chunk_sizer = ChunkSizer(timing, config.max_itl, min_chunk=config.block_size)
         budget = config.max_num_batched_tokens or max(2048, self.max_model_len)
         self.scheduler = Scheduler(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -116,4 +115,3 @@ def _run(
     finally:
         engine.scheduler.config = old_config
         engine.step_timing = None
-    time.sleep(0)  # let a progress bar redraw between workloads

@@ -63,9 +63,10 @@ class StepUpdate:
 class _Step:
     """The output being built: the budget left, the shape of the work so far, who was preempted."""
 
-    def __init__(self, out: SchedulerOutput, budget: int):
+    def __init__(self, out: SchedulerOutput, budget: int, track_shape: bool):
         self.out = out
         self.budget = budget
+        self.track_shape = track_shape  # only max_itl needs it: spare the step loop otherwise
         self.admitted: set[str] = set()
         self.max_victim_priority: int | None = None
         self._shapes: dict[str, StepShape] = {}  # each scheduled request's share of the step
@@ -75,9 +76,10 @@ class _Step:
         """Schedule ``num_tokens`` of ``request`` from position ``start``."""
         self.out.num_scheduled_tokens[request.request_id] = num_tokens
         self.budget -= num_tokens
-        share = StepShape.of_request(num_tokens, start)
-        self._shapes[request.request_id] = share
-        self.shape = self.shape + share
+        if self.track_shape:
+            share = StepShape.of_request(num_tokens, start)
+            self._shapes[request.request_id] = share
+            self.shape = self.shape + share
 
     def unschedule(self, request: Request) -> None:
         rid = request.request_id
@@ -151,7 +153,9 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         step = _Step(
-            SchedulerOutput(finished_request_ids=self._finished_ids), self.config.max_num_batched_tokens
+            SchedulerOutput(finished_request_ids=self._finished_ids),
+            self.config.max_num_batched_tokens,
+            track_shape=self.chunk_sizer is not None,
         )
         self._finished_ids = set()
 

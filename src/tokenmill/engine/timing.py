@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from tokenmill.engine.errors import InvalidRequestError
 from tokenmill.engine.scheduler_output import SchedulerOutput
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -121,14 +122,30 @@ class TimingModel:
 
     @classmethod
     def from_json(cls, text: str) -> TimingModel:
+        """Parse a profile; raises ValueError if it is not one."""
         raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("a profile is a JSON object")
+        bad = [c for c in _COEFFS if not isinstance(raw.get(c, 0.0), int | float) or raw.get(c, 0.0) < 0]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be numbers >= 0 (seconds)")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> TimingModel:
-        """A profile from a file; None loads the default profile that ships with tokenmill."""
-        return cls.from_json(Path(path or DEFAULT_PROFILE).read_text())
+        """A profile from a file; None loads the default profile that ships with tokenmill.
+
+        Raises InvalidRequestError naming ``timing_profile`` when the file is missing or
+        is not a profile.
+        """
+        file = Path(path or DEFAULT_PROFILE)
+        try:
+            return cls.from_json(file.read_text())
+        except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+            raise InvalidRequestError(
+                "timing_profile", str(path), f"a JSON profile written by `tokenmill profile` ({e})"
+            ) from e
 
 
 def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
