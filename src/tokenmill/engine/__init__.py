@@ -4,10 +4,10 @@ Imports only torch, tokenizers, safetensors, jinja2 and numpy, so it runs on a
 bare GPU box without the web stack.
 """
 
-from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.async_engine import AsyncEngine, EngineListener
 from tokenmill.engine.block_hash import hash_blocks
 from tokenmill.engine.config import EngineConfig, ModelConfig
-from tokenmill.engine.engine import Engine, EngineStats
+from tokenmill.engine.engine import Engine
 from tokenmill.engine.errors import (
     EngineDeadError,
     EngineError,
@@ -23,6 +23,7 @@ from tokenmill.engine.llm import LLM
 from tokenmill.engine.memory import KVCachePlan
 from tokenmill.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from tokenmill.engine.sampling_params import OutputKind, SamplingParams
+from tokenmill.engine.stats import EngineStats, StepRecord
 from tokenmill.engine.timing import TimingModel
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "EngineConfig",
     "EngineDeadError",
     "EngineError",
+    "EngineListener",
     "EngineOverloadedError",
     "EngineStats",
     "InsufficientKVCacheError",
@@ -49,6 +51,7 @@ __all__ = [
     "RequestMetrics",
     "RequestOutput",
     "SamplingParams",
+    "StepRecord",
     "TimingModel",
     "TokenLogprob",
     "UnsupportedArchitectureError",

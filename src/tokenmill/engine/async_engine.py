@@ -25,19 +25,28 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from tokenmill.engine.config import EngineConfig
-from tokenmill.engine.engine import Engine, EngineStats, Prompt
+from tokenmill.engine.engine import Engine, Prompt
 from tokenmill.engine.errors import EngineDeadError, InvalidRequestError
 from tokenmill.engine.input_processor import PreparedRequest
 from tokenmill.engine.kv_events import KVEventBatch
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.sampling_params import OutputKind, SamplingParams
+from tokenmill.engine.stats import EngineStats, StepRecord
 
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 1.0  # the loop re-checks for shutdown this often when idle
+
+
+class EngineListener(Protocol):
+    """Sees every step and every finished request, in the engine's thread: keep it cheap."""
+
+    def on_step(self, record: StepRecord, stats: EngineStats) -> None: ...
+
+    def on_request_finished(self, output: RequestOutput) -> None: ...
 
 
 @dataclass
@@ -81,6 +90,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._stats = self.engine.stats()
         self._kv_subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[KVEventBatch]]] = []
+        self._listeners: list[EngineListener] = []
         self._thread = threading.Thread(target=self._run, name="tokenmill-engine-loop", daemon=True)
         self._thread.start()
 
@@ -143,6 +153,15 @@ class AsyncEngine:
                 yield await queue.get()
         finally:
             self._kv_subscribers.remove(entry)
+
+    def add_listener(self, listener: EngineListener) -> None:
+        """Call ``listener`` after every step and for every finished request (aborted ones too)."""
+        self._listeners = [*self._listeners, listener]
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests accepted and not yet finished, whether queued, waiting or running."""
+        return len(self._streams)
 
     @property
     def is_running(self) -> bool:
@@ -225,6 +244,7 @@ class AsyncEngine:
                     continue
                 outputs = self.engine.step()
                 self._stats = self.engine.stats()
+                self._notify_step()
                 self._deliver(outputs)
                 self._publish_kv_events()
             self._close()
@@ -275,7 +295,24 @@ class AsyncEngine:
                 self._publish_kv_events()
         self._stats = self.engine.stats()
 
+    def _notify_step(self) -> None:
+        record = self.engine.last_step
+        if record is None:
+            return
+        for listener in self._listeners:
+            try:
+                listener.on_step(record, self._stats)
+            except Exception:  # a metrics bug must not stop serving
+                logger.exception("engine listener failed on a step")
+
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            if out.finished:
+                for listener in self._listeners:
+                    try:
+                        listener.on_request_finished(out)
+                    except Exception:
+                        logger.exception("engine listener failed on request %s", out.request_id)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
         with self._streams_lock:
             for out in outputs:

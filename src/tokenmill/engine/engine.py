@@ -12,7 +12,6 @@ import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,37 +37,15 @@ from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.request import Request
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.engine.scheduler import Scheduler, SchedulerConfig
+from tokenmill.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from tokenmill.engine.simulated_runner import SimulatedRunner
+from tokenmill.engine.stats import EngineStats, StepRecord
 from tokenmill.engine.timing import ChunkSizer, OnlineTimingModel, StepShape, StepTimeRecorder, TimingModel
 from tokenmill.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Engine", "EngineStats", "Prompt"]
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """The engine after its last step."""
-
-    num_running: int
-    num_waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    num_cached_blocks: int  # blocks holding a reusable prefix, in use or not
-    prefix_cache_queries: int  # prompt tokens looked up since start
-    prefix_cache_hits: int  # of which found in the cache
-    num_preemptions: int
-    num_steps: int
-    last_step_seconds: float
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 class Engine:
@@ -135,6 +112,10 @@ class Engine:
         self._ids = itertools.count()
         self._num_steps = 0
         self._last_step_seconds = 0.0
+        self._busy_seconds = 0.0
+        self._num_prompt_tokens = 0
+        self._num_generated_tokens = 0
+        self.last_step: StepRecord | None = None  # the step just taken; None if it scheduled nothing
         self._finish_times: deque[float] = deque(maxlen=64)
         self._kv_event_batches: list[KVEventBatch] = []
         self.startup_seconds = time.perf_counter() - start
@@ -286,21 +267,37 @@ class Engine:
     # -- stepping ---------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        self.last_step = None
         scheduled = self.scheduler.schedule()
         start = time.perf_counter()
         result = self.runner.execute(scheduled)
         seconds = time.perf_counter() - start
         if not scheduled.is_empty:
-            self._num_steps += 1
-            self._last_step_seconds = seconds
-            if self.step_timing is not None:
-                self.step_timing.record(StepShape.of(scheduled), seconds)
+            self._record_step(scheduled, result, seconds)
         updates = self.scheduler.update_from_output(scheduled, result)
         outputs = self.output_processor.process(updates, result.logprobs)
         now = self.clock.now()
         self._finish_times.extend(now for out in outputs if out.finished)
         self._collect_kv_events()
         return outputs
+
+    def _record_step(self, scheduled: SchedulerOutput, result: ModelRunnerOutput, seconds: float) -> None:
+        shape = StepShape.of(scheduled)
+        self._num_steps += 1
+        self._last_step_seconds = seconds
+        self._busy_seconds += seconds
+        self._num_prompt_tokens += shape.num_prefill_tokens
+        self._num_generated_tokens += len(result.sampled_token_ids)
+        self.last_step = StepRecord(
+            seconds=seconds,
+            num_scheduled_tokens=scheduled.total_num_scheduled_tokens,
+            token_budget=self.scheduler.config.max_num_batched_tokens,
+            num_requests=len(scheduled.num_scheduled_tokens),
+            num_prompt_tokens=shape.num_prefill_tokens,
+            num_generated_tokens=len(result.sampled_token_ids),
+        )
+        if self.step_timing is not None:
+            self.step_timing.record(shape, seconds)
 
     def stats(self) -> EngineStats:
         prefix = self.kv_cache.prefix_stats
@@ -315,6 +312,10 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             num_steps=self._num_steps,
             last_step_seconds=self._last_step_seconds,
+            busy_seconds=self._busy_seconds,
+            num_prompt_tokens=self._num_prompt_tokens,
+            num_generated_tokens=self._num_generated_tokens,
+            max_num_seqs=self.config.max_num_seqs,
         )
 
     # -- prefix cache -------------------------------------------------------

@@ -169,4 +169,5 @@ def _metrics(tracked: _Tracked) -> RequestMetrics:
         num_prefill_tokens=sum(r.num_prefill_tokens for r in reqs),
         num_decode_tokens=sum(r.num_decode_tokens for r in reqs),
         token_times=list(reqs[0].times.token_times),
+        priority=reqs[0].priority,
     )

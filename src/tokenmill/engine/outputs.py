@@ -49,6 +49,7 @@ class RequestMetrics:
     num_prefill_tokens: int = 0  # tokens computed by prefill (recomputation after preemption included)
     num_decode_tokens: int = 0  # tokens computed one per step
     token_times: list[float] = field(default_factory=list)  # first sample's tokens, when each came out
+    priority: int = 0
 
     @property
     def queue_time(self) -> float | None:

@@ -1,0 +1,22 @@
+"""Header (and gRPC metadata) names tokenmill reads and writes, and how their values parse."""
+
+from __future__ import annotations
+
+from tokenmill.protocol.errors import APIError
+
+WORKER_HEADER = "x-tokenmill-worker"  # on every response: which worker served it
+PRIORITY_HEADER = "x-tokenmill-priority"  # integer, higher is more important, 0 by default
+TENANT_HEADER = "x-tokenmill-tenant"  # the team a request is accounted to (set by the gateway)
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def parse_priority(value: str | None, field: str = PRIORITY_HEADER) -> int | None:
+    """The integer in a priority header or metadata value; None when absent."""
+    if value is None or value == "":
+        return None
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise APIError.invalid_request(
+            f"{field}={value!r} is invalid: allowed an integer (higher is more important)", param=field
+        ) from None
