@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv run test test-fast lint bench clean
+.PHONY: venv run test test-fast lint bench proto clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,6 +37,11 @@ lint: venv
 
 bench: venv
 	$(PY) benchmarks/offline_throughput.py
+
+## proto: regenerate the gRPC code checked in next to src/tokenmill/protocol/generation.proto
+proto: venv
+	$(PY) -m grpc_tools.protoc -I src --python_out=src --pyi_out=src --grpc_python_out=src \
+		src/tokenmill/protocol/generation.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

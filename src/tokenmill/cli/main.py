@@ -1,5 +1,7 @@
 """Entry point of the ``tokenmill`` command.
 
+tokenmill serve                                  # OpenAI-compatible HTTP + gRPC on the demo model
+tokenmill serve ./Llama-3.2-1B --port 8000 --api-key KEY
 tokenmill generate "ROMEO:"                      # the embedded demo model
 tokenmill generate --model ./Llama-3.2-1B --chat "Name three rivers."
 tokenmill profile --model ./Llama-3.2-1B -o llama-1b.json   # step-time profile for max_itl and simulations
@@ -16,6 +18,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from tokenmill.cli.generate import stdout_write, stream_generate
+from tokenmill.cli.serve import serve
 
 app = typer.Typer(
     help="tokenmill: serve open LLMs on your own GPUs.",
@@ -24,6 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
+app.command()(serve)
 
 
 @app.callback()

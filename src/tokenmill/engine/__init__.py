@@ -4,7 +4,7 @@ Imports only torch, tokenizers, safetensors, jinja2 and numpy, so it runs on a
 bare GPU box without the web stack.
 """
 
-from tokenmill.engine.async_engine import AsyncEngine, EngineListener
+from tokenmill.engine.async_engine import AsyncEngine, EngineListener, RequestStream
 from tokenmill.engine.block_hash import hash_blocks
 from tokenmill.engine.config import EngineConfig, ModelConfig
 from tokenmill.engine.engine import Engine
@@ -50,6 +50,7 @@ __all__ = [
     "PromptTooLongError",
     "RequestMetrics",
     "RequestOutput",
+    "RequestStream",
     "SamplingParams",
     "StepRecord",
     "TimingModel",

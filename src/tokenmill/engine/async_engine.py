@@ -74,6 +74,39 @@ class _ResetPrefixCache:
     pass
 
 
+class RequestStream:
+    """The outputs of one accepted request (see ``AsyncEngine.open``)."""
+
+    def __init__(self, engine: AsyncEngine, stream: _Stream):
+        self._engine = engine
+        self._stream = stream
+        self._done = False
+
+    @property
+    def request_id(self) -> str:
+        return self._stream.request_id
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._stream.queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        if item.finished:
+            self.close()
+        return item
+
+    def close(self) -> None:
+        """Stop listening; a request that has not finished is aborted. Idempotent."""
+        if not self._done:
+            self._done = True
+            self._engine._release(self._stream)
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, engine: Engine | None = None):
         self.engine = engine if engine is not None else Engine(config)
@@ -110,22 +143,30 @@ class AsyncEngine:
         queued. Leaving the loop early (break, cancellation) aborts the request.
         With no ``params``, the model's defaults are used with DELTA outputs.
         """
-        stream = self._open(prompt, params, request_id, priority, cache_salt)
+        stream = self.open(prompt, params, request_id, priority, cache_salt)
         try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    return
+            async for out in stream:
+                yield out
         finally:
-            with self._streams_lock:
-                if not stream.finished and not self._closed:
-                    self._commands.append(_Abort(stream.request_id))
-                    self._wake.set()
-                if self._streams.get(stream.request_id) is stream:
-                    del self._streams[stream.request_id]
+            stream.close()
+
+    def open(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> RequestStream:
+        """Accept a request now and return its outputs as an async iterator.
+
+        Unlike ``generate``, errors (InvalidRequestError, EngineOverloadedError)
+        are raised by this call itself, so a server can answer 400 or 429 before
+        it starts a response. Call from the event loop that will read the
+        stream, and ``close()`` the stream when done with it: closing before the
+        request finished aborts it and frees its blocks.
+        """
+        return RequestStream(self, self._open(prompt, params, request_id, priority, cache_salt))
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request; returns once its blocks are freed (False if it was unknown or done)."""
@@ -213,6 +254,14 @@ class AsyncEngine:
             raise
         self._wake.set()
         return stream
+
+    def _release(self, stream: _Stream) -> None:
+        with self._streams_lock:
+            if not stream.finished and not self._closed:
+                self._commands.append(_Abort(stream.request_id))
+                self._wake.set()
+            if self._streams.get(stream.request_id) is stream:
+                del self._streams[stream.request_id]
 
     def _command(self, cmd: _Abort | _ResetPrefixCache) -> None:
         with self._streams_lock:

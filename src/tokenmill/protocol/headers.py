@@ -8,6 +8,10 @@ WORKER_HEADER = "x-tokenmill-worker"  # on every response: which worker served i
 PRIORITY_HEADER = "x-tokenmill-priority"  # integer, higher is more important, 0 by default
 TENANT_HEADER = "x-tokenmill-tenant"  # the team a request is accounted to (set by the gateway)
 REQUEST_ID_HEADER = "x-request-id"
+# gRPC trailing metadata of an error, so a client rebuilds the same APIError the HTTP front sends
+ERROR_PARAM_METADATA = "x-tokenmill-error-param"
+ERROR_TYPE_METADATA = "x-tokenmill-error-type"
+ERROR_CODE_METADATA = "x-tokenmill-error-code"
 
 
 def parse_priority(value: str | None, field: str = PRIORITY_HEADER) -> int | None:

@@ -1,0 +1,121 @@
+"""OpenAI API models shared by completions and chat: sampling fields, usage, models, tokenize.
+
+Field names and meanings follow OpenAI's API; tokenmill's extras (``priority``,
+``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``, ``repetition_penalty``,
+``cache_salt``, ...) are spelled as vLLM spells them, so clients written for
+vLLM work unchanged. Ranges are declared here, so the OpenAPI schema states them
+and a bad value is refused before it reaches the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StrictModel(BaseModel):
+    # Unknown fields are ignored (OpenAI adds fields often; clients send them), NaN/inf refused.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False  # a last chunk with usage and no choices
+    continuous_usage_stats: bool = False  # usage so far on every chunk
+
+
+class SamplingRequest(StrictModel):
+    """The fields completions and chat share."""
+
+    model: str | None = Field(None, description="The served model name; omitted means this worker's model.")
+    n: int = Field(1, ge=1, le=128)
+    temperature: float | None = Field(None, ge=0, le=100, description="0 is greedy; default: the model's.")
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = Field(None, description="Up to 16 strings that end generation.")
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported: must be empty.")
+    # tokenmill (and vLLM) extras
+    priority: int | None = Field(
+        None, description="Higher is served first; x-tokenmill-priority also sets it."
+    )
+    top_k: int | None = Field(None, ge=-1, description="Sample among the k most likely tokens; 0 or -1: all.")
+    min_p: float | None = Field(None, ge=0, le=1)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    repetition_penalty: float | None = Field(None, gt=0, le=100)
+    cache_salt: str | None = Field(None, min_length=1, max_length=256, description="Isolates prefix cache.")
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tokenmill"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class TokenizeCompletionRequest(StrictModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class TokenizeChatRequest(StrictModel):
+    model: str | None = None
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    add_generation_prompt: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(StrictModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str

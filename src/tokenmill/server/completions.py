@@ -1,0 +1,172 @@
+"""``POST /v1/completions``: one or more prompts, streamed as SSE or returned whole."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from tokenmill.engine.async_engine import RequestStream
+from tokenmill.engine.input_processor import Prompt
+from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.protocol.completions import CompletionRequest
+from tokenmill.protocol.errors import APIError
+from tokenmill.protocol.headers import PRIORITY_HEADER
+from tokenmill.server.errors import to_api_error
+from tokenmill.server.openai_shared import (
+    DONE,
+    OpenAIHandler,
+    UsageCounter,
+    final_usage,
+    new_id,
+    now,
+    sse,
+    sse_error,
+)
+from tokenmill.server.sampling import request_priority, to_sampling_params
+from tokenmill.server.streams import (
+    SSEResponse,
+    cancel_on_disconnect,
+    close_all,
+    final_outputs,
+    merge,
+    open_streams,
+)
+
+MAX_PROMPTS = 256
+MAX_SEQUENCES_PER_REQUEST = 256  # prompts x n: one request must not fill a worker on its own
+
+
+class CompletionsHandler(OpenAIHandler):
+    async def __call__(self, req: CompletionRequest, request: Request) -> Response:
+        model = self.check_model(req)
+        if req.suffix is not None:
+            raise APIError.invalid_request("suffix is not supported: omit it or send null", "suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError.invalid_request(f"best_of={req.best_of} is invalid: allowed null or n", "best_of")
+        prompts = _prompts(req.prompt)
+        if len(prompts) * req.n > MAX_SEQUENCES_PER_REQUEST:
+            raise APIError.invalid_request(
+                f"{len(prompts)} prompts x n={req.n} is {len(prompts) * req.n} sequences: "
+                f"allowed at most {MAX_SEQUENCES_PER_REQUEST} per request",
+                "n",
+            )
+        params = to_sampling_params(req, self.defaults, req.max_tokens, req.logprobs, req.stream)
+        priority = request_priority(req, request.headers.get(PRIORITY_HEADER))
+        rid = new_id("cmpl")
+        streams = open_streams(self.worker, prompts, params, rid, priority, req.cache_salt)
+        if req.stream:
+            return SSEResponse(self._stream(req, streams, rid, model))
+        try:
+            outputs = await cancel_on_disconnect(request, final_outputs(streams))
+        finally:
+            close_all(streams)
+        return JSONResponse(self._response(req, outputs, rid, model))
+
+    # -- whole response --------------------------------------------------------
+
+    def _response(self, req: CompletionRequest, outputs: list[RequestOutput], rid: str, model: str) -> dict:
+        choices = []
+        for i, out in enumerate(outputs):
+            prefix = self._echo(out) if req.echo else ""
+            for c in out.outputs:
+                choices.append(self._choice(req, i * req.n + c.index, c, prefix + c.text, len(prefix)))
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": now(),
+            "model": model,
+            "choices": choices,
+            "usage": final_usage(outputs),
+        }
+
+    def _choice(
+        self, req: CompletionRequest, index: int, c: CompletionOutput, text: str, offset: int
+    ) -> dict:
+        logprobs = None
+        if req.logprobs is not None and c.logprobs is not None:
+            logprobs = self.logprobs.completion(c.logprobs, offset)
+        return {
+            "index": index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
+
+    def _echo(self, out: RequestOutput) -> str:
+        return out.prompt if out.prompt is not None else self.tokenizer.decode(out.prompt_token_ids)
+
+    # -- SSE ----------------------------------------------------------------------
+
+    async def _stream(
+        self, req: CompletionRequest, streams: list[RequestStream], rid: str, model: str
+    ) -> AsyncIterator[str]:
+        created = now()
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = bool(opts and opts.continuous_usage_stats)
+        usage = UsageCounter()
+        offsets: dict[int, int] = {}  # choice index -> characters sent, for logprob text offsets
+        try:
+            async for i, out in merge(streams):
+                usage.add_prompt(i, out)
+                choices = []
+                for c in out.outputs:
+                    if not c.token_ids and not c.finished:
+                        continue  # this sample had nothing new this step
+                    index = i * req.n + c.index
+                    text = c.text
+                    if index not in offsets:
+                        offsets[index] = 0
+                        if req.echo:
+                            text = self._echo(out) + text
+                    usage.completion_tokens += len(c.token_ids)
+                    choices.append(self._choice(req, index, c, text, offsets[index]))
+                    offsets[index] += len(text)
+                if not choices:
+                    continue
+                chunk: dict[str, Any] = {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": choices,
+                }
+                if continuous:
+                    chunk["usage"] = usage.to_dict()
+                yield sse(chunk)
+            if include_usage:
+                yield sse(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": usage.to_dict(),
+                    }
+                )
+            yield DONE
+        except Exception as e:  # the status line is gone already: report inline, then end the stream
+            yield sse_error(to_api_error(e))
+            yield DONE
+        finally:
+            close_all(streams)
+
+
+def _prompts(prompt: Any) -> list[Prompt]:
+    """One prompt or a batch: text, token ids, a list of texts or a list of token-id lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError.invalid_request("prompt is empty: send text or token ids", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if len(prompt) > MAX_PROMPTS:
+        raise APIError.invalid_request(
+            f"prompt has {len(prompt)} entries: allowed at most {MAX_PROMPTS}", "prompt"
+        )
+    return [p if isinstance(p, str) else list(p) for p in prompt]

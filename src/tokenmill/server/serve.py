@@ -1,0 +1,160 @@
+"""Run one worker: HTTP (uvicorn) and gRPC fronts over one ``AsyncEngine``, in one event loop.
+
+SIGTERM (or Ctrl-C) drains: the worker stops taking requests (503, /ready
+turns 503 so load balancers move on), lets the running ones finish for up to
+``drain_timeout`` seconds, then closes both fronts and the engine. A second
+signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+
+import uvicorn
+
+from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.config import EngineConfig
+from tokenmill.server.app import build_app
+from tokenmill.server.grpc_service import start_grpc_server
+from tokenmill.server.metrics import ServingMetrics
+from tokenmill.server.worker import Worker, default_worker_id
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (the ready line says which)
+    grpc_port: int | None = 50051  # None: no gRPC front; 0: any free port
+    served_model_name: str | None = None  # None: the model folder's name ("demo" for the demo model)
+    api_key: str | None = None
+    vllm_metrics: bool = False  # also export metrics under vLLM's names
+    drain_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM
+    worker_id: str | None = None  # None: host:port
+
+
+@dataclass(frozen=True)
+class ReadyInfo:
+    http_url: str
+    grpc_target: str | None
+    model_name: str
+    worker_id: str
+    max_num_seqs: int
+    kv_summary: str
+
+    def line(self) -> str:
+        grpc = f", gRPC {self.grpc_target}" if self.grpc_target else ""
+        return (
+            f"tokenmill worker {self.worker_id} ready: {self.http_url}/v1{grpc}; model {self.model_name!r}; "
+            f"concurrency limit {self.max_num_seqs} requests ({self.kv_summary})"
+        )
+
+
+def build_worker(engine_config: EngineConfig, options: ServeOptions) -> Worker:
+    """Load the model and wire the engine, its metrics and the worker's identity."""
+    engine = AsyncEngine(engine_config)
+    name = options.served_model_name or _default_model_name(engine)
+    budget = engine.engine.scheduler.config.max_num_batched_tokens
+    metrics = ServingMetrics(name, token_budget=budget, vllm_names=options.vllm_metrics)
+    worker = Worker(
+        engine=engine,
+        model_name=name,
+        worker_id=options.worker_id or default_worker_id(options.host, options.port),
+        metrics=metrics,
+        api_key=options.api_key,
+    )
+    metrics.watch(engine.stats, lambda: engine.num_in_flight)
+    engine.add_listener(metrics)
+    return worker
+
+
+def _default_model_name(engine: AsyncEngine) -> str:
+    path = engine.engine.model_config.path
+    if engine.engine.config.model is None or path is None:
+        return "demo"
+    return path.name
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with the first signal handed to our drain instead of stopping at once."""
+
+    def __init__(self, config: uvicorn.Config, on_first_signal: Callable[[], None]):
+        super().__init__(config)
+        self._on_first_signal = on_first_signal
+        self._signalled = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._signalled:  # second signal: stop now
+            self.should_exit = True
+            self.force_exit = True
+            return
+        self._signalled = True
+        self._on_first_signal()
+
+
+async def serve(worker: Worker, options: ServeOptions, on_ready: Callable[[ReadyInfo], None]) -> None:
+    """Serve until a signal drains the worker; then shut the engine down."""
+    loop = asyncio.get_running_loop()
+    drain_started = asyncio.Event()
+    config = uvicorn.Config(
+        build_app(worker),
+        host=options.host,
+        port=options.port,
+        log_level=logging.getLogger().getEffectiveLevel(),
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=30,
+    )
+    http = _Server(config, lambda: loop.call_soon_threadsafe(drain_started.set))
+    grpc_server = None
+    try:
+        if options.grpc_port is not None:
+            grpc_server = await start_grpc_server(worker, options.host, options.grpc_port)
+        http_task = asyncio.create_task(http.serve())
+        while not http.started:
+            if http_task.done():  # failed to bind: uvicorn logged why
+                await http_task
+                raise SystemExit(1)
+            await asyncio.sleep(0.02)
+        port = http.servers[0].sockets[0].getsockname()[1]
+        if options.worker_id is None and options.port == 0:
+            worker.worker_id = default_worker_id(options.host, port)
+        on_ready(
+            ReadyInfo(
+                http_url=f"http://{options.host}:{port}",
+                grpc_target=f"{options.host}:{grpc_server.port}" if grpc_server else None,
+                model_name=worker.model_name,
+                worker_id=worker.worker_id,
+                max_num_seqs=worker.engine.engine.config.max_num_seqs,
+                kv_summary=worker.engine.engine.kv_plan.summary(),
+            )
+        )
+        drain_waiter = asyncio.create_task(drain_started.wait())
+        await asyncio.wait({http_task, drain_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if drain_started.is_set():
+            await _drain(worker, options.drain_timeout)
+            http.should_exit = True
+        await http_task
+    finally:
+        if grpc_server is not None:
+            await grpc_server.stop(1.0)
+        worker.engine.shutdown()
+
+
+async def _drain(worker: Worker, timeout: float) -> None:
+    worker.draining = True
+    pending = worker.engine.num_in_flight
+    logger.warning("draining: %d requests in flight, up to %.0f s to finish", pending, timeout)
+    deadline = time.monotonic() + timeout
+    while worker.engine.num_in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    left = worker.engine.num_in_flight
+    if left:
+        logger.warning("drain timeout: aborting %d requests", left)
