@@ -18,9 +18,9 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-## run: generate text with the embedded demo model
+## run: serve the embedded demo model (OpenAI HTTP on :8000, gRPC on :50051); ARGS= passes options
 run: venv
-	$(VENV)/bin/tokenmill generate "ROMEO:"
+	$(VENV)/bin/tokenmill serve $(ARGS)
 
 ## test: lint, then the whole test suite
 test: venv

@@ -499,3 +499,87 @@ def test_abort_racing_shutdown_does_not_hang(config):
         run(main())
     finally:
         engine.shutdown()
+
+
+# -- open(): errors before any output, and listeners -----------------------------------------------
+
+
+def test_open_raises_bad_input_at_once_and_queues_nothing(engine):
+    async def main():
+        with pytest.raises(InvalidRequestError) as e:
+            engine.open(PROMPT, SamplingParams(temperature=-1))
+        assert e.value.field == "temperature"
+        assert engine.num_in_flight == 0
+        stream = engine.open(PROMPT, delta(4))  # accepted now, streams later
+        assert engine.num_in_flight == 1
+        outs = [out async for out in stream]
+        assert engine.num_in_flight == 0
+        return outs
+
+    outs = run(main())
+    assert outs[-1].finished and sum(len(o.outputs[0].token_ids) for o in outs) == 4
+
+
+def test_closing_an_opened_stream_aborts_and_frees(engine):
+    async def main():
+        stream = engine.open(PROMPT, LONG, request_id="open-close")
+        await stream.__anext__()
+        stream.close()
+        stream.close()  # idempotent
+        await eventually(freed(engine, "open-close"))
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+
+    run(main())
+
+
+@dataclass
+class Recorder:
+    """An EngineListener that keeps what it was told."""
+
+    steps: list = field(default_factory=list)
+    finished: list = field(default_factory=list)
+
+    def on_step(self, record, stats) -> None:
+        self.steps.append((record, stats))
+
+    def on_request_finished(self, output) -> None:
+        self.finished.append(output)
+
+
+def test_listeners_see_every_step_and_every_finished_request(engine):
+    recorder = Recorder()
+    engine.add_listener(recorder)
+    (prompt,) = random_prompts([20], seed=5)
+
+    async def main():
+        await collect(engine.generate(prompt, delta(6), priority=4))
+        stream = engine.open(prompt, LONG, request_id="aborted")
+        await stream.__anext__()
+        await engine.abort("aborted")
+        stream.close()
+
+    run(main())
+    records = [r for r, _ in recorder.steps]
+    assert records[0].num_prompt_tokens == 20 and records[0].num_generated_tokens == 1
+    assert records[0].num_scheduled_tokens == 20 and 0 < records[0].budget_utilization <= 1
+    assert all(r.seconds > 0 for r in records)
+    last_stats = recorder.steps[-1][1]
+    assert last_stats.busy_seconds == pytest.approx(sum(r.seconds for r in records))
+    assert last_stats.num_generated_tokens == sum(r.num_generated_tokens for r in records)
+    done, aborted = recorder.finished
+    assert done.metrics.priority == 4 and done.outputs[0].finish_reason == "length"
+    assert aborted.request_id == "aborted" and aborted.outputs[0].finish_reason == "abort"
+
+
+def test_a_failing_listener_does_not_stop_serving(engine):
+    class Broken:
+        def on_step(self, record, stats) -> None:
+            raise RuntimeError("metrics bug")
+
+        def on_request_finished(self, output) -> None:
+            raise RuntimeError("metrics bug")
+
+    engine.add_listener(Broken())
+    outs = run(collect(engine.generate(PROMPT, delta(3))))
+    assert outs[-1].finished and engine.is_running
