@@ -17,6 +17,7 @@ from tokenmill.engine import (
     AllCleared,
     AsyncEngine,
     BlockStored,
+    CachedBlocks,
     Engine,
     EngineConfig,
     EngineDeadError,
@@ -426,7 +427,8 @@ def test_kv_events_reach_subscribers(config):
                     sub.batches.append(batch)
 
             listener = asyncio.create_task(listen())
-            await asyncio.sleep(0)  # subscribed
+            await eventually(lambda: bool(sub.batches))  # subscribed: the snapshot came first
+            assert sub.batches[0].events == [CachedBlocks([])]
             await collect(engine.generate(prompt, delta(3)))
             expected = hash_blocks(prompt, 16)
             await eventually(lambda: [h for e in sub.events(BlockStored) for h in e.block_hashes] == expected)
@@ -440,6 +442,23 @@ def test_kv_events_reach_subscribers(config):
     assert stored[0].parent_block_hash is None and stored[0].block_size == 16
     assert sum(e.num_tokens for e in stored) == 32
     assert all(b.timestamp > 0 for b in sub.batches)
+
+
+def test_a_late_subscriber_starts_from_what_is_cached(config):
+    (prompt,) = random_prompts([40], seed=4)
+    with AsyncEngine(replace(config, kv_events=True)) as engine:
+
+        async def main():
+            await collect(engine.generate(prompt, delta(2)))
+            events = engine.kv_events()
+            first = await events.__anext__()
+            await events.aclose()
+            return first
+
+        first = run(main())
+    (snapshot,) = first.events
+    assert isinstance(snapshot, CachedBlocks)
+    assert sorted(snapshot.block_hashes) == sorted(hash_blocks(prompt, 16))
 
 
 def test_kv_events_need_the_config_flag(engine):

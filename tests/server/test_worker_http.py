@@ -144,6 +144,8 @@ def test_kv_events_announce_the_scheme_then_stream_stored_blocks(server):
         hello = json.loads(next(events))
         assert hello["type"] == "config" and hello["block_size"] == 16
         assert hello["hash_scheme"] == "sha256-64-chained"
+        snapshot = json.loads(next(events))["events"]
+        assert [e["type"] for e in snapshot] == ["CachedBlocks"]  # what is cached already, to start from
         threading.Thread(
             target=lambda: httpx.post(
                 f"{server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 2}

@@ -18,7 +18,7 @@ from tokenmill.engine.errors import (
     PromptTooLongError,
     UnsupportedArchitectureError,
 )
-from tokenmill.engine.kv_events import AllCleared, BlockRemoved, BlockStored, KVEventBatch
+from tokenmill.engine.kv_events import AllCleared, BlockRemoved, BlockStored, CachedBlocks, KVEventBatch
 from tokenmill.engine.llm import LLM
 from tokenmill.engine.memory import KVCachePlan
 from tokenmill.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
@@ -32,6 +32,7 @@ __all__ = [
     "AsyncEngine",
     "BlockRemoved",
     "BlockStored",
+    "CachedBlocks",
     "CompletionOutput",
     "Engine",
     "EngineConfig",

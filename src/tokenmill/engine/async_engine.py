@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -31,7 +32,7 @@ from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.engine import Engine, Prompt
 from tokenmill.engine.errors import EngineDeadError, InvalidRequestError
 from tokenmill.engine.input_processor import PreparedRequest
-from tokenmill.engine.kv_events import KVEventBatch
+from tokenmill.engine.kv_events import CachedBlocks, KVEventBatch
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.sampling_params import OutputKind, SamplingParams
 from tokenmill.engine.stats import EngineStats, StepRecord
@@ -72,6 +73,15 @@ class _Abort:
 @dataclass(frozen=True)
 class _ResetPrefixCache:
     pass
+
+
+@dataclass(frozen=True)
+class _SubscribeKV:
+    """Join the KV event subscribers, first receiving what is cached now, in one engine-thread move."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[KVEventBatch]
+    done: asyncio.Future[bool]
 
 
 class RequestStream:
@@ -115,7 +125,7 @@ class AsyncEngine:
         # closing: a command is either queued while the loop still drains it, or refused.
         self._streams_lock = threading.Lock()
         self._closed = False
-        self._commands: deque[_Add | _Abort | _ResetPrefixCache] = deque()
+        self._commands: deque[_Add | _Abort | _ResetPrefixCache | _SubscribeKV] = deque()
         self._num_pending_adds = 0  # requests in _commands, not yet in the scheduler
         self._wake = threading.Event()
         self._stopping = False
@@ -183,17 +193,27 @@ class AsyncEngine:
         return self._stats
 
     async def kv_events(self) -> AsyncIterator[KVEventBatch]:
-        """Every KV event batch from now on (needs ``EngineConfig(kv_events=True)``)."""
+        """Every KV event batch from now on (needs ``EngineConfig(kv_events=True)``).
+
+        The first batch holds one ``CachedBlocks`` event listing what the prefix
+        cache holds at that moment; no event is lost or repeated between it and
+        the batches that follow.
+        """
         if not self.engine.config.kv_events:
             raise InvalidRequestError("kv_events", False, "True in EngineConfig to subscribe to KV events")
+        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[KVEventBatch] = asyncio.Queue()
-        entry = (asyncio.get_running_loop(), queue)
-        self._kv_subscribers.append(entry)
+        subscribed: asyncio.Future[bool] = loop.create_future()
+        self._command(_SubscribeKV(loop, queue, subscribed))
+        entry = (loop, queue)
         try:
+            if not await subscribed:
+                raise EngineDeadError("the engine stopped before the subscription started")
             while True:
                 yield await queue.get()
         finally:
-            self._kv_subscribers.remove(entry)
+            with contextlib.suppress(ValueError):
+                self._kv_subscribers.remove(entry)
 
     def add_listener(self, listener: EngineListener) -> None:
         """Call ``listener`` after every step and for every finished request (aborted ones too)."""
@@ -263,7 +283,7 @@ class AsyncEngine:
             if self._streams.get(stream.request_id) is stream:
                 del self._streams[stream.request_id]
 
-    def _command(self, cmd: _Abort | _ResetPrefixCache) -> None:
+    def _command(self, cmd: _Abort | _ResetPrefixCache | _SubscribeKV) -> None:
         with self._streams_lock:
             self._check_alive()
             self._commands.append(cmd)
@@ -319,6 +339,8 @@ class AsyncEngine:
                         logger.exception("abort of %s failed while closing", cmd.request_id)
                 if cmd.loop is not None and cmd.done is not None:
                     _call_soon(cmd.loop, _resolve, cmd.done, freed)
+            elif isinstance(cmd, _SubscribeKV):
+                _call_soon(cmd.loop, _resolve, cmd.done, False)
             # Queued adds never reach the engine; their streams hear EngineDeadError.
 
     def _apply_commands(self) -> None:
@@ -339,6 +361,13 @@ class AsyncEngine:
                     self._deliver([out])
                 if cmd.loop is not None and cmd.done is not None:
                     cmd.loop.call_soon_threadsafe(_resolve, cmd.done, out is not None)
+            elif isinstance(cmd, _SubscribeKV):
+                self._publish_kv_events()  # anything pending belongs to the subscribers already there
+                cached = CachedBlocks(self.engine.kv_cache.cached_block_hashes())
+                snapshot = KVEventBatch(time.time(), [cached])
+                cmd.loop.call_soon_threadsafe(cmd.queue.put_nowait, snapshot)
+                self._kv_subscribers.append((cmd.loop, cmd.queue))
+                cmd.loop.call_soon_threadsafe(_resolve, cmd.done, True)
             else:
                 self.engine.reset_prefix_cache()
                 self._publish_kv_events()

@@ -61,6 +61,10 @@ class BlockPool:
     def num_cached(self) -> int:
         return len(self._cached)
 
+    def cached_hashes(self) -> list[BlockHash]:
+        """Hashes of every block holding a reusable prefix, in use or free."""
+        return list(self._cached)
+
     def ref(self, block: int) -> KVRef:
         return (block, self._gen[block])
 

@@ -135,6 +135,9 @@ class KVCacheManager:
         for rid in self._tables:
             self._chain[rid] = None  # blocks already in tables stay private, and what follows them
 
+    def cached_block_hashes(self) -> list[BlockHash]:
+        return self.pool.cached_hashes()
+
     def take_events(self) -> list[KVEvent]:
         return self.pool.take_events()
 

@@ -42,7 +42,15 @@ class AllCleared:
     type: str = field(default="AllCleared", init=False)
 
 
-KVEvent = BlockStored | BlockRemoved | AllCleared
+@dataclass(frozen=True)
+class CachedBlocks:
+    """Every block in the prefix cache when a subscriber joined: its first event, to start from."""
+
+    block_hashes: list[BlockHash]
+    type: str = field(default="CachedBlocks", init=False)
+
+
+KVEvent = BlockStored | BlockRemoved | AllCleared | CachedBlocks
 
 
 @dataclass(frozen=True)
