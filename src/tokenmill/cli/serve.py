@@ -67,7 +67,7 @@ def serve(
     -d '{"model": "demo", "messages": [{"role": "user", "content": "Hello"}]}'
     """
     from tokenmill.engine import EngineConfig, EngineError
-    from tokenmill.server.serve import ReadyInfo, ServeOptions, build_worker
+    from tokenmill.server.serve import ReadyInfo, ServeError, ServeOptions, build_worker
     from tokenmill.server.serve import serve as run_worker
 
     kv: float | int | None = kv_cache_memory
@@ -112,6 +112,7 @@ def serve(
 
     try:
         asyncio.run(run_worker(worker, options, ready))
-    except SystemExit as e:
-        raise typer.Exit(int(e.code or 0)) from None
+    except ServeError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
     err.print("tokenmill worker stopped", highlight=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ from tokenmill.server.metrics import ServingMetrics
 from tokenmill.server.worker import Worker, default_worker_id
 
 logger = logging.getLogger(__name__)
+
+
+class ServeError(Exception):
+    """The worker cannot start serving (a port is taken, an address is wrong)."""
 
 
 @dataclass
@@ -115,15 +120,21 @@ async def serve(worker: Worker, options: ServeOptions, on_ready: Callable[[Ready
     http = _Server(config, lambda: loop.call_soon_threadsafe(drain_started.set))
     grpc_server = None
     try:
+        listener = _bind(options.host, options.port)
         if options.grpc_port is not None:
-            grpc_server = await start_grpc_server(worker, options.host, options.grpc_port)
-        http_task = asyncio.create_task(http.serve())
+            try:
+                grpc_server = await start_grpc_server(worker, options.host, options.grpc_port)
+            except RuntimeError as e:  # grpc reports a taken port this way
+                raise ServeError(
+                    f"cannot listen on {options.host}:{options.grpc_port} for gRPC: {e}"
+                ) from None
+        http_task = asyncio.create_task(http.serve(sockets=[listener]))
         while not http.started:
-            if http_task.done():  # failed to bind: uvicorn logged why
+            if http_task.done():
                 await http_task
-                raise SystemExit(1)
+                raise ServeError("the HTTP server stopped during start-up (see the log above)")
             await asyncio.sleep(0.02)
-        port = http.servers[0].sockets[0].getsockname()[1]
+        port = listener.getsockname()[1]
         if options.worker_id is None and options.port == 0:
             worker.worker_id = default_worker_id(options.host, port)
         on_ready(
@@ -146,6 +157,19 @@ async def serve(worker: Worker, options: ServeOptions, on_ready: Callable[[Ready
         if grpc_server is not None:
             await grpc_server.stop(1.0)
         worker.engine.shutdown()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound here so a taken port is a clear error, not a traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port} for HTTP: {e.strerror or e}") from None
+    return sock
 
 
 async def _drain(worker: Worker, timeout: float) -> None:
