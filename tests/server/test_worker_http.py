@@ -208,7 +208,8 @@ def test_full_waiting_queue_is_a_429_with_retry_after():
 
 def test_sigterm_drains_running_requests_then_exits():
     s = start_server("--grpc-port", "-1", "--drain-timeout", "30")
-    body = {**CHAT, "max_tokens": 60, "ignore_eos": True, "stream": True}
+    # Long enough (~2 s) to still be running when the probes below arrive.
+    body = {**CHAT, "max_tokens": 900, "ignore_eos": True, "stream": True}
     finish: list[str] = []
     with s.client() as http, http.stream("POST", "/v1/chat/completions", json=body) as resp:
         events = sse_events(resp)
