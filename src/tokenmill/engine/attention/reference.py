@@ -150,18 +150,20 @@ class ReferenceBackend(AttentionBackend):
         out = torch.empty_like(q)
         out[n:] = 0
         scale = self.spec.scale
+        heads, kv_heads, dim = q.shape[1], k_cache.shape[1], q.shape[2]
         for d in meta.decodes:
             # index_select on a flat index is ~8x faster than advanced indexing on CPU.
             n, length = d.slots.shape
             flat = d.slots.view(-1)
             keys = k_cache.index_select(0, flat).view(n, length, *k_cache.shape[1:]).transpose(1, 2)
             values = v_cache.index_select(0, flat).view(n, length, *v_cache.shape[1:]).transpose(1, 2)
-            o = F.scaled_dot_product_attention(
-                q[d.start : d.end].unsqueeze(2), keys, values, attn_mask=d.mask, scale=scale, enable_gqa=True
-            )
-            out[d.start : d.end] = o.squeeze(2)
+            # The query heads that share a KV head (consecutive, as enable_gqa pairs them) go
+            # in as that head's query rows: one [group, D] x [D, L] product per KV head. In
+            # bf16 on CPU this is 6x faster than enable_gqa with one query row per head.
+            query = q[d.start : d.end].view(n, kv_heads, heads // kv_heads, dim)
+            o = F.scaled_dot_product_attention(query, keys, values, attn_mask=d.mask, scale=scale)
+            out[d.start : d.end] = o.reshape(n, heads, dim)
         for g in meta.prefills:
-            heads, dim = q.shape[1], q.shape[2]
             query = q[g.tokens].view(g.n, g.q_len, heads, dim).transpose(1, 2)  # [n, H, q, D]
             if g.slots is None:
                 kv_shape = (g.n, g.q_len, *k.shape[1:])
