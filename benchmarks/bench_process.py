@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import json
 import os
 import platform
 import resource
@@ -158,6 +159,14 @@ def split_names(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     if bad or not names:
         sys.exit(f"{flag}: unknown {bad or value!r}; choose from {', '.join(allowed)}")
     return names
+
+
+def save_report(report: dict[str, Any]) -> Path:
+    """Write a results JSON as ``.bench/results/<benchmark>-<timestamp>.json``; its path, from the root."""
+    out = RESULTS / f"{report['benchmark']}-{report['timestamp']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return out.relative_to(ROOT)
 
 
 def report_header(

@@ -34,6 +34,7 @@ from bench_process import (
     one_run_at_a_time,
     report_header,
     run_worker,
+    save_report,
     split_names,
     wait_until_quiet,
 )
@@ -60,10 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     with one_run_at_a_time():
         for engine in engines:
             report["engines"][engine] = _run_engine(engine, model, workloads, args, stamp)
-    out = RESULTS / f"offline_throughput-{stamp}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = save_report(report)
     _print_tables(report)
-    print(f"\nresults: {out.relative_to(ROOT)}")
+    print(f"\nresults: {out}")
     return 0
 
 

@@ -51,6 +51,7 @@ from bench_process import (
     one_run_at_a_time,
     report_header,
     run_worker,
+    save_report,
     split_names,
     wait_until_quiet,
 )
@@ -108,10 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                 both = _guarded(name, run, model, args, stamp)
                 for front in fronts:  # a failure (one "error" entry) stands for each front
                     report["parts"][front] = both.get(front, both)
-    out = RESULTS / f"serving_api-{stamp}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = save_report(report)
     _print_tables(report)
-    print(f"\nresults: {out.relative_to(ROOT)}")
+    print(f"\nresults: {out}")
     return 0
 
 
