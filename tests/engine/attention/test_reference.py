@@ -9,13 +9,15 @@ import torch
 from tokenmill.engine.attention.backend import AttentionBatch, AttentionSpec
 from tokenmill.engine.attention.reference import ReferenceBackend
 
-H, KVH, D, BS = 4, 2, 8, 4
+D, BS = 8, 4
 
 
 def naive(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first_pos: int, window: int | None):
-    """q [n, H, D] at positions first_pos.., keys/values [seq, KVH, D]: causal (and windowed) attention."""
-    k = keys.repeat_interleave(H // KVH, dim=1)
-    v = values.repeat_interleave(H // KVH, dim=1)
+    """q [n, H, D] at positions first_pos.., keys/values [seq, KVH, D]: causal (and windowed) attention;
+    query head h reads KV head h // (H / KVH)."""
+    group = q.shape[1] // keys.shape[1]
+    k = keys.repeat_interleave(group, dim=1)
+    v = values.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * D**-0.5
     q_pos = torch.arange(first_pos, first_pos + q.shape[0]).unsqueeze(1)
     k_pos = torch.arange(keys.shape[0]).unsqueeze(0)
@@ -27,7 +29,8 @@ def naive(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first_pos: 
 
 
 @pytest.mark.parametrize("window", [None, 6])
-def test_mixed_batch_matches_naive_attention(window):
+@pytest.mark.parametrize(("H", "KVH"), [(4, 2), (4, 4), (6, 2)])  # GQA groups of 2, 1 (MHA) and 3
+def test_mixed_batch_matches_naive_attention(window, H, KVH):
     torch.manual_seed(0)
     # (context already cached, tokens this step): 2 decodes, then prefills where (3, 5) appears twice,
     # separated by another shape, and (0, 4) twice in a row: both group kinds, both index kinds.
