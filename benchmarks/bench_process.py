@@ -129,6 +129,16 @@ def child_env(engine: str) -> dict[str, str]:
     if engine == "vllm":
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB
         env["VLLM_CACHE_ROOT"] = str(ROOT / ".bench" / "vllm-cache")  # not ~/.cache
+        # By default vllm-cpu binds its engine's OpenMP team to all cores but one and keeps
+        # that one for its front end: on 2 cores, compute on 1. tokenmill computes on all of
+        # them, so vllm-cpu does too here: like for like. Set these yourself to measure its default.
+        cores = sorted(os.sched_getaffinity(0))
+        contiguous = cores == list(range(cores[0], cores[-1] + 1))
+        env.setdefault(
+            "VLLM_CPU_OMP_THREADS_BIND",
+            f"{cores[0]}-{cores[-1]}" if contiguous else ",".join(map(str, cores)),
+        )
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     if engine == "tokenmill":  # an uninstalled checkout runs from src/
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     return env
