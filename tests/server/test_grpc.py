@@ -24,7 +24,7 @@ from tests.grpc_worker import (
 from tokenmill.engine import CompletionOutput, OutputKind, RequestMetrics, RequestOutput, SamplingParams
 from tokenmill.protocol import generation_pb2 as pb
 from tokenmill.protocol import generation_pb2_grpc as pb_grpc
-from tokenmill.server.grpc_service import _response
+from tokenmill.server.grpc_service import GenerationService, _response
 
 PROMPT = "ROMEO:"
 LONG = 200  # tokens: about two seconds on CPU, so the request is still running when poked
@@ -332,3 +332,11 @@ def test_full_queue_is_resource_exhausted_with_retry_after(served):
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert float(trailing(error)["retry-after"]) >= 1
     assert "max_waiting_requests" in error.details()
+
+
+def test_every_rpc_of_the_proto_is_served():
+    """The generated base class answers UNIMPLEMENTED; the service must override every RPC it declares."""
+    rpcs = [m.name for m in pb.DESCRIPTOR.services_by_name["Generation"].methods]
+    assert rpcs
+    for name in rpcs:
+        assert getattr(GenerationService, name) is not getattr(pb_grpc.GenerationServicer, name), name
