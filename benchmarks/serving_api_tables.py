@@ -56,6 +56,8 @@ def _part_row(name: str, parts: dict[str, Any]) -> list[str]:
             value = res["output_tok_s"] / ref
             verdict = "pass" if value >= least else "FAIL"
             ratio = f"{SHORT[name]}/{SHORT[ref_name]} {value:.2f} (>= {least:.2f}: {verdict})"
+            if paired := paired_ratios(res, parts[ref_name]):
+                ratio += "; turn by turn " + ", ".join(f"{r:.2f}" for r in paired)
     return [
         label,
         _tok_s(res),
@@ -64,6 +66,14 @@ def _part_row(name: str, parts: dict[str, Any]) -> list[str]:
         _pair(res["itl_ms"]),
         _note(res),
     ]
+
+
+def paired_ratios(res: dict[str, Any], ref: dict[str, Any]) -> list[float]:
+    """Run i of a part over run i of its reference: runs of one turn met the same machine."""
+    runs, ref_runs = res.get("runs_output_tok_s", []), ref.get("runs_output_tok_s", [])
+    if len(runs) < 2 or len(runs) != len(ref_runs):
+        return []
+    return [a / b for a, b in zip(runs, ref_runs, strict=True) if a and b]
 
 
 def _guidellm_rows(results: dict[str, Any]) -> list[list[str]]:
