@@ -5,6 +5,7 @@ tokenmill serve ./Llama-3.2-1B --port 8000 --api-key KEY
 tokenmill generate "ROMEO:"                      # the embedded demo model
 tokenmill generate --model ./Llama-3.2-1B --chat "Name three rivers."
 tokenmill profile --model ./Llama-3.2-1B -o llama-1b.json   # step-time profile for max_itl and simulations
+tokenmill bench run http://127.0.0.1:8000 --concurrency 8      # TTFT, ITL, throughput of any OpenAI server
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from tokenmill.cli.generate import stdout_write, stream_generate
+from tokenmill.cli.bench import app as bench_app
 from tokenmill.cli.serve import serve
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 app.command()(serve)
+app.add_typer(bench_app, name="bench")
 
 
 @app.callback()
@@ -64,6 +66,7 @@ def generate(
     ] = None,
 ) -> None:
     """Generate text and stream it to the terminal."""
+    from tokenmill.cli.generate import stdout_write, stream_generate
     from tokenmill.engine import Engine, EngineConfig, EngineError
 
     kv: float | int | None = kv_cache_memory

@@ -1,0 +1,123 @@
+"""The raw event log of a benchmark run: one record per request, one JSON line each.
+
+Every metric of a report is derived from these records (``bench/metrics.py``),
+so another tool's definition can be recomputed from the same log. Times are
+seconds from the run's start (``time.perf_counter()`` based), so a log from one
+machine compares with itself, never with wall clocks elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+LOG_VERSION = 1
+
+
+@dataclass
+class RequestRecord:
+    """One request as the client saw it."""
+
+    index: int
+    intended: float | None  # when the schedule meant to send it (open loop); None in closed loop
+    sent: float | None = None  # when its bytes were written; None if it never went out
+    first_byte: float | None = None  # the response's first byte (status line)
+    end: float | None = None  # the response's last byte, or the failure
+    status: int | None = None  # HTTP status
+    messages: list[tuple[float, int]] = field(
+        default_factory=list
+    )  # (arrival, output tokens) per SSE message with content
+    prompt_tokens: int | None = None  # from the server's usage
+    output_tokens: int | None = None  # from the server's usage
+    expected_prompt_tokens: int | None = None  # what the data source built
+    expected_output_tokens: int | None = None  # max_tokens asked for
+    counted_output_tokens: int = 0  # summed over messages (a check on the usage)
+    error_kind: str | None = None  # see ERROR_KINDS
+    error: str | None = None
+    worker: str | None = None  # x-tokenmill-worker, when the server sends it
+    user: str | None = None  # the data's user or session id, for per-user figures
+
+    @property
+    def ok(self) -> bool:
+        return self.error_kind is None
+
+    @property
+    def anchor(self) -> float | None:
+        """Where latencies start: the intended send time in open loop (no coordinated omission)."""
+        return self.intended if self.intended is not None else self.sent
+
+    @property
+    def first_token(self) -> float | None:
+        return self.messages[0][0] if self.messages else None
+
+    @property
+    def last_token(self) -> float | None:
+        return self.messages[-1][0] if self.messages else None
+
+    @property
+    def num_output_tokens(self) -> int:
+        """The server's count when it gave one, else what the messages carried."""
+        return self.output_tokens if self.output_tokens is not None else self.counted_output_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["messages"] = [[round(t, 6), n] for t, n in self.messages]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RequestRecord:
+        d = dict(d)
+        d["messages"] = [(float(t), int(n)) for t, n in d.get("messages", [])]
+        return cls(**d)
+
+
+# What a failed request is counted as, so a report can say which failures dominated.
+ERROR_KINDS = {
+    "connect": "the server could not be reached",
+    "timeout": "no byte for longer than the read timeout",
+    "http_4xx": "the server answered with a 4xx status (429 counted apart)",
+    "http_429": "the server was overloaded (429)",
+    "http_5xx": "the server answered with a 5xx status",
+    "protocol": "the connection closed mid-response, or the bytes were not HTTP",
+    "not_streamed": "a streamed request got a response that was not an event stream",
+    "bad_event": "an event that is not the JSON an OpenAI stream sends",
+    "server_error": "an error event inside the stream",
+    "no_output": "the stream ended without a token",
+    "cancelled": "the run stopped before the response ended (Ctrl-C or the run's time limit)",
+}
+
+
+def write_log(path: Path, header: dict[str, Any], records: Iterable[RequestRecord]) -> None:
+    """The header line (run settings), then one line per request."""
+    with path.open("w", encoding="utf-8") as f:
+        write_header(f, header)
+        for record in records:
+            write_record(f, record)
+
+
+def write_header(f: IO[str], header: dict[str, Any]) -> None:
+    f.write(json.dumps({"tokenmill_bench_log": LOG_VERSION, **header}, ensure_ascii=False) + "\n")
+
+
+def write_record(f: IO[str], record: RequestRecord) -> None:
+    f.write(json.dumps(record.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n")
+
+
+def read_log(path: Path) -> tuple[dict[str, Any], list[RequestRecord]]:
+    """The header and the records of a log written by ``write_log``."""
+    lines = _lines(path)
+    try:
+        header = json.loads(next(lines))
+    except StopIteration:
+        raise ValueError(f"{path} is empty, not a tokenmill bench log") from None
+    if header.get("tokenmill_bench_log") != LOG_VERSION:
+        raise ValueError(f"{path} is not a tokenmill bench log (version {LOG_VERSION})")
+    return header, [RequestRecord.from_json(json.loads(line)) for line in lines if line.strip()]
+
+
+def _lines(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        yield from f

@@ -1,0 +1,347 @@
+"""Drives a load against an OpenAI-compatible server and records what every request saw.
+
+Example, against ``tokenmill bench mock-server`` on 127.0.0.1:8100::
+
+    import asyncio
+
+    from tokenmill.bench.data import RequestSpec
+    from tokenmill.bench.load import LoadProfile
+    from tokenmill.bench.runner import LoadRunner, RunSettings
+
+    settings = RunSettings("http://127.0.0.1:8100", LoadProfile("poisson", rate=20.0), max_tokens=32)
+    specs = [RequestSpec(prompt=f"question {i}") for i in range(100)]
+    records = asyncio.run(LoadRunner(settings).run(specs))
+
+One request per spec, in order. Open-loop profiles send each at its intended
+time whatever the server does (a late send shows as schedule lag); the closed
+loop keeps ``concurrency`` in flight. A failed request is a record with its
+``error_kind``; the run goes on. Setting ``stop`` ends the run early: nothing
+more is sent, requests in flight are cancelled and recorded as such.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenmill.bench.data import RequestSpec
+from tokenmill.bench.load import LoadProfile, intended_times
+from tokenmill.bench.records import RequestRecord
+from tokenmill.client import (
+    ConnectError,
+    HTTPTransport,
+    ReadTimeout,
+    TransportError,
+)
+
+ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+WORKER_HEADER = "x-tokenmill-worker"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    url: str  # the server's base URL, without /v1
+    profile: LoadProfile
+    endpoint: str = "chat"  # chat or completions
+    model: str | None = None  # None: the first model /v1/models lists
+    max_tokens: int = 128  # output tokens asked for when the data gives none
+    ignore_eos: bool = True  # ask for exactly max_tokens (servers that support it)
+    continuous_usage: bool = False  # ask for usage on every chunk: exact tokens per message
+    temperature: float | None = None  # None: the server's default
+    api_key: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0
+    max_duration: float | None = None  # stop sending after this many seconds
+    seed: int = 0
+    trace_times: list[float] | None = None  # the trace profile's send times
+
+    def __post_init__(self) -> None:
+        if self.endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+class LoadRunner:
+    def __init__(self, settings: RunSettings) -> None:
+        self.settings = settings
+        self.model: str | None = settings.model
+        self.started = 0.0  # time.perf_counter() at the run's start: every record time is relative to it
+
+    async def resolve_model(self, http: HTTPTransport) -> str:
+        """The model to name in requests; asks the server when none was given. Raises
+        ``ConnectError`` quickly when the server cannot be reached."""
+        if self.model is not None:
+            return self.model
+        response = await http.request("GET", "/v1/models")
+        if response.status != 200:
+            raise ValueError(
+                f"GET /v1/models answered {response.status}: {response.text[:200]}; pass --model"
+            )
+        models = response.json().get("data") or []
+        if not models:
+            raise ValueError("the server lists no model at /v1/models; pass --model")
+        self.model = str(models[0]["id"])
+        return self.model
+
+    def transport(self) -> HTTPTransport:
+        s = self.settings
+        headers = dict(s.headers)
+        if s.api_key:
+            headers["authorization"] = f"Bearer {s.api_key}"
+        p = s.profile
+        connections = p.concurrency if not p.open_loop else (p.max_concurrency or 100_000)
+        return HTTPTransport(
+            s.url,
+            headers=headers,
+            max_connections=connections or 1,
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
+        )
+
+    async def run(
+        self,
+        specs: list[RequestSpec],
+        on_record: Callable[[RequestRecord], None] | None = None,
+        stop: asyncio.Event | None = None,
+        http: HTTPTransport | None = None,
+    ) -> list[RequestRecord]:
+        """Send every spec under the profile; the records, in spec order (unsent ones left out)."""
+        if self.settings.endpoint == "completions" and any(spec.prompt is None for spec in specs):
+            raise ValueError("the completions endpoint needs prompts, not conversations: use --endpoint chat")
+        own = http is None
+        http = http or self.transport()
+        stop = stop or asyncio.Event()
+        try:
+            await self.resolve_model(http)
+            records: list[RequestRecord | None] = [None] * len(specs)
+
+            def done(record: RequestRecord) -> None:
+                records[record.index] = record
+                if on_record is not None:
+                    on_record(record)
+
+            self.started = time.perf_counter()
+            if self.settings.profile.open_loop:
+                await self._open_loop(http, specs, done, stop)
+            else:
+                await self._closed_loop(http, specs, done, stop)
+            return [r for r in records if r is not None]
+        finally:
+            if own:
+                await http.aclose()
+
+    # -- schedules ------------------------------------------------------------------------
+
+    async def _open_loop(
+        self,
+        http: HTTPTransport,
+        specs: list[RequestSpec],
+        done: Callable[[RequestRecord], None],
+        stop: asyncio.Event,
+    ) -> None:
+        s = self.settings
+        times = intended_times(s.profile, len(specs), s.seed, s.trace_times)
+        cap = asyncio.Semaphore(s.profile.max_concurrency) if s.profile.max_concurrency else None
+        tasks: set[asyncio.Task[None]] = set()
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            for i, spec in enumerate(specs):
+                if s.max_duration is not None and times[i] > s.max_duration:
+                    break
+                delay = self.started + times[i] - time.perf_counter()
+                if delay > 0:
+                    await asyncio.wait({stopped}, timeout=delay)
+                if stop.is_set():
+                    break
+                record = RequestRecord(i, intended=times[i], user=spec.user)
+                task = asyncio.create_task(self._one(http, spec, record, done, cap))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await self._finish(tasks, stopped)
+        finally:
+            stopped.cancel()
+
+    async def _closed_loop(
+        self,
+        http: HTTPTransport,
+        specs: list[RequestSpec],
+        done: Callable[[RequestRecord], None],
+        stop: asyncio.Event,
+    ) -> None:
+        s = self.settings
+        pending = iter(enumerate(specs))
+
+        async def stream() -> None:
+            for i, spec in pending:  # shared iterator: each spec goes to one stream
+                if stop.is_set():
+                    return
+                if s.max_duration is not None and time.perf_counter() - self.started > s.max_duration:
+                    return
+                await self._one(http, spec, RequestRecord(i, intended=None, user=spec.user), done, None)
+
+        n = min(s.profile.concurrency or 1, len(specs))
+        tasks = {asyncio.create_task(stream()) for _ in range(n)}
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await self._finish(tasks, stopped)
+        finally:
+            stopped.cancel()
+
+    async def _finish(self, tasks: set[asyncio.Task[None]], stopped: asyncio.Future[Any]) -> None:
+        """Wait for the requests in flight; if the run is stopped meanwhile, cancel them."""
+        while tasks:
+            done, _ = await asyncio.wait({*tasks, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            tasks.difference_update(done)
+            if stopped.done():
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                return
+
+    # -- one request ------------------------------------------------------------------
+
+    async def _one(
+        self,
+        http: HTTPTransport,
+        spec: RequestSpec,
+        record: RequestRecord,
+        done: Callable[[RequestRecord], None],
+        cap: asyncio.Semaphore | None,
+    ) -> None:
+        try:
+            if cap is not None:
+                async with cap:
+                    await self._exchange(http, spec, record)
+            else:
+                await self._exchange(http, spec, record)
+        except asyncio.CancelledError:
+            _fail(record, "cancelled", "the run stopped before the response ended", self._now())
+            done(record)
+            raise
+        done(record)
+
+    async def _exchange(self, http: HTTPTransport, spec: RequestSpec, record: RequestRecord) -> None:
+        s = self.settings
+        body = self._body(spec)
+        record.expected_prompt_tokens = spec.prompt_tokens
+        record.expected_output_tokens = body["max_tokens"]
+        record.sent = self._now()
+        try:
+            async with http.stream("POST", ENDPOINTS[s.endpoint], json=body) as response:
+                record.sent = response.sent - self.started
+                record.first_byte = (response.first_byte or response.sent) - self.started
+                record.status = response.status
+                record.worker = response.headers.get(WORKER_HEADER)
+                if response.status != 200:
+                    text = (await response.read()).decode("utf-8", errors="replace")
+                    _fail(record, _status_kind(response.status), _error_message(text), self._now())
+                    return
+                if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                    await response.read()
+                    _fail(record, "not_streamed", "the response is not an event stream", self._now())
+                    return
+                await self._read_stream(response, record)
+        except ConnectError as e:
+            _fail(record, "connect", str(e), self._now())
+        except ReadTimeout as e:
+            _fail(record, "timeout", str(e), self._now())
+        except TransportError as e:
+            _fail(record, "protocol", str(e), self._now())
+
+    async def _read_stream(self, response: Any, record: RequestRecord) -> None:
+        chat = self.settings.endpoint == "chat"
+        seen_tokens = 0  # completion tokens of the last usage seen (continuous usage)
+        async for event in response.events():
+            data = event.data
+            if data == "[DONE]":
+                continue
+            try:
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    _fail(record, "server_error", _error_message(data), event.time - self.started)
+                    continue
+                text = _content(chunk, chat)
+                usage = chunk.get("usage")
+            except (ValueError, AttributeError, TypeError) as e:
+                _fail(record, "bad_event", f"{type(e).__name__}: {data[:200]}", event.time - self.started)
+                continue
+            tokens = 1
+            if usage:
+                completion = int(usage.get("completion_tokens") or 0)
+                tokens, seen_tokens = completion - seen_tokens, completion
+                record.output_tokens = completion
+                record.prompt_tokens = usage.get("prompt_tokens")
+                if not self.settings.continuous_usage:
+                    tokens = 1  # a final usage chunk counts the whole stream, not this message
+            if text:
+                record.messages.append((event.time - self.started, max(tokens, 1)))
+                record.counted_output_tokens += max(tokens, 1)
+        record.end = self._now()
+        if record.error_kind is None and not record.messages:
+            _fail(record, "no_output", "the stream ended without a token", record.end)
+
+    def _body(self, spec: RequestSpec) -> dict[str, Any]:
+        s = self.settings
+        body: dict[str, Any] = {"model": self.model}
+        if s.endpoint == "chat":
+            body["messages"] = spec.messages or [{"role": "user", "content": spec.prompt or ""}]
+        else:
+            if spec.prompt is None:
+                raise ValueError(
+                    "the completions endpoint needs prompts, not conversations: use --endpoint chat"
+                )
+            body["prompt"] = spec.prompt
+        body["max_tokens"] = spec.output_tokens or s.max_tokens
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        if s.continuous_usage:
+            body["stream_options"]["continuous_usage_stats"] = True
+        if s.ignore_eos:
+            body["ignore_eos"] = True
+        if s.temperature is not None:
+            body["temperature"] = s.temperature
+        return body
+
+    def _now(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def _content(chunk: dict[str, Any], chat: bool) -> str:
+    parts = []
+    for choice in chunk.get("choices") or ():
+        if chat:
+            delta = choice.get("delta") or {}
+            parts.append(delta.get("content") or delta.get("reasoning_content") or "")
+        else:
+            parts.append(choice.get("text") or "")
+    return "".join(parts)
+
+
+def _fail(record: RequestRecord, kind: str, message: str, at: float) -> None:
+    if record.error_kind is None:
+        record.error_kind, record.error = kind, message[:500]
+    record.end = at
+
+
+def _status_kind(status: int) -> str:
+    if status == 429:
+        return "http_429"
+    return "http_5xx" if status >= 500 else "http_4xx"
+
+
+def _error_message(text: str) -> str:
+    try:
+        error = json.loads(text).get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    except (ValueError, AttributeError):
+        pass
+    return text[:300]

@@ -1,0 +1,74 @@
+"""Builds a run's requests from the command line's data options (``tokenmill bench run``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenmill.bench import data
+from tokenmill.bench.tokenizers import LocalTokenizer, TokenCounter, server_tokenizer
+from tokenmill.client import HTTPTransport
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """The data options of ``tokenmill bench run``."""
+
+    kind: str  # one of data.SOURCES
+    prompt_tokens: data.Length
+    output_tokens: data.Length
+    file: Path | None = None  # jsonl, sharegpt
+    tokenizer: Path | None = None  # None: the server's /tokenize
+    groups: int = 4  # shared-prefix
+    prefix_tokens: int = 512  # shared-prefix
+    trace: list[dict[str, Any]] | None = None  # rows of a trace, whose lengths synthetic data follows
+
+    def __post_init__(self) -> None:
+        if self.kind not in data.SOURCES:
+            raise ValueError(f"--data must be one of {', '.join(data.SOURCES)}, got {self.kind!r}")
+        if self.kind in ("jsonl", "sharegpt") and self.file is None:
+            raise ValueError(f"--data {self.kind} needs --data-file FILE")
+
+    def describe(self) -> str:
+        p, o = self.prompt_tokens, self.output_tokens
+        if self.kind == "synthetic":
+            return f"synthetic {p} -> {o} tokens"
+        if self.kind == "shared-prefix":
+            return f"{self.groups} prefixes of {self.prefix_tokens} + {p} -> {o} tokens"
+        return f"{self.kind} {self.file}"
+
+
+async def build_specs(
+    http: HTTPTransport, model: str, source: DataSource, n: int, seed: int
+) -> list[data.RequestSpec]:
+    kind, prompt, output = source.kind, source.prompt_tokens, source.output_tokens
+    if kind == "jsonl":
+        assert source.file is not None
+        return data.from_jsonl(source.file, n)
+    tok = await _tokenizer(http, model, source.tokenizer, required=kind != "sharegpt")
+    if kind == "sharegpt":
+        assert source.file is not None
+        return await data.from_sharegpt(source.file, n, tok, seed)
+    assert tok is not None
+    if source.trace and kind == "synthetic":  # the trace's own lengths where it gives them
+        specs = []
+        for i, row in enumerate(source.trace[:n]):
+            p = data.Length(row["input_tokens"], row["input_tokens"]) if "input_tokens" in row else prompt
+            o = data.Length(row["output_tokens"], row["output_tokens"]) if "output_tokens" in row else output
+            specs += await data.synthetic(tok, 1, p, o, seed + i)
+        return specs
+    if kind == "shared-prefix":
+        return await data.shared_prefix(tok, n, source.groups, source.prefix_tokens, prompt, output, seed)
+    return await data.synthetic(tok, n, prompt, output, seed)
+
+
+async def _tokenizer(
+    http: HTTPTransport, model: str, path: Path | None, required: bool
+) -> TokenCounter | None:
+    if path is not None:
+        return LocalTokenizer(path)
+    tok = await server_tokenizer(http, model)
+    if tok is None and required:
+        raise ValueError("the server has no /tokenize to count prompt tokens with: pass --tokenizer PATH")
+    return tok

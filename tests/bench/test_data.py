@@ -1,0 +1,109 @@
+"""Request data: exact prompt lengths by the server's or a local tokenizer, files with clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tokenmill.bench import data
+from tokenmill.bench.data import Length
+from tokenmill.bench.mock_server import MockServer
+from tokenmill.bench.tokenizers import LocalTokenizer, server_tokenizer
+from tokenmill.client import HTTPTransport
+
+
+def with_server_tokenizer(work):
+    async def main():
+        async with MockServer() as server, HTTPTransport(server.url) as http:
+            tok = await server_tokenizer(http, "mock")
+            assert tok is not None
+            return await work(tok)
+
+    return asyncio.run(main())
+
+
+def test_synthetic_prompts_have_exact_lengths_through_the_server_tokenizer():
+    specs = with_server_tokenizer(lambda tok: data.synthetic(tok, 20, Length(30, 60), Length(8, 8), seed=3))
+    assert all(30 <= s.prompt_tokens <= 60 and len(s.prompt.split()) == s.prompt_tokens for s in specs)
+    assert len({s.prompt_tokens for s in specs}) > 1 and {s.output_tokens for s in specs} == {8}
+    assert len({s.prompt for s in specs}) == 20  # no two alike: no prefix shared by chance
+
+
+def test_synthetic_prompts_have_exact_lengths_through_a_local_tokenizer(tokenizer_dir):
+    tok = LocalTokenizer(tokenizer_dir)
+    specs = asyncio.run(data.synthetic(tok, 10, Length(50, 50), Length(4, 16), seed=0))
+    for s in specs:
+        assert s.prompt_tokens == 50 == len(asyncio.run(tok.encode(s.prompt)))
+        assert 4 <= s.output_tokens <= 16
+
+
+def test_the_same_seed_builds_the_same_requests(tokenizer_dir):
+    tok = LocalTokenizer(tokenizer_dir)
+    build = lambda: asyncio.run(data.synthetic(tok, 5, Length(20, 40), Length(1, 9), seed=7))  # noqa: E731
+    assert build() == build()
+
+
+def test_shared_prefix_groups_share_their_prefix_and_nothing_else():
+    def build(tok):
+        return data.shared_prefix(tok, 8, 2, 40, Length(10, 10), Length(5, 5), seed=1)
+
+    specs = with_server_tokenizer(build)
+    prefixes = [s.prompt.split("\n")[0] for s in specs]
+    assert prefixes[0::2] == [prefixes[0]] * 4 and prefixes[1::2] == [prefixes[1]] * 4
+    assert prefixes[0] != prefixes[1]
+    assert all(s.prompt_tokens == 50 for s in specs)
+    assert [s.user for s in specs[:2]] == ["group-0", "group-1"]
+
+
+def test_jsonl_prompts_and_conversations(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [
+        {"prompt": "hi", "output_tokens": 3, "user": "u1"},
+        {"messages": [{"role": "user", "content": "yo"}]},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    specs = data.from_jsonl(path, None)
+    assert specs[0] == data.RequestSpec("hi", None, None, 3, "u1")
+    assert specs[1].messages == rows[1]["messages"]
+    assert len(data.from_jsonl(path, 1)) == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", "p.jsonl:2: not JSON"),
+        ('{"text": "x"}', 'p.jsonl:2: needs "prompt"'),
+        ('{"prompt": "x", "output_tokens": 0}', "p.jsonl:2: output_tokens"),
+    ],
+)
+def test_a_bad_jsonl_line_is_named_by_number(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "fine"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        data.from_jsonl(path, None)
+
+
+def test_sharegpt_takes_the_first_human_turn_and_the_reply_length(tmp_path):
+    path = tmp_path / "sg.json"
+    convs = [
+        {
+            "id": "a",
+            "conversations": [{"from": "human", "value": "one two three"}, {"from": "gpt", "value": "x y"}],
+        },
+        {
+            "id": "b",
+            "conversations": [{"from": "gpt", "value": "starts wrong"}, {"from": "human", "value": "no"}],
+        },
+        {"id": "c", "conversations": [{"from": "human", "value": "alone"}]},
+    ]
+    path.write_text(json.dumps(convs))
+    specs = with_server_tokenizer(lambda tok: data.from_sharegpt(path, 10, tok, seed=0))
+    assert specs == [data.RequestSpec("one two three", None, 3, 2, "a")]
+
+
+@pytest.mark.parametrize("text", ["0", "abc", "5:2", "1:x"])
+def test_bad_lengths_name_the_option(text):
+    with pytest.raises(ValueError, match="--prompt-tokens"):
+        Length.parse(text, "--prompt-tokens")

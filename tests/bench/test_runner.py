@@ -1,0 +1,172 @@
+"""The runner against the mock server: measured metrics equal the server's exact timings,
+and failures of every kind are counted while the run goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tokenmill.bench.data import RequestSpec
+from tokenmill.bench.load import LoadProfile
+from tokenmill.bench.metrics import summarize
+from tokenmill.bench.mock_server import MockConfig, MockServer
+from tokenmill.bench.records import read_log, write_log
+from tokenmill.bench.runner import LoadRunner, RunSettings
+
+SPECS = [RequestSpec(prompt=f"tell me story number {i}", prompt_tokens=5) for i in range(8)]
+
+
+async def measure(config: MockConfig, profile: LoadProfile, specs=SPECS, **settings):
+    async with MockServer(config) as server:
+        runner = LoadRunner(RunSettings(server.url, profile, **settings))
+        return await runner.run(specs), server
+
+
+def test_every_metric_matches_the_server_timings():
+    # TTFT 200 ms, tokens 20 ms apart, 128 tokens: TPOT 20 ms, E2E 0.2 + 127 * 0.02 = 2.74 s.
+    records, server = asyncio.run(
+        measure(MockConfig(ttft=0.2, itl=0.02), LoadProfile("concurrency", concurrency=8), max_tokens=128)
+    )
+    s = summarize(records)
+    assert (s.succeeded, s.failed, s.token_mismatches) == (8, 0, 0)
+    assert s.ttft.mean == pytest.approx(0.200, abs=0.015)
+    assert s.tpot.mean == pytest.approx(0.020, abs=0.001)
+    assert s.itl.median == pytest.approx(0.020, abs=0.003)
+    assert s.e2e.mean == pytest.approx(2.74, abs=0.03)
+    assert s.per_user_tok_s.mean == pytest.approx(50.0, rel=0.05)
+    assert all(r.num_output_tokens == 128 and r.prompt_tokens == 5 for r in records)
+    assert s.workers == {server.worker_id: {"requests": 8, "output_tokens": 1024}}
+
+
+def test_completions_and_continuous_usage_count_tokens_per_message():
+    records, _ = asyncio.run(
+        measure(
+            MockConfig(ttft=0.01, itl=0.001),
+            LoadProfile("concurrency", concurrency=2),
+            endpoint="completions",
+            continuous_usage=True,
+            max_tokens=16,
+        )
+    )
+    assert all(r.ok and len(r.messages) == 16 and r.counted_output_tokens == 16 for r in records)
+    assert summarize(records).token_mismatches == 0
+
+
+def test_open_loop_sends_on_schedule_and_latency_counts_from_it():
+    records, _ = asyncio.run(
+        measure(MockConfig(ttft=0.05, itl=0.005), LoadProfile("constant", rate=40.0), max_tokens=8)
+    )
+    intended = [r.intended for r in records]
+    assert intended == pytest.approx([i / 40 for i in range(8)])
+    s = summarize(records, max_lag_p99=0.05)
+    assert s.offered_rate == pytest.approx(40.0)
+    assert s.ttft.mean == pytest.approx(0.05, abs=0.015)
+    assert s.e2e.mean == pytest.approx(0.085, abs=0.02)
+
+
+def test_max_concurrency_caps_an_open_loop_and_shows_as_lag():
+    records, _ = asyncio.run(
+        measure(
+            MockConfig(ttft=0.1, itl=0.0),
+            LoadProfile("constant", rate=1000.0, max_concurrency=2),
+            max_tokens=1,
+        )
+    )
+    s = summarize(records)
+    assert s.succeeded == 8
+    assert s.schedule_lag.max > 0.25  # the last pair waited for three before them
+    assert not s.valid
+
+
+def test_server_errors_and_cut_streams_are_counted_and_the_run_goes_on():
+    records, _ = asyncio.run(
+        measure(
+            MockConfig(ttft=0.01, itl=0.002, fail_every=4, cut_every=3),
+            LoadProfile("concurrency", concurrency=2),
+            specs=SPECS * 2,
+            max_tokens=10,
+        )
+    )
+    s = summarize(records)
+    assert s.requests == 16
+    # Requests 4, 8, 12, 16 fail with 500; 3, 6, 9, 15 are cut (12 failed first).
+    assert s.errors == {"http_5xx": 4, "protocol": 4}
+    failed = next(r for r in records if r.error_kind == "http_5xx")
+    assert failed.status == 500 and "injected failure" in failed.error
+    cut = next(r for r in records if r.error_kind == "protocol")
+    assert len(cut.messages) == 5  # half of the 10 tokens, then the connection closed
+
+
+def test_stopping_a_run_cancels_what_is_in_flight_and_keeps_the_records():
+    async def main():
+        async with MockServer(MockConfig(ttft=0.02, itl=0.05)) as server:
+            runner = LoadRunner(
+                RunSettings(server.url, LoadProfile("concurrency", concurrency=4), max_tokens=100)
+            )
+            stop = asyncio.Event()
+            asyncio.get_running_loop().call_later(0.5, stop.set)
+            start = time.perf_counter()
+            records = await runner.run(SPECS, stop=stop)
+            return records, time.perf_counter() - start
+
+    records, elapsed = asyncio.run(main())
+    assert elapsed < 2.0
+    assert len(records) == 4 and {r.error_kind for r in records} == {"cancelled"}
+    assert all(len(r.messages) > 3 for r in records)  # what arrived before the stop is kept
+
+
+def test_a_server_killed_mid_run_gives_a_report_with_the_errors_counted(tmp_path):
+    env = {**os.environ, "COLUMNS": "200"}
+    timings = ["--ttft", "0.01", "--itl", "0.01"]
+    cmd = [sys.executable, "-m", "tokenmill.cli.main", "bench", "mock-server", "--port", "0", *timings]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stderr.readline()
+        url = line.split("ready: ")[1].split("/v1")[0]
+
+        async def main():
+            runner = LoadRunner(RunSettings(url, LoadProfile("concurrency", concurrency=2), max_tokens=50))
+            asyncio.get_running_loop().call_later(1.2, proc.send_signal, signal.SIGKILL)
+            return await runner.run(SPECS * 3)
+
+        records = asyncio.run(main())
+    finally:
+        proc.kill()
+        proc.wait()
+    s = summarize(records)
+    assert s.requests == 24 and s.succeeded >= 2 and s.failed >= 2
+    assert set(s.errors) <= {"protocol", "connect"} and s.errors.get("connect", 0) >= 1
+    log = tmp_path / "run.events.jsonl"
+    write_log(log, {"url": url}, records)
+    header, again = read_log(log)
+    assert header["url"] == url and summarize(again).errors == s.errors
+
+
+def test_the_event_log_round_trips(tmp_path):
+    records, _ = asyncio.run(
+        measure(MockConfig(ttft=0.0, itl=0.0), LoadProfile("poisson", rate=500.0), max_tokens=3)
+    )
+    path = tmp_path / "log.jsonl"
+    write_log(path, {"profile": "poisson"}, records)
+    header, back = read_log(path)
+    assert header["profile"] == "poisson" and header["tokenmill_bench_log"] == 1
+    assert [r.to_json() for r in back] == [r.to_json() for r in records]
+
+
+def test_an_unreachable_server_fails_fast_with_a_connect_error():
+    from tokenmill.client import ConnectError
+
+    async def main():
+        runner = LoadRunner(RunSettings("http://127.0.0.1:9", LoadProfile("concurrency", concurrency=1)))
+        await runner.run(SPECS)
+
+    start = time.perf_counter()
+    with pytest.raises(ConnectError, match=r"127\.0\.0\.1:9"):
+        asyncio.run(main())
+    assert time.perf_counter() - start < 5
