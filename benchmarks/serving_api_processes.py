@@ -165,7 +165,10 @@ def guidellm_command(
     prompt_tokens: int,
     output_tokens: int,
     seed: int = 42,
+    profile: str | None = None,
 ) -> list[str]:
+    """guidellm's ``run`` command: ``profile`` (guidellm's syntax, e.g. ``kind=constant,rate=100``)
+    replaces the default, ``concurrency`` streams."""
     backend = (
         f"kind=openai_http,target={target},model={model_name},request_format=/v1/chat/completions,"
         f"timeout=600,extras.body.max_tokens={output_tokens}"
@@ -176,7 +179,7 @@ def guidellm_command(
         "--backend",
         backend,
         "--profile",
-        f"kind=concurrent,streams={concurrency}",
+        profile or f"kind=concurrent,streams={concurrency}",
         "--constraint",
         f"kind=max_requests,count={requests}",
         "--data",

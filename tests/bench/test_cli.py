@@ -91,3 +91,27 @@ def test_an_unreachable_server_is_a_clear_error_within_seconds():
     done = bench("run", "http://127.0.0.1:9", "--requests", "3")
     assert done.returncode == 2 and "cannot connect to http://127.0.0.1:9" in done.stderr
     assert time.perf_counter() - start < 15
+
+
+def test_a_concurrency_sweep_runs_each_point_and_writes_one_csv_row_each(mock_url, tmp_path):
+    prefix = tmp_path / "sweep"
+    load = ["--concurrency", "1,4", "--requests", "8", "--prompt-tokens", "10", "--output-tokens", "5"]
+    done = bench("run", mock_url, *load, "-o", str(prefix))
+    assert done.returncode == 0, done.stderr
+    assert "sweep" in done.stdout and "concurrency 1" in done.stdout and "concurrency 4" in done.stdout
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["profile", "concurrency 1", "concurrency 4"]
+    assert (tmp_path / "sweep.0.events.jsonl").exists() and (tmp_path / "sweep.1.json").exists()
+
+
+def test_find_max_goodput_reports_when_no_rate_meets_the_slo(mock_url):
+    # The mock answers in 50 ms: a 10 ms TTFT target fails at any rate.
+    load = ["--find-max-goodput", "--rate", "400", "--slo", "ttft=0.01", "--requests", "5"]
+    done = bench("run", mock_url, *load, "--prompt-tokens", "10", "--output-tokens", "2")
+    assert done.returncode == 0, done.stderr
+    assert "max goodput rate" in done.stdout and "none of the rates tried" in done.stdout
+
+
+def test_find_max_goodput_needs_an_slo(mock_url):
+    done = bench("run", mock_url, "--find-max-goodput")
+    assert done.returncode == 2 and "--find-max-goodput needs --slo" in done.stderr

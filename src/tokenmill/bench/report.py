@@ -93,6 +93,27 @@ def print_summary(console: Console, run: dict[str, Any], s: Summary, cost: Cost 
         console.print(f"[bold red]invalid run:[/bold red] {s.invalid_reason}")
 
 
+def print_sweep(console: Console, points: list[tuple[str, Summary]], cost: Cost | None = None) -> None:
+    """One row per load: where throughput stops growing and latency starts to."""
+    table = Table(title="sweep", title_justify="left")
+    for col in ("load", "req/s", "output tok/s", "TTFT p50 / p99 ms", "TPOT p50 / p99 ms", "goodput req/s"):
+        table.add_column(col, justify="left" if col == "load" else "right")
+    if cost is not None:
+        table.add_column("$ / M output tokens", justify="right")
+    for label, s in points:
+        row = [label, f"{s.request_tput:.2f}", f"{s.output_tok_s:.1f}", _p50_p99(s.ttft), _p50_p99(s.tpot)]
+        row.append(f"{s.goodput:.2f}" if s.goodput is not None else "-")
+        if cost is not None:
+            per_m = cost.per_million(s.output_tok_s)
+            row.append(f"{per_m:.3f}" if per_m is not None else "-")
+        table.add_row(*row, style=None if s.valid else "red")
+    console.print(table)
+
+
+def _p50_p99(d: Distribution | None) -> str:
+    return "-" if d is None else f"{d.median * 1000:.1f} / {d.p99 * 1000:.1f}"
+
+
 def write_json(path: Path, run: dict[str, Any], s: Summary, cost: Cost | None = None) -> None:
     payload = {"run": run, "formulas": FORMULAS, "summary": s.to_json()}
     if cost is not None:

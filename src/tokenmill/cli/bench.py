@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import statistics
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -19,7 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 if TYPE_CHECKING:  # the bench modules load with the command that needs them, not with every CLI call
-    from tokenmill.bench.metrics import SLO
+    from tokenmill.bench.load import LoadProfile
+    from tokenmill.bench.metrics import SLO, Summary
     from tokenmill.bench.report import Cost
     from tokenmill.bench.runner import RunSettings
     from tokenmill.bench.specs import DataSource
@@ -35,8 +38,18 @@ def run(
     profile: Annotated[
         str, typer.Option(help="concurrency, constant, poisson, gamma or trace.")
     ] = "concurrency",
-    concurrency: Annotated[int, typer.Option(help="Requests in flight (concurrency profile).")] = 8,
-    rate: Annotated[float | None, typer.Option(help="Requests/s (constant, poisson, gamma).")] = None,
+    concurrency: Annotated[
+        str, typer.Option(help="Requests in flight (concurrency profile); a list 1,4,16 sweeps.")
+    ] = "8",
+    rate: Annotated[
+        str | None, typer.Option(help="Requests/s (constant, poisson, gamma); a list 1,2,4 sweeps.")
+    ] = None,
+    find_max_goodput: Annotated[
+        bool, typer.Option(help="Search the highest Poisson rate meeting --slo (from --rate, default 1).")
+    ] = False,
+    goodput_target: Annotated[
+        float, typer.Option(help="Share of requests that must meet every SLO, for --find-max-goodput.")
+    ] = 0.9,
     burstiness: Annotated[float, typer.Option(help="Gamma shape: 1 is Poisson, lower is burstier.")] = 1.0,
     max_concurrency: Annotated[int | None, typer.Option(help="Open loop: most requests in flight.")] = None,
     trace: Annotated[
@@ -83,7 +96,7 @@ def run(
 ) -> None:
     """Run one load against URL and report latency, throughput, goodput and cost."""
     from tokenmill.bench.data import Length
-    from tokenmill.bench.load import LoadProfile, read_trace
+    from tokenmill.bench.load import read_trace
     from tokenmill.bench.metrics import SLO
     from tokenmill.bench.report import Cost
     from tokenmill.bench.runner import RunSettings
@@ -91,18 +104,15 @@ def run(
 
     try:
         trace_rows = read_trace(str(trace)) if trace else None
-        prof = LoadProfile(
-            "trace" if trace_rows and profile == "concurrency" else profile,
-            rate=rate,
-            concurrency=concurrency,
-            burstiness=burstiness,
-            max_concurrency=max_concurrency,
-        )
-        if prof.kind == "trace" and trace_rows is None:
+        kind = "trace" if trace_rows and profile == "concurrency" else profile
+        profiles = _profiles(kind, concurrency, rate, burstiness, max_concurrency, find_max_goodput)
+        if kind == "trace" and trace_rows is None:
             raise ValueError("--profile trace needs --trace FILE")
+        if find_max_goodput and not slo:
+            raise ValueError("--find-max-goodput needs --slo, e.g. --slo ttft=0.3,tpot=0.05")
         settings = RunSettings(
             url.rstrip("/").removesuffix("/v1"),
-            prof,
+            profiles[0],
             endpoint=endpoint,
             model=model,
             max_tokens=Length.parse(output_tokens, "--output-tokens").hi,
@@ -127,83 +137,165 @@ def run(
             prefix_tokens=prefix_tokens,
             trace=trace_rows,
         )
+        plan = Plan(profiles, find_max_goodput, goodput_target, goals, max_lag_p99, cost)
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     n = min(requests, len(trace_rows)) if trace_rows else requests
-    code = asyncio.run(_run(settings, source, n, goals, max_lag_p99, cost, output))
-    raise typer.Exit(code)
+    raise typer.Exit(asyncio.run(_run(settings, source, n, plan, output)))
 
 
-async def _run(
-    settings: RunSettings,
-    source: DataSource,
-    n: int,
-    goals: SLO | None,
-    max_lag: float,
-    cost: Cost | None,
-    output: Path | None,
-) -> int:
+def _profiles(
+    kind: str, concurrency: str, rate: str | None, burstiness: float, cap: int | None, search: bool
+) -> list[LoadProfile]:
+    from tokenmill.bench.load import LoadProfile
+    from tokenmill.bench.sweep import parse_values
+
+    if search:  # the search makes its own Poisson profiles; this one only checks the start
+        start = parse_values(rate, "--rate")[0] if rate else 1.0
+        return [LoadProfile("poisson", rate=start, max_concurrency=cap)]
+    if kind == "concurrency":
+        return [
+            LoadProfile(kind, concurrency=int(c)) for c in parse_values(concurrency, "--concurrency", int)
+        ]
+    if kind == "trace":
+        return [LoadProfile(kind, max_concurrency=cap)]
+    rates = parse_values(rate, "--rate") if rate else [None]
+    return [LoadProfile(kind, rate=r, burstiness=burstiness, max_concurrency=cap) for r in rates]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to run and how to judge it."""
+
+    profiles: list[LoadProfile]  # one: a run; several: a sweep
+    search: bool  # --find-max-goodput
+    target: float
+    slo: SLO | None
+    max_lag: float
+    cost: Cost | None
+
+
+async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, output: Path | None) -> int:
     from tokenmill.bench.metrics import summarize
-    from tokenmill.bench.records import write_log
-    from tokenmill.bench.report import csv_row, print_summary, write_csv, write_json
+    from tokenmill.bench.report import print_summary, print_sweep
     from tokenmill.bench.runner import LoadRunner
     from tokenmill.bench.specs import build_specs
+    from tokenmill.bench.sweep import find_max_goodput
     from tokenmill.client import TransportError
 
     runner = LoadRunner(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)  # Ctrl-C: stop, then report what was measured
+    points: list[tuple[dict[str, Any], Any, list[Any]]] = []
     try:
         async with runner.transport() as http:
             try:
                 await runner.resolve_model(http)
-                with err.status("building requests..."):
-                    specs = await build_specs(http, runner.model or "", source, n, settings.seed)
+                await build_specs(http, runner.model or "", source, 1, settings.seed)  # fail fast on bad data
             except (TransportError, ValueError) as e:
                 err.print(f"[red]error:[/red] {e}")
                 return 2
-            records = await _with_progress(runner, specs, stop, http)
+
+            async def measure(i: int, profile: LoadProfile) -> Summary:
+                if stop.is_set():
+                    raise _Stopped()
+                with err.status(f"building requests for {profile.label}..."):
+                    specs = await build_specs(http, runner.model or "", source, n, settings.seed + i)
+                point_runner = LoadRunner(replace(settings, profile=profile))
+                point_runner.model = runner.model
+                records = await _with_progress(point_runner, specs, stop, http, profile.label)
+                summary = summarize(records, plan.slo, plan.max_lag)
+                info = _info(settings, runner.model, profile, source, len(specs), stop.is_set())
+                points.append((info, summary, records))
+                print_summary(out, info, summary, plan.cost)
+                return summary
+
+            try:
+                if plan.search:
+                    start = plan.profiles[0].rate or 1.0
+                    found = await find_max_goodput(measure, start, plan.target)
+                    rate = (
+                        f"{found.max_rate:.3g} req/s"
+                        if found.max_rate is not None
+                        else "none of the rates tried"
+                    )
+                    out.print(f"[bold]max goodput rate[/bold] ({plan.slo}, {plan.target:.0%} good): {rate}")
+                else:
+                    for i, profile in enumerate(plan.profiles):
+                        await measure(i, profile)
+            except _Stopped:
+                pass
     finally:
         loop.remove_signal_handler(signal.SIGINT)
-    summary = summarize(records, goals, max_lag)
-    run_info = {
-        "url": settings.url,
-        "model": runner.model,
-        "endpoint": settings.endpoint,
-        "profile": settings.profile.label,
-        "data": source.describe(),
-        "requests": len(specs),
-        "stopped_early": stop.is_set(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "seed": settings.seed,
-    }
-    print_summary(out, run_info, summary, cost)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_log(output.with_name(output.name + ".events.jsonl"), run_info, records)
-        write_json(output.with_name(output.name + ".json"), run_info, summary, cost)
-        write_csv(output.with_name(output.name + ".csv"), [csv_row(run_info, summary, cost)])
-        err.print(f"wrote {output}.events.jsonl, .json, .csv")
+    if len(points) > 1:
+        print_sweep(out, [(info["profile"], summary) for info, summary, _ in points], plan.cost)
+    if output is not None and points:
+        _write(output, points, plan.cost)
     if stop.is_set():
         err.print("[yellow]stopped early: the report covers what was measured[/yellow]")
         return 130
-    return 0 if summary.valid else 1
+    return 0 if all(summary.valid for _, summary, _ in points) else 1
 
 
-async def _with_progress(runner: Any, specs: list[Any], stop: asyncio.Event, http: Any) -> list[Any]:
+class _Stopped(Exception):
+    """Ctrl-C between the points of a sweep."""
+
+
+def _info(
+    settings: RunSettings, model: str | None, profile: LoadProfile, source: DataSource, n: int, stopped: bool
+) -> dict[str, Any]:
+    return {
+        "url": settings.url,
+        "model": model,
+        "endpoint": settings.endpoint,
+        "profile": profile.label,
+        "data": source.describe(),
+        "requests": n,
+        "stopped_early": stopped,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seed": settings.seed,
+    }
+
+
+def _write(output: Path, points: list[tuple[dict[str, Any], Any, list[Any]]], cost: Cost | None) -> None:
+    from tokenmill.bench.records import write_log
+    from tokenmill.bench.report import csv_row, write_csv, write_json
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    many = len(points) > 1
+    for i, (info, summary, records) in enumerate(points):
+        stem = f"{output.name}.{i}" if many else output.name
+        write_log(output.with_name(stem + ".events.jsonl"), info, records)
+        write_json(output.with_name(stem + ".json"), info, summary, cost)
+    write_csv(output.with_name(output.name + ".csv"), [csv_row(info, s, cost) for info, s, _ in points])
+    what = f"{len(points)} points" if many else "the run"
+    err.print(f"wrote {what} to {output}*.events.jsonl, .json and {output}.csv")
+
+
+async def _with_progress(
+    runner: Any, specs: list[Any], stop: asyncio.Event, http: Any, label: str
+) -> list[Any]:
     ttfts: list[float] = []
+    shown = [0.0]  # when the status line was last recomputed
     columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
     with Progress(TextColumn("{task.description}"), *columns, console=err, transient=True) as bar:
-        task = bar.add_task("requests", total=len(specs), status="")
+        task = bar.add_task(label, total=len(specs), status="")
 
         def seen(record: Any) -> None:
             if record.messages and record.anchor is not None:
                 ttfts.append(record.messages[0][0] - record.anchor)
-            elapsed = max(time.perf_counter() - runner.started, 1e-9)
+            now = time.perf_counter()
+            if (
+                now - shown[0] < 0.25
+            ):  # the client's CPU belongs to the load: percentiles a few times a second
+                bar.advance(task)
+                return
+            shown[0] = now
+            elapsed = max(now - runner.started, 1e-9)
             done = bar.tasks[0].completed + 1
-            median = sorted(ttfts)[len(ttfts) // 2] * 1000 if ttfts else float("nan")
+            median = statistics.median(ttfts) * 1000 if ttfts else float("nan")
             bar.update(task, advance=1, status=f"{done / elapsed:.1f} req/s, TTFT p50 {median:.0f} ms")
 
         return await runner.run(specs, on_record=seen, stop=stop, http=http)
