@@ -101,7 +101,12 @@ def test_a_concurrency_sweep_runs_each_point_and_writes_one_csv_row_each(mock_ur
     assert "sweep" in done.stdout and "concurrency 1" in done.stdout and "concurrency 4" in done.stdout
     rows = (tmp_path / "sweep.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["profile", "concurrency 1", "concurrency 4"]
+    req_s = [float(r.split(",")[4]) for r in rows[1:]]
+    assert req_s[1] > 2.5 * req_s[0]  # four in flight really ran four at a time
     assert (tmp_path / "sweep.0.events.jsonl").exists() and (tmp_path / "sweep.1.json").exists()
+    html = (tmp_path / "sweep.html").read_text()
+    assert html.count("<svg") == 4  # latency CDFs, the sweep's curves, a timeline per point
+    assert "concurrency 4" in html and "<script" not in html and 'src="http' not in html
 
 
 def test_find_max_goodput_reports_when_no_rate_meets_the_slo(mock_url):

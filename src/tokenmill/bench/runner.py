@@ -89,17 +89,17 @@ class LoadRunner:
         self.model = str(models[0]["id"])
         return self.model
 
-    def transport(self) -> HTTPTransport:
+    def transport(self, profiles: list[LoadProfile] | None = None) -> HTTPTransport:
+        """A connection pool large enough for this run's profile, or for every one of ``profiles``."""
         s = self.settings
         headers = dict(s.headers)
         if s.api_key:
             headers["authorization"] = f"Bearer {s.api_key}"
-        p = s.profile
-        connections = p.concurrency if not p.open_loop else (p.max_concurrency or 100_000)
+        connections = max(_connections_for(p) for p in profiles or [s.profile])
         return HTTPTransport(
             s.url,
             headers=headers,
-            max_connections=connections or 1,
+            max_connections=connections,
             connect_timeout=s.connect_timeout,
             read_timeout=s.read_timeout,
         )
@@ -310,6 +310,12 @@ class LoadRunner:
 
     def _now(self) -> float:
         return time.perf_counter() - self.started
+
+
+def _connections_for(profile: LoadProfile) -> int:
+    if not profile.open_loop:
+        return profile.concurrency or 1
+    return profile.max_concurrency or 100_000  # open loop: as many as the schedule has in flight
 
 
 def _content(chunk: dict[str, Any], chat: bool) -> str:

@@ -190,7 +190,7 @@ async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, ou
     loop.add_signal_handler(signal.SIGINT, stop.set)  # Ctrl-C: stop, then report what was measured
     points: list[tuple[dict[str, Any], Any, list[Any]]] = []
     try:
-        async with runner.transport() as http:
+        async with runner.transport(plan.profiles) as http:
             try:
                 await runner.resolve_model(http)
                 await build_specs(http, runner.model or "", source, 1, settings.seed)  # fail fast on bad data
@@ -208,8 +208,8 @@ async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, ou
                 records = await _with_progress(point_runner, specs, stop, http, profile.label)
                 summary = summarize(records, plan.slo, plan.max_lag)
                 info = _info(settings, runner.model, profile, source, len(specs), stop.is_set())
-                points.append((info, summary, records))
                 print_summary(out, info, summary, plan.cost)
+                points.append(({**info, "load": profile}, summary, records))
                 return summary
 
             try:
@@ -232,7 +232,7 @@ async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, ou
     if len(points) > 1:
         print_sweep(out, [(info["profile"], summary) for info, summary, _ in points], plan.cost)
     if output is not None and points:
-        _write(output, points, plan.cost)
+        _write(output, points, plan.cost, _sweep_axis(points))
     if stop.is_set():
         err.print("[yellow]stopped early: the report covers what was measured[/yellow]")
         return 130
@@ -259,19 +259,39 @@ def _info(
     }
 
 
-def _write(output: Path, points: list[tuple[dict[str, Any], Any, list[Any]]], cost: Cost | None) -> None:
+def _sweep_axis(points: list[tuple[dict[str, Any], Any, list[Any]]]) -> tuple[str, list[float]] | None:
+    """What a sweep varied (concurrency or rate), read back from its points' profiles."""
+    profiles = [info["load"] for info, _, _ in points]
+    if len(profiles) < 2:
+        return None
+    if all(p.concurrency is not None and not p.open_loop for p in profiles):
+        return "concurrency", [float(p.concurrency) for p in profiles]
+    if all(p.rate is not None for p in profiles):
+        return "offered req/s", [float(p.rate) for p in profiles]
+    return None
+
+
+def _write(
+    output: Path,
+    points: list[tuple[dict[str, Any], Any, list[Any]]],
+    cost: Cost | None,
+    axis: tuple[str, list[float]] | None,
+) -> None:
+    from tokenmill.bench.html_report import write_html
     from tokenmill.bench.records import write_log
     from tokenmill.bench.report import csv_row, write_csv, write_json
 
     output.parent.mkdir(parents=True, exist_ok=True)
     many = len(points) > 1
-    for i, (info, summary, records) in enumerate(points):
+    saved = [({k: v for k, v in info.items() if k != "load"}, s, r) for info, s, r in points]
+    for i, (info, summary, records) in enumerate(saved):
         stem = f"{output.name}.{i}" if many else output.name
         write_log(output.with_name(stem + ".events.jsonl"), info, records)
         write_json(output.with_name(stem + ".json"), info, summary, cost)
-    write_csv(output.with_name(output.name + ".csv"), [csv_row(info, s, cost) for info, s, _ in points])
+    write_csv(output.with_name(output.name + ".csv"), [csv_row(info, s, cost) for info, s, _ in saved])
+    write_html(output.with_name(output.name + ".html"), saved, cost, axis)
     what = f"{len(points)} points" if many else "the run"
-    err.print(f"wrote {what} to {output}*.events.jsonl, .json and {output}.csv")
+    err.print(f"wrote {what} to {output}*.events.jsonl, .json, {output}.csv and {output}.html")
 
 
 async def _with_progress(

@@ -1,0 +1,126 @@
+"""One self-contained HTML file per run or sweep: settings, formulas, tables and plots inline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from tokenmill.bench import plots
+from tokenmill.bench.metrics import FORMULAS, Summary
+from tokenmill.bench.records import RequestRecord
+from tokenmill.bench.report import LATENCIES, Cost
+
+_TEMPLATE = jinja2.Environment(autoescape=True).from_string(
+    """<!doctype html>
+<html><head><meta charset="utf-8"><title>tokenmill bench: {{ title }}</title>
+<style>
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1250px; color: #222; }
+table { border-collapse: collapse; margin: 0.6em 0 1.4em; }
+th, td { border-bottom: 1px solid #ddd; padding: 3px 10px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.invalid { color: #b00; font-weight: bold; }
+pre { background: #f6f6f6; padding: 0.8em; white-space: pre-wrap; }
+svg { max-width: 100%; height: auto; }
+</style></head><body>
+<h1>tokenmill bench: {{ title }}</h1>
+<table>{% for k, v in settings %}<tr><td>{{ k }}</td><td>{{ v }}</td></tr>{% endfor %}</table>
+{% if sweep %}<h2>Sweep</h2>
+<table><tr><th>load</th><th>req/s</th><th>output tok/s</th><th>TTFT p50 / p99 ms</th>
+<th>TPOT p50 / p99 ms</th><th>goodput req/s</th>
+{% if cost %}<th>$ / M output tokens</th>{% endif %}<th>valid</th></tr>
+{% for row in sweep %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
+{{ sweep_svg | safe }}{% endif %}
+{% for p in points %}<h2>{{ p.label }}</h2>
+{% if not p.summary.valid %}<p class="invalid">invalid run: {{ p.summary.invalid_reason }}</p>{% endif %}
+<p>{{ p.summary.succeeded }} ok, {{ p.summary.failed }} failed of {{ p.summary.requests }} in
+{{ "%.2f" % p.summary.duration_s }} s; {{ "%.2f" % p.summary.request_tput }} req/s,
+output {{ "%.1f" % p.summary.output_tok_s }} tok/s, input {{ "%.1f" % p.summary.input_tok_s }} tok/s
+{% if p.summary.goodput is not none %}; goodput ({{ p.summary.slo }}) {{ "%.2f" % p.summary.goodput }} req/s,
+{{ "%.1f" % (100 * p.summary.good_fraction) }}% good{% endif %}{% if p.cost %}; {{ p.cost }}{% endif %}</p>
+<table><tr><th>ms</th><th>mean</th><th>median</th><th>p90</th><th>p95</th><th>p99</th><th>max</th></tr>
+{% for row in p.latency %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
+{% if p.summary.errors %}<p>errors:
+{% for k, v in p.summary.errors.items() %}{{ k }} {{ v }}; {% endfor %}</p>{% endif %}
+{% if p.summary.workers %}<p>workers (max/mean {{ "%.2f" % p.summary.worker_imbalance }}):
+{% for w, v in p.summary.workers.items() %}{{ w }} {{ v.requests }} requests,
+{{ v.output_tokens }} tokens; {% endfor %}</p>{% endif %}
+{{ p.timeline | safe }}
+{% endfor %}
+<h2>Latency distributions</h2>
+{{ cdf_svg | safe }}
+<h2>Definitions</h2><pre>{{ formulas }}</pre>
+</body></html>
+"""
+)
+
+
+def write_html(
+    path: Path,
+    points: list[tuple[dict[str, Any], Summary, list[RequestRecord]]],
+    cost: Cost | None = None,
+    sweep_axis: tuple[str, list[float]] | None = None,
+) -> None:
+    """``points``: (run info, summary, records) per load; ``sweep_axis``: the x of a sweep's curves."""
+    first = points[0][0]
+    settings = [(k, first[k]) for k in ("url", "model", "endpoint", "data", "started", "seed") if k in first]
+    sweep_rows, sweep_svg = [], ""
+    if len(points) > 1:
+        for info, s, _ in points:
+            row = [
+                info["profile"],
+                f"{s.request_tput:.2f}",
+                f"{s.output_tok_s:.1f}",
+                _pair(s.ttft),
+                _pair(s.tpot),
+            ]
+            row.append(f"{s.goodput:.2f}" if s.goodput is not None else "-")
+            if cost is not None:
+                per_m = cost.per_million(s.output_tok_s)
+                row.append(f"{per_m:.3f}" if per_m is not None else "-")
+            row.append("yes" if s.valid else "no")
+            sweep_rows.append(row)
+        if sweep_axis is not None:
+            name, x = sweep_axis
+            sweep_svg = plots.sweep_curves([(i["profile"], s) for i, s, _ in points], x, name, cost)
+    rendered = []
+    for info, s, records in points:
+        latency = []
+        for key, label in LATENCIES:
+            d = getattr(s, key)
+            if d is not None:
+                latency.append(
+                    [
+                        label,
+                        *(
+                            f"{getattr(d, c) * 1000:.1f}"
+                            for c in ("mean", "median", "p90", "p95", "p99", "max")
+                        ),
+                    ]
+                )
+        dollars = cost.per_million(s.output_tok_s) if cost is not None else None
+        rendered.append(
+            {
+                "label": info["profile"],
+                "summary": s,
+                "latency": latency,
+                "cost": f"${dollars:.3f} per million output tokens" if dollars is not None else None,
+                "timeline": plots.timeline(records),
+            }
+        )
+    html = _TEMPLATE.render(
+        title=first["profile"] if len(points) == 1 else f"sweep of {len(points)} loads",
+        settings=settings,
+        sweep=sweep_rows,
+        sweep_svg=sweep_svg,
+        cost=cost,
+        points=rendered,
+        cdf_svg=plots.latency_cdfs([(i["profile"], r) for i, _, r in points]),
+        formulas=FORMULAS,
+    )
+    path.write_text(html, encoding="utf-8")
+
+
+def _pair(d: Any) -> str:
+    return "-" if d is None else f"{d.median * 1000:.1f} / {d.p99 * 1000:.1f}"
