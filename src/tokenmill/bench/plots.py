@@ -112,3 +112,29 @@ def sweep_curves(points: list[tuple[str, Summary]], x: list[float], x_label: str
 
 def _ms(d: Any, stat: str) -> float:
     return float("nan") if d is None else getattr(d, stat) * 1000
+
+
+def pareto(runs: list[tuple[str, dict[str, float], float | None]]) -> str:
+    """Latency against throughput per GPU (and against $ per million tokens when known), one
+    point per configuration: the frontier is what a team chooses from.
+
+    ``runs``: (label, {"ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "tok_s_per_gpu"} in ms and
+    tok/s, $ per million output tokens or None)."""
+    plt = _pyplot()
+    with_cost = all(c is not None for _, _, c in runs)
+    fig, axes = plt.subplots(1, 2 if with_cost else 1, figsize=(11 if with_cost else 6, 4), squeeze=False)
+    for label, v, dollars in runs:
+        xs = [("tok_s_per_gpu", v["tok_s_per_gpu"])] + ([("dollars", dollars)] if with_cost else [])
+        for ax, (_, x) in zip(axes[0], xs, strict=True):
+            for key, marker in (("ttft_p50", "o"), ("ttft_p99", "^"), ("tpot_p50", "s"), ("tpot_p99", "v")):
+                ax.scatter([x], [v[key]], marker=marker, label=f"{label} {key.replace('_', ' ')}")
+                ax.annotate(label, (x, v[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes[0][0].set_xlabel("output tok/s per GPU")
+    if with_cost:
+        axes[0][1].set_xlabel("$ per million output tokens")
+    for ax in axes[0]:
+        ax.set_ylabel("ms")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, ncol=2)
+    return _svg(fig)

@@ -343,6 +343,89 @@ def report(
     print_summary(out, header, summarize(records, goals, max_lag_p99))
 
 
+@app.command("compare")
+def compare_runs(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Two or more runs (PREFIX.json or PREFIX.events.jsonl).")
+    ],
+    labels: Annotated[str | None, typer.Option(help="Comma-separated names for the runs.")] = None,
+    html: Annotated[Path | None, typer.Option(help="Also write the table and Pareto plots here.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+) -> None:
+    """Compare runs against the first: differences with 95% bootstrap confidence intervals."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from tokenmill.bench.compare import STATISTICS, Run, compare
+
+    names = labels.split(",") if labels else [None] * len(runs)
+    try:
+        if len(runs) < 2:
+            raise ValueError("compare needs at least two runs")
+        if len(names) != len(runs):
+            raise ValueError(f"--labels names {len(names)} runs, {len(runs)} were given")
+        loaded = [Run.load(p, n) for p, n in zip(runs, names, strict=True)]
+    except (OSError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    table = compare(loaded, seed)
+    rows = []
+    for key, label, _, _, higher_better in STATISTICS:
+        cells = [label]
+        for d in table[key]:
+            if d.delta is None:
+                cells.append(f"{d.value:.2f}")
+                continue
+            better = (d.delta > 0) == higher_better
+            mark = ("[green]" if better else "[red]") if d.significant else ""
+            end = "[/]" if mark else ""
+            interval = escape(f"[{d.low:+.2f}, {d.high:+.2f}]")
+            cells.append(f"{d.value:.2f} {mark}({d.delta:+.2f} {interval}){end}")
+        rows.append(cells)
+    t = Table(title="against " + loaded[0].label + " (95% bootstrap CI; colored: the interval excludes 0)")
+    t.add_column("metric")
+    for run in loaded:
+        t.add_column(run.label, justify="right")
+    for cells in rows:
+        t.add_row(*cells)
+    out.print(t)
+    if html is not None:
+        _compare_html(html, loaded, table)
+        err.print(f"wrote {html}")
+
+
+def _compare_html(path: Path, runs: list[Any], table: dict[str, Any]) -> None:
+    import html as html_lib
+
+    from tokenmill.bench import plots
+    from tokenmill.bench.compare import STATISTICS
+
+    head = "".join(f"<th>{html_lib.escape(r.label)}</th>" for r in runs)
+    body = ""
+    for key, label, _, _, _ in STATISTICS:
+        cells = "".join(
+            f"<td>{d.value:.2f}"
+            + ("" if d.delta is None else f" ({d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}])")
+            + "</td>"
+            for d in table[key]
+        )
+        body += f"<tr><td>{label}</td>{cells}</tr>"
+    points = []
+    for i, r in enumerate(runs):
+        v = {k: table[k][i].value for k in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")}
+        v["tok_s_per_gpu"] = table["output_tok_s"][i].value / r.gpus
+        points.append((r.label, v, r.cost_per_million))
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>tokenmill bench compare</title>"
+        "<style>body{font:14px system-ui;margin:2em auto;max-width:1200px}td,th{padding:3px 10px;"
+        "border-bottom:1px solid #ddd;text-align:right}svg{max-width:100%;height:auto}</style></head><body>"
+        f"<h1>tokenmill bench compare</h1><p>Differences against {html_lib.escape(runs[0].label)} with 95% "
+        f"bootstrap intervals.</p><table><tr><th>metric</th>{head}</tr>{body}</table>"
+        f"{plots.pareto(points)}</body></html>"
+    )
+    path.write_text(page, encoding="utf-8")
+
+
 @app.command("mock-server")
 def mock_server(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
