@@ -47,6 +47,7 @@ output {{ "%.1f" % p.summary.output_tok_s }} tok/s, input {{ "%.1f" % p.summary.
 {% for w, v in p.summary.workers.items() %}{{ w }} {{ v.requests }} requests,
 {{ v.output_tokens }} tokens; {% endfor %}</p>{% endif %}
 {{ p.timeline | safe }}
+{% if p.server %}<h3>The server's own metrics</h3>{{ p.server | safe }}{% endif %}
 {% endfor %}
 <h2>Latency distributions</h2>
 {{ cdf_svg | safe }}
@@ -107,6 +108,7 @@ def write_html(
                 "latency": latency,
                 "cost": f"${dollars:.3f} per million output tokens" if dollars is not None else None,
                 "timeline": plots.timeline(records),
+                "server": plots.server_timeline(samples) if (samples := _samples(info)) else "",
             }
         )
     html = _TEMPLATE.render(
@@ -120,6 +122,10 @@ def write_html(
         formulas=FORMULAS,
     )
     path.write_text(html, encoding="utf-8")
+
+
+def _samples(info: dict[str, Any]) -> list[dict[str, Any]]:
+    return (info.get("server_metrics") or {}).get("samples") or []
 
 
 def _pair(d: Any) -> str:

@@ -138,3 +138,30 @@ def pareto(runs: list[tuple[str, dict[str, float], float | None]]) -> str:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=6, ncol=2)
     return _svg(fig)
+
+
+def server_timeline(samples: list[dict[str, Any]]) -> str:
+    """The server's own gauges over the run (from ``--metrics-url``): running and waiting
+    requests, KV cache usage and busy ratio."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(13, 3.0))
+    ax2 = ax.twinx()
+    for url in sorted({s["url"] for s in samples}):
+        mine = [s for s in samples if s["url"] == url]
+        t = [s["time"] for s in mine]
+        for key, axis, style in (
+            ("running", ax, "-"),
+            ("waiting", ax, "--"),
+            ("kv_usage", ax2, ":"),
+            ("busy", ax2, "-."),
+        ):
+            values = [s["values"].get(key, float("nan")) for s in mine]
+            axis.plot(t, values, style, label=f"{url} {key}")
+    ax.set_xlabel("seconds from start")
+    ax.set_ylabel("requests")
+    ax2.set_ylabel("ratio (KV usage, busy)")
+    ax2.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    ax2.legend(fontsize=7, loc="upper right")
+    return _svg(fig)

@@ -87,6 +87,13 @@ def print_summary(console: Console, run: dict[str, Any], s: Summary, cost: Cost 
             f"[yellow]token counts: {s.token_mismatches} requests where the usage differs "
             "from what was asked or streamed[/yellow]"
         )
+    server = run.get("server_metrics") or {}
+    for url, g in (server.get("summary") or {}).items():
+        gauges = [k for k in ("running", "waiting", "kv_usage", "busy") if k + "_mean" in g]
+        parts = [f"{k} mean {g[k + '_mean']:.2f} max {g[k + '_max']:.2f}" for k in gauges]
+        lines.append(f"server {url}: " + "; ".join(parts))
+    for url, error in (server.get("errors") or {}).items():
+        lines.append(f"[yellow]server metrics from {url} failed: {error}[/yellow]")
     for line in lines:
         console.print(line, highlight=False)
     if not s.valid:

@@ -12,7 +12,7 @@ import asyncio
 import signal
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -88,6 +88,10 @@ def run(
     api_key: Annotated[
         str | None, typer.Option(help="Sent as Authorization: Bearer KEY.", envvar="OPENAI_API_KEY")
     ] = None,
+    metrics_url: Annotated[
+        list[str] | None,
+        typer.Option(help="The server's Prometheus /metrics, sampled during the run (repeatable)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the data and the schedule.")] = 0,
     read_timeout: Annotated[float, typer.Option(help="Longest silence within a response (s).")] = 300.0,
     output: Annotated[
@@ -137,7 +141,11 @@ def run(
             prefix_tokens=prefix_tokens,
             trace=trace_rows,
         )
-        plan = Plan(profiles, find_max_goodput, goodput_target, goals, max_lag_p99, cost)
+        if metrics_url:
+            from tokenmill.bench.scrape import MetricsScraper
+
+            MetricsScraper(metrics_url)  # checks the URLs now
+        plan = Plan(profiles, find_max_goodput, goodput_target, goals, max_lag_p99, cost, metrics_url or [])
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
@@ -174,12 +182,14 @@ class Plan:
     slo: SLO | None
     max_lag: float
     cost: Cost | None
+    metrics_urls: list[str]
 
 
 async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, output: Path | None) -> int:
     from tokenmill.bench.metrics import summarize
     from tokenmill.bench.report import print_summary, print_sweep
     from tokenmill.bench.runner import LoadRunner
+    from tokenmill.bench.scrape import MetricsScraper
     from tokenmill.bench.specs import build_specs
     from tokenmill.bench.sweep import find_max_goodput
     from tokenmill.client import TransportError
@@ -205,9 +215,22 @@ async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, ou
                     specs = await build_specs(http, runner.model or "", source, n, settings.seed + i)
                 point_runner = LoadRunner(replace(settings, profile=profile))
                 point_runner.model = runner.model
-                records = await _with_progress(point_runner, specs, stop, http, profile.label)
+                scraper = MetricsScraper(plan.metrics_urls) if plan.metrics_urls else None
+                if scraper is not None:
+                    scraper.start(time.perf_counter())
+                try:
+                    records = await _with_progress(point_runner, specs, stop, http, profile.label)
+                finally:
+                    if scraper is not None:
+                        await scraper.stop()
                 summary = summarize(records, plan.slo, plan.max_lag)
                 info = _info(settings, runner.model, profile, source, len(specs), stop.is_set())
+                if scraper is not None:
+                    info["server_metrics"] = {
+                        "summary": scraper.summary(),
+                        "errors": scraper.errors,
+                        "samples": [asdict(sample) for sample in scraper.samples],
+                    }
                 print_summary(out, info, summary, plan.cost)
                 points.append(({**info, "load": profile}, summary, records))
                 return summary
