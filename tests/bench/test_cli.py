@@ -120,3 +120,15 @@ def test_find_max_goodput_reports_when_no_rate_meets_the_slo(mock_url):
 def test_find_max_goodput_needs_an_slo(mock_url):
     done = bench("run", mock_url, "--find-max-goodput")
     assert done.returncode == 2 and "--find-max-goodput needs --slo" in done.stderr
+
+
+def test_calibrate_reports_the_highest_rate_sent_on_schedule(mock_url):
+    done = bench("calibrate", mock_url, "--start-rate", "50", "--seconds", "0.4", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "calibration probes" in done.stdout and "this client drives" in done.stdout
+    assert "req/s (schedule lag p99" in done.stdout
+
+
+def test_calibrate_against_nothing_is_a_clear_error():
+    done = bench("calibrate", "http://127.0.0.1:9")
+    assert done.returncode == 2 and "cannot connect" in done.stderr

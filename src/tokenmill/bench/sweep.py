@@ -61,20 +61,37 @@ async def find_max_goodput(
 ) -> GoodputSearch:
     """The highest request rate at which at least ``target`` of the requests meet every SLO.
 
-    Doubles the rate from ``start_rate`` until a probe misses the target, then
-    bisects between the last rate that met it and the first that missed.
-    ``run`` must summarize with the SLOs (its summaries carry ``good_fraction``)."""
+    ``run`` must summarize with the SLOs (its summaries carry ``good_fraction``);
+    a probe whose own schedule lagged (an invalid run) counts as a miss."""
     if not 0 < target <= 1:
         raise ValueError(f"the goodput target must be a fraction in (0, 1], got {target}")
+
+    def passes(summary: Summary) -> bool:
+        if summary.good_fraction is None:
+            raise ValueError("--find-max-goodput needs --slo")
+        return summary.good_fraction >= target and summary.valid
+
+    return await search_max_rate(run, start_rate, passes, bisections, max_probes, kind)
+
+
+async def search_max_rate(
+    run: Callable[[int, LoadProfile], Awaitable[Summary]],
+    start_rate: float,
+    passes: Callable[[Summary], bool],
+    bisections: int = 5,
+    max_probes: int = 20,
+    kind: str = "poisson",
+) -> GoodputSearch:
+    """The highest rate whose run ``passes``: doubles from ``start_rate`` until a probe fails,
+    then bisects between the last rate that passed and the first that failed (or below the
+    start, if even that failed)."""
     probes: list[Point] = []
 
     async def probe(rate: float) -> bool:
         profile = LoadProfile(kind, rate=rate)
         summary = await run(len(probes), profile)
-        if summary.good_fraction is None:
-            raise ValueError("--find-max-goodput needs --slo")
         probes.append(Point(profile, summary))
-        return summary.good_fraction >= target and summary.valid
+        return passes(summary)
 
     good: float | None = None
     bad: float | None = None
@@ -86,19 +103,12 @@ async def find_max_goodput(
         else:
             bad = rate
             break
-    if good is None and bad is not None:  # even the start missed: search below it
-        lo = 0.0
+    if bad is not None:
+        lo = good if good is not None else 0.0
         for _ in range(bisections):
             mid = (lo + bad) / 2
             if await probe(mid):
                 good = lo = mid
-            else:
-                bad = mid
-    elif good is not None and bad is not None:
-        for _ in range(bisections):
-            mid = (good + bad) / 2
-            if await probe(mid):
-                good = mid
             else:
                 bad = mid
     best = max(

@@ -449,6 +449,108 @@ def _compare_html(path: Path, runs: list[Any], table: dict[str, Any]) -> None:
     path.write_text(page, encoding="utf-8")
 
 
+@app.command()
+def calibrate(
+    url: Annotated[str, typer.Argument(help="The server to drive, e.g. http://127.0.0.1:8000.")],
+    start_rate: Annotated[
+        float, typer.Option(help="First rate tried (req/s); it doubles from there.")
+    ] = 100.0,
+    seconds: Annotated[float, typer.Option(help="Seconds of load per probe.")] = 3.0,
+    output_tokens: Annotated[int, typer.Option(help="Tokens per response: keep it short.", min=1)] = 4,
+    max_lag_p99: Annotated[
+        float, typer.Option(help="Schedule lag p99 (s) past which the client fell behind.")
+    ] = 0.010,
+    endpoint: Annotated[str, typer.Option(help="chat or completions.")] = "chat",
+    model: Annotated[str | None, typer.Option(help="Model name. Default: the first at /v1/models.")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="Sent as Authorization: Bearer KEY.", envvar="OPENAI_API_KEY")
+    ] = None,
+) -> None:
+    """How fast this client can drive URL: the highest constant rate it sends on schedule.
+
+    Run it against the server you will measure (or `tokenmill bench mock-server
+    --ttft 0 --itl 0` for the client alone): a benchmark above this rate measures
+    the client, not the server."""
+    from tokenmill.bench.load import LoadProfile
+    from tokenmill.bench.runner import RunSettings
+
+    try:
+        settings = RunSettings(
+            url.rstrip("/").removesuffix("/v1"),
+            LoadProfile("constant", rate=start_rate),
+            endpoint=endpoint,
+            model=model,
+            max_tokens=output_tokens,
+            api_key=api_key,
+        )
+        if not seconds > 0:
+            raise ValueError(f"--seconds must be > 0, got {seconds}")
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    raise typer.Exit(asyncio.run(_calibrate(settings, seconds, max_lag_p99)))
+
+
+async def _calibrate(settings: RunSettings, seconds: float, max_lag: float) -> int:
+    from rich.table import Table
+
+    from tokenmill.bench.data import RequestSpec
+    from tokenmill.bench.metrics import summarize
+    from tokenmill.bench.runner import LoadRunner
+    from tokenmill.bench.sweep import search_max_rate
+    from tokenmill.client import TransportError
+
+    runner = LoadRunner(settings)
+    async with runner.transport() as http:
+        try:
+            await runner.resolve_model(http)
+        except (TransportError, ValueError) as e:
+            err.print(f"[red]error:[/red] {e}")
+            return 2
+
+        async def probe(i: int, profile: LoadProfile) -> Summary:
+            n = max(int((profile.rate or 1.0) * seconds), 10)
+            specs = [RequestSpec(prompt=f"calibration request {i} {j}") for j in range(n)]
+            point = LoadRunner(replace(settings, profile=profile))
+            point.model = runner.model
+            with err.status(f"probing {profile.rate:.0f} req/s..."):
+                return summarize(await point.run(specs, http=http), max_lag_p99=max_lag)
+
+        def on_schedule(s: Summary) -> bool:
+            return s.valid and s.failed == 0 and s.achieved_rate >= 0.95 * (s.offered_rate or 0.0)
+
+        found = await search_max_rate(probe, settings.profile.rate or 100.0, on_schedule, 4, 16, "constant")
+    table = Table(title="calibration probes (constant rate)")
+    for col in (
+        "asked req/s",
+        "achieved req/s",
+        "lag p50 / p99 ms",
+        "TTFT p50 / p99 ms",
+        "failed",
+        "on schedule",
+    ):
+        table.add_column(col, justify="right")
+    for p in found.probes:
+        s = p.summary
+        lag = (
+            f"{s.schedule_lag.median * 1000:.2f} / {s.schedule_lag.p99 * 1000:.2f}" if s.schedule_lag else "-"
+        )
+        ttft = f"{s.ttft.median * 1000:.2f} / {s.ttft.p99 * 1000:.2f}" if s.ttft else "-"
+        ok = "yes" if on_schedule(s) else "no"
+        table.add_row(f"{p.profile.rate:.0f}", f"{s.achieved_rate:.1f}", lag, ttft, str(s.failed), ok)
+    out.print(table)
+    if found.best is None:
+        out.print(f"[red]even {found.probes[-1].profile.rate:.1f} req/s ran behind schedule or failed[/red]")
+        return 1
+    s = found.best.summary
+    lag99 = s.schedule_lag.p99 * 1000 if s.schedule_lag else float("nan")
+    out.print(
+        f"[bold]this client drives {settings.url} at up to {found.max_rate:.0f} req/s[/bold] "
+        f"(schedule lag p99 {lag99:.2f} ms); measure below that rate, or the client is what you measure."
+    )
+    return 0
+
+
 @app.command("mock-server")
 def mock_server(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
