@@ -4,6 +4,7 @@ and failures of every kind are counted while the run goes on."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -170,3 +171,39 @@ def test_an_unreachable_server_fails_fast_with_a_connect_error():
     with pytest.raises(ConnectError, match=r"127\.0\.0\.1:9"):
         asyncio.run(main())
     assert time.perf_counter() - start < 5
+
+
+def test_multi_turn_sessions_carry_the_conversation_and_wait_for_each_reply():
+    from tokenmill.bench.data import Length, multi_turn
+    from tokenmill.bench.tokenizers import server_tokenizer
+    from tokenmill.client import HTTPTransport
+
+    async def main():
+        async with MockServer(MockConfig(ttft=0.02, itl=0.002)) as server:
+            async with HTTPTransport(server.url) as http:
+                tok = await server_tokenizer(http, "mock")
+                specs = await multi_turn(tok, 6, 3, Length(10, 10), Length(5, 5), seed=0)
+            settings = RunSettings(server.url, LoadProfile("poisson", rate=50.0), think_time=0.05)
+            return await LoadRunner(settings).run(specs)
+
+    records = asyncio.run(main())
+    assert len(records) == 6 and all(r.ok for r in records)
+    for session in ("session-0", "session-1"):
+        turns = sorted((r for r in records if r.user == session), key=lambda r: r.turn)
+        assert [r.turn for r in turns] == [0, 1, 2]
+        # Turn k carries k earlier user messages and k replies of 5 words: 10 + 15k words.
+        assert [r.prompt_tokens for r in turns] == [10, 25, 40]
+        for before, after in itertools.pairwise(turns):
+            assert after.sent >= before.end + 0.05 - 0.002  # the reply, then the think time
+            assert after.intended == pytest.approx(before.end + 0.05)
+
+
+def test_a_failed_turn_ends_its_session():
+    async def main():
+        async with MockServer(MockConfig(ttft=0.0, itl=0.0, fail_every=2)) as server:
+            specs = [RequestSpec(prompt=f"t{i}", session="s", user="s") for i in range(4)]
+            settings = RunSettings(server.url, LoadProfile("concurrency", concurrency=1))
+            return await LoadRunner(settings).run(specs)
+
+    records = asyncio.run(main())
+    assert [(r.turn, r.error_kind) for r in records] == [(0, None), (1, "http_5xx")]

@@ -6,6 +6,9 @@
 - ``shared-prefix``: ``groups`` prefixes of ``prefix_tokens`` each, every
   request one of them plus a unique suffix of ``prompt_tokens`` (for prefix
   caching and routing studies); requests go round the groups.
+- ``multi-turn``: sessions of ``turns`` user messages of ``prompt_tokens``
+  each; a turn goes out once the previous one's reply is in (after the run's
+  think time), carrying the whole conversation so far, replies included.
 - ``jsonl``: one JSON object per line, ``{"prompt": ...}`` or ``{"messages": [...]}``,
   with optional ``output_tokens`` and ``user``.
 - ``sharegpt``: ShareGPT's JSON (``[{"conversations": [{"from": "human", "value": ...}, ...]}]``);
@@ -26,7 +29,7 @@ from typing import Any
 from tokenmill.bench.tokenizers import TokenCounter
 from tokenmill.bench.vocabulary import WORDS
 
-SOURCES = ("synthetic", "shared-prefix", "jsonl", "sharegpt")
+SOURCES = ("synthetic", "shared-prefix", "multi-turn", "jsonl", "sharegpt")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class RequestSpec:
     prompt_tokens: int | None = None  # content tokens, when known
     output_tokens: int | None = None  # max_tokens to ask for (None: the run's default)
     user: str | None = None
+    session: str | None = None  # turns of one session go in order, each with the replies before it
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,21 @@ async def shared_prefix(
                 user=f"group-{i % groups}",
             )
         )
+    return specs
+
+
+async def multi_turn(
+    tok: TokenCounter, num: int, turns: int, prompt_tokens: Length, output_tokens: Length, seed: int
+) -> list[RequestSpec]:
+    """``num`` requests as sessions of ``turns`` turns (the last session may be shorter)."""
+    if turns < 1:
+        raise ValueError(f"--turns must be >= 1, got {turns}")
+    rng = random.Random(seed)
+    specs = []
+    for i in range(num):
+        session = f"session-{i // turns}"
+        text, count = await exact_text(tok, prompt_tokens.draw(rng), rng)
+        specs.append(RequestSpec(text, None, count, output_tokens.draw(rng), session, session))
     return specs
 
 

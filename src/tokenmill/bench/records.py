@@ -39,6 +39,7 @@ class RequestRecord:
     error: str | None = None
     worker: str | None = None  # x-tokenmill-worker, when the server sends it
     user: str | None = None  # the data's user or session id, for per-user figures
+    turn: int | None = None  # the turn within its session (multi-turn data)
 
     @property
     def ok(self) -> bool:

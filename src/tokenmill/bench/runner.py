@@ -25,7 +25,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tokenmill.bench.data import RequestSpec
@@ -59,12 +59,15 @@ class RunSettings:
     max_duration: float | None = None  # stop sending after this many seconds
     seed: int = 0
     trace_times: list[float] | None = None  # the trace profile's send times
+    think_time: float = 0.0  # multi-turn: seconds between a reply and the next turn
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.think_time < 0:
+            raise ValueError(f"think_time must be >= 0 s, got {self.think_time}")
 
 
 class LoadRunner:
@@ -145,22 +148,23 @@ class LoadRunner:
         done: Callable[[RequestRecord], None],
         stop: asyncio.Event,
     ) -> None:
+        """Sessions start at their intended times (a single request is a session of one)."""
         s = self.settings
-        times = intended_times(s.profile, len(specs), s.seed, s.trace_times)
+        sessions = _sessions(specs)
+        times = intended_times(s.profile, len(sessions), s.seed, s.trace_times)
         cap = asyncio.Semaphore(s.profile.max_concurrency) if s.profile.max_concurrency else None
         tasks: set[asyncio.Task[None]] = set()
         stopped = asyncio.ensure_future(stop.wait())
         try:
-            for i, spec in enumerate(specs):
-                if s.max_duration is not None and times[i] > s.max_duration:
+            for k, turns in enumerate(sessions):
+                if s.max_duration is not None and times[k] > s.max_duration:
                     break
-                delay = self.started + times[i] - time.perf_counter()
+                delay = self.started + times[k] - time.perf_counter()
                 if delay > 0:
                     await asyncio.wait({stopped}, timeout=delay)
                 if stop.is_set():
                     break
-                record = RequestRecord(i, intended=times[i], user=spec.user)
-                task = asyncio.create_task(self._one(http, spec, record, done, cap))
+                task = asyncio.create_task(self._session(http, turns, times[k], done, cap))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             await self._finish(tasks, stopped)
@@ -174,24 +178,59 @@ class LoadRunner:
         done: Callable[[RequestRecord], None],
         stop: asyncio.Event,
     ) -> None:
+        """``concurrency`` sessions at a time, a new one as one ends."""
         s = self.settings
-        pending = iter(enumerate(specs))
+        sessions = _sessions(specs)
+        pending = iter(sessions)
 
         async def stream() -> None:
-            for i, spec in pending:  # shared iterator: each spec goes to one stream
+            for turns in pending:  # shared iterator: each session goes to one stream
                 if stop.is_set():
                     return
                 if s.max_duration is not None and time.perf_counter() - self.started > s.max_duration:
                     return
-                await self._one(http, spec, RequestRecord(i, intended=None, user=spec.user), done, None)
+                await self._session(http, turns, None, done, None)
 
-        n = min(s.profile.concurrency or 1, len(specs))
+        n = min(s.profile.concurrency or 1, len(sessions))
         tasks = {asyncio.create_task(stream()) for _ in range(n)}
         stopped = asyncio.ensure_future(stop.wait())
         try:
             await self._finish(tasks, stopped)
         finally:
             stopped.cancel()
+
+    async def _session(
+        self,
+        http: HTTPTransport,
+        turns: list[tuple[int, RequestSpec]],
+        intended: float | None,
+        done: Callable[[RequestRecord], None],
+        cap: asyncio.Semaphore | None,
+    ) -> None:
+        """The turns of one session in order, each carrying the conversation so far. A turn
+        that fails ends its session: what follows it would be a different conversation."""
+        history: list[dict[str, Any]] = []
+        for k, (i, spec) in enumerate(turns):
+            if k > 0:
+                wait = self.started + (intended or 0.0) - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            turn = k if spec.session is not None else None
+            record = RequestRecord(i, intended=intended, user=spec.user, turn=turn)
+            if spec.session is not None and self.settings.endpoint == "chat":
+                message = {"role": "user", "content": spec.prompt or ""}
+                spec = replace(spec, messages=[*history, message])
+                history.append(message)
+            reply = await self._one(http, spec, record, done, cap)
+            if not record.ok:
+                return
+            history.append({"role": "assistant", "content": reply})
+            # The next turn is meant to go out a think time after this reply; in closed
+            # loop latencies still count from the actual send.
+            next_at = (record.end or self._now()) + self.settings.think_time
+            intended = next_at if intended is not None else None
+            if intended is None and self.settings.think_time > 0 and k + 1 < len(turns):
+                await asyncio.sleep(self.settings.think_time)
 
     async def _finish(self, tasks: set[asyncio.Task[None]], stopped: asyncio.Future[Any]) -> None:
         """Wait for the requests in flight; if the run is stopped meanwhile, cancel them."""
@@ -213,20 +252,22 @@ class LoadRunner:
         record: RequestRecord,
         done: Callable[[RequestRecord], None],
         cap: asyncio.Semaphore | None,
-    ) -> None:
+    ) -> str:
+        """Send one request, record it, and return the reply's text."""
         try:
             if cap is not None:
                 async with cap:
-                    await self._exchange(http, spec, record)
+                    reply = await self._exchange(http, spec, record)
             else:
-                await self._exchange(http, spec, record)
+                reply = await self._exchange(http, spec, record)
         except asyncio.CancelledError:
             _fail(record, "cancelled", "the run stopped before the response ended", self._now())
             done(record)
             raise
         done(record)
+        return reply
 
-    async def _exchange(self, http: HTTPTransport, spec: RequestSpec, record: RequestRecord) -> None:
+    async def _exchange(self, http: HTTPTransport, spec: RequestSpec, record: RequestRecord) -> str:
         s = self.settings
         body = self._body(spec)
         record.expected_prompt_tokens = spec.prompt_tokens
@@ -241,21 +282,23 @@ class LoadRunner:
                 if response.status != 200:
                     text = (await response.read()).decode("utf-8", errors="replace")
                     _fail(record, _status_kind(response.status), _error_message(text), self._now())
-                    return
+                    return ""
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     await response.read()
                     _fail(record, "not_streamed", "the response is not an event stream", self._now())
-                    return
-                await self._read_stream(response, record)
+                    return ""
+                return await self._read_stream(response, record)
         except ConnectError as e:
             _fail(record, "connect", str(e), self._now())
         except ReadTimeout as e:
             _fail(record, "timeout", str(e), self._now())
         except TransportError as e:
             _fail(record, "protocol", str(e), self._now())
+        return ""
 
-    async def _read_stream(self, response: Any, record: RequestRecord) -> None:
+    async def _read_stream(self, response: Any, record: RequestRecord) -> str:
         chat = self.settings.endpoint == "chat"
+        pieces: list[str] = []
         seen_tokens = 0  # completion tokens of the last usage seen (continuous usage)
         async for event in response.events():
             data = event.data
@@ -280,11 +323,13 @@ class LoadRunner:
                 if not self.settings.continuous_usage:
                     tokens = 1  # a final usage chunk counts the whole stream, not this message
             if text:
+                pieces.append(text)
                 record.messages.append((event.time - self.started, max(tokens, 1)))
                 record.counted_output_tokens += max(tokens, 1)
         record.end = self._now()
         if record.error_kind is None and not record.messages:
             _fail(record, "no_output", "the stream ended without a token", record.end)
+        return "".join(pieces)
 
     def _body(self, spec: RequestSpec) -> dict[str, Any]:
         s = self.settings
@@ -310,6 +355,21 @@ class LoadRunner:
 
     def _now(self) -> float:
         return time.perf_counter() - self.started
+
+
+def _sessions(specs: list[RequestSpec]) -> list[list[tuple[int, RequestSpec]]]:
+    """Specs grouped by session, in order of first appearance; a spec without one stands alone."""
+    groups: dict[str, list[tuple[int, RequestSpec]]] = {}
+    out: list[list[tuple[int, RequestSpec]]] = []
+    for i, spec in enumerate(specs):
+        if spec.session is None:
+            out.append([(i, spec)])
+        elif spec.session in groups:
+            groups[spec.session].append((i, spec))
+        else:
+            groups[spec.session] = [(i, spec)]
+            out.append(groups[spec.session])
+    return out
 
 
 def _connections_for(profile: LoadProfile) -> int:

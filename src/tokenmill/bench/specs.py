@@ -23,6 +23,7 @@ class DataSource:
     groups: int = 4  # shared-prefix
     prefix_tokens: int = 512  # shared-prefix
     trace: list[dict[str, Any]] | None = None  # rows of a trace, whose lengths synthetic data follows
+    turns: int = 3  # multi-turn: turns per session
 
     def __post_init__(self) -> None:
         if self.kind not in data.SOURCES:
@@ -36,6 +37,8 @@ class DataSource:
             return f"synthetic {p} -> {o} tokens"
         if self.kind == "shared-prefix":
             return f"{self.groups} prefixes of {self.prefix_tokens} + {p} -> {o} tokens"
+        if self.kind == "multi-turn":
+            return f"sessions of {self.turns} turns of {p} -> {o} tokens"
         return f"{self.kind} {self.file}"
 
 
@@ -58,6 +61,8 @@ async def build_specs(
             o = data.Length(row["output_tokens"], row["output_tokens"]) if "output_tokens" in row else output
             specs += await data.synthetic(tok, 1, p, o, seed + i)
         return specs
+    if kind == "multi-turn":
+        return await data.multi_turn(tok, n, source.turns, prompt, output, seed)
     if kind == "shared-prefix":
         return await data.shared_prefix(tok, n, source.groups, source.prefix_tokens, prompt, output, seed)
     return await data.synthetic(tok, n, prompt, output, seed)

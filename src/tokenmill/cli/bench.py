@@ -59,7 +59,13 @@ def run(
     duration: Annotated[float | None, typer.Option(help="Stop sending after this many seconds.")] = None,
     endpoint: Annotated[str, typer.Option(help="chat or completions.")] = "chat",
     model: Annotated[str | None, typer.Option(help="Model name. Default: the first at /v1/models.")] = None,
-    data: Annotated[str, typer.Option(help="synthetic, shared-prefix, jsonl or sharegpt.")] = "synthetic",
+    data: Annotated[
+        str, typer.Option(help="synthetic, shared-prefix, multi-turn, jsonl or sharegpt.")
+    ] = "synthetic",
+    turns: Annotated[int, typer.Option(help="multi-turn: turns per session (--requests counts turns).")] = 3,
+    think_time: Annotated[
+        float, typer.Option(help="multi-turn: seconds from a reply to the next turn.")
+    ] = 0.0,
     data_file: Annotated[Path | None, typer.Option(help="The file for --data jsonl or sharegpt.")] = None,
     prompt_tokens: Annotated[str, typer.Option(help="Prompt tokens: N or lo:hi (synthetic suffix).")] = "512",
     output_tokens: Annotated[str, typer.Option(help="Output tokens: N or lo:hi.")] = "128",
@@ -128,6 +134,7 @@ def run(
             max_duration=duration,
             seed=seed,
             trace_times=[r["timestamp"] for r in trace_rows] if trace_rows else None,
+            think_time=think_time,
         )
         goals = SLO.parse(slo) if slo else None
         cost = Cost(gpu_cost_per_hour, gpus) if gpu_cost_per_hour is not None else None
@@ -140,6 +147,7 @@ def run(
             groups=prefix_groups,
             prefix_tokens=prefix_tokens,
             trace=trace_rows,
+            turns=turns,
         )
         if metrics_url:
             from tokenmill.bench.scrape import MetricsScraper
