@@ -45,6 +45,7 @@ def test_a_run_prints_the_report_and_writes_log_summary_and_csv(mock_url, tmp_pa
     )
     summary = json.loads((tmp_path / "out" / "run.json").read_text())
     assert summary["summary"]["succeeded"] == 12 and summary["summary"]["good"] == 12
+    assert summary["summary"]["retokenized"] == 12 and summary["summary"]["retokenized_mismatches"] == 0
     assert "TTFT: first message with content - anchor." in summary["formulas"]
     assert summary["run"]["profile"] == "concurrency 4"
     lines = (tmp_path / "out" / "run.events.jsonl").read_text().splitlines()

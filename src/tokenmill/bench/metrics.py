@@ -133,6 +133,8 @@ class Summary:
     good_fraction: float | None = None
     workers: dict[str, dict[str, int]] | None = None  # x-tokenmill-worker -> requests, output tokens
     worker_imbalance: float | None = None  # max / mean requests per worker
+    retokenized: int = 0  # replies whose text was counted again by a tokenizer
+    retokenized_mismatches: int = 0  # ... and whose count differs from the server's usage
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,6 +192,12 @@ def summarize(
         offered_rate=_rate([r.intended for r in records if r.intended is not None]),
         achieved_rate=_rate([r.sent for r in records if r.sent is not None]) or 0.0,
         token_mismatches=sum(1 for r in ok if _mismatch(r)),
+        retokenized=sum(1 for r in ok if r.retokenized_output_tokens is not None),
+        retokenized_mismatches=sum(
+            1
+            for r in ok
+            if r.retokenized_output_tokens is not None and r.retokenized_output_tokens != r.num_output_tokens
+        ),
         valid=valid,
         invalid_reason=reason,
         **goodness,

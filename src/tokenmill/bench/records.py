@@ -40,6 +40,9 @@ class RequestRecord:
     worker: str | None = None  # x-tokenmill-worker, when the server sends it
     user: str | None = None  # the data's user or session id, for per-user figures
     turn: int | None = None  # the turn within its session (multi-turn data)
+    retokenized_output_tokens: int | None = (
+        None  # the reply's text through a tokenizer (a sample, as a check)
+    )
 
     @property
     def ok(self) -> bool:

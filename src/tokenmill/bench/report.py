@@ -87,6 +87,12 @@ def print_summary(console: Console, run: dict[str, Any], s: Summary, cost: Cost 
             f"[yellow]token counts: {s.token_mismatches} requests where the usage differs "
             "from what was asked or streamed[/yellow]"
         )
+    if s.retokenized:
+        style = "yellow" if s.retokenized_mismatches else "dim"
+        lines.append(
+            f"[{style}]token check: {s.retokenized_mismatches} of {s.retokenized} replies re-tokenized "
+            f"to another count than the server's usage[/{style}]"
+        )
     server = run.get("server_metrics") or {}
     for url, g in (server.get("summary") or {}).items():
         gauges = [k for k in ("running", "waiting", "kv_usage", "busy") if k + "_mean" in g]

@@ -75,6 +75,8 @@ class LoadRunner:
         self.settings = settings
         self.model: str | None = settings.model
         self.started = 0.0  # time.perf_counter() at the run's start: every record time is relative to it
+        self.keep_replies = 0  # keep the text of this many successful replies (a re-tokenization check)
+        self.replies: dict[int, str] = {}  # record index -> reply text
 
     async def resolve_model(self, http: HTTPTransport) -> str:
         """The model to name in requests; asks the server when none was given. Raises
@@ -224,6 +226,8 @@ class LoadRunner:
             reply = await self._one(http, spec, record, done, cap)
             if not record.ok:
                 return
+            if len(self.replies) < self.keep_replies:
+                self.replies[record.index] = reply
             history.append({"role": "assistant", "content": reply})
             # The next turn is meant to go out a think time after this reply; in closed
             # loop latencies still count from the actual send.

@@ -77,3 +77,19 @@ async def _tokenizer(
     if tok is None and required:
         raise ValueError("the server has no /tokenize to count prompt tokens with: pass --tokenizer PATH")
     return tok
+
+
+async def retokenize(
+    http: HTTPTransport, model: str, source: DataSource, replies: dict[int, str], records: list[Any]
+) -> None:
+    """Count each kept reply's tokens again and note it on its record (the server's usage stays the
+    figure; this is the check). Skipped when no tokenizer is at hand."""
+    if not replies:
+        return
+    tok = await _tokenizer(http, model, source.tokenizer, required=False)
+    if tok is None:
+        return
+    by_index = {r.index: r for r in records}
+    for index, text in replies.items():
+        if index in by_index:
+            by_index[index].retokenized_output_tokens = len(await tok.encode(text))

@@ -98,6 +98,9 @@ def run(
         list[str] | None,
         typer.Option(help="The server's Prometheus /metrics, sampled during the run (repeatable)."),
     ] = None,
+    check_tokens: Annotated[
+        int, typer.Option(help="Re-tokenize this many replies to check the server's token counts (0: none).")
+    ] = 100,
     seed: Annotated[int, typer.Option(help="Seed of the data and the schedule.")] = 0,
     read_timeout: Annotated[float, typer.Option(help="Longest silence within a response (s).")] = 300.0,
     output: Annotated[
@@ -153,7 +156,18 @@ def run(
             from tokenmill.bench.scrape import MetricsScraper
 
             MetricsScraper(metrics_url)  # checks the URLs now
-        plan = Plan(profiles, find_max_goodput, goodput_target, goals, max_lag_p99, cost, metrics_url or [])
+        if check_tokens < 0:
+            raise ValueError(f"--check-tokens must be >= 0, got {check_tokens}")
+        plan = Plan(
+            profiles,
+            find_max_goodput,
+            goodput_target,
+            goals,
+            max_lag_p99,
+            cost,
+            metrics_url or [],
+            check_tokens,
+        )
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
@@ -191,6 +205,7 @@ class Plan:
     max_lag: float
     cost: Cost | None
     metrics_urls: list[str]
+    check_tokens: int  # replies re-tokenized per point
 
 
 async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, output: Path | None) -> int:
@@ -198,7 +213,7 @@ async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, ou
     from tokenmill.bench.report import print_summary, print_sweep
     from tokenmill.bench.runner import LoadRunner
     from tokenmill.bench.scrape import MetricsScraper
-    from tokenmill.bench.specs import build_specs
+    from tokenmill.bench.specs import build_specs, retokenize
     from tokenmill.bench.sweep import find_max_goodput
     from tokenmill.client import TransportError
 
@@ -223,6 +238,7 @@ async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, ou
                     specs = await build_specs(http, runner.model or "", source, n, settings.seed + i)
                 point_runner = LoadRunner(replace(settings, profile=profile))
                 point_runner.model = runner.model
+                point_runner.keep_replies = plan.check_tokens
                 scraper = MetricsScraper(plan.metrics_urls) if plan.metrics_urls else None
                 if scraper is not None:
                     scraper.start(time.perf_counter())
@@ -231,6 +247,8 @@ async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, ou
                 finally:
                     if scraper is not None:
                         await scraper.stop()
+                if not stop.is_set():
+                    await retokenize(http, runner.model or "", source, point_runner.replies, records)
                 summary = summarize(records, plan.slo, plan.max_lag)
                 info = _info(settings, runner.model, profile, source, len(specs), stop.is_set())
                 if scraper is not None:
