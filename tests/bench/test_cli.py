@@ -133,3 +133,22 @@ def test_calibrate_reports_the_highest_rate_sent_on_schedule(mock_url):
 def test_calibrate_against_nothing_is_a_clear_error():
     done = bench("calibrate", "http://127.0.0.1:9")
     assert done.returncode == 2 and "cannot connect" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rate", "5"], "--rate goes with --profile constant"),
+        (["--profile", "poisson", "--rate", "5", "--concurrency", "4"], "use --max-concurrency"),
+        (["--max-concurrency", "4"], "--max-concurrency caps an open loop"),
+        (
+            ["--profile", "poisson", "--rate", "5", "--burstiness", "0.5"],
+            "--burstiness goes with --profile gamma",
+        ),
+        (["--turns", "4"], "--turns and --think-time go with --data multi-turn"),
+        (["--find-max-goodput", "--slo", "ttft=1", "--concurrency", "4"], "drop --concurrency"),
+    ],
+)
+def test_options_the_profile_would_ignore_are_refused(mock_url, args, message):
+    done = bench("run", mock_url, *args)
+    assert done.returncode == 2 and message in done.stderr, done.stderr

@@ -14,6 +14,9 @@ coordinated omission) and from its actual send in closed-loop runs.
   successful requests / duration; duration = from the run's start to the last
   response's end. Request throughput counts successful requests.
 - Goodput (DistServe): successful requests meeting every SLO, per second of duration.
+- Weighting: TTFT, TPOT, E2E and per-user tok/s are one value per successful
+  request (a long request counts as much as a short one); ITL is one value per
+  output token; failed requests count only in errors and goodput.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ from tokenmill.bench.records import RequestRecord
 
 FORMULAS = __doc__.split("\n\n", 1)[1].strip() if __doc__ else ""
 SLO_METRICS = ("ttft", "tpot", "itl", "e2e")
+HEADER = (
+    "TTFT and E2E from the intended send (open loop) or the send (closed loop); "
+    "TPOT = (last - first token) / (tokens - 1) per request; ITL per token; "
+    "statistics over successful requests (ITL: over tokens); tokens from the server's usage"
+)
 DEFAULT_MAX_LAG_P99 = 0.010  # s; a run whose sends lag more is not the load it claims to be
 
 

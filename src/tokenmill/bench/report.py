@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from tokenmill.bench.metrics import FORMULAS, Distribution, Summary
+from tokenmill.bench.metrics import FORMULAS, HEADER, Distribution, Summary
 
 LATENCIES = (
     ("ttft", "TTFT"),
@@ -43,6 +43,7 @@ class Cost:
 def print_summary(console: Console, run: dict[str, Any], s: Summary, cost: Cost | None = None) -> None:
     what = f"model {run['model']!r}, {run['endpoint']}, {run['profile']}, {run['data']}"
     console.print(f"[bold]{run['url']}[/bold] {what}")
+    console.print(f"[dim]{HEADER}[/dim]", highlight=False)
     table = Table(title="latency (ms)", title_justify="left")
     table.add_column("metric")
     for col in ("mean", "median", "p90", "p95", "p99", "max"):

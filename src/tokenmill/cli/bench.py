@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,8 +38,9 @@ def run(
         str, typer.Option(help="concurrency, constant, poisson, gamma or trace.")
     ] = "concurrency",
     concurrency: Annotated[
-        str, typer.Option(help="Requests in flight (concurrency profile); a list 1,4,16 sweeps.")
-    ] = "8",
+        str | None,
+        typer.Option(help="Requests in flight (concurrency profile; default 8); a list 1,4,16 sweeps."),
+    ] = None,
     rate: Annotated[
         str | None, typer.Option(help="Requests/s (constant, poisson, gamma); a list 1,2,4 sweeps.")
     ] = None,
@@ -50,7 +50,9 @@ def run(
     goodput_target: Annotated[
         float, typer.Option(help="Share of requests that must meet every SLO, for --find-max-goodput.")
     ] = 0.9,
-    burstiness: Annotated[float, typer.Option(help="Gamma shape: 1 is Poisson, lower is burstier.")] = 1.0,
+    burstiness: Annotated[
+        float | None, typer.Option(help="Gamma shape: 1 is Poisson, lower is burstier (default 1).")
+    ] = None,
     max_concurrency: Annotated[int | None, typer.Option(help="Open loop: most requests in flight.")] = None,
     trace: Annotated[
         Path | None, typer.Option(help="JSONL of timestamp (s), input_tokens, output_tokens.")
@@ -62,10 +64,12 @@ def run(
     data: Annotated[
         str, typer.Option(help="synthetic, shared-prefix, multi-turn, jsonl or sharegpt.")
     ] = "synthetic",
-    turns: Annotated[int, typer.Option(help="multi-turn: turns per session (--requests counts turns).")] = 3,
+    turns: Annotated[
+        int | None, typer.Option(help="multi-turn: turns per session, default 3 (--requests counts turns).")
+    ] = None,
     think_time: Annotated[
-        float, typer.Option(help="multi-turn: seconds from a reply to the next turn.")
-    ] = 0.0,
+        float | None, typer.Option(help="multi-turn: seconds from a reply to the next turn (default 0).")
+    ] = None,
     data_file: Annotated[Path | None, typer.Option(help="The file for --data jsonl or sharegpt.")] = None,
     prompt_tokens: Annotated[str, typer.Option(help="Prompt tokens: N or lo:hi (synthetic suffix).")] = "512",
     output_tokens: Annotated[str, typer.Option(help="Output tokens: N or lo:hi.")] = "128",
@@ -118,7 +122,12 @@ def run(
     try:
         trace_rows = read_trace(str(trace)) if trace else None
         kind = "trace" if trace_rows and profile == "concurrency" else profile
-        profiles = _profiles(kind, concurrency, rate, burstiness, max_concurrency, find_max_goodput)
+        _check_combinations(kind, concurrency, rate, burstiness, max_concurrency, find_max_goodput)
+        if data != "multi-turn" and (turns is not None or think_time is not None):
+            raise ValueError("--turns and --think-time go with --data multi-turn")
+        profiles = _profiles(
+            kind, concurrency or "8", rate, burstiness or 1.0, max_concurrency, find_max_goodput
+        )
         if kind == "trace" and trace_rows is None:
             raise ValueError("--profile trace needs --trace FILE")
         if find_max_goodput and not slo:
@@ -137,7 +146,7 @@ def run(
             max_duration=duration,
             seed=seed,
             trace_times=[r["timestamp"] for r in trace_rows] if trace_rows else None,
-            think_time=think_time,
+            think_time=think_time or 0.0,
         )
         goals = SLO.parse(slo) if slo else None
         cost = Cost(gpu_cost_per_hour, gpus) if gpu_cost_per_hour is not None else None
@@ -150,7 +159,7 @@ def run(
             groups=prefix_groups,
             prefix_tokens=prefix_tokens,
             trace=trace_rows,
-            turns=turns,
+            turns=turns or 3,
         )
         if metrics_url:
             from tokenmill.bench.scrape import MetricsScraper
@@ -173,6 +182,33 @@ def run(
         raise typer.Exit(2) from None
     n = min(requests, len(trace_rows)) if trace_rows else requests
     raise typer.Exit(asyncio.run(_run(settings, source, n, plan, output)))
+
+
+def _check_combinations(
+    kind: str,
+    concurrency: str | None,
+    rate: str | None,
+    burstiness: float | None,
+    cap: int | None,
+    search: bool,
+) -> None:
+    """Options that the chosen profile would ignore are errors, not silent no-ops."""
+    if search:
+        if concurrency is not None:
+            raise ValueError("--find-max-goodput searches request rates: drop --concurrency")
+        return
+    if kind == "concurrency" and rate is not None:
+        raise ValueError("--rate goes with --profile constant, poisson or gamma, not concurrency")
+    if kind == "concurrency" and cap is not None:
+        raise ValueError("--max-concurrency caps an open loop; with --profile concurrency use --concurrency")
+    if kind != "concurrency" and concurrency is not None:
+        raise ValueError(
+            f"--concurrency goes with --profile concurrency; to cap {kind} use --max-concurrency"
+        )
+    if kind == "trace" and rate is not None:
+        raise ValueError("--rate does not apply to --profile trace: the trace gives the times")
+    if kind != "gamma" and burstiness is not None:
+        raise ValueError("--burstiness goes with --profile gamma")
 
 
 def _profiles(
@@ -346,6 +382,8 @@ def _write(
 async def _with_progress(
     runner: Any, specs: list[Any], stop: asyncio.Event, http: Any, label: str
 ) -> list[Any]:
+    import numpy as np
+
     ttfts: list[float] = []
     shown = [0.0]  # when the status line was last recomputed
     columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
@@ -364,8 +402,9 @@ async def _with_progress(
             shown[0] = now
             elapsed = max(now - runner.started, 1e-9)
             done = bar.tasks[0].completed + 1
-            median = statistics.median(ttfts) * 1000 if ttfts else float("nan")
-            bar.update(task, advance=1, status=f"{done / elapsed:.1f} req/s, TTFT p50 {median:.0f} ms")
+            p50, p99 = np.percentile(ttfts, [50, 99]) * 1000 if ttfts else (float("nan"), float("nan"))
+            status = f"{done / elapsed:.1f} req/s, TTFT p50 {p50:.0f} ms, p99 {p99:.0f} ms"
+            bar.update(task, advance=1, status=status)
 
         return await runner.run(specs, on_record=seen, stop=stop, http=http)
 
