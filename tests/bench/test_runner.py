@@ -207,3 +207,27 @@ def test_a_failed_turn_ends_its_session():
 
     records = asyncio.run(main())
     assert [(r.turn, r.error_kind) for r in records] == [(0, None), (1, "http_5xx")]
+
+
+def test_a_server_that_does_not_stream_is_counted_as_such():
+    async def plain(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")  # the body follows; answer without reading it all
+        body = b'{"choices": [{"message": {"content": "hi"}}]}'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+        )
+        writer.write(body)
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(plain, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        settings = RunSettings(url, LoadProfile("concurrency", concurrency=2), model="m")
+        try:
+            return await LoadRunner(settings).run(SPECS[:4])
+        finally:
+            server.close()
+
+    records = asyncio.run(main())
+    assert summarize(records).errors == {"not_streamed": 4}
