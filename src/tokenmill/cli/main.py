@@ -6,6 +6,7 @@ tokenmill generate "ROMEO:"                      # the embedded demo model
 tokenmill generate --model ./Llama-3.2-1B --chat "Name three rivers."
 tokenmill profile --model ./Llama-3.2-1B -o llama-1b.json   # step-time profile for max_itl and simulations
 tokenmill bench run http://127.0.0.1:8000 --concurrency 8      # TTFT, ITL, throughput of any OpenAI server
+tokenmill route --worker http://127.0.0.1:8000 --worker http://127.0.0.1:8001   # one endpoint, many workers
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from tokenmill.cli.bench import app as bench_app
+from tokenmill.cli.route import app as route_app
 from tokenmill.cli.serve import serve
 
 app = typer.Typer(
@@ -30,6 +32,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 app.command()(serve)
 app.add_typer(bench_app, name="bench")
+app.add_typer(route_app, name="route")
 
 
 @app.callback()

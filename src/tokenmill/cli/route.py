@@ -1,0 +1,124 @@
+"""``tokenmill route``: one OpenAI endpoint in front of several workers.
+
+tokenmill route --worker http://10.0.0.1:8000 --worker http://10.0.0.2:8000 --policy least_load
+tokenmill route --workers-file workers.txt --port 9000
+tokenmill route status http://127.0.0.1:9000
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from tokenmill.router.policies import Router
+    from tokenmill.router.workers import WorkerPool
+
+err = Console(stderr=True)
+out = Console()
+app = typer.Typer(help="Route requests across workers (OpenAI API in, workers behind).")
+
+
+@app.callback(invoke_without_command=True)
+def route(
+    ctx: typer.Context,
+    worker: Annotated[list[str] | None, typer.Option(help="A worker's base URL (repeatable).")] = None,
+    workers_file: Annotated[Path | None, typer.Option(help="A file of worker URLs, one per line.")] = None,
+    policy: Annotated[str, typer.Option(help="round_robin or least_load.")] = "least_load",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 9000,
+    health_interval: Annotated[float, typer.Option(help="Seconds between active health checks.")] = 2.0,
+) -> None:
+    """Serve the router (no subcommand), or run a subcommand."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from tokenmill.router.policies import Router
+    from tokenmill.router.workers import WorkerPool
+
+    try:
+        urls = list(worker or [])
+        if workers_file is not None:
+            lines = workers_file.read_text(encoding="utf-8").splitlines()
+            urls += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        if not urls:
+            raise ValueError("give at least one --worker URL or a --workers-file")
+        pool = WorkerPool(urls)
+        router = Router(policy)
+        if not health_interval > 0:
+            raise ValueError(f"--health-interval must be > 0, got {health_interval}")
+    except (OSError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    try:
+        asyncio.run(_serve(pool, router, host, port, health_interval))
+    except OSError as e:
+        err.print(f"[red]error:[/red] cannot listen on {host}:{port}: {e.strerror or e}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        pass
+
+
+async def _serve(pool: WorkerPool, router: Router, host: str, port: int, health_interval: float) -> None:
+    import socket
+
+    import uvicorn
+
+    from tokenmill.router.app import RouterApp
+
+    app = RouterApp(pool, router, health_interval=health_interval)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    config = uvicorn.Config(
+        app,
+        log_level=logging.getLogger().getEffectiveLevel(),
+        access_log=False,
+        lifespan="on",
+        timeout_keep_alive=30,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            await task
+            return
+        await asyncio.sleep(0.02)
+    bound = sock.getsockname()[1]
+    what = f"{len(pool.workers)} workers; policy {router.policy}"
+    err.print(
+        f"tokenmill router ready: http://{host}:{bound}/v1; {what}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    await task
+
+
+@app.command()
+def status(
+    url: Annotated[str, typer.Argument(help="The router's base URL, e.g. http://127.0.0.1:9000.")],
+) -> None:
+    """The live distribution of requests over the router's workers."""
+    import httpx
+    from rich.table import Table
+
+    try:
+        data = httpx.get(url.rstrip("/").removesuffix("/v1") + "/router/workers", timeout=10).json()
+    except (httpx.HTTPError, ValueError) as e:
+        err.print(f"[red]error:[/red] cannot read {url}/router/workers: {e}")
+        raise typer.Exit(2) from None
+    table = Table(
+        title=f"policy {data['policy']}; imbalance (max/mean in-flight tokens) {data['imbalance']:.2f}"
+    )
+    for col in ("worker", "state", "in flight", "in-flight tokens", "routed", "routed tokens", "failed"):
+        table.add_column(col, justify="left" if col in ("worker", "state") else "right")
+    for w in data["workers"]:
+        state = "draining" if w["draining"] else ("healthy" if w["healthy"] else "ejected")
+        counts = ("in_flight", "in_flight_tokens", "routed", "routed_tokens", "failed")
+        table.add_row(w["name"], state, *(str(w[k]) for k in counts))
+    out.print(table)
+    out.print(f"decisions: {data['decisions']}; streams cut by a failing worker: {data['streams_cut']}")

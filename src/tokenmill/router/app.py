@@ -1,0 +1,377 @@
+"""The router's HTTP front: a worker's OpenAI API, each request passed to the worker a policy picks.
+
+A plain ASGI app (no framework): the request body goes to the worker as it
+came, with the client's headers minus hop-by-hop ones, and the response comes
+back byte for byte as the worker sends it (status, headers, SSE chunks), with
+``x-tokenmill-worker`` added when the worker does not send it.
+
+Failures: a worker that fails before its first byte (refused, reset, 5xx
+counts against its health; a transport error means the request is tried on the
+next worker); one that fails mid-stream ends the client's stream with an SSE
+error event and ``data: [DONE]``, never leaving it hanging; a client that goes
+away closes the worker connection, so the worker aborts the request. No
+available worker: 503 with ``Retry-After``.
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (routed),
+``GET /v1/models`` (the union of the workers'), ``GET /health``, ``GET /ready``
+(some worker available), ``GET /router/workers`` (the live distribution),
+``POST /admin/workers`` (``{"url": ..., "action": "add" | "drain" | "remove"}``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from starlette.types import Message, Receive, Scope, Send
+
+from tokenmill.client import HTTPTransport, TransportError
+from tokenmill.router.policies import Router, RouteRequest
+from tokenmill.router.workers import Worker, WorkerPool
+
+logger = logging.getLogger(__name__)
+
+ROUTED = ("/v1/chat/completions", "/v1/completions")
+WORKER_HEADER = b"x-tokenmill-worker"
+SESSION_HEADER = "x-session-id"
+# Headers that describe one connection, not the request: never passed on (content-length is
+# set again for the body as it goes out).
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+_DEFAULT_OUTPUT_TOKENS = 256  # for the load estimate when a request names no max_tokens
+_CHARS_PER_TOKEN = 4  # the load estimate's tokenizer: prompts are not tokenized here (yet)
+
+
+class RouterApp:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        router: Router,
+        health_interval: float = 2.0,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 600.0,
+    ) -> None:
+        self.pool = pool
+        self.router = router
+        self.health_interval = health_interval
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._transports: dict[str, HTTPTransport] = {}
+        self._health_task: asyncio.Task[None] | None = None
+        self.streams_cut = 0  # streams that ended with an error event because their worker failed
+
+    # -- ASGI ------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        if path in ROUTED:
+            if method != "POST":
+                await _error(send, 405, f"{path} takes POST")
+                return
+            await self._proxy(scope, receive, send)
+        elif path == "/v1/models" and method == "GET":
+            await _json(send, 200, await self._models())
+        elif path == "/health":
+            await _json(send, 200, {"status": "ok"})
+        elif path == "/ready":
+            ready = bool(self.pool.available())
+            await _json(send, 200 if ready else 503, {"ready": ready, "workers": len(self.pool.available())})
+        elif path == "/router/workers" and method == "GET":
+            await _json(send, 200, self.status())
+        elif path == "/admin/workers" and method == "POST":
+            await self._admin(receive, send)
+        else:
+            await _error(send, 404, f"no route {method} {path}", kind="not_found_error")
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def start(self) -> None:
+        if self._health_task is None:
+            self._health_task = asyncio.create_task(self._check_health_forever())
+
+    async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        for transport in self._transports.values():
+            await transport.aclose()
+        self._transports.clear()
+
+    # -- routing ---------------------------------------------------------------------------
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await _read_body(receive)
+        try:
+            request = json.loads(body or b"{}")
+            if not isinstance(request, dict):
+                raise ValueError("the body must be a JSON object")
+        except ValueError as e:
+            await _error(send, 400, f"the body is not valid JSON: {e}")
+            return
+        headers = _forwarded(scope["headers"])
+        session = _header(scope["headers"], SESSION_HEADER) or _str_or_none(request.get("user"))
+        route = RouteRequest(tokens=_estimate_tokens(request), session=session)
+        tried: set[str] = set()
+        while True:
+            worker = self.router.choose(route, [w for w in self.pool.available() if w.url not in tried])
+            if worker is None:
+                why = "every worker failed this request" if tried else "no worker is available"
+                await _error(send, 503, f"{why}; retry shortly", kind="service_unavailable", retry_after=1)
+                return
+            tried.add(worker.url)
+            if await self._forward(worker, scope["path"], body, headers, route.tokens, receive, send):
+                return
+
+    async def _forward(
+        self,
+        worker: Worker,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        tokens: int,
+        receive: Receive,
+        send: Send,
+    ) -> bool:
+        """Send the request to ``worker`` and stream its answer back. False if the worker failed
+        before its first byte (nothing reached the client: the request may go elsewhere)."""
+        self.pool.started(worker, tokens)
+        started = False
+        try:
+            async with self._transport(worker).stream(
+                "POST", path, content=body, headers=headers
+            ) as response:
+                if response.status >= 500:
+                    self.pool.failed(worker)
+                else:
+                    self.pool.succeeded(worker)
+                    if WORKER_HEADER.decode() in response.headers and worker.name == worker.url:
+                        worker.name = response.headers[WORKER_HEADER.decode()]
+                await send(_start(response.status, response.headers, worker))
+                started = True
+                sse = response.headers.get("content-type", "").startswith("text/event-stream")
+                await self._relay(worker, response, sse, receive, send)
+            return True
+        except TransportError as e:
+            self.pool.failed(worker)
+            if not started:
+                logger.warning("worker %s failed before answering (%s); trying another", worker.url, e)
+                return False
+            return True  # _relay has ended the client's response
+        finally:
+            self.pool.finished(worker, tokens)
+
+    async def _relay(self, worker: Worker, response: Any, sse: bool, receive: Receive, send: Send) -> None:
+        """The worker's body to the client as it comes; stops (closing the worker's stream, which
+        aborts the request there) if the client goes away."""
+        gone = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            async for data, _ in response.aiter_bytes():
+                if gone.done():
+                    return
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        except TransportError as e:
+            self.streams_cut += 1
+            if sse:  # the client sees why its stream ended, then the end
+                error = json.dumps(_error_body(f"the worker failed mid-stream: {e}", "server_error"))
+                tail = f"data: {error}\n\ndata: [DONE]\n\n".encode()
+                await send({"type": "http.response.body", "body": tail, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            raise
+        finally:
+            gone.cancel()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _transport(self, worker: Worker) -> HTTPTransport:
+        t = self._transports.get(worker.url)
+        if t is None:
+            t = HTTPTransport(
+                worker.url,
+                max_connections=4096,
+                connect_timeout=self._connect_timeout,
+                read_timeout=self._read_timeout,
+            )
+            self._transports[worker.url] = t
+        return t
+
+    # -- the rest of the API -------------------------------------------------------------
+
+    async def _models(self) -> dict[str, Any]:
+        async def one(w: Worker) -> list[dict[str, Any]]:
+            try:
+                response = await self._transport(w).request("GET", "/v1/models")
+                return list(response.json().get("data") or []) if response.status == 200 else []
+            except (TransportError, ValueError):
+                return []
+
+        seen: dict[str, dict[str, Any]] = {}
+        for models in await asyncio.gather(*(one(w) for w in self.pool.available())):
+            for m in models:
+                seen.setdefault(str(m.get("id")), m)
+        return {"object": "list", "data": list(seen.values())}
+
+    async def _admin(self, receive: Receive, send: Send) -> None:
+        try:
+            order = json.loads(await _read_body(receive) or b"{}")
+            url, action = order["url"], order.get("action", "add")
+            if action == "add":
+                self.pool.add(url)
+            elif action == "drain":
+                self.pool.drain(url)
+            elif action == "remove":
+                self.pool.remove(url)
+            else:
+                raise ValueError(f"action must be add, drain or remove, got {action!r}")
+        except (ValueError, KeyError, TypeError) as e:
+            await _error(
+                send, 400, f"POST /admin/workers takes {{'url': ..., 'action': add|drain|remove}}: {e}"
+            )
+            return
+        await _json(send, 200, self.status())
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "policy": self.router.policy,
+            "imbalance": self.pool.imbalance(),
+            "decisions": dict(self.router.decisions),
+            "streams_cut": self.streams_cut,
+            "workers": [
+                {
+                    "url": w.url,
+                    "name": w.name,
+                    "healthy": w.healthy,
+                    "draining": w.draining,
+                    "in_flight": w.in_flight,
+                    "in_flight_tokens": w.in_flight_tokens,
+                    "routed": w.routed,
+                    "routed_tokens": w.routed_tokens,
+                    "failed": w.failed,
+                }
+                for w in self.pool.workers
+            ],
+        }
+
+    async def _check_health_forever(self) -> None:
+        while True:
+            await asyncio.gather(*(self._check(w) for w in self.pool.workers))
+            await asyncio.sleep(self.health_interval)
+
+    async def _check(self, w: Worker) -> None:
+        try:
+            response = await asyncio.wait_for(self._transport(w).request("GET", "/health"), timeout=2.0)
+            ok = response.status == 200
+            if ok and w.name == w.url:
+                w.name = response.headers.get(WORKER_HEADER.decode(), w.url)
+        except (TransportError, TimeoutError):
+            ok = False
+        self.pool.health(w, ok)
+
+
+def _estimate_tokens(request: dict[str, Any]) -> int:
+    """Prompt + asked output tokens, for load accounting: characters / 4 for the prompt."""
+    prompt = request.get("messages") if "messages" in request else request.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        prompt_tokens = len(prompt)  # token ids
+    else:
+        prompt_tokens = len(json.dumps(prompt, ensure_ascii=False)) // _CHARS_PER_TOKEN if prompt else 0
+    asked = request.get("max_completion_tokens", request.get("max_tokens"))
+    output = asked if isinstance(asked, int) and asked > 0 else _DEFAULT_OUTPUT_TOKENS
+    return prompt_tokens + output
+
+
+def _forwarded(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in raw:
+        key = name.decode("latin-1").lower()
+        if key not in _HOP_BY_HOP:
+            headers[key] = value.decode("latin-1")
+    return headers
+
+
+def _header(raw: list[tuple[bytes, bytes]], name: str) -> str | None:
+    wanted = name.encode()
+    for key, value in raw:
+        if key.lower() == wanted:
+            return value.decode("latin-1")
+    return None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _start(status: int, headers: dict[str, str], worker: Worker) -> Message:
+    out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items() if k not in _HOP_BY_HOP]
+    if WORKER_HEADER.decode() not in headers:
+        out.append((WORKER_HEADER, worker.name.encode("latin-1")))
+    if "content-length" in headers:
+        out.append((b"content-length", headers["content-length"].encode()))
+    return {"type": "http.response.start", "status": status, "headers": out}
+
+
+async def _read_body(receive: Receive) -> bytes:
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(parts)
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _json(
+    send: Send, status: int, payload: Any, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _error(
+    send: Send, status: int, message: str, kind: str = "invalid_request_error", retry_after: int | None = None
+) -> None:
+    extra = [(b"retry-after", str(retry_after).encode())] if retry_after is not None else []
+    await _json(send, status, _error_body(message, kind), extra)
+
+
+def _error_body(message: str, kind: str) -> dict[str, Any]:
+    """OpenAI's error shape, as workers send it."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}

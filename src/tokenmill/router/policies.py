@@ -1,0 +1,83 @@
+"""Which worker gets a request.
+
+- ``round_robin``: each available worker in turn.
+- ``least_load``: fewest tokens in flight (prompt + asked output of requests
+  the router has there), scaled by the worker's ramp so a re-admitted worker
+  fills up gradually; ties go round the workers.
+
+Requests of one session (``x-session-id`` or the body's ``user``) stick to the
+worker that served the session before, while it is available and not
+overloaded: its in-flight tokens at most ``STICKY_OVERLOAD`` x the least
+loaded other worker's, plus the request itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from tokenmill.router.workers import Worker
+
+POLICIES = ("round_robin", "least_load")
+STICKY_OVERLOAD = 2.0
+MAX_SESSIONS = 100_000  # remembered session -> worker pairs (least recently used go first)
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    tokens: int  # estimated prompt tokens + asked output tokens
+    session: str | None = None
+
+
+class Router:
+    def __init__(self, policy: str) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.policy = policy
+        self._turn = itertools.count()
+        self._sessions: OrderedDict[str, str] = OrderedDict()  # session -> worker URL
+        self.decisions: dict[str, int] = {}  # reason -> count
+
+    def choose(self, request: RouteRequest, workers: list[Worker]) -> Worker | None:
+        """The worker for ``request`` among the available ``workers``; None if there is none."""
+        if not workers:
+            return None
+        if request.session is not None:
+            sticky = self._sticky(request, workers)
+            if sticky is not None:
+                self._count("session")
+                return sticky
+        if self.policy == "round_robin":
+            chosen = workers[next(self._turn) % len(workers)]
+            self._count("round_robin")
+        else:
+            start = next(self._turn) % len(workers)
+            rotated = workers[start:] + workers[:start]  # ties go round
+            chosen = min(rotated, key=lambda w: (w.in_flight_tokens + request.tokens) / w.ramp())
+            self._count("least_load")
+        if request.session is not None:
+            self._remember(request.session, chosen)
+        return chosen
+
+    def _sticky(self, request: RouteRequest, workers: list[Worker]) -> Worker | None:
+        assert request.session is not None
+        url = self._sessions.get(request.session)
+        w = next((x for x in workers if x.url == url), None) if url is not None else None
+        if w is None:
+            return None
+        others = [x.in_flight_tokens for x in workers if x is not w]
+        if others and w.in_flight_tokens > STICKY_OVERLOAD * min(others) + request.tokens:
+            self._count("session_overloaded")
+            return None
+        self._sessions.move_to_end(request.session)
+        return w
+
+    def _remember(self, session: str, w: Worker) -> None:
+        self._sessions[session] = w.url
+        self._sessions.move_to_end(session)
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+
+    def _count(self, reason: str) -> None:
+        self.decisions[reason] = self.decisions.get(reason, 0) + 1

@@ -1,0 +1,136 @@
+"""The workers behind a router and what it knows of each: health, load, what was routed there.
+
+Load is counted by the router itself (requests and tokens in flight through
+it), so it is exact for the traffic it sees and needs nothing from the worker.
+Health has two sources: active checks of ``/health`` and passive ones (a
+connection error or a 5xx). A worker that fails ``EJECT_AFTER`` times in a row
+is ejected; once healthy again it is re-admitted with a slow ramp, its share
+of new requests growing over ``RAMP_S`` seconds so a restored worker is not
+flooded at once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+EJECT_AFTER = 3  # consecutive failures
+RAMP_S = 10.0  # seconds for a re-admitted worker to take its full share
+
+
+@dataclass
+class Worker:
+    url: str  # base URL, no /v1
+    name: str = ""  # x-tokenmill-worker when known, else the URL
+    healthy: bool = True
+    draining: bool = False  # takes no new requests; its streams finish
+    failures: int = 0  # consecutive
+    admitted_at: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+    in_flight_tokens: int = 0  # prompt + asked output tokens of requests in flight
+    routed: int = 0
+    routed_tokens: int = 0
+    failed: int = 0
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.url
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and not self.draining
+
+    def ramp(self, now: float | None = None) -> float:
+        """Share of a full worker's load this one should take now, (0, 1]."""
+        age = (now if now is not None else time.monotonic()) - self.admitted_at
+        return min(1.0, max(0.1, age / RAMP_S))
+
+
+class WorkerPool:
+    """The workers, by URL; add, drain and remove while requests run."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self._workers: dict[str, Worker] = {}
+        for url in urls:
+            self.add(url, ramp=False)
+
+    def add(self, url: str, ramp: bool = True) -> Worker:
+        url = normalize(url)
+        if url in self._workers:
+            w = self._workers[url]
+            w.draining = False
+            return w
+        w = Worker(url)
+        if not ramp:
+            w.admitted_at -= RAMP_S
+        self._workers[url] = w
+        return w
+
+    def drain(self, url: str) -> Worker:
+        w = self.get(url)
+        w.draining = True
+        return w
+
+    def remove(self, url: str) -> Worker:
+        """Forget a worker; requests already there finish (their Worker object lives on)."""
+        w = self.get(url)
+        del self._workers[w.url]
+        return w
+
+    def get(self, url: str) -> Worker:
+        try:
+            return self._workers[normalize(url)]
+        except KeyError:
+            raise KeyError(f"no worker {url!r}; workers: {', '.join(self._workers) or 'none'}") from None
+
+    @property
+    def workers(self) -> list[Worker]:
+        return list(self._workers.values())
+
+    def available(self) -> list[Worker]:
+        return [w for w in self._workers.values() if w.available]
+
+    # -- what requests report ---------------------------------------------------------------
+
+    def started(self, w: Worker, tokens: int) -> None:
+        w.in_flight += 1
+        w.in_flight_tokens += tokens
+        w.routed += 1
+        w.routed_tokens += tokens
+
+    def finished(self, w: Worker, tokens: int) -> None:
+        w.in_flight -= 1
+        w.in_flight_tokens -= tokens
+
+    def succeeded(self, w: Worker) -> None:
+        w.failures = 0
+
+    def failed(self, w: Worker) -> None:
+        """A connection error or a 5xx: passive health."""
+        w.failed += 1
+        w.failures += 1
+        if w.failures >= EJECT_AFTER and w.healthy:
+            w.healthy = False
+
+    def health(self, w: Worker, ok: bool) -> None:
+        """An active check's result."""
+        if ok:
+            w.failures = 0
+            if not w.healthy:  # re-admitted: ramp up from here
+                w.healthy = True
+                w.admitted_at = time.monotonic()
+        else:
+            self.failed(w)
+
+    def imbalance(self) -> float:
+        """max / mean of in-flight tokens over available workers (1.0 when even or idle)."""
+        loads = [w.in_flight_tokens for w in self.available()]
+        mean = sum(loads) / len(loads) if loads else 0
+        return max(loads) / mean if mean > 0 else 1.0
+
+
+def normalize(url: str) -> str:
+    url = url.strip().rstrip("/")
+    url = url.removesuffix("/v1")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"a worker URL looks like http://host:port, got {url!r}")
+    return url

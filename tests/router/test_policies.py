@@ -1,0 +1,97 @@
+"""Routing policies and worker health, without any network."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tokenmill.router.policies import Router, RouteRequest
+from tokenmill.router.workers import EJECT_AFTER, WorkerPool
+
+
+def pool(n: int) -> WorkerPool:
+    return WorkerPool([f"http://127.0.0.1:{9000 + i}" for i in range(n)])
+
+
+def test_round_robin_takes_each_worker_in_turn():
+    p, r = pool(3), Router("round_robin")
+    chosen = [r.choose(RouteRequest(10), p.available()).url[-4:] for _ in range(6)]
+    assert chosen == ["9000", "9001", "9002"] * 2
+
+
+def test_least_load_picks_the_fewest_tokens_in_flight():
+    p, r = pool(3), Router("least_load")
+    a, b, c = p.workers
+    p.started(a, 500)
+    p.started(b, 100)
+    assert r.choose(RouteRequest(50), p.available()) is c
+    p.started(c, 300)
+    assert r.choose(RouteRequest(50), p.available()) is b
+
+
+@given(st.lists(st.integers(1, 2000), min_size=1, max_size=60))
+def test_least_load_keeps_in_flight_tokens_within_one_request_of_each_other(sizes):
+    p, r = pool(4), Router("least_load")
+    biggest = max(sizes)
+    for tokens in sizes:
+        p.started(r.choose(RouteRequest(tokens), p.available()), tokens)
+    loads = [w.in_flight_tokens for w in p.workers]
+    assert max(loads) - min(loads) <= biggest  # greedy balance: never more than one request apart
+    assert sum(loads) == sum(sizes) and sum(w.routed for w in p.workers) == len(sizes)
+
+
+def test_a_session_sticks_to_its_worker_until_it_is_overloaded():
+    p, r = pool(2), Router("round_robin")
+    first = r.choose(RouteRequest(10, "s1"), p.available())
+    assert all(r.choose(RouteRequest(10, "s1"), p.available()) is first for _ in range(4))
+    other = next(w for w in p.workers if w is not first)
+    p.started(first, 1000)
+    p.started(other, 10)  # first now holds far more than twice the mean
+    assert r.choose(RouteRequest(10, "s1"), p.available()) is other
+    assert r.decisions["session_overloaded"] == 1
+
+
+def test_failures_eject_a_worker_and_a_good_check_readmits_it_on_a_ramp():
+    p = pool(2)
+    w = p.workers[0]
+    for _ in range(EJECT_AFTER - 1):
+        p.failed(w)
+    assert w.healthy
+    p.failed(w)
+    assert not w.healthy and p.available() == [p.workers[1]]
+    p.health(w, ok=True)
+    assert w.healthy and w.ramp() < 0.2  # just re-admitted: a small share at first
+
+
+def test_a_ramping_worker_takes_less_than_its_share():
+    p, r = pool(2), Router("least_load")
+    fresh = p.workers[1]
+    p.health(fresh, ok=False)
+    fresh.healthy = False
+    p.health(fresh, ok=True)  # re-admitted now
+    counts = {w.url: 0 for w in p.workers}
+    for _ in range(40):
+        w = r.choose(RouteRequest(100), p.available())
+        p.started(w, 100)
+        counts[w.url] += 1
+    assert counts[fresh.url] < 10
+
+
+def test_drain_and_remove():
+    p = pool(2)
+    p.drain("http://127.0.0.1:9000/v1")
+    assert [w.url for w in p.available()] == ["http://127.0.0.1:9001"]
+    p.add("http://127.0.0.1:9000")
+    assert len(p.available()) == 2
+    p.remove("http://127.0.0.1:9001")
+    with pytest.raises(KeyError, match="no worker"):
+        p.get("http://127.0.0.1:9001")
+
+
+@pytest.mark.parametrize("bad", ["localhost:8000", "ftp://x"])
+def test_bad_worker_urls_and_policies_are_refused(bad):
+    with pytest.raises(ValueError, match="worker URL"):
+        WorkerPool([bad])
+    with pytest.raises(ValueError, match="policy must be one of"):
+        Router("random")

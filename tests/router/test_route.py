@@ -1,0 +1,264 @@
+"""``tokenmill route`` in front of real ``tokenmill serve`` workers and scripted ones, on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.server.conftest import start_server
+
+_READY = re.compile(r"router ready: (http://\S+)/v1")
+
+
+class RouterProcess:
+    def __init__(self, *workers: str, policy: str = "round_robin", health_interval: float = 0.2):
+        cmd = [sys.executable, "-m", "tokenmill.cli.main", "route", "--port", "0", "--policy", policy,
+               "--health-interval", str(health_interval)]  # fmt: skip
+        for w in workers:
+            cmd += ["--worker", w]
+        env = {**os.environ, "COLUMNS": "300"}
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+        line = self.proc.stderr.readline()
+        m = _READY.search(line)
+        if not m:
+            self.proc.kill()
+            raise RuntimeError(f"router did not start: {line}{self.proc.stderr.read()}")
+        self.url = m.group(1)
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # keep the pipe drained
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    def status(self) -> dict:
+        return httpx.get(f"{self.url}/router/workers", timeout=5).json()
+
+
+class Scripted:
+    """A fake worker on its own thread: answers every POST with ``reply(n)`` bytes, in parts."""
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.requests = 0
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def serve(reader, writer):
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = (
+                        int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+                        if b"ength" in head
+                        else 0
+                    )
+                    await reader.readexactly(length)
+                    self.requests += 1
+                    if head.startswith(b"GET /health"):
+                        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        continue
+                    for part in self.reply(self.requests):
+                        if part is None:  # cut here
+                            writer.close()
+                            return
+                        writer.write(part)
+                        await writer.drain()
+                        await asyncio.sleep(0.01)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.server = self.loop.run_until_complete(asyncio.start_server(serve, "127.0.0.1", 0))
+            self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+            ready.set()
+            self.loop.run_forever()
+
+        threading.Thread(target=run, daemon=True).start()
+        ready.wait(5)
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.server.close)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+    b"x-tokenmill-worker: scripted\r\n\r\n"
+)
+EVENTS = [
+    b'data: {"choices":[{"index":0,"delta":{"content":"he"}}]}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{"content":"llo"}}]}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+
+@pytest.fixture(scope="module")
+def workers():
+    a, b = start_server(), start_server()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def chat(url: str, **extra) -> httpx.Response:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **extra}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30, headers=extra.pop("headers", None))
+
+
+def test_round_robin_alternates_and_every_response_names_its_worker(workers):
+    a, b = workers
+    router = RouterProcess(a.url, b.url)
+    try:
+        names = [chat(router.url).headers["x-tokenmill-worker"] for _ in range(4)]
+        assert names[0] != names[1] and names[:2] == names[2:]
+        models = httpx.get(f"{router.url}/v1/models", timeout=10).json()
+        assert [m["id"] for m in models["data"]] == ["demo"]
+        assert sum(w["routed"] for w in router.status()["workers"]) == 4
+    finally:
+        router.stop()
+
+
+def test_least_load_sends_the_next_request_to_the_idle_worker(workers):
+    a, b = workers
+    router = RouterProcess(a.url, b.url, policy="least_load")
+    try:
+        body = {"prompt": "ROMEO:", "max_tokens": 600, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{router.url}/v1/completions", json=body, timeout=60) as long:
+            busy = long.headers["x-tokenmill-worker"]
+            lines = long.iter_lines()  # kept: dropping the iterator would close the stream
+            next(lines)
+            assert all(chat(router.url).headers["x-tokenmill-worker"] != busy for _ in range(3))
+    finally:
+        router.stop()
+
+
+def test_a_session_sticks_to_one_worker(workers):
+    a, b = workers
+    router = RouterProcess(a.url, b.url)
+    try:
+        names = {chat(router.url, user="alice").headers["x-tokenmill-worker"] for _ in range(4)}
+        assert len(names) == 1
+    finally:
+        router.stop()
+
+
+def test_streams_pass_through_byte_for_byte():
+    fake = Scripted(lambda n: [SSE_HEAD, *(chunk(e) for e in EVENTS), b"0\r\n\r\n"])
+    router = RouterProcess(fake.url)
+    try:
+        with httpx.stream(
+            "POST", f"{router.url}/v1/chat/completions", json={"stream": True}, timeout=10
+        ) as r:
+            body = b"".join(r.iter_raw())
+            assert r.headers["x-tokenmill-worker"] == "scripted"
+        assert body == b"".join(EVENTS)
+    finally:
+        router.stop()
+        fake.stop()
+
+
+def test_a_worker_failing_mid_stream_ends_the_stream_with_an_error_event():
+    fake = Scripted(lambda n: [SSE_HEAD, chunk(EVENTS[0]), None])
+    router = RouterProcess(fake.url)
+    try:
+        with httpx.stream(
+            "POST", f"{router.url}/v1/chat/completions", json={"stream": True}, timeout=10
+        ) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[0] == EVENTS[0].decode().strip()
+        assert "failed mid-stream" in json.loads(lines[1][6:])["error"]["message"]
+        assert lines[-1] == "data: [DONE]"
+        assert router.status()["streams_cut"] == 1
+    finally:
+        router.stop()
+        fake.stop()
+
+
+def test_a_dead_worker_is_skipped_and_ejected_and_no_client_hangs(workers):
+    a, _ = workers
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    router = RouterProcess(dead, a.url)
+    try:
+        start = time.monotonic()
+        assert all(chat(router.url).status_code == 200 for _ in range(6))
+        assert time.monotonic() - start < 20
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            state = {w["url"]: w["healthy"] for w in router.status()["workers"]}
+            if not state[dead]:
+                break
+            time.sleep(0.1)
+        assert state == {dead: False, a.url: True}
+    finally:
+        router.stop()
+
+
+def test_no_worker_available_is_a_503_with_retry_after():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    router = RouterProcess(dead)
+    try:
+        r = chat(router.url)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "service_unavailable"
+        assert httpx.get(f"{router.url}/ready", timeout=5).status_code in (200, 503)
+    finally:
+        router.stop()
+
+
+def test_a_drained_worker_takes_no_new_requests_and_admin_errors_are_clear(workers):
+    a, b = workers
+    router = RouterProcess(a.url, b.url)
+    try:
+        r = httpx.post(f"{router.url}/admin/workers", json={"url": a.url, "action": "drain"}, timeout=5)
+        assert r.status_code == 200
+        names = {chat(router.url).headers["x-tokenmill-worker"] for _ in range(4)}
+        assert names == {b.url.removeprefix("http://")}
+        bad = httpx.post(f"{router.url}/admin/workers", json={"url": a.url, "action": "explode"}, timeout=5)
+        assert bad.status_code == 400 and "add, drain or remove" in bad.json()["error"]["message"]
+        unknown = httpx.post(
+            f"{router.url}/admin/workers", json={"url": "http://x:1", "action": "drain"}, timeout=5
+        )
+        assert unknown.status_code == 400 and "no worker" in unknown.json()["error"]["message"]
+    finally:
+        router.stop()
+
+
+def test_a_client_leaving_mid_stream_aborts_the_request_on_the_worker(workers):
+    a, _ = workers
+    router = RouterProcess(a.url)
+    try:
+        body = {"prompt": "ROMEO:", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{router.url}/v1/completions", json=body, timeout=60) as r:
+            next(r.iter_lines())
+        a.wait_for(lambda: a.metric("tokenmill_requests_in_flight") == 0, timeout=5.0, what="the abort")
+    finally:
+        router.stop()
+
+
+def test_bad_json_is_a_400_and_costs_no_worker_anything(workers):
+    a, _ = workers
+    router = RouterProcess(a.url)
+    try:
+        r = httpx.post(f"{router.url}/v1/chat/completions", content=b"{not json", timeout=5)
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+        assert router.status()["workers"][0]["routed"] == 0
+    finally:
+        router.stop()
