@@ -1,0 +1,219 @@
+"""Router overhead (issue 6): what a router adds to each request, against vllm-router and sglang-router.
+
+Two instant workers (`tokenmill bench mock-server --ttft 0 --itl 0`, 8 output
+tokens) behind each router in turn, all with round_robin; the same loads by
+`tokenmill bench run` (one client process, streaming chat):
+
+- concurrency 32, `--requests` requests: requests/s through the router, TTFT
+  and end-to-end latency p50/p99, and the router's CPU time per request (its
+  process tree's utime + stime over the run, from /proc);
+- concurrency 1: the latency a single streamed request gains.
+
+"direct" is the same load straight to one worker; "added" is a router's figure
+minus direct's. Results: `.bench/results/router_overhead-<timestamp>.json`.
+
+    benchmarks/peers/setup_routers.sh                # vllm-router, sglang-router into .peers/routers
+    .venv/bin/python benchmarks/router_overhead.py   # ~2 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench_model import ensure_bench_model
+from bench_process import RESULTS, ROOT, one_run_at_a_time, report_header, save_report
+
+TOKENMILL = [sys.executable, "-m", "tokenmill.cli.main"]
+PEERS = ROOT / ".peers" / "routers" / "bin"
+ROUTERS = ("direct", "tokenmill", "vllm-router", "sglang-router")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    model = ensure_bench_model()  # its tokenizer counts the synthetic prompts
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    logs = RESULTS / "logs" / f"router_overhead-{stamp}"
+    logs.mkdir(parents=True, exist_ok=True)
+    report = report_header("router_overhead", stamp, argv, args, model)
+    report["results"] = {}
+    with one_run_at_a_time(), _workers(2, logs) as workers:
+        for name in args.routers.split(","):
+            if name != "direct" and name != "tokenmill" and not (PEERS / name).exists():
+                print(f"[bench] {name}: missing, run benchmarks/peers/setup_routers.sh", flush=True)
+                continue
+            print(f"[bench] {name}", flush=True)
+            with _router(name, workers, logs) as (url, pid):
+                report["results"][name] = {
+                    "c32": _load(url, pid, 32, args.requests, model, logs / f"{name}-c32"),
+                    "c1": _load(url, pid, 1, args.requests // 10, model, logs / f"{name}-c1"),
+                }
+    out = save_report(report)
+    _print_table(report)
+    print(f"\nresults: {out}")
+    return 0
+
+
+@contextlib.contextmanager
+def _workers(n: int, logs: Path) -> Iterator[list[str]]:
+    procs, urls = [], []
+    try:
+        for i in range(n):
+            cmd = [*TOKENMILL, "bench", "mock-server", "--port", "0", "--ttft", "0", "--itl", "0"]
+            cmd += ["--output-tokens", "8", "--worker-id", f"worker-{i}"]
+            proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            assert proc.stderr is not None
+            line = proc.stderr.readline()
+            procs.append(proc)
+            urls.append(line.split("ready: ")[1].split("/v1")[0])
+        (logs / "workers.txt").write_text("\n".join(urls) + "\n")
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def _router(name: str, workers: list[str], logs: Path) -> Iterator[tuple[str, int | None]]:
+    if name == "direct":
+        yield workers[0], None
+        return
+    port = _free_port()
+    metrics = ["--prometheus-port", str(_free_port())]  # each its own: both default to 29000
+    if name == "tokenmill":
+        cmd = [*TOKENMILL, "route", "--policy", "round_robin", "--port", str(port)]
+        for w in workers:
+            cmd += ["--worker", w]
+    elif name == "vllm-router":
+        cmd = [
+            str(PEERS / "vllm-router"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--policy",
+            "round_robin",
+        ]
+        cmd += [*metrics, "--worker-urls", *workers]
+    else:
+        cmd = [str(PEERS / "sglang-router"), "launch", "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--policy", "round_robin", *metrics, "--worker-urls", *workers]
+    log = (logs / f"{name}.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc, 60)
+        yield url, proc.pid
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    body = {"model": "mock", "messages": [{"role": "user", "content": "ready?"}], "max_tokens": 1}
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"router exited with {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.post(f"{url}/v1/chat/completions", json=body, timeout=2).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"router at {url} not answering after {timeout:.0f} s")
+
+
+def _load(url: str, pid: int | None, concurrency: int, n: int, model: Path, out: Path) -> dict[str, Any]:
+    cpu0 = _tree_cpu_s(pid)
+    cmd = [*TOKENMILL, "bench", "run", url, "--model", "mock", "--concurrency", str(concurrency)]
+    cmd += ["--requests", str(n), "--prompt-tokens", "16", "--output-tokens", "8", "--tokenizer", str(model)]
+    cmd += ["--check-tokens", "0", "-o", str(out)]
+    subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=900)
+    cpu = _tree_cpu_s(pid) - cpu0
+    s = json.loads(out.with_name(out.name + ".json").read_text())["summary"]
+    return {
+        "requests": s["requests"],
+        "failed": s["failed"],
+        "req_s": s["request_tput"],
+        "ttft_ms": {k: s["ttft"][k] * 1000 for k in ("median", "p99")},
+        "e2e_ms": {k: s["e2e"][k] * 1000 for k in ("median", "p99")},
+        "router_cpu_us_per_request": cpu / s["requests"] * 1e6 if pid else None,
+    }
+
+
+def _tree_cpu_s(pid: int | None) -> float:
+    """utime + stime of a process and its descendants (a router may run helper processes)."""
+    if pid is None:
+        return 0.0
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    print(f"\n## Router overhead, {report['timestamp']}\n")
+    print(f"- machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
+    print(f"- command: `{report['command']}`\n")
+    head = ["router", "c32 req/s", "c32 E2E ms p50 / p99", "added E2E p50 ms", "router CPU us/request"]
+    head += ["c1 E2E ms p50 / p99", "added c1 E2E p50 ms"]
+    print("| " + " | ".join(head) + " |")
+    print("| --- |" + " ---: |" * (len(head) - 1))
+    results = report["results"]
+    base = results.get("direct")
+    for name, r in results.items():
+        cells = [name]
+        for load in ("c32", "c1"):
+            e2e = r[load]["e2e_ms"]
+            if load == "c32":
+                cells.append(f"{r[load]['req_s']:.0f}")
+            cells.append(f"{e2e['median']:.2f} / {e2e['p99']:.2f}")
+            added = e2e["median"] - base[load]["e2e_ms"]["median"] if base and name != "direct" else None
+            cells.append(f"{added:+.2f}" if added is not None else "")
+            if load == "c32":
+                cpu = r[load]["router_cpu_us_per_request"]
+                cells.append(f"{cpu:.0f}" if cpu is not None else "")
+        print("| " + " | ".join(cells) + " |")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Router overhead against vllm-router and sglang-router.")
+    p.add_argument(
+        "--requests", type=int, default=3000, help="requests of the concurrency-32 load (c1: a tenth)"
+    )
+    p.add_argument("--routers", default=",".join(ROUTERS), help="which to measure")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
