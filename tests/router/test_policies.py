@@ -95,3 +95,57 @@ def test_bad_worker_urls_and_policies_are_refused(bad):
         WorkerPool([bad])
     with pytest.raises(ValueError, match="policy must be one of"):
         Router("random")
+
+
+def _prefixed(prefix: str, suffix: str):
+    from tokenmill.router.prefix_index import chunk_hashes
+
+    text = prefix + suffix
+    return RouteRequest(tokens=len(text) // 4 + 16, prefix=chunk_hashes(text))
+
+
+def test_prefix_sends_a_shared_prefix_back_to_the_worker_that_has_it():
+    p, r = pool(3), Router("prefix")
+    system = "You are a careful assistant. " * 100  # ~2,900 characters: 11 chunks
+    first = r.choose(_prefixed(system, "question one"), p.available())
+    p.started(first, 800)
+    for other in (w for w in p.workers if w is not first):
+        p.started(other, 500)  # a lighter queue elsewhere, but the cached prefix saves more
+    again = r.choose(_prefixed(system, "question two"), p.available())
+    assert again is first and r.decisions["prefix_hit"] == 1 and r.predicted_hit_tokens > 600
+
+
+def test_a_popular_prefix_spreads_once_its_worker_is_loaded_past_what_the_cache_saves():
+    p, r = pool(3), Router("prefix")
+    system = "Shared system prompt for every tenant. " * 60
+    chosen = []
+    for i in range(30):
+        w = r.choose(_prefixed(system, f"user question {i}"), p.available())
+        p.started(w, 700)  # nothing finishes: the queue grows where requests go
+        chosen.append(w.url)
+    counts = sorted(chosen.count(w.url) for w in p.workers)
+    assert counts[0] >= 5  # every worker took a share: no hot spot
+    assert max(w.in_flight_tokens for w in p.workers) <= 2 * min(w.in_flight_tokens for w in p.workers) + 700
+
+
+def test_different_prefixes_spread_and_then_stick():
+    p, r = pool(2), Router("prefix")
+    a, b = "Tenant A's long instructions. " * 40, "Tenant B's long instructions. " * 40
+    wa, wb = r.choose(_prefixed(a, "x"), p.available()), r.choose(_prefixed(b, "y"), p.available())
+    assert wa is not wb  # the second goes where the load is, with nothing cached anywhere
+    assert (
+        r.choose(_prefixed(a, "z"), p.available()) is wa and r.choose(_prefixed(b, "w"), p.available()) is wb
+    )
+
+
+def test_the_prefix_index_is_bounded_and_forgets_a_worker():
+    from tokenmill.router.prefix_index import PrefixIndex, chunk_hashes
+
+    index = PrefixIndex(max_entries=10)
+    hashes = chunk_hashes("abcdefgh" * 1000)  # 31 chunks
+    index.record("w", hashes)
+    assert index.matched_chunks("w", hashes) == 0  # its oldest (leading) hashes were evicted first
+    index.record("w", hashes[:5])
+    assert index.matched_chunks("w", hashes) == 5
+    index.forget("w")
+    assert index.matched_chunks("w", hashes) == 0

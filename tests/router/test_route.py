@@ -262,3 +262,27 @@ def test_bad_json_is_a_400_and_costs_no_worker_anything(workers):
         assert router.status()["workers"][0]["routed"] == 0
     finally:
         router.stop()
+
+
+def test_prefix_policy_lands_a_shared_prefix_on_the_worker_that_caches_it(workers):
+    a, b = workers
+    router = RouterProcess(a.url, b.url, policy="prefix")
+    system = "Speak as the chorus of a play set in fair Verona, in two short lines. " * 16
+    try:
+        landed = []
+        for i in range(4):
+            body = {
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"Scene {i}"}]
+            }
+            r = httpx.post(f"{router.url}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=30)
+            assert r.status_code == 200
+            landed.append(r.headers["x-tokenmill-worker"])
+        assert len(set(landed)) == 1  # every request after the first followed the cached prefix
+        status = router.status()
+        assert (
+            status["decisions"] == {"prefix_miss": 1, "prefix_hit": 3} and status["predicted_hit_tokens"] > 0
+        )
+        holder = a if landed[0] == a.url.removeprefix("http://") else b
+        assert holder.metric("tokenmill_prefix_cache_hits_total") > 0  # the worker's own count agrees
+    finally:
+        router.stop()

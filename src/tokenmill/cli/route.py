@@ -30,7 +30,7 @@ def route(
     ctx: typer.Context,
     worker: Annotated[list[str] | None, typer.Option(help="A worker's base URL (repeatable).")] = None,
     workers_file: Annotated[Path | None, typer.Option(help="A file of worker URLs, one per line.")] = None,
-    policy: Annotated[str, typer.Option(help="round_robin or least_load.")] = "least_load",
+    policy: Annotated[str, typer.Option(help="round_robin, least_load or prefix.")] = "least_load",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 9000,
     health_interval: Annotated[float, typer.Option(help="Seconds between active health checks.")] = 2.0,

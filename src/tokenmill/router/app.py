@@ -30,6 +30,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from tokenmill.client import HTTPTransport, TransportError
 from tokenmill.router.policies import Router, RouteRequest
+from tokenmill.router.prefix_index import chunk_hashes, prompt_text
 from tokenmill.router.workers import Worker, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,8 @@ class RouterApp:
             return
         headers = _forwarded(scope["headers"])
         session = _header(scope["headers"], SESSION_HEADER) or _str_or_none(request.get("user"))
-        route = RouteRequest(tokens=_estimate_tokens(request), session=session)
+        prefix = chunk_hashes(prompt_text(request)) if self.router.policy == "prefix" else []
+        route = RouteRequest(tokens=_estimate_tokens(request), session=session, prefix=prefix)
         tried: set[str] = set()
         while True:
             worker = self.router.choose(route, [w for w in self.pool.available() if w.url not in tried])
@@ -249,7 +251,7 @@ class RouterApp:
             elif action == "drain":
                 self.pool.drain(url)
             elif action == "remove":
-                self.pool.remove(url)
+                self.router.prefixes.forget(self.pool.remove(url).url)
             else:
                 raise ValueError(f"action must be add, drain or remove, got {action!r}")
         except (ValueError, KeyError, TypeError) as e:
@@ -264,6 +266,7 @@ class RouterApp:
             "policy": self.router.policy,
             "imbalance": self.pool.imbalance(),
             "decisions": dict(self.router.decisions),
+            "predicted_hit_tokens": self.router.predicted_hit_tokens,
             "streams_cut": self.streams_cut,
             "workers": [
                 {
@@ -294,7 +297,10 @@ class RouterApp:
                 w.name = response.headers.get(WORKER_HEADER.decode(), w.url)
         except (TransportError, TimeoutError):
             ok = False
+        was_healthy = w.healthy
         self.pool.health(w, ok)
+        if w.healthy and not was_healthy:  # back from an outage: whatever it had cached may be gone
+            self.router.prefixes.forget(w.url)
 
 
 def _estimate_tokens(request: dict[str, Any]) -> int:

@@ -4,6 +4,13 @@
 - ``least_load``: fewest tokens in flight (prompt + asked output of requests
   the router has there), scaled by the worker's ramp so a re-admitted worker
   fills up gradually; ties go round the workers.
+- ``prefix``: the least estimated cost, in tokens of work ahead of the
+  request: the worker's tokens in flight plus the part of the prompt it has
+  probably not cached (``router/prefix_index.py``), scaled by the ramp. A
+  cached prefix pulls requests to its worker only as long as the prefill it
+  saves outweighs the queue it builds there, so a popular prefix spreads
+  instead of drowning one worker (no "follow the cache unless the imbalance
+  passes a threshold" switch).
 
 Requests of one session (``x-session-id`` or the body's ``user``) stick to the
 worker that served the session before, while it is available and not
@@ -15,11 +22,12 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from tokenmill.router.prefix_index import CHARS_PER_TOKEN, CHUNK_CHARS, PrefixIndex
 from tokenmill.router.workers import Worker
 
-POLICIES = ("round_robin", "least_load")
+POLICIES = ("round_robin", "least_load", "prefix")
 STICKY_OVERLOAD = 2.0
 MAX_SESSIONS = 100_000  # remembered session -> worker pairs (least recently used go first)
 
@@ -28,6 +36,7 @@ MAX_SESSIONS = 100_000  # remembered session -> worker pairs (least recently use
 class RouteRequest:
     tokens: int  # estimated prompt tokens + asked output tokens
     session: str | None = None
+    prefix: list[bytes] = field(default_factory=list)  # chained chunk hashes of the prompt (prefix policy)
 
 
 class Router:
@@ -38,6 +47,8 @@ class Router:
         self._turn = itertools.count()
         self._sessions: OrderedDict[str, str] = OrderedDict()  # session -> worker URL
         self.decisions: dict[str, int] = {}  # reason -> count
+        self.prefixes = PrefixIndex()
+        self.predicted_hit_tokens = 0  # prompt tokens the prefix policy expected cached where it sent them
 
     def choose(self, request: RouteRequest, workers: list[Worker]) -> Worker | None:
         """The worker for ``request`` among the available ``workers``; None if there is none."""
@@ -51,6 +62,8 @@ class Router:
         if self.policy == "round_robin":
             chosen = workers[next(self._turn) % len(workers)]
             self._count("round_robin")
+        elif self.policy == "prefix":
+            chosen = self._by_prefix(request, workers)
         else:
             start = next(self._turn) % len(workers)
             rotated = workers[start:] + workers[:start]  # ties go round
@@ -58,6 +71,22 @@ class Router:
             self._count("least_load")
         if request.session is not None:
             self._remember(request.session, chosen)
+        return chosen
+
+    def _by_prefix(self, request: RouteRequest, workers: list[Worker]) -> Worker:
+        start = next(self._turn) % len(workers)
+        chunk_tokens = CHUNK_CHARS // CHARS_PER_TOKEN
+
+        def cost(w: Worker) -> tuple[float, int]:
+            hit = self.prefixes.matched_chunks(w.url, request.prefix) * chunk_tokens
+            return (w.in_flight_tokens + request.tokens - hit) / w.ramp(), -hit
+
+        rotated = workers[start:] + workers[:start]
+        chosen = min(rotated, key=cost)
+        hit = -cost(chosen)[1]
+        self._count("prefix_hit" if hit else "prefix_miss")
+        self.predicted_hit_tokens += hit
+        self.prefixes.record(chosen.url, request.prefix)
         return chosen
 
     def _sticky(self, request: RouteRequest, workers: list[Worker]) -> Worker | None:
