@@ -21,11 +21,18 @@ _READY = re.compile(r"router ready: (http://\S+)/v1")
 
 
 class RouterProcess:
-    def __init__(self, *workers: str, policy: str = "round_robin", health_interval: float = 0.2):
+    def __init__(
+        self,
+        *workers: str,
+        policy: str = "round_robin",
+        health_interval: float = 0.2,
+        extra: tuple[str, ...] = (),
+    ):
         cmd = [sys.executable, "-m", "tokenmill.cli.main", "route", "--port", "0", "--policy", policy,
                "--health-interval", str(health_interval)]  # fmt: skip
         for w in workers:
             cmd += ["--worker", w]
+        cmd += list(extra)
         env = {**os.environ, "COLUMNS": "300"}
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
         line = self.proc.stderr.readline()
@@ -128,6 +135,13 @@ def test_round_robin_alternates_and_every_response_names_its_worker(workers):
         models = httpx.get(f"{router.url}/v1/models", timeout=10).json()
         assert [m["id"] for m in models["data"]] == ["demo"]
         assert sum(w["routed"] for w in router.status()["workers"]) == 4
+        metrics = httpx.get(f"{router.url}/metrics", timeout=5).text
+        routed = [
+            line for line in metrics.splitlines() if line.startswith("tokenmill_router_requests_total{")
+        ]
+        assert sorted(float(line.rsplit(" ", 1)[1]) for line in routed) == [2.0, 2.0]
+        assert 'tokenmill_router_decisions_total{reason="round_robin"} 4.0' in metrics
+        assert "tokenmill_router_imbalance_ratio 1.0" in metrics
     finally:
         router.stop()
 
@@ -284,5 +298,32 @@ def test_prefix_policy_lands_a_shared_prefix_on_the_worker_that_caches_it(worker
         )
         holder = a if landed[0] == a.url.removeprefix("http://") else b
         assert holder.metric("tokenmill_prefix_cache_hits_total") > 0  # the worker's own count agrees
+    finally:
+        router.stop()
+
+
+def test_the_workers_file_is_re_read_when_it_changes(workers, tmp_path):
+    a, b = workers
+    listing = tmp_path / "workers.txt"
+    listing.write_text(f"# the fleet\n{a.url}\n")
+    router = RouterProcess(extra=("--workers-file", str(listing)))
+
+    def urls():
+        return sorted(w["url"] for w in router.status()["workers"])
+
+    try:
+        assert urls() == [a.url]
+        time.sleep(0.05)
+        listing.write_text(f"{a.url}\n{b.url}/v1\n")
+        deadline = time.monotonic() + 5
+        while urls() != sorted([a.url, b.url]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert urls() == sorted([a.url, b.url])
+        listing.write_text(f"{b.url}\n")
+        deadline = time.monotonic() + 5
+        while urls() != [b.url] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert urls() == [b.url]  # a drained, then left once idle
+        assert chat(router.url).headers["x-tokenmill-worker"] == b.url.removeprefix("http://")
     finally:
         router.stop()

@@ -29,7 +29,9 @@ app = typer.Typer(help="Route requests across workers (OpenAI API in, workers be
 def route(
     ctx: typer.Context,
     worker: Annotated[list[str] | None, typer.Option(help="A worker's base URL (repeatable).")] = None,
-    workers_file: Annotated[Path | None, typer.Option(help="A file of worker URLs, one per line.")] = None,
+    workers_file: Annotated[
+        Path | None, typer.Option(help="A file of worker URLs, one per line; re-read when it changes.")
+    ] = None,
     policy: Annotated[str, typer.Option(help="round_robin, least_load or prefix.")] = "least_load",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 9000,
@@ -42,10 +44,11 @@ def route(
     from tokenmill.router.workers import WorkerPool
 
     try:
+        from tokenmill.router.app import read_workers_file
+
         urls = list(worker or [])
         if workers_file is not None:
-            lines = workers_file.read_text(encoding="utf-8").splitlines()
-            urls += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+            urls += read_workers_file(workers_file)
         if not urls:
             raise ValueError("give at least one --worker URL or a --workers-file")
         pool = WorkerPool(urls)
@@ -56,7 +59,7 @@ def route(
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     try:
-        asyncio.run(_serve(pool, router, host, port, health_interval))
+        asyncio.run(_serve(pool, router, host, port, health_interval, workers_file))
     except OSError as e:
         err.print(f"[red]error:[/red] cannot listen on {host}:{port}: {e.strerror or e}")
         raise typer.Exit(1) from None
@@ -64,12 +67,14 @@ def route(
         pass
 
 
-async def _serve(pool: WorkerPool, router: Router, host: str, port: int, health_interval: float) -> None:
+async def _serve(
+    pool: WorkerPool, router: Router, host: str, port: int, health_interval: float, workers_file: Path | None
+) -> None:
     import uvicorn
 
     from tokenmill.router.app import RouterApp
 
-    app = RouterApp(pool, router, health_interval=health_interval)
+    app = RouterApp(pool, router, health_interval=health_interval, workers_file=workers_file)
     sock = listen_socket(host, port)
     config = uvicorn.Config(
         app,

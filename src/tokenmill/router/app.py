@@ -14,7 +14,8 @@ available worker: 503 with ``Retry-After``.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (routed),
 ``GET /v1/models`` (the union of the workers'), ``GET /health``, ``GET /ready``
-(some worker available), ``GET /router/workers`` (the live distribution),
+(some worker available), ``GET /metrics`` (Prometheus, ``router/metrics.py``),
+``GET /router/workers`` (the live distribution),
 ``POST /admin/workers`` (``{"url": ..., "action": "add" | "drain" | "remove"}``).
 """
 
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
@@ -31,7 +33,7 @@ from starlette.types import Message, Receive, Scope, Send
 from tokenmill.client import HTTPTransport, TransportError
 from tokenmill.router.policies import Router, RouteRequest
 from tokenmill.router.prefix_index import chunk_hashes, prompt_text
-from tokenmill.router.workers import Worker, WorkerPool
+from tokenmill.router.workers import Worker, WorkerPool, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +68,12 @@ class RouterApp:
         health_interval: float = 2.0,
         connect_timeout: float = 5.0,
         read_timeout: float = 600.0,
+        workers_file: Path | None = None,
     ) -> None:
         self.pool = pool
+        self.workers_file = workers_file  # re-read when it changes, every health interval
+        self._file_stamp: float | None = workers_file.stat().st_mtime if workers_file else None
+        self._leaving: set[str] = set()  # dropped from the file: drained, removed once idle
         self.router = router
         self.health_interval = health_interval
         self._connect_timeout = connect_timeout
@@ -97,6 +103,13 @@ class RouterApp:
         elif path == "/ready":
             ready = bool(self.pool.available())
             await _json(send, 200 if ready else 503, {"ready": ready, "workers": len(self.pool.available())})
+        elif path == "/metrics" and method == "GET":
+            from tokenmill.router.metrics import CONTENT_TYPE, render
+
+            body = render(self)
+            headers = [(b"content-type", CONTENT_TYPE.encode()), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
         elif path == "/router/workers" and method == "GET":
             await _json(send, 200, self.status())
         elif path == "/admin/workers" and method == "POST":
@@ -286,8 +299,37 @@ class RouterApp:
 
     async def _check_health_forever(self) -> None:
         while True:
+            self._reload_workers_file()
             await asyncio.gather(*(self._check(w) for w in self.pool.workers))
             await asyncio.sleep(self.health_interval)
+
+    def _reload_workers_file(self) -> None:
+        """Workers new in the file join (on the ramp); workers gone from it drain, then leave."""
+        for url in list(self._leaving):
+            w = next((x for x in self.pool.workers if x.url == url), None)
+            if w is None or w.in_flight == 0:
+                if w is not None:
+                    self.router.prefixes.forget(self.pool.remove(url).url)
+                self._leaving.discard(url)
+        if self.workers_file is None:
+            return
+        try:
+            stamp = self.workers_file.stat().st_mtime
+            if stamp == self._file_stamp:
+                return
+            wanted = set(read_workers_file(self.workers_file))
+        except (OSError, ValueError) as e:
+            logger.warning("cannot re-read %s: %s; keeping the workers as they are", self.workers_file, e)
+            return
+        self._file_stamp = stamp
+        for url in wanted:
+            self.pool.add(url)
+            self._leaving.discard(url)
+        for w in self.pool.workers:
+            if w.url not in wanted:
+                self.pool.drain(w.url)
+                self._leaving.add(w.url)
+        logger.warning("workers file re-read: %d workers", len(wanted))
 
     async def _check(self, w: Worker) -> None:
         try:
@@ -301,6 +343,12 @@ class RouterApp:
         self.pool.health(w, ok)
         if w.healthy and not was_healthy:  # back from an outage: whatever it had cached may be gone
             self.router.prefixes.forget(w.url)
+
+
+def read_workers_file(path: Path) -> list[str]:
+    """Worker URLs, one per line; blank lines and lines starting with # are skipped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [normalize(line.strip()) for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
 def _estimate_tokens(request: dict[str, Any]) -> int:
