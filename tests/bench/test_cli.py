@@ -59,10 +59,10 @@ def test_a_run_prints_the_report_and_writes_log_summary_and_csv(mock_url, tmp_pa
 
 def test_ctrl_c_stops_the_run_and_still_writes_what_was_measured(mock_url, tmp_path):
     prefix = tmp_path / "cut"
-    load = ["--requests", "500", "--concurrency", "2", "--prompt-tokens", "5", "--output-tokens", "400"]
+    load = ["--requests", "40", "--concurrency", "2", "--prompt-tokens", "5", "--output-tokens", "400"]
     cmd = [*TOKENMILL, "bench", "run", mock_url, *load, "-o", str(prefix)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    time.sleep(3.0)
+    time.sleep(4.0)  # start-up and building 40 prompts take ~1.5 s; each response takes 2 s
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err

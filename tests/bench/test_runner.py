@@ -36,10 +36,11 @@ def test_every_metric_matches_the_server_timings():
     )
     s = summarize(records)
     assert (s.succeeded, s.failed, s.token_mismatches) == (8, 0, 0)
-    assert s.ttft.mean == pytest.approx(0.200, abs=0.015)
+    # Tolerances: the event loop's timer granularity plus a busy 2-core CI machine.
+    assert s.ttft.mean == pytest.approx(0.200, abs=0.02)
     assert s.tpot.mean == pytest.approx(0.020, abs=0.001)
     assert s.itl.median == pytest.approx(0.020, abs=0.003)
-    assert s.e2e.mean == pytest.approx(2.74, abs=0.03)
+    assert s.e2e.mean == pytest.approx(2.74, abs=0.05)
     assert s.per_user_tok_s.mean == pytest.approx(50.0, rel=0.05)
     assert all(r.num_output_tokens == 128 and r.prompt_tokens == 5 for r in records)
     assert s.workers == {server.worker_id: {"requests": 8, "output_tokens": 1024}}
@@ -67,8 +68,8 @@ def test_open_loop_sends_on_schedule_and_latency_counts_from_it():
     assert intended == pytest.approx([i / 40 for i in range(8)])
     s = summarize(records, max_lag_p99=0.05)
     assert s.offered_rate == pytest.approx(40.0)
-    assert s.ttft.mean == pytest.approx(0.05, abs=0.015)
-    assert s.e2e.mean == pytest.approx(0.085, abs=0.02)
+    assert s.ttft.mean == pytest.approx(0.05, abs=0.02)
+    assert s.e2e.mean == pytest.approx(0.085, abs=0.03)
 
 
 def test_max_concurrency_caps_an_open_loop_and_shows_as_lag():

@@ -150,7 +150,7 @@ def test_least_load_sends_the_next_request_to_the_idle_worker(workers):
     a, b = workers
     router = RouterProcess(a.url, b.url, policy="least_load")
     try:
-        body = {"prompt": "ROMEO:", "max_tokens": 600, "ignore_eos": True, "stream": True}
+        body = {"prompt": "ROMEO:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{router.url}/v1/completions", json=body, timeout=60) as long:
             busy = long.headers["x-tokenmill-worker"]
             lines = long.iter_lines()  # kept: dropping the iterator would close the stream
