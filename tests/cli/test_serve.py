@@ -34,3 +34,18 @@ def test_a_bad_engine_option_names_the_field():
     )
     assert done.returncode == 2
     assert "scheduling_policy='lottery' is invalid: allowed priority or fcfs" in done.stderr
+
+
+def test_a_simulated_worker_serves_the_api_with_modeled_step_times():
+    import httpx
+
+    from tests.server.conftest import start_server
+
+    server = start_server("--runner", "simulated")
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 7, "ignore_eos": True}
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 7
+        assert any("weights 0.00 GiB" in line for line in server.log)  # no model weights were loaded
+    finally:
+        server.stop()

@@ -58,6 +58,9 @@ def serve(
         Path | None, typer.Option(help="Step-time profile from `tokenmill profile` (for --max-itl).")
     ] = None,
     kv_events: Annotated[bool, typer.Option(help="Publish KV events at /v1/kv_events.")] = True,
+    runner: Annotated[
+        str, typer.Option(help="model, or simulated: step times from --timing-profile, no weights run.")
+    ] = "model",
     seed: Annotated[int, typer.Option(help="Seed of unseeded sampling.")] = 0,
 ) -> None:
     """Serve a model over OpenAI-compatible HTTP (with SSE) and gRPC, with Prometheus metrics.
@@ -89,6 +92,7 @@ def serve(
         timing_profile=str(timing_profile) if timing_profile else None,
         kv_events=kv_events,
         seed=seed,
+        runner=runner,
     )
     options = ServeOptions(
         host=host,
