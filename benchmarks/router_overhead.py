@@ -86,14 +86,17 @@ def _workers(n: int, logs: Path) -> Iterator[list[str]]:
 
 
 @contextlib.contextmanager
-def _router(name: str, workers: list[str], logs: Path) -> Iterator[tuple[str, int | None]]:
+def _router(
+    name: str, workers: list[str], logs: Path, policy: str = "round_robin", model: str = "mock"
+) -> Iterator[tuple[str, int | None]]:
+    """``name``'s router in front of ``workers`` (``direct``: the first worker itself)."""
     if name == "direct":
         yield workers[0], None
         return
     port = _free_port()
     metrics = ["--prometheus-port", str(_free_port())]  # each its own: both default to 29000
     if name == "tokenmill":
-        cmd = [*TOKENMILL, "route", "--policy", "round_robin", "--port", str(port)]
+        cmd = [*TOKENMILL, "route", "--policy", policy, "--port", str(port)]
         for w in workers:
             cmd += ["--worker", w]
     elif name == "vllm-router":
@@ -104,17 +107,17 @@ def _router(name: str, workers: list[str], logs: Path) -> Iterator[tuple[str, in
             "--port",
             str(port),
             "--policy",
-            "round_robin",
+            policy,
         ]
         cmd += [*metrics, "--worker-urls", *workers]
     else:
         cmd = [str(PEERS / "sglang-router"), "launch", "--host", "127.0.0.1", "--port", str(port)]
-        cmd += ["--policy", "round_robin", *metrics, "--worker-urls", *workers]
+        cmd += ["--policy", policy, *metrics, "--worker-urls", *workers]
     log = (logs / f"{name}.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, proc, 60)
+        _wait_ready(url, proc, 60, model)
         yield url, proc.pid
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -126,9 +129,10 @@ def _router(name: str, workers: list[str], logs: Path) -> Iterator[tuple[str, in
         log.close()
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, model: str = "mock") -> None:
+    """Until a chat request through the router succeeds (routers differ in what else they serve)."""
     deadline = time.monotonic() + timeout
-    body = {"model": "mock", "messages": [{"role": "user", "content": "ready?"}], "max_tokens": 1}
+    body = {"model": model, "messages": [{"role": "user", "content": "ready?"}], "max_tokens": 1}
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"router exited with {proc.returncode}")

@@ -51,10 +51,11 @@ def test_shared_prefix_groups_share_their_prefix_and_nothing_else():
 
     specs = with_server_tokenizer(build)
     prefixes = [s.prompt.split("\n")[0] for s in specs]
-    assert prefixes[0::2] == [prefixes[0]] * 4 and prefixes[1::2] == [prefixes[1]] * 4
-    assert prefixes[0] != prefixes[1]
-    assert all(s.prompt_tokens == 50 for s in specs)
-    assert [s.user for s in specs[:2]] == ["group-0", "group-1"]
+    assert len(set(prefixes)) == 2 and all(s.prompt_tokens == 50 for s in specs)
+    for s, prefix in zip(specs, prefixes, strict=True):  # the user names the group, the group the prefix
+        assert prefix == prefixes[[x.user for x in specs].index(s.user)]
+    assert {s.user for s in specs} == {"group-0", "group-1"}
+    assert len({s.prompt for s in specs}) == 8  # unique suffixes
 
 
 def test_jsonl_prompts_and_conversations(tmp_path):

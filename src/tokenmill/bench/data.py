@@ -4,8 +4,8 @@
   ``prompt_tokens`` tokens by the server's tokenizer (or ``--tokenizer``); a
   different text per request, so no prefix is shared by chance.
 - ``shared-prefix``: ``groups`` prefixes of ``prefix_tokens`` each, every
-  request one of them plus a unique suffix of ``prompt_tokens`` (for prefix
-  caching and routing studies); requests go round the groups.
+  request one of them (drawn at random, seeded) plus a unique suffix of
+  ``prompt_tokens`` (for prefix caching and routing studies).
 - ``multi-turn``: sessions of ``turns`` user messages of ``prompt_tokens``
   each; a turn goes out once the previous one's reply is in (after the run's
   think time), carrying the whole conversation so far, replies included.
@@ -115,8 +115,9 @@ async def shared_prefix(
     rng = random.Random(seed)
     prefixes = [await exact_text(tok, prefix_tokens, rng) for _ in range(groups)]
     specs = []
-    for i in range(num):
-        prefix = prefixes[i % groups][0]
+    for _ in range(num):
+        group = rng.randrange(groups)  # drawn, not taken in turn: a turn order would line up with round robin
+        prefix = prefixes[group][0]
         suffix = (await exact_text(tok, prompt_tokens.draw(rng), rng))[0]
         text = f"{prefix}\n{suffix}"
         specs.append(
@@ -124,7 +125,7 @@ async def shared_prefix(
                 prompt=text,
                 prompt_tokens=len(await tok.encode(text)),
                 output_tokens=output_tokens.draw(rng),
-                user=f"group-{i % groups}",
+                user=f"group-{group}",
             )
         )
     return specs

@@ -156,7 +156,8 @@ class RouterApp:
         headers = _forwarded(scope["headers"])
         session = _header(scope["headers"], SESSION_HEADER) or _str_or_none(request.get("user"))
         prefix = chunk_hashes(prompt_text(request)) if self.router.policy == "prefix" else []
-        route = RouteRequest(tokens=_estimate_tokens(request), session=session, prefix=prefix)
+        prompt_tokens, output_tokens = _estimate_tokens(request)
+        route = RouteRequest(prompt_tokens + output_tokens, session, prompt_tokens, prefix)
         tried: set[str] = set()
         while True:
             worker = self.router.choose(route, [w for w in self.pool.available() if w.url not in tried])
@@ -165,7 +166,10 @@ class RouterApp:
                 await _error(send, 503, f"{why}; retry shortly", kind="service_unavailable", retry_after=1)
                 return
             tried.add(worker.url)
-            if await self._forward(worker, scope["path"], body, headers, route.tokens, receive, send):
+            prefill = self.router.last_prefill
+            if await self._forward(
+                worker, scope["path"], body, headers, route.tokens, prefill, receive, send
+            ):
                 return
 
     async def _forward(
@@ -175,12 +179,15 @@ class RouterApp:
         body: bytes,
         headers: dict[str, str],
         tokens: int,
+        prefill: int,
         receive: Receive,
         send: Send,
     ) -> bool:
         """Send the request to ``worker`` and stream its answer back. False if the worker failed
         before its first byte (nothing reached the client: the request may go elsewhere)."""
         self.pool.started(worker, tokens)
+        worker.pending_prefill += prefill
+        prefilling = [True]  # until the first byte of the body: then the prompt is in the worker's cache
         started = False
         try:
             async with self._transport(worker).stream(
@@ -195,7 +202,7 @@ class RouterApp:
                 await send(_start(response.status, response.headers, worker))
                 started = True
                 sse = response.headers.get("content-type", "").startswith("text/event-stream")
-                await self._relay(worker, response, sse, receive, send)
+                await self._relay(worker, response, sse, receive, send, prefilling, prefill)
             return True
         except TransportError as e:
             self.pool.failed(worker)
@@ -205,13 +212,27 @@ class RouterApp:
             return True  # _relay has ended the client's response
         finally:
             self.pool.finished(worker, tokens)
+            if prefilling[0]:
+                worker.pending_prefill -= prefill
 
-    async def _relay(self, worker: Worker, response: Any, sse: bool, receive: Receive, send: Send) -> None:
+    async def _relay(
+        self,
+        worker: Worker,
+        response: Any,
+        sse: bool,
+        receive: Receive,
+        send: Send,
+        prefilling: list[bool],
+        prefill: int,
+    ) -> None:
         """The worker's body to the client as it comes; stops (closing the worker's stream, which
         aborts the request there) if the client goes away."""
         gone = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
             async for data, _ in response.aiter_bytes():
+                if prefilling[0]:
+                    prefilling[0] = False
+                    worker.pending_prefill -= prefill
                 if gone.done():
                     return
                 await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -351,8 +372,8 @@ def read_workers_file(path: Path) -> list[str]:
     return [normalize(line.strip()) for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
-def _estimate_tokens(request: dict[str, Any]) -> int:
-    """Prompt + asked output tokens, for load accounting: characters / 4 for the prompt."""
+def _estimate_tokens(request: dict[str, Any]) -> tuple[int, int]:
+    """Prompt and asked output tokens, for load accounting: characters / 4 for the prompt."""
     prompt = request.get("messages") if "messages" in request else request.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         prompt_tokens = len(prompt)  # token ids
@@ -360,7 +381,7 @@ def _estimate_tokens(request: dict[str, Any]) -> int:
         prompt_tokens = len(json.dumps(prompt, ensure_ascii=False)) // _CHARS_PER_TOKEN if prompt else 0
     asked = request.get("max_completion_tokens", request.get("max_tokens"))
     output = asked if isinstance(asked, int) and asked > 0 else _DEFAULT_OUTPUT_TOKENS
-    return prompt_tokens + output
+    return prompt_tokens, output
 
 
 def _forwarded(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:

@@ -4,13 +4,15 @@
 - ``least_load``: fewest tokens in flight (prompt + asked output of requests
   the router has there), scaled by the worker's ramp so a re-admitted worker
   fills up gradually; ties go round the workers.
-- ``prefix``: the least estimated cost, in tokens of work ahead of the
-  request: the worker's tokens in flight plus the part of the prompt it has
-  probably not cached (``router/prefix_index.py``), scaled by the ramp. A
-  cached prefix pulls requests to its worker only as long as the prefill it
-  saves outweighs the queue it builds there, so a popular prefix spreads
-  instead of drowning one worker (no "follow the cache unless the imbalance
-  passes a threshold" switch).
+- ``prefix``: the least estimated time to first token, in tokens of prefill
+  ahead of the request (every worker is taken to prefill at the same rate):
+  prompt tokens already routed to the worker and still waiting for their
+  first byte, plus the part of this prompt it has probably not cached
+  (``router/prefix_index.py``), plus ``DECODE_WEIGHT`` tokens for each request
+  decoding there; scaled by the ramp. A cached prefix pulls requests to its
+  worker only as long as the prefill it saves outweighs the queue it builds
+  there, so a popular prefix spreads instead of drowning one worker (no
+  "follow the cache unless the imbalance passes a threshold" switch).
 
 Requests of one session (``x-session-id`` or the body's ``user``) stick to the
 worker that served the session before, while it is available and not
@@ -28,6 +30,7 @@ from tokenmill.router.prefix_index import CHARS_PER_TOKEN, CHUNK_CHARS, PrefixIn
 from tokenmill.router.workers import Worker
 
 POLICIES = ("round_robin", "least_load", "prefix")
+DECODE_WEIGHT = 16  # prefill tokens' worth of delay one running decode adds to a new request's first token
 STICKY_OVERLOAD = 2.0
 MAX_SESSIONS = 100_000  # remembered session -> worker pairs (least recently used go first)
 
@@ -36,6 +39,7 @@ MAX_SESSIONS = 100_000  # remembered session -> worker pairs (least recently use
 class RouteRequest:
     tokens: int  # estimated prompt tokens + asked output tokens
     session: str | None = None
+    prompt_tokens: int = 0  # estimated prompt tokens alone
     prefix: list[bytes] = field(default_factory=list)  # chained chunk hashes of the prompt (prefix policy)
 
 
@@ -49,11 +53,13 @@ class Router:
         self.decisions: dict[str, int] = {}  # reason -> count
         self.prefixes = PrefixIndex()
         self.predicted_hit_tokens = 0  # prompt tokens the prefix policy expected cached where it sent them
+        self.last_prefill = 0  # prompt tokens the last choice expects its worker to prefill
 
     def choose(self, request: RouteRequest, workers: list[Worker]) -> Worker | None:
         """The worker for ``request`` among the available ``workers``; None if there is none."""
         if not workers:
             return None
+        self.last_prefill = request.prompt_tokens
         if request.session is not None:
             sticky = self._sticky(request, workers)
             if sticky is not None:
@@ -77,15 +83,20 @@ class Router:
         start = next(self._turn) % len(workers)
         chunk_tokens = CHUNK_CHARS // CHARS_PER_TOKEN
 
-        def cost(w: Worker) -> tuple[float, int]:
+        def uncached(w: Worker) -> int:
             hit = self.prefixes.matched_chunks(w.url, request.prefix) * chunk_tokens
-            return (w.in_flight_tokens + request.tokens - hit) / w.ramp(), -hit
+            return max(request.prompt_tokens - hit, 0)
+
+        def cost(w: Worker) -> float:
+            return (w.pending_prefill + uncached(w) + DECODE_WEIGHT * w.in_flight) / w.ramp()
 
         rotated = workers[start:] + workers[:start]
         chosen = min(rotated, key=cost)
-        hit = -cost(chosen)[1]
+        prefill = uncached(chosen)
+        hit = request.prompt_tokens - prefill
         self._count("prefix_hit" if hit else "prefix_miss")
         self.predicted_hit_tokens += hit
+        self.last_prefill = prefill
         self.prefixes.record(chosen.url, request.prefix)
         return chosen
 

@@ -28,6 +28,7 @@ class Worker:
     admitted_at: float = field(default_factory=time.monotonic)
     in_flight: int = 0
     in_flight_tokens: int = 0  # prompt + asked output tokens of requests in flight
+    pending_prefill: int = 0  # prompt tokens routed here, not yet cached there, whose first byte is still due
     routed: int = 0
     routed_tokens: int = 0
     failed: int = 0
