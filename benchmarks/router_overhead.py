@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                 report["results"][name] = {
                     "c32": _load(url, pid, 32, args.requests, model, logs / f"{name}-c32"),
                     "c1": _load(url, pid, 1, args.requests // 10, model, logs / f"{name}-c1"),
+                    "c32_whole": _load(
+                        url, pid, 32, args.requests, model, logs / f"{name}-c32w", stream=False
+                    ),
                 }
     out = save_report(report)
     _print_table(report)
@@ -143,11 +146,13 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, model: 
     raise RuntimeError(f"router at {url} not answering after {timeout:.0f} s")
 
 
-def _load(url: str, pid: int | None, concurrency: int, n: int, model: Path, out: Path) -> dict[str, Any]:
+def _load(
+    url: str, pid: int | None, concurrency: int, n: int, model: Path, out: Path, stream: bool = True
+) -> dict[str, Any]:
     cpu0 = _tree_cpu_s(pid)
     cmd = [*TOKENMILL, "bench", "run", url, "--model", "mock", "--concurrency", str(concurrency)]
     cmd += ["--requests", str(n), "--prompt-tokens", "16", "--output-tokens", "8", "--tokenizer", str(model)]
-    cmd += ["--check-tokens", "0", "-o", str(out)]
+    cmd += ["--check-tokens", "0", "-o", str(out), "--stream" if stream else "--no-stream"]
     subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=900)
     cpu = _tree_cpu_s(pid) - cpu0
     s = json.loads(out.with_name(out.name + ".json").read_text())["summary"]
@@ -189,25 +194,27 @@ def _print_table(report: dict[str, Any]) -> None:
     print(f"\n## Router overhead, {report['timestamp']}\n")
     print(f"- machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
     print(f"- command: `{report['command']}`\n")
-    head = ["router", "c32 req/s", "c32 E2E ms p50 / p99", "added E2E p50 ms", "router CPU us/request"]
-    head += ["c1 E2E ms p50 / p99", "added c1 E2E p50 ms"]
-    print("| " + " | ".join(head) + " |")
-    print("| --- |" + " ---: |" * (len(head) - 1))
+    loads = (
+        ("c32", "streamed, concurrency 32"),
+        ("c32_whole", "whole responses, concurrency 32"),
+        ("c1", "streamed, concurrency 1"),
+    )
     results = report["results"]
     base = results.get("direct")
-    for name, r in results.items():
-        cells = [name]
-        for load in ("c32", "c1"):
+    for load, title in loads:
+        print(f"\n{title}:\n")
+        print("| router | req/s | E2E ms p50 / p99 | added E2E p50 ms | router CPU us/request |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for name, r in results.items():
+            if load not in r:
+                continue
             e2e = r[load]["e2e_ms"]
-            if load == "c32":
-                cells.append(f"{r[load]['req_s']:.0f}")
-            cells.append(f"{e2e['median']:.2f} / {e2e['p99']:.2f}")
             added = e2e["median"] - base[load]["e2e_ms"]["median"] if base and name != "direct" else None
-            cells.append(f"{added:+.2f}" if added is not None else "")
-            if load == "c32":
-                cpu = r[load]["router_cpu_us_per_request"]
-                cells.append(f"{cpu:.0f}" if cpu is not None else "")
-        print("| " + " | ".join(cells) + " |")
+            cpu = r[load]["router_cpu_us_per_request"]
+            print(
+                f"| {name} | {r[load]['req_s']:.0f} | {e2e['median']:.2f} / {e2e['p99']:.2f} | "
+                f"{'' if added is None else f'{added:+.2f}'} | {'' if cpu is None else f'{cpu:.0f}'} |"
+            )
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

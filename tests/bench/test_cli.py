@@ -152,3 +152,13 @@ def test_calibrate_against_nothing_is_a_clear_error():
 def test_options_the_profile_would_ignore_are_refused(mock_url, args, message):
     done = bench("run", mock_url, *args)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_no_stream_measures_whole_responses(mock_url):
+    done = bench(
+        "run", mock_url, "--no-stream", "--requests", "4", "--prompt-tokens", "5", "--output-tokens", "3"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "4 ok, 0 failed" in done.stdout
+    bad = bench("run", mock_url, "--no-stream", "--continuous-usage")
+    assert bad.returncode == 2 and "needs --stream" in bad.stderr

@@ -232,3 +232,19 @@ def test_a_server_that_does_not_stream_is_counted_as_such():
 
     records = asyncio.run(main())
     assert summarize(records).errors == {"not_streamed": 4}
+
+
+def test_whole_responses_count_their_tokens_and_time_to_the_end():
+    records, _ = asyncio.run(
+        measure(
+            MockConfig(ttft=0.05, itl=0.01),
+            LoadProfile("concurrency", concurrency=4),
+            max_tokens=11,
+            stream=False,
+        )
+    )
+    s = summarize(records)
+    assert s.succeeded == 8 and s.token_mismatches == 0
+    assert all(r.num_output_tokens == 11 and len(r.messages) == 1 for r in records)
+    assert s.ttft.mean == pytest.approx(s.e2e.mean, abs=0.005)  # the first token comes with the last
+    assert s.e2e.mean == pytest.approx(0.05 + 10 * 0.01, abs=0.03) and s.tpot is None

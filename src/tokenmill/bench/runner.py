@@ -60,6 +60,7 @@ class RunSettings:
     seed: int = 0
     trace_times: list[float] | None = None  # the trace profile's send times
     think_time: float = 0.0  # multi-turn: seconds between a reply and the next turn
+    stream: bool = True  # False: whole responses; TTFT is then the end-to-end latency
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS:
@@ -287,6 +288,8 @@ class LoadRunner:
                     text = (await response.read()).decode("utf-8", errors="replace")
                     _fail(record, _status_kind(response.status), _error_message(text), self._now())
                     return ""
+                if not s.stream:
+                    return self._read_whole(await response.read(), record)
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     await response.read()
                     _fail(record, "not_streamed", "the response is not an event stream", self._now())
@@ -335,6 +338,30 @@ class LoadRunner:
             _fail(record, "no_output", "the stream ended without a token", record.end)
         return "".join(pieces)
 
+    def _read_whole(self, body: bytes, record: RequestRecord) -> str:
+        """A non-streamed answer: one message at its end, carrying every output token."""
+        record.end = self._now()
+        try:
+            answer = json.loads(body)
+            choices = answer.get("choices") or []
+            if self.settings.endpoint == "chat":
+                text = "".join((c.get("message") or {}).get("content") or "" for c in choices)
+            else:
+                text = "".join(c.get("text") or "" for c in choices)
+            usage = answer.get("usage") or {}
+        except (ValueError, AttributeError, TypeError) as e:
+            _fail(record, "bad_event", f"{type(e).__name__}: {body[:200]!r}", record.end)
+            return ""
+        record.prompt_tokens = usage.get("prompt_tokens")
+        record.output_tokens = usage.get("completion_tokens")
+        tokens = record.output_tokens or (1 if text else 0)
+        if not text and not tokens:
+            _fail(record, "no_output", "the response holds no output", record.end)
+            return ""
+        record.messages.append((record.end, max(tokens, 1)))
+        record.counted_output_tokens = max(tokens, 1)
+        return text
+
     def _body(self, spec: RequestSpec) -> dict[str, Any]:
         s = self.settings
         body: dict[str, Any] = {"model": self.model}
@@ -347,10 +374,11 @@ class LoadRunner:
                 )
             body["prompt"] = spec.prompt
         body["max_tokens"] = spec.output_tokens or s.max_tokens
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
-        if s.continuous_usage:
-            body["stream_options"]["continuous_usage_stats"] = True
+        body["stream"] = s.stream
+        if s.stream:
+            body["stream_options"] = {"include_usage": True}
+            if s.continuous_usage:
+                body["stream_options"]["continuous_usage_stats"] = True
         if s.ignore_eos:
             body["ignore_eos"] = True
         if s.temperature is not None:

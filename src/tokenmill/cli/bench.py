@@ -79,6 +79,9 @@ def run(
         Path | None, typer.Option(help="tokenizer.json (or its folder). Default: the server's /tokenize.")
     ] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Ask for exactly the output tokens (ignore_eos).")] = True,
+    stream: Annotated[
+        bool, typer.Option(help="Streamed responses (SSE); --no-stream: whole ones, TTFT = end-to-end.")
+    ] = True,
     continuous_usage: Annotated[
         bool, typer.Option(help="Ask for usage on every chunk (exact tokens per message).")
     ] = False,
@@ -123,6 +126,8 @@ def run(
         trace_rows = read_trace(str(trace)) if trace else None
         kind = "trace" if trace_rows and profile == "concurrency" else profile
         _check_combinations(kind, concurrency, rate, burstiness, max_concurrency, find_max_goodput)
+        if continuous_usage and not stream:
+            raise ValueError("--continuous-usage asks for usage on every chunk: it needs --stream")
         if data != "multi-turn" and (turns is not None or think_time is not None):
             raise ValueError("--turns and --think-time go with --data multi-turn")
         profiles = _profiles(
@@ -147,6 +152,7 @@ def run(
             seed=seed,
             trace_times=[r["timestamp"] for r in trace_rows] if trace_rows else None,
             think_time=think_time or 0.0,
+            stream=stream,
         )
         goals = SLO.parse(slo) if slo else None
         cost = Cost(gpu_cost_per_hour, gpus) if gpu_cost_per_hour is not None else None
