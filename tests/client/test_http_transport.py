@@ -409,3 +409,17 @@ def test_bad_requests_raise_value_errors_naming_the_field_and_send_nothing(kwarg
 def test_a_base_url_that_is_not_http_is_refused(url):
     with pytest.raises(ValueError, match="base_url"):
         HTTPTransport(url)
+
+
+def test_the_transport_runs_on_uvloop_too():
+    uvloop = pytest.importorskip("uvloop")  # a dependency on Linux and macOS: the router runs on it
+
+    async def main():
+        async with (
+            ScriptedServer(sse_handler) as server,
+            HTTPTransport(server.url) as http,
+            http.stream("POST", "/x", json={}) as response,
+        ):
+            return [e.data async for e in response.events()]
+
+    assert uvloop.run(main())[-1] == "[DONE]"

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httptools
 
@@ -326,8 +326,8 @@ class _Connection(asyncio.Protocol):
         self._responder: _Responder | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # Not an isinstance check: uvloop's transports do not subclass asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
         self._worker = asyncio.get_running_loop().create_task(self._answer_in_order())
 
     def data_received(self, data: bytes) -> None:
