@@ -40,7 +40,7 @@ class RouteRequest:
     tokens: int  # estimated prompt tokens + asked output tokens
     session: str | None = None
     prompt_tokens: int = 0  # estimated prompt tokens alone
-    prefix: list[bytes] = field(default_factory=list)  # chained chunk hashes of the prompt (prefix policy)
+    prefix: list[int] = field(default_factory=list)  # chained chunk hashes of the prompt (prefix policy)
 
 
 class Router:

@@ -3,7 +3,10 @@
 The router does not tokenize: it cuts the prompt's text (the messages as
 JSON, or the prompt string) into ``CHUNK_CHARS``-character chunks and hashes
 each chunk together with the hash before it, so a chunk's hash names the
-whole prefix up to it, as a path in a radix tree of chunks does. Per worker, a
+whole prefix up to it, as a path in a radix tree of chunks does. The hash is
+Python's own (64-bit, seeded per process): the index never leaves the
+router's process, and it keeps routing a 32k-token prompt near 0.3 ms where
+blake2b took 0.7 ms. Per worker, a
 bounded LRU of such hashes stands in for its cache: after routing a prompt
 there, all its prefix hashes are recorded; a new prompt's cached share is the
 run of its leading hashes found. Memory is bounded by ``MAX_ENTRIES`` hashes
@@ -13,7 +16,6 @@ worker's own prefix cache evicts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import OrderedDict
 from typing import Any
@@ -31,14 +33,12 @@ def prompt_text(request: dict[str, Any]) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, separators=(",", ":"))
 
 
-def chunk_hashes(text: str) -> list[bytes]:
+def chunk_hashes(text: str) -> list[int]:
     """Chained hashes of the text's whole chunks (a trailing partial chunk is left out: it is the
     part least likely to be shared)."""
-    hashes, previous = [], b""
+    hashes, previous = [], 0
     for start in range(0, len(text) - CHUNK_CHARS + 1, CHUNK_CHARS):
-        previous = hashlib.blake2b(
-            previous + text[start : start + CHUNK_CHARS].encode(), digest_size=12
-        ).digest()
+        previous = hash((previous, text[start : start + CHUNK_CHARS]))
         hashes.append(previous)
     return hashes
 
@@ -48,9 +48,9 @@ class PrefixIndex:
 
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
-        self._seen: dict[str, OrderedDict[bytes, None]] = {}
+        self._seen: dict[str, OrderedDict[int, None]] = {}
 
-    def matched_chunks(self, url: str, hashes: list[bytes]) -> int:
+    def matched_chunks(self, url: str, hashes: list[int]) -> int:
         """How many leading chunks of a prompt the worker has (probably) cached."""
         seen = self._seen.get(url)
         if not seen:
@@ -62,7 +62,7 @@ class PrefixIndex:
             n += 1
         return n
 
-    def record(self, url: str, hashes: list[bytes]) -> None:
+    def record(self, url: str, hashes: list[int]) -> None:
         seen = self._seen.setdefault(url, OrderedDict())
         for h in hashes:
             seen[h] = None
