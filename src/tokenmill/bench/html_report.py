@@ -130,3 +130,35 @@ def _samples(info: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _pair(d: Any) -> str:
     return "-" if d is None else f"{d.median * 1000:.1f} / {d.p99 * 1000:.1f}"
+
+
+def write_compare_html(path: Path, runs: list[Any], table: dict[str, Any]) -> None:
+    """``tokenmill bench compare --html``: the differences table and the Pareto plots."""
+    import html as html_lib
+
+    from tokenmill.bench.compare import STATISTICS
+
+    head = "".join(f"<th>{html_lib.escape(r.label)}</th>" for r in runs)
+    body = ""
+    for key, label, _, _, _ in STATISTICS:
+        cells = "".join(
+            f"<td>{d.value:.2f}"
+            + ("" if d.delta is None else f" ({d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}])")
+            + "</td>"
+            for d in table[key]
+        )
+        body += f"<tr><td>{label}</td>{cells}</tr>"
+    points = []
+    for i, r in enumerate(runs):
+        v = {k: table[k][i].value for k in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")}
+        v["tok_s_per_gpu"] = table["output_tok_s"][i].value / r.gpus
+        points.append((r.label, v, r.cost_per_million))
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>tokenmill bench compare</title>"
+        "<style>body{font:14px system-ui;margin:2em auto;max-width:1200px}td,th{padding:3px 10px;"
+        "border-bottom:1px solid #ddd;text-align:right}svg{max-width:100%;height:auto}</style></head><body>"
+        f"<h1>tokenmill bench compare</h1><p>Differences against {html_lib.escape(runs[0].label)} with 95% "
+        f"bootstrap intervals.</p><table><tr><th>metric</th>{head}</tr>{body}</table>"
+        f"{plots.pareto(points)}</body></html>"
+    )
+    path.write_text(page, encoding="utf-8")

@@ -22,7 +22,6 @@ more is sent, requests in flight are cancelled and recorded as such.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -31,6 +30,7 @@ from typing import Any
 from tokenmill.bench.data import RequestSpec
 from tokenmill.bench.load import LoadProfile, intended_times
 from tokenmill.bench.records import RequestRecord
+from tokenmill.bench.responses import error_message, fail, read_stream, read_whole, status_kind
 from tokenmill.client import (
     ConnectError,
     HTTPTransport,
@@ -266,7 +266,7 @@ class LoadRunner:
             else:
                 reply = await self._exchange(http, spec, record)
         except asyncio.CancelledError:
-            _fail(record, "cancelled", "the run stopped before the response ended", self._now())
+            fail(record, "cancelled", "the run stopped before the response ended", self._now())
             done(record)
             raise
         done(record)
@@ -274,6 +274,7 @@ class LoadRunner:
 
     async def _exchange(self, http: HTTPTransport, spec: RequestSpec, record: RequestRecord) -> str:
         s = self.settings
+        chat = s.endpoint == "chat"
         body = self._body(spec)
         record.expected_prompt_tokens = spec.prompt_tokens
         record.expected_output_tokens = body["max_tokens"]
@@ -286,81 +287,22 @@ class LoadRunner:
                 record.worker = response.headers.get(WORKER_HEADER)
                 if response.status != 200:
                     text = (await response.read()).decode("utf-8", errors="replace")
-                    _fail(record, _status_kind(response.status), _error_message(text), self._now())
+                    fail(record, status_kind(response.status), error_message(text), self._now())
                     return ""
                 if not s.stream:
-                    return self._read_whole(await response.read(), record)
+                    return read_whole(await response.read(), record, self.started, chat)
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     await response.read()
-                    _fail(record, "not_streamed", "the response is not an event stream", self._now())
+                    fail(record, "not_streamed", "the response is not an event stream", self._now())
                     return ""
-                return await self._read_stream(response, record)
+                return await read_stream(response, record, self.started, chat, s.continuous_usage)
         except ConnectError as e:
-            _fail(record, "connect", str(e), self._now())
+            fail(record, "connect", str(e), self._now())
         except ReadTimeout as e:
-            _fail(record, "timeout", str(e), self._now())
+            fail(record, "timeout", str(e), self._now())
         except TransportError as e:
-            _fail(record, "protocol", str(e), self._now())
+            fail(record, "protocol", str(e), self._now())
         return ""
-
-    async def _read_stream(self, response: Any, record: RequestRecord) -> str:
-        chat = self.settings.endpoint == "chat"
-        pieces: list[str] = []
-        seen_tokens = 0  # completion tokens of the last usage seen (continuous usage)
-        async for event in response.events():
-            data = event.data
-            if data == "[DONE]":
-                continue
-            try:
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    _fail(record, "server_error", _error_message(data), event.time - self.started)
-                    continue
-                text = _content(chunk, chat)
-                usage = chunk.get("usage")
-            except (ValueError, AttributeError, TypeError) as e:
-                _fail(record, "bad_event", f"{type(e).__name__}: {data[:200]}", event.time - self.started)
-                continue
-            tokens = 1
-            if usage:
-                completion = int(usage.get("completion_tokens") or 0)
-                tokens, seen_tokens = completion - seen_tokens, completion
-                record.output_tokens = completion
-                record.prompt_tokens = usage.get("prompt_tokens")
-                if not self.settings.continuous_usage:
-                    tokens = 1  # a final usage chunk counts the whole stream, not this message
-            if text:
-                pieces.append(text)
-                record.messages.append((event.time - self.started, max(tokens, 1)))
-                record.counted_output_tokens += max(tokens, 1)
-        record.end = self._now()
-        if record.error_kind is None and not record.messages:
-            _fail(record, "no_output", "the stream ended without a token", record.end)
-        return "".join(pieces)
-
-    def _read_whole(self, body: bytes, record: RequestRecord) -> str:
-        """A non-streamed answer: one message at its end, carrying every output token."""
-        record.end = self._now()
-        try:
-            answer = json.loads(body)
-            choices = answer.get("choices") or []
-            if self.settings.endpoint == "chat":
-                text = "".join((c.get("message") or {}).get("content") or "" for c in choices)
-            else:
-                text = "".join(c.get("text") or "" for c in choices)
-            usage = answer.get("usage") or {}
-        except (ValueError, AttributeError, TypeError) as e:
-            _fail(record, "bad_event", f"{type(e).__name__}: {body[:200]!r}", record.end)
-            return ""
-        record.prompt_tokens = usage.get("prompt_tokens")
-        record.output_tokens = usage.get("completion_tokens")
-        tokens = record.output_tokens or (1 if text else 0)
-        if not text and not tokens:
-            _fail(record, "no_output", "the response holds no output", record.end)
-            return ""
-        record.messages.append((record.end, max(tokens, 1)))
-        record.counted_output_tokens = max(tokens, 1)
-        return text
 
     def _body(self, spec: RequestSpec) -> dict[str, Any]:
         s = self.settings
@@ -408,38 +350,3 @@ def _connections_for(profile: LoadProfile) -> int:
     if not profile.open_loop:
         return profile.concurrency or 1
     return profile.max_concurrency or 100_000  # open loop: as many as the schedule has in flight
-
-
-def _content(chunk: dict[str, Any], chat: bool) -> str:
-    parts = []
-    for choice in chunk.get("choices") or ():
-        if chat:
-            delta = choice.get("delta") or {}
-            parts.append(delta.get("content") or delta.get("reasoning_content") or "")
-        else:
-            parts.append(choice.get("text") or "")
-    return "".join(parts)
-
-
-def _fail(record: RequestRecord, kind: str, message: str, at: float) -> None:
-    if record.error_kind is None:
-        record.error_kind, record.error = kind, message[:500]
-    record.end = at
-
-
-def _status_kind(status: int) -> str:
-    if status == 429:
-        return "http_429"
-    return "http_5xx" if status >= 500 else "http_4xx"
-
-
-def _error_message(text: str) -> str:
-    try:
-        error = json.loads(text).get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        if isinstance(error, str):
-            return error
-    except (ValueError, AttributeError):
-        pass
-    return text[:300]

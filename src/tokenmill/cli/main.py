@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from tokenmill.cli import bench_tools  # noqa: F401  (registers report, compare, calibrate, mock-server)
 from tokenmill.cli.bench import app as bench_app
 from tokenmill.cli.route import app as route_app
 from tokenmill.cli.serve import serve

@@ -45,7 +45,7 @@ def route(
     from tokenmill.router.workers import WorkerPool
 
     try:
-        from tokenmill.router.app import read_workers_file
+        from tokenmill.router.health import read_workers_file
 
         urls = list(worker or [])
         if workers_file is not None:

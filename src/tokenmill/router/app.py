@@ -31,9 +31,10 @@ from typing import Any
 from starlette.types import Message, Receive, Scope, Send
 
 from tokenmill.client import HTTPTransport, TransportError
+from tokenmill.router.health import FleetKeeper
 from tokenmill.router.policies import Router, RouteRequest
 from tokenmill.router.prefix_index import chunk_hashes, prompt_text
-from tokenmill.router.workers import Worker, WorkerPool, normalize
+from tokenmill.router.workers import Worker, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +72,13 @@ class RouterApp:
         workers_file: Path | None = None,
     ) -> None:
         self.pool = pool
-        self.workers_file = workers_file  # re-read when it changes, every health interval
-        self._file_stamp: float | None = workers_file.stat().st_mtime if workers_file else None
-        self._leaving: set[str] = set()  # dropped from the file: drained, removed once idle
         self.router = router
         self.health_interval = health_interval
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._transports: dict[str, HTTPTransport] = {}
         self._health_task: asyncio.Task[None] | None = None
+        self.keeper = FleetKeeper(pool, router, self._transport, health_interval, workers_file)
         self.streams_cut = 0  # streams that ended with an error event because their worker failed
 
     # -- ASGI ------------------------------------------------------------------------------
@@ -130,7 +129,7 @@ class RouterApp:
 
     async def start(self) -> None:
         if self._health_task is None:
-            self._health_task = asyncio.create_task(self._check_health_forever())
+            self._health_task = asyncio.create_task(self.keeper.run_forever())
 
     async def stop(self) -> None:
         if self._health_task is not None:
@@ -317,59 +316,6 @@ class RouterApp:
                 for w in self.pool.workers
             ],
         }
-
-    async def _check_health_forever(self) -> None:
-        while True:
-            self._reload_workers_file()
-            await asyncio.gather(*(self._check(w) for w in self.pool.workers))
-            await asyncio.sleep(self.health_interval)
-
-    def _reload_workers_file(self) -> None:
-        """Workers new in the file join (on the ramp); workers gone from it drain, then leave."""
-        for url in list(self._leaving):
-            w = next((x for x in self.pool.workers if x.url == url), None)
-            if w is None or w.in_flight == 0:
-                if w is not None:
-                    self.router.prefixes.forget(self.pool.remove(url).url)
-                self._leaving.discard(url)
-        if self.workers_file is None:
-            return
-        try:
-            stamp = self.workers_file.stat().st_mtime
-            if stamp == self._file_stamp:
-                return
-            wanted = set(read_workers_file(self.workers_file))
-        except (OSError, ValueError) as e:
-            logger.warning("cannot re-read %s: %s; keeping the workers as they are", self.workers_file, e)
-            return
-        self._file_stamp = stamp
-        for url in wanted:
-            self.pool.add(url)
-            self._leaving.discard(url)
-        for w in self.pool.workers:
-            if w.url not in wanted:
-                self.pool.drain(w.url)
-                self._leaving.add(w.url)
-        logger.warning("workers file re-read: %d workers", len(wanted))
-
-    async def _check(self, w: Worker) -> None:
-        try:
-            response = await asyncio.wait_for(self._transport(w).request("GET", "/health"), timeout=2.0)
-            ok = response.status == 200
-            if ok and w.name == w.url:
-                w.name = response.headers.get(WORKER_HEADER.decode(), w.url)
-        except (TransportError, TimeoutError):
-            ok = False
-        was_healthy = w.healthy
-        self.pool.health(w, ok)
-        if w.healthy and not was_healthy:  # back from an outage: whatever it had cached may be gone
-            self.router.prefixes.forget(w.url)
-
-
-def read_workers_file(path: Path) -> list[str]:
-    """Worker URLs, one per line; blank lines and lines starting with # are skipped."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [normalize(line.strip()) for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
 def _estimate_tokens(request: dict[str, Any]) -> tuple[int, int]:

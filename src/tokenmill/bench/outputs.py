@@ -1,0 +1,46 @@
+"""The files of a run or sweep (``tokenmill bench run -o PREFIX``): event logs, summaries, CSV, HTML.
+
+A point is (run info, summary, records); the info's ``load`` (its LoadProfile)
+stays in memory: the files carry its label.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tokenmill.bench.html_report import write_html
+from tokenmill.bench.records import write_log
+from tokenmill.bench.report import Cost, csv_row, write_csv, write_json
+
+
+def sweep_axis(points: list[tuple[dict[str, Any], Any, list[Any]]]) -> tuple[str, list[float]] | None:
+    """What a sweep varied (concurrency or rate), read back from its points' profiles."""
+    profiles = [info["load"] for info, _, _ in points]
+    if len(profiles) < 2:
+        return None
+    if all(p.concurrency is not None and not p.open_loop for p in profiles):
+        return "concurrency", [float(p.concurrency) for p in profiles]
+    if all(p.rate is not None for p in profiles):
+        return "offered req/s", [float(p.rate) for p in profiles]
+    return None
+
+
+def write_files(
+    output: Path,
+    points: list[tuple[dict[str, Any], Any, list[Any]]],
+    cost: Cost | None,
+    axis: tuple[str, list[float]] | None,
+) -> str:
+    """Every point's event log and JSON summary, one CSV and one HTML report; says what it wrote."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    many = len(points) > 1
+    saved = [({k: v for k, v in info.items() if k != "load"}, s, r) for info, s, r in points]
+    for i, (info, summary, records) in enumerate(saved):
+        stem = f"{output.name}.{i}" if many else output.name
+        write_log(output.with_name(stem + ".events.jsonl"), info, records)
+        write_json(output.with_name(stem + ".json"), info, summary, cost)
+    write_csv(output.with_name(output.name + ".csv"), [csv_row(info, s, cost) for info, s, _ in saved])
+    write_html(output.with_name(output.name + ".html"), saved, cost, axis)
+    what = f"{len(points)} points" if many else "the run"
+    return f"wrote {what} to {output}*.events.jsonl, .json, {output}.csv and {output}.html"

@@ -1,0 +1,113 @@
+"""What an OpenAI-compatible response says, written into its request's record.
+
+Streams: each SSE event that carries content becomes a message (its arrival
+time and its tokens: the usage delta with continuous usage, else one); the
+final usage gives the counts. Whole responses: one message at the end
+carrying every token. Failures are recorded by kind (``records.ERROR_KINDS``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from tokenmill.bench.records import RequestRecord
+
+
+async def read_stream(
+    response: Any, record: RequestRecord, started: float, chat: bool, continuous: bool
+) -> str:
+    """An SSE response: one message per event with content, stamped at its arrival; the reply's text."""
+    pieces: list[str] = []
+    seen_tokens = 0  # completion tokens of the last usage seen (continuous usage)
+    async for event in response.events():
+        data = event.data
+        if data == "[DONE]":
+            continue
+        try:
+            chunk = json.loads(data)
+            if "error" in chunk:
+                fail(record, "server_error", error_message(data), event.time - started)
+                continue
+            text = content(chunk, chat)
+            usage = chunk.get("usage")
+        except (ValueError, AttributeError, TypeError) as e:
+            fail(record, "bad_event", f"{type(e).__name__}: {data[:200]}", event.time - started)
+            continue
+        tokens = 1
+        if usage:
+            completion = int(usage.get("completion_tokens") or 0)
+            tokens, seen_tokens = completion - seen_tokens, completion
+            record.output_tokens = completion
+            record.prompt_tokens = usage.get("prompt_tokens")
+            if not continuous:
+                tokens = 1  # a final usage chunk counts the whole stream, not this message
+        if text:
+            pieces.append(text)
+            record.messages.append((event.time - started, max(tokens, 1)))
+            record.counted_output_tokens += max(tokens, 1)
+    record.end = time.perf_counter() - started
+    if record.error_kind is None and not record.messages:
+        fail(record, "no_output", "the stream ended without a token", record.end)
+    return "".join(pieces)
+
+
+def read_whole(body: bytes, record: RequestRecord, started: float, chat: bool) -> str:
+    """A non-streamed answer: one message at its end, carrying every output token."""
+    record.end = time.perf_counter() - started
+    try:
+        answer = json.loads(body)
+        choices = answer.get("choices") or []
+        if chat:
+            text = "".join((c.get("message") or {}).get("content") or "" for c in choices)
+        else:
+            text = "".join(c.get("text") or "" for c in choices)
+        usage = answer.get("usage") or {}
+    except (ValueError, AttributeError, TypeError) as e:
+        fail(record, "bad_event", f"{type(e).__name__}: {body[:200]!r}", record.end)
+        return ""
+    record.prompt_tokens = usage.get("prompt_tokens")
+    record.output_tokens = usage.get("completion_tokens")
+    tokens = record.output_tokens or (1 if text else 0)
+    if not text and not tokens:
+        fail(record, "no_output", "the response holds no output", record.end)
+        return ""
+    record.messages.append((record.end, max(tokens, 1)))
+    record.counted_output_tokens = max(tokens, 1)
+    return text
+
+
+def content(chunk: dict[str, Any], chat: bool) -> str:
+    parts = []
+    for choice in chunk.get("choices") or ():
+        if chat:
+            delta = choice.get("delta") or {}
+            parts.append(delta.get("content") or delta.get("reasoning_content") or "")
+        else:
+            parts.append(choice.get("text") or "")
+    return "".join(parts)
+
+
+def fail(record: RequestRecord, kind: str, message: str, at: float) -> None:
+    if record.error_kind is None:
+        record.error_kind, record.error = kind, message[:500]
+    record.end = at
+
+
+def status_kind(status: int) -> str:
+    if status == 429:
+        return "http_429"
+    return "http_5xx" if status >= 500 else "http_4xx"
+
+
+def error_message(text: str) -> str:
+    try:
+        error = json.loads(text).get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    except (ValueError, AttributeError):
+        pass
+    return text[:300]

@@ -1,0 +1,93 @@
+"""Keeping the router's fleet current: active health checks and the workers file.
+
+Every ``interval`` seconds each worker's ``/health`` is checked (the pool
+ejects after repeated failures and re-admits on a ramp; a worker back from an
+outage has lost its cache, so the prefix index forgets it), and the workers
+file, when given, is re-read if it changed: new workers join, dropped ones
+drain and leave once idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from tokenmill.client import HTTPTransport, TransportError
+from tokenmill.router.policies import Router
+from tokenmill.router.workers import Worker, WorkerPool, normalize
+
+logger = logging.getLogger(__name__)
+WORKER_HEADER = "x-tokenmill-worker"
+
+
+class FleetKeeper:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        router: Router,
+        transport: Callable[[Worker], HTTPTransport],
+        interval: float,
+        workers_file: Path | None = None,
+    ) -> None:
+        self.pool = pool
+        self.router = router
+        self.transport = transport
+        self.interval = interval
+        self.workers_file = workers_file
+        self._file_stamp: float | None = workers_file.stat().st_mtime if workers_file else None
+        self._leaving: set[str] = set()  # dropped from the file: drained, removed once idle
+
+    async def run_forever(self) -> None:
+        while True:
+            self.reload_workers_file()
+            await asyncio.gather(*(self.check(w) for w in self.pool.workers))
+            await asyncio.sleep(self.interval)
+
+    def reload_workers_file(self) -> None:
+        """Workers new in the file join (on the ramp); workers gone from it drain, then leave."""
+        for url in list(self._leaving):
+            w = next((x for x in self.pool.workers if x.url == url), None)
+            if w is None or w.in_flight == 0:
+                if w is not None:
+                    self.router.prefixes.forget(self.pool.remove(url).url)
+                self._leaving.discard(url)
+        if self.workers_file is None:
+            return
+        try:
+            stamp = self.workers_file.stat().st_mtime
+            if stamp == self._file_stamp:
+                return
+            wanted = set(read_workers_file(self.workers_file))
+        except (OSError, ValueError) as e:
+            logger.warning("cannot re-read %s: %s; keeping the workers as they are", self.workers_file, e)
+            return
+        self._file_stamp = stamp
+        for url in wanted:
+            self.pool.add(url)
+            self._leaving.discard(url)
+        for w in self.pool.workers:
+            if w.url not in wanted:
+                self.pool.drain(w.url)
+                self._leaving.add(w.url)
+        logger.warning("workers file re-read: %d workers", len(wanted))
+
+    async def check(self, w: Worker) -> None:
+        try:
+            response = await asyncio.wait_for(self.transport(w).request("GET", "/health"), timeout=2.0)
+            ok = response.status == 200
+            if ok and w.name == w.url:
+                w.name = response.headers.get(WORKER_HEADER, w.url)
+        except (TransportError, TimeoutError):
+            ok = False
+        was_healthy = w.healthy
+        self.pool.health(w, ok)
+        if w.healthy and not was_healthy:  # back from an outage: whatever it had cached may be gone
+            self.router.prefixes.forget(w.url)
+
+
+def read_workers_file(path: Path) -> list[str]:
+    """Worker URLs, one per line; blank lines and lines starting with # are skipped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [normalize(line.strip()) for line in lines if line.strip() and not line.strip().startswith("#")]
