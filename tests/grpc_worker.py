@@ -59,6 +59,24 @@ class Recorder:
             return self.finished[request_id]
 
 
+class Pacer:
+    """An engine listener that sleeps after every step, so a long request lasts long on any machine.
+
+    Deadline and abort tests need a request still running when they poke it;
+    on a fast CPU the demo model makes 200 tokens in a quarter of a second.
+    Listeners run on the engine's thread, so the sleep paces the engine itself.
+    """
+
+    def __init__(self, seconds_per_step: float = 0.01) -> None:
+        self.seconds_per_step = seconds_per_step
+
+    def on_step(self, record: StepRecord, stats: EngineStats) -> None:
+        time.sleep(self.seconds_per_step)
+
+    def on_request_finished(self, output: RequestOutput) -> None:
+        pass
+
+
 class ServerThread:
     """An event loop in a thread, serving gRPC fronts of workers until ``close()``."""
 

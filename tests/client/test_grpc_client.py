@@ -9,6 +9,7 @@ import pytest
 
 from tests.grpc_worker import (
     MAX_MODEL_LEN,
+    Pacer,
     Recorder,
     ServerThread,
     demo_engine,
@@ -28,7 +29,8 @@ from tokenmill.engine import SamplingParams
 from tokenmill.protocol.errors import APIError
 
 PROMPT = "ROMEO:"
-LONG = 200  # tokens: about two seconds on CPU, so the request is still running when poked
+LONG = 200  # tokens: at least a second under PACE, so the request is still running when poked
+PACE = 0.005  # seconds slept per engine step
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,7 @@ def served():
     full_engine = demo_engine(max_waiting_requests=0)
     recorder = Recorder()
     engine.add_listener(recorder)
+    engine.add_listener(Pacer(PACE))
     thread = ServerThread()
     try:
         addresses = {
