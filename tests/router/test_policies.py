@@ -152,3 +152,62 @@ def test_the_prefix_index_is_bounded_and_forgets_a_worker():
     assert index.matched_chunks("w", hashes) == 5
     index.forget("w")
     assert index.matched_chunks("w", hashes) == 0
+
+
+# -- kv: exact block hashes, from the workers' own events --------------------------------------------
+
+
+def _blocks(n_blocks: int, seed: int = 0, extra_tokens: int = 5):
+    from tokenmill.router.prompt_blocks import PromptBlocks
+
+    hashes = [seed * 1_000_000 + i for i in range(n_blocks)]
+    return PromptBlocks(n_blocks * 16 + extra_tokens, hashes, 16)
+
+
+def _kv_request(blocks) -> RouteRequest:
+    return RouteRequest(blocks.num_tokens + 16, prompt_tokens=blocks.num_tokens, blocks=blocks)
+
+
+def test_kv_sends_a_prompt_to_the_worker_whose_events_hold_its_blocks():
+    p, r = pool(3), Router("kv")
+    holder = p.workers[2]
+    blocks = _blocks(40)
+    r.kv.apply(
+        holder.url, {"type": "BlockStored", "block_hashes": blocks.hashes[:30], "parent_block_hash": None}
+    )
+    assert r.choose(_kv_request(blocks), p.available()) is holder
+    assert r.decisions == {"kv_hit": 1} and r.last_prefill == blocks.num_tokens - 30 * 16
+    assert holder.predicted_hit_tokens == r.predicted_hit_tokens == 30 * 16
+    r.kv.apply(holder.url, {"type": "BlockRemoved", "block_hashes": blocks.hashes[:1]})  # the first went
+    chosen = r.choose(_kv_request(blocks), p.available())
+    assert r.decisions["kv_miss"] == 1 and chosen is not holder  # no leading block: nothing usable
+
+
+def test_kv_expects_blocks_where_it_just_sent_them_so_a_burst_does_not_scatter():
+    p, r = pool(4), Router("kv")
+    blocks = _blocks(100)
+    first = r.choose(_kv_request(blocks), p.available())
+    r.kv.expect(first.url, blocks.hashes)  # as the app does until the first byte
+    assert r.choose(_kv_request(blocks), p.available()) is first
+    r.kv.settle(first.url, blocks.hashes)  # first byte came, but no event said the blocks are there
+    assert r.kv.matched_blocks(blocks.hashes, [first.url]) == {first.url: 0}
+
+
+def test_kv_charges_each_worker_its_own_measured_prefill_speed():
+    p, r = pool(2), Router("kv")
+    fast, slow = p.workers
+    fast.step_cost.seconds_per_token, slow.step_cost.seconds_per_token = 1e-5, 1e-4
+    p.started(fast, 100)
+    fast.pending_prefill = 4000  # 0.04 s of prefill queued on the fast worker
+    blocks = _blocks(50)  # 805 uncached tokens: 0.008 s more there, 0.08 s on the idle slow one
+    assert r.choose(_kv_request(blocks), p.available()) is fast
+    fast.step_cost.seconds_per_token = 1e-4  # now equally slow: the queue decides
+    assert r.choose(_kv_request(blocks), p.available()) is slow
+
+
+def test_kv_without_blocks_routes_by_load():
+    p, r = pool(2), Router("kv")
+    p.started(p.workers[0], 100)
+    p.workers[0].pending_prefill = 100
+    assert r.choose(RouteRequest(50, prompt_tokens=40), p.available()) is p.workers[1]
+    assert r.decisions == {"kv_miss": 1}

@@ -115,7 +115,7 @@ EVENTS = [
 
 @pytest.fixture(scope="module")
 def workers():
-    a, b = start_server(), start_server()
+    a, b = start_server("--kv-events"), start_server("--kv-events")
     yield a, b
     a.stop()
     b.stop()
@@ -327,3 +327,66 @@ def test_the_workers_file_is_re_read_when_it_changes(workers, tmp_path):
         assert chat(router.url).headers["x-tokenmill-worker"] == b.url.removeprefix("http://")
     finally:
         router.stop()
+
+
+def test_kv_policy_follows_the_workers_events_and_predicts_their_hits_exactly(workers):
+    a, b = workers
+    router = RouterProcess(a.url, b.url, policy="kv", extra=("--tokenizer", "demo"))
+    system = "Hashes, not guesses: answer as the prologue of a tragedy, in one line. " * 16  # new to both
+    try:
+        wait_until(lambda: all(w["kv_events"] for w in router.status()["workers"]), "KV event streams")
+        hits_before = [w.metric("tokenmill_prefix_cache_hits_total") for w in (a, b)]
+        landed = []
+        for i in range(4):
+            body = {
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": f"Scene {i}"},
+                ],
+                "max_tokens": 2,
+            }
+            r = httpx.post(f"{router.url}/v1/chat/completions", json=body, timeout=30)
+            assert r.status_code == 200
+            landed.append(r.headers["x-tokenmill-worker"])
+            holder = a.url if landed[0] == a.url.removeprefix("http://") else b.url
+            wait_until(lambda h=holder: _known_blocks(router, h) > 0, "the holder's BlockStored event")
+        assert len(set(landed)) == 1
+        status = router.status()
+        assert status["decisions"] == {"kv_miss": 1, "kv_hit": 3}
+        measured = sum(w.metric("tokenmill_prefix_cache_hits_total") for w in (a, b)) - sum(hits_before)
+        assert status["predicted_hit_tokens"] == measured > 0  # the router knew exactly what was cached
+    finally:
+        router.stop()
+
+
+def test_kv_policy_needs_the_tokenizer_and_names_the_option():
+    cmd = [
+        sys.executable,
+        "-m",
+        "tokenmill.cli.main",
+        "route",
+        "--worker",
+        "http://127.0.0.1:1",
+        "--policy",
+        "kv",
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "300"}
+    )
+    assert done.returncode == 2 and "--tokenizer" in done.stderr
+    done = subprocess.run(
+        [*cmd[:-1], "prefix", "--tokenizer", "demo"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "--policy kv only" in done.stderr
+
+
+def _known_blocks(router: RouterProcess, url: str) -> int:
+    return next(w["kv_blocks_known"] for w in router.status()["workers"] if w["url"] == url)
+
+
+def wait_until(check, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -2,6 +2,7 @@
 
 tokenmill route --worker http://10.0.0.1:8000 --worker http://10.0.0.2:8000 --policy least_load
 tokenmill route --workers-file workers.txt --port 9000
+tokenmill route --workers-file workers.txt --policy kv --tokenizer /models/llama-3-8b-instruct
 tokenmill route status http://127.0.0.1:9000
 """
 
@@ -19,6 +20,7 @@ from rich.console import Console
 
 if TYPE_CHECKING:
     from tokenmill.router.policies import Router
+    from tokenmill.router.prompt_blocks import PromptHasher
     from tokenmill.router.workers import WorkerPool
 
 err = Console(stderr=True)
@@ -33,7 +35,13 @@ def route(
     workers_file: Annotated[
         Path | None, typer.Option(help="A file of worker URLs, one per line; re-read when it changes.")
     ] = None,
-    policy: Annotated[str, typer.Option(help="round_robin, least_load or prefix.")] = "least_load",
+    policy: Annotated[str, typer.Option(help="round_robin, least_load, prefix or kv.")] = "least_load",
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            help="kv policy: the workers' model folder (its tokenizer and chat template), or 'demo'."
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 9000,
     health_interval: Annotated[float, typer.Option(help="Seconds between active health checks.")] = 2.0,
@@ -56,13 +64,12 @@ def route(
         router = Router(policy)
         if not health_interval > 0:
             raise ValueError(f"--health-interval must be > 0, got {health_interval}")
+        hasher = _hasher(policy, tokenizer)
     except (OSError, ValueError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     try:
-        import uvloop
-
-        uvloop.run(_serve(pool, router, host, port, health_interval, workers_file))
+        _run_fast(_serve(pool, router, host, port, health_interval, workers_file, hasher))
     except OSError as e:
         err.print(f"[red]error:[/red] cannot listen on {host}:{port}: {e.strerror or e}")
         raise typer.Exit(1) from None
@@ -70,14 +77,41 @@ def route(
         pass
 
 
+def _hasher(policy: str, tokenizer: str | None) -> PromptHasher | None:
+    """The kv policy's tokenizer: the workers' own, so block hashes match theirs."""
+    if policy != "kv":
+        if tokenizer is not None:
+            raise ValueError(f"--tokenizer is used by --policy kv only (the policy is {policy})")
+        return None
+    if tokenizer is None:
+        raise ValueError(
+            "--policy kv needs --tokenizer: the workers' model folder, or 'demo' for the demo model"
+        )
+    import tokenmill.engine.tokenizer as tokenizer_module
+    from tokenmill.engine.errors import ModelLoadError
+    from tokenmill.router.prompt_blocks import PromptHasher
+
+    folder = Path(tokenizer_module.__file__).parent / "demo_model" if tokenizer == "demo" else Path(tokenizer)
+    try:
+        return PromptHasher(tokenizer_module.Tokenizer(folder))
+    except ModelLoadError as e:
+        raise ValueError(f"--tokenizer: {e}") from None
+
+
 async def _serve(
-    pool: WorkerPool, router: Router, host: str, port: int, health_interval: float, workers_file: Path | None
+    pool: WorkerPool,
+    router: Router,
+    host: str,
+    port: int,
+    health_interval: float,
+    workers_file: Path | None,
+    hasher: PromptHasher | None = None,
 ) -> None:
     import uvicorn
 
     from tokenmill.router.app import RouterApp
 
-    app = RouterApp(pool, router, health_interval=health_interval, workers_file=workers_file)
+    app = RouterApp(pool, router, health_interval=health_interval, workers_file=workers_file, hasher=hasher)
     sock = listen_socket(host, port)
     config = uvicorn.Config(
         app,
@@ -141,11 +175,20 @@ def status(
     table = Table(
         title=f"policy {data['policy']}; imbalance (max/mean in-flight tokens) {data['imbalance']:.2f}"
     )
-    for col in ("worker", "state", "in flight", "in-flight tokens", "routed", "routed tokens", "failed"):
+    columns = ["worker", "state", "in flight", "in-flight tokens", "routed", "routed tokens", "failed"]
+    columns += ["predicted cached tokens", "cache hit rate (worker's)", "prefill tok/s"]
+    if data["policy"] == "kv":
+        columns.append("KV blocks known")
+    for col in columns:
         table.add_column(col, justify="left" if col in ("worker", "state") else "right")
+    counts = ("in_flight", "in_flight_tokens", "routed", "routed_tokens", "failed", "predicted_hit_tokens")
     for w in data["workers"]:
         state = "draining" if w["draining"] else ("healthy" if w["healthy"] else "ejected")
-        counts = ("in_flight", "in_flight_tokens", "routed", "routed_tokens", "failed")
-        table.add_row(w["name"], state, *(str(w[k]) for k in counts))
+        row = [w["name"], state, *(str(w[k]) for k in counts)]
+        hit, rate = w.get("measured_hit_rate"), w.get("prefill_tokens_per_s")
+        row += [f"{hit:.1%}" if hit is not None else "-", f"{rate:,.0f}" if rate else "-"]
+        if data["policy"] == "kv":
+            row.append(str(w.get("kv_blocks_known", 0)))
+        table.add_row(*row)
     out.print(table)
     out.print(f"decisions: {data['decisions']}; streams cut by a failing worker: {data['streams_cut']}")

@@ -55,6 +55,11 @@ class Tokenizer:
         return template
 
     @property
+    def backend(self) -> HFTokenizer:
+        """The ``tokenizers`` object itself, for callers that batch or split text their own way."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 

@@ -26,15 +26,19 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import Message, Receive, Scope, Send
 
 from tokenmill.client import HTTPTransport, TransportError
 from tokenmill.router.health import FleetKeeper
+from tokenmill.router.kv_index import KVIndex
 from tokenmill.router.policies import Router, RouteRequest
 from tokenmill.router.prefix_index import chunk_hashes, prompt_text
 from tokenmill.router.workers import Worker, WorkerPool
+
+if TYPE_CHECKING:
+    from tokenmill.router.prompt_blocks import PromptBlocks, PromptHasher
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +62,8 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _DEFAULT_OUTPUT_TOKENS = 256  # for the load estimate when a request names no max_tokens
-_CHARS_PER_TOKEN = 4  # the load estimate's tokenizer: prompts are not tokenized here (yet)
+_CHARS_PER_TOKEN = 4  # the load estimate's tokenizer (the kv policy counts exactly)
+_BLOCK_SIZE = 16  # until a worker's KV events say otherwise
 
 
 class RouterApp:
@@ -70,9 +75,13 @@ class RouterApp:
         connect_timeout: float = 5.0,
         read_timeout: float = 600.0,
         workers_file: Path | None = None,
+        hasher: PromptHasher | None = None,
     ) -> None:
+        if router.policy == "kv" and hasher is None:
+            raise ValueError("the kv policy needs the model's tokenizer (a PromptHasher)")
         self.pool = pool
         self.router = router
+        self.hasher = hasher
         self.health_interval = health_interval
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -156,7 +165,12 @@ class RouterApp:
         session = _header(scope["headers"], SESSION_HEADER) or _str_or_none(request.get("user"))
         prefix = chunk_hashes(prompt_text(request)) if self.router.policy == "prefix" else []
         prompt_tokens, output_tokens = _estimate_tokens(request)
-        route = RouteRequest(prompt_tokens + output_tokens, session, prompt_tokens, prefix)
+        blocks = None
+        if self.hasher is not None:
+            blocks = await self.hasher.blocks(request, self._block_size())
+            if blocks is not None:
+                prompt_tokens = blocks.num_tokens
+        route = RouteRequest(prompt_tokens + output_tokens, session, prompt_tokens, prefix, blocks)
         tried: set[str] = set()
         while True:
             worker = self.router.choose(route, [w for w in self.pool.available() if w.url not in tried])
@@ -165,11 +179,16 @@ class RouterApp:
                 await _error(send, 503, f"{why}; retry shortly", kind="service_unavailable", retry_after=1)
                 return
             tried.add(worker.url)
-            prefill = self.router.last_prefill
+            kv = self.router.kv if blocks is not None else None
+            prefill = _Prefill(worker, self.router.last_prefill, kv, blocks)
             if await self._forward(
                 worker, scope["path"], body, headers, route.tokens, prefill, receive, send
             ):
                 return
+
+    def _block_size(self) -> int:
+        sizes = self.router.kv.block_sizes
+        return next(iter(sizes.values())) if sizes else _BLOCK_SIZE
 
     async def _forward(
         self,
@@ -178,15 +197,13 @@ class RouterApp:
         body: bytes,
         headers: dict[str, str],
         tokens: int,
-        prefill: int,
+        prefill: _Prefill,
         receive: Receive,
         send: Send,
     ) -> bool:
         """Send the request to ``worker`` and stream its answer back. False if the worker failed
         before its first byte (nothing reached the client: the request may go elsewhere)."""
         self.pool.started(worker, tokens)
-        worker.pending_prefill += prefill
-        prefilling = [True]  # until the first byte of the body: then the prompt is in the worker's cache
         started = False
         try:
             async with self._transport(worker).stream(
@@ -201,7 +218,7 @@ class RouterApp:
                 await send(_start(response.status, response.headers, worker))
                 started = True
                 sse = response.headers.get("content-type", "").startswith("text/event-stream")
-                await self._relay(worker, response, sse, receive, send, prefilling, prefill)
+                await self._relay(response, sse, receive, send, prefill)
             return True
         except TransportError as e:
             self.pool.failed(worker)
@@ -211,27 +228,15 @@ class RouterApp:
             return True  # _relay has ended the client's response
         finally:
             self.pool.finished(worker, tokens)
-            if prefilling[0]:
-                worker.pending_prefill -= prefill
+            prefill.done()
 
-    async def _relay(
-        self,
-        worker: Worker,
-        response: Any,
-        sse: bool,
-        receive: Receive,
-        send: Send,
-        prefilling: list[bool],
-        prefill: int,
-    ) -> None:
+    async def _relay(self, response: Any, sse: bool, receive: Receive, send: Send, prefill: _Prefill) -> None:
         """The worker's body to the client as it comes; stops (closing the worker's stream, which
         aborts the request there) if the client goes away."""
         gone = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
             async for data, _ in response.aiter_bytes():
-                if prefilling[0]:
-                    prefilling[0] = False
-                    worker.pending_prefill -= prefill
+                prefill.done()  # the first byte: the prompt is in the worker's cache now
                 if gone.done():
                     return
                 await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -284,7 +289,7 @@ class RouterApp:
             elif action == "drain":
                 self.pool.drain(url)
             elif action == "remove":
-                self.router.prefixes.forget(self.pool.remove(url).url)
+                self.router.forget(self.pool.remove(url).url)
             else:
                 raise ValueError(f"action must be add, drain or remove, got {action!r}")
         except (ValueError, KeyError, TypeError) as e:
@@ -312,10 +317,40 @@ class RouterApp:
                     "routed": w.routed,
                     "routed_tokens": w.routed_tokens,
                     "failed": w.failed,
+                    "predicted_hit_tokens": w.predicted_hit_tokens,
+                    "measured_hit_rate": w.measured_hit_rate,
+                    "prefill_tokens_per_s": 1 / w.step_cost.seconds_per_token
+                    if w.step_cost.seconds_per_token
+                    else None,
+                    "kv_blocks_known": self.router.kv.num_blocks(w.url),
+                    "kv_events": self.keeper.kv_events is not None
+                    and w.url in self.keeper.kv_events.connected,
                 }
                 for w in self.pool.workers
             ],
         }
+
+
+class _Prefill:
+    """What a routed request adds to its worker until its first byte: its prefill to the queue
+    estimate and, for the kv policy, its blocks as expected there (before the worker's events
+    can say so)."""
+
+    __slots__ = ("_blocks", "_kv", "_pending", "_tokens", "_worker")
+
+    def __init__(self, worker: Worker, tokens: int, kv: KVIndex | None, blocks: PromptBlocks | None) -> None:
+        self._worker, self._tokens, self._kv, self._blocks = worker, tokens, kv, blocks
+        self._pending = True
+        worker.pending_prefill += tokens
+        if kv is not None and blocks is not None:
+            kv.expect(worker.url, blocks.hashes)
+
+    def done(self) -> None:
+        if self._pending:
+            self._pending = False
+            self._worker.pending_prefill -= self._tokens
+            if self._kv is not None and self._blocks is not None:
+                self._kv.settle(self._worker.url, self._blocks.hashes)
 
 
 def _estimate_tokens(request: dict[str, Any]) -> tuple[int, int]:

@@ -1,10 +1,12 @@
-"""Keeping the router's fleet current: active health checks and the workers file.
+"""Keeping the router's fleet current: health checks, the workers' own metrics, the workers file.
 
 Every ``interval`` seconds each worker's ``/health`` is checked (the pool
 ejects after repeated failures and re-admits on a ramp; a worker back from an
-outage has lost its cache, so the prefix index forgets it), and the workers
-file, when given, is re-read if it changed: new workers join, dropped ones
-drain and leave once idle.
+outage has lost its cache, so the router forgets what it held) and its
+``/metrics`` read (its prefill speed and measured cache hits,
+``router/calibration.py``); the workers file, when given, is re-read if it
+changed: new workers join, dropped ones drain and leave once idle. With the
+``kv`` policy the keeper also keeps one KV event subscription per worker.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tokenmill.client import HTTPTransport, TransportError
+from tokenmill.router.calibration import parse_counters
+from tokenmill.router.kv_subscriber import KVSubscriptions
 from tokenmill.router.policies import Router
 from tokenmill.router.workers import Worker, WorkerPool, normalize
 
@@ -38,12 +42,19 @@ class FleetKeeper:
         self.workers_file = workers_file
         self._file_stamp: float | None = workers_file.stat().st_mtime if workers_file else None
         self._leaving: set[str] = set()  # dropped from the file: drained, removed once idle
+        self.kv_events = KVSubscriptions(router.kv, transport) if router.policy == "kv" else None
 
     async def run_forever(self) -> None:
-        while True:
-            self.reload_workers_file()
-            await asyncio.gather(*(self.check(w) for w in self.pool.workers))
-            await asyncio.sleep(self.interval)
+        try:
+            while True:
+                self.reload_workers_file()
+                if self.kv_events is not None:
+                    self.kv_events.sync(self.pool.workers)
+                await asyncio.gather(*(self.check(w) for w in self.pool.workers))
+                await asyncio.sleep(self.interval)
+        finally:
+            if self.kv_events is not None:
+                await self.kv_events.close()
 
     def reload_workers_file(self) -> None:
         """Workers new in the file join (on the ramp); workers gone from it drain, then leave."""
@@ -51,7 +62,7 @@ class FleetKeeper:
             w = next((x for x in self.pool.workers if x.url == url), None)
             if w is None or w.in_flight == 0:
                 if w is not None:
-                    self.router.prefixes.forget(self.pool.remove(url).url)
+                    self.router.forget(self.pool.remove(url).url)
                 self._leaving.discard(url)
         if self.workers_file is None:
             return
@@ -84,7 +95,20 @@ class FleetKeeper:
         was_healthy = w.healthy
         self.pool.health(w, ok)
         if w.healthy and not was_healthy:  # back from an outage: whatever it had cached may be gone
-            self.router.prefixes.forget(w.url)
+            self.router.forget(w.url)
+            w.step_cost.reset()
+        if ok:
+            await self.scrape(w)
+
+    async def scrape(self, w: Worker) -> None:
+        """The worker's step and cache counters, if it exports them."""
+        try:
+            response = await asyncio.wait_for(self.transport(w).request("GET", "/metrics"), timeout=2.0)
+        except (TransportError, TimeoutError):
+            return
+        if response.status == 200:
+            w.counters = parse_counters(response.text)
+            w.step_cost.observe(w.counters)
 
 
 def read_workers_file(path: Path) -> list[str]:

@@ -1,9 +1,11 @@
 """The router's Prometheus metrics, read from its live state at scrape time (no bookkeeping twice).
 
 Per worker: requests and tokens routed, requests and tokens in flight, failures,
-health; per decision reason: routing decisions; fleet: the imbalance gauge
-(max / mean of in-flight tokens over available workers) and the prompt tokens
-the prefix policy expected cached.
+health, prompt tokens a cache-aware policy expected cached there beside the
+hit rate the worker reports, its measured prefill speed and the KV blocks its
+events say it holds; per decision reason: routing decisions; fleet: the
+imbalance gauge (max / mean of in-flight tokens over available workers) and
+the prompt tokens expected cached.
 """
 
 from __future__ import annotations
@@ -50,6 +52,35 @@ class _RouterCollector:
             for w in workers:
                 family.add_metric([w.name], float(getattr(w, attr)))
             yield family
+        predicted = CounterMetricFamily(
+            "tokenmill_router_predicted_cached_tokens_by_worker",
+            "Prompt tokens a cache-aware policy expected cached where it sent them.",
+            labels=["worker"],
+        )
+        measured = GaugeMetricFamily(
+            "tokenmill_router_worker_prefix_cache_hit_ratio",
+            "Prefix-cache hit rate the worker itself reports (its /metrics).",
+            labels=["worker"],
+        )
+        rate = GaugeMetricFamily(
+            "tokenmill_router_worker_prefill_tokens_per_second",
+            "Prefill speed measured from the worker's step metrics.",
+            labels=["worker"],
+        )
+        known = GaugeMetricFamily(
+            "tokenmill_router_worker_kv_blocks",
+            "KV blocks the worker's events say it holds.",
+            labels=["worker"],
+        )
+        for w in workers:
+            predicted.add_metric([w.name], float(w.predicted_hit_tokens))
+            hit_rate = w.measured_hit_rate
+            if hit_rate is not None:
+                measured.add_metric([w.name], hit_rate)
+            if w.step_cost.seconds_per_token:
+                rate.add_metric([w.name], 1 / w.step_cost.seconds_per_token)
+            known.add_metric([w.name], float(router.kv.num_blocks(w.url)))
+        yield from (predicted, measured, rate, known)
         healthy = GaugeMetricFamily(
             "tokenmill_router_worker_up", "1 if the worker takes requests.", labels=["worker"]
         )

@@ -4,15 +4,19 @@
 - ``least_load``: fewest tokens in flight (prompt + asked output of requests
   the router has there), scaled by the worker's ramp so a re-admitted worker
   fills up gradually; ties go round the workers.
-- ``prefix``: the least estimated time to first token, in tokens of prefill
-  ahead of the request (every worker is taken to prefill at the same rate):
-  prompt tokens already routed to the worker and still waiting for their
-  first byte, plus the part of this prompt it has probably not cached
-  (``router/prefix_index.py``), plus ``DECODE_WEIGHT`` tokens for each request
-  decoding there; scaled by the ramp. A cached prefix pulls requests to its
-  worker only as long as the prefill it saves outweighs the queue it builds
-  there, so a popular prefix spreads instead of drowning one worker (no
-  "follow the cache unless the imbalance passes a threshold" switch).
+- ``prefix`` and ``kv``: the least estimated time to first token, in seconds:
+  the prefill ahead of the request on that worker (prompt tokens already
+  routed there and still waiting for their first byte, plus the part of this
+  prompt it has not cached, plus ``DECODE_WEIGHT`` tokens for each request
+  decoding there) times the worker's own seconds per prefill token (measured
+  from its /metrics, ``router/calibration.py``), over its ramp. ``prefix``
+  guesses what a worker has cached from the prompts sent there
+  (``router/prefix_index.py``, text chunks, no tokenizer); ``kv`` knows it,
+  from the worker's KV events and the prompt's exact block hashes
+  (``router/kv_index.py``, ``router/prompt_blocks.py``). A cached prefix pulls
+  requests to its worker only as long as the prefill it saves outweighs the
+  queue it builds there, so a popular prefix spreads instead of drowning one
+  worker (no "follow the cache unless the imbalance passes a threshold" switch).
 
 Requests of one session (``x-session-id`` or the body's ``user``) stick to the
 worker that served the session before, while it is available and not
@@ -23,13 +27,21 @@ loaded other worker's, plus the request itself.
 from __future__ import annotations
 
 import itertools
+import statistics
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from tokenmill.router.calibration import DEFAULT_SECONDS_PER_TOKEN
+from tokenmill.router.kv_index import KVIndex
 from tokenmill.router.prefix_index import CHARS_PER_TOKEN, CHUNK_CHARS, PrefixIndex
 from tokenmill.router.workers import Worker
 
-POLICIES = ("round_robin", "least_load", "prefix")
+if TYPE_CHECKING:  # the tokenizer loads only for the kv policy
+    from tokenmill.router.prompt_blocks import PromptBlocks
+
+POLICIES = ("round_robin", "least_load", "prefix", "kv")
 DECODE_WEIGHT = 16  # prefill tokens' worth of delay one running decode adds to a new request's first token
 STICKY_OVERLOAD = 2.0
 MAX_SESSIONS = 100_000  # remembered session -> worker pairs (least recently used go first)
@@ -41,6 +53,7 @@ class RouteRequest:
     session: str | None = None
     prompt_tokens: int = 0  # estimated prompt tokens alone
     prefix: list[int] = field(default_factory=list)  # chained chunk hashes of the prompt (prefix policy)
+    blocks: PromptBlocks | None = None  # the prompt's exact KV blocks (kv policy)
 
 
 class Router:
@@ -52,6 +65,7 @@ class Router:
         self._sessions: OrderedDict[str, str] = OrderedDict()  # session -> worker URL
         self.decisions: dict[str, int] = {}  # reason -> count
         self.prefixes = PrefixIndex()
+        self.kv = KVIndex()
         self.predicted_hit_tokens = 0  # prompt tokens the prefix policy expected cached where it sent them
         self.last_prefill = 0  # prompt tokens the last choice expects its worker to prefill
 
@@ -68,8 +82,8 @@ class Router:
         if self.policy == "round_robin":
             chosen = workers[next(self._turn) % len(workers)]
             self._count("round_robin")
-        elif self.policy == "prefix":
-            chosen = self._by_prefix(request, workers)
+        elif self.policy in ("prefix", "kv"):
+            chosen = self._by_cache(request, workers)
         else:
             start = next(self._turn) % len(workers)
             rotated = workers[start:] + workers[:start]  # ties go round
@@ -79,26 +93,48 @@ class Router:
             self._remember(request.session, chosen)
         return chosen
 
-    def _by_prefix(self, request: RouteRequest, workers: list[Worker]) -> Worker:
+    def _by_cache(self, request: RouteRequest, workers: list[Worker]) -> Worker:
+        hit = self._cached_tokens(request, workers)
+        prompt = request.blocks.num_tokens if request.blocks is not None else request.prompt_tokens
+        per_token = self._seconds_per_token(workers)
+
+        def ttft(w: Worker) -> float:
+            prefill = w.pending_prefill + max(prompt - hit(w), 0) + DECODE_WEIGHT * w.in_flight
+            return prefill * per_token(w) / w.ramp()
+
         start = next(self._turn) % len(workers)
-        chunk_tokens = CHUNK_CHARS // CHARS_PER_TOKEN
-
-        def uncached(w: Worker) -> int:
-            hit = self.prefixes.matched_chunks(w.url, request.prefix) * chunk_tokens
-            return max(request.prompt_tokens - hit, 0)
-
-        def cost(w: Worker) -> float:
-            return (w.pending_prefill + uncached(w) + DECODE_WEIGHT * w.in_flight) / w.ramp()
-
-        rotated = workers[start:] + workers[:start]
-        chosen = min(rotated, key=cost)
-        prefill = uncached(chosen)
-        hit = request.prompt_tokens - prefill
-        self._count("prefix_hit" if hit else "prefix_miss")
-        self.predicted_hit_tokens += hit
-        self.last_prefill = prefill
-        self.prefixes.record(chosen.url, request.prefix)
+        chosen = min(workers[start:] + workers[:start], key=ttft)  # ties go round
+        cached = min(hit(chosen), prompt)
+        self._count(f"{self.policy}_hit" if cached else f"{self.policy}_miss")
+        self.predicted_hit_tokens += cached
+        chosen.predicted_hit_tokens += cached
+        self.last_prefill = prompt - cached
+        if self.policy == "prefix":
+            self.prefixes.record(chosen.url, request.prefix)
         return chosen
+
+    def _cached_tokens(self, request: RouteRequest, workers: list[Worker]) -> Callable[[Worker], int]:
+        """Per worker, the prompt tokens it holds in its prefix cache (kv) or probably does (prefix)."""
+        if self.policy == "kv":
+            if request.blocks is None:  # a body the router could not tokenize: route by load alone
+                return lambda w: 0
+            blocks = request.blocks
+            matched = self.kv.matched_blocks(blocks.hashes, [w.url for w in workers])
+            return lambda w: matched[w.url] * blocks.block_size
+        chunk_tokens = CHUNK_CHARS // CHARS_PER_TOKEN
+        return lambda w: self.prefixes.matched_chunks(w.url, request.prefix) * chunk_tokens
+
+    @staticmethod
+    def _seconds_per_token(workers: list[Worker]) -> Callable[[Worker], float]:
+        """Each worker's measured prefill cost; the fleet's median for workers not measured yet."""
+        known = [w.step_cost.seconds_per_token for w in workers if w.step_cost.seconds_per_token]
+        typical = statistics.median(known) if known else DEFAULT_SECONDS_PER_TOKEN
+        return lambda w: w.step_cost.seconds_per_token or typical
+
+    def forget(self, url: str) -> None:
+        """A worker restarted or left: whatever it had cached is gone."""
+        self.prefixes.forget(url)
+        self.kv.forget(url)
 
     def _sticky(self, request: RouteRequest, workers: list[Worker]) -> Worker | None:
         assert request.session is not None

@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from tokenmill.router.calibration import StepCostFit, WorkerCounters
+
 EJECT_AFTER = 3  # consecutive failures
 RAMP_S = 10.0  # seconds for a re-admitted worker to take its full share
 
@@ -32,6 +34,9 @@ class Worker:
     routed: int = 0
     routed_tokens: int = 0
     failed: int = 0
+    predicted_hit_tokens: int = 0  # prompt tokens a cache-aware policy expected cached here
+    step_cost: StepCostFit = field(default_factory=StepCostFit)  # from the worker's /metrics
+    counters: WorkerCounters | None = None  # the last scrape of its /metrics (measured cache hits)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.url
@@ -39,6 +44,14 @@ class Worker:
     @property
     def available(self) -> bool:
         return self.healthy and not self.draining
+
+    @property
+    def measured_hit_rate(self) -> float | None:
+        """The share of prompt tokens the worker itself reports found in its prefix cache."""
+        c = self.counters
+        if c is None or c.cache_hits is None or not c.cache_queries:
+            return None
+        return c.cache_hits / c.cache_queries
 
     def ramp(self, now: float | None = None) -> float:
         """Share of a full worker's load this one should take now, (0, 1]."""

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
 
 import tokenmill
-from tokenmill.engine.block_hash import ROOT_PARENT_HASH
+from tokenmill.engine.block_hash import HASH_SCHEME, ROOT_PARENT_HASH
 from tokenmill.engine.errors import PromptTooLongError
 from tokenmill.protocol.errors import APIError
 from tokenmill.protocol.openai_common import (
@@ -28,8 +28,6 @@ from tokenmill.server.errors import to_api_error
 from tokenmill.server.openai_shared import sse
 from tokenmill.server.streams import SSEResponse
 from tokenmill.server.worker import Worker
-
-HASH_SCHEME = "sha256-64-chained"  # see tokenmill.engine.block_hash
 
 
 def info_router(worker: Worker, auth: Depends) -> APIRouter:
