@@ -1,17 +1,25 @@
-"""Cache-aware routing (issue 6), small scale: where shared prefixes land and what it does to TTFT.
+"""Cache-aware routing (issue 6): where shared prefixes land and what it does to TTFT, per policy.
 
 `--workers` simulated tokenmill workers (`tokenmill serve --runner simulated`:
-the real scheduler and prefix cache, step times from the demo CPU profile),
-each with a KV pool of `--kv-tokens` tokens, too small to hold every shared
-prefix, so where a prefix goes decides whether it is cached. The load:
-`--groups` system prompts of `--prefix-tokens` tokens, each request one of them
-plus a unique 50-token question, 32 output tokens, Poisson at `--rate`,
-`--requests` requests, through each router and policy in turn, on fresh
-workers every time (empty caches). Reported: TTFT p50/p99, throughput, the
-workers' own prefix-cache hit rate (from their /metrics), and max/mean
-requests per worker.
+the real scheduler, prefix cache and KV events; step times from the demo CPU
+profile, about 11k prefill tokens/s) serve the demo tokenizer with 8k
+positions. Each holds `--kv-tokens` tokens of KV: a few of the shared prefixes,
+not all, so where a prefix goes decides whether it is cached.
 
-    .venv/bin/python benchmarks/router_cache.py       # ~3 min; peers need benchmarks/peers/setup_routers.sh
+The load is multi-tenant chat: `--groups` system prompts of `--prefix-tokens`
+tokens (drawn per prompt from the range), each request one of them (drawn at
+random) with a unique 50-token user message and 32 output tokens, Poisson
+arrivals. The rate is `--load` times the fleet's capacity, measured first in
+the same run: the request rate a closed loop of 4 requests per worker gets
+through `least_load` (a router that ignores caches). Every router and policy
+then gets the same requests on fresh workers (empty caches):
+round_robin, least_load, prefix, kv, and vllm-router's and sglang-router's
+cache_aware. Reported per run: TTFT p50/p99, throughput, the workers' own
+prefix-cache hit rate, and max/mean over workers of requests and of engine
+busy time (the compute each worker did). `--repeats` runs the whole set again;
+the table gives medians.
+
+    .venv/bin/python benchmarks/router_cache.py       # ~15 min; peers need benchmarks/peers/setup_routers.sh
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -33,10 +43,13 @@ from bench_process import RESULTS, ROOT, one_run_at_a_time, report_header, save_
 from router_overhead import PEERS, TOKENMILL, _router
 
 DEMO = ROOT / "src" / "tokenmill" / "engine" / "demo_model"
+SIM_MODEL = ROOT / ".bench" / "sim-model-8k"
+MAX_MODEL_LEN = 8192
 RUNS = (
     ("tokenmill", "round_robin"),
     ("tokenmill", "least_load"),
     ("tokenmill", "prefix"),
+    ("tokenmill", "kv"),
     ("vllm-router", "cache_aware"),
     ("sglang-router", "cache_aware"),
 )
@@ -47,34 +60,70 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logs = RESULTS / "logs" / f"router_cache-{stamp}"
     logs.mkdir(parents=True, exist_ok=True)
-    report = report_header("router_cache", stamp, argv, args, DEMO)
+    model = _sim_model()
+    report = report_header("router_cache", stamp, argv, args, model)
     report["results"] = {}
     with one_run_at_a_time():
-        for name, policy in RUNS:
-            if name != "tokenmill" and not (PEERS / name).exists():
-                print(f"[bench] {name}: missing, run benchmarks/peers/setup_routers.sh", flush=True)
-                continue
-            label = f"{name} {policy}"
-            print(f"[bench] {label}", flush=True)
-            with _fleet(args, logs / label.replace(" ", "-")) as workers:
-                with _router(name, workers, logs, policy, model="demo") as (url, _):
-                    result = _load(url, args, logs / label.replace(" ", "-"))
-                result["prefix_hit_rate"] = _hit_rate(workers)
-                report["results"][label] = result
-    out = save_report(report)
+        if args.rate is None:
+            capacity = _capacity(args, model, logs / "capacity")
+            report["capacity_req_s"] = capacity
+            args.rate = round(args.load * capacity, 2)
+            print(f"[bench] fleet capacity {capacity:.1f} req/s; Poisson at {args.rate} req/s", flush=True)
+        report["rate"] = args.rate
+        for repeat in range(args.repeats):
+            for name, policy in RUNS:
+                if args.only and f"{name}:{policy}" not in args.only.split(","):
+                    continue
+                if name != "tokenmill" and not (PEERS / name).exists():
+                    print(f"[bench] {name}: missing, run benchmarks/peers/setup_routers.sh", flush=True)
+                    continue
+                label = f"{name} {policy}"
+                print(f"[bench] {label} (repeat {repeat + 1}/{args.repeats})", flush=True)
+                out = logs / f"{label.replace(' ', '-')}-{repeat}"
+                extra = ("--tokenizer", str(model)) if policy == "kv" else ()
+                with _fleet(args, model) as workers:
+                    with _router(name, workers, logs, policy, model="demo", extra=extra) as (url, _):
+                        before = _worker_counters(workers)
+                        result = _load(url, args, out, rate=args.rate)
+                    result.update(_worker_figures(workers, before))
+                report["results"].setdefault(label, []).append(result)
+                _print_run(label, result)
+    out_file = save_report(report)
     _print_table(report)
-    print(f"\nresults: {out}")
+    print(f"\nresults: {out_file}")
     return 0
 
 
+def _sim_model() -> Path:
+    """The demo tokenizer with 8k positions: the simulated runner needs no weights."""
+    SIM_MODEL.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(DEMO / name, SIM_MODEL / name)
+    config = json.loads((DEMO / "config.json").read_text())
+    config["max_position_embeddings"] = MAX_MODEL_LEN
+    (SIM_MODEL / "config.json").write_text(json.dumps(config, indent=2))
+    return SIM_MODEL
+
+
 @contextlib.contextmanager
-def _fleet(args: argparse.Namespace, log_prefix: Path) -> Iterator[list[str]]:
+def _fleet(args: argparse.Namespace, model: Path) -> Iterator[list[str]]:
     kv_bytes = args.kv_tokens * 2048  # the demo model keeps 2 KiB of KV per token
     procs, urls = [], []
     try:
         for i in range(args.workers):
-            cmd = [*TOKENMILL, "serve", "--runner", "simulated", "--port", "0", "--grpc-port", "-1"]
-            cmd += ["--kv-cache-memory", str(kv_bytes), "--worker-id", f"sim-{i}"]
+            cmd = [
+                *TOKENMILL,
+                "serve",
+                str(model),
+                "--runner",
+                "simulated",
+                "--port",
+                "0",
+                "--grpc-port",
+                "-1",
+            ]
+            cmd += ["--kv-cache-memory", str(kv_bytes), "--worker-id", f"sim-{i}", "--kv-events"]
+            cmd += ["--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "demo"]
             procs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True))
         for proc in procs:
             assert proc.stderr is not None
@@ -83,7 +132,7 @@ def _fleet(args: argparse.Namespace, log_prefix: Path) -> Iterator[list[str]]:
                     urls.append(line.split("ready: ")[1].split("/v1")[0])
                     break
             else:
-                raise RuntimeError(f"a simulated worker did not start; see {log_prefix}")
+                raise RuntimeError("a simulated worker did not start")
         yield urls
     finally:
         for proc in procs:
@@ -92,28 +141,42 @@ def _fleet(args: argparse.Namespace, log_prefix: Path) -> Iterator[list[str]]:
             proc.wait()
 
 
-def _load(url: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    cmd = [
-        *TOKENMILL,
-        "bench",
-        "run",
-        url,
-        "--model",
-        "demo",
-        "--profile",
-        "poisson",
-        "--rate",
-        str(args.rate),
+def _capacity(args: argparse.Namespace, model: Path, out: Path) -> float:
+    """Requests/s the fleet sustains with caches ignored: a closed loop through least_load."""
+    with _fleet(args, model) as workers, _router("tokenmill", workers, out.parent, "least_load", "demo") as r:
+        result = _load(r[0], args, out, concurrency=4 * args.workers, requests=args.requests // 2)
+    return result["req_s"]
+
+
+def _load(
+    url: str,
+    args: argparse.Namespace,
+    out: Path,
+    rate: float | None = None,
+    concurrency: int | None = None,
+    requests: int | None = None,
+) -> dict[str, Any]:
+    cmd = [*TOKENMILL, "bench", "run", url, "--model", "demo", "--requests", str(requests or args.requests)]
+    if rate is not None:
+        cmd += ["--profile", "poisson", "--rate", str(rate), "--max-lag-p99", "1"]
+    else:
+        cmd += ["--concurrency", str(concurrency)]
+    cmd += [
+        "--data",
+        "shared-prefix",
+        "--prefix-groups",
+        str(args.groups),
+        "--prefix-tokens",
+        args.prefix_tokens,
     ]
-    cmd += ["--requests", str(args.requests), "--data", "shared-prefix", "--prefix-groups", str(args.groups)]
-    cmd += ["--prefix-tokens", str(args.prefix_tokens), "--prompt-tokens", "50", "--output-tokens", "32"]
-    cmd += ["--tokenizer", str(DEMO), "--check-tokens", "0", "--max-lag-p99", "1", "-o", str(out)]
+    cmd += ["--prompt-tokens", "50", "--output-tokens", "32", "--tokenizer", str(DEMO), "--check-tokens", "0"]
+    cmd += ["--seed", str(args.seed), "-o", str(out)]
     done = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=900
+        cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=1800
     )
     summary_file = out.with_name(out.name + ".json")
     if not summary_file.exists():
-        raise RuntimeError(f"bench run failed: {done.stderr[-500:]}")
+        raise RuntimeError(f"bench run failed: {done.stderr[-800:]}")
     s = json.loads(summary_file.read_text())["summary"]
     per_worker = [w["requests"] for w in (s.get("workers") or {}).values()]
     return {
@@ -124,52 +187,105 @@ def _load(url: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "req_s": s["request_tput"],
         "ttft_ms": {k: s["ttft"][k] * 1000 for k in ("median", "p99")},
         "per_worker_requests": per_worker,
-        "max_over_mean_requests": max(per_worker) / (sum(per_worker) / len(per_worker))
-        if per_worker
-        else None,
+        "max_over_mean_requests": _max_over_mean(per_worker),
     }
 
 
-def _hit_rate(workers: list[str]) -> float | None:
-    hits = queries = 0.0
+_COUNTERS = (
+    "tokenmill_prefix_cache_hits_total",
+    "tokenmill_prefix_cache_queries_total",
+    "tokenmill_engine_busy_seconds_total",
+)
+
+
+def _worker_counters(workers: list[str]) -> dict[str, dict[str, float]]:
+    counters: dict[str, dict[str, float]] = {}
     for url in workers:
+        found = counters.setdefault(url, dict.fromkeys(_COUNTERS, 0.0))
         with contextlib.suppress(httpx.HTTPError):
             for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-                if line.startswith("tokenmill_prefix_cache_hits_total"):
-                    hits += float(line.rsplit(" ", 1)[1])
-                elif line.startswith("tokenmill_prefix_cache_queries_total"):
-                    queries += float(line.rsplit(" ", 1)[1])
-    return hits / queries if queries else None
+                name = line.split("{")[0].split(" ")[0]
+                if name in found:
+                    found[name] += float(line.rsplit(" ", 1)[1])
+    return counters
+
+
+def _worker_figures(workers: list[str], before: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The run's prefix-cache hit rate over the fleet and max/mean of each worker's busy time."""
+    after = _worker_counters(workers)
+    delta = {u: {k: after[u][k] - before[u][k] for k in _COUNTERS} for u in workers}
+    hits = sum(d["tokenmill_prefix_cache_hits_total"] for d in delta.values())
+    queries = sum(d["tokenmill_prefix_cache_queries_total"] for d in delta.values())
+    busy = [d["tokenmill_engine_busy_seconds_total"] for d in delta.values()]
+    return {
+        "prefix_hit_rate": hits / queries if queries else None,
+        "busy_s_per_worker": busy,
+        "max_over_mean_busy": _max_over_mean(busy),
+    }
+
+
+def _max_over_mean(values: list[float] | list[int]) -> float | None:
+    mean = sum(values) / len(values) if values else 0
+    return max(values) / mean if mean else None
+
+
+def _print_run(label: str, r: dict[str, Any]) -> None:
+    hit = f"{r['prefix_hit_rate']:.1%}" if r["prefix_hit_rate"] is not None else "-"
+    print(
+        f"[bench]   TTFT p50 {r['ttft_ms']['median']:.1f} ms, p99 {r['ttft_ms']['p99']:.1f} ms; "
+        f"{r['req_s']:.1f} req/s; hit {hit}; max/mean requests {r['max_over_mean_requests'] or 0:.2f}, "
+        f"busy {r['max_over_mean_busy'] or 0:.2f}; failed {r['failed']}",
+        flush=True,
+    )
+
+
+def _median(runs: list[dict[str, Any]], get: Any) -> float | None:
+    values = [v for v in (get(r) for r in runs) if v is not None]
+    return statistics.median(values) if values else None
 
 
 def _print_table(report: dict[str, Any]) -> None:
     o = report["options"]
     print(f"\n## Cache-aware routing, {report['timestamp']}\n")
     print(f"- machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; `{report['command']}`")
+    capacity = report.get("capacity_req_s")
+    at = f"{o['load']:.0%} of the measured capacity {capacity:.1f} req/s" if capacity else "as given"
     print(
-        f"- {o['workers']} simulated workers, KV {o['kv_tokens']} tokens each; {o['groups']} prefixes of "
-        f"{o['prefix_tokens']} tokens + 50, 32 out; Poisson {o['rate']} req/s, {o['requests']} requests\n"
+        f"- {o['workers']} simulated workers, KV {o['kv_tokens']} tokens each; {o['groups']} system "
+        f"prompts of {o['prefix_tokens']} tokens + a 50-token user message, 32 out; "
+        f"Poisson {report['rate']} req/s ({at}), {o['requests']} requests per run; "
+        f"medians of {o['repeats']} repeat(s)\n"
     )
-    head = ["router policy", "TTFT ms p50 / p99", "req/s", "output tok/s", "prefix hit rate"]
-    print("| " + " | ".join([*head, "max/mean requests", "failed"]) + " |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for label, r in report["results"].items():
-        hit = f"{r['prefix_hit_rate']:.1%}" if r["prefix_hit_rate"] is not None else "-"
-        imb = f"{r['max_over_mean_requests']:.2f}" if r["max_over_mean_requests"] else "-"
-        print(
-            f"| {label} | {r['ttft_ms']['median']:.1f} / {r['ttft_ms']['p99']:.1f} | {r['req_s']:.1f} | "
-            f"{r['output_tok_s']:.0f} | {hit} | {imb} | {r['failed']} |"
-        )
+    head = ["router policy", "TTFT ms p50", "TTFT ms p99", "req/s", "output tok/s", "prefix hit rate"]
+    print("| " + " | ".join([*head, "max/mean requests", "max/mean busy", "failed"]) + " |")
+    print("| --- |" + " ---: |" * 8)
+    for label, runs in report["results"].items():
+        hit = _median(runs, lambda r: r["prefix_hit_rate"])
+        cells = [
+            f"{_median(runs, lambda r: r['ttft_ms']['median']):.1f}",
+            f"{_median(runs, lambda r: r['ttft_ms']['p99']):.1f}",
+            f"{_median(runs, lambda r: r['req_s']):.1f}",
+            f"{_median(runs, lambda r: r['output_tok_s']):.0f}",
+            f"{hit:.1%}" if hit is not None else "-",
+            f"{_median(runs, lambda r: r['max_over_mean_requests']) or 0:.2f}",
+            f"{_median(runs, lambda r: r['max_over_mean_busy']) or 0:.2f}",
+            str(sum(r["failed"] for r in runs)),
+        ]
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Cache-aware routing on simulated workers.")
-    p.add_argument("--workers", type=int, default=4, help="simulated workers")
-    p.add_argument("--kv-tokens", type=int, default=4096, help="KV pool of each worker, in tokens")
-    p.add_argument("--groups", type=int, default=12, help="shared system prompts")
-    p.add_argument("--prefix-tokens", type=int, default=800, help="tokens of each system prompt")
-    p.add_argument("--rate", type=float, default=40.0, help="Poisson arrivals, requests/s")
-    p.add_argument("--requests", type=int, default=600, help="requests per run")
+    p.add_argument("--workers", type=int, default=8, help="simulated workers")
+    p.add_argument("--kv-tokens", type=int, default=16384, help="KV pool of each worker, in tokens")
+    p.add_argument("--groups", type=int, default=16, help="shared system prompts")
+    p.add_argument("--prefix-tokens", default="1000:4000", help="tokens of each system prompt, N or lo:hi")
+    p.add_argument("--load", type=float, default=0.8, help="share of the measured capacity to offer")
+    p.add_argument("--rate", type=float, default=None, help="Poisson rate, req/s (skips measuring capacity)")
+    p.add_argument("--requests", type=int, default=1200, help="requests per run")
+    p.add_argument("--repeats", type=int, default=1, help="times to run the whole set")
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload")
+    p.add_argument("--only", default="", help="runs to make, e.g. tokenmill:kv,vllm-router:cache_aware")
     return p.parse_args(argv)
 
 

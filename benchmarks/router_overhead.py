@@ -90,7 +90,12 @@ def _workers(n: int, logs: Path) -> Iterator[list[str]]:
 
 @contextlib.contextmanager
 def _router(
-    name: str, workers: list[str], logs: Path, policy: str = "round_robin", model: str = "mock"
+    name: str,
+    workers: list[str],
+    logs: Path,
+    policy: str = "round_robin",
+    model: str = "mock",
+    extra: tuple[str, ...] = (),
 ) -> Iterator[tuple[str, int | None]]:
     """``name``'s router in front of ``workers`` (``direct``: the first worker itself)."""
     if name == "direct":
@@ -102,6 +107,7 @@ def _router(
         cmd = [*TOKENMILL, "route", "--policy", policy, "--port", str(port)]
         for w in workers:
             cmd += ["--worker", w]
+        cmd += list(extra)
     elif name == "vllm-router":
         cmd = [
             str(PEERS / "vllm-router"),

@@ -47,15 +47,28 @@ def test_the_same_seed_builds_the_same_requests(tokenizer_dir):
 
 def test_shared_prefix_groups_share_their_prefix_and_nothing_else():
     def build(tok):
-        return data.shared_prefix(tok, 8, 2, 40, Length(10, 10), Length(5, 5), seed=1)
+        return data.shared_prefix(tok, 8, 2, Length(40, 40), Length(10, 10), Length(5, 5), seed=1)
 
     specs = with_server_tokenizer(build)
     prefixes = [s.prompt.split("\n")[0] for s in specs]
+    assert [[m["content"] for m in s.messages] for s in specs] == [s.prompt.split("\n") for s in specs]
+    assert all(s.messages[0]["role"] == "system" for s in specs)
     assert len(set(prefixes)) == 2 and all(s.prompt_tokens == 50 for s in specs)
     for s, prefix in zip(specs, prefixes, strict=True):  # the user names the group, the group the prefix
         assert prefix == prefixes[[x.user for x in specs].index(s.user)]
     assert {s.user for s in specs} == {"group-0", "group-1"}
     assert len({s.prompt for s in specs}) == 8  # unique suffixes
+
+
+def test_shared_prefixes_draw_their_lengths_from_a_range(tokenizer_dir):
+    tok = LocalTokenizer(tokenizer_dir)
+    specs = asyncio.run(data.shared_prefix(tok, 40, 6, Length(30, 90), Length(5, 5), Length(1, 1), seed=3))
+    lengths = {
+        s.messages[0]["content"]: len(asyncio.run(tok.encode(s.messages[0]["content"]))) for s in specs
+    }
+    assert (
+        len(lengths) == 6 and all(30 <= n <= 90 for n in lengths.values()) and len(set(lengths.values())) > 1
+    )
 
 
 def test_jsonl_prompts_and_conversations(tmp_path):

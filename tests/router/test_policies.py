@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tokenmill.router.calibration import StepCost
 from tokenmill.router.policies import Router, RouteRequest
 from tokenmill.router.workers import EJECT_AFTER, WorkerPool
 
@@ -196,12 +197,12 @@ def test_kv_expects_blocks_where_it_just_sent_them_so_a_burst_does_not_scatter()
 def test_kv_charges_each_worker_its_own_measured_prefill_speed():
     p, r = pool(2), Router("kv")
     fast, slow = p.workers
-    fast.step_cost.seconds_per_token, slow.step_cost.seconds_per_token = 1e-5, 1e-4
+    fast.step_cost.cost, slow.step_cost.cost = StepCost(0.0, 1e-5), StepCost(0.0, 1e-4)
     p.started(fast, 100)
     fast.pending_prefill = 4000  # 0.04 s of prefill queued on the fast worker
     blocks = _blocks(50)  # 805 uncached tokens: 0.008 s more there, 0.08 s on the idle slow one
     assert r.choose(_kv_request(blocks), p.available()) is fast
-    fast.step_cost.seconds_per_token = 1e-4  # now equally slow: the queue decides
+    fast.step_cost.cost = StepCost(0.0, 1e-4)  # now equally slow: the queue decides
     assert r.choose(_kv_request(blocks), p.available()) is slow
 
 

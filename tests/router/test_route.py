@@ -115,7 +115,7 @@ EVENTS = [
 
 @pytest.fixture(scope="module")
 def workers():
-    a, b = start_server("--kv-events"), start_server("--kv-events")
+    a, b = start_server(), start_server()  # KV events are on by default
     yield a, b
     a.stop()
     b.stop()

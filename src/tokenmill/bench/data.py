@@ -3,9 +3,12 @@
 - ``synthetic``: random words (``bench/vocabulary.py``) cut to exactly
   ``prompt_tokens`` tokens by the server's tokenizer (or ``--tokenizer``); a
   different text per request, so no prefix is shared by chance.
-- ``shared-prefix``: ``groups`` prefixes of ``prefix_tokens`` each, every
-  request one of them (drawn at random, seeded) plus a unique suffix of
-  ``prompt_tokens`` (for prefix caching and routing studies).
+- ``shared-prefix``: ``groups`` prefixes of ``prefix_tokens`` each (a number,
+  or a range each prefix draws from), every request one of them (drawn at
+  random, seeded) plus a unique suffix of ``prompt_tokens`` (for prefix
+  caching and routing studies). On chat the prefix is the system message and
+  the suffix the user's, as a multi-tenant fleet sees them; on completions
+  they are one prompt, joined by a newline.
 - ``multi-turn``: sessions of ``turns`` user messages of ``prompt_tokens``
   each; a turn goes out once the previous one's reply is in (after the run's
   think time), carrying the whole conversation so far, replies included.
@@ -105,15 +108,15 @@ async def shared_prefix(
     tok: TokenCounter,
     num: int,
     groups: int,
-    prefix_tokens: int,
+    prefix_tokens: Length,
     prompt_tokens: Length,
     output_tokens: Length,
     seed: int,
 ) -> list[RequestSpec]:
-    if groups < 1 or prefix_tokens < 1:
-        raise ValueError(f"groups and prefix_tokens must be >= 1, got {groups} and {prefix_tokens}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
     rng = random.Random(seed)
-    prefixes = [await exact_text(tok, prefix_tokens, rng) for _ in range(groups)]
+    prefixes = [await exact_text(tok, prefix_tokens.draw(rng), rng) for _ in range(groups)]
     specs = []
     for _ in range(num):
         group = rng.randrange(groups)  # drawn, not taken in turn: a turn order would line up with round robin
@@ -123,6 +126,7 @@ async def shared_prefix(
         specs.append(
             RequestSpec(
                 prompt=text,
+                messages=[{"role": "system", "content": prefix}, {"role": "user", "content": suffix}],
                 prompt_tokens=len(await tok.encode(text)),
                 output_tokens=output_tokens.draw(rng),
                 user=f"group-{group}",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ class DataSource:
     file: Path | None = None  # jsonl, sharegpt
     tokenizer: Path | None = None  # None: the server's /tokenize
     groups: int = 4  # shared-prefix
-    prefix_tokens: int = 512  # shared-prefix
+    prefix_tokens: data.Length = field(default_factory=lambda: data.Length(512, 512))  # shared-prefix
     trace: list[dict[str, Any]] | None = None  # rows of a trace, whose lengths synthetic data follows
     turns: int = 3  # multi-turn: turns per session
 

@@ -74,7 +74,9 @@ def run(
     prompt_tokens: Annotated[str, typer.Option(help="Prompt tokens: N or lo:hi (synthetic suffix).")] = "512",
     output_tokens: Annotated[str, typer.Option(help="Output tokens: N or lo:hi.")] = "128",
     prefix_groups: Annotated[int, typer.Option(help="shared-prefix: number of distinct prefixes.")] = 4,
-    prefix_tokens: Annotated[int, typer.Option(help="shared-prefix: tokens of each prefix.")] = 512,
+    prefix_tokens: Annotated[
+        str, typer.Option(help="shared-prefix: tokens of each prefix, N or lo:hi (drawn per prefix).")
+    ] = "512",
     tokenizer: Annotated[
         Path | None, typer.Option(help="tokenizer.json (or its folder). Default: the server's /tokenize.")
     ] = None,
@@ -163,7 +165,7 @@ def run(
             file=data_file,
             tokenizer=tokenizer,
             groups=prefix_groups,
-            prefix_tokens=prefix_tokens,
+            prefix_tokens=Length.parse(prefix_tokens, "--prefix-tokens"),
             trace=trace_rows,
             turns=turns or 3,
         )

@@ -295,6 +295,7 @@ class Engine:
             num_requests=len(scheduled.num_scheduled_tokens),
             num_prompt_tokens=shape.num_prefill_tokens,
             num_generated_tokens=len(result.sampled_token_ids),
+            num_decode_context_tokens=shape.decode_context_tokens,
         )
         if self.step_timing is not None:
             self.step_timing.record(shape, seconds)

@@ -48,6 +48,7 @@ class StepRecord:
     num_requests: int  # requests in the batch
     num_prompt_tokens: int  # of the scheduled tokens, those that were prefill
     num_generated_tokens: int  # tokens sampled this step
+    num_decode_context_tokens: int = 0  # context tokens the step's decodes attended to (KV read)
 
     @property
     def budget_utilization(self) -> float:

@@ -181,8 +181,9 @@ class RouterApp:
             tried.add(worker.url)
             kv = self.router.kv if blocks is not None else None
             prefill = _Prefill(worker, self.router.last_prefill, kv, blocks)
+            output = route.tokens - route.prompt_tokens
             if await self._forward(
-                worker, scope["path"], body, headers, route.tokens, prefill, receive, send
+                worker, scope["path"], body, headers, route.tokens, output, prefill, receive, send
             ):
                 return
 
@@ -197,13 +198,14 @@ class RouterApp:
         body: bytes,
         headers: dict[str, str],
         tokens: int,
+        output: int,
         prefill: _Prefill,
         receive: Receive,
         send: Send,
     ) -> bool:
         """Send the request to ``worker`` and stream its answer back. False if the worker failed
         before its first byte (nothing reached the client: the request may go elsewhere)."""
-        self.pool.started(worker, tokens)
+        self.pool.started(worker, tokens, output)
         started = False
         try:
             async with self._transport(worker).stream(
@@ -227,7 +229,7 @@ class RouterApp:
                 return False
             return True  # _relay has ended the client's response
         finally:
-            self.pool.finished(worker, tokens)
+            self.pool.finished(worker, tokens, output)
             prefill.done()
 
     async def _relay(self, response: Any, sse: bool, receive: Receive, send: Send, prefill: _Prefill) -> None:

@@ -1,26 +1,32 @@
-"""Each worker's prefill speed, measured from its own ``/metrics`` (for ``prefix`` and ``kv``).
+"""Each worker's step costs, measured from its own ``/metrics`` (for ``prefix`` and ``kv``).
 
-The cache-aware policies estimate a request's time to first token in seconds,
-so a slower worker (another GPU, a bigger batch of decodes) is charged for it.
-A tokenmill worker exports, over all engine steps, the tokens computed and
-the wall time spent (``tokenmill_step_tokens`` and
-``tokenmill_step_duration_seconds`` histograms: their ``_count`` and ``_sum``).
-Between two scrapes a window holds ``n`` steps, ``T`` tokens and ``D``
-seconds; a step costs about ``a + b * tokens``, so ``D = a n + b T``. Windows
-of different mixes (decode-heavy, prefill-heavy) pin down both by least
-squares over the last ``WINDOWS`` windows; ``b`` is the seconds per prefill
-token the policies charge. While the windows cannot tell ``a`` from ``b`` (all
-of one mix), ``b`` is taken as ``D / T`` of them all, which errs slow.
+The cache-aware policies estimate, in seconds, when a request would finish on
+each worker, so a slower worker (another GPU, a bigger model, a longer batch
+of decodes) is charged for it. A tokenmill worker exports, over all engine
+steps, the steps taken, the tokens computed, the context tokens its decodes
+attended to and the wall time spent (``tokenmill_step_tokens`` ``_count`` and
+``_sum``, ``tokenmill_step_decode_context_tokens_total``,
+``tokenmill_step_duration_seconds_sum``). Between two scrapes a window holds
+``n`` steps, ``T`` tokens, ``K`` context tokens and ``D`` seconds; a step costs
+about ``a + b * tokens + c * context``, so ``D = a n + b T + c K``. Windows of
+different mixes pin all three down by least squares over the last
+``WINDOWS`` windows: ``a`` is the fixed cost of a step, ``b`` the cost of a
+token computed (prefill's rate), ``c`` the cost of reading a token of KV
+(what decoding long contexts costs every step). While the windows cannot tell
+them apart, fewer terms are fitted (``a`` and ``b``, then ``b`` alone as
+``D / T``, which errs slow).
 
 The same scrape reads the worker's prefix-cache counters (tokenmill's or
 vLLM's names), so the router reports measured cache hits beside predicted ones.
-Workers that export none of this keep the fleet's typical value.
+Workers that export none of this get the fleet's typical figures.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+
+import numpy as np
 
 WINDOWS = 30  # scrape windows in the fit
 MIN_WINDOW_TOKENS = 256  # a window with less work says little
@@ -30,6 +36,7 @@ _SERIES = {
     "tokenmill_step_tokens_count": "steps",
     "tokenmill_step_tokens_sum": "tokens",
     "tokenmill_step_duration_seconds_sum": "seconds",
+    "tokenmill_step_decode_context_tokens_total": "context_tokens",
     "tokenmill_prefix_cache_hits_total": "cache_hits",
     "tokenmill_prefix_cache_queries_total": "cache_queries",
     "vllm:prefix_cache_hits_total": "cache_hits",
@@ -44,6 +51,7 @@ class WorkerCounters:
     steps: float = 0.0
     tokens: float = 0.0
     seconds: float = 0.0
+    context_tokens: float = 0.0
     cache_hits: float | None = None
     cache_queries: float | None = None
 
@@ -67,51 +75,66 @@ def parse_counters(text: str) -> WorkerCounters:
         steps=found.get("steps", 0.0),
         tokens=found.get("tokens", 0.0),
         seconds=found.get("seconds", 0.0),
+        context_tokens=found.get("context_tokens", 0.0),
         cache_hits=found.get("cache_hits"),
         cache_queries=found.get("cache_queries"),
     )
 
 
+@dataclass(frozen=True)
+class StepCost:
+    """Seconds per step: ``per_step + per_token * tokens computed + per_context_token * KV read``."""
+
+    per_step: float
+    per_token: float
+    per_context_token: float = 0.0
+
+
 class StepCostFit:
-    """``a + b * tokens`` seconds per step, fitted to the windows between scrapes."""
+    """A worker's ``StepCost``, fitted to the windows between scrapes (None until measured)."""
 
     def __init__(self) -> None:
         self._last: WorkerCounters | None = None
-        self._windows: deque[tuple[float, float, float]] = deque(maxlen=WINDOWS)  # (n, T, D)
-        self.seconds_per_token: float | None = None  # b, once measured
-        self.seconds_per_step: float | None = None  # a
+        self._windows: deque[tuple[float, float, float, float]] = deque(maxlen=WINDOWS)  # (n, T, K, D)
+        self.cost: StepCost | None = None
+
+    @property
+    def seconds_per_token(self) -> float | None:
+        return self.cost.per_token if self.cost else None
 
     def observe(self, counters: WorkerCounters) -> None:
         last, self._last = self._last, counters
         if last is None:
             return
-        n, t, d = counters.steps - last.steps, counters.tokens - last.tokens, counters.seconds - last.seconds
-        if n < 0 or t < 0 or d < 0:  # the worker restarted: its counters began again
+        window = (
+            counters.steps - last.steps,
+            counters.tokens - last.tokens,
+            counters.context_tokens - last.context_tokens,
+            counters.seconds - last.seconds,
+        )
+        if min(window) < 0:  # the worker restarted: its counters began again
             self._windows.clear()
             return
-        if t >= MIN_WINDOW_TOKENS and d > 0:
-            self._windows.append((n, t, d))
-            self._fit()
+        if window[1] >= MIN_WINDOW_TOKENS and window[3] > 0:
+            self._windows.append(window)
+            self.cost = self._fit()
 
     def reset(self) -> None:
         self._last = None
         self._windows.clear()
 
-    def _fit(self) -> None:
-        snn = snt = stt = snd = std = 0.0
-        for n, t, d in self._windows:
-            snn += n * n
-            snt += n * t
-            stt += t * t
-            snd += n * d
-            std += t * d
-        det = snn * stt - snt * snt
-        if det > 1e-6 * snn * stt:  # the windows differ enough in mix to separate a from b
-            a = (snd * stt - std * snt) / det
-            b = (snn * std - snt * snd) / det
-            if a >= 0 and b > 0:
-                self.seconds_per_step, self.seconds_per_token = a, b
-                return
-        total_t = sum(t for _, t, _ in self._windows)
-        total_d = sum(d for _, _, d in self._windows)
-        self.seconds_per_step, self.seconds_per_token = 0.0, total_d / total_t
+    def _fit(self) -> StepCost:
+        data = np.array(self._windows, dtype=float)
+        seconds = data[:, 3]
+        for columns in ((0, 1, 2), (0, 1)):  # every term, then without KV reads
+            x = data[:, columns]
+            scale = np.linalg.norm(x, axis=0)
+            if len(data) < len(columns) or not scale.all():
+                continue
+            coef, _, _, singular = np.linalg.lstsq(x / scale, seconds, rcond=None)
+            coef = coef / scale
+            # Columns nearly in proportion (every window the same mix) fit noise: fewer terms then.
+            separable = singular.min() > 1e-3 * singular.max()
+            if separable and coef.min() >= 0 and coef[1] > 0:
+                return StepCost(*map(float, coef))
+        return StepCost(0.0, float(seconds.sum() / data[:, 1].sum()))

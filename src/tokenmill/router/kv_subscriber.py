@@ -5,7 +5,7 @@ block size and hash scheme, the next is a snapshot of the worker's cache,
 then one event per engine step that stored or evicted blocks. If the stream
 breaks, what the router knew of that worker is dropped (it may have missed
 evictions) and the task reconnects, starting again from a fresh snapshot. A
-worker without KV events (an older tokenmill started without ``--kv-events``,
+worker without KV events (a tokenmill worker started with ``--no-kv-events``,
 vLLM, SGLang) is said so once in the log and routed by load alone.
 """
 
@@ -81,7 +81,7 @@ class KVSubscriptions:
                     self._told.add(w.url)
                     logger.warning(
                         "worker %s has no KV events (HTTP %d): the kv policy routes to it by load "
-                        "alone; start tokenmill workers with --kv-events",
+                        "alone (tokenmill workers publish them unless started with --no-kv-events)",
                         w.url,
                         response.status,
                     )

@@ -4,19 +4,24 @@
 - ``least_load``: fewest tokens in flight (prompt + asked output of requests
   the router has there), scaled by the worker's ramp so a re-admitted worker
   fills up gradually; ties go round the workers.
-- ``prefix`` and ``kv``: the least estimated time to first token, in seconds:
-  the prefill ahead of the request on that worker (prompt tokens already
-  routed there and still waiting for their first byte, plus the part of this
-  prompt it has not cached, plus ``DECODE_WEIGHT`` tokens for each request
-  decoding there) times the worker's own seconds per prefill token (measured
-  from its /metrics, ``router/calibration.py``), over its ramp. ``prefix``
-  guesses what a worker has cached from the prompts sent there
-  (``router/prefix_index.py``, text chunks, no tokenizer); ``kv`` knows it,
-  from the worker's KV events and the prompt's exact block hashes
-  (``router/kv_index.py``, ``router/prompt_blocks.py``). A cached prefix pulls
-  requests to its worker only as long as the prefill it saves outweighs the
-  queue it builds there, so a popular prefix spreads instead of drowning one
-  worker (no "follow the cache unless the imbalance passes a threshold" switch).
+- ``prefix`` and ``kv``: the worker where the request should finish first,
+  in seconds: its prefill (prompt tokens already routed there and still
+  waiting for their first byte, plus the part of this prompt the worker has
+  not cached) at that worker's cost per token, plus one step for the first
+  token and one per output token asked, a step costing what the worker's
+  batch makes it cost (a fixed part, a part per decoding request and a part
+  per token of context they read). Each worker's costs are measured from its
+  own /metrics (``router/calibration.py``) and its batch is what the router
+  has in flight there. ``prefix`` guesses what a worker has cached from the
+  prompts sent there (``router/prefix_index.py``, text chunks, no
+  tokenizer); ``kv`` knows it, from the worker's KV events and the prompt's
+  exact block hashes (``router/kv_index.py``, ``router/prompt_blocks.py``).
+  A cached prefix pulls requests to its worker only while the prefill it
+  saves outweighs the slower steps of a fuller batch there; past that the
+  prefix is computed again on another worker, which then holds it too, so a
+  popular prefix spreads over replicas instead of drowning one worker (no
+  "follow the cache unless the imbalance passes a threshold" switch). All
+  over the worker's ramp.
 
 Requests of one session (``x-session-id`` or the body's ``user``) stick to the
 worker that served the session before, while it is available and not
@@ -33,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tokenmill.router.calibration import DEFAULT_SECONDS_PER_TOKEN
+from tokenmill.router.calibration import DEFAULT_SECONDS_PER_TOKEN, StepCost
 from tokenmill.router.kv_index import KVIndex
 from tokenmill.router.prefix_index import CHARS_PER_TOKEN, CHUNK_CHARS, PrefixIndex
 from tokenmill.router.workers import Worker
@@ -42,7 +47,6 @@ if TYPE_CHECKING:  # the tokenizer loads only for the kv policy
     from tokenmill.router.prompt_blocks import PromptBlocks
 
 POLICIES = ("round_robin", "least_load", "prefix", "kv")
-DECODE_WEIGHT = 16  # prefill tokens' worth of delay one running decode adds to a new request's first token
 STICKY_OVERLOAD = 2.0
 MAX_SESSIONS = 100_000  # remembered session -> worker pairs (least recently used go first)
 
@@ -96,14 +100,22 @@ class Router:
     def _by_cache(self, request: RouteRequest, workers: list[Worker]) -> Worker:
         hit = self._cached_tokens(request, workers)
         prompt = request.blocks.num_tokens if request.blocks is not None else request.prompt_tokens
-        per_token = self._seconds_per_token(workers)
+        steps = 1 + max(request.tokens - request.prompt_tokens, 0)  # the first token's, then one per output
+        cost_of = self._step_costs(workers)
 
-        def ttft(w: Worker) -> float:
-            prefill = w.pending_prefill + max(prompt - hit(w), 0) + DECODE_WEIGHT * w.in_flight
-            return prefill * per_token(w) / w.ramp()
+        def added_latency(w: Worker) -> float:
+            """Seconds of latency the request adds there: until its own last token, plus the delay
+            its prefill and its KV reads cause the requests already running there."""
+            c = cost_of(w)
+            uncached = max(prompt - hit(w), 0)
+            step = c.per_step + c.per_token * w.in_flight + c.per_context_token * w.in_flight_tokens
+            own = c.per_token * (w.pending_prefill + uncached) + steps * step
+            others = w.in_flight * c.per_token * uncached  # each waits out the prefill's chunks
+            others += c.per_context_token * (prompt + steps) * w.in_flight_output / 2  # about half done
+            return (own + others) / w.ramp()
 
         start = next(self._turn) % len(workers)
-        chosen = min(workers[start:] + workers[:start], key=ttft)  # ties go round
+        chosen = min(workers[start:] + workers[:start], key=added_latency)  # ties go round
         cached = min(hit(chosen), prompt)
         self._count(f"{self.policy}_hit" if cached else f"{self.policy}_miss")
         self.predicted_hit_tokens += cached
@@ -125,11 +137,17 @@ class Router:
         return lambda w: self.prefixes.matched_chunks(w.url, request.prefix) * chunk_tokens
 
     @staticmethod
-    def _seconds_per_token(workers: list[Worker]) -> Callable[[Worker], float]:
-        """Each worker's measured prefill cost; the fleet's median for workers not measured yet."""
-        known = [w.step_cost.seconds_per_token for w in workers if w.step_cost.seconds_per_token]
-        typical = statistics.median(known) if known else DEFAULT_SECONDS_PER_TOKEN
-        return lambda w: w.step_cost.seconds_per_token or typical
+    def _step_costs(workers: list[Worker]) -> Callable[[Worker], StepCost]:
+        """Each worker's measured step costs; the fleet's medians for workers not measured yet."""
+        known = [w.step_cost.cost for w in workers if w.step_cost.cost is not None]
+        typical = StepCost(0.0, DEFAULT_SECONDS_PER_TOKEN)
+        if known:
+            typical = StepCost(
+                statistics.median(c.per_step for c in known),
+                statistics.median(c.per_token for c in known),
+                statistics.median(c.per_context_token for c in known),
+            )
+        return lambda w: w.step_cost.cost or typical
 
     def forget(self, url: str) -> None:
         """A worker restarted or left: whatever it had cached is gone."""

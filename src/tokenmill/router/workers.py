@@ -30,6 +30,7 @@ class Worker:
     admitted_at: float = field(default_factory=time.monotonic)
     in_flight: int = 0
     in_flight_tokens: int = 0  # prompt + asked output tokens of requests in flight
+    in_flight_output: int = 0  # asked output tokens of requests in flight
     pending_prefill: int = 0  # prompt tokens routed here, not yet cached there, whose first byte is still due
     routed: int = 0
     routed_tokens: int = 0
@@ -105,15 +106,17 @@ class WorkerPool:
 
     # -- what requests report ---------------------------------------------------------------
 
-    def started(self, w: Worker, tokens: int) -> None:
+    def started(self, w: Worker, tokens: int, output: int = 0) -> None:
         w.in_flight += 1
         w.in_flight_tokens += tokens
+        w.in_flight_output += output
         w.routed += 1
         w.routed_tokens += tokens
 
-    def finished(self, w: Worker, tokens: int) -> None:
+    def finished(self, w: Worker, tokens: int, output: int = 0) -> None:
         w.in_flight -= 1
         w.in_flight_tokens -= tokens
+        w.in_flight_output -= output
 
     def succeeded(self, w: Worker) -> None:
         w.failures = 0

@@ -183,6 +183,14 @@ class ServingMetrics:
             else None
         )
         self.finished = _Pair(finished, vllm_finished)
+        self.step_context = _Pair(
+            Counter(
+                "tokenmill_step_decode_context_tokens",
+                "Context tokens decodes attended to, over all steps (what a step's KV reads cost).",
+                ["model_name"],
+                registry=self.registry,
+            )
+        )
         self.by_priority = _Pair(
             Counter(
                 "tokenmill_requests_by_priority",
@@ -214,6 +222,7 @@ class ServingMetrics:
         self.step_tokens.observe(record.num_scheduled_tokens, **labels)
         self.step_budget.observe(record.budget_utilization, **labels)
         self.step_seconds.observe(record.seconds, **labels)
+        self.step_context.inc(record.num_decode_context_tokens, **labels)
         now = time.monotonic()
         with self._busy_lock:
             self._busy.append((now, record.seconds))
