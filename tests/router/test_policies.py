@@ -206,9 +206,32 @@ def test_kv_charges_each_worker_its_own_measured_prefill_speed():
     assert r.choose(_kv_request(blocks), p.available()) is slow
 
 
-def test_kv_without_blocks_routes_by_load():
+def test_kv_without_blocks_routes_by_text_chunks_and_load():
     p, r = pool(2), Router("kv")
     p.started(p.workers[0], 100)
     p.workers[0].pending_prefill = 100
     assert r.choose(RouteRequest(50, prompt_tokens=40), p.available()) is p.workers[1]
-    assert r.decisions == {"kv_miss": 1}
+    assert r.decisions == {"kv_cold_miss": 1}
+    system = "A long new system prompt, not tokenized yet. " * 60
+    first = r.choose(_prefixed(system, "one"), p.available())
+    assert r.choose(_prefixed(system, "two"), p.available()) is first  # a burst of it lands together
+    assert r.decisions == {"kv_cold_miss": 2, "kv_cold_hit": 1}
+
+
+def test_kv_replicates_a_popular_prefix_once_the_holders_batch_costs_more_than_a_prefill():
+    p, r = pool(3), Router("kv")
+    for w in p.workers:
+        w.step_cost.cost = StepCost(0.004, 4e-5, 1e-6)  # the demo CPU profile's costs
+    blocks = _blocks(160)  # 2,565 tokens, held by the first worker
+    holder = p.workers[0]
+    r.kv.apply(holder.url, {"type": "BlockStored", "block_hashes": blocks.hashes})
+    chosen = []
+    for _ in range(36):
+        w = r.choose(_kv_request(blocks), p.available())
+        p.started(w, blocks.num_tokens + 16, 16)
+        r.kv.expect(w.url, blocks.hashes)  # as the app does: held there from now on
+        chosen.append(w)
+    assert chosen[0] is holder  # an empty batch: the cache wins
+    counts = [chosen.count(w) for w in p.workers]
+    assert min(counts) >= 8 and max(counts) <= 16  # then the prefix spread, over replicas
+    assert r.decisions["kv_miss"] == 2  # one prefill per new replica, no more

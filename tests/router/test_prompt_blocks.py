@@ -113,3 +113,19 @@ def test_a_tokenizer_that_tokenizes_its_first_piece_apart_is_never_cut(tmp_path)
     assert hasher._cut_at is None
     got = asyncio.run(hasher.text_blocks(text, True, 1))
     assert got.hashes == hash_blocks(tok.encode(text), 1)
+
+
+def test_a_long_new_prompt_is_hashed_in_the_background_without_waiting(tok):
+    hasher = PromptHasher(tok)
+    system = "Speak as the chorus of a play set in fair Verona. " * 400  # ~20k characters
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Scene 1"}]
+
+    async def go():
+        assert await hasher.blocks({"messages": messages}, 16, wait=False) is None  # cold: not now
+        await asyncio.gather(*hasher._warming.values())
+        messages[1]["content"] = "Scene 2"
+        return await hasher.blocks({"messages": messages}, 16, wait=False)  # warm: at once
+
+    got = asyncio.run(go())
+    assert got is not None and got.hashes == hash_blocks(tok.encode_chat(messages), 16)
+    assert hasher.memo_hits == 1

@@ -163,13 +163,19 @@ class RouterApp:
             return
         headers = _forwarded(scope["headers"])
         session = _header(scope["headers"], SESSION_HEADER) or _str_or_none(request.get("user"))
-        prefix = chunk_hashes(prompt_text(request)) if self.router.policy == "prefix" else []
-        prompt_tokens, output_tokens = _estimate_tokens(request)
+        text = prompt_text(request)
+        prompt_tokens, output_tokens = _estimate_tokens(request, text)
         blocks = None
-        if self.hasher is not None:
-            blocks = await self.hasher.blocks(request, self._block_size())
+        if self.hasher is not None:  # kv: exact blocks, unless the prompt is long and new (see below)
+            blocks = await self.hasher.blocks(request, self._block_size(), wait=False)
             if blocks is not None:
                 prompt_tokens = blocks.num_tokens
+        # A long prompt the kv policy has not tokenized yet is routed by its text chunks, as the
+        # prefix policy routes, while it is tokenized in the background: routing stays under a
+        # millisecond, and a burst of a new prefix still lands together.
+        prefix = (
+            chunk_hashes(text) if self.router.policy == "prefix" or (self.hasher and blocks is None) else []
+        )
         route = RouteRequest(prompt_tokens + output_tokens, session, prompt_tokens, prefix, blocks)
         tried: set[str] = set()
         while True:
@@ -355,13 +361,13 @@ class _Prefill:
                 self._kv.settle(self._worker.url, self._blocks.hashes)
 
 
-def _estimate_tokens(request: dict[str, Any]) -> tuple[int, int]:
+def _estimate_tokens(request: dict[str, Any], text: str) -> tuple[int, int]:
     """Prompt and asked output tokens, for load accounting: characters / 4 for the prompt."""
-    prompt = request.get("messages") if "messages" in request else request.get("prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+    prompt = request.get("prompt")
+    if "messages" not in request and isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         prompt_tokens = len(prompt)  # token ids
     else:
-        prompt_tokens = len(json.dumps(prompt, ensure_ascii=False)) // _CHARS_PER_TOKEN if prompt else 0
+        prompt_tokens = len(text) // _CHARS_PER_TOKEN
     asked = request.get("max_completion_tokens", request.get("max_tokens"))
     output = asked if isinstance(asked, int) and asked > 0 else _DEFAULT_OUTPUT_TOKENS
     return prompt_tokens, output

@@ -117,22 +117,24 @@ class Router:
         start = next(self._turn) % len(workers)
         chosen = min(workers[start:] + workers[:start], key=added_latency)  # ties go round
         cached = min(hit(chosen), prompt)
-        self._count(f"{self.policy}_hit" if cached else f"{self.policy}_miss")
+        exact = self.policy == "kv" and request.blocks is not None
+        kind = "kv" if exact else ("prefix" if self.policy == "prefix" else "kv_cold")
+        self._count(f"{kind}_hit" if cached else f"{kind}_miss")
         self.predicted_hit_tokens += cached
         chosen.predicted_hit_tokens += cached
         self.last_prefill = prompt - cached
-        if self.policy == "prefix":
+        if not exact:
             self.prefixes.record(chosen.url, request.prefix)
         return chosen
 
     def _cached_tokens(self, request: RouteRequest, workers: list[Worker]) -> Callable[[Worker], int]:
         """Per worker, the prompt tokens it holds in its prefix cache (kv) or probably does (prefix)."""
-        if self.policy == "kv":
-            if request.blocks is None:  # a body the router could not tokenize: route by load alone
-                return lambda w: 0
+        if self.policy == "kv" and request.blocks is not None:
             blocks = request.blocks
             matched = self.kv.matched_blocks(blocks.hashes, [w.url for w in workers])
             return lambda w: matched[w.url] * blocks.block_size
+        # prefix, and kv for a prompt not tokenized yet (its first sight: see RouterApp) or one the
+        # worker will refuse: what was routed where, by text chunks
         chunk_tokens = CHUNK_CHARS // CHARS_PER_TOKEN
         return lambda w: self.prefixes.matched_chunks(w.url, request.prefix) * chunk_tokens
 

@@ -40,7 +40,8 @@ from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.protocol.chat import ChatMessage
 
 MEMO_BLOCKS = 1_000_000  # block hashes kept in the memo, all entries together (~40 MB)
-OFFLOAD_CHARS = 8_192  # text to tokenize past this goes to a thread, not the event loop
+OFFLOAD_CHARS = 2_048  # new text past this is tokenized in a thread, not on the event loop
+MAX_WARMING = 4  # prompts tokenized in the background at once; more are not memoized
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,7 @@ class PromptHasher:
         self._memo_blocks = 0
         self.memo_limit = memo_blocks
         self.memo_hits = 0
+        self._warming: dict[tuple[int, int], asyncio.Task[PromptBlocks]] = {}
         self._bos, self._eos = _added_around(tokenizer)
         cut_tokens = _cut_tokens(tokenizer)
         self._cut_at = re.compile("|".join(map(re.escape, cut_tokens))) if cut_tokens else None
@@ -81,9 +83,15 @@ class PromptHasher:
 
     # -- requests ------------------------------------------------------------------------------
 
-    async def blocks(self, request: dict[str, Any], block_size: int) -> PromptBlocks | None:
+    async def blocks(
+        self, request: dict[str, Any], block_size: int, wait: bool = True
+    ) -> PromptBlocks | None:
         """The blocks of a chat or completions body; None when the body is not one the worker would
-        accept (it answers the 400 itself; the router routes such a request by load)."""
+        accept (it answers the 400 itself; the router routes such a request by load).
+
+        With ``wait=False`` a prompt with more than ``OFFLOAD_CHARS`` of text the memo does not
+        hold also gives None, at once: its tokenizing goes on in the background, so the next
+        request with the same prefix finds it, and this one is routed without waiting for it."""
         try:
             prompt = _prompt_of(request, self.tokenizer)
         except (ValueError, TypeError, KeyError):
@@ -93,11 +101,11 @@ class PromptHasher:
         if isinstance(prompt, list):
             return PromptBlocks(len(prompt), hash_blocks(prompt, block_size, salt), block_size)
         text, add_special = prompt
-        return await self.text_blocks(text, add_special, block_size, salt)
+        return await self.text_blocks(text, add_special, block_size, salt, wait)
 
     async def text_blocks(
-        self, text: str, add_special: bool, block_size: int, salt: str | None = None
-    ) -> PromptBlocks:
+        self, text: str, add_special: bool, block_size: int, salt: str | None = None, wait: bool = True
+    ) -> PromptBlocks | None:
         pieces = self._pieces(text)
         keys = _chain_keys(pieces, (add_special, salt, block_size))
         start, cut = len(pieces), None
@@ -111,11 +119,33 @@ class PromptHasher:
         if cut is None:
             cut = _extend(_Cut(0, [], []), list(self._bos) if add_special else [], block_size, salt)
         rest = pieces[start:]
+        if not wait and sum(map(len, rest)) > OFFLOAD_CHARS:
+            whole = keys[-1]
+            warm = self._cut_at is not None and len(rest) > 1  # else nothing reusable to memoize
+            if warm and whole not in self._warming and len(self._warming) < MAX_WARMING:
+                task = asyncio.create_task(
+                    self._finish(cut, rest, keys[start:], block_size, salt, add_special)
+                )
+                self._warming[whole] = task
+                task.add_done_callback(lambda _: self._warming.pop(whole, None))
+            return None
+        return await self._finish(cut, rest, keys[start:], block_size, salt, add_special)
+
+    async def _finish(
+        self,
+        cut: _Cut,
+        rest: list[str],
+        keys: list[tuple[int, int]],
+        block_size: int,
+        salt: str | None,
+        add_special: bool,
+    ) -> PromptBlocks:
+        """Tokenize and hash the pieces after ``cut``, memoizing each new cut."""
         encoded = await self._encode(rest)
         for i, ids in enumerate(encoded):
             cut = _extend(cut, ids, block_size, salt)
             if cut.num_tokens >= block_size and self._cut_at is not None:
-                self._remember(keys[start + i], cut)
+                self._remember(keys[i], cut)
         if add_special and self._eos:
             cut = _extend(cut, list(self._eos), block_size, salt)
         return PromptBlocks(cut.num_tokens, cut.hashes, block_size)
