@@ -10,7 +10,11 @@ tokens) behind each router in turn, all with round_robin; the same loads by
 - concurrency 1: the latency a single streamed request gains.
 
 "direct" is the same load straight to one worker; "added" is a router's figure
-minus direct's. Results: `.bench/results/router_overhead-<timestamp>.json`.
+minus direct's in the same turn. `--turns N` runs every router N times in
+turn (direct, tokenmill, vllm-router, sglang-router, then again), so slow
+spells of the shared machine hit all alike; tables give medians over turns
+and the median of the per-turn ratios to vllm-router.
+Results: `.bench/results/router_overhead-<timestamp>.json`.
 
     benchmarks/peers/setup_routers.sh                # vllm-router, sglang-router into .peers/routers
     .venv/bin/python benchmarks/router_overhead.py   # ~2 min
@@ -47,21 +51,30 @@ def main(argv: list[str] | None = None) -> int:
     logs = RESULTS / "logs" / f"router_overhead-{stamp}"
     logs.mkdir(parents=True, exist_ok=True)
     report = report_header("router_overhead", stamp, argv, args, model)
-    report["results"] = {}
+    report["turns"] = []
+    loads = args.loads.split(",")
     with one_run_at_a_time(), _workers(2, logs) as workers:
-        for name in args.routers.split(","):
-            if name != "direct" and name != "tokenmill" and not (PEERS / name).exists():
-                print(f"[bench] {name}: missing, run benchmarks/peers/setup_routers.sh", flush=True)
-                continue
-            print(f"[bench] {name}", flush=True)
-            with _router(name, workers, logs) as (url, pid):
-                report["results"][name] = {
-                    "c32": _load(url, pid, 32, args.requests, model, logs / f"{name}-c32"),
-                    "c1": _load(url, pid, 1, args.requests // 10, model, logs / f"{name}-c1"),
-                    "c32_whole": _load(
-                        url, pid, 32, args.requests, model, logs / f"{name}-c32w", stream=False
-                    ),
-                }
+        for turn in range(args.turns):
+            results: dict[str, dict[str, Any]] = {}
+            for name in args.routers.split(","):
+                if name != "direct" and name != "tokenmill" and not (PEERS / name).exists():
+                    print(f"[bench] {name}: missing, run benchmarks/peers/setup_routers.sh", flush=True)
+                    continue
+                print(f"[bench] {name} (turn {turn + 1}/{args.turns})", flush=True)
+                tag = f"{name}-{turn}"
+                with _router(name, workers, logs) as (url, pid):
+                    results[name] = {}
+                    if "c32" in loads:
+                        results[name]["c32"] = _load(url, pid, 32, args.requests, model, logs / f"{tag}-c32")
+                    if "c1" in loads:
+                        results[name]["c1"] = _load(
+                            url, pid, 1, args.requests // 10, model, logs / f"{tag}-c1"
+                        )
+                    if "c32_whole" in loads:
+                        results[name]["c32_whole"] = _load(
+                            url, pid, 32, args.requests, model, logs / f"{tag}-c32w", stream=False
+                        )
+            report["turns"].append(results)
     out = save_report(report)
     _print_table(report)
     print(f"\nresults: {out}")
@@ -197,30 +210,56 @@ def _free_port() -> int:
 
 
 def _print_table(report: dict[str, Any]) -> None:
+    turns = report["turns"]
     print(f"\n## Router overhead, {report['timestamp']}\n")
     print(f"- machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
-    print(f"- command: `{report['command']}`\n")
-    loads = (
-        ("c32", "streamed, concurrency 32"),
-        ("c32_whole", "whole responses, concurrency 32"),
-        ("c1", "streamed, concurrency 1"),
-    )
-    results = report["results"]
-    base = results.get("direct")
-    for load, title in loads:
+    print(f"- command: `{report['command']}`; medians of {len(turns)} turn(s)\n")
+    titles = {
+        "c32": "streamed, concurrency 32",
+        "c32_whole": "whole responses, concurrency 32",
+        "c1": "streamed, concurrency 1",
+    }
+    names = list(dict.fromkeys(name for t in turns for name in t))
+    for load, title in titles.items():
+        if not any(load in r for t in turns for r in t.values()):
+            continue
         print(f"\n{title}:\n")
-        print("| router | req/s | E2E ms p50 / p99 | added E2E p50 ms | router CPU us/request |")
-        print("| --- | ---: | ---: | ---: | ---: |")
-        for name, r in results.items():
-            if load not in r:
-                continue
-            e2e = r[load]["e2e_ms"]
-            added = e2e["median"] - base[load]["e2e_ms"]["median"] if base and name != "direct" else None
-            cpu = r[load]["router_cpu_us_per_request"]
+        head = ["router", "req/s", "E2E ms p50 / p99", "added E2E p50 ms", "router CPU us/request"]
+        print("| " + " | ".join([*head, "added / vllm-router's"]) + " |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for name in names:
+            runs = [t[name][load] for t in turns if name in t and load in t[name]]
+            added = [_added(t, name, load) for t in turns]
+            added = [a for a in added if a is not None]
+            ratio = [
+                _added(t, name, load) / _added(t, "vllm-router", load)
+                for t in turns
+                if _ratio_ok(t, name, load)
+            ]
+            cpu = [r["router_cpu_us_per_request"] for r in runs if r["router_cpu_us_per_request"] is not None]
+            p50, p99 = _med([r["e2e_ms"]["median"] for r in runs]), _med([r["e2e_ms"]["p99"] for r in runs])
             print(
-                f"| {name} | {r[load]['req_s']:.0f} | {e2e['median']:.2f} / {e2e['p99']:.2f} | "
-                f"{'' if added is None else f'{added:+.2f}'} | {'' if cpu is None else f'{cpu:.0f}'} |"
+                f"| {name} | {_med([r['req_s'] for r in runs]):.0f} | {p50:.2f} / {p99:.2f} | "
+                f"{f'{_med(added):+.2f}' if added else ''} | {f'{_med(cpu):.0f}' if cpu else ''} | "
+                f"{f'{_med(ratio):.2f}' if ratio and name != 'vllm-router' else ''} |"
             )
+
+
+def _added(turn: dict[str, Any], name: str, load: str) -> float | None:
+    if name == "direct" or name not in turn or "direct" not in turn or load not in turn[name]:
+        return None
+    return turn[name][load]["e2e_ms"]["median"] - turn["direct"][load]["e2e_ms"]["median"]
+
+
+def _ratio_ok(turn: dict[str, Any], name: str, load: str) -> bool:
+    mine, theirs = _added(turn, name, load), _added(turn, "vllm-router", load)
+    return mine is not None and theirs is not None and theirs > 0
+
+
+def _med(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values) if values else float("nan")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -229,6 +268,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--requests", type=int, default=3000, help="requests of the concurrency-32 load (c1: a tenth)"
     )
     p.add_argument("--routers", default=",".join(ROUTERS), help="which to measure")
+    p.add_argument("--loads", default="c32,c1,c32_whole", help="which loads: c32, c1, c32_whole")
+    p.add_argument("--turns", type=int, default=1, help="times to run every router, in turn")
     return p.parse_args(argv)
 
 
