@@ -27,15 +27,19 @@ class RouterProcess:
         policy: str = "round_robin",
         health_interval: float = 0.2,
         extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ):
         cmd = [sys.executable, "-m", "tokenmill.cli.main", "route", "--port", "0", "--policy", policy,
                "--health-interval", str(health_interval)]  # fmt: skip
         for w in workers:
             cmd += ["--worker", w]
         cmd += list(extra)
-        env = {**os.environ, "COLUMNS": "300"}
+        env = {**os.environ, "COLUMNS": "300", **(env or {})}
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
         line = self.proc.stderr.readline()
+        while line.startswith("warning"):
+            line = self.proc.stderr.readline()
+        self.ready_line = line
         m = _READY.search(line)
         if not m:
             self.proc.kill()

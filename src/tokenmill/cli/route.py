@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
+    from tokenmill.router.gateway import Gateway
     from tokenmill.router.policies import Router
     from tokenmill.router.prompt_blocks import PromptHasher
     from tokenmill.router.workers import WorkerPool
@@ -45,6 +46,10 @@ def route(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 9000,
     health_interval: Annotated[float, typer.Option(help="Seconds between active health checks.")] = 2.0,
+    gateway_config: Annotated[
+        Path | None,
+        typer.Option(help="Serve as a gateway: teams, keys, limits and usage from this YAML file."),
+    ] = None,
 ) -> None:
     """Serve the router (no subcommand), or run a subcommand."""
     if ctx.invoked_subcommand is not None:
@@ -65,11 +70,12 @@ def route(
         if not health_interval > 0:
             raise ValueError(f"--health-interval must be > 0, got {health_interval}")
         hasher = _hasher(policy, tokenizer)
+        gateway = _gateway(gateway_config) if gateway_config is not None else None
     except (OSError, ValueError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     try:
-        _run_fast(_serve(pool, router, host, port, health_interval, workers_file, hasher))
+        _run_fast(_serve(pool, router, host, port, health_interval, workers_file, hasher, gateway))
     except OSError as e:
         err.print(f"[red]error:[/red] cannot listen on {host}:{port}: {e.strerror or e}")
         raise typer.Exit(1) from None
@@ -98,6 +104,20 @@ def _hasher(policy: str, tokenizer: str | None) -> PromptHasher | None:
         raise ValueError(f"--tokenizer: {e}") from None
 
 
+def _gateway(path: Path) -> Gateway:
+    from tokenmill.router.gateway import Gateway
+    from tokenmill.router.gateway_config import load_gateway_config
+
+    config = load_gateway_config(path)
+    gateway = Gateway(config)
+    if not gateway.is_configured_admin:
+        err.print(
+            f"[yellow]warning:[/yellow] ${config.admin_key_env} is not set: the admin API is closed "
+            "(manage keys with `tokenmill keys`)"
+        )
+    return gateway
+
+
 async def _serve(
     pool: WorkerPool,
     router: Router,
@@ -106,12 +126,20 @@ async def _serve(
     health_interval: float,
     workers_file: Path | None,
     hasher: PromptHasher | None = None,
+    gateway: Gateway | None = None,
 ) -> None:
     import uvicorn
 
     from tokenmill.router.app import RouterApp
 
-    app = RouterApp(pool, router, health_interval=health_interval, workers_file=workers_file, hasher=hasher)
+    app = RouterApp(
+        pool,
+        router,
+        health_interval=health_interval,
+        workers_file=workers_file,
+        hasher=hasher,
+        gateway=gateway,
+    )
     sock = listen_socket(host, port)
     config = uvicorn.Config(
         app,
@@ -130,6 +158,11 @@ async def _serve(
         await asyncio.sleep(0.02)
     bound = sock.getsockname()[1]
     what = f"{len(pool.workers)} workers; policy {router.policy}"
+    if gateway is not None:
+        what += f"; gateway: {len(gateway.teams)} teams, ledger {gateway.ledger.path}"
+        if gateway.ledger.recovered:
+            left = gateway.ledger.recovered
+            what += f" ({left} requests a stopped gateway left in flight, closed as interrupted)"
     err.print(
         f"tokenmill router ready: http://{host}:{bound}/v1; {what}",
         highlight=False,

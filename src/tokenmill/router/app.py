@@ -38,7 +38,9 @@ from tokenmill.router.prefix_index import chunk_hashes, prompt_text
 from tokenmill.router.workers import Worker, WorkerPool
 
 if TYPE_CHECKING:
+    from tokenmill.router.gateway import Admitted, Gateway
     from tokenmill.router.prompt_blocks import PromptBlocks, PromptHasher
+    from tokenmill.router.usage_meter import UsageMeter
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +78,14 @@ class RouterApp:
         read_timeout: float = 600.0,
         workers_file: Path | None = None,
         hasher: PromptHasher | None = None,
+        gateway: Gateway | None = None,
     ) -> None:
         if router.policy == "kv" and hasher is None:
             raise ValueError("the kv policy needs the model's tokenizer (a PromptHasher)")
         self.pool = pool
         self.router = router
         self.hasher = hasher
+        self.gateway = gateway
         self.health_interval = health_interval
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -121,7 +125,14 @@ class RouterApp:
         elif path == "/router/workers" and method == "GET":
             await _json(send, 200, self.status())
         elif path == "/admin/workers" and method == "POST":
+            if self.gateway is not None and not self.gateway.is_admin(_forwarded(scope["headers"])):
+                await _error(send, 401, "the admin key is required", kind="authentication_error")
+                return
             await self._admin(receive, send)
+        elif self.gateway is not None and (
+            path.startswith(("/admin/teams", "/admin/keys")) or path == "/v1/usage"
+        ):
+            await self._gateway_api(scope, receive, send)
         else:
             await _error(send, 404, f"no route {method} {path}", kind="not_found_error")
 
@@ -165,6 +176,54 @@ class RouterApp:
         session = _header(scope["headers"], SESSION_HEADER) or _str_or_none(request.get("user"))
         text = prompt_text(request)
         prompt_tokens, output_tokens = _estimate_tokens(request, text)
+        admitted = None
+        if self.gateway is not None:
+            from tokenmill.router.gateway import GatewayError
+
+            try:
+                admitted = self.gateway.admit(request, headers, prompt_tokens, _asked_output(request))
+            except GatewayError as e:
+                await _error(send, e.status, e.message, kind=e.kind, retry_after=e.retry_after, param=e.param)
+                return
+            body = json.dumps(request).encode()
+        outcome = _Outcome(admitted)
+        try:
+            await self._route(
+                scope,
+                receive,
+                send,
+                request,
+                body,
+                headers,
+                session,
+                text,
+                prompt_tokens,
+                output_tokens,
+                outcome,
+            )
+        except asyncio.CancelledError:
+            outcome.state = "cancelled"
+            raise
+        finally:
+            if admitted is not None and self.gateway is not None:
+                self.gateway.finish(
+                    admitted, outcome.usage(), outcome.state, outcome.status, outcome.worker, outcome.chunks()
+                )
+
+    async def _route(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: dict[str, Any],
+        body: bytes,
+        headers: dict[str, str],
+        session: str | None,
+        text: str,
+        prompt_tokens: int,
+        output_tokens: int,
+        outcome: _Outcome,
+    ) -> None:
         blocks = None
         if self.hasher is not None:  # kv: exact blocks, unless the prompt is long and new (see below)
             blocks = await self.hasher.blocks(request, self._block_size(), wait=False)
@@ -182,6 +241,7 @@ class RouterApp:
             worker = self.router.choose(route, [w for w in self.pool.available() if w.url not in tried])
             if worker is None:
                 why = "every worker failed this request" if tried else "no worker is available"
+                outcome.status, outcome.state = 503, "unavailable"
                 await _error(send, 503, f"{why}; retry shortly", kind="service_unavailable", retry_after=1)
                 return
             tried.add(worker.url)
@@ -189,7 +249,7 @@ class RouterApp:
             prefill = _Prefill(worker, self.router.last_prefill, kv, blocks)
             output = route.tokens - route.prompt_tokens
             if await self._forward(
-                worker, scope["path"], body, headers, route.tokens, output, prefill, receive, send
+                worker, scope["path"], body, headers, route.tokens, output, prefill, receive, send, outcome
             ):
                 return
 
@@ -208,6 +268,7 @@ class RouterApp:
         prefill: _Prefill,
         receive: Receive,
         send: Send,
+        outcome: _Outcome,
     ) -> bool:
         """Send the request to ``worker`` and stream its answer back. False if the worker failed
         before its first byte (nothing reached the client: the request may go elsewhere)."""
@@ -225,11 +286,16 @@ class RouterApp:
                         worker.name = response.headers[WORKER_HEADER.decode()]
                 await send(_start(response.status, response.headers, worker))
                 started = True
+                outcome.status, outcome.worker = response.status, worker.name
+                outcome.state = "ok" if response.status < 400 else "error"
                 sse = response.headers.get("content-type", "").startswith("text/event-stream")
-                await self._relay(response, sse, receive, send, prefill)
+                meter = outcome.meter_for(sse)
+                await self._relay(response, sse, receive, send, prefill, meter, outcome)
             return True
         except TransportError as e:
             self.pool.failed(worker)
+            if started:
+                outcome.state = "cut"
             if not started:
                 logger.warning("worker %s failed before answering (%s); trying another", worker.url, e)
                 return False
@@ -238,16 +304,33 @@ class RouterApp:
             self.pool.finished(worker, tokens, output)
             prefill.done()
 
-    async def _relay(self, response: Any, sse: bool, receive: Receive, send: Send, prefill: _Prefill) -> None:
-        """The worker's body to the client as it comes; stops (closing the worker's stream, which
-        aborts the request there) if the client goes away."""
+    async def _relay(
+        self,
+        response: Any,
+        sse: bool,
+        receive: Receive,
+        send: Send,
+        prefill: _Prefill,
+        meter: UsageMeter | None,
+        outcome: _Outcome,
+    ) -> None:
+        """The worker's body to the client as it comes (through the gateway's usage meter, if any);
+        stops (closing the worker's stream, which aborts the request there) if the client goes
+        away."""
         gone = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
             async for data, _ in response.aiter_bytes():
                 prefill.done()  # the first byte: the prompt is in the worker's cache now
                 if gone.done():
+                    outcome.state = "cancelled"
                     return
+                if meter is not None:
+                    data = meter.feed(data)
+                    if not data:
+                        continue
                 await send({"type": "http.response.body", "body": data, "more_body": True})
+            if meter is not None:
+                meter.finish()
         except TransportError as e:
             self.streams_cut += 1
             if sse:  # the client sees why its stream ended, then the end
@@ -306,6 +389,26 @@ class RouterApp:
             )
             return
         await _json(send, 200, self.status())
+
+    async def _gateway_api(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from tokenmill.router.admin import handle_admin, handle_usage
+        from tokenmill.router.gateway import GatewayError
+
+        assert self.gateway is not None
+        headers = _forwarded(scope["headers"])
+        query = scope.get("query_string", b"").decode("latin-1")
+        try:
+            if scope["path"] == "/v1/usage":
+                if scope["method"] != "GET":
+                    raise GatewayError(405, "/v1/usage takes GET", "invalid_request_error")
+                answer = handle_usage(self.gateway, query, headers)
+            else:
+                body = await _read_body(receive)
+                answer = handle_admin(self.gateway, scope["method"], scope["path"], query, body, headers)
+        except GatewayError as e:
+            await _error(send, e.status, e.message, kind=e.kind, retry_after=e.retry_after, param=e.param)
+            return
+        await _json(send, answer.status, answer.body)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -430,12 +533,51 @@ async def _json(
 
 
 async def _error(
-    send: Send, status: int, message: str, kind: str = "invalid_request_error", retry_after: int | None = None
+    send: Send,
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    retry_after: int | None = None,
+    param: str | None = None,
 ) -> None:
     extra = [(b"retry-after", str(retry_after).encode())] if retry_after is not None else []
-    await _json(send, status, _error_body(message, kind), extra)
+    await _json(send, status, _error_body(message, kind, param), extra)
 
 
-def _error_body(message: str, kind: str) -> dict[str, Any]:
+def _error_body(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape, as workers send it."""
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def _asked_output(request: dict[str, Any]) -> int | None:
+    asked = request.get("max_completion_tokens", request.get("max_tokens"))
+    return asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else None
+
+
+class _Outcome:
+    """How a request through the gateway ended, for its usage row."""
+
+    __slots__ = ("admitted", "meter", "state", "status", "worker")
+
+    def __init__(self, admitted: Admitted | None) -> None:
+        self.admitted = admitted
+        self.status: int | None = None
+        self.state = "unavailable"  # ok, error (the worker's 4xx/5xx), cut, cancelled, unavailable
+        self.worker: str | None = None
+        self.meter: UsageMeter | None = None
+
+    def meter_for(self, sse: bool) -> UsageMeter | None:
+        if self.admitted is None:
+            return None
+        from tokenmill.router.usage_meter import UsageMeter
+
+        self.meter = UsageMeter(sse, self.admitted.client_wants_usage)
+        return self.meter
+
+    def usage(self) -> Any:
+        from tokenmill.router.usage_meter import Usage
+
+        return self.meter.usage if self.meter is not None else Usage()
+
+    def chunks(self) -> int:
+        return self.meter.events if self.meter is not None else 0

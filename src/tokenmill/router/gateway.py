@@ -1,0 +1,267 @@
+"""The router as a gateway for many teams: who is asking, what they may use, what they used.
+
+For each request: the key (``Authorization: Bearer`` or ``x-api-key``) names a
+team (401 otherwise); the team must be allowed the model (403); its priority
+is the team's class, or lower if the request asks (``priority`` in the body or
+``x-tokenmill-priority``), never higher, and is forwarded in the body; the
+limits reserve what the request may use (429 with ``Retry-After`` and the
+limit named, ``router/limits.py``); a usage row is written before the request
+is forwarded, and closed with the tokens the worker reports when it ends,
+however it ends (``router/ledger.py``). Gateway-only fields are stripped
+before forwarding: the key headers, and ``metadata`` (a JSON object of tags
+kept with the usage row); every other field goes to the worker unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.protocol.headers import PRIORITY_HEADER, TENANT_HEADER
+from tokenmill.router.gateway_config import GatewayConfig, Price, Team
+from tokenmill.router.ledger import Closing, KeyRecord, Ledger, hash_key
+from tokenmill.router.limits import Limiter, Refusal, Reservation
+from tokenmill.router.usage_meter import Usage, ask_for_usage
+
+KEY_HEADERS = ("authorization", "x-api-key")
+KEYS_REFRESH_S = 2.0  # keys created or revoked by another process (the CLI) take effect this fast
+
+
+class GatewayError(Exception):
+    """A request the gateway answers itself, with OpenAI's error body."""
+
+    def __init__(
+        self, status: int, message: str, kind: str, param: str | None = None, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.retry_after = (
+            status,
+            message,
+            kind,
+            param,
+            retry_after,
+        )
+
+
+@dataclass
+class Admitted:
+    """A request let through: what it reserved and where its usage goes."""
+
+    team: Team
+    key_id: str
+    request_id: str
+    model: str
+    priority: int
+    prompt_tokens: int  # the router's estimate, until the worker says
+    row: int
+    reservation: Reservation
+    client_wants_usage: bool
+    started: float
+    price: Price | None
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, ledger: Ledger | None = None) -> None:
+        self.config = config
+        self.ledger = ledger or Ledger(config.ledger)
+        for team in config.teams.values():  # the file wins for the teams it names
+            self.ledger.save_team(team)
+        self.teams = self.ledger.teams()
+        self._keys = self.ledger.active_key_hashes()
+        self._keys_read = time.monotonic()
+        self.limiter = Limiter(self._spent)
+        for team in self.teams.values():
+            self.limiter.configure(team)
+        admin = os.environ.get(config.admin_key_env)
+        self._admin_hash = hash_key(admin) if admin else None
+
+    def _spent(self, team: Team) -> tuple[int, float]:
+        assert team.budget is not None
+        return self.ledger.spent(team.name, team.budget)
+
+    # -- who is asking ---------------------------------------------------------------------
+
+    def caller(self, headers: dict[str, str]) -> tuple[str, str] | None:
+        """(key id, team) of the request's key; None without a valid one."""
+        key = _key(headers)
+        if not key:
+            return None
+        if time.monotonic() - self._keys_read > KEYS_REFRESH_S:  # `tokenmill keys` may have changed them
+            self._keys = self.ledger.active_key_hashes()
+            self._keys_read = time.monotonic()
+        return self._keys.get(hash_key(key))
+
+    @property
+    def is_configured_admin(self) -> bool:
+        return self._admin_hash is not None
+
+    def is_admin(self, headers: dict[str, str]) -> bool:
+        key = _key(headers)
+        return (
+            bool(key)
+            and self._admin_hash is not None
+            and secrets.compare_digest(hash_key(key), self._admin_hash)
+        )
+
+    # -- a request -------------------------------------------------------------------------
+
+    def admit(
+        self, request: dict[str, Any], headers: dict[str, str], prompt_tokens: int, output_tokens: int | None
+    ) -> Admitted:
+        """Check and reserve; rewrites ``request`` for the worker (priority, usage, no metadata) and
+        strips the gateway's headers from ``headers``. Raises GatewayError to refuse."""
+        who = self.caller(headers)
+        if who is None:
+            raise GatewayError(
+                401, "a valid API key is required (Authorization: Bearer ...)", "authentication_error"
+            )
+        key_id, team_name = who
+        team = self.teams.get(team_name)
+        if team is None:
+            raise GatewayError(401, f"the key's team {team_name!r} no longer exists", "authentication_error")
+        model = request.get("model")
+        if not isinstance(model, str) or not model:
+            raise GatewayError(
+                400,
+                "model is required: the name of a model your team may use",
+                "invalid_request_error",
+                "model",
+            )
+        if not team.allows(model):
+            allowed = ", ".join(team.models)
+            raise GatewayError(
+                403,
+                f"team {team.name} may not use model {model!r}; it may use: {allowed}",
+                "permission_error",
+                "model",
+            )
+        priority = _priority(request, headers, team)
+        tags = request.pop("metadata", None)
+        if tags is not None and not isinstance(tags, dict):
+            raise GatewayError(
+                400, "metadata must be a JSON object of tags", "invalid_request_error", "metadata"
+            )
+        wants_usage = ask_for_usage(request)
+        request["priority"] = priority
+        for name in (*KEY_HEADERS, PRIORITY_HEADER):
+            headers.pop(name, None)
+        headers[TENANT_HEADER] = team.name  # the worker's logs and metrics can tell teams apart
+        reserve = prompt_tokens + (
+            output_tokens if output_tokens is not None else self.config.default_max_tokens
+        )
+        price = self.config.price(model)
+        dollars = price.cost(prompt_tokens, reserve - prompt_tokens) if price else 0.0
+        verdict = self.limiter.admit(team.name, reserve, dollars)
+        if isinstance(verdict, Refusal):
+            kind = "rate_limit_error" if verdict.status == 429 else "invalid_request_error"
+            retry = verdict.retry_after if verdict.status == 429 else None
+            raise GatewayError(verdict.status, verdict.message, kind, verdict.limit, retry)
+        request_id = "gw-" + secrets.token_hex(12)
+        try:
+            row = self.ledger.open_request(
+                request_id, team.name, key_id, model, priority, prompt_tokens, tags
+            )
+        except Exception:
+            self.limiter.release(verdict, 0, 0.0)
+            raise
+        return Admitted(
+            team,
+            key_id,
+            request_id,
+            model,
+            priority,
+            prompt_tokens,
+            row,
+            verdict,
+            wants_usage,
+            time.monotonic(),
+            price,
+        )
+
+    def finish(
+        self,
+        a: Admitted,
+        usage: Usage,
+        status: str,
+        http_status: int | None,
+        worker: str | None,
+        chunks: int = 0,
+    ) -> None:
+        """The request ended: release its reservation, close its usage row. ``chunks``: content
+        chunks seen, the completion estimate when the worker never reported usage."""
+        if usage.seen:
+            prompt, completion = usage.prompt_tokens, usage.completion_tokens
+        elif http_status is not None and http_status < 400:
+            prompt, completion = a.prompt_tokens, chunks  # cut short: what the worker must have done
+        else:
+            prompt, completion = 0, 0  # refused by the worker or never reached one
+        cost = a.price.cost(prompt, completion) if a.price else 0.0
+        self.limiter.release(a.reservation, prompt + completion, cost)
+        latency = time.monotonic() - a.started
+        self.ledger.close_request(
+            a.row, Closing(prompt, completion, status, http_status, worker, latency, cost)
+        )
+
+    # -- administration --------------------------------------------------------------------
+
+    def set_team(self, team: Team) -> None:
+        self.ledger.save_team(team)
+        self.teams[team.name] = team
+        self.limiter.configure(team)
+
+    def delete_team(self, name: str) -> bool:
+        gone = self.ledger.delete_team(name)
+        self.teams.pop(name, None)
+        self.limiter.forget(name)
+        self._keys = self.ledger.active_key_hashes()
+        return gone
+
+    def create_key(self, team: str, label: str | None = None) -> tuple[str, KeyRecord]:
+        if team not in self.teams:
+            raise KeyError(team)
+        key, record = self.ledger.create_key(team, label)
+        self._keys[hash_key(key)] = (record.id, team)
+        return key, record
+
+    def revoke_key(self, key_id: str) -> KeyRecord | None:
+        record = self.ledger.revoke_key(key_id)
+        self._keys = self.ledger.active_key_hashes()
+        return record
+
+    def rotate_key(self, key_id: str) -> tuple[str, KeyRecord] | None:
+        """A new key for the same team and label; the old one stops working now."""
+        old = self.ledger.key(key_id)
+        if old is None or old.revoked is not None:
+            return None
+        key, record = self.create_key(old.team, old.label)
+        self.revoke_key(key_id)
+        return key, record
+
+
+def _key(headers: dict[str, str]) -> str | None:
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return headers.get("x-api-key") or None
+
+
+def _priority(request: dict[str, Any], headers: dict[str, str], team: Team) -> int:
+    """The team's class, or lower if the request asks; never higher."""
+    asked: Any = request.get("priority")
+    if asked is None and PRIORITY_HEADER in headers:
+        try:
+            asked = int(headers[PRIORITY_HEADER])
+        except ValueError:
+            raise GatewayError(
+                400, f"{PRIORITY_HEADER} must be an integer", "invalid_request_error", "priority"
+            ) from None
+    if asked is None:
+        return team.priority
+    if not isinstance(asked, int) or isinstance(asked, bool):
+        raise GatewayError(
+            400, f"priority must be an integer, got {asked!r}", "invalid_request_error", "priority"
+        )
+    return min(asked, team.priority)

@@ -1,0 +1,300 @@
+"""The gateway's ledger: teams, API keys (as hashes) and one usage row per request, in SQLite.
+
+SQLite in WAL mode with ``synchronous=NORMAL``: a commit survives the gateway
+process dying (not the machine losing power mid-write). A request's row is
+written before it is forwarded, status ``in_flight``, and completed when it
+ends; rows still ``in_flight`` when the ledger opens belong to a gateway that
+died with them, and are closed as ``interrupted`` (their prompt tokens still
+count against the team's budget). Per team, day and model, totals are kept
+beside the log in the same transaction, so budgets and ``/v1/usage`` read a
+few dozen rows, never the log.
+
+Keys are random (``tm-`` + 43 URL-safe characters, 256 bits) and stored only as
+their SHA-256: a key that strong needs no slow hash, and the ledger leaking
+gives no key away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from tokenmill.router.gateway_config import Budget, GatewayConfigError, Team, parse_team
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS teams (name TEXT PRIMARY KEY, config TEXT NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY, team TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, label TEXT,
+    created REAL NOT NULL, revoked REAL
+);
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, team TEXT NOT NULL,
+    key_id TEXT NOT NULL, model TEXT NOT NULL, worker TEXT, priority INTEGER,
+    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL DEFAULT 0,
+    latency_s REAL, status TEXT NOT NULL, http_status INTEGER, cost REAL NOT NULL DEFAULT 0,
+    started REAL NOT NULL, finished REAL, tags TEXT
+);
+CREATE INDEX IF NOT EXISTS usage_team_started ON usage (team, started);
+CREATE TABLE IF NOT EXISTS totals (
+    team TEXT NOT NULL, day TEXT NOT NULL, model TEXT NOT NULL, requests INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, cost REAL NOT NULL,
+    PRIMARY KEY (team, day, model)
+);
+"""
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: str
+    team: str
+    label: str | None
+    created: float
+    revoked: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "team": self.team, "label": self.label, "created": self.created,
+                "revoked": self.revoked}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Closing:
+    """How a request ended, for its usage row."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    status: str  # ok, error, cancelled, interrupted
+    http_status: int | None
+    worker: str | None
+    latency_s: float
+    cost: float
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return "tm-" + secrets.token_urlsafe(32)
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self.recovered = self._close_interrupted()
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- teams -------------------------------------------------------------------------------
+
+    def save_team(self, team: Team) -> None:
+        self._db.execute(
+            "INSERT INTO teams (name, config, updated) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET config = excluded.config, updated = excluded.updated",
+            (team.name, json.dumps(team.to_dict()), time.time()),
+        )
+
+    def delete_team(self, name: str) -> bool:
+        with self._transaction():
+            gone = self._db.execute("DELETE FROM teams WHERE name = ?", (name,)).rowcount > 0
+            self._db.execute(
+                "UPDATE keys SET revoked = ? WHERE team = ? AND revoked IS NULL", (time.time(), name)
+            )
+        return gone
+
+    def teams(self) -> dict[str, Team]:
+        out = {}
+        for name, config in self._db.execute("SELECT name, config FROM teams"):
+            data = json.loads(config)
+            data.pop("name", None)
+            try:
+                out[name] = parse_team(name, data)
+            except GatewayConfigError:  # written by a newer version: skip rather than fail to start
+                continue
+        return out
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def create_key(self, team: str, label: str | None = None) -> tuple[str, KeyRecord]:
+        """A new key for ``team``: the key itself (shown once, never stored) and its record."""
+        key = new_key()
+        record = KeyRecord("key_" + secrets.token_hex(6), team, label, time.time(), None)
+        self._db.execute(
+            "INSERT INTO keys (id, team, hash, label, created) VALUES (?, ?, ?, ?, ?)",
+            (record.id, team, hash_key(key), label, record.created),
+        )
+        return key, record
+
+    def revoke_key(self, key_id: str) -> KeyRecord | None:
+        self._db.execute(
+            "UPDATE keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), key_id)
+        )
+        return self.key(key_id)
+
+    def key(self, key_id: str) -> KeyRecord | None:
+        row = self._db.execute("SELECT id, team, label, created, revoked FROM keys WHERE id = ?", (key_id,))
+        found = row.fetchone()
+        return KeyRecord(*found) if found else None
+
+    def keys(self, team: str | None = None) -> list[KeyRecord]:
+        query = "SELECT id, team, label, created, revoked FROM keys"
+        rows = self._db.execute(query + " WHERE team = ?", (team,)) if team else self._db.execute(query)
+        return [KeyRecord(*row) for row in rows]
+
+    def active_key_hashes(self) -> dict[str, tuple[str, str]]:
+        """hash -> (key id, team) of every key not revoked."""
+        rows = self._db.execute("SELECT hash, id, team FROM keys WHERE revoked IS NULL")
+        return {h: (key_id, team) for h, key_id, team in rows}
+
+    # -- usage -------------------------------------------------------------------------------
+
+    def open_request(
+        self,
+        request_id: str,
+        team: str,
+        key_id: str,
+        model: str,
+        priority: int,
+        prompt_tokens: int,
+        tags: dict[str, Any] | None = None,
+    ) -> int:
+        """The request's row, before it is forwarded; returns the row id."""
+        cursor = self._db.execute(
+            "INSERT INTO usage (request_id, team, key_id, model, priority, prompt_tokens, status, started, "
+            "tags) VALUES (?, ?, ?, ?, ?, ?, 'in_flight', ?, ?)",
+            (
+                request_id,
+                team,
+                key_id,
+                model,
+                priority,
+                prompt_tokens,
+                time.time(),
+                json.dumps(tags) if tags else None,
+            ),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def close_request(self, row: int, closing: Closing) -> None:
+        now = time.time()
+        with self._transaction():
+            found = self._db.execute("SELECT team, model, started FROM usage WHERE id = ?", (row,)).fetchone()
+            if found is None:
+                return
+            team, model, started = found
+            self._db.execute(
+                "UPDATE usage SET prompt_tokens = ?, completion_tokens = ?, status = ?, http_status = ?, "
+                "worker = ?, latency_s = ?, cost = ?, finished = ? WHERE id = ?",
+                (closing.prompt_tokens, closing.completion_tokens, closing.status, closing.http_status,
+                 closing.worker, closing.latency_s, closing.cost, now, row),
+            )  # fmt: skip
+            self._add_totals(
+                team, _day(started), model, closing.prompt_tokens, closing.completion_tokens, closing.cost
+            )
+
+    def _close_interrupted(self) -> int:
+        """Rows a dead gateway left in flight: closed as interrupted, their prompts counted."""
+        with self._transaction():
+            rows = self._db.execute(
+                "SELECT id, team, model, started, prompt_tokens FROM usage WHERE status = 'in_flight'"
+            ).fetchall()
+            for row, team, model, started, prompt in rows:
+                self._db.execute(
+                    "UPDATE usage SET status = 'interrupted', finished = ? WHERE id = ?", (time.time(), row)
+                )
+                self._add_totals(team, _day(started), model, prompt, 0, 0.0)
+        return len(rows)
+
+    def _add_totals(self, team: str, day: str, model: str, prompt: int, completion: int, cost: float) -> None:
+        self._db.execute(
+            "INSERT INTO totals VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT (team, day, model) DO UPDATE SET "
+            "requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+            "completion_tokens = completion_tokens + excluded.completion_tokens, cost = cost + excluded.cost",
+            (team, day, model, prompt, completion, cost),
+        )
+
+    def spent(self, team: str, budget: Budget, now: float | None = None) -> tuple[int, float]:
+        """Tokens and dollars the team has spent in the budget's current period."""
+        start = period_start(budget.period, now)
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0), COALESCE(SUM(cost), 0) "
+            "FROM totals WHERE team = ? AND day >= ?",
+            (team, start.isoformat()),
+        ).fetchone()
+        return int(row[0]), float(row[1])
+
+    def usage(
+        self, team: str | None, start: date | None, end: date | None, group_by: str
+    ) -> list[dict[str, Any]]:
+        """Totals per team and model or per team and day, from ``start`` to ``end`` (days, inclusive)."""
+        key = {"model": "model", "day": "day"}[group_by]
+        where, args = ["1 = 1"], []
+        if team is not None:
+            where.append("team = ?")
+            args.append(team)
+        if start is not None:
+            where.append("day >= ?")
+            args.append(start.isoformat())
+        if end is not None:
+            where.append("day <= ?")
+            args.append(end.isoformat())
+        rows = self._db.execute(
+            f"SELECT team, {key}, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost) "
+            f"FROM totals WHERE {' AND '.join(where)} GROUP BY team, {key} ORDER BY team, {key}",
+            args,
+        )
+        return [
+            {"team": t, group_by: k, "requests": n, "prompt_tokens": p, "completion_tokens": c,
+             "total_tokens": p + c, "cost": round(cost, 6)}
+            for t, k, n, p, c, cost in rows
+        ]  # fmt: skip
+
+    def rows(self, team: str | None = None) -> list[dict[str, Any]]:
+        """The raw log (tests and audits)."""
+        cursor = self._db.execute(
+            "SELECT * FROM usage" + (" WHERE team = ?" if team else "") + " ORDER BY id",
+            (team,) if team else (),
+        )
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor]
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def _day(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).date().isoformat()
+
+
+def period_start(period: str, now: float | None = None) -> date:
+    """The first UTC day of the calendar day, week (Monday) or month containing ``now``."""
+    today = datetime.fromtimestamp(now if now is not None else time.time(), UTC).date()
+    if period == "day":
+        return today
+    if period == "week":
+        return today - timedelta(days=today.weekday())
+    return today.replace(day=1)

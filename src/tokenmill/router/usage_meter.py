@@ -1,0 +1,101 @@
+"""Reading a response's token usage as it passes through the gateway, for the ledger.
+
+Whole responses carry ``usage`` in their JSON. Streams carry it only when asked
+(``stream_options.include_usage``), in a last chunk with no choices; the
+gateway always asks, and if the client had not, drops that chunk on the way
+back, so the client sees the stream it asked for and every token is counted.
+Everything else passes through as it came (when a usage chunk may have to be
+dropped, as whole events: the same bytes, or the same events re-encoded).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.client.sse import SSEDecoder, SSEEvent
+
+MAX_WHOLE_BODY = 16 << 20  # bytes of a whole response kept to read its usage
+
+
+def ask_for_usage(request: dict[str, Any]) -> bool:
+    """Make a streaming request report usage; True if the client asked for it itself."""
+    if not request.get("stream"):
+        return True
+    options = request.get("stream_options")
+    if not isinstance(options, dict):
+        options = {}
+    asked = bool(options.get("include_usage"))
+    request["stream_options"] = {**options, "include_usage": True}
+    return asked
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seen: bool = False
+
+
+class UsageMeter:
+    """Fed the response body as it arrives; gives back the bytes to send the client."""
+
+    def __init__(self, sse: bool, client_wants_usage: bool) -> None:
+        self.sse = sse
+        self.keep_usage_chunk = client_wants_usage
+        self.usage = Usage()
+        self.events = 0  # events with content: the completion estimate when no usage comes
+        self._decoder = SSEDecoder() if sse else None
+        self._whole: list[bytes] = []
+        self._whole_size = 0
+
+    def feed(self, data: bytes) -> bytes:
+        if self._decoder is None:
+            if self._whole_size < MAX_WHOLE_BODY:
+                self._whole.append(data)
+                self._whole_size += len(data)
+            return data
+        events = self._decoder.feed(data, time.perf_counter())
+        if self.keep_usage_chunk:  # nothing to drop: the bytes as they came
+            for event in events:
+                self._read(event)
+            return data
+        # Whole events only (a partial one waits for its end), rebuilt without the usage chunk.
+        return b"".join(_encode(e) for e in events if not self._read(e))
+
+    def finish(self) -> None:
+        """The body ended: read a whole response's usage."""
+        if self._decoder is None and self._whole:
+            try:
+                body = json.loads(b"".join(self._whole))
+            except ValueError:
+                return
+            self._take(body.get("usage") if isinstance(body, dict) else None)
+
+    def _read(self, event: SSEEvent) -> bool:
+        """Note the event's usage; True if it is a usage-only chunk (no choices)."""
+        if '"usage"' not in event.data:
+            self.events += event.data != "[DONE]"
+            return False
+        try:
+            chunk = json.loads(event.data)
+        except ValueError:
+            return False
+        if not isinstance(chunk, dict):
+            return False
+        self._take(chunk.get("usage"))
+        return chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
+
+    def _take(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.usage.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.usage.completion_tokens = int(usage.get("completion_tokens") or 0)
+            self.usage.seen = True
+
+
+def _encode(event: SSEEvent) -> bytes:
+    head = f"event: {event.event}\n" if event.event != "message" else ""
+    lines = "".join(f"data: {line}\n" for line in event.data.split("\n"))
+    return (head + lines + "\n").encode()

@@ -1,0 +1,222 @@
+"""``tokenmill route --gateway-config``: keys, model access, limits, usage, admin API, crash recovery;
+all through real HTTP on loopback in front of a demo worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.router.test_route import RouterProcess, wait_until
+from tests.server.conftest import start_server
+from tokenmill.router.ledger import Ledger
+
+ADMIN = "admin-secret-for-tests"
+CONFIG = """
+ledger: usage.db
+prices:
+  demo: {prompt: 1.0, completion: 2.0}
+teams:
+  alpha: {models: [demo], priority: 5}
+  beta: {models: [demo], priority: 0}
+  capped: {models: [demo], requests_per_minute: 2}
+  elsewhere: {models: [another-model]}
+"""
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = start_server()
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def gateway(worker, tmp_path: Path):
+    config = tmp_path / "gateway.yaml"
+    config.write_text(CONFIG)
+    keys = {team: create_key(config, team) for team in ("alpha", "beta", "capped", "elsewhere")}
+    router = start_gateway(worker, config)
+    yield type(
+        "G", (), {"url": router.url, "router": router, "keys": keys, "config": config, "worker": worker}
+    )
+    router.stop()
+
+
+def start_gateway(worker, config: Path) -> RouterProcess:
+    return RouterProcess(
+        worker.url, extra=("--gateway-config", str(config)), env={"TOKENMILL_ADMIN_KEY": ADMIN}
+    )
+
+
+def create_key(config: Path, team: str) -> str:
+    cmd = [
+        sys.executable,
+        "-m",
+        "tokenmill.cli.main",
+        "keys",
+        "create",
+        "--team",
+        team,
+        "--config",
+        str(config),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout.strip()
+
+
+def chat(url: str, key: str | None, **body) -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    payload = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **body}
+    return httpx.post(f"{url}/v1/chat/completions", json=payload, headers=headers, timeout=30)
+
+
+def admin(method: str, url: str, path: str, **kw) -> httpx.Response:
+    return httpx.request(
+        method, f"{url}{path}", headers={"authorization": f"Bearer {ADMIN}"}, timeout=30, **kw
+    )
+
+
+def test_keys_name_teams_and_teams_name_their_models(gateway):
+    assert chat(gateway.url, None).status_code == 401
+    assert chat(gateway.url, "tm-not-a-key").status_code == 401
+    ok = chat(gateway.url, gateway.keys["alpha"])
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+    refused = chat(gateway.url, gateway.keys["elsewhere"])
+    error = refused.json()["error"]
+    assert refused.status_code == 403 and error["param"] == "model" and "another-model" in error["message"]
+    missing = chat(gateway.url, gateway.keys["alpha"], model=None)
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
+
+
+def test_every_request_is_in_the_ledger_and_usage_is_per_team(gateway):
+    alpha, beta = gateway.keys["alpha"], gateway.keys["beta"]
+    whole = chat(gateway.url, alpha, metadata={"feature": "search"})
+    streamed = []
+    with httpx.stream(
+        "POST",
+        f"{gateway.url}/v1/chat/completions",
+        json={
+            "model": "demo",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 5,
+            "stream": True,
+        },
+        headers={"authorization": f"Bearer {alpha}"},
+        timeout=30,
+    ) as r:
+        streamed = [line for line in r.iter_lines() if line]
+    assert all('"usage"' not in line for line in streamed)  # it did not ask: the usage chunk is not passed
+    assert streamed[-1] == "data: [DONE]"
+    chat(gateway.url, beta)
+    rows = Ledger(gateway.config.parent / "usage.db").rows("alpha")
+    assert [r["status"] for r in rows] == ["ok", "ok"] and json.loads(rows[0]["tags"]) == {
+        "feature": "search"
+    }
+    assert (
+        rows[1]["completion_tokens"] == 5
+        and rows[0]["prompt_tokens"] == whole.json()["usage"]["prompt_tokens"]
+    )
+    assert rows[0]["cost"] == pytest.approx((rows[0]["prompt_tokens"] * 1.0 + 4 * 2.0) / 1e6)
+    mine = httpx.get(
+        f"{gateway.url}/v1/usage", headers={"authorization": f"Bearer {alpha}"}, timeout=30
+    ).json()
+    assert [(r["team"], r["requests"]) for r in mine["data"]] == [("alpha", 2)]
+    spy = httpx.get(
+        f"{gateway.url}/v1/usage?team=alpha", headers={"authorization": f"Bearer {beta}"}, timeout=30
+    )
+    assert [r["team"] for r in spy.json()["data"]] == ["beta"]  # a team sees its own usage only
+    everyone = admin("GET", gateway.url, "/v1/usage?group_by=day").json()["data"]
+    assert {r["team"] for r in everyone} == {"alpha", "beta"}
+    bad = admin("GET", gateway.url, "/v1/usage?group_by=week")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "group_by"
+
+
+def test_priority_is_the_teams_or_lower_never_higher(gateway):
+    alpha = gateway.keys["alpha"]
+    chat(gateway.url, alpha, priority=100)
+    chat(gateway.url, alpha, priority=1)
+    chat(gateway.url, alpha)
+    rows = Ledger(gateway.config.parent / "usage.db").rows("alpha")
+    assert [r["priority"] for r in rows] == [5, 1, 5]
+
+
+def test_over_a_limit_is_a_429_naming_it_and_costs_nothing(gateway):
+    capped = gateway.keys["capped"]
+    assert [chat(gateway.url, capped).status_code for _ in range(2)] == [200, 200]
+    third = chat(gateway.url, capped)
+    assert third.status_code == 429 and int(third.headers["retry-after"]) >= 1
+    assert third.json()["error"]["param"] == "requests_per_minute"
+    assert len(Ledger(gateway.config.parent / "usage.db").rows("capped")) == 2  # the refused one cost nothing
+
+
+def test_admin_api_creates_teams_and_keys_rotates_and_revokes(gateway):
+    assert httpx.get(f"{gateway.url}/admin/teams", timeout=30).status_code == 401
+    made = admin(
+        "POST", gateway.url, "/admin/teams", json={"name": "gamma", "models": ["demo"], "priority": 2}
+    )
+    assert made.status_code == 200 and made.json()["priority"] == 2
+    bad = admin("POST", gateway.url, "/admin/teams", json={"name": "delta", "pool": "fast"})
+    assert bad.status_code == 400 and "pool" in bad.json()["error"]["message"]
+    key = admin("POST", gateway.url, "/admin/keys", json={"team": "gamma", "label": "ci"}).json()
+    assert chat(gateway.url, key["key"]).status_code == 200
+    rotated = admin("POST", gateway.url, f"/admin/keys/{key['id']}/rotate").json()
+    assert rotated["replaces"] == key["id"]
+    assert (
+        chat(gateway.url, key["key"]).status_code == 401
+        and chat(gateway.url, rotated["key"]).status_code == 200
+    )
+    assert admin("POST", gateway.url, f"/admin/keys/{rotated['id']}/revoke").json()["revoked"] is not None
+    assert chat(gateway.url, rotated["key"]).status_code == 401
+    listed = admin("GET", gateway.url, "/admin/keys?team=gamma").json()["keys"]
+    assert len(listed) == 2 and all("key" not in k and k["revoked"] for k in listed)
+    assert admin("POST", gateway.url, "/admin/keys", json={"team": "nobody"}).status_code == 400
+    assert admin("DELETE", gateway.url, "/admin/teams/gamma").status_code == 200
+
+
+def test_a_key_revoked_by_the_cli_stops_working_on_a_running_gateway(gateway):
+    alpha = gateway.keys["alpha"]
+    assert chat(gateway.url, alpha).status_code == 200
+    key_id = Ledger(gateway.config.parent / "usage.db").keys("alpha")[0].id
+    cmd = [
+        sys.executable,
+        "-m",
+        "tokenmill.cli.main",
+        "keys",
+        "revoke",
+        key_id,
+        "--config",
+        str(gateway.config),
+    ]
+    subprocess.run(cmd, capture_output=True, timeout=60, check=True)
+    wait_until(
+        lambda: chat(gateway.url, alpha).status_code == 401, "the revocation to take effect", timeout=5
+    )
+
+
+def test_a_killed_gateway_leaves_no_request_unrecorded(gateway):
+    messages = [{"role": "user", "content": "Hi"}]
+    body = {"model": "demo", "messages": messages, "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.stream(
+        "POST",
+        f"{gateway.url}/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {gateway.keys['beta']}"},
+        timeout=30,
+    ) as r:
+        next(r.iter_lines())
+        os.kill(gateway.router.proc.pid, signal.SIGKILL)  # mid-stream, no cleanup
+        gateway.router.proc.wait(10)
+    restarted = start_gateway(gateway.worker, gateway.config)
+    try:
+        assert "1 requests a stopped gateway left in flight" in restarted.ready_line
+        (row,) = Ledger(gateway.config.parent / "usage.db").rows("beta")
+        assert row["status"] == "interrupted" and row["prompt_tokens"] > 0
+    finally:
+        restarted.stop()

@@ -1,0 +1,53 @@
+"""Usage read from responses on their way through the gateway; the usage chunk kept or dropped."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tokenmill.router.usage_meter import UsageMeter, ask_for_usage
+
+CHUNKS = [
+    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "he"}}]},
+    {"choices": [{"index": 0, "delta": {"content": "llo"}}]},
+    {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}},
+]
+STREAM = b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in CHUNKS) + b"data: [DONE]\n\n"
+
+
+def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True) if a < b]
+
+
+@given(st.lists(st.integers(0, 10_000), max_size=12))
+def test_a_client_that_did_not_ask_gets_the_stream_without_the_usage_chunk(cuts):
+    meter = UsageMeter(sse=True, client_wants_usage=False)
+    out = b"".join(meter.feed(p) for p in pieces(STREAM, cuts))
+    meter.finish()
+    assert out == STREAM.replace(f"data: {json.dumps(CHUNKS[2])}\n\n".encode(), b"")
+    assert (meter.usage.prompt_tokens, meter.usage.completion_tokens, meter.usage.seen) == (12, 2, True)
+    assert meter.events == 2
+
+
+@given(st.lists(st.integers(0, 10_000), max_size=12))
+def test_a_client_that_asked_gets_every_byte_as_it_came(cuts):
+    meter = UsageMeter(sse=True, client_wants_usage=True)
+    parts = pieces(STREAM, cuts)
+    assert [meter.feed(p) for p in parts] == parts
+    assert meter.usage.completion_tokens == 2
+
+
+def test_whole_responses_and_requests():
+    meter = UsageMeter(sse=False, client_wants_usage=True)
+    body = json.dumps({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
+    assert meter.feed(body[:5]) + meter.feed(body[5:]) == body
+    meter.finish()
+    assert (meter.usage.prompt_tokens, meter.usage.completion_tokens) == (3, 4)
+    request = {"stream": True, "stream_options": {"continuous_usage_stats": True}}
+    assert ask_for_usage(request) is False
+    assert request["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
+    assert ask_for_usage({"stream": True, "stream_options": {"include_usage": True}}) is True
+    assert ask_for_usage({"stream": False}) is True
