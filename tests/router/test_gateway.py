@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -220,3 +221,67 @@ def test_a_killed_gateway_leaves_no_request_unrecorded(gateway):
         assert row["status"] == "interrupted" and row["prompt_tokens"] > 0
     finally:
         restarted.stop()
+
+
+def test_a_team_goes_to_its_pool_and_falls_back_only_while_that_pool_is_down(worker, tmp_path: Path):
+    other = start_server("--worker-id", "throughput-worker")
+    config = tmp_path / "gateway.yaml"
+    config.write_text("teams:\n  fast: {pool: latency}\n  bulk: {pool: throughput}\n")
+    fast, bulk = create_key(config, "fast"), create_key(config, "bulk")
+    router = RouterProcess(
+        f"{worker.url}#latency",
+        f"{other.url}#throughput",
+        extra=("--gateway-config", str(config)),
+        env={"TOKENMILL_ADMIN_KEY": ADMIN},
+    )
+    try:
+        latency_name = worker.url.removeprefix("http://")
+        assert {chat(router.url, fast).headers["x-tokenmill-worker"] for _ in range(3)} == {latency_name}
+        assert {chat(router.url, bulk).headers["x-tokenmill-worker"] for _ in range(3)} == {
+            "throughput-worker"
+        }
+        drained = admin("POST", router.url, "/admin/workers", json={"url": worker.url, "action": "drain"})
+        assert drained.status_code == 200
+        assert chat(router.url, fast).headers["x-tokenmill-worker"] == "throughput-worker"  # its pool is down
+        assert (
+            httpx.post(f"{router.url}/admin/workers", json={"url": worker.url}, timeout=30).status_code == 401
+        )
+    finally:
+        router.stop()
+        other.stop()
+
+
+def test_when_workers_are_full_higher_priority_waits_less(tmp_path: Path):
+    single = start_server("--max-num-seqs", "1")  # reports a concurrency limit of 1: the queue engages
+    config = tmp_path / "gateway.yaml"
+    config.write_text("teams:\n  premium: {priority: 10}\n  standard: {priority: 0}\n")
+    premium, standard = create_key(config, "premium"), create_key(config, "standard")
+    router = RouterProcess(
+        single.url, extra=("--gateway-config", str(config)), env={"TOKENMILL_ADMIN_KEY": ADMIN}
+    )
+    try:
+        wait_until(lambda: router.status()["workers"][0]["slots"] == 1, "the worker's slots from its metrics")
+        finished: list[str] = []
+
+        def send(key: str, name: str, tokens: int) -> None:
+            r = chat(router.url, key, max_tokens=tokens, ignore_eos=True)
+            assert r.status_code == 200
+            finished.append(name)
+
+        blocker = threading.Thread(target=send, args=(standard, "blocker", 150))
+        blocker.start()
+        wait_until(
+            lambda: router.status()["queues"].get("throughput", {}).get("in_flight") == 1, "the slot taken"
+        )
+        threads = [threading.Thread(target=send, args=(standard, f"standard-{i}", 8)) for i in range(3)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: router.status()["queues"]["throughput"]["waiting"] == 3, "three standard waiting")
+        late = threading.Thread(target=send, args=(premium, "premium", 8))
+        late.start()
+        for t in [blocker, *threads, late]:
+            t.join(60)
+        assert finished[:2] == ["blocker", "premium"]  # it came last and went first
+    finally:
+        router.stop()
+        single.stop()

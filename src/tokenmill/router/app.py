@@ -38,6 +38,7 @@ from tokenmill.router.prefix_index import chunk_hashes, prompt_text
 from tokenmill.router.workers import Worker, WorkerPool
 
 if TYPE_CHECKING:
+    from tokenmill.router.admission import AdmissionQueue
     from tokenmill.router.gateway import Admitted, Gateway
     from tokenmill.router.prompt_blocks import PromptBlocks, PromptHasher
     from tokenmill.router.usage_meter import UsageMeter
@@ -86,6 +87,7 @@ class RouterApp:
         self.router = router
         self.hasher = hasher
         self.gateway = gateway
+        self._queues: dict[str, AdmissionQueue] = {}  # gateway: one admission queue per pool
         self.health_interval = health_interval
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -188,19 +190,12 @@ class RouterApp:
             body = json.dumps(request).encode()
         outcome = _Outcome(admitted)
         try:
-            await self._route(
-                scope,
-                receive,
-                send,
-                request,
-                body,
-                headers,
-                session,
-                text,
-                prompt_tokens,
-                output_tokens,
-                outcome,
-            )
+            if admitted is None:
+                await self._route(scope, receive, send, request, body, headers, session, text, prompt_tokens,
+                                  output_tokens, outcome)  # fmt: skip
+            else:
+                await self._admit_and_route(scope, receive, send, request, body, headers, session, text,
+                                            prompt_tokens, output_tokens, outcome, admitted)  # fmt: skip
         except asyncio.CancelledError:
             outcome.state = "cancelled"
             raise
@@ -209,6 +204,58 @@ class RouterApp:
                 self.gateway.finish(
                     admitted, outcome.usage(), outcome.state, outcome.status, outcome.worker, outcome.chunks()
                 )
+
+    async def _admit_and_route(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: dict[str, Any],
+        body: bytes,
+        headers: dict[str, str],
+        session: str | None,
+        text: str,
+        prompt_tokens: int,
+        output_tokens: int,
+        outcome: _Outcome,
+        admitted: Admitted,
+    ) -> None:
+        """Through the pool's admission queue (priority bands, fair shares), then routed."""
+        from tokenmill.router.admission import QueueFull
+
+        pool = admitted.team.pool
+        queue = self._queue(pool)
+        try:
+            await queue.acquire(admitted.team.name, admitted.priority, admitted.reservation.tokens)
+        except QueueFull as e:
+            outcome.status, outcome.state = 429, "queue_full"
+            await _error(send, 429, str(e), kind="rate_limit_error", retry_after=e.retry_after, param="queue")
+            return
+        try:
+            await self._route(scope, receive, send, request, body, headers, session, text, prompt_tokens,
+                              output_tokens, outcome, pool)  # fmt: skip
+        finally:
+            queue.release()
+
+    def _queue(self, pool: str) -> AdmissionQueue:
+        queue = self._queues.get(pool)
+        if queue is None:
+            from tokenmill.router.admission import AdmissionQueue, QueuePolicy
+
+            gateway = self.gateway
+            assert gateway is not None
+            config = gateway.config
+            policy = QueuePolicy(config.max_waiting, config.max_wait_s, config.aging_s)
+
+            def capacity() -> int:
+                return sum(w.slots or config.worker_slots for w in self.pool.available(pool))
+
+            def weight(team: str) -> float:
+                t = gateway.teams.get(team)
+                return t.weight if t is not None else 1.0
+
+            queue = self._queues[pool] = AdmissionQueue(capacity, policy, weight)
+        return queue
 
     async def _route(
         self,
@@ -223,6 +270,7 @@ class RouterApp:
         prompt_tokens: int,
         output_tokens: int,
         outcome: _Outcome,
+        pool: str | None = None,
     ) -> None:
         blocks = None
         if self.hasher is not None:  # kv: exact blocks, unless the prompt is long and new (see below)
@@ -238,7 +286,8 @@ class RouterApp:
         route = RouteRequest(prompt_tokens + output_tokens, session, prompt_tokens, prefix, blocks)
         tried: set[str] = set()
         while True:
-            worker = self.router.choose(route, [w for w in self.pool.available() if w.url not in tried])
+            candidates = [w for w in self.pool.available(pool) if w.url not in tried]
+            worker = self.router.choose(route, candidates)
             if worker is None:
                 why = "every worker failed this request" if tried else "no worker is available"
                 outcome.status, outcome.state = 503, "unavailable"
@@ -417,10 +466,21 @@ class RouterApp:
             "decisions": dict(self.router.decisions),
             "predicted_hit_tokens": self.router.predicted_hit_tokens,
             "streams_cut": self.streams_cut,
+            "queues": {
+                pool: {
+                    "in_flight": q.in_flight,
+                    "waiting": q.waiting,
+                    "refused": q.refused,
+                    "admitted_by_team": dict(q.admitted_by_team),
+                }
+                for pool, q in self._queues.items()
+            },
             "workers": [
                 {
                     "url": w.url,
                     "name": w.name,
+                    "pool": w.pool,
+                    "slots": w.slots,
                     "healthy": w.healthy,
                     "draining": w.draining,
                     "in_flight": w.in_flight,

@@ -37,6 +37,7 @@ _SERIES = {
     "tokenmill_step_tokens_sum": "tokens",
     "tokenmill_step_duration_seconds_sum": "seconds",
     "tokenmill_step_decode_context_tokens_total": "context_tokens",
+    "tokenmill_concurrency_limit": "concurrency_limit",
     "tokenmill_prefix_cache_hits_total": "cache_hits",
     "tokenmill_prefix_cache_queries_total": "cache_queries",
     "vllm:prefix_cache_hits_total": "cache_hits",
@@ -54,6 +55,7 @@ class WorkerCounters:
     context_tokens: float = 0.0
     cache_hits: float | None = None
     cache_queries: float | None = None
+    concurrency_limit: float | None = None  # requests the worker runs at once (max_num_seqs or KV)
 
 
 def parse_counters(text: str) -> WorkerCounters:
@@ -78,6 +80,7 @@ def parse_counters(text: str) -> WorkerCounters:
         context_tokens=found.get("context_tokens", 0.0),
         cache_hits=found.get("cache_hits"),
         cache_queries=found.get("cache_queries"),
+        concurrency_limit=found.get("concurrency_limit"),
     )
 
 

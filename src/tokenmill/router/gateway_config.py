@@ -4,6 +4,8 @@
 ledger: /var/lib/tokenmill/usage.db     # SQLite; default: tokenmill-gateway.db beside this file
 admin_key_env: TOKENMILL_ADMIN_KEY      # the environment variable holding the admin key
 default_max_tokens: 1024                # reserved for a request that names no max_tokens
+worker_slots: 64                        # requests a worker runs at once, if its /metrics does not say
+queue: {max_waiting: 1000, max_wait_s: 30, aging_s: 5}   # the admission queue, per priority band
 prices:                                 # dollars per million tokens, per model
   llama-3-8b: {prompt: 0.05, completion: 0.20}
 teams:
@@ -15,6 +17,7 @@ teams:
     max_parallel: 32
     budget: {tokens: 100000000, period: month}   # or {dollars: 50, period: day}
     pool: latency                       # latency or throughput
+    weight: 1                           # share against teams of the same priority when workers are full
 ```
 
 Teams created or changed through ``/admin/teams`` are kept in the ledger and
@@ -55,6 +58,7 @@ class Team:
     max_parallel: int | None = None
     budget: Budget | None = None
     pool: str = "throughput"
+    weight: float = 1.0  # its share against other teams of its priority when workers are full
 
     def allows(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -79,6 +83,10 @@ class GatewayConfig:
     ledger: Path
     admin_key_env: str = "TOKENMILL_ADMIN_KEY"
     default_max_tokens: int = 1024  # reserved for a request that names no max_tokens
+    worker_slots: int = 64  # requests a worker runs at once, when its /metrics does not say
+    max_waiting: int = 1000  # per priority band of the admission queue
+    max_wait_s: float = 30.0  # in the admission queue, then 429
+    aging_s: float = 5.0  # a waiting band's standing rises by one per this many seconds
     prices: dict[str, Price] = field(default_factory=dict)
     teams: dict[str, Team] = field(default_factory=dict)
 
@@ -98,7 +106,7 @@ def load_gateway_config(path: Path) -> GatewayConfig:
 
 def parse_gateway_config(raw: Any, base: Path) -> GatewayConfig:
     data = _mapping(raw, "the gateway config")
-    _known(data, {"ledger", "admin_key_env", "default_max_tokens", "prices", "teams"}, "the gateway config")
+    _known(data, _TOP_FIELDS, "the gateway config")
     ledger = Path(str(data.get("ledger", "tokenmill-gateway.db")))
     prices = {}
     for model, p in _mapping(data.get("prices") or {}, "prices").items():
@@ -115,9 +123,22 @@ def parse_gateway_config(raw: Any, base: Path) -> GatewayConfig:
     if not isinstance(admin_env, str) or not admin_env:
         raise GatewayConfigError(f"admin_key_env must be an environment variable's name, got {admin_env!r}")
     default_max_tokens = _limit(data.get("default_max_tokens", 1024), "default_max_tokens")
-    assert default_max_tokens is not None
+    worker_slots = _limit(data.get("worker_slots", 64), "worker_slots")
+    queue = _mapping(data.get("queue") or {}, "queue")
+    _known(queue, {"max_waiting", "max_wait_s", "aging_s"}, "queue")
+    max_waiting = _limit(queue.get("max_waiting", 1000), "queue.max_waiting")
+    max_wait_s = _number(queue.get("max_wait_s", 30.0), "queue.max_wait_s")
+    aging_s = _number(queue.get("aging_s", 5.0), "queue.aging_s")
+    if aging_s <= 0:
+        raise GatewayConfigError(f"queue.aging_s must be > 0, got {aging_s}")
+    assert default_max_tokens is not None and worker_slots is not None and max_waiting is not None
     ledger = ledger if ledger.is_absolute() else base / ledger
-    return GatewayConfig(ledger, admin_env, default_max_tokens, prices, teams)
+    return GatewayConfig(
+        ledger, admin_env, default_max_tokens, worker_slots, max_waiting, max_wait_s, aging_s, prices, teams
+    )
+
+
+_TOP_FIELDS = {"ledger", "admin_key_env", "default_max_tokens", "worker_slots", "queue", "prices", "teams"}
 
 
 _TEAM_FIELDS = {
@@ -128,6 +149,7 @@ _TEAM_FIELDS = {
     "max_parallel",
     "budget",
     "pool",
+    "weight",
 }
 
 
@@ -149,8 +171,12 @@ def parse_team(name: str, raw: Any) -> Team:
     pool = t.get("pool", "throughput")
     if pool not in POOLS:
         raise GatewayConfigError(f"{where}.pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    weight = t.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < math.inf:
+        raise GatewayConfigError(f"{where}.weight must be a number > 0 (its fair share), got {weight!r}")
     return Team(
         name=name,
+        weight=float(weight),
         models=tuple(models),
         priority=priority,
         requests_per_minute=_limit(t.get("requests_per_minute"), f"{where}.requests_per_minute"),

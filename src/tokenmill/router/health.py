@@ -20,7 +20,7 @@ from tokenmill.client import HTTPTransport, TransportError
 from tokenmill.router.calibration import parse_counters
 from tokenmill.router.kv_subscriber import KVSubscriptions
 from tokenmill.router.policies import Router
-from tokenmill.router.workers import Worker, WorkerPool, normalize
+from tokenmill.router.workers import Worker, WorkerPool, normalize, parse_worker
 
 logger = logging.getLogger(__name__)
 WORKER_HEADER = "x-tokenmill-worker"
@@ -75,11 +75,12 @@ class FleetKeeper:
             logger.warning("cannot re-read %s: %s; keeping the workers as they are", self.workers_file, e)
             return
         self._file_stamp = stamp
-        for url in wanted:
-            self.pool.add(url)
+        for spec in wanted:
+            url = self.pool.add(spec).url
             self._leaving.discard(url)
+        urls = {normalize(spec) for spec in wanted}
         for w in self.pool.workers:
-            if w.url not in wanted:
+            if w.url not in urls:
                 self.pool.drain(w.url)
                 self._leaving.add(w.url)
         logger.warning("workers file re-read: %d workers", len(wanted))
@@ -109,9 +110,17 @@ class FleetKeeper:
         if response.status == 200:
             w.counters = parse_counters(response.text)
             w.step_cost.observe(w.counters)
+            if w.counters.concurrency_limit:
+                w.slots = int(w.counters.concurrency_limit)
 
 
 def read_workers_file(path: Path) -> list[str]:
-    """Worker URLs, one per line; blank lines and lines starting with # are skipped."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [normalize(line.strip()) for line in lines if line.strip() and not line.strip().startswith("#")]
+    """Worker URLs, one per line, each optionally labelled with its pool (``URL#latency``); blank
+    lines and lines starting with # are skipped."""
+    specs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            url, pool = parse_worker(line)
+            specs.append(f"{url}#{pool}" if pool else url)
+    return specs

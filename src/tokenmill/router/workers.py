@@ -24,6 +24,7 @@ RAMP_S = 10.0  # seconds for a re-admitted worker to take its full share
 class Worker:
     url: str  # base URL, no /v1
     name: str = ""  # x-tokenmill-worker when known, else the URL
+    pool: str | None = None  # latency or throughput (gateway pools); None serves both
     healthy: bool = True
     draining: bool = False  # takes no new requests; its streams finish
     failures: int = 0  # consecutive
@@ -38,6 +39,7 @@ class Worker:
     predicted_hit_tokens: int = 0  # prompt tokens a cache-aware policy expected cached here
     step_cost: StepCostFit = field(default_factory=StepCostFit)  # from the worker's /metrics
     counters: WorkerCounters | None = None  # the last scrape of its /metrics (measured cache hits)
+    slots: int | None = None  # requests it runs at once, as its /metrics reports (gateway admission)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.url
@@ -68,13 +70,15 @@ class WorkerPool:
         for url in urls:
             self.add(url, ramp=False)
 
-    def add(self, url: str, ramp: bool = True) -> Worker:
-        url = normalize(url)
+    def add(self, spec: str, ramp: bool = True) -> Worker:
+        """A worker by URL, optionally labelled with its pool: ``http://host:port#latency``."""
+        url, pool = parse_worker(spec)
         if url in self._workers:
             w = self._workers[url]
             w.draining = False
+            w.pool = pool
             return w
-        w = Worker(url)
+        w = Worker(url, pool=pool)
         if not ramp:
             w.admitted_at -= RAMP_S
         self._workers[url] = w
@@ -101,8 +105,14 @@ class WorkerPool:
     def workers(self) -> list[Worker]:
         return list(self._workers.values())
 
-    def available(self) -> list[Worker]:
-        return [w for w in self._workers.values() if w.available]
+    def available(self, pool: str | None = None) -> list[Worker]:
+        """Workers taking requests; with ``pool``, those of that pool (or of none), or, when the
+        pool has none up, the others: a pool falls back to the rest only while it is down."""
+        up = [w for w in self._workers.values() if w.available]
+        if pool is None:
+            return up
+        mine = [w for w in up if w.pool in (pool, None)]
+        return mine or up
 
     # -- what requests report ---------------------------------------------------------------
 
@@ -145,8 +155,21 @@ class WorkerPool:
         return max(loads) / mean if mean > 0 else 1.0
 
 
+POOLS = ("latency", "throughput")
+
+
+def parse_worker(spec: str) -> tuple[str, str | None]:
+    """``URL`` or ``URL#pool`` -> (normalized URL, pool or None)."""
+    url, _, pool = spec.strip().partition("#")
+    if pool and pool not in POOLS:
+        raise ValueError(
+            f"a worker's pool (after #) must be one of {', '.join(POOLS)}, got {pool!r} in {spec!r}"
+        )
+    return normalize(url), pool or None
+
+
 def normalize(url: str) -> str:
-    url = url.strip().rstrip("/")
+    url = url.strip().partition("#")[0].rstrip("/")
     url = url.removesuffix("/v1")
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"a worker URL looks like http://host:port, got {url!r}")

@@ -1,0 +1,172 @@
+"""The gateway's admission queue: priority bands, fair shares between teams, bounded waits.
+
+Workers take only so many requests at once (each reports its concurrency
+limit: ``tokenmill_concurrency_limit`` in its /metrics, or the gateway's
+default). While a pool has a free slot a request goes straight through; when
+it has none, the request waits here:
+
+- in the band of its priority, higher bands first. Aging keeps the lowest
+  band moving: a band's standing rises by one for every ``aging_s`` seconds
+  its oldest request has waited;
+- within a band, teams share by weighted fair queuing on tokens (start-time
+  fair queuing): each request gets a virtual start, the later of the band's
+  virtual time and its team's last virtual finish, and a virtual finish of
+  start + tokens / team weight; the smallest start goes first. A team that
+  floods only lengthens its own queue: the others keep their share of slots
+  in proportion to their weights, whatever the flood;
+- a band holds at most ``max_waiting`` requests and none waits longer than
+  ``max_wait_s``: past either, 429 with ``Retry-After``.
+
+The queue knows slots, not workers: the router still picks which worker of
+the pool takes each admitted request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class QueueFull(Exception):
+    """The request cannot wait: its band is full, or it waited past ``max_wait_s``."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    max_waiting: int = 1000  # per band
+    max_wait_s: float = 30.0
+    aging_s: float = 5.0  # a band's standing rises by one per this many seconds its oldest waits
+
+
+@dataclass(order=True)
+class _Ticket:
+    start: float  # virtual start: the order within the band
+    seq: int
+    team: str = field(compare=False)
+    tokens: int = field(compare=False)
+    arrived: float = field(compare=False)
+    future: asyncio.Future[None] = field(compare=False, repr=False)
+
+
+@dataclass
+class _Band:
+    priority: int
+    waiting: list[_Ticket] = field(default_factory=list)  # kept sorted by virtual start
+    virtual_time: float = 0.0
+    finish: dict[str, float] = field(default_factory=dict)  # team -> its last virtual finish
+
+
+class AdmissionQueue:
+    """One per pool. ``capacity()`` gives the pool's slots now (its workers may come and go)."""
+
+    def __init__(
+        self,
+        capacity: Callable[[], int],
+        policy: QueuePolicy | None = None,
+        weight: Callable[[str], float] = lambda team: 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.capacity = capacity
+        self.policy = policy or QueuePolicy()
+        self.weight = weight
+        self.clock = clock
+        self.in_flight = 0
+        self._bands: dict[int, _Band] = {}
+        self._seq = itertools.count()
+        self.admitted_by_team: dict[str, int] = {}
+        self.refused = 0
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(b.waiting) for b in self._bands.values())
+
+    async def acquire(self, team: str, priority: int, tokens: int) -> None:
+        """Wait for a slot; raises QueueFull to refuse. Pair every return with ``release()``."""
+        if not self.waiting and self.in_flight < self.capacity():
+            self._admit(team)
+            return
+        band = self._bands.setdefault(priority, _Band(priority))
+        if len(band.waiting) >= self.policy.max_waiting:
+            self.refused += 1
+            raise QueueFull(
+                f"the priority {priority} queue is full ({self.policy.max_waiting} waiting)",
+                self._retry_after(),
+            )
+        start = max(band.virtual_time, band.finish.get(team, 0.0))
+        band.finish[team] = start + tokens / max(self.weight(team), 1e-9)
+        ticket = _Ticket(
+            start, next(self._seq), team, tokens, self.clock(), asyncio.get_running_loop().create_future()
+        )
+        _insort(band.waiting, ticket)
+        self._dispatch()  # a slot may have freed while nobody looked
+        try:
+            await asyncio.wait_for(asyncio.shield(ticket.future), self.policy.max_wait_s)
+        except TimeoutError:
+            if ticket.future.done():  # admitted at the last moment: keep it
+                return
+            self._drop(band, ticket)
+            self.refused += 1
+            raise QueueFull(
+                f"waited {self.policy.max_wait_s:g} s in the priority {priority} queue", self._retry_after()
+            ) from None
+        except asyncio.CancelledError:  # the client left while waiting
+            if ticket.future.done() and not ticket.future.cancelled():
+                self.release()  # admitted already: give the slot back
+            else:
+                self._drop(band, ticket)
+            raise
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._dispatch()
+
+    def _admit(self, team: str) -> None:
+        self.in_flight += 1
+        self.admitted_by_team[team] = self.admitted_by_team.get(team, 0) + 1
+
+    def _dispatch(self) -> None:
+        while self.in_flight < self.capacity():
+            band = self._next_band()
+            if band is None:
+                return
+            ticket = band.waiting.pop(0)
+            band.virtual_time = max(band.virtual_time, ticket.start)
+            self._admit(ticket.team)
+            ticket.future.set_result(None)
+
+    def _next_band(self) -> _Band | None:
+        now, best, standing = self.clock(), None, -math.inf
+        for band in self._bands.values():
+            if not band.waiting:
+                continue
+            oldest = min(t.arrived for t in band.waiting)
+            s = band.priority + (now - oldest) / self.policy.aging_s
+            if s > standing:
+                best, standing = band, s
+        return best
+
+    def _drop(self, band: _Band, ticket: _Ticket) -> None:
+        if ticket in band.waiting:
+            band.waiting.remove(ticket)
+
+    def _retry_after(self) -> int:
+        return max(1, math.ceil(self.policy.max_wait_s / 4))
+
+
+def _insort(waiting: list[_Ticket], ticket: _Ticket) -> None:
+    lo, hi = 0, len(waiting)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if waiting[mid] < ticket:
+            lo = mid + 1
+        else:
+            hi = mid
+    waiting.insert(lo, ticket)
