@@ -9,7 +9,9 @@ tokens) behind each router in turn, all with round_robin; the same loads by
   process tree's utime + stime over the run, from /proc);
 - concurrency 1: the latency a single streamed request gains.
 
-"direct" is the same load straight to one worker; "added" is a router's figure
+"tokenmill-gateway" is `tokenmill route --gateway-config` with one team and no
+limits: keys, the admission queue and a ledger row per request on top of the
+router. "direct" is the same load straight to one worker; "added" is a router's figure
 minus direct's in the same turn. `--turns N` runs every router N times in
 turn (direct, tokenmill, vllm-router, sglang-router, then again), so slow
 spells of the shared machine hit all alike; tables give medians over turns
@@ -42,6 +44,7 @@ from bench_process import RESULTS, ROOT, one_run_at_a_time, report_header, save_
 TOKENMILL = [sys.executable, "-m", "tokenmill.cli.main"]
 PEERS = ROOT / ".peers" / "routers" / "bin"
 ROUTERS = ("direct", "tokenmill", "vllm-router", "sglang-router")
+KEYS: dict[str, str] = {}  # router URL -> the API key its gateway wants (tokenmill-gateway)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         for turn in range(args.turns):
             results: dict[str, dict[str, Any]] = {}
             for name in args.routers.split(","):
-                if name != "direct" and name != "tokenmill" and not (PEERS / name).exists():
+                if not name.startswith(("direct", "tokenmill")) and not (PEERS / name).exists():
                     print(f"[bench] {name}: missing, run benchmarks/peers/setup_routers.sh", flush=True)
                     continue
                 print(f"[bench] {name} (turn {turn + 1}/{args.turns})", flush=True)
@@ -116,11 +119,19 @@ def _router(
         return
     port = _free_port()
     metrics = ["--prometheus-port", str(_free_port())]  # each its own: both default to 29000
-    if name == "tokenmill":
+    if name.startswith("tokenmill"):
         cmd = [*TOKENMILL, "route", "--policy", policy, "--port", str(port)]
         for w in workers:
             cmd += ["--worker", w]
         cmd += list(extra)
+        if name == "tokenmill-gateway":  # one team without limits: what keys, admission and the ledger cost
+            config = logs / f"gateway-{port}.yaml"
+            config.write_text(f"ledger: gateway-{port}.db\nteams:\n  bench: {{}}\n")
+            create = [*TOKENMILL, "keys", "create", "--team", "bench", "--config", str(config)]
+            KEYS[f"http://127.0.0.1:{port}"] = subprocess.run(
+                create, capture_output=True, text=True, check=True, timeout=60
+            ).stdout.strip()
+            cmd += ["--gateway-config", str(config)]
     elif name == "vllm-router":
         cmd = [
             str(PEERS / "vllm-router"),
@@ -159,7 +170,11 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, model: 
         if proc.poll() is not None:
             raise RuntimeError(f"router exited with {proc.returncode}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.post(f"{url}/v1/chat/completions", json=body, timeout=2).status_code == 200:
+            headers = {"authorization": f"Bearer {KEYS[url]}"} if url in KEYS else None
+            if (
+                httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=2).status_code
+                == 200
+            ):
                 return
         time.sleep(0.3)
     raise RuntimeError(f"router at {url} not answering after {timeout:.0f} s")
@@ -172,6 +187,8 @@ def _load(
     cmd = [*TOKENMILL, "bench", "run", url, "--model", "mock", "--concurrency", str(concurrency)]
     cmd += ["--requests", str(n), "--prompt-tokens", "16", "--output-tokens", "8", "--tokenizer", str(model)]
     cmd += ["--check-tokens", "0", "-o", str(out), "--stream" if stream else "--no-stream"]
+    if url in KEYS:
+        cmd += ["--api-key", KEYS[url]]
     subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=900)
     cpu = _tree_cpu_s(pid) - cpu0
     s = json.loads(out.with_name(out.name + ".json").read_text())["summary"]

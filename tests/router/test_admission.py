@@ -142,3 +142,17 @@ def test_a_client_that_leaves_while_waiting_frees_its_place():
         assert queue.in_flight == 1
 
     asyncio.run(go())
+
+
+def test_without_fair_queuing_a_band_is_first_come_first_served():
+    async def go() -> list[str]:
+        queue = AdmissionQueue(lambda: 1, QueuePolicy(fair=False))
+        await queue.acquire("x", 0, 1)
+        order, tasks = await fill(queue, [("flood", 0, 10)] * 4 + [("quiet", 0, 10)])
+        for _ in range(5):
+            queue.release()
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(go()) == ["flood"] * 4 + ["quiet"]

@@ -14,6 +14,7 @@ it has none, the request waits here:
   start + tokens / team weight; the smallest start goes first. A team that
   floods only lengthens its own queue: the others keep their share of slots
   in proportion to their weights, whatever the flood;
+- (``fair: false`` makes a band first come, first served, for comparison);
 - a band holds at most ``max_waiting`` requests and none waits longer than
   ``max_wait_s``: past either, 429 with ``Retry-After``.
 
@@ -44,6 +45,7 @@ class QueuePolicy:
     max_waiting: int = 1000  # per band
     max_wait_s: float = 30.0
     aging_s: float = 5.0  # a band's standing rises by one per this many seconds its oldest waits
+    fair: bool = True  # weighted fair queuing between teams; False: first come, first served
 
 
 @dataclass(order=True)
@@ -100,8 +102,11 @@ class AdmissionQueue:
                 f"the priority {priority} queue is full ({self.policy.max_waiting} waiting)",
                 self._retry_after(),
             )
-        start = max(band.virtual_time, band.finish.get(team, 0.0))
-        band.finish[team] = start + tokens / max(self.weight(team), 1e-9)
+        if self.policy.fair:
+            start = max(band.virtual_time, band.finish.get(team, 0.0))
+            band.finish[team] = start + tokens / max(self.weight(team), 1e-9)
+        else:
+            start = float(next(self._seq))  # arrival order
         ticket = _Ticket(
             start, next(self._seq), team, tokens, self.clock(), asyncio.get_running_loop().create_future()
         )

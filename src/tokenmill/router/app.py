@@ -245,7 +245,7 @@ class RouterApp:
             gateway = self.gateway
             assert gateway is not None
             config = gateway.config
-            policy = QueuePolicy(config.max_waiting, config.max_wait_s, config.aging_s)
+            policy = QueuePolicy(config.max_waiting, config.max_wait_s, config.aging_s, config.fair_queuing)
 
             def capacity() -> int:
                 return sum(w.slots or config.worker_slots for w in self.pool.available(pool))
@@ -366,11 +366,12 @@ class RouterApp:
         """The worker's body to the client as it comes (through the gateway's usage meter, if any);
         stops (closing the worker's stream, which aborts the request there) if the client goes
         away."""
-        gone = asyncio.ensure_future(_wait_for_disconnect(receive))
+        # Only a stream needs watching: a whole response comes in one piece right after its head.
+        gone = asyncio.ensure_future(_wait_for_disconnect(receive)) if sse else None
         try:
             async for data, _ in response.aiter_bytes():
                 prefill.done()  # the first byte: the prompt is in the worker's cache now
-                if gone.done():
+                if gone is not None and gone.done():
                     outcome.state = "cancelled"
                     return
                 if meter is not None:
@@ -389,7 +390,8 @@ class RouterApp:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             raise
         finally:
-            gone.cancel()
+            if gone is not None:
+                gone.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _transport(self, worker: Worker) -> HTTPTransport:

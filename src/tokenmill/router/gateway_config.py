@@ -5,7 +5,7 @@ ledger: /var/lib/tokenmill/usage.db     # SQLite; default: tokenmill-gateway.db 
 admin_key_env: TOKENMILL_ADMIN_KEY      # the environment variable holding the admin key
 default_max_tokens: 1024                # reserved for a request that names no max_tokens
 worker_slots: 64                        # requests a worker runs at once, if its /metrics does not say
-queue: {max_waiting: 1000, max_wait_s: 30, aging_s: 5}   # the admission queue, per priority band
+queue: {max_waiting: 1000, max_wait_s: 30, aging_s: 5, fair: true}   # admission queue, per band
 prices:                                 # dollars per million tokens, per model
   llama-3-8b: {prompt: 0.05, completion: 0.20}
 teams:
@@ -87,6 +87,7 @@ class GatewayConfig:
     max_waiting: int = 1000  # per priority band of the admission queue
     max_wait_s: float = 30.0  # in the admission queue, then 429
     aging_s: float = 5.0  # a waiting band's standing rises by one per this many seconds
+    fair_queuing: bool = True  # between teams of one band; false: first come, first served
     prices: dict[str, Price] = field(default_factory=dict)
     teams: dict[str, Team] = field(default_factory=dict)
 
@@ -125,7 +126,10 @@ def parse_gateway_config(raw: Any, base: Path) -> GatewayConfig:
     default_max_tokens = _limit(data.get("default_max_tokens", 1024), "default_max_tokens")
     worker_slots = _limit(data.get("worker_slots", 64), "worker_slots")
     queue = _mapping(data.get("queue") or {}, "queue")
-    _known(queue, {"max_waiting", "max_wait_s", "aging_s"}, "queue")
+    _known(queue, {"max_waiting", "max_wait_s", "aging_s", "fair"}, "queue")
+    fair = queue.get("fair", True)
+    if not isinstance(fair, bool):
+        raise GatewayConfigError(f"queue.fair must be true or false, got {fair!r}")
     max_waiting = _limit(queue.get("max_waiting", 1000), "queue.max_waiting")
     max_wait_s = _number(queue.get("max_wait_s", 30.0), "queue.max_wait_s")
     aging_s = _number(queue.get("aging_s", 5.0), "queue.aging_s")
@@ -134,7 +138,16 @@ def parse_gateway_config(raw: Any, base: Path) -> GatewayConfig:
     assert default_max_tokens is not None and worker_slots is not None and max_waiting is not None
     ledger = ledger if ledger.is_absolute() else base / ledger
     return GatewayConfig(
-        ledger, admin_env, default_max_tokens, worker_slots, max_waiting, max_wait_s, aging_s, prices, teams
+        ledger,
+        admin_env,
+        default_max_tokens,
+        worker_slots,
+        max_waiting,
+        max_wait_s,
+        aging_s,
+        fair,
+        prices,
+        teams,
     )
 
 

@@ -1,0 +1,272 @@
+"""Gateway priority and fair queuing under overload (issue 7), against the same gateway without them.
+
+8 simulated tokenmill workers (`--runner simulated`, 8 requests at once each:
+64 slots) behind `tokenmill route --gateway-config`. Four teams send synthetic
+chat (256-token prompts, 64 output tokens) at once, open loop (Poisson), one
+`tokenmill bench run` per team with its own key, for `--seconds`:
+
+- premium: priority 10, 10% of the offered load;
+- standard-a, standard-b: priority 0, 20% each;
+- flood: priority 0, 50%;
+
+together `--load` (1.5) times the fleet's capacity, which the run measures
+first (a closed loop of 64 through the gateway). The same loads then run
+against the same gateway configured with every team at priority 0 and first
+come, first served admission: what a router without priority classes or
+fair queuing gives. And premium alone, for its idle TTFT.
+
+Reported per team: TTFT p50/p99 of served requests, served requests/s, the
+share of the standard band's served requests, and 429s (the queue's bound:
+requests that waited `max_wait_s` or found their band full).
+
+    .venv/bin/python benchmarks/gateway_fairness.py      # ~6 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench_process import RESULTS, ROOT, one_run_at_a_time, report_header, save_report
+from router_overhead import TOKENMILL, _free_port
+
+DEMO = ROOT / "src" / "tokenmill" / "engine" / "demo_model"
+WORKERS, SLOTS = 8, 8
+SHARES = {"premium": 0.10, "standard-a": 0.20, "standard-b": 0.20, "flood": 0.50}
+STANDARD = ("standard-a", "standard-b", "flood")
+
+
+def config_text(fair: bool, max_wait_s: float) -> str:
+    premium = 10 if fair else 0
+    teams = "\n".join(f"  {team}: {{priority: {premium if team == 'premium' else 0}}}" for team in SHARES)
+    return (
+        f"ledger: usage.db\nqueue: {{max_wait_s: {max_wait_s}, fair: {'true' if fair else 'false'}}}\n"
+        f"teams:\n{teams}\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    logs = RESULTS / "logs" / f"gateway_fairness-{stamp}"
+    logs.mkdir(parents=True, exist_ok=True)
+    report = report_header("gateway_fairness", stamp, argv, args, DEMO)
+    with one_run_at_a_time(), _fleet(logs) as workers:
+        with _gateway(workers, logs / "capacity", fair=True, max_wait_s=args.max_wait_s) as (url, keys):
+            capacity = _bench(url, keys["standard-a"], logs / "capacity", concurrency=WORKERS * SLOTS,
+                              requests=args.capacity_requests)["req_s"]  # fmt: skip
+        report["capacity_req_s"] = capacity
+        print(f"[bench] capacity {capacity:.1f} req/s; offering {args.load}x", flush=True)
+        rates = {team: share * args.load * capacity for team, share in SHARES.items()}
+        report["rates"] = rates
+        with _gateway(workers, logs / "idle", fair=True, max_wait_s=args.max_wait_s) as (url, keys):
+            report["premium_idle"] = _bench(url, keys["premium"], logs / "idle" / "premium",
+                                            rate=rates["premium"], seconds=args.seconds)  # fmt: skip
+        for label, fair in (("gateway", True), ("no priority, first come first served", False)):
+            print(f"[bench] {label}", flush=True)
+            with _gateway(workers, logs / label[:7], fair=fair, max_wait_s=args.max_wait_s) as (url, keys):
+                report[label] = _all_teams(url, keys, rates, args.seconds, logs / label[:7])
+    out = save_report(report)
+    _print(report)
+    print(f"\nresults: {out}")
+    return 0
+
+
+@contextlib.contextmanager
+def _fleet(logs: Path) -> Iterator[list[str]]:
+    procs, urls = [], []
+    try:
+        for i in range(WORKERS):
+            cmd = [*TOKENMILL, "serve", "--runner", "simulated", "--port", "0", "--grpc-port", "-1"]
+            cmd += ["--max-num-seqs", str(SLOTS), "--worker-id", f"sim-{i}"]
+            procs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True))
+        for proc in procs:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                if "ready: " in line:
+                    urls.append(line.split("ready: ")[1].split("/v1")[0])
+                    break
+            else:
+                raise RuntimeError("a simulated worker did not start")
+        (logs / "workers.txt").write_text("\n".join(urls) + "\n")
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+
+
+@contextlib.contextmanager
+def _gateway(
+    workers: list[str], folder: Path, fair: bool, max_wait_s: float
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """A fresh gateway (its own ledger) in front of the fleet, and a key per team."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "gateway.yaml"
+    config.write_text(config_text(fair, max_wait_s))
+    keys = {}
+    for team in SHARES:
+        cmd = [*TOKENMILL, "keys", "create", "--team", team, "--config", str(config)]
+        keys[team] = subprocess.run(
+            cmd, capture_output=True, text=True, check=True, timeout=60
+        ).stdout.strip()
+    port = _free_port()
+    cmd = [
+        *TOKENMILL,
+        "route",
+        "--port",
+        str(port),
+        "--policy",
+        "least_load",
+        "--gateway-config",
+        str(config),
+    ]
+    for w in workers:
+        cmd += ["--worker", w]
+    log = (folder / "gateway.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        import httpx
+
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                status = httpx.get(f"{url}/router/workers", timeout=2).json()
+                if all(w["slots"] == SLOTS for w in status["workers"]):  # the workers' slots are known
+                    break
+            time.sleep(0.3)
+        else:
+            raise RuntimeError(f"gateway not ready; see {folder / 'gateway.log'}")
+        yield url, keys
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def _bench(
+    url: str,
+    key: str,
+    out: Path,
+    rate: float | None = None,
+    seconds: float | None = None,
+    concurrency: int | None = None,
+    requests: int | None = None,
+) -> dict[str, Any]:
+    return _start(_bench_cmd(url, key, out, rate, seconds, concurrency, requests), out).result()
+
+
+def _bench_cmd(
+    url: str,
+    key: str,
+    out: Path,
+    rate: float | None = None,
+    seconds: float | None = None,
+    concurrency: int | None = None,
+    requests: int | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """One team's load: open loop at ``rate`` for ``seconds``, or closed loop of ``concurrency``."""
+    cmd = [*TOKENMILL, "bench", "run", url, "--model", "demo", "--api-key", key, "--prompt-tokens", "256"]
+    cmd += ["--output-tokens", "64", "--tokenizer", str(DEMO), "--check-tokens", "0", "-o", str(out)]
+    cmd += ["--seed", str(seed)]
+    if rate is not None:
+        assert seconds is not None
+        cmd += [
+            "--profile",
+            "poisson",
+            "--rate",
+            f"{rate:.3f}",
+            "--requests",
+            str(max(1, round(rate * seconds))),
+        ]
+        return [*cmd, "--max-lag-p99", "5"]
+    return [*cmd, "--concurrency", str(concurrency), "--requests", str(requests)]
+
+
+class _Run:
+    def __init__(self, proc: subprocess.Popen[str], out: Path) -> None:
+        self.proc, self.out = proc, out
+
+    def result(self) -> dict[str, Any]:
+        _, err = self.proc.communicate(timeout=1800)
+        summary = self.out.with_name(self.out.name + ".json")
+        if not summary.exists():
+            raise RuntimeError(f"bench run failed: {err[-800:]}")
+        s = json.loads(summary.read_text())["summary"]
+        served = s["requests"] - s["failed"]
+        return {
+            "requests": s["requests"],
+            "served": served,
+            "errors": s["errors"],
+            "http_429": (s["errors"] or {}).get("http_429", 0),
+            "req_s": s["request_tput"],
+            "ttft_ms": {k: (s["ttft"][k] or 0) * 1000 for k in ("median", "p99")} if s.get("ttft") else None,
+        }
+
+
+def _start(cmd: list[str], out: Path) -> _Run:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "COLUMNS": "200"}
+    return _Run(
+        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env), out
+    )
+
+
+def _all_teams(
+    url: str, keys: dict[str, str], rates: dict[str, float], seconds: float, folder: Path
+) -> dict[str, Any]:
+    """Every team's load at once; each team's figures and its share of the standard band."""
+    runs = {}
+    for seed, (team, rate) in enumerate(rates.items()):
+        out = folder / team
+        runs[team] = _start(_bench_cmd(url, keys[team], out, rate, seconds, seed=seed), out)
+    results = {team: run.result() for team, run in runs.items()}
+    served = sum(results[t]["served"] for t in STANDARD)
+    for t in STANDARD:
+        results[t]["standard_share"] = results[t]["served"] / served if served else None
+    return results
+
+
+def _print(report: dict[str, Any]) -> None:
+    print(f"\n## Gateway under overload, {report['timestamp']}\n")
+    print(f"- machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; `{report['command']}`")
+    offered = sum(report["rates"].values())
+    print(f"- capacity {report['capacity_req_s']:.1f} req/s; offered {offered:.1f} req/s\n")
+    idle = report["premium_idle"]["ttft_ms"]
+    print(f"premium alone: TTFT p50 {idle['median']:.1f} ms, p99 {idle['p99']:.1f} ms\n")
+    head = ["setup", "team", "offered req/s", "served req/s", "TTFT ms p50 / p99", "share of standard served"]
+    print("| " + " | ".join([*head, "429s"]) + " |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for label in ("gateway", "no priority, first come first served"):
+        for team, r in report[label].items():
+            ttft = r["ttft_ms"]
+            share = r.get("standard_share")
+            print(
+                f"| {label} | {team} | {report['rates'][team]:.1f} | {r['req_s']:.1f} | "
+                f"{ttft['median']:.1f} / {ttft['p99']:.1f} | {'' if share is None else f'{share:.1%}'} | "
+                f"{r['http_429']} |"
+            )
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Gateway priority and fair queuing under overload.")
+    p.add_argument("--load", type=float, default=1.5, help="offered load over measured capacity")
+    p.add_argument("--seconds", type=float, default=60.0, help="length of each loaded run")
+    p.add_argument("--max-wait-s", type=float, default=10.0, help="the admission queue's max wait")
+    p.add_argument("--capacity-requests", type=int, default=800, help="requests of the capacity run")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
