@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from datetime import date
 from pathlib import Path
 
@@ -19,8 +20,10 @@ def test_rows_and_totals_by_model_and_day(tmp_path: Path):
         ("a", "m2", 1, 1),
         ("b", "m1", 7, 7),
     ):
-        row = ledger.open_request("r", team, "k", model, 0, prompt)
-        ledger.close_request(row, Closing(prompt, completion, "ok", 200, "w1", 0.1, 0.5))
+        row = ledger.open_request("r", team, "k", model, 0, prompt, started=time.time())
+        ledger.close_request(
+            row, Closing(prompt, completion, "ok", 200, "w1", 0.1, 0.5), team, model, time.time()
+        )
     by_model = ledger.usage("a", None, None, "model")
     assert [(r["model"], r["requests"], r["prompt_tokens"], r["completion_tokens"]) for r in by_model] == [
         ("m1", 2, 30, 10),

@@ -59,8 +59,9 @@ class Admitted:
     row: int
     reservation: Reservation
     client_wants_usage: bool
-    started: float
+    started: float  # time.monotonic(), for its latency
     price: Price | None
+    opened: float  # time.time() of its ledger row
 
 
 class Gateway:
@@ -161,8 +162,9 @@ class Gateway:
             raise GatewayError(verdict.status, verdict.message, kind, verdict.limit, retry)
         request_id = "gw-" + secrets.token_hex(12)
         try:
+            opened = time.time()
             row = self.ledger.open_request(
-                request_id, team.name, key_id, model, priority, prompt_tokens, tags
+                request_id, team.name, key_id, model, priority, prompt_tokens, tags, opened
             )
         except Exception:
             self.limiter.release(verdict, 0, 0.0)
@@ -179,6 +181,7 @@ class Gateway:
             wants_usage,
             time.monotonic(),
             price,
+            opened,
         )
 
     def finish(
@@ -201,9 +204,8 @@ class Gateway:
         cost = a.price.cost(prompt, completion) if a.price else 0.0
         self.limiter.release(a.reservation, prompt + completion, cost)
         latency = time.monotonic() - a.started
-        self.ledger.close_request(
-            a.row, Closing(prompt, completion, status, http_status, worker, latency, cost)
-        )
+        closing = Closing(prompt, completion, status, http_status, worker, latency, cost)
+        self.ledger.close_request(a.row, closing, a.team.name, a.model, a.opened)
 
     # -- administration --------------------------------------------------------------------
 

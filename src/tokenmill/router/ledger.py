@@ -169,8 +169,10 @@ class Ledger:
         priority: int,
         prompt_tokens: int,
         tags: dict[str, Any] | None = None,
+        started: float | None = None,
     ) -> int:
-        """The request's row, before it is forwarded; returns the row id."""
+        """The request's row, before it is forwarded; returns the row id. ``started``: its wall
+        time (now by default), which ``close_request`` needs again."""
         cursor = self._db.execute(
             "INSERT INTO usage (request_id, team, key_id, model, priority, prompt_tokens, status, started, "
             "tags) VALUES (?, ?, ?, ?, ?, ?, 'in_flight', ?, ?)",
@@ -181,25 +183,22 @@ class Ledger:
                 model,
                 priority,
                 prompt_tokens,
-                time.time(),
+                time.time() if started is None else started,
                 json.dumps(tags) if tags else None,
             ),
         )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
-    def close_request(self, row: int, closing: Closing) -> None:
-        now = time.time()
+    def close_request(self, row: int, closing: Closing, team: str, model: str, started: float) -> None:
+        """Complete the row ``open_request`` made (``team``, ``model`` and ``started``, the time it was
+        opened, as given then: the totals need them, and reading them back costs a query)."""
         with self._transaction():
-            found = self._db.execute("SELECT team, model, started FROM usage WHERE id = ?", (row,)).fetchone()
-            if found is None:
-                return
-            team, model, started = found
             self._db.execute(
                 "UPDATE usage SET prompt_tokens = ?, completion_tokens = ?, status = ?, http_status = ?, "
                 "worker = ?, latency_s = ?, cost = ?, finished = ? WHERE id = ?",
                 (closing.prompt_tokens, closing.completion_tokens, closing.status, closing.http_status,
-                 closing.worker, closing.latency_s, closing.cost, now, row),
+                 closing.worker, closing.latency_s, closing.cost, time.time(), row),
             )  # fmt: skip
             self._add_totals(
                 team, _day(started), model, closing.prompt_tokens, closing.completion_tokens, closing.cost
