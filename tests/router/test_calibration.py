@@ -72,7 +72,26 @@ tokenmill_prefix_cache_hits_total{model_name="demo"} 300.0
 tokenmill_prefix_cache_queries_total{model_name="demo"} 1000.0
 tokenmill_prefix_cache_hits_created{model_name="demo"} 1.7e9
 """
-    assert parse_counters(text) == WorkerCounters(120.0, 5400.0, 1.25, 77000.0, 300.0, 1000.0)
+    assert parse_counters(text) == WorkerCounters(
+        120.0, 5400.0, 1.25, 77000.0, 300.0, 1000.0, engine="tokenmill"
+    )
     vllm = 'vllm:prefix_cache_hits_total{engine="0"} 5\nvllm:prefix_cache_queries_total{engine="0"} 10\n'
-    assert parse_counters(vllm) == WorkerCounters(cache_hits=5.0, cache_queries=10.0)
+    assert parse_counters(vllm) == WorkerCounters(cache_hits=5.0, cache_queries=10.0, engine="vllm")
     assert parse_counters("garbage\n\nx y z\n") == WorkerCounters()
+
+
+def test_the_engine_is_known_by_its_metrics_names_and_vllm_gets_priority_the_other_way():
+    import json
+
+    from tokenmill.router.app import _body_for
+    from tokenmill.router.workers import Worker
+
+    assert parse_counters('tokenmill_concurrency_limit{model_name="d"} 8\n').engine == "tokenmill"
+    assert parse_counters("# HELP x\nvllm:num_requests_running 3\n").engine == "vllm"
+    assert parse_counters("sglang:num_running_reqs 1\n").engine == "sglang"
+    assert parse_counters('tokenmill_concurrency_limit{model_name="d"} 8\n').concurrency_limit == 8
+    request = {"model": "m", "priority": 7}
+    body = json.dumps(request).encode()
+    vllm, ours = Worker("http://a", engine="vllm"), Worker("http://b", engine="tokenmill")
+    assert json.loads(_body_for(vllm, request, body))["priority"] == -7  # vLLM runs lower values first
+    assert _body_for(ours, request, body) is body

@@ -297,8 +297,9 @@ class RouterApp:
             kv = self.router.kv if blocks is not None else None
             prefill = _Prefill(worker, self.router.last_prefill, kv, blocks)
             output = route.tokens - route.prompt_tokens
+            sent = _body_for(worker, request, body) if outcome.admitted is not None else body
             if await self._forward(
-                worker, scope["path"], body, headers, route.tokens, output, prefill, receive, send, outcome
+                worker, scope["path"], sent, headers, route.tokens, output, prefill, receive, send, outcome
             ):
                 return
 
@@ -609,6 +610,14 @@ async def _error(
 def _error_body(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape, as workers send it."""
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def _body_for(worker: Worker, request: dict[str, Any], body: bytes) -> bytes:
+    """The gateway's body as this worker's engine reads it: vLLM runs the lowest priority value
+    first (with ``--scheduling-policy priority``), tokenmill the highest."""
+    if worker.engine != "vllm" or not isinstance(request.get("priority"), int):
+        return body
+    return json.dumps({**request, "priority": -request["priority"]}).encode()
 
 
 def _asked_output(request: dict[str, Any]) -> int | None:

@@ -56,14 +56,18 @@ class WorkerCounters:
     cache_hits: float | None = None
     cache_queries: float | None = None
     concurrency_limit: float | None = None  # requests the worker runs at once (max_num_seqs or KV)
+    engine: str | None = None  # tokenmill, vllm or sglang, from its metrics' names
 
 
 def parse_counters(text: str) -> WorkerCounters:
     """The series the router uses from Prometheus text; the rest is skipped."""
     found: dict[str, float] = {}
+    engine = None
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
+        if engine is None:
+            engine = next((e for prefix, e in _ENGINES if line.startswith(prefix)), None)
         name_end = min((i for i in (line.find("{"), line.find(" ")) if i >= 0), default=-1)
         field = _SERIES.get(line[:name_end]) if name_end > 0 else None
         if field is None:
@@ -81,7 +85,11 @@ def parse_counters(text: str) -> WorkerCounters:
         cache_hits=found.get("cache_hits"),
         cache_queries=found.get("cache_queries"),
         concurrency_limit=found.get("concurrency_limit"),
+        engine=engine,
     )
+
+
+_ENGINES = (("tokenmill_", "tokenmill"), ("vllm:", "vllm"), ("sglang:", "sglang"))
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,7 @@ class FleetKeeper:
             w.step_cost.observe(w.counters)
             if w.counters.concurrency_limit:
                 w.slots = int(w.counters.concurrency_limit)
+            w.engine = w.counters.engine or w.engine
 
 
 def read_workers_file(path: Path) -> list[str]:

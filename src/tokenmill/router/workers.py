@@ -40,6 +40,7 @@ class Worker:
     step_cost: StepCostFit = field(default_factory=StepCostFit)  # from the worker's /metrics
     counters: WorkerCounters | None = None  # the last scrape of its /metrics (measured cache hits)
     slots: int | None = None  # requests it runs at once, as its /metrics reports (gateway admission)
+    engine: str | None = None  # tokenmill, vllm or sglang, as its /metrics names show
 
     def __post_init__(self) -> None:
         self.name = self.name or self.url
