@@ -37,16 +37,16 @@ async def fill(
 
 def drain(queue: AdmissionQueue, n: int) -> None:
     for _ in range(n):
-        queue.release()
+        queue.release(0)
 
 
 def test_higher_bands_go_first_and_a_free_slot_admits_at_once():
     async def go() -> list[str]:
-        queue = AdmissionQueue(lambda: 1)
+        queue = AdmissionQueue(lambda: 1, QueuePolicy(overflow=0))
         await queue.acquire("x", 0, 10)  # takes the only slot
         order, tasks = await fill(queue, [("low", 0, 10), ("high", 10, 10), ("mid", 5, 10)])
         for _ in range(3):
-            queue.release()
+            queue.release(0)
             await asyncio.sleep(0)
         await asyncio.gather(*tasks)
         return order
@@ -73,7 +73,7 @@ def test_backlogged_teams_share_slots_by_weight_however_one_floods(weights, floo
             requests += [(t, 0, tokens)] * (flood // 2)
         order, tasks = await fill(queue, requests)
         for _ in range(len(requests)):
-            queue.release()
+            queue.release(0)
             await asyncio.sleep(0)
         await asyncio.gather(*tasks)
         return order
@@ -93,13 +93,13 @@ def test_backlogged_teams_share_slots_by_weight_however_one_floods(weights, floo
 def test_aging_moves_a_low_band_that_waited_past_a_busy_high_band():
     async def go() -> list[str]:
         clock = Clock()
-        queue = AdmissionQueue(lambda: 1, QueuePolicy(aging_s=1.0), clock=clock)
+        queue = AdmissionQueue(lambda: 1, QueuePolicy(aging_s=1.0, overflow=0), clock=clock)
         await queue.acquire("x", 0, 1)
         order, tasks = await fill(queue, [("low", 0, 1)])
         clock.t = 3.5  # the low request waited 3.5 aging periods
         more, high = await fill(queue, [("high", 3, 1), ("high", 3, 1)])
         for _ in range(3):
-            queue.release()
+            queue.release(0)
             await asyncio.sleep(0)
         await asyncio.gather(*tasks, *high)
         return order + more
@@ -120,7 +120,7 @@ def test_a_full_band_and_a_long_wait_are_refused_and_cost_no_slot():
         with pytest.raises(QueueFull, match="waited"):
             await waiter
         assert (queue.waiting, queue.in_flight, queue.refused) == (0, 1, 2)
-        queue.release()
+        queue.release(0)
         assert queue.in_flight == 0
 
     asyncio.run(go())
@@ -136,7 +136,7 @@ def test_a_client_that_leaves_while_waiting_frees_its_place():
         with pytest.raises(asyncio.CancelledError):
             await waiter
         assert queue.waiting == 0
-        queue.release()
+        queue.release(0)
         assert queue.in_flight == 0
         await queue.acquire("b", 0, 1)  # straight through
         assert queue.in_flight == 1
@@ -150,9 +150,49 @@ def test_without_fair_queuing_a_band_is_first_come_first_served():
         await queue.acquire("x", 0, 1)
         order, tasks = await fill(queue, [("flood", 0, 10)] * 4 + [("quiet", 0, 10)])
         for _ in range(5):
-            queue.release()
+            queue.release(0)
             await asyncio.sleep(0)
         await asyncio.gather(*tasks)
         return order
 
     assert asyncio.run(go()) == ["flood"] * 4 + ["quiet"]
+
+
+def test_a_request_that_outranks_what_runs_takes_an_overflow_slot_at_once():
+    async def go() -> None:
+        queue = AdmissionQueue(lambda: 8, QueuePolicy(overflow=0.25))  # 2 overflow slots
+        for _ in range(8):
+            await queue.acquire("standard", 0, 10)
+        waiter = asyncio.create_task(queue.acquire("standard", 0, 10))
+        await asyncio.sleep(0)
+        assert queue.waiting == 1
+        await asyncio.wait_for(queue.acquire("premium", 10, 10), 0.1)  # no wait: the worker preempts
+        await asyncio.wait_for(queue.acquire("premium", 10, 10), 0.1)
+        assert queue.in_flight == 10
+        late = asyncio.create_task(queue.acquire("premium", 10, 10))  # overflow used up: it waits
+        await asyncio.sleep(0)
+        assert not late.done() and queue.waiting == 2
+        for _ in range(3):
+            queue.release(0)
+        await asyncio.wait_for(late, 1)  # premium first...
+        await asyncio.sleep(0.01)
+        assert not waiter.done() and queue.in_flight == 8
+        for _ in range(3):
+            queue.release(10)
+        await asyncio.wait_for(waiter, 1)  # ...then standard
+
+    asyncio.run(go())
+
+
+def test_standard_requests_never_overflow():
+    async def go() -> None:
+        queue = AdmissionQueue(lambda: 2, QueuePolicy(overflow=1.0))
+        await queue.acquire("a", 0, 1)
+        await queue.acquire("a", 0, 1)
+        waiter = asyncio.create_task(queue.acquire("b", 0, 1))  # nothing below it runs: it waits
+        await asyncio.sleep(0)
+        assert not waiter.done() and queue.in_flight == 2
+        queue.release(0)
+        await asyncio.wait_for(waiter, 1)
+
+    asyncio.run(go())

@@ -281,7 +281,9 @@ def test_when_workers_are_full_higher_priority_waits_less(tmp_path: Path):
         late.start()
         for t in [blocker, *threads, late]:
             t.join(60)
-        assert finished[:2] == ["blocker", "premium"]  # it came last and went first
+        # It came last and finished first: straight past the full queue into an overflow slot, and
+        # the worker preempted the long standard request to seat it.
+        assert finished[0] == "premium", finished
     finally:
         router.stop()
         single.stop()

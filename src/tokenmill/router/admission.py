@@ -15,6 +15,10 @@ it has none, the request waits here:
   floods only lengthens its own queue: the others keep their share of slots
   in proportion to their weights, whatever the flood;
 - (``fair: false`` makes a band first come, first served, for comparison);
+- a request that outranks every waiting request and some running one may go
+  past full, into ``overflow`` (a share of the slots): the worker's scheduler
+  preempts a lower-priority request to seat it, so premium traffic neither
+  waits for a slot to free nor needs slots held back for it;
 - a band holds at most ``max_waiting`` requests and none waits longer than
   ``max_wait_s``: past either, 429 with ``Retry-After``.
 
@@ -46,6 +50,7 @@ class QueuePolicy:
     max_wait_s: float = 30.0
     aging_s: float = 5.0  # a band's standing rises by one per this many seconds its oldest waits
     fair: bool = True  # weighted fair queuing between teams; False: first come, first served
+    overflow: float = 0.125  # share of the slots a request may take past full, if it outranks what runs
 
 
 @dataclass(order=True)
@@ -53,6 +58,7 @@ class _Ticket:
     start: float  # virtual start: the order within the band
     seq: int
     team: str = field(compare=False)
+    priority: int = field(compare=False)
     tokens: int = field(compare=False)
     arrived: float = field(compare=False)
     future: asyncio.Future[None] = field(compare=False, repr=False)
@@ -81,6 +87,7 @@ class AdmissionQueue:
         self.weight = weight
         self.clock = clock
         self.in_flight = 0
+        self._running: dict[int, int] = {}  # priority -> requests in flight
         self._bands: dict[int, _Band] = {}
         self._seq = itertools.count()
         self.admitted_by_team: dict[str, int] = {}
@@ -91,9 +98,9 @@ class AdmissionQueue:
         return sum(len(b.waiting) for b in self._bands.values())
 
     async def acquire(self, team: str, priority: int, tokens: int) -> None:
-        """Wait for a slot; raises QueueFull to refuse. Pair every return with ``release()``."""
-        if not self.waiting and self.in_flight < self.capacity():
-            self._admit(team)
+        """Wait for a slot; raises QueueFull to refuse. Pair every return with ``release(priority)``."""
+        if self._room_for(priority):
+            self._admit(team, priority)
             return
         band = self._bands.setdefault(priority, _Band(priority))
         if len(band.waiting) >= self.policy.max_waiting:
@@ -107,9 +114,8 @@ class AdmissionQueue:
             band.finish[team] = start + tokens / max(self.weight(team), 1e-9)
         else:
             start = float(next(self._seq))  # arrival order
-        ticket = _Ticket(
-            start, next(self._seq), team, tokens, self.clock(), asyncio.get_running_loop().create_future()
-        )
+        future = asyncio.get_running_loop().create_future()
+        ticket = _Ticket(start, next(self._seq), team, priority, tokens, self.clock(), future)
         _insort(band.waiting, ticket)
         self._dispatch()  # a slot may have freed while nobody looked
         try:
@@ -124,17 +130,38 @@ class AdmissionQueue:
             ) from None
         except asyncio.CancelledError:  # the client left while waiting
             if ticket.future.done() and not ticket.future.cancelled():
-                self.release()  # admitted already: give the slot back
+                self.release(priority)  # admitted already: give the slot back
             else:
                 self._drop(band, ticket)
             raise
 
-    def release(self) -> None:
+    def release(self, priority: int) -> None:
+        """The request admitted at ``priority`` ended."""
         self.in_flight -= 1
+        left = self._running.get(priority, 0) - 1
+        if left > 0:
+            self._running[priority] = left
+        else:
+            self._running.pop(priority, None)
         self._dispatch()
 
-    def _admit(self, team: str) -> None:
+    def _room_for(self, priority: int) -> bool:
+        """A free slot with nobody waiting; or, past full, a request that outranks every waiting
+        one and some running one: it may take an overflow slot, and the worker's scheduler makes
+        room for it by preempting a lower-priority request (so premium traffic does not wait for
+        a slot to free, and no slot is held back for it)."""
+        capacity = self.capacity()
+        if self.in_flight < capacity and not self.waiting:
+            return True
+        waiting = [b.priority for b in self._bands.values() if b.waiting]
+        outranks = (
+            (not waiting or priority > max(waiting)) and self._running and priority > min(self._running)
+        )
+        return bool(outranks) and self.in_flight < capacity + math.ceil(capacity * self.policy.overflow)
+
+    def _admit(self, team: str, priority: int) -> None:
         self.in_flight += 1
+        self._running[priority] = self._running.get(priority, 0) + 1
         self.admitted_by_team[team] = self.admitted_by_team.get(team, 0) + 1
 
     def _dispatch(self) -> None:
@@ -144,7 +171,7 @@ class AdmissionQueue:
                 return
             ticket = band.waiting.pop(0)
             band.virtual_time = max(band.virtual_time, ticket.start)
-            self._admit(ticket.team)
+            self._admit(ticket.team, ticket.priority)
             ticket.future.set_result(None)
 
     def _next_band(self) -> _Band | None:

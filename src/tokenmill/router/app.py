@@ -235,7 +235,7 @@ class RouterApp:
             await self._route(scope, receive, send, request, body, headers, session, text, prompt_tokens,
                               output_tokens, outcome, pool)  # fmt: skip
         finally:
-            queue.release()
+            queue.release(admitted.priority)
 
     def _queue(self, pool: str) -> AdmissionQueue:
         queue = self._queues.get(pool)
@@ -245,7 +245,9 @@ class RouterApp:
             gateway = self.gateway
             assert gateway is not None
             config = gateway.config
-            policy = QueuePolicy(config.max_waiting, config.max_wait_s, config.aging_s, config.fair_queuing)
+            policy = QueuePolicy(
+                config.max_waiting, config.max_wait_s, config.aging_s, config.fair_queuing, config.overflow
+            )
 
             def capacity() -> int:
                 return sum(w.slots or config.worker_slots for w in self.pool.available(pool))

@@ -5,7 +5,7 @@ ledger: /var/lib/tokenmill/usage.db     # SQLite; default: tokenmill-gateway.db 
 admin_key_env: TOKENMILL_ADMIN_KEY      # the environment variable holding the admin key
 default_max_tokens: 1024                # reserved for a request that names no max_tokens
 worker_slots: 64                        # requests a worker runs at once, if its /metrics does not say
-queue: {max_waiting: 1000, max_wait_s: 30, aging_s: 5, fair: true}   # admission queue, per band
+queue: {max_waiting: 1000, max_wait_s: 30, aging_s: 5, fair: true, overflow: 0.125}  # admission.py
 prices:                                 # dollars per million tokens, per model
   llama-3-8b: {prompt: 0.05, completion: 0.20}
 teams:
@@ -88,6 +88,7 @@ class GatewayConfig:
     max_wait_s: float = 30.0  # in the admission queue, then 429
     aging_s: float = 5.0  # a waiting band's standing rises by one per this many seconds
     fair_queuing: bool = True  # between teams of one band; false: first come, first served
+    overflow: float = 0.125  # share of slots that requests outranking all that wait may take past full
     prices: dict[str, Price] = field(default_factory=dict)
     teams: dict[str, Team] = field(default_factory=dict)
 
@@ -126,7 +127,8 @@ def parse_gateway_config(raw: Any, base: Path) -> GatewayConfig:
     default_max_tokens = _limit(data.get("default_max_tokens", 1024), "default_max_tokens")
     worker_slots = _limit(data.get("worker_slots", 64), "worker_slots")
     queue = _mapping(data.get("queue") or {}, "queue")
-    _known(queue, {"max_waiting", "max_wait_s", "aging_s", "fair"}, "queue")
+    _known(queue, {"max_waiting", "max_wait_s", "aging_s", "fair", "overflow"}, "queue")
+    overflow = _number(queue.get("overflow", 0.125), "queue.overflow")
     fair = queue.get("fair", True)
     if not isinstance(fair, bool):
         raise GatewayConfigError(f"queue.fair must be true or false, got {fair!r}")
@@ -146,6 +148,7 @@ def parse_gateway_config(raw: Any, base: Path) -> GatewayConfig:
         max_wait_s,
         aging_s,
         fair,
+        overflow,
         prices,
         teams,
     )
