@@ -37,6 +37,7 @@ from typing import Any
 
 from bench_process import RESULTS, ROOT, one_run_at_a_time, report_header, save_report
 from router_overhead import TOKENMILL, _free_port
+from sim_fleet import simulated_fleet
 
 DEMO = ROOT / "src" / "tokenmill" / "engine" / "demo_model"
 WORKERS, SLOTS = 8, 8
@@ -59,17 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     logs = RESULTS / "logs" / f"gateway_fairness-{stamp}"
     logs.mkdir(parents=True, exist_ok=True)
     report = report_header("gateway_fairness", stamp, argv, args, DEMO)
-    with one_run_at_a_time(), _fleet(logs) as workers:
+    with one_run_at_a_time(), simulated_fleet(WORKERS, ["--max-num-seqs", str(SLOTS)]) as workers:
         with _gateway(workers, logs / "capacity", fair=True, max_wait_s=args.max_wait_s) as (url, keys):
-            capacity = _bench(url, keys["standard-a"], logs / "capacity", concurrency=WORKERS * SLOTS,
-                              requests=args.capacity_requests)["req_s"]  # fmt: skip
+            out = logs / "capacity" / "load"
+            cmd = _bench_cmd(
+                url, keys["standard-a"], out, concurrency=WORKERS * SLOTS, requests=args.capacity_requests
+            )
+            capacity = _start(cmd, out).result()["req_s"]
         report["capacity_req_s"] = capacity
         print(f"[bench] capacity {capacity:.1f} req/s; offering {args.load}x", flush=True)
         rates = {team: share * args.load * capacity for team, share in SHARES.items()}
         report["rates"] = rates
         with _gateway(workers, logs / "idle", fair=True, max_wait_s=args.max_wait_s) as (url, keys):
-            report["premium_idle"] = _bench(url, keys["premium"], logs / "idle" / "premium",
-                                            rate=rates["premium"], seconds=args.seconds)  # fmt: skip
+            out = logs / "idle" / "premium"
+            cmd = _bench_cmd(url, keys["premium"], out, rates["premium"], args.seconds)
+            report["premium_idle"] = _start(cmd, out).result()
         for label, fair in (("gateway", True), ("no priority, first come first served", False)):
             print(f"[bench] {label}", flush=True)
             with _gateway(workers, logs / label[:7], fair=fair, max_wait_s=args.max_wait_s) as (url, keys):
@@ -78,31 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     _print(report)
     print(f"\nresults: {out}")
     return 0
-
-
-@contextlib.contextmanager
-def _fleet(logs: Path) -> Iterator[list[str]]:
-    procs, urls = [], []
-    try:
-        for i in range(WORKERS):
-            cmd = [*TOKENMILL, "serve", "--runner", "simulated", "--port", "0", "--grpc-port", "-1"]
-            cmd += ["--max-num-seqs", str(SLOTS), "--worker-id", f"sim-{i}"]
-            procs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True))
-        for proc in procs:
-            assert proc.stderr is not None
-            for line in proc.stderr:
-                if "ready: " in line:
-                    urls.append(line.split("ready: ")[1].split("/v1")[0])
-                    break
-            else:
-                raise RuntimeError("a simulated worker did not start")
-        (logs / "workers.txt").write_text("\n".join(urls) + "\n")
-        yield urls
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait()
 
 
 @contextlib.contextmanager
@@ -152,18 +132,6 @@ def _gateway(
         proc.terminate()
         proc.wait(10)
         log.close()
-
-
-def _bench(
-    url: str,
-    key: str,
-    out: Path,
-    rate: float | None = None,
-    seconds: float | None = None,
-    concurrency: int | None = None,
-    requests: int | None = None,
-) -> dict[str, Any]:
-    return _start(_bench_cmd(url, key, out, rate, seconds, concurrency, requests), out).result()
 
 
 def _bench_cmd(

@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ import httpx
 
 from bench_process import RESULTS, ROOT, one_run_at_a_time, report_header, save_report
 from router_overhead import PEERS, TOKENMILL, _router
+from sim_fleet import simulated_fleet
 
 DEMO = ROOT / "src" / "tokenmill" / "engine" / "demo_model"
 SIM_MODEL = ROOT / ".bench" / "sim-model-8k"
@@ -105,40 +105,11 @@ def _sim_model() -> Path:
     return SIM_MODEL
 
 
-@contextlib.contextmanager
-def _fleet(args: argparse.Namespace, model: Path) -> Iterator[list[str]]:
+def _fleet(args: argparse.Namespace, model: Path) -> contextlib.AbstractContextManager[list[str]]:
     kv_bytes = args.kv_tokens * 2048  # the demo model keeps 2 KiB of KV per token
-    procs, urls = [], []
-    try:
-        for i in range(args.workers):
-            cmd = [
-                *TOKENMILL,
-                "serve",
-                str(model),
-                "--runner",
-                "simulated",
-                "--port",
-                "0",
-                "--grpc-port",
-                "-1",
-            ]
-            cmd += ["--kv-cache-memory", str(kv_bytes), "--worker-id", f"sim-{i}", "--kv-events"]
-            cmd += ["--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "demo"]
-            procs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True))
-        for proc in procs:
-            assert proc.stderr is not None
-            for line in proc.stderr:
-                if "ready: " in line:
-                    urls.append(line.split("ready: ")[1].split("/v1")[0])
-                    break
-            else:
-                raise RuntimeError("a simulated worker did not start")
-        yield urls
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait()
+    options = [str(model), "--kv-cache-memory", str(kv_bytes), "--kv-events"]
+    options += ["--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "demo"]
+    return simulated_fleet(args.workers, options)
 
 
 def _capacity(args: argparse.Namespace, model: Path, out: Path) -> float:

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -189,13 +190,14 @@ class RouterApp:
                 return
             body = json.dumps(request).encode()
         outcome = _Outcome(admitted)
+        call = _Call(
+            scope, receive, send, request, body, headers, session, text, prompt_tokens, output_tokens, outcome
+        )
         try:
             if admitted is None:
-                await self._route(scope, receive, send, request, body, headers, session, text, prompt_tokens,
-                                  output_tokens, outcome)  # fmt: skip
+                await self._route(call)
             else:
-                await self._admit_and_route(scope, receive, send, request, body, headers, session, text,
-                                            prompt_tokens, output_tokens, outcome, admitted)  # fmt: skip
+                await self._admit_and_route(call, admitted)
         except asyncio.CancelledError:
             outcome.state = "cancelled"
             raise
@@ -205,21 +207,7 @@ class RouterApp:
                     admitted, outcome.usage(), outcome.state, outcome.status, outcome.worker, outcome.chunks()
                 )
 
-    async def _admit_and_route(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        request: dict[str, Any],
-        body: bytes,
-        headers: dict[str, str],
-        session: str | None,
-        text: str,
-        prompt_tokens: int,
-        output_tokens: int,
-        outcome: _Outcome,
-        admitted: Admitted,
-    ) -> None:
+    async def _admit_and_route(self, call: _Call, admitted: Admitted) -> None:
         """Through the pool's admission queue (priority bands, fair shares), then routed."""
         from tokenmill.router.admission import QueueFull
 
@@ -228,12 +216,13 @@ class RouterApp:
         try:
             await queue.acquire(admitted.team.name, admitted.priority, admitted.reservation.tokens)
         except QueueFull as e:
-            outcome.status, outcome.state = 429, "queue_full"
-            await _error(send, 429, str(e), kind="rate_limit_error", retry_after=e.retry_after, param="queue")
+            call.outcome.status, call.outcome.state = 429, "queue_full"
+            await _error(
+                call.send, 429, str(e), kind="rate_limit_error", retry_after=e.retry_after, param="queue"
+            )
             return
         try:
-            await self._route(scope, receive, send, request, body, headers, session, text, prompt_tokens,
-                              output_tokens, outcome, pool)  # fmt: skip
+            await self._route(call, pool)
         finally:
             queue.release(admitted.priority)
 
@@ -259,21 +248,10 @@ class RouterApp:
             queue = self._queues[pool] = AdmissionQueue(capacity, policy, weight)
         return queue
 
-    async def _route(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        request: dict[str, Any],
-        body: bytes,
-        headers: dict[str, str],
-        session: str | None,
-        text: str,
-        prompt_tokens: int,
-        output_tokens: int,
-        outcome: _Outcome,
-        pool: str | None = None,
-    ) -> None:
+    async def _route(self, call: _Call, pool: str | None = None) -> None:
+        """Choose a worker (of ``pool``, for the gateway) and forward; the next one if it fails first."""
+        scope, receive, send, request, body = call.scope, call.receive, call.send, call.request, call.body
+        prompt_tokens, outcome, headers, text = call.prompt_tokens, call.outcome, call.headers, call.text
         blocks = None
         if self.hasher is not None:  # kv: exact blocks, unless the prompt is long and new (see below)
             blocks = await self.hasher.blocks(request, self._block_size(), wait=False)
@@ -285,7 +263,7 @@ class RouterApp:
         prefix = (
             chunk_hashes(text) if self.router.policy == "prefix" or (self.hasher and blocks is None) else []
         )
-        route = RouteRequest(prompt_tokens + output_tokens, session, prompt_tokens, prefix, blocks)
+        route = RouteRequest(prompt_tokens + call.output_tokens, call.session, prompt_tokens, prefix, blocks)
         tried: set[str] = set()
         while True:
             candidates = [w for w in self.pool.available(pool) if w.url not in tried]
@@ -625,6 +603,23 @@ def _body_for(worker: Worker, request: dict[str, Any], body: bytes) -> bytes:
 def _asked_output(request: dict[str, Any]) -> int | None:
     asked = request.get("max_completion_tokens", request.get("max_tokens"))
     return asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else None
+
+
+@dataclass(slots=True)
+class _Call:
+    """One proxied request, as the steps of routing it pass it on."""
+
+    scope: Scope
+    receive: Receive
+    send: Send
+    request: dict[str, Any]  # the body, parsed (and rewritten by the gateway)
+    body: bytes  # as it goes to the worker
+    headers: dict[str, str]
+    session: str | None
+    text: str  # the prompt's text (prefix_index.prompt_text)
+    prompt_tokens: int  # estimated
+    output_tokens: int  # asked, or the default estimate
+    outcome: _Outcome
 
 
 class _Outcome:
