@@ -88,7 +88,7 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
@@ -173,36 +173,14 @@ class Ledger:
     ) -> int:
         """The request's row, before it is forwarded; returns the row id. ``started``: its wall
         time (now by default), which ``close_request`` needs again."""
-        cursor = self._db.execute(
-            "INSERT INTO usage (request_id, team, key_id, model, priority, prompt_tokens, status, started, "
-            "tags) VALUES (?, ?, ?, ?, ?, ?, 'in_flight', ?, ?)",
-            (
-                request_id,
-                team,
-                key_id,
-                model,
-                priority,
-                prompt_tokens,
-                time.time() if started is None else started,
-                json.dumps(tags) if tags else None,
-            ),
-        )
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
+        opened = time.time() if started is None else started
+        return insert_row(self._db, request_id, team, key_id, model, priority, prompt_tokens, tags, opened)
 
     def close_request(self, row: int, closing: Closing, team: str, model: str, started: float) -> None:
         """Complete the row ``open_request`` made (``team``, ``model`` and ``started``, the time it was
         opened, as given then: the totals need them, and reading them back costs a query)."""
         with self._transaction():
-            self._db.execute(
-                "UPDATE usage SET prompt_tokens = ?, completion_tokens = ?, status = ?, http_status = ?, "
-                "worker = ?, latency_s = ?, cost = ?, finished = ? WHERE id = ?",
-                (closing.prompt_tokens, closing.completion_tokens, closing.status, closing.http_status,
-                 closing.worker, closing.latency_s, closing.cost, time.time(), row),
-            )  # fmt: skip
-            self._add_totals(
-                team, _day(started), model, closing.prompt_tokens, closing.completion_tokens, closing.cost
-            )
+            complete_row(self._db, row, closing, team, model, started)
 
     def _close_interrupted(self) -> int:
         """Rows a dead gateway left in flight: closed as interrupted, their prompts counted."""
@@ -214,16 +192,8 @@ class Ledger:
                 self._db.execute(
                     "UPDATE usage SET status = 'interrupted', finished = ? WHERE id = ?", (time.time(), row)
                 )
-                self._add_totals(team, _day(started), model, prompt, 0, 0.0)
+                add_totals(self._db, team, _day(started), model, prompt, 0, 0.0)
         return len(rows)
-
-    def _add_totals(self, team: str, day: str, model: str, prompt: int, completion: int, cost: float) -> None:
-        self._db.execute(
-            "INSERT INTO totals VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT (team, day, model) DO UPDATE SET "
-            "requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-            "completion_tokens = completion_tokens + excluded.completion_tokens, cost = cost + excluded.cost",
-            (team, day, model, prompt, completion, cost),
-        )
 
     def spent(self, team: str, budget: Budget, now: float | None = None) -> tuple[int, float]:
         """Tokens and dollars the team has spent in the budget's current period."""
@@ -272,6 +242,59 @@ class Ledger:
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
+
+
+def insert_row(
+    db: sqlite3.Connection,
+    request_id: str,
+    team: str,
+    key_id: str,
+    model: str,
+    priority: int,
+    prompt_tokens: int,
+    tags: dict[str, Any] | None,
+    started: float,
+) -> int:
+    cursor = db.execute(
+        "INSERT INTO usage (request_id, team, key_id, model, priority, prompt_tokens, status, started, "
+        "tags) VALUES (?, ?, ?, ?, ?, ?, 'in_flight', ?, ?)",
+        (
+            request_id,
+            team,
+            key_id,
+            model,
+            priority,
+            prompt_tokens,
+            started,
+            json.dumps(tags) if tags else None,
+        ),
+    )
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
+
+
+def complete_row(
+    db: sqlite3.Connection, row: int, closing: Closing, team: str, model: str, started: float
+) -> None:
+    """Close a request's row and add it to the totals (inside the caller's transaction)."""
+    db.execute(
+        "UPDATE usage SET prompt_tokens = ?, completion_tokens = ?, status = ?, http_status = ?, "
+        "worker = ?, latency_s = ?, cost = ?, finished = ? WHERE id = ?",
+        (closing.prompt_tokens, closing.completion_tokens, closing.status, closing.http_status,
+         closing.worker, closing.latency_s, closing.cost, time.time(), row),
+    )  # fmt: skip
+    add_totals(db, team, _day(started), model, closing.prompt_tokens, closing.completion_tokens, closing.cost)
+
+
+def add_totals(
+    db: sqlite3.Connection, team: str, day: str, model: str, prompt: int, completion: int, cost: float
+) -> None:
+    db.execute(
+        "INSERT INTO totals VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT (team, day, model) DO UPDATE SET "
+        "requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+        "completion_tokens = completion_tokens + excluded.completion_tokens, cost = cost + excluded.cost",
+        (team, day, model, prompt, completion, cost),
+    )
 
 
 class _Transaction:
