@@ -28,6 +28,8 @@ teams:
   beta: {models: [demo], priority: 0}
   capped: {models: [demo], requests_per_minute: 2}
   elsewhere: {models: [another-model]}
+  metered: {tokens_per_minute: 100}
+  budgeted: {budget: {tokens: 70, period: day}}
 """
 
 
@@ -42,7 +44,10 @@ def worker():
 def gateway(worker, tmp_path: Path):
     config = tmp_path / "gateway.yaml"
     config.write_text(CONFIG)
-    keys = {team: create_key(config, team) for team in ("alpha", "beta", "capped", "elsewhere")}
+    keys = {
+        team: create_key(config, team)
+        for team in ("alpha", "beta", "capped", "elsewhere", "metered", "budgeted")
+    }
     router = start_gateway(worker, config)
     yield type(
         "G", (), {"url": router.url, "router": router, "keys": keys, "config": config, "worker": worker}
@@ -287,3 +292,22 @@ def test_when_workers_are_full_higher_priority_waits_less(tmp_path: Path):
     finally:
         router.stop()
         single.stop()
+
+
+def test_tokens_per_minute_and_budgets_through_http(gateway):
+    metered, budgeted = gateway.keys["metered"], gateway.keys["budgeted"]
+    too_big = chat(gateway.url, metered, max_tokens=120)
+    assert too_big.status_code == 400 and "max_tokens" in too_big.json()["error"]["message"]
+    # "Hi" is estimated at 15 prompt tokens (14 with the template); a request is charged what it
+    # used, its reservation refunded
+    assert chat(gateway.url, metered, max_tokens=30).status_code == 200  # ~56 of 100 left
+    assert chat(gateway.url, metered, max_tokens=40).status_code == 200  # ~2 left
+    third = chat(gateway.url, metered, max_tokens=40)
+    assert third.status_code == 429 and third.json()["error"]["param"] == "tokens_per_minute"
+    assert 1 <= int(third.headers["retry-after"]) <= 60
+    statuses = [chat(gateway.url, budgeted, max_tokens=4).status_code for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]  # 18 tokens used each, 19 reserved, 70 a day
+    over = chat(gateway.url, budgeted, max_tokens=4)
+    assert over.json()["error"]["param"] == "budget" and int(over.headers["retry-after"]) <= 86_400
+    rows = Ledger(gateway.config.parent / "usage.db").rows("budgeted")
+    assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows) <= 70

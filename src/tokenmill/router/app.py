@@ -67,6 +67,7 @@ _HOP_BY_HOP = frozenset(
 )
 _DEFAULT_OUTPUT_TOKENS = 256  # for the load estimate when a request names no max_tokens
 _CHARS_PER_TOKEN = 4  # the load estimate's tokenizer (the kv policy counts exactly)
+_TEMPLATE_TOKENS = 6  # what a chat template adds per message, about (Llama 3: 5, ChatML: 5)
 _BLOCK_SIZE = 16  # until a worker's KV events say otherwise
 
 
@@ -508,15 +509,18 @@ class _Prefill:
 
 
 def _estimate_tokens(request: dict[str, Any], text: str) -> tuple[int, int]:
-    """Prompt and asked output tokens, for load accounting: characters / 4 for the prompt."""
+    """Prompt and asked output tokens, for load accounting and the gateway's reservations: a
+    token per four characters, rounded up, and for chat what a template adds (role and special
+    tokens: ``_TEMPLATE_TOKENS`` a message, and the assistant's header), erring high so that a
+    reservation covers the prompt the worker will count."""
     prompt = request.get("prompt")
-    if "messages" not in request and isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        prompt_tokens = len(prompt)  # token ids
-    else:
-        prompt_tokens = len(text) // _CHARS_PER_TOKEN
-    asked = request.get("max_completion_tokens", request.get("max_tokens"))
-    output = asked if isinstance(asked, int) and asked > 0 else _DEFAULT_OUTPUT_TOKENS
-    return prompt_tokens, output
+    messages = request.get("messages")
+    if messages is None and isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        return len(prompt), _asked_output(request) or _DEFAULT_OUTPUT_TOKENS  # token ids
+    prompt_tokens = -(-len(text) // _CHARS_PER_TOKEN)
+    if isinstance(messages, list):
+        prompt_tokens += _TEMPLATE_TOKENS * (len(messages) + 1)
+    return prompt_tokens, _asked_output(request) or _DEFAULT_OUTPUT_TOKENS
 
 
 def _forwarded(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:

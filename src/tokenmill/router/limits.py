@@ -2,7 +2,9 @@
 
 A request reserves at admission what it may use: one request, its prompt
 tokens plus ``max_tokens`` (and their price against a dollar budget), one
-parallel slot. When it ends, the unused part is refunded. So a burst of
+parallel slot. When it ends, the unused part is refunded (and a prompt that
+proved longer than estimated is charged: the bucket may go below zero, and
+the team waits it off). So a burst of
 requests, or long streams still running, can never take a team past its
 limit: what is in flight is already counted. Requests and tokens per minute
 are token buckets holding a minute's allowance and refilling continuously.
@@ -155,9 +157,9 @@ class Limiter:
         s.parallel -= 1
         s.held_tokens -= r.tokens
         s.held_dollars -= r.dollars
-        if s.tokens is not None:
+        if s.tokens is not None:  # refund what was not used; charge what was used past the reservation
             s.tokens.refill(self._clock())
-            s.tokens.level = min(s.tokens.capacity, s.tokens.level + max(0, r.tokens - used_tokens))
+            s.tokens.level = min(s.tokens.capacity, s.tokens.level + r.tokens - used_tokens)
         self._roll_period(s)
         s.spent_tokens += used_tokens
         s.spent_dollars += used_dollars
