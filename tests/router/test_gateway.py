@@ -229,17 +229,18 @@ def test_a_killed_gateway_leaves_no_request_unrecorded(gateway):
 
 
 def test_a_team_goes_to_its_pool_and_falls_back_only_while_that_pool_is_down(worker, tmp_path: Path):
-    other = start_server("--worker-id", "throughput-worker")
     config = tmp_path / "gateway.yaml"
     config.write_text("teams:\n  fast: {pool: latency}\n  bulk: {pool: throughput}\n")
     fast, bulk = create_key(config, "fast"), create_key(config, "bulk")
-    router = RouterProcess(
-        f"{worker.url}#latency",
-        f"{other.url}#throughput",
-        extra=("--gateway-config", str(config)),
-        env={"TOKENMILL_ADMIN_KEY": ADMIN},
-    )
+    other = start_server("--worker-id", "throughput-worker")
+    router = None
     try:
+        router = RouterProcess(
+            f"{worker.url}#latency",
+            f"{other.url}#throughput",
+            extra=("--gateway-config", str(config)),
+            env={"TOKENMILL_ADMIN_KEY": ADMIN},
+        )
         latency_name = worker.url.removeprefix("http://")
         assert {chat(router.url, fast).headers["x-tokenmill-worker"] for _ in range(3)} == {latency_name}
         assert {chat(router.url, bulk).headers["x-tokenmill-worker"] for _ in range(3)} == {
@@ -252,19 +253,21 @@ def test_a_team_goes_to_its_pool_and_falls_back_only_while_that_pool_is_down(wor
             httpx.post(f"{router.url}/admin/workers", json={"url": worker.url}, timeout=30).status_code == 401
         )
     finally:
-        router.stop()
+        if router is not None:
+            router.stop()
         other.stop()
 
 
 def test_when_workers_are_full_higher_priority_waits_less(tmp_path: Path):
-    single = start_server("--max-num-seqs", "1")  # reports a concurrency limit of 1: the queue engages
     config = tmp_path / "gateway.yaml"
     config.write_text("teams:\n  premium: {priority: 10}\n  standard: {priority: 0}\n")
     premium, standard = create_key(config, "premium"), create_key(config, "standard")
-    router = RouterProcess(
-        single.url, extra=("--gateway-config", str(config)), env={"TOKENMILL_ADMIN_KEY": ADMIN}
-    )
+    single = start_server("--max-num-seqs", "1")  # reports a concurrency limit of 1: the queue engages
+    router = None
     try:
+        router = RouterProcess(
+            single.url, extra=("--gateway-config", str(config)), env={"TOKENMILL_ADMIN_KEY": ADMIN}
+        )
         wait_until(lambda: router.status()["workers"][0]["slots"] == 1, "the worker's slots from its metrics")
         finished: list[str] = []
 
@@ -290,7 +293,8 @@ def test_when_workers_are_full_higher_priority_waits_less(tmp_path: Path):
         # the worker preempted the long standard request to seat it.
         assert finished[0] == "premium", finished
     finally:
-        router.stop()
+        if router is not None:
+            router.stop()
         single.stop()
 
 
