@@ -174,13 +174,35 @@ class Ledger:
         """The request's row, before it is forwarded; returns the row id. ``started``: its wall
         time (now by default), which ``close_request`` needs again."""
         opened = time.time() if started is None else started
-        return insert_row(self._db, request_id, team, key_id, model, priority, prompt_tokens, tags, opened)
+        cursor = self._db.execute(
+            "INSERT INTO usage (request_id, team, key_id, model, priority, prompt_tokens, status, started, "
+            "tags) VALUES (?, ?, ?, ?, ?, ?, 'in_flight', ?, ?)",
+            (
+                request_id,
+                team,
+                key_id,
+                model,
+                priority,
+                prompt_tokens,
+                opened,
+                json.dumps(tags) if tags else None,
+            ),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
 
     def close_request(self, row: int, closing: Closing, team: str, model: str, started: float) -> None:
         """Complete the row ``open_request`` made (``team``, ``model`` and ``started``, the time it was
         opened, as given then: the totals need them, and reading them back costs a query)."""
         with self._transaction():
-            complete_row(self._db, row, closing, team, model, started)
+            self._db.execute(
+                "UPDATE usage SET prompt_tokens = ?, completion_tokens = ?, status = ?, http_status = ?, "
+                "worker = ?, latency_s = ?, cost = ?, finished = ? WHERE id = ?",
+                (closing.prompt_tokens, closing.completion_tokens, closing.status, closing.http_status,
+                 closing.worker, closing.latency_s, closing.cost, time.time(), row),
+            )  # fmt: skip
+            add_totals(self._db, team, _day(started), model, closing.prompt_tokens, closing.completion_tokens,
+                       closing.cost)  # fmt: skip
 
     def _close_interrupted(self) -> int:
         """Rows a dead gateway left in flight: closed as interrupted, their prompts counted."""
@@ -242,48 +264,6 @@ class Ledger:
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
-
-
-def insert_row(
-    db: sqlite3.Connection,
-    request_id: str,
-    team: str,
-    key_id: str,
-    model: str,
-    priority: int,
-    prompt_tokens: int,
-    tags: dict[str, Any] | None,
-    started: float,
-) -> int:
-    cursor = db.execute(
-        "INSERT INTO usage (request_id, team, key_id, model, priority, prompt_tokens, status, started, "
-        "tags) VALUES (?, ?, ?, ?, ?, ?, 'in_flight', ?, ?)",
-        (
-            request_id,
-            team,
-            key_id,
-            model,
-            priority,
-            prompt_tokens,
-            started,
-            json.dumps(tags) if tags else None,
-        ),
-    )
-    assert cursor.lastrowid is not None
-    return cursor.lastrowid
-
-
-def complete_row(
-    db: sqlite3.Connection, row: int, closing: Closing, team: str, model: str, started: float
-) -> None:
-    """Close a request's row and add it to the totals (inside the caller's transaction)."""
-    db.execute(
-        "UPDATE usage SET prompt_tokens = ?, completion_tokens = ?, status = ?, http_status = ?, "
-        "worker = ?, latency_s = ?, cost = ?, finished = ? WHERE id = ?",
-        (closing.prompt_tokens, closing.completion_tokens, closing.status, closing.http_status,
-         closing.worker, closing.latency_s, closing.cost, time.time(), row),
-    )  # fmt: skip
-    add_totals(db, team, _day(started), model, closing.prompt_tokens, closing.completion_tokens, closing.cost)
 
 
 def add_totals(
