@@ -83,8 +83,7 @@ tokenmill_prefix_cache_hits_created{model_name="demo"} 1.7e9
 def test_the_engine_is_known_by_its_metrics_names_and_vllm_gets_priority_the_other_way():
     import json
 
-    from tokenmill.router.app import _body_for
-    from tokenmill.router.workers import Worker
+    from tokenmill.router.gateway import body_for
 
     assert parse_counters('tokenmill_concurrency_limit{model_name="d"} 8\n').engine == "tokenmill"
     assert parse_counters("# HELP x\nvllm:num_requests_running 3\n").engine == "vllm"
@@ -92,6 +91,5 @@ def test_the_engine_is_known_by_its_metrics_names_and_vllm_gets_priority_the_oth
     assert parse_counters('tokenmill_concurrency_limit{model_name="d"} 8\n').concurrency_limit == 8
     request = {"model": "m", "priority": 7}
     body = json.dumps(request).encode()
-    vllm, ours = Worker("http://a", engine="vllm"), Worker("http://b", engine="tokenmill")
-    assert json.loads(_body_for(vllm, request, body))["priority"] == -7  # vLLM runs lower values first
-    assert _body_for(ours, request, body) is body
+    assert json.loads(body_for("vllm", request, body))["priority"] == -7  # vLLM runs lower values first
+    assert body_for("tokenmill", request, body) is body

@@ -17,6 +17,9 @@ from datetime import date
 from typing import Any
 from urllib.parse import parse_qs
 
+from starlette.types import Receive, Scope, Send
+
+from tokenmill.router.asgi import forwarded_headers, read_body, send_error, send_json
 from tokenmill.router.gateway import Gateway, GatewayError
 from tokenmill.router.gateway_config import GatewayConfigError, parse_team
 
@@ -100,6 +103,24 @@ def handle_usage(gateway: Gateway, query: str, headers: dict[str, str]) -> Answe
     start, end = _day(args.get("from"), "from"), _day(args.get("to"), "to")
     rows = gateway.ledger.usage(team, start, end, group_by)
     return Answer(200, {"object": "list", "group_by": group_by, "data": rows})
+
+
+async def serve_gateway_api(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
+    """The endpoints above, answered over ASGI (errors in OpenAI's shape)."""
+    headers = forwarded_headers(scope["headers"])
+    query = scope.get("query_string", b"").decode("latin-1")
+    try:
+        if scope["path"] == "/v1/usage":
+            if scope["method"] != "GET":
+                raise GatewayError(405, "/v1/usage takes GET", "invalid_request_error")
+            answer = handle_usage(gateway, query, headers)
+        else:
+            body = await read_body(receive)
+            answer = handle_admin(gateway, scope["method"], scope["path"], query, body, headers)
+    except GatewayError as e:
+        await send_error(send, e.status, e.message, kind=e.kind, retry_after=e.retry_after, param=e.param)
+        return
+    await send_json(send, answer.status, answer.body)
 
 
 def _day(value: str | None, field: str) -> date | None:

@@ -14,13 +14,16 @@ kept with the usage row); every other field goes to the worker unchanged.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.protocol.headers import PRIORITY_HEADER, TENANT_HEADER
+from tokenmill.router.admission import AdmissionQueue, QueuePolicy
 from tokenmill.router.gateway_config import GatewayConfig, Price, Team
 from tokenmill.router.ledger import Closing, KeyRecord, Ledger, hash_key
 from tokenmill.router.limits import Limiter, Refusal, Reservation
@@ -73,6 +76,7 @@ class Gateway:
         self.teams = self.ledger.teams()
         self._keys = self.ledger.active_key_hashes()
         self._keys_read = time.monotonic()
+        self.queues: dict[str, AdmissionQueue] = {}  # one admission queue per pool
         self.limiter = Limiter(self._spent)
         for team in self.teams.values():
             self.limiter.configure(team)
@@ -207,6 +211,21 @@ class Gateway:
         closing = Closing(prompt, completion, status, http_status, worker, latency, cost)
         self.ledger.close_request(a.row, closing, a.team.name, a.model, a.opened)
 
+    # -- admission -------------------------------------------------------------------------
+
+    def queue(self, pool: str, capacity: Callable[[], int]) -> AdmissionQueue:
+        """The pool's admission queue (made on first use); ``capacity()``: the pool's slots now."""
+        queue = self.queues.get(pool)
+        if queue is None:
+            c = self.config
+            policy = QueuePolicy(c.max_waiting, c.max_wait_s, c.aging_s, c.fair_queuing, c.overflow)
+            queue = self.queues[pool] = AdmissionQueue(capacity, policy, self._weight)
+        return queue
+
+    def _weight(self, team: str) -> float:
+        t = self.teams.get(team)
+        return t.weight if t is not None else 1.0
+
     # -- administration --------------------------------------------------------------------
 
     def set_team(self, team: Team) -> None:
@@ -267,3 +286,11 @@ def _priority(request: dict[str, Any], headers: dict[str, str], team: Team) -> i
             400, f"priority must be an integer, got {asked!r}", "invalid_request_error", "priority"
         )
     return min(asked, team.priority)
+
+
+def body_for(engine: str | None, request: dict[str, Any], body: bytes) -> bytes:
+    """The gateway's body as a worker's engine reads it: vLLM runs the lowest priority value first
+    (with ``--scheduling-policy priority``), tokenmill the highest."""
+    if engine != "vllm" or not isinstance(request.get("priority"), int):
+        return body
+    return json.dumps({**request, "priority": -request["priority"]}).encode()
