@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,15 +16,24 @@ ENV = {**os.environ, "COLUMNS": "200"}
 TOKENMILL = [sys.executable, "-m", "tokenmill.cli.main"]
 
 
+@contextlib.contextmanager
+def mock_server(*args: str):
+    """``tokenmill bench mock-server`` on a free port, in its own process; yields its URL."""
+    cmd = [*TOKENMILL, "bench", "mock-server", "--port", "0", *args]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        line = proc.stderr.readline()
+        assert "ready: " in line, line
+        yield line.split("ready: ")[1].split("/v1")[0]
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 @pytest.fixture(scope="module")
 def mock_url():
-    cmd = [*TOKENMILL, "bench", "mock-server", "--port", "0", "--ttft", "0.05", "--itl", "0.005"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=ENV)
-    line = proc.stderr.readline()
-    assert "ready: " in line, line
-    yield line.split("ready: ")[1].split("/v1")[0]
-    proc.terminate()
-    proc.wait()
+    with mock_server("--ttft", "0.05", "--itl", "0.005") as url:
+        yield url
 
 
 def bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -111,11 +121,72 @@ def test_a_concurrency_sweep_runs_each_point_and_writes_one_csv_row_each(mock_ur
 
 
 def test_find_max_goodput_reports_when_no_rate_meets_the_slo(mock_url):
-    # The mock answers in 50 ms: a 10 ms TTFT target fails at any rate.
+    # The mock answers in 50 ms: a 10 ms TTFT target fails at any rate. That is an answer: exit 0.
     load = ["--find-max-goodput", "--rate", "400", "--slo", "ttft=0.01", "--requests", "5"]
     done = bench("run", mock_url, *load, "--prompt-tokens", "10", "--output-tokens", "2")
     assert done.returncode == 0, done.stderr
     assert "max goodput rate" in done.stdout and "none of the rates tried" in done.stdout
+
+
+def test_find_max_goodput_without_a_failing_rate_says_so_and_saves_the_search(mock_url, tmp_path):
+    # A 1 s TTFT target holds at any rate this client can send: the search must end at the
+    # client's limit and say it found no bound (it used to print "4.19e+06 req/s"), and keep
+    # its probes in the files, not only on the terminal.
+    prefix = tmp_path / "search"
+    load = ["--find-max-goodput", "--rate", "500", "--slo", "ttft=1", "--requests", "20"]
+    data = ["--prompt-tokens", "5", "--output-tokens", "2", "--check-tokens", "0"]
+    done = bench("run", mock_url, *load, *data, "-o", str(prefix), timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "no rate failed up to" in done.stdout and "client fell behind" in done.stdout
+    assert "Traceback" not in done.stderr
+    saved = json.loads((tmp_path / "search.search.json").read_text())
+    verdicts = [p["verdict"] for p in saved["probes"]]
+    assert saved["max_rate"] is None and saved["answer"].startswith("no rate failed up to")
+    assert "client_behind" in verdicts and "slo_miss" not in verdicts and saved["slo"] == "ttft=1"
+    rows = (tmp_path / "search.csv").read_text().splitlines()
+    assert rows[0].endswith(",search_probe") and [r.split(",")[-1] for r in rows[1:]] == verdicts
+    assert "Max goodput search" in (tmp_path / "search.html").read_text()
+
+
+def test_max_concurrency_queueing_is_the_servers_backlog_not_client_lag(mock_url):
+    # One slot, a request every 10 ms, 55 ms each: requests queue behind the cap. That is the
+    # server saturated (TTFT counts it), not the client behind its schedule: the run is valid.
+    load = ["--profile", "constant", "--rate", "100", "--max-concurrency", "1", "--requests", "8"]
+    done = bench("run", mock_url, *load, "--prompt-tokens", "5", "--output-tokens", "2")
+    assert done.returncode == 0, done.stdout
+    assert "queue wait: 7 of 8 requests waited" in done.stdout and "invalid run" not in done.stdout
+
+
+def test_a_server_killed_mid_run_still_reports_and_writes_files(tmp_path):
+    prefix = tmp_path / "killed"
+    load = ["--profile", "constant", "--rate", "20", "--requests", "30", "--prompt-tokens", "8"]
+    with mock_server("--ttft", "0.01", "--itl", "0.001", "--crash-after", "8") as url:
+        done = bench("run", url, *load, "--output-tokens", "10", "-o", str(prefix))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    said = " ".join(done.stderr.split())
+    assert "went away" in said and "the report covers the run" in said
+    saved = json.loads((tmp_path / "killed.json").read_text())
+    errors = saved["summary"]["errors"]
+    assert saved["summary"]["succeeded"] >= 7 and errors.get("connect", 0) >= 20
+    assert set(errors) <= {"connect", "protocol"} and "connect" in done.stdout
+    notes = " ".join(saved["run"]["notes"])
+    assert "token check stopped" in notes and "stopped answering" in notes  # degraded, said so
+    assert all((tmp_path / f"killed{ext}").exists() for ext in (".events.jsonl", ".csv", ".html"))
+
+
+def test_a_sweep_whose_server_went_away_stops_after_writing_what_it_measured(tmp_path):
+    prefix = tmp_path / "sweep"
+    load = ["--concurrency", "1,2,4", "--requests", "6", "--check-tokens", "0", "--prompt-tokens", "8"]
+    with mock_server("--ttft", "0.01", "--itl", "0.001", "--crash-after", "6") as url:
+        done = bench("run", url, *load, "--output-tokens", "5", "-o", str(prefix))
+    # The first point is answered in full, then the server dies: the next point cannot build.
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    said = " ".join(done.stderr.split())  # the terminal wraps long lines
+    assert "went away (building the requests of concurrency 2 failed" in said
+    assert "the report covers 1 of 3 points" in said
+    assert json.loads((tmp_path / "sweep.0.json").read_text())["summary"]["succeeded"] == 6
+    assert not (tmp_path / "sweep.1.json").exists()
+    assert len((tmp_path / "sweep.csv").read_text().splitlines()) == 2
 
 
 def test_find_max_goodput_needs_an_slo(mock_url):
@@ -147,11 +218,34 @@ def test_calibrate_against_nothing_is_a_clear_error():
         ),
         (["--turns", "4"], "--turns and --think-time go with --data multi-turn"),
         (["--find-max-goodput", "--slo", "ttft=1", "--concurrency", "4"], "drop --concurrency"),
+        (["--find-max-goodput", "--slo", "ttft=1", "--profile", "concurrency"], "concurrency has none"),
+        (["--gpus", "2"], "--gpus goes with --gpu-cost-per-hour"),
+        (["--data-file", "x.jsonl"], "--data-file goes with --data jsonl or sharegpt, not --data synthetic"),
+        (["--duration", "-1"], "--duration must be a number of seconds > 0, got -1"),
+        (
+            ["--find-max-goodput", "--slo", "ttft=1", "--goodput-target", "1.5"],
+            "--goodput-target must be a fraction in (0, 1], got 1.5",
+        ),
+        (["--goodput-target", "0.5"], "--goodput-target goes with --find-max-goodput"),
+        (
+            ["--data", "jsonl", "--data-file", "/nonexistent/p.jsonl"],
+            "--data-file /nonexistent/p.jsonl: no such",
+        ),
+        (["--trace", "/nonexistent/t.jsonl"], "--trace /nonexistent/t.jsonl: No such file"),
     ],
 )
 def test_options_the_profile_would_ignore_are_refused(mock_url, args, message):
     done = bench("run", mock_url, *args)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_conversations_on_the_completions_endpoint_are_refused_before_sending(mock_url, tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text('{"prompt": "fine"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    done = bench("run", mock_url, "--data", "jsonl", "--data-file", str(path), "--endpoint", "completions")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "request 2 of the data has only" in done.stderr and "use --endpoint chat" in done.stderr
 
 
 def test_no_stream_measures_whole_responses(mock_url):

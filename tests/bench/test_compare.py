@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from tokenmill.bench.data import RequestSpec
 from tokenmill.bench.load import LoadProfile
 from tokenmill.bench.metrics import summarize
 from tokenmill.bench.mock_server import MockConfig, MockServer
-from tokenmill.bench.records import write_log
+from tokenmill.bench.records import RequestRecord, write_log
 from tokenmill.bench.report import Cost, write_json
 from tokenmill.bench.runner import LoadRunner, RunSettings
 
@@ -71,3 +72,29 @@ def _env():
     import os
 
     return dict(os.environ)
+
+
+def failed_run(tmp_path, name: str):
+    records = [
+        RequestRecord(i, None, sent=0.0, end=0.5, status=500, error_kind="http_5xx", error="boom")
+        for i in range(4)
+    ]
+    write_log(tmp_path / f"{name}.events.jsonl", {"url": "mock"}, records)
+    return Run.load(tmp_path / f"{name}.events.jsonl")
+
+
+def test_throughput_gets_no_degenerate_interval(tmp_path):
+    # Fixed output lengths: resampling requests gave every sample the same token sum, a
+    # zero-width interval flagged significant. Throughput is one figure per run: no interval.
+    runs = [Run.load(saved_run(tmp_path, "base", 0.02)), Run.load(saved_run(tmp_path, "slow", 0.06))]
+    tput = compare(runs)["output_tok_s"][1]
+    assert tput.delta is not None and tput.delta < 0
+    assert tput.low is None and tput.high is None and not tput.significant
+
+
+def test_a_run_without_successes_has_zero_throughput_not_nan(tmp_path):
+    runs = [Run.load(saved_run(tmp_path, "base", 0.02)), failed_run(tmp_path, "down")]
+    table = compare(runs)
+    assert table["output_tok_s"][1].value == 0.0
+    assert table["output_tok_s"][1].delta == pytest.approx(-table["output_tok_s"][0].value)
+    assert math.isnan(table["ttft_p50"][1].value)  # no request to time: unknown, not zero

@@ -10,6 +10,7 @@ import pytest
 from tokenmill.bench import data
 from tokenmill.bench.data import Length
 from tokenmill.bench.mock_server import MockServer
+from tokenmill.bench.specs import DataSource, check_endpoint
 from tokenmill.bench.tokenizers import LocalTokenizer, server_tokenizer
 from tokenmill.client import HTTPTransport
 
@@ -121,3 +122,30 @@ def test_sharegpt_takes_the_first_human_turn_and_the_reply_length(tmp_path):
 def test_bad_lengths_name_the_option(text):
     with pytest.raises(ValueError, match="--prompt-tokens"):
         Length.parse(text, "--prompt-tokens")
+
+
+def test_a_trace_run_is_described_as_a_trace_replay():
+    rows = [{"timestamp": 0.0, "input_tokens": 7, "output_tokens": 3}, {"timestamp": 1.0}]
+    source = DataSource("synthetic", Length(512, 512), Length(128, 128), trace=rows)
+    assert source.describe() == (
+        "trace replay of 2 requests, synthetic text of the trace's lengths (else 512 -> 128 tokens)"
+    )
+    assert DataSource("synthetic", Length(5, 5), Length(2, 2), trace=rows[:1]).describe() == (
+        "trace replay of 1 requests, synthetic text of the trace's lengths"
+    )
+
+
+def test_a_data_file_must_exist_and_go_with_a_file_source(tmp_path):
+    with pytest.raises(
+        ValueError, match="--data-file goes with --data jsonl or sharegpt, not --data synthetic"
+    ):
+        DataSource("synthetic", Length(5, 5), Length(2, 2), file=tmp_path / "p.jsonl")
+    with pytest.raises(ValueError, match=r"--data-file .*missing\.jsonl: no such file"):
+        DataSource("jsonl", Length(5, 5), Length(2, 2), file=tmp_path / "missing.jsonl")
+
+
+def test_conversations_cannot_go_to_the_completions_endpoint():
+    specs = [data.RequestSpec("hi"), data.RequestSpec(None, [{"role": "user", "content": "yo"}])]
+    check_endpoint(specs, "chat")
+    with pytest.raises(ValueError, match='request 2 of the data has only "messages": use --endpoint chat'):
+        check_endpoint(specs, "completions")

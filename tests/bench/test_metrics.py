@@ -93,3 +93,30 @@ def test_distribution_percentiles_interpolate_like_numpy():
 def test_bad_slos_name_the_problem(text):
     with pytest.raises(ValueError, match="--slo"):
         SLO.parse(text)
+
+
+def test_workers_imbalance_counts_tokens_too():
+    # Requests spread evenly (2 and 2), tokens not (2 + 2 against 6 + 6): max/mean 12 / 8.
+    records = [record(i, None, 0.0, [0.1, 0.2], worker="a") for i in range(2)]
+    records += [record(i + 2, None, 0.0, [0.1, 0.2], tokens=[1, 5], worker="b") for i in range(2)]
+    s = summarize(records)
+    assert s.worker_imbalance == pytest.approx(1.0) and s.worker_token_imbalance == pytest.approx(1.5)
+
+
+def test_messages_without_tokens_stay_out_of_ttft_tpot_and_itl():
+    # A role-only event at 0.05, tokens at 0.1 and 0.3, then usage and [DONE] at 0.31, 0.32.
+    r = record(0, None, 0.0, [0.05, 0.1, 0.3, 0.31, 0.32], tokens=[0, 1, 1, 0, 0], end=0.32)
+    s = summarize([r], SLO(itl=0.25))
+    assert s.ttft.mean == pytest.approx(0.1) and s.tpot.mean == pytest.approx(0.2)
+    assert s.itl.count == 1 and s.itl.mean == pytest.approx(0.2) and s.good == 1
+    assert (r.first_token, r.last_token, len(r.content)) == (0.1, 0.3, 2)
+
+
+def test_waiting_for_a_max_concurrency_slot_is_not_schedule_lag():
+    # Every 0.1 s; each waited 0.2 s for a slot, then went out within 1 ms of getting it.
+    records = [record(i, i * 0.1, i * 0.1 + 0.201, [i * 0.1 + 0.3], queued=0.2) for i in range(10)]
+    s = summarize(records, max_lag_p99=0.010)
+    assert s.valid and s.schedule_lag.max == pytest.approx(0.001)
+    assert s.queue_wait.mean == pytest.approx(0.2) and s.queued == 10
+    assert s.ttft.mean == pytest.approx(0.3)  # from the intended send: the wait is in it
+    assert s.achieved_rate == pytest.approx(s.offered_rate) == pytest.approx(10.0)

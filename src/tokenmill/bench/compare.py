@@ -5,8 +5,10 @@ Each run's summary comes from its ``.json``, the per-request values from the
 baseline), each with a 95% bootstrap confidence interval: requests of both
 runs are resampled with replacement (2,000 times, seeded) and the statistic
 recomputed, so "p99 TTFT fell 12 ms, CI [4, 19]" means the change is more than
-this run's luck. Throughput is resampled the same way (tokens of resampled
-requests over the run's duration).
+this run's luck. Throughput gets no interval: a run is one measurement of it
+(its requests share one duration and, with fixed output lengths, one token
+count, so resampling them would give a zero-width interval that looks
+significant); repeat runs to see its spread.
 """
 
 from __future__ import annotations
@@ -53,11 +55,11 @@ class Run:
 
 
 def _per_request(records: list[RequestRecord]) -> dict[str, np.ndarray]:
-    ok = [r for r in records if r.ok and r.messages and r.anchor is not None and r.end is not None]
-    ttft = np.array([r.messages[0][0] - r.anchor for r in ok])  # type: ignore[operator]
+    ok = [r for r in records if r.ok and r.first_token is not None and r.anchor is not None and r.end]
+    ttft = np.array([r.first_token - r.anchor for r in ok])  # type: ignore[operator]
     tpot = np.array(
         [
-            (r.messages[-1][0] - r.messages[0][0]) / (r.num_output_tokens - 1)
+            (r.last_token - r.first_token) / (r.num_output_tokens - 1)  # type: ignore[operator]
             if r.num_output_tokens > 1
             else np.nan
             for r in ok
@@ -67,6 +69,9 @@ def _per_request(records: list[RequestRecord]) -> dict[str, np.ndarray]:
     tokens = np.array([r.num_output_tokens for r in ok], dtype=np.float64)
     return {"ttft": ttft, "tpot": tpot, "e2e": e2e, "tokens": tokens}
 
+
+NO_INTERVAL = {"output_tok_s"}  # one figure per run: see the module's docstring
+NO_INTERVAL_WHY = "throughput: one figure per run, no interval (repeat the runs to see its spread)"
 
 STATISTICS: list[tuple[str, str, str, float, bool]] = [
     # (key, label, array, scale, higher is better)
@@ -99,8 +104,11 @@ def compare(runs: list[Run], seed: int = 0) -> dict[str, list[Difference]]:
     table: dict[str, list[Difference]] = {}
     for key, _, array, scale, _ in STATISTICS:
         point = [_stat(key, a[array], d) * scale for a, d in zip(arrays, durations, strict=True)]
-        boots = [_bootstrap(key, a[array], d, rng) * scale for a, d in zip(arrays, durations, strict=True)]
         row = [Difference(point[0], None, None, None)]
+        if key in NO_INTERVAL:
+            table[key] = row + [Difference(v, v - point[0], None, None) for v in point[1:]]
+            continue
+        boots = [_bootstrap(key, a[array], rng) * scale for a in arrays]
         for i in range(1, len(runs)):
             deltas = boots[i] - boots[0]
             deltas = deltas[np.isfinite(deltas)]
@@ -112,18 +120,16 @@ def compare(runs: list[Run], seed: int = 0) -> dict[str, list[Difference]]:
 
 def _stat(key: str, values: np.ndarray, duration: float) -> float:
     values = values[np.isfinite(values)]
+    if key == "output_tok_s":  # no successful request: no tokens, 0 tok/s (not an unknown)
+        return float(values.sum() / duration)
     if not len(values):
         return float("nan")
-    if key == "output_tok_s":
-        return float(values.sum() / duration)
     return float(np.percentile(values, 50 if key.endswith("p50") else 99))
 
 
-def _bootstrap(key: str, values: np.ndarray, duration: float, rng: np.random.Generator) -> np.ndarray:
+def _bootstrap(key: str, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     values = values[np.isfinite(values)]
     if not len(values):
         return np.full(BOOTSTRAP_SAMPLES, np.nan)
     samples = values[rng.integers(0, len(values), size=(BOOTSTRAP_SAMPLES, len(values)))]
-    if key == "output_tok_s":
-        return samples.sum(axis=1) / duration
     return np.percentile(samples, 50 if key.endswith("p50") else 99, axis=1)

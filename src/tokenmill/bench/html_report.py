@@ -10,7 +10,7 @@ import jinja2
 from tokenmill.bench import plots
 from tokenmill.bench.metrics import FORMULAS, Summary
 from tokenmill.bench.records import RequestRecord
-from tokenmill.bench.report import LATENCIES, Cost
+from tokenmill.bench.report import LATENCIES, Cost, cost_cells
 
 _TEMPLATE = jinja2.Environment(autoescape=True).from_string(
     """<!doctype html>
@@ -29,11 +29,15 @@ svg { max-width: 100%; height: auto; }
 {% if sweep %}<h2>Sweep</h2>
 <table><tr><th>load</th><th>req/s</th><th>output tok/s</th><th>TTFT p50 / p99 ms</th>
 <th>TPOT p50 / p99 ms</th><th>goodput req/s</th>
-{% if cost %}<th>$ / M output tokens</th>{% endif %}<th>valid</th></tr>
+{% if cost %}<th>$ / M output tokens</th><th>$ / M tokens</th>{% endif %}<th>valid</th>
+{% if search %}<th>probe</th>{% endif %}</tr>
 {% for row in sweep %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
 {{ sweep_svg | safe }}{% endif %}
+{% if search %}<h2>Max goodput search</h2><p>max goodput rate ({{ search.slo }},
+{{ "%.0f" % (100 * search.target) }}% good): <b>{{ search.answer }}</b></p>{% endif %}
 {% for p in points %}<h2>{{ p.label }}</h2>
 {% if not p.summary.valid %}<p class="invalid">invalid run: {{ p.summary.invalid_reason }}</p>{% endif %}
+{% for note in p.notes %}<p class="invalid">{{ note }}</p>{% endfor %}
 <p>{{ p.summary.succeeded }} ok, {{ p.summary.failed }} failed of {{ p.summary.requests }} in
 {{ "%.2f" % p.summary.duration_s }} s; {{ "%.2f" % p.summary.request_tput }} req/s,
 output {{ "%.1f" % p.summary.output_tok_s }} tok/s, input {{ "%.1f" % p.summary.input_tok_s }} tok/s
@@ -43,7 +47,8 @@ output {{ "%.1f" % p.summary.output_tok_s }} tok/s, input {{ "%.1f" % p.summary.
 {% for row in p.latency %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
 {% if p.summary.errors %}<p>errors:
 {% for k, v in p.summary.errors.items() %}{{ k }} {{ v }}; {% endfor %}</p>{% endif %}
-{% if p.summary.workers %}<p>workers (max/mean {{ "%.2f" % p.summary.worker_imbalance }}):
+{% if p.summary.workers %}<p>workers (max/mean: requests {{ "%.2f" % p.summary.worker_imbalance }},
+tokens {{ "%.2f" % (p.summary.worker_token_imbalance or 0) }}):
 {% for w, v in p.summary.workers.items() %}{{ w }} {{ v.requests }} requests,
 {{ v.output_tokens }} tokens; {% endfor %}</p>{% endif %}
 {{ p.timeline | safe }}
@@ -62,8 +67,10 @@ def write_html(
     points: list[tuple[dict[str, Any], Summary, list[RequestRecord]]],
     cost: Cost | None = None,
     sweep_axis: tuple[str, list[float]] | None = None,
+    search: dict[str, Any] | None = None,
 ) -> None:
-    """``points``: (run info, summary, records) per load; ``sweep_axis``: the x of a sweep's curves."""
+    """``points``: (run info, summary, records) per load; ``sweep_axis``: the x of a sweep's curves;
+    ``search``: a max-goodput search's result (``GoodputSearch.to_json`` with its slo and target)."""
     first = points[0][0]
     settings = [(k, first[k]) for k in ("url", "model", "endpoint", "data", "started", "seed") if k in first]
     sweep_rows, sweep_svg = [], ""
@@ -78,9 +85,10 @@ def write_html(
             ]
             row.append(f"{s.goodput:.2f}" if s.goodput is not None else "-")
             if cost is not None:
-                per_m = cost.per_million(s.output_tok_s)
-                row.append(f"{per_m:.3f}" if per_m is not None else "-")
+                row += cost_cells(cost, s)
             row.append("yes" if s.valid else "no")
+            if search is not None:
+                row.append(info.get("search_probe", "-"))
             sweep_rows.append(row)
         if sweep_axis is not None:
             name, x = sweep_axis
@@ -100,22 +108,30 @@ def write_html(
                         ),
                     ]
                 )
-        dollars = cost.per_million(s.output_tok_s) if cost is not None else None
+        dollars = cost_cells(cost, s) if cost is not None else None
         rendered.append(
             {
                 "label": info["profile"],
                 "summary": s,
+                "notes": info.get("notes") or [],
                 "latency": latency,
-                "cost": f"${dollars:.3f} per million output tokens" if dollars is not None else None,
+                "cost": f"${dollars[0]} per million output tokens, ${dollars[1]} per million tokens"
+                if dollars is not None
+                else None,
                 "timeline": plots.timeline(records),
                 "server": plots.server_timeline(samples) if (samples := _samples(info)) else "",
             }
         )
     html = _TEMPLATE.render(
-        title=first["profile"] if len(points) == 1 else f"sweep of {len(points)} loads",
+        title=f"max goodput search, {len(points)} probes"
+        if search is not None
+        else first["profile"]
+        if len(points) == 1
+        else f"sweep of {len(points)} loads",
         settings=settings,
         sweep=sweep_rows,
         sweep_svg=sweep_svg,
+        search=search,
         cost=cost,
         points=rendered,
         cdf_svg=plots.latency_cdfs([(i["profile"], r) for i, _, r in points]),
@@ -136,17 +152,12 @@ def write_compare_html(path: Path, runs: list[Any], table: dict[str, Any]) -> No
     """``tokenmill bench compare --html``: the differences table and the Pareto plots."""
     import html as html_lib
 
-    from tokenmill.bench.compare import STATISTICS
+    from tokenmill.bench.compare import NO_INTERVAL_WHY, STATISTICS
 
     head = "".join(f"<th>{html_lib.escape(r.label)}</th>" for r in runs)
     body = ""
     for key, label, _, _, _ in STATISTICS:
-        cells = "".join(
-            f"<td>{d.value:.2f}"
-            + ("" if d.delta is None else f" ({d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}])")
-            + "</td>"
-            for d in table[key]
-        )
+        cells = "".join(f"<td>{_difference(d)}</td>" for d in table[key])
         body += f"<tr><td>{label}</td>{cells}</tr>"
     points = []
     for i, r in enumerate(runs):
@@ -158,7 +169,17 @@ def write_compare_html(path: Path, runs: list[Any], table: dict[str, Any]) -> No
         "<style>body{font:14px system-ui;margin:2em auto;max-width:1200px}td,th{padding:3px 10px;"
         "border-bottom:1px solid #ddd;text-align:right}svg{max-width:100%;height:auto}</style></head><body>"
         f"<h1>tokenmill bench compare</h1><p>Differences against {html_lib.escape(runs[0].label)} with 95% "
-        f"bootstrap intervals.</p><table><tr><th>metric</th>{head}</tr>{body}</table>"
+        f"bootstrap intervals; {html_lib.escape(NO_INTERVAL_WHY)}.</p>"
+        f"<table><tr><th>metric</th>{head}</tr>{body}</table>"
         f"{plots.pareto(points)}</body></html>"
     )
     path.write_text(page, encoding="utf-8")
+
+
+def _difference(d: Any) -> str:
+    value = "-" if d.value != d.value else f"{d.value:.2f}"  # NaN: no request to measure
+    if d.delta is None:
+        return value
+    if d.low is None or d.high is None:
+        return f"{value} ({d.delta:+.2f})"
+    return f"{value} ({d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}])"

@@ -8,7 +8,11 @@ coordinated omission) and from its actual send in closed-loop runs.
 - TPOT (per request): (last token - first token) / (output tokens - 1); requests with one token have none.
 - ITL (per token): the gap before each content message, divided over the tokens it carried.
 - E2E latency: last byte - anchor.
-- Schedule lag: actual send - intended send (open loop only).
+- Schedule lag: actual send - intended send - queue wait (open loop only): the
+  client's own delay. A run whose lag p99 passes --max-lag-p99 is invalid.
+- Queue wait: time a request waited for a free slot under --max-concurrency
+  before it was sent: the server's backlog, already inside TTFT and E2E (they
+  count from the intended send), so it does not invalidate a run.
 - Per-user tok/s: a request's own decode rate, 1 / TPOT.
 - Throughput: tokens (server usage; counted messages where it gave none) of
   successful requests / duration; duration = from the run's start to the last
@@ -99,12 +103,12 @@ class SLO:
         return cls(**values)
 
     def met(self, r: RequestRecord, anchor: float) -> bool:
-        if not r.ok or not r.messages or r.end is None:
+        if not r.ok or r.first_token is None or r.end is None:
             return False
         checks = {
-            "ttft": r.messages[0][0] - anchor,
+            "ttft": (r.first_token or 0.0) - anchor,
             "tpot": _tpot(r) or 0.0,
-            "itl": max((b[0] - a[0] for a, b in itertools.pairwise(r.messages)), default=0.0),
+            "itl": max((b[0] - a[0] for a, b in itertools.pairwise(r.content)), default=0.0),
             "e2e": r.end - anchor,
         }
         return all(getattr(self, name) is None or checks[name] <= getattr(self, name) for name in SLO_METRICS)
@@ -129,9 +133,9 @@ class Summary:
     itl: Distribution | None
     e2e: Distribution | None
     per_user_tok_s: Distribution | None
-    schedule_lag: Distribution | None  # open loop only
+    schedule_lag: Distribution | None  # open loop only: the client's own delay
     offered_rate: float | None  # intended requests / s (open loop)
-    achieved_rate: float  # requests sent / s
+    achieved_rate: float  # requests the client issued / s (before any wait for a --max-concurrency slot)
     token_mismatches: int  # usage output tokens != tokens asked for, or != counted messages
     valid: bool
     invalid_reason: str | None
@@ -141,6 +145,9 @@ class Summary:
     good_fraction: float | None = None
     workers: dict[str, dict[str, int]] | None = None  # x-tokenmill-worker -> requests, output tokens
     worker_imbalance: float | None = None  # max / mean requests per worker
+    worker_token_imbalance: float | None = None  # max / mean output tokens per worker
+    queue_wait: Distribution | None = None  # waits for a --max-concurrency slot (None: nobody waited)
+    queued: int = 0  # requests that waited for a slot
     retokenized: int = 0  # replies whose text was counted again by a tokenizer
     retokenized_mismatches: int = 0  # ... and whose count differs from the server's usage
 
@@ -160,8 +167,9 @@ def summarize(
     input_tokens = sum(r.prompt_tokens or r.expected_prompt_tokens or 0 for r in ok)
     output_tokens = sum(r.num_output_tokens for r in ok)
     lag = Distribution.of(
-        [r.sent - r.intended for r in records if r.intended is not None and r.sent is not None]
+        [d - r.intended for r in records if r.intended is not None and (d := r.dispatched) is not None]
     )
+    waits = [r.queued for r in records if r.sent is not None]
     valid, reason = True, None
     if lag is not None and lag.p99 > max_lag_p99:
         valid = False
@@ -177,8 +185,13 @@ def summarize(
         goodness = {"slo": str(slo), "good": good, "goodput": per_s(good), "good_fraction": fraction}
     workers = _workers(ok)
     if workers:
-        counts = [w["requests"] for w in workers.values()]
-        goodness.update(workers=workers, worker_imbalance=max(counts) / (sum(counts) / len(counts)))
+        goodness.update(
+            workers=workers,
+            worker_imbalance=_imbalance([w["requests"] for w in workers.values()]),
+            worker_token_imbalance=_imbalance([w["output_tokens"] for w in workers.values()]),
+        )
+    if any(w > 0 for w in waits):
+        goodness.update(queue_wait=Distribution.of(waits), queued=sum(1 for w in waits if w > 0))
     return Summary(
         requests=len(records),
         succeeded=len(ok),
@@ -190,7 +203,7 @@ def summarize(
         output_tok_s=per_s(output_tokens),
         total_tok_s=per_s(input_tokens + output_tokens),
         ttft=Distribution.of(
-            [r.messages[0][0] - a for r in ok if r.messages and (a := r.anchor) is not None]
+            [t - a for r in ok if (t := r.first_token) is not None and (a := r.anchor) is not None]
         ),
         tpot=Distribution.of(tpots),
         itl=Distribution.of([gap for r in ok for gap in _itls(r)]),
@@ -198,7 +211,7 @@ def summarize(
         per_user_tok_s=Distribution.of([1.0 / t for t in tpots if t > 0]),
         schedule_lag=lag,
         offered_rate=_rate([r.intended for r in records if r.intended is not None]),
-        achieved_rate=_rate([r.sent for r in records if r.sent is not None]) or 0.0,
+        achieved_rate=_rate([d for r in records if (d := r.dispatched) is not None]) or 0.0,
         token_mismatches=sum(1 for r in ok if _mismatch(r)),
         retokenized=sum(1 for r in ok if r.retokenized_output_tokens is not None),
         retokenized_mismatches=sum(
@@ -219,16 +232,22 @@ def _rate(times: list[float]) -> float | None:
     return (len(times) - 1) / (max(times) - min(times))
 
 
+def _imbalance(counts: list[int]) -> float | None:
+    """max / mean: 1 is an even spread."""
+    mean = sum(counts) / len(counts)
+    return max(counts) / mean if mean > 0 else None
+
+
 def _tpot(r: RequestRecord) -> float | None:
-    n = r.num_output_tokens
-    if len(r.messages) < 2 or n < 2:
+    n, content = r.num_output_tokens, r.content
+    if len(content) < 2 or n < 2:
         return None
-    return (r.messages[-1][0] - r.messages[0][0]) / (n - 1)
+    return (content[-1][0] - content[0][0]) / (n - 1)
 
 
 def _itls(r: RequestRecord) -> list[float]:
     gaps = []
-    for (t0, _), (t1, n) in itertools.pairwise(r.messages):
+    for (t0, _), (t1, n) in itertools.pairwise(r.content):
         gaps.extend([(t1 - t0) / n] * n)
     return gaps
 

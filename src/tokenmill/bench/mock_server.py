@@ -10,7 +10,9 @@ tokenizer is whitespace: a prompt has as many tokens as words, and
 lengths can be built against it. Every response carries ``x-tokenmill-worker``.
 
 Faults on purpose, for testing what a client reports: ``--fail-every N`` answers
-every Nth request with a 500, ``--cut-every N`` closes every Nth stream halfway.
+every Nth request with a 500, ``--cut-every N`` closes every Nth stream halfway,
+``--crash-after N`` dies once it has answered N requests (stops listening and
+drops every connection, cutting the responses in flight, as a killed server does).
 
 Built on asyncio and httptools rather than a web framework: with ``--ttft 0
 --itl 0`` it is the "instant server" a client's ceiling is measured against,
@@ -52,12 +54,13 @@ class MockConfig:
     worker_id: str | None = None  # x-tokenmill-worker; default mock-<port>
     fail_every: int = 0  # every Nth completion request gets a 500 (0: never)
     cut_every: int = 0  # every Nth stream is cut halfway (0: never)
+    crash_after: int = 0  # die once this many completion requests were answered (0: never)
 
     def __post_init__(self) -> None:
         for name in ("ttft", "itl"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {getattr(self, name)}")
-        for name in ("output_tokens", "fail_every", "cut_every"):
+        for name in ("output_tokens", "fail_every", "cut_every", "crash_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -70,7 +73,9 @@ class MockServer:
         self._vocab: dict[str, int] = {w: i for i, w in enumerate(WORDS)}
         self._words: list[str] = list(WORDS)
         self.num_requests = 0  # completion requests seen
+        self.num_answered = 0  # ... and answered in full
         self._server: asyncio.Server | None = None
+        self._connections: set[_Connection] = set()
         self.url = ""
         self.worker_id = ""
 
@@ -84,6 +89,14 @@ class MockServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+
+    def crash(self) -> None:
+        """Die as a killed process does: stop listening and drop every connection unanswered
+        (what was already written still goes out)."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._connections):
+            connection.close()
 
     async def __aenter__(self) -> MockServer:
         if self._server is None:
@@ -181,26 +194,32 @@ class MockServer:
         )
         cut_at = max_tokens // 2 if cfg.cut_every and n % cfg.cut_every == 0 else None
         if stream:
-            await self._stream(reply, arrived, respond, cut_at)
+            if not await self._stream(reply, arrived, respond, cut_at):
+                return
         else:
             await _sleep_until(arrived + cfg.ttft + (max_tokens - 1) * cfg.itl)
             respond.json(200, reply.whole(self._text(max_tokens)))
+        self.num_answered += 1
+        if cfg.crash_after and self.num_answered == cfg.crash_after:
+            self.crash()
 
-    async def _stream(self, reply: _Reply, arrived: float, respond: _Responder, cut_at: int | None) -> None:
+    async def _stream(self, reply: _Reply, arrived: float, respond: _Responder, cut_at: int | None) -> bool:
+        """Stream the reply; False if it was cut (on purpose, or the client left)."""
         cfg = self.config
         respond.start_stream()
         for i in range(reply.max_tokens):
             await _sleep_until(arrived + cfg.ttft + i * cfg.itl)
             if cut_at is not None and i == cut_at:
                 respond.abort()
-                return
+                return False
             if respond.closed:
-                return
+                return False
             respond.event(reply.chunk(i, self._words[i % len(WORDS)] + " "))
         if reply.include_usage:
             respond.event(reply.usage_chunk())
         respond.event_raw(b"[DONE]")
         respond.end_stream()
+        return True
 
     def _text(self, n: int) -> str:
         return " ".join(self._words[i % len(WORDS)] for i in range(n)) + " "
@@ -328,6 +347,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Not an isinstance check: uvloop's transports do not subclass asyncio.Transport.
         self._transport = cast(asyncio.Transport, transport)
+        self.server._connections.add(self)
         self._worker = asyncio.get_running_loop().create_task(self._answer_in_order())
 
     def data_received(self, data: bytes) -> None:
@@ -338,6 +358,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self.server._connections.discard(self)
         if self._responder is not None:
             self._responder.closed = True
         if self._worker is not None:

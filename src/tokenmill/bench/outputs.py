@@ -6,6 +6,7 @@ stays in memory: the files carry its label.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +32,26 @@ def write_files(
     points: list[tuple[dict[str, Any], Any, list[Any]]],
     cost: Cost | None,
     axis: tuple[str, list[float]] | None,
+    search: dict[str, Any] | None = None,
+    numbered: bool | None = None,
 ) -> str:
-    """Every point's event log and JSON summary, one CSV and one HTML report; says what it wrote."""
+    """Every point's event log and JSON summary, one CSV and one HTML report (and a max-goodput
+    search's answer and probes in ``PREFIX.search.json``); says what it wrote. ``numbered``:
+    files per point as ``PREFIX.N.*`` (default: when there are several points; a sweep cut
+    short after its first point still numbers it)."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    many = len(points) > 1
+    many = len(points) > 1 if numbered is None else numbered
     saved = [({k: v for k, v in info.items() if k != "load"}, s, r) for info, s, r in points]
     for i, (info, summary, records) in enumerate(saved):
         stem = f"{output.name}.{i}" if many else output.name
         write_log(output.with_name(stem + ".events.jsonl"), info, records)
         write_json(output.with_name(stem + ".json"), info, summary, cost)
     write_csv(output.with_name(output.name + ".csv"), [csv_row(info, s, cost) for info, s, _ in saved])
-    write_html(output.with_name(output.name + ".html"), saved, cost, axis)
-    what = f"{len(points)} points" if many else "the run"
-    return f"wrote {what} to {output}*.events.jsonl, .json, {output}.csv and {output}.html"
+    write_html(output.with_name(output.name + ".html"), saved, cost, axis, search)
+    what = f"{len(points)} point{'s' if len(points) > 1 else ''}" if many else "the run"
+    wrote = f"wrote {what} to {output}*.events.jsonl, .json, {output}.csv and {output}.html"
+    if search is not None:
+        path = output.with_name(output.name + ".search.json")
+        path.write_text(json.dumps(search, indent=2) + "\n", encoding="utf-8")
+        wrote += f", the search to {path}"
+    return wrote

@@ -37,13 +37,13 @@ def latency_cdfs(points: list[tuple[str, list[RequestRecord]]]) -> str:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for label, records in points:
-        ok = [r for r in records if r.ok and r.messages and r.anchor is not None and r.end is not None]
+        ok = [r for r in records if r.ok and r.first_token is not None and r.anchor is not None and r.end]
         series = {
-            "TTFT (ms)": [(r.messages[0][0] - r.anchor) * 1000 for r in ok],  # type: ignore[operator]
+            "TTFT (ms)": [(r.first_token - r.anchor) * 1000 for r in ok],  # type: ignore[operator]
             "TPOT (ms)": [
-                (r.messages[-1][0] - r.messages[0][0]) / (r.num_output_tokens - 1) * 1000
+                (r.last_token - r.first_token) / (r.num_output_tokens - 1) * 1000  # type: ignore[operator]
                 for r in ok
-                if r.num_output_tokens > 1 and len(r.messages) > 1
+                if r.num_output_tokens > 1 and len(r.content) > 1
             ],
             "E2E latency (s)": [r.end - r.anchor for r in ok],  # type: ignore[operator]
         }
@@ -86,6 +86,8 @@ def timeline(records: list[RequestRecord], bin_s: float = 1.0) -> str:
 def sweep_curves(points: list[tuple[str, Summary]], x: list[float], x_label: str, cost: Any = None) -> str:
     """Along a sweep: TTFT and TPOT against load, and against throughput (the curve teams pick from)."""
     plt = _pyplot()
+    order = sorted(range(len(x)), key=lambda i: x[i])  # a search probes out of order: draw along x
+    points, x = [points[i] for i in order], [x[i] for i in order]
     panels = 3 if cost is not None else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.6))
     tput = [s.output_tok_s for _, s in points]

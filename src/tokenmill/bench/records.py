@@ -24,12 +24,13 @@ class RequestRecord:
     index: int
     intended: float | None  # when the schedule meant to send it (open loop); None in closed loop
     sent: float | None = None  # when its bytes were written; None if it never went out
+    queued: float = 0.0  # seconds it waited for a free slot under --max-concurrency (the server's backlog)
     first_byte: float | None = None  # the response's first byte (status line)
     end: float | None = None  # the response's last byte, or the failure
     status: int | None = None  # HTTP status
-    messages: list[tuple[float, int]] = field(
-        default_factory=list
-    )  # (arrival, output tokens) per SSE message with content
+    # (arrival, output tokens) per SSE message, every one: those without content (the role-only
+    # chunk, the usage chunk, [DONE]) carry 0 tokens, so a first-event TTFT can be recomputed.
+    messages: list[tuple[float, int]] = field(default_factory=list)
     prompt_tokens: int | None = None  # from the server's usage
     output_tokens: int | None = None  # from the server's usage
     expected_prompt_tokens: int | None = None  # what the data source built
@@ -54,12 +55,22 @@ class RequestRecord:
         return self.intended if self.intended is not None else self.sent
 
     @property
+    def content(self) -> list[tuple[float, int]]:
+        """The messages that carried output tokens: what TTFT, TPOT and ITL are timed by."""
+        return [m for m in self.messages if m[1] > 0]
+
+    @property
     def first_token(self) -> float | None:
-        return self.messages[0][0] if self.messages else None
+        return next((t for t, n in self.messages if n > 0), None)
 
     @property
     def last_token(self) -> float | None:
-        return self.messages[-1][0] if self.messages else None
+        return next((t for t, n in reversed(self.messages) if n > 0), None)
+
+    @property
+    def dispatched(self) -> float | None:
+        """When the client issued it: the send, less any wait for a slot under --max-concurrency."""
+        return None if self.sent is None else self.sent - self.queued
 
     @property
     def num_output_tokens(self) -> int:
@@ -90,6 +101,7 @@ ERROR_KINDS = {
     "bad_event": "an event that is not the JSON an OpenAI stream sends",
     "server_error": "an error event inside the stream",
     "no_output": "the stream ended without a token",
+    "stream_cut": "the stream ended cleanly but before data: [DONE] (a reply cut short)",
     "cancelled": "the run stopped before the response ended (Ctrl-C or the run's time limit)",
 }
 

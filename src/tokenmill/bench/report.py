@@ -24,6 +24,7 @@ LATENCIES = (
     ("itl", "ITL"),
     ("e2e", "E2E latency"),
     ("schedule_lag", "schedule lag"),
+    ("queue_wait", "queue wait (cap)"),
 )
 
 
@@ -70,6 +71,12 @@ def print_summary(console: Console, run: dict[str, Any], s: Summary, cost: Cost 
         f"send rate: achieved {s.achieved_rate:.2f} req/s"
         + (f", offered {s.offered_rate:.2f} req/s" if s.offered_rate is not None else ""),
     ]
+    if s.queue_wait is not None:
+        lines.append(
+            f"queue wait: {s.queued} of {s.queue_wait.count} requests waited for a free slot under "
+            f"--max-concurrency (p99 {s.queue_wait.p99 * 1000:.0f} ms): the server's backlog, "
+            "inside TTFT and E2E, not the client's schedule lag"
+        )
     if s.slo is not None:
         lines.append(
             f"goodput ({s.slo}): {s.goodput:.2f} req/s, {s.good_fraction:.1%} of requests met every SLO"
@@ -81,8 +88,10 @@ def print_summary(console: Console, run: dict[str, Any], s: Summary, cost: Cost 
                 f"cost: ${out:.3f} per million output tokens, ${total:.3f} per million tokens in all"
             )
     if s.workers:
-        spread = ", ".join(f"{w} {v['requests']}" for w, v in sorted(s.workers.items()))
-        lines.append(f"workers: {spread} (max/mean {s.worker_imbalance:.2f})")
+        spread = ", ".join(
+            f"{w} {v['requests']} req / {v['output_tokens']} tok" for w, v in sorted(s.workers.items())
+        )
+        lines.append(f"workers: {spread} (max/mean: {_imbalance(s)})")
     if s.token_mismatches:
         lines.append(
             f"[yellow]token counts: {s.token_mismatches} requests where the usage differs "
@@ -101,6 +110,8 @@ def print_summary(console: Console, run: dict[str, Any], s: Summary, cost: Cost 
         lines.append(f"server {url}: " + "; ".join(parts))
     for url, error in (server.get("errors") or {}).items():
         lines.append(f"[yellow]server metrics from {url} failed: {error}[/yellow]")
+    for note in run.get("notes") or ():
+        lines.append(f"[yellow]{note}[/yellow]")
     for line in lines:
         console.print(line, highlight=False)
     if not s.valid:
@@ -114,14 +125,28 @@ def print_sweep(console: Console, points: list[tuple[str, Summary]], cost: Cost 
         table.add_column(col, justify="left" if col == "load" else "right")
     if cost is not None:
         table.add_column("$ / M output tokens", justify="right")
+        table.add_column("$ / M tokens", justify="right")
     for label, s in points:
         row = [label, f"{s.request_tput:.2f}", f"{s.output_tok_s:.1f}", _p50_p99(s.ttft), _p50_p99(s.tpot)]
         row.append(f"{s.goodput:.2f}" if s.goodput is not None else "-")
         if cost is not None:
-            per_m = cost.per_million(s.output_tok_s)
-            row.append(f"{per_m:.3f}" if per_m is not None else "-")
+            row += cost_cells(cost, s)
         table.add_row(*row, style=None if s.valid else "red")
     console.print(table)
+
+
+def cost_cells(cost: Cost, s: Summary) -> list[str]:
+    """$ per million output tokens and $ per million tokens (input and output) at one load."""
+    cells = []
+    for tok_s in (s.output_tok_s, s.total_tok_s):
+        per_m = cost.per_million(tok_s)
+        cells.append(f"{per_m:.3f}" if per_m is not None else "-")
+    return cells
+
+
+def _imbalance(s: Summary) -> str:
+    tokens = f"{s.worker_token_imbalance:.2f}" if s.worker_token_imbalance is not None else "-"
+    return f"requests {s.worker_imbalance:.2f}, tokens {tokens}"
 
 
 def _p50_p99(d: Distribution | None) -> str:
@@ -155,9 +180,12 @@ def csv_row(run: dict[str, Any], s: Summary, cost: Cost | None = None) -> dict[s
             row[f"{key}_{stat}_ms"] = round(getattr(d, stat) * 1000, 2) if d is not None else None
     row["goodput_req_s"] = round(s.goodput, 3) if s.goodput is not None else None
     if cost is not None:
-        per_m = cost.per_million(s.output_tok_s)
-        row["usd_per_m_output_tokens"] = round(per_m, 4) if per_m is not None else None
+        for key, tok_s in (("usd_per_m_output_tokens", s.output_tok_s), ("usd_per_m_tokens", s.total_tok_s)):
+            per_m = cost.per_million(tok_s)
+            row[key] = round(per_m, 4) if per_m is not None else None
     row["valid"] = s.valid
+    if "search_probe" in run:
+        row["search_probe"] = run["search_probe"]
     return row
 
 

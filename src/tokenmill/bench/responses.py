@@ -1,7 +1,8 @@
 """What an OpenAI-compatible response says, written into its request's record.
 
-Streams: each SSE event that carries content becomes a message (its arrival
-time and its tokens: the usage delta with continuous usage, else one); the
+Streams: every SSE event becomes a message (its arrival time and its tokens:
+the usage delta with continuous usage, else one; 0 for an event without
+content, such as the role-only chunk, the usage chunk and ``[DONE]``); the
 final usage gives the counts. Whole responses: one message at the end
 carrying every token. Failures are recorded by kind (``records.ERROR_KINDS``).
 """
@@ -18,22 +19,27 @@ from tokenmill.bench.records import RequestRecord
 async def read_stream(
     response: Any, record: RequestRecord, started: float, chat: bool, continuous: bool
 ) -> str:
-    """An SSE response: one message per event with content, stamped at its arrival; the reply's text."""
+    """An SSE response: one message per event, stamped at its arrival (0 tokens for events
+    without content); the reply's text. A stream must end with ``data: [DONE]``: one that
+    stops before it was cut short, even if the connection closed cleanly."""
     pieces: list[str] = []
     seen_tokens = 0  # completion tokens of the last usage seen (continuous usage)
+    finished = False
     async for event in response.events():
-        data = event.data
+        at, data = event.time - started, event.data
+        record.messages.append((at, 0))  # its tokens are filled in below when it carries content
         if data == "[DONE]":
+            finished = True
             continue
         try:
             chunk = json.loads(data)
             if "error" in chunk:
-                fail(record, "server_error", error_message(data), event.time - started)
+                fail(record, "server_error", error_message(data), at)
                 continue
             text = content(chunk, chat)
             usage = chunk.get("usage")
         except (ValueError, AttributeError, TypeError) as e:
-            fail(record, "bad_event", f"{type(e).__name__}: {data[:200]}", event.time - started)
+            fail(record, "bad_event", f"{type(e).__name__}: {data[:200]}", at)
             continue
         tokens = 1
         if usage:
@@ -45,11 +51,13 @@ async def read_stream(
                 tokens = 1  # a final usage chunk counts the whole stream, not this message
         if text:
             pieces.append(text)
-            record.messages.append((event.time - started, max(tokens, 1)))
+            record.messages[-1] = (at, max(tokens, 1))
             record.counted_output_tokens += max(tokens, 1)
     record.end = time.perf_counter() - started
-    if record.error_kind is None and not record.messages:
+    if record.error_kind is None and record.first_token is None:
         fail(record, "no_output", "the stream ended without a token", record.end)
+    elif record.error_kind is None and not finished:
+        fail(record, "stream_cut", "the stream ended without data: [DONE]", record.end)
     return "".join(pieces)
 
 

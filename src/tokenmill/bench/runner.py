@@ -95,6 +95,16 @@ class LoadRunner:
         self.model = str(models[0]["id"])
         return self.model
 
+    async def unreachable(self) -> str | None:
+        """None if the server still answers, else why not. On a fresh connection: after a server
+        went away, the pool's connections are dead even if it is back."""
+        try:
+            async with self.transport() as http:
+                await http.request("GET", "/v1/models")
+        except TransportError as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
     def transport(self, profiles: list[LoadProfile] | None = None) -> HTTPTransport:
         """A connection pool large enough for this run's profile, or for every one of ``profiles``."""
         s = self.settings
@@ -220,10 +230,13 @@ class LoadRunner:
                     await asyncio.sleep(wait)
             turn = k if spec.session is not None else None
             record = RequestRecord(i, intended=intended, user=spec.user, turn=turn)
-            if spec.session is not None and self.settings.endpoint == "chat":
+            if spec.session is not None:
                 message = {"role": "user", "content": spec.prompt or ""}
-                spec = replace(spec, messages=[*history, message])
                 history.append(message)
+                if self.settings.endpoint == "chat":
+                    spec = replace(spec, messages=list(history))
+                else:  # completions: the conversation so far is the prompt, one message a line
+                    spec = replace(spec, prompt="\n".join(m["content"] for m in history))
             reply = await self._one(http, spec, record, done, cap)
             if not record.ok:
                 return
@@ -261,7 +274,12 @@ class LoadRunner:
         """Send one request, record it, and return the reply's text."""
         try:
             if cap is not None:
+                # The wait for a slot is the server's backlog (the cap is full of its requests),
+                # not the client running late: it is kept apart from the schedule lag.
+                waiting = time.perf_counter() if cap.locked() else None
                 async with cap:
+                    if waiting is not None:
+                        record.queued = time.perf_counter() - waiting
                     reply = await self._exchange(http, spec, record)
             else:
                 reply = await self._exchange(http, spec, record)

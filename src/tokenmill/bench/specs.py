@@ -8,7 +8,7 @@ from typing import Any
 
 from tokenmill.bench import data
 from tokenmill.bench.tokenizers import LocalTokenizer, TokenCounter, server_tokenizer
-from tokenmill.client import HTTPTransport
+from tokenmill.client import HTTPTransport, TransportError
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,17 @@ class DataSource:
             raise ValueError(f"--data must be one of {', '.join(data.SOURCES)}, got {self.kind!r}")
         if self.kind in ("jsonl", "sharegpt") and self.file is None:
             raise ValueError(f"--data {self.kind} needs --data-file FILE")
+        if self.kind not in ("jsonl", "sharegpt") and self.file is not None:
+            raise ValueError(f"--data-file goes with --data jsonl or sharegpt, not --data {self.kind}")
+        if self.file is not None and not self.file.is_file():
+            raise ValueError(f"--data-file {self.file}: no such file")
 
     def describe(self) -> str:
         p, o = self.prompt_tokens, self.output_tokens
+        if self.trace and self.kind == "synthetic":
+            whole = all("input_tokens" in r and "output_tokens" in r for r in self.trace)
+            lengths = "the trace's lengths" + ("" if whole else f" (else {p} -> {o} tokens)")
+            return f"trace replay of {len(self.trace)} requests, synthetic text of {lengths}"
         if self.kind == "synthetic":
             return f"synthetic {p} -> {o} tokens"
         if self.kind == "shared-prefix":
@@ -79,17 +87,35 @@ async def _tokenizer(
     return tok
 
 
+def check_endpoint(specs: list[data.RequestSpec], endpoint: str) -> None:
+    """The completions endpoint takes a prompt: conversations (``messages`` only) need chat."""
+    if endpoint == "completions":
+        for i, spec in enumerate(specs):
+            if spec.prompt is None:
+                raise ValueError(
+                    f"--endpoint completions needs prompts, but request {i + 1} of the data has only "
+                    '"messages": use --endpoint chat'
+                )
+
+
 async def retokenize(
     http: HTTPTransport, model: str, source: DataSource, replies: dict[int, str], records: list[Any]
-) -> None:
+) -> str | None:
     """Count each kept reply's tokens again and note it on its record (the server's usage stays the
-    figure; this is the check). Skipped when no tokenizer is at hand."""
+    figure; this is the check). Skipped when no tokenizer is at hand. A tokenizer that fails (the
+    server went away, say) ends the check, not the run: the returned note says so."""
     if not replies:
-        return
-    tok = await _tokenizer(http, model, source.tokenizer, required=False)
-    if tok is None:
-        return
+        return None
     by_index = {r.index: r for r in records}
-    for index, text in replies.items():
-        if index in by_index:
-            by_index[index].retokenized_output_tokens = len(await tok.encode(text))
+    done = 0
+    try:
+        tok = await _tokenizer(http, model, source.tokenizer, required=False)
+        if tok is None:
+            return None
+        for index, text in replies.items():
+            if index in by_index:
+                by_index[index].retokenized_output_tokens = len(await tok.encode(text))
+                done += 1
+    except (TransportError, ValueError, KeyError, TypeError) as e:
+        return f"token check stopped after {done} of {len(replies)} replies: {type(e).__name__}: {e}"
+    return None

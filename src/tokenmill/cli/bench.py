@@ -35,8 +35,12 @@ app = typer.Typer(help="Measure serving: TTFT, ITL, throughput, goodput, cost.",
 def run(
     url: Annotated[str, typer.Argument(help="The server's base URL, e.g. http://127.0.0.1:8000 (no /v1).")],
     profile: Annotated[
-        str, typer.Option(help="concurrency, constant, poisson, gamma or trace.")
-    ] = "concurrency",
+        str | None,
+        typer.Option(
+            help="concurrency, constant, poisson, gamma or trace. "
+            "Default: concurrency (trace with --trace, poisson with --find-max-goodput)."
+        ),
+    ] = None,
     concurrency: Annotated[
         str | None,
         typer.Option(help="Requests in flight (concurrency profile; default 8); a list 1,4,16 sweeps."),
@@ -45,11 +49,13 @@ def run(
         str | None, typer.Option(help="Requests/s (constant, poisson, gamma); a list 1,2,4 sweeps.")
     ] = None,
     find_max_goodput: Annotated[
-        bool, typer.Option(help="Search the highest Poisson rate meeting --slo (from --rate, default 1).")
+        bool,
+        typer.Option(help="Search the highest rate of --profile (poisson, constant, gamma) meeting --slo."),
     ] = False,
     goodput_target: Annotated[
-        float, typer.Option(help="Share of requests that must meet every SLO, for --find-max-goodput.")
-    ] = 0.9,
+        float | None,
+        typer.Option(help="--find-max-goodput: share of requests that must meet every SLO (default 0.9)."),
+    ] = None,
     burstiness: Annotated[
         float | None, typer.Option(help="Gamma shape: 1 is Poisson, lower is burstier (default 1).")
     ] = None,
@@ -58,7 +64,9 @@ def run(
         Path | None, typer.Option(help="JSONL of timestamp (s), input_tokens, output_tokens.")
     ] = None,
     requests: Annotated[int, typer.Option(help="Requests to send.", min=1)] = 100,
-    duration: Annotated[float | None, typer.Option(help="Stop sending after this many seconds.")] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop sending after this many seconds (> 0).")
+    ] = None,
     endpoint: Annotated[str, typer.Option(help="chat or completions.")] = "chat",
     model: Annotated[str | None, typer.Option(help="Model name. Default: the first at /v1/models.")] = None,
     data: Annotated[
@@ -99,7 +107,10 @@ def run(
     gpu_cost_per_hour: Annotated[
         float | None, typer.Option(help="$ per GPU-hour, for $ per million tokens.")
     ] = None,
-    gpus: Annotated[int, typer.Option(help="GPUs behind the endpoint.", min=1)] = 1,
+    gpus: Annotated[
+        int | None,
+        typer.Option(help="GPUs behind the endpoint, with --gpu-cost-per-hour (default 1).", min=1),
+    ] = None,
     api_key: Annotated[
         str | None, typer.Option(help="Sent as Authorization: Bearer KEY.", envvar="OPENAI_API_KEY")
     ] = None,
@@ -120,25 +131,34 @@ def run(
     from tokenmill.bench.data import Length
     from tokenmill.bench.load import read_trace
     from tokenmill.bench.metrics import SLO
+    from tokenmill.bench.options import LoadOptions, check_run_options
     from tokenmill.bench.report import Cost
     from tokenmill.bench.runner import RunSettings
     from tokenmill.bench.specs import DataSource
 
     try:
-        trace_rows = read_trace(str(trace)) if trace else None
-        kind = "trace" if trace_rows and profile == "concurrency" else profile
-        _check_combinations(kind, concurrency, rate, burstiness, max_concurrency, find_max_goodput)
-        if continuous_usage and not stream:
-            raise ValueError("--continuous-usage asks for usage on every chunk: it needs --stream")
-        if data != "multi-turn" and (turns is not None or think_time is not None):
-            raise ValueError("--turns and --think-time go with --data multi-turn")
-        profiles = _profiles(
-            kind, concurrency or "8", rate, burstiness or 1.0, max_concurrency, find_max_goodput
+        check_run_options(
+            search=find_max_goodput,
+            goodput_target=goodput_target,
+            slo=slo,
+            gpus=gpus,
+            gpu_cost_per_hour=gpu_cost_per_hour,
+            duration=duration,
+            stream=stream,
+            continuous_usage=continuous_usage,
+            data=data,
+            turns=turns,
+            think_time=think_time,
+            check_tokens=check_tokens,
         )
-        if kind == "trace" and trace_rows is None:
-            raise ValueError("--profile trace needs --trace FILE")
-        if find_max_goodput and not slo:
-            raise ValueError("--find-max-goodput needs --slo, e.g. --slo ttft=0.3,tpot=0.05")
+        load = LoadOptions(
+            profile, concurrency, rate, burstiness, max_concurrency, find_max_goodput, trace is not None
+        )
+        profiles = load.profiles()
+        try:
+            trace_rows = read_trace(str(trace)) if trace else None
+        except OSError as e:
+            raise ValueError(f"--trace {trace}: {e.strerror or e}") from None
         settings = RunSettings(
             url.rstrip("/").removesuffix("/v1"),
             profiles[0],
@@ -156,8 +176,6 @@ def run(
             think_time=think_time or 0.0,
             stream=stream,
         )
-        goals = SLO.parse(slo) if slo else None
-        cost = Cost(gpu_cost_per_hour, gpus) if gpu_cost_per_hour is not None else None
         source = DataSource(
             data,
             Length.parse(prompt_tokens, "--prompt-tokens"),
@@ -173,15 +191,13 @@ def run(
             from tokenmill.bench.scrape import MetricsScraper
 
             MetricsScraper(metrics_url)  # checks the URLs now
-        if check_tokens < 0:
-            raise ValueError(f"--check-tokens must be >= 0, got {check_tokens}")
         plan = Plan(
             profiles,
             find_max_goodput,
-            goodput_target,
-            goals,
+            goodput_target if goodput_target is not None else 0.9,
+            SLO.parse(slo) if slo else None,
             max_lag_p99,
-            cost,
+            Cost(gpu_cost_per_hour, gpus or 1) if gpu_cost_per_hour is not None else None,
             metrics_url or [],
             check_tokens,
         )
@@ -190,52 +206,6 @@ def run(
         raise typer.Exit(2) from None
     n = min(requests, len(trace_rows)) if trace_rows else requests
     raise typer.Exit(asyncio.run(_run(settings, source, n, plan, output)))
-
-
-def _check_combinations(
-    kind: str,
-    concurrency: str | None,
-    rate: str | None,
-    burstiness: float | None,
-    cap: int | None,
-    search: bool,
-) -> None:
-    """Options that the chosen profile would ignore are errors, not silent no-ops."""
-    if search:
-        if concurrency is not None:
-            raise ValueError("--find-max-goodput searches request rates: drop --concurrency")
-        return
-    if kind == "concurrency" and rate is not None:
-        raise ValueError("--rate goes with --profile constant, poisson or gamma, not concurrency")
-    if kind == "concurrency" and cap is not None:
-        raise ValueError("--max-concurrency caps an open loop; with --profile concurrency use --concurrency")
-    if kind != "concurrency" and concurrency is not None:
-        raise ValueError(
-            f"--concurrency goes with --profile concurrency; to cap {kind} use --max-concurrency"
-        )
-    if kind == "trace" and rate is not None:
-        raise ValueError("--rate does not apply to --profile trace: the trace gives the times")
-    if kind != "gamma" and burstiness is not None:
-        raise ValueError("--burstiness goes with --profile gamma")
-
-
-def _profiles(
-    kind: str, concurrency: str, rate: str | None, burstiness: float, cap: int | None, search: bool
-) -> list[LoadProfile]:
-    from tokenmill.bench.load import LoadProfile
-    from tokenmill.bench.sweep import parse_values
-
-    if search:  # the search makes its own Poisson profiles; this one only checks the start
-        start = parse_values(rate, "--rate")[0] if rate else 1.0
-        return [LoadProfile("poisson", rate=start, max_concurrency=cap)]
-    if kind == "concurrency":
-        return [
-            LoadProfile(kind, concurrency=int(c)) for c in parse_values(concurrency, "--concurrency", int)
-        ]
-    if kind == "trace":
-        return [LoadProfile(kind, max_concurrency=cap)]
-    rates = parse_values(rate, "--rate") if rate else [None]
-    return [LoadProfile(kind, rate=r, burstiness=burstiness, max_concurrency=cap) for r in rates]
 
 
 @dataclass(frozen=True)
@@ -257,8 +227,8 @@ async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, ou
     from tokenmill.bench.report import print_summary, print_sweep
     from tokenmill.bench.runner import LoadRunner
     from tokenmill.bench.scrape import MetricsScraper
-    from tokenmill.bench.specs import build_specs, retokenize
-    from tokenmill.bench.sweep import find_max_goodput
+    from tokenmill.bench.specs import build_specs, check_endpoint, retokenize
+    from tokenmill.bench.sweep import VERDICTS, GoodputSearch, find_max_goodput, goodput_verdict
     from tokenmill.client import TransportError
 
     runner = LoadRunner(settings)
@@ -266,11 +236,17 @@ async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, ou
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)  # Ctrl-C: stop, then report what was measured
     points: list[tuple[dict[str, Any], Any, list[Any]]] = []
+    found: GoodputSearch | None = None
+    gone: str | None = None  # why the server is taken to have gone away
     try:
         async with runner.transport(plan.profiles) as http:
             try:
                 await runner.resolve_model(http)
-                await build_specs(http, runner.model or "", source, 1, settings.seed)  # fail fast on bad data
+                first = n if source.kind == "jsonl" else 1  # a file is cheap to read whole: check it all
+                check_endpoint(
+                    await build_specs(http, runner.model or "", source, first, settings.seed),
+                    settings.endpoint,
+                )
             except (TransportError, ValueError) as e:
                 err.print(f"[red]error:[/red] {e}")
                 return 2
@@ -278,8 +254,11 @@ async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, ou
             async def measure(i: int, profile: LoadProfile) -> Summary:
                 if stop.is_set():
                     raise _Stopped()
-                with err.status(f"building requests for {profile.label}..."):
-                    specs = await build_specs(http, runner.model or "", source, n, settings.seed + i)
+                try:
+                    with err.status(f"building requests for {profile.label}..."):
+                        specs = await build_specs(http, runner.model or "", source, n, settings.seed + i)
+                except TransportError as e:
+                    raise _ServerGone(f"building the requests of {profile.label} failed: {e}") from None
                 point_runner = LoadRunner(replace(settings, profile=profile))
                 point_runner.model = runner.model
                 point_runner.keep_replies = plan.check_tokens
@@ -291,10 +270,17 @@ async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, ou
                 finally:
                     if scraper is not None:
                         await scraper.stop()
-                if not stop.is_set():
-                    await retokenize(http, runner.model or "", source, point_runner.replies, records)
-                summary = summarize(records, plan.slo, plan.max_lag)
                 info = _info(settings, runner.model, profile, source, len(specs), stop.is_set())
+                if not stop.is_set():
+                    replies = point_runner.replies
+                    note = await retokenize(http, runner.model or "", source, replies, records)
+                    info["notes"] = [note] if note else []
+                summary = summarize(records, plan.slo, plan.max_lag)
+                lost = await runner.unreachable() if summary.errors.get("connect") else None
+                if lost:
+                    info.setdefault("notes", []).append(
+                        f"the server stopped answering during this run: {lost}"
+                    )
                 if scraper is not None:
                     info["server_metrics"] = {
                         "summary": scraper.summary(),
@@ -303,23 +289,31 @@ async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, ou
                     }
                 print_summary(out, info, summary, plan.cost)
                 points.append(({**info, "load": profile}, summary, records))
+                if lost:
+                    raise _ServerGone(lost)
+                return summary
+
+            async def probe(i: int, profile: LoadProfile) -> Summary:
+                summary = await measure(i, profile)
+                verdict = goodput_verdict(summary, plan.target)
+                points[-1][0]["search_probe"] = verdict
+                out.print(f"[bold]probe {profile.label}:[/bold] {VERDICTS[verdict]}", highlight=False)
                 return summary
 
             try:
                 if plan.search:
-                    start = plan.profiles[0].rate or 1.0
-                    found = await find_max_goodput(measure, start, plan.target)
-                    rate = (
-                        f"{found.max_rate:.3g} req/s"
-                        if found.max_rate is not None
-                        else "none of the rates tried"
-                    )
-                    out.print(f"[bold]max goodput rate[/bold] ({plan.slo}, {plan.target:.0%} good): {rate}")
+                    found = await find_max_goodput(probe, plan.profiles[0], plan.target)
+                    if found.best is not None and found.bounded:
+                        points[found.probes.index(found.best)][0]["search_probe"] = "best"
+                    answer = found.verdict()
+                    out.print(f"[bold]max goodput rate[/bold] ({plan.slo}, {plan.target:.0%} good): {answer}")
                 else:
                     for i, profile in enumerate(plan.profiles):
                         await measure(i, profile)
             except _Stopped:
                 pass
+            except _ServerGone as e:
+                gone = str(e)
     finally:
         loop.remove_signal_handler(signal.SIGINT)
     if len(points) > 1:
@@ -327,15 +321,28 @@ async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, ou
     if output is not None and points:
         from tokenmill.bench.outputs import sweep_axis, write_files
 
-        err.print(write_files(output, points, plan.cost, sweep_axis(points)))
+        search = None if found is None else {"slo": str(plan.slo), "target": plan.target, **found.to_json()}
+        numbered = plan.search or len(plan.profiles) > 1
+        err.print(write_files(output, points, plan.cost, sweep_axis(points), search, numbered))
+    if gone is not None:
+        what = f"{len(points)} probes" if plan.search else f"{len(points)} of {len(plan.profiles)} points"
+        what = "the run" if len(plan.profiles) == 1 and not plan.search else what
+        err.print(f"[red]the server went away ({gone}); the report covers {what}[/red]")
+        return 1
     if stop.is_set():
         err.print("[yellow]stopped early: the report covers what was measured[/yellow]")
         return 130
+    if found is not None:  # an invalid probe is part of searching: only a search without an answer fails
+        return 0 if found.bounded else 1
     return 0 if all(summary.valid for _, summary, _ in points) else 1
 
 
 class _Stopped(Exception):
     """Ctrl-C between the points of a sweep."""
+
+
+class _ServerGone(Exception):
+    """The server stopped answering: a sweep or search stops after writing what it has."""
 
 
 def _info(
@@ -366,8 +373,8 @@ async def _with_progress(
         task = bar.add_task(label, total=len(specs), status="")
 
         def seen(record: Any) -> None:
-            if record.messages and record.anchor is not None:
-                ttfts.append(record.messages[0][0] - record.anchor)
+            if record.first_token is not None and record.anchor is not None:
+                ttfts.append(record.first_token - record.anchor)
             now = time.perf_counter()
             if (
                 now - shown[0] < 0.25

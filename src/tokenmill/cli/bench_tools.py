@@ -6,6 +6,7 @@ The commands register on ``tokenmill.cli.bench.app``.
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -55,7 +56,7 @@ def compare_runs(
     from rich.markup import escape
     from rich.table import Table
 
-    from tokenmill.bench.compare import STATISTICS, Run, compare
+    from tokenmill.bench.compare import NO_INTERVAL_WHY, STATISTICS, Run, compare
 
     names = labels.split(",") if labels else [None] * len(runs)
     try:
@@ -72,8 +73,9 @@ def compare_runs(
     for key, label, _, _, higher_better in STATISTICS:
         cells = [label]
         for d in table[key]:
-            if d.delta is None:
-                cells.append(f"{d.value:.2f}")
+            if d.delta is None or d.low is None or d.high is None:  # the baseline, or no interval
+                delta = "" if d.delta is None else f" ({d.delta:+.2f})"
+                cells.append(("-" if math.isnan(d.value) else f"{d.value:.2f}") + delta)
                 continue
             better = (d.delta > 0) == higher_better
             mark = ("[green]" if better else "[red]") if d.significant else ""
@@ -88,6 +90,7 @@ def compare_runs(
     for cells in rows:
         t.add_row(*cells)
     out.print(t)
+    out.print(f"[dim]{NO_INTERVAL_WHY}[/dim]", highlight=False)
     if html is not None:
         from tokenmill.bench.html_report import write_compare_html
 
@@ -143,7 +146,7 @@ async def _calibrate(settings: RunSettings, seconds: float, max_lag: float) -> i
     from tokenmill.bench.data import RequestSpec
     from tokenmill.bench.metrics import summarize
     from tokenmill.bench.runner import LoadRunner
-    from tokenmill.bench.sweep import search_max_rate
+    from tokenmill.bench.sweep import CLIENT_BEHIND, PASS, search_max_rate
     from tokenmill.client import TransportError
 
     runner = LoadRunner(settings)
@@ -165,7 +168,10 @@ async def _calibrate(settings: RunSettings, seconds: float, max_lag: float) -> i
         def on_schedule(s: Summary) -> bool:
             return s.valid and s.failed == 0 and s.achieved_rate >= 0.95 * (s.offered_rate or 0.0)
 
-        found = await search_max_rate(probe, settings.profile.rate or 100.0, on_schedule, 4, 16, "constant")
+        def judge(s: Summary) -> str:
+            return PASS if on_schedule(s) else CLIENT_BEHIND
+
+        found = await search_max_rate(probe, settings.profile, judge, 4, 16)
     table = Table(title="calibration probes (constant rate)")
     for col in (
         "asked req/s",
@@ -189,9 +195,10 @@ async def _calibrate(settings: RunSettings, seconds: float, max_lag: float) -> i
         out.print(f"[red]even {found.probes[-1].profile.rate:.1f} req/s ran behind schedule or failed[/red]")
         return 1
     s = found.best.summary
+    rate = found.best.profile.rate or 0.0
     lag99 = s.schedule_lag.p99 * 1000 if s.schedule_lag else float("nan")
     out.print(
-        f"[bold]this client drives {settings.url} at up to {found.max_rate:.0f} req/s[/bold] "
+        f"[bold]this client drives {settings.url} at up to {rate:.0f} req/s[/bold] "
         f"(schedule lag p99 {lag99:.2f} ms); measure below that rate, or the client is what you measure."
     )
     return 0
@@ -210,12 +217,15 @@ def mock_server(
     worker_id: Annotated[str | None, typer.Option(help="x-tokenmill-worker. Default: mock-PORT.")] = None,
     fail_every: Annotated[int, typer.Option(help="Answer every Nth request with a 500 (0: never).")] = 0,
     cut_every: Annotated[int, typer.Option(help="Cut every Nth stream halfway (0: never).")] = 0,
+    crash_after: Annotated[
+        int, typer.Option(help="Die once N requests were answered: drop every connection (0: never).")
+    ] = 0,
 ) -> None:
     """An OpenAI-compatible server with exact timings (TTFT, ITL, length)."""
     from tokenmill.bench.mock_server import MockConfig, MockServer
 
     try:
-        config = MockConfig(ttft, itl, output_tokens, model, worker_id, fail_every, cut_every)
+        config = MockConfig(ttft, itl, output_tokens, model, worker_id, fail_every, cut_every, crash_after)
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
