@@ -8,6 +8,7 @@ tokenmill profile --model ./Llama-3.2-1B -o llama-1b.json   # step-time profile 
 tokenmill bench run http://127.0.0.1:8000 --concurrency 8      # TTFT, ITL, throughput of any OpenAI server
 tokenmill route --worker http://127.0.0.1:8000 --worker http://127.0.0.1:8001   # one endpoint, many workers
 tokenmill keys create --team search --config gateway.yaml      # an API key for route --gateway-config
+tokenmill batch run input.jsonl --url http://127.0.0.1:8000    # an OpenAI Batch file, paced and resumable
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from tokenmill.cli import bench_tools  # noqa: F401  (registers report, compare, calibrate, mock-server)
+from tokenmill.cli.batch import app as batch_app
 from tokenmill.cli.bench import app as bench_app
 from tokenmill.cli.keys import app as keys_app
 from tokenmill.cli.route import app as route_app
@@ -35,6 +37,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 app.command()(serve)
 app.add_typer(bench_app, name="bench")
+app.add_typer(batch_app, name="batch")
 app.add_typer(route_app, name="route")
 app.add_typer(keys_app, name="keys")
 

@@ -7,6 +7,7 @@ from tokenmill.protocol.errors import APIError
 WORKER_HEADER = "x-tokenmill-worker"  # on every response: which worker served it
 PRIORITY_HEADER = "x-tokenmill-priority"  # integer, higher is more important, 0 by default
 TENANT_HEADER = "x-tokenmill-tenant"  # the team a request is accounted to (set by the gateway)
+SESSION_HEADER = "x-tokenmill-session"  # a conversation's id: the client keeps its requests on one endpoint
 REQUEST_ID_HEADER = "x-request-id"
 # gRPC trailing metadata of an error, so a client rebuilds the same APIError the HTTP front sends
 ERROR_PARAM_METADATA = "x-tokenmill-error-param"

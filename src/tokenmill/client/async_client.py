@@ -1,0 +1,268 @@
+"""``AsyncClient``: OpenAI's familiar surface, with a queue in front that keeps workers busy, not buried.
+
+Example, with ``tokenmill serve`` on 127.0.0.1:8000::
+
+    import asyncio
+
+    from tokenmill.client import AsyncClient
+
+
+    async def main() -> None:
+        async with AsyncClient("http://127.0.0.1:8000") as client:
+            reply = await client.chat.completions.create(
+                messages=[{"role": "user", "content": "Say hi"}], max_tokens=16
+            )
+            print(reply.choices[0].message.content)
+            stream = await client.chat.completions.create(
+                messages=[{"role": "user", "content": "Count to five"}], max_tokens=32, stream=True
+            )
+            async for chunk in stream:
+                print(chunk.text, end="", flush=True)
+            print()
+            print(client.report().table())
+
+
+    asyncio.run(main())
+
+Every request waits its turn in the client (see ``tokenmill.client.dispatch``):
+with ``max_concurrency="auto"`` (the default) the number in flight is learned
+from time to first token, so a thousand ``create`` calls at once reach the
+workers as a steady stream at the rate they can take; ``requests_per_minute``
+and ``tokens_per_minute`` hold a quota (``no_burst=True`` spaces requests
+evenly). Several base URLs spread requests by least in-flight load and set
+failing ones aside. Errors raise ``tokenmill.protocol.APIError`` (``status``,
+``param``, ``retry_after``) or a ``TransportError`` once retries are spent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Generic, Literal, TypeVar
+
+from tokenmill.client.adaptive import AdaptiveLimit, LimitSettings
+from tokenmill.client.dispatch import Call, Dispatcher, Reply, RetryPolicy, estimate_tokens
+from tokenmill.client.endpoints import EndpointSet
+from tokenmill.client.http_transport import HTTPTransport
+from tokenmill.client.monitor import Monitor, MonitorReport
+from tokenmill.client.openai_types import ChatCompletion, ChatCompletionChunk, Completion
+from tokenmill.client.rate_limit import Quota, RateLimiter
+from tokenmill.protocol.headers import PRIORITY_HEADER, SESSION_HEADER
+
+T = TypeVar("T")
+
+
+class AsyncStream(Generic[T]):
+    """The chunks of a streamed response. Leaving early (``break``, ``aclose``) aborts the request."""
+
+    def __init__(self, first: T, rest: AsyncIterator[Reply], parse: Any):
+        self._first: T | None = first
+        self._rest = rest
+        self._parse = parse
+
+    def __aiter__(self) -> AsyncStream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        reply = await self._rest.__anext__()
+        return self._parse(reply.data, reply.worker)
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._rest.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> AsyncStream[T]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class AsyncClient:
+    def __init__(
+        self,
+        base_url: str | Sequence[str] = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        max_concurrency: int | Literal["auto"] = "auto",
+        limit: LimitSettings | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        no_burst: bool = False,
+        max_retries: int = 3,
+        timeout: float | None = 600.0,
+        priority: int | None = None,
+        session_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
+        """``base_url``: one endpoint or several (``http://host:port``, with or without ``/v1``).
+        ``api_key``: the team's key (default ``$TOKENMILL_API_KEY``). ``max_concurrency``:
+        ``"auto"`` (adaptive, tuned by ``limit``) or a fixed number of requests in flight.
+        ``timeout``: longest silence within a response. ``priority`` and ``session_id``
+        apply to every request unless a call sets its own."""
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self.endpoints = EndpointSet([_strip_v1(u) for u in urls])
+        if max_concurrency == "auto":
+            concurrency: AdaptiveLimit | int = AdaptiveLimit(limit)
+        elif (
+            isinstance(max_concurrency, int)
+            and not isinstance(max_concurrency, bool)
+            and max_concurrency >= 1
+        ):
+            concurrency = max_concurrency
+        else:
+            raise ValueError(
+                f"max_concurrency={max_concurrency!r} is invalid: allowed 'auto' or an integer >= 1"
+            )
+        key = api_key if api_key is not None else os.environ.get("TOKENMILL_API_KEY")
+        self._headers = {k.lower(): v for k, v in (headers or {}).items()}
+        if key:
+            self._headers["authorization"] = f"Bearer {key}"
+        self._timeout = timeout
+        self._transports: dict[str, HTTPTransport] = {}
+        self.monitor = Monitor()
+        self.dispatcher = Dispatcher(
+            self.endpoints,
+            concurrency=concurrency,
+            limiter=RateLimiter(Quota(requests_per_minute, tokens_per_minute, no_burst)),
+            retry=RetryPolicy(max_retries=max_retries),
+            monitor=self.monitor,
+            transport=self._transport,
+        )
+        self.priority = priority
+        self.session_id = session_id
+        self.chat = _Chat(self)
+        self.completions = AsyncCompletions(self)
+
+    @property
+    def concurrency_limit(self) -> int:
+        """Requests the client lets into flight now."""
+        return self.dispatcher.current_limit()
+
+    def report(self) -> MonitorReport:
+        """Requests, tokens, latency and errors per endpoint and per worker so far."""
+        return self.monitor.report(self.concurrency_limit)
+
+    async def aclose(self) -> None:
+        await self.monitor.stop()
+        for transport in self._transports.values():
+            await transport.aclose()
+        self._transports.clear()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _transport(self, url: str) -> HTTPTransport:
+        transport = self._transports.get(url)
+        if transport is None:
+            self.monitor.start(self.dispatcher.starved)
+            transport = HTTPTransport(
+                url, headers=self._headers, max_connections=4096, read_timeout=self._timeout
+            )
+            self._transports[url] = transport
+        return transport
+
+    def prepare_call(
+        self,
+        path: str,
+        body: dict[str, Any],
+        priority: int | None = None,
+        session_id: str | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Call:
+        """A request for the dispatcher, with the client's priority, session and headers."""
+        headers = {k.lower(): v for k, v in (extra_headers or {}).items()}
+        priority = priority if priority is not None else self.priority
+        if priority is not None:
+            body["priority"] = priority
+            headers[PRIORITY_HEADER] = str(priority)
+        session = session_id if session_id is not None else self.session_id
+        if session is not None:
+            headers[SESSION_HEADER] = session
+        return Call(path, body, bool(body.get("stream")), estimate_tokens(body), headers, session)
+
+    async def _create(self, call: Call, parse: Any) -> Any:
+        if not call.stream:
+            reply = await self.dispatcher.request(call)
+            return parse(reply.data, reply.worker)
+        replies = self.dispatcher.replies(call)
+        try:
+            first = await replies.__anext__()  # errors before the first chunk raise here
+        except StopAsyncIteration:
+            raise RuntimeError("the server ended the stream before any chunk") from None
+        return AsyncStream(parse(first.data, first.worker), replies, parse)
+
+
+class AsyncChatCompletions:
+    def __init__(self, client: AsyncClient):
+        self._client = client
+
+    async def create(
+        self,
+        *,
+        messages: Sequence[Mapping[str, Any]],
+        model: str | None = None,
+        stream: bool = False,
+        priority: int | None = None,
+        session_id: str | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        **params: Any,
+    ) -> ChatCompletion | AsyncStream[ChatCompletionChunk]:
+        """POST /v1/chat/completions; ``params`` are OpenAI's fields (``max_tokens``, ``temperature``,
+        ``stop``, ...) and tokenmill's (``top_k``, ``min_p``, ``ignore_eos``, ``cache_salt``, ...)."""
+        body = _body(model, stream, params, extra_body)
+        body["messages"] = [dict(m) for m in messages]
+        call = self._client.prepare_call("/v1/chat/completions", body, priority, session_id, extra_headers)
+        return await self._client._create(call, ChatCompletionChunk.parse if stream else ChatCompletion.parse)
+
+
+class AsyncCompletions:
+    def __init__(self, client: AsyncClient):
+        self._client = client
+
+    async def create(
+        self,
+        *,
+        prompt: str | list[int],
+        model: str | None = None,
+        stream: bool = False,
+        priority: int | None = None,
+        session_id: str | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        **params: Any,
+    ) -> Completion | AsyncStream[Completion]:
+        """POST /v1/completions; a prompt is text or token ids."""
+        body = _body(model, stream, params, extra_body)
+        body["prompt"] = prompt
+        call = self._client.prepare_call("/v1/completions", body, priority, session_id, extra_headers)
+        return await self._client._create(call, Completion.parse)
+
+
+class _Chat:
+    def __init__(self, client: AsyncClient):
+        self.completions = AsyncChatCompletions(client)
+
+
+def _body(
+    model: str | None, stream: bool, params: dict[str, Any], extra: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {k: v for k, v in params.items() if v is not None}
+    body.update(extra or {})
+    if model is not None:
+        body["model"] = model
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def _strip_v1(url: str) -> str:
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url

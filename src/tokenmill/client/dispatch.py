@@ -1,0 +1,320 @@
+"""The client-side queue: every request passes here on its way to an endpoint.
+
+In order, a request waits for: a pause a server asked for (``Retry-After``), a
+slot under the concurrency limit (fixed, or adaptive: see ``adaptive.py``), and
+room in the quotas (``rate_limit.py``); then it goes to the endpoint with the
+fewest requests in flight. Its slot is held until its last byte.
+
+Retries are safe only while nothing reached the caller: a request is retried
+(after a jittered, growing backoff, or the server's ``Retry-After``) on a
+connection failure, a timeout, 408, 409, 429 or a 5xx, and only until its first
+chunk has been handed over; after that, a failure is the caller's to see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenmill.client.adaptive import AdaptiveLimit
+from tokenmill.client.endpoints import Endpoint, EndpointSet
+from tokenmill.client.gate import ConcurrencyGate
+from tokenmill.client.http_errors import ConnectError, ReadTimeout, RemoteProtocolError, TransportError
+from tokenmill.client.http_transport import HTTPTransport
+from tokenmill.client.monitor import Monitor
+from tokenmill.client.rate_limit import RateLimiter
+from tokenmill.protocol.errors import APIError
+from tokenmill.protocol.headers import WORKER_HEADER
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+OVERLOAD_STATUS = frozenset({429, 503})
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_retries: int = 3
+    backoff_s: float = 0.5  # first wait; doubles per retry, with jitter
+    max_backoff_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries={self.max_retries} is invalid: allowed 0 or more")
+
+    def wait(self, attempt: int, retry_after: float | None) -> float:
+        backoff = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        return max(backoff, retry_after or 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One OpenAI request: where it goes, what it says, and what it may cost."""
+
+    path: str
+    body: dict[str, Any]
+    stream: bool
+    tokens: int  # prompt estimate + max_tokens: what the quotas reserve
+    headers: Mapping[str, str] = field(default_factory=dict)
+    session: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A whole response body, or one streamed chunk, with where it came from."""
+
+    data: dict[str, Any]
+    worker: str | None
+    endpoint: str
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        endpoints: EndpointSet,
+        *,
+        concurrency: AdaptiveLimit | int,
+        limiter: RateLimiter,
+        retry: RetryPolicy,
+        monitor: Monitor,
+        transport: Callable[[str], HTTPTransport],
+    ):
+        self.endpoints = endpoints
+        self.adaptive = concurrency if isinstance(concurrency, AdaptiveLimit) else None
+        self._fixed = concurrency if isinstance(concurrency, int) else 0
+        if self.adaptive is None and self._fixed < 1:
+            raise ValueError(f"max_concurrency={concurrency!r} is invalid: allowed 'auto' or an integer >= 1")
+        self.gate = ConcurrencyGate(self.current_limit)
+        self.limiter = limiter
+        self.retry = retry
+        self.monitor = monitor
+        self._transport = transport
+        self._paused_until = 0.0
+
+    def starved(self) -> bool:
+        """Free slots and nothing waiting for them."""
+        return self.gate.waiting == 0 and self.gate.in_flight < self.current_limit()
+
+    def current_limit(self) -> int:
+        """Requests allowed in flight now."""
+        return self.adaptive.limit if self.adaptive else self._fixed
+
+    async def request(self, call: Call) -> Reply:
+        """Send a request and return its whole response."""
+        replies = self.replies(call)
+        try:
+            return await replies.__anext__()
+        except StopAsyncIteration:
+            raise APIError(502, "the server sent an empty response", "api_error") from None
+        finally:
+            await replies.aclose()
+
+    async def replies(self, call: Call) -> AsyncIterator[Reply]:
+        """The response (``call.stream``: each SSE chunk), retried while that is safe."""
+        attempt = 0
+        while True:
+            attempt += 1
+            handed_over = False
+            try:
+                async for reply in self._attempt(call):
+                    handed_over = True
+                    yield reply
+                return
+            except (APIError, TransportError) as e:
+                retry_after = e.retry_after if isinstance(e, APIError) else None
+                if handed_over or not _retryable(e) or attempt > self.retry.max_retries:
+                    raise
+                wait = self.retry.wait(attempt, retry_after)
+                logger.debug("retrying %s in %.2f s after %s", call.path, wait, e)
+                await asyncio.sleep(wait)
+
+    async def _attempt(self, call: Call) -> AsyncIterator[Reply]:
+        await self._wait_for_pause()
+        await self.gate.acquire()
+        endpoint: Endpoint | None = None
+        started = time.perf_counter()
+        ttft: float | None = None
+        usage: dict[str, Any] | None = None
+        worker: str | None = None
+        error: str | None = None
+        complete = False  # the whole response is in: closing the generator now is no failure
+        reserved = False
+        try:
+            await self.limiter.acquire(call.tokens)
+            reserved = True
+            endpoint = self.endpoints.pick(call.session)
+            if self.adaptive:
+                self.adaptive.note_in_flight(self.gate.in_flight)
+            async with self._transport(endpoint.url).stream(
+                "POST", call.path, json=call.body, headers=call.headers
+            ) as response:
+                worker = response.headers.get(WORKER_HEADER) or endpoint.url
+                if response.status >= 400:
+                    raise _status_error(response.status, await response.read(), response.headers)
+                if not call.stream:
+                    data = _json(await response.read())
+                    usage = data.get("usage")
+                    # No first token to time: the latency per output token shows queueing as well
+                    # (a request that waited for a slot takes twice as long per token), whatever
+                    # the output lengths.
+                    self._latency_sample((time.perf_counter() - started) / max(1, _usage_counts(usage)[1]))
+                    complete = True
+                    yield Reply(data, worker, endpoint.url)
+                    return
+                finished = False
+                async for event in response.events():
+                    if event.data == "[DONE]":
+                        finished = complete = True
+                        break
+                    data = _json(event.data.encode())
+                    if "error" in data:
+                        raise APIError.from_body(500, data)
+                    if data.get("usage"):
+                        usage = data["usage"]
+                    if ttft is None and _has_content(data):
+                        ttft = event.time - started
+                        self._latency_sample(ttft)
+                    yield Reply(data, worker, endpoint.url)
+                if not finished:
+                    raise RemoteProtocolError("the event stream ended before data: [DONE]")
+        except BaseException as e:
+            if not complete:
+                error = _kind(e)
+                self._on_failure(e)
+            raise
+        finally:
+            latency = time.perf_counter() - started
+            self.gate.release()
+            if reserved:
+                used = _used_tokens(usage, call.tokens)
+                self.limiter.settle(call.tokens, used)
+            if endpoint is not None:
+                self.endpoints.done(
+                    endpoint,
+                    failed=error in ("connect", "timeout", "server_error", "unavailable"),
+                    unreachable=error == "connect",
+                )
+                prompt, completion = _usage_counts(usage)
+                self.monitor.record(
+                    endpoint.url,
+                    worker,
+                    ttft=ttft,
+                    latency=latency,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    error=error,
+                )
+
+    def _latency_sample(self, seconds: float) -> None:
+        if self.adaptive:
+            before = self.adaptive.limit
+            self.adaptive.on_latency(seconds)
+            if self.adaptive.limit > before:
+                self.gate.wake()
+
+    def _on_failure(self, e: BaseException) -> None:
+        overload = isinstance(e, ReadTimeout) or (isinstance(e, APIError) and e.status in OVERLOAD_STATUS)
+        if overload and self.adaptive:
+            self.adaptive.on_overload()
+        if isinstance(e, APIError) and e.status in OVERLOAD_STATUS:
+            pause = e.retry_after if e.retry_after is not None else 1.0
+            self._paused_until = max(self._paused_until, time.monotonic() + pause)
+
+    async def _wait_for_pause(self) -> None:
+        while (wait := self._paused_until - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+
+
+def estimate_tokens(body: Mapping[str, Any]) -> int:
+    """Prompt tokens (about 4 characters each, erring high) plus the most the reply may use."""
+    prompt = body.get("prompt")
+    if "messages" in body:
+        text = "".join(
+            str(m.get("content") or "") if isinstance(m, dict) else str(m) for m in body["messages"]
+        )
+        prompt_tokens = len(text) // 4 + 6 * len(body["messages"])
+    elif isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        prompt_tokens = len(prompt)
+    else:
+        prompt_tokens = len(str(prompt or "")) // 4 + 1
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or 256
+    return prompt_tokens + int(limit) * int(body.get("n") or 1)
+
+
+def _status_error(status: int, body: bytes, headers: Mapping[str, str]) -> APIError:
+    try:
+        parsed: Any = json.loads(body)
+    except ValueError:
+        parsed = body.decode("utf-8", "replace")
+    error = APIError.from_body(status, parsed)
+    retry_after = headers.get("retry-after")
+    if retry_after:
+        with contextlib.suppress(ValueError):  # an HTTP date: the backoff decides instead
+            error.retry_after = max(0.0, float(retry_after))
+    return error
+
+
+def _json(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise APIError(502, f"the server sent a body that is not JSON: {raw[:200]!r}", "api_error") from None
+    if not isinstance(data, dict):
+        raise APIError(502, f"the server sent JSON that is not an object: {raw[:200]!r}", "api_error")
+    return data
+
+
+def _has_content(chunk: dict[str, Any]) -> bool:
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta")
+        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        if text:
+            return True
+    return False
+
+
+def _retryable(e: BaseException) -> bool:
+    if isinstance(e, APIError):
+        return e.status in RETRYABLE_STATUS
+    return isinstance(e, TransportError)
+
+
+def _kind(e: BaseException) -> str:
+    if isinstance(e, APIError):
+        if e.status == 429:
+            return "rate_limited"
+        if e.status == 503:
+            return "unavailable"
+        return "server_error" if e.status >= 500 else "client_error"
+    if isinstance(e, ConnectError):
+        return "connect"
+    if isinstance(e, (ReadTimeout, TimeoutError)):
+        return "timeout"
+    if isinstance(e, TransportError):
+        return "stream_cut"
+    if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+        return "cancelled"
+    return "other"
+
+
+def _usage_counts(usage: Mapping[str, Any] | None) -> tuple[int, int]:
+    if not usage:
+        return 0, 0
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+def _used_tokens(usage: Mapping[str, Any] | None, reserved: int) -> int:
+    if not usage:
+        return reserved  # unknown: keep the reservation
+    return int(usage.get("total_tokens") or sum(_usage_counts(usage)))
+
+
+def endpoints_of(base_url: str | Sequence[str]) -> list[str]:
+    return [base_url] if isinstance(base_url, str) else list(base_url)

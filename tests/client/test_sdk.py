@@ -1,0 +1,161 @@
+"""``AsyncClient`` / ``Client`` against real workers on loopback: the OpenAI surface, errors, retries
+under 429, the adaptive limit, pacing, and the spread over several endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from tests.server.conftest import start_server
+from tokenmill.client import APIError, AsyncClient, Client, LimitSettings
+
+
+@pytest.fixture(scope="module")
+def demo():
+    worker = start_server("--worker-id", "demo-0")
+    yield worker
+    worker.stop()
+
+
+HI = [{"role": "user", "content": "Say hi to the whole world"}]
+
+
+def test_chat_and_completions_whole_and_streamed_agree(demo):
+    async def run() -> None:
+        async with AsyncClient(f"{demo.url}/v1") as client:
+            whole = await client.chat.completions.create(messages=HI, max_tokens=12, temperature=0.0)
+            stream = await client.chat.completions.create(
+                messages=HI, max_tokens=12, temperature=0.0, stream=True
+            )
+            chunks = [c async for c in stream]
+            assert "".join(c.text for c in chunks) == whole.choices[0].message.content
+            assert chunks[0].choices[0].delta.role == "assistant"
+            assert whole.usage is not None and whole.usage.completion_tokens == 12
+            assert whole.worker == "demo-0" and chunks[-1].worker == "demo-0"
+            comp = await client.completions.create(prompt="ROMEO:", max_tokens=8, temperature=0.0)
+            streamed = await client.completions.create(
+                prompt="ROMEO:",
+                max_tokens=8,
+                temperature=0.0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            parts = [c async for c in streamed]
+            assert "".join(p.text for p in parts) == comp.text
+            assert parts[-1].usage is not None and parts[-1].usage.completion_tokens == 8
+
+    asyncio.run(run())
+
+
+def test_sync_client_and_leaving_a_stream_early_frees_the_request(demo):
+    with Client(demo.url) as client:
+        reply = client.chat.completions.create(messages=HI, max_tokens=4)
+        assert reply.choices[0].finish_reason == "length"
+        stream = client.completions.create(prompt="ROMEO:", max_tokens=400, stream=True)
+        for i, _ in enumerate(stream):
+            if i == 2:
+                break
+    demo.wait_for(lambda: demo.metric("tokenmill_requests_running") == 0, what="the aborted request to end")
+
+
+def test_a_bad_request_raises_at_once_naming_the_field_and_is_not_retried(demo):
+    async def run() -> None:
+        async with AsyncClient(demo.url) as client:
+            with pytest.raises(APIError) as info:
+                await client.chat.completions.create(messages=HI, max_tokens=-1)
+            assert info.value.status == 400 and info.value.param == "max_tokens"
+            report = client.report()
+            assert report.errors_by_kind == {"client_error": 1}
+            assert sum(e.requests for e in report.endpoints) == 1
+
+    asyncio.run(run())
+
+
+def test_429s_slow_the_client_down_and_every_request_still_succeeds():
+    worker = start_server("--runner", "simulated", "--max-num-seqs", "2", "--max-waiting-requests", "1")
+    try:
+
+        async def run() -> tuple[int, dict[str, int]]:
+            async with AsyncClient(worker.url, limit=LimitSettings(initial=16), max_retries=10) as client:
+
+                async def one(i: int) -> int:
+                    # A stream holds its slot until read to the end: read each in its own task.
+                    stream = await client.completions.create(
+                        prompt=f"p{i}", max_tokens=24, stream=True, ignore_eos=True
+                    )
+                    return len([c async for c in stream])
+
+                assert all(n >= 1 for n in await asyncio.gather(*(one(i) for i in range(40))))
+                return client.concurrency_limit, client.report().errors_by_kind
+
+        limit, errors = asyncio.run(run())
+        assert errors.get("rate_limited", 0) > 0  # the worker's queue did overflow at first
+        assert limit < 16
+    finally:
+        worker.stop()
+
+
+def test_the_adaptive_limit_settles_near_the_fleets_slots(fleet):
+    """16 slots in all: the limit must grow past its start of 4 and not run away past 2x."""
+
+    async def run() -> int:
+        async with AsyncClient([w.url for w in fleet]) as client:
+
+            async def one(i: int) -> None:
+                stream = await client.completions.create(
+                    prompt=f"q{i}", max_tokens=48, ignore_eos=True, stream=True
+                )
+                async for _ in stream:
+                    pass
+
+            await asyncio.gather(*(one(i) for i in range(400)))
+            return client.concurrency_limit
+
+    limit = asyncio.run(run())
+    assert 8 <= limit <= 32, limit
+
+
+def test_requests_spread_over_endpoints_counts_match_the_workers_and_a_dead_one_is_ejected(fleet):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    before = [w.metric("tokenmill_requests_total") for w in fleet]
+
+    async def run():
+        async with AsyncClient([fleet[0].url, fleet[1].url, dead], max_concurrency=8) as client:
+            await asyncio.gather(
+                *(client.completions.create(prompt=f"x{i}", max_tokens=4) for i in range(60))
+            )
+            return client.report()
+
+    report = asyncio.run(run())
+    by_worker = {w.name: w.requests for w in report.workers}
+    after = [w.metric("tokenmill_requests_total") for w in fleet]
+    assert by_worker == {f"sim-{i}": after[i] - before[i] for i in range(2)}
+    assert sum(by_worker.values()) == 60
+    assert report.request_imbalance is not None and report.request_imbalance < 1.3
+    assert report.errors_by_kind.get("connect", 0) >= 1
+    dead_row = next(e for e in report.endpoints if e.name == dead)
+    assert dead_row.requests <= 3  # only the first round (8 in flight over 3 endpoints) went there
+
+
+def test_no_burst_pacing_holds_its_rate(fleet):
+    async def run() -> float:
+        async with AsyncClient(fleet[0].url, requests_per_minute=600, no_burst=True) as client:
+            start = time.perf_counter()
+            await asyncio.gather(*(client.completions.create(prompt="p", max_tokens=1) for _ in range(21)))
+            return time.perf_counter() - start
+
+    assert asyncio.run(run()) >= 1.9  # 10 per second: the 21st leaves 2 s after the first
+
+
+def test_bad_client_options_name_the_field():
+    with pytest.raises(ValueError, match="max_concurrency"):
+        AsyncClient(max_concurrency=0)
+    with pytest.raises(ValueError, match="requests_per_minute"):
+        AsyncClient(requests_per_minute=-1)
+    with pytest.raises(ValueError, match="base_url"):
+        AsyncClient("localhost:8000")
