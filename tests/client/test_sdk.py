@@ -159,3 +159,53 @@ def test_bad_client_options_name_the_field():
         AsyncClient(requests_per_minute=-1)
     with pytest.raises(ValueError, match="base_url"):
         AsyncClient("localhost:8000")
+
+
+def test_grpc_transport_gives_the_same_answers_as_http(demo):
+    async def run() -> None:
+        async with AsyncClient(demo.url) as http, AsyncClient(demo.grpc_target, transport="grpc") as grpc_:
+            for client in (http, grpc_):
+                assert client.transport in ("http", "grpc")
+            want = await http.chat.completions.create(messages=HI, max_tokens=10, temperature=0.0)
+            got = await grpc_.chat.completions.create(messages=HI, max_tokens=10, temperature=0.0)
+            assert got.choices[0].message.content == want.choices[0].message.content
+            assert got.usage is not None and want.usage is not None
+            assert got.usage.prompt_tokens == want.usage.prompt_tokens  # the same chat template
+            assert got.worker == "demo-0"
+            stream = await grpc_.chat.completions.create(
+                messages=HI, max_tokens=10, temperature=0.0, stream=True
+            )
+            chunks = [c async for c in stream]
+            assert "".join(c.text for c in chunks) == want.choices[0].message.content
+            assert chunks[0].choices[0].delta.role == "assistant"
+            assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
+            comp = await grpc_.completions.create(prompt="ROMEO:", max_tokens=6, temperature=0.0)
+            assert (
+                comp.text
+                == (await http.completions.create(prompt="ROMEO:", max_tokens=6, temperature=0.0)).text
+            )
+            with pytest.raises(APIError) as info:
+                await grpc_.completions.create(prompt="ROMEO:", max_tokens=6, logprobs=2)
+            assert info.value.status == 400 and info.value.param == "logprobs"
+            with pytest.raises(APIError) as info:
+                await grpc_.completions.create(prompt="ROMEO:", max_tokens=-6)
+            assert info.value.status == 400 and info.value.param == "max_tokens"
+
+    asyncio.run(run())
+
+
+def test_grpc_transport_ejects_an_address_nobody_answers(demo):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+
+    async def run():
+        async with AsyncClient([demo.grpc_target, dead], transport="grpc", max_concurrency=2) as client:
+            await asyncio.gather(
+                *(client.completions.create(prompt=f"x{i}", max_tokens=2) for i in range(10))
+            )
+            return client.report()
+
+    report = asyncio.run(run())
+    assert report.errors_by_kind.get("connect", 0) >= 1
+    assert {w.name: w.requests for w in report.workers} == {"demo-0": 10}

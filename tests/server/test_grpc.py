@@ -121,6 +121,22 @@ def test_token_id_prompt_gives_the_same_tokens_as_its_text(served, stub):
     assert len(joined(by_ids)[1]) > 0
 
 
+def test_chat_prompt_is_rendered_with_the_workers_template(served, stub):
+    messages = [{"role": "user", "content": "Name a river."}]
+    chat = pb.Chat(messages=[pb.ChatMessage(**m) for m in messages])
+    by_chat = generate(stub, text=None, chat=chat, temperature=0.0, max_tokens=8)
+    rendered = served.engine.engine.tokenizer.encode_chat(messages)
+    by_ids = generate(stub, text=None, token_ids=pb.TokenIds(ids=rendered), temperature=0.0, max_tokens=8)
+    assert joined(by_chat)[1] == joined(by_ids)[1] and joined(by_chat)[1]
+    assert by_chat[-1].usage.prompt_tokens == len(rendered)
+    error = rpc_error(lambda: generate(stub, text=None, chat=pb.Chat()))
+    assert trailing(error)["x-tokenmill-error-param"] == "chat.messages"
+    long = pb.Chat(messages=[pb.ChatMessage(role="user", content="river " * 400)])
+    error = rpc_error(lambda: generate(stub, text=None, chat=long))
+    assert trailing(error)["x-tokenmill-error-param"] == "chat.messages"
+    assert trailing(error)["x-tokenmill-error-code"] == "context_length_exceeded"
+
+
 def test_logprobs_match_the_engine(served, stub):
     responses = generate(stub, temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
     expected = engine_output(served.engine, PROMPT, SamplingParams(max_tokens=6, ignore_eos=True, logprobs=3))

@@ -43,10 +43,11 @@ from typing import Any, Generic, Literal, TypeVar
 from tokenmill.client.adaptive import AdaptiveLimit, LimitSettings
 from tokenmill.client.dispatch import Call, Dispatcher, Reply, RetryPolicy, estimate_tokens
 from tokenmill.client.endpoints import EndpointSet
-from tokenmill.client.http_transport import HTTPTransport
+from tokenmill.client.grpc_wire import GRPCWire
 from tokenmill.client.monitor import Monitor, MonitorReport
 from tokenmill.client.openai_types import ChatCompletion, ChatCompletionChunk, Completion
 from tokenmill.client.rate_limit import Quota, RateLimiter
+from tokenmill.client.wire import HTTPWire, Wire
 from tokenmill.protocol.headers import PRIORITY_HEADER, SESSION_HEADER
 
 T = TypeVar("T")
@@ -97,14 +98,21 @@ class AsyncClient:
         priority: int | None = None,
         session_id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        transport: Literal["http", "grpc"] = "http",
     ):
-        """``base_url``: one endpoint or several (``http://host:port``, with or without ``/v1``).
+        """``base_url``: one endpoint or several (``http://host:port``, with or without ``/v1``;
+        with ``transport="grpc"``, a tokenmill worker's gRPC ``host:port``).
         ``api_key``: the team's key (default ``$TOKENMILL_API_KEY``). ``max_concurrency``:
         ``"auto"`` (adaptive, tuned by ``limit``) or a fixed number of requests in flight.
         ``timeout``: longest silence within a response. ``priority`` and ``session_id``
         apply to every request unless a call sets its own."""
+        if transport not in ("http", "grpc"):
+            raise ValueError(f"transport={transport!r} is invalid: allowed 'http' or 'grpc'")
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if transport == "grpc":
+            urls = [u if u.startswith("grpc://") else f"grpc://{u}" for u in urls]
         self.endpoints = EndpointSet([_strip_v1(u) for u in urls])
+        self.transport = transport
         if max_concurrency == "auto":
             concurrency: AdaptiveLimit | int = AdaptiveLimit(limit)
         elif (
@@ -122,7 +130,7 @@ class AsyncClient:
         if key:
             self._headers["authorization"] = f"Bearer {key}"
         self._timeout = timeout
-        self._transports: dict[str, HTTPTransport] = {}
+        self._wires: dict[str, Wire] = {}
         self.monitor = Monitor()
         self.dispatcher = Dispatcher(
             self.endpoints,
@@ -130,7 +138,7 @@ class AsyncClient:
             limiter=RateLimiter(Quota(requests_per_minute, tokens_per_minute, no_burst)),
             retry=RetryPolicy(max_retries=max_retries),
             monitor=self.monitor,
-            transport=self._transport,
+            wire=self._wire,
         )
         self.priority = priority
         self.session_id = session_id
@@ -148,9 +156,9 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         await self.monitor.stop()
-        for transport in self._transports.values():
-            await transport.aclose()
-        self._transports.clear()
+        for wire in self._wires.values():
+            await wire.aclose()
+        self._wires.clear()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -158,15 +166,16 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def _transport(self, url: str) -> HTTPTransport:
-        transport = self._transports.get(url)
-        if transport is None:
-            self.monitor.start(self.dispatcher.starved)
-            transport = HTTPTransport(
-                url, headers=self._headers, max_connections=4096, read_timeout=self._timeout
-            )
-            self._transports[url] = transport
-        return transport
+    def _wire(self, url: str) -> Wire:
+        wire = self._wires.get(url)
+        if wire is None:
+            self.monitor.start(self.dispatcher.queue_state)
+            if self.transport == "grpc":
+                wire = GRPCWire(url, self._headers, self._timeout)
+            else:
+                wire = HTTPWire(url, self._headers, self._timeout)
+            self._wires[url] = wire
+        return wire
 
     def prepare_call(
         self,

@@ -14,8 +14,6 @@ chunk has been handed over; after that, a failure is the caller's to see.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import random
 import time
@@ -26,12 +24,11 @@ from typing import Any
 from tokenmill.client.adaptive import AdaptiveLimit
 from tokenmill.client.endpoints import Endpoint, EndpointSet
 from tokenmill.client.gate import ConcurrencyGate
-from tokenmill.client.http_errors import ConnectError, ReadTimeout, RemoteProtocolError, TransportError
-from tokenmill.client.http_transport import HTTPTransport
+from tokenmill.client.http_errors import ConnectError, ReadTimeout, TransportError
 from tokenmill.client.monitor import Monitor
 from tokenmill.client.rate_limit import RateLimiter
+from tokenmill.client.wire import Wire
 from tokenmill.protocol.errors import APIError
-from tokenmill.protocol.headers import WORKER_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +81,7 @@ class Dispatcher:
         limiter: RateLimiter,
         retry: RetryPolicy,
         monitor: Monitor,
-        transport: Callable[[str], HTTPTransport],
+        wire: Callable[[str], Wire],
     ):
         self.endpoints = endpoints
         self.adaptive = concurrency if isinstance(concurrency, AdaptiveLimit) else None
@@ -95,12 +92,13 @@ class Dispatcher:
         self.limiter = limiter
         self.retry = retry
         self.monitor = monitor
-        self._transport = transport
+        self._wire = wire
         self._paused_until = 0.0
 
-    def starved(self) -> bool:
-        """Free slots and nothing waiting for them."""
-        return self.gate.waiting == 0 and self.gate.in_flight < self.current_limit()
+    def queue_state(self) -> tuple[bool, bool]:
+        """(starved, backlogged): free slots and nothing waiting for them; requests waiting."""
+        waiting = self.gate.waiting
+        return waiting == 0 and self.gate.in_flight < self.current_limit(), waiting > 0
 
     def current_limit(self) -> int:
         """Requests allowed in flight now."""
@@ -152,38 +150,26 @@ class Dispatcher:
             endpoint = self.endpoints.pick(call.session)
             if self.adaptive:
                 self.adaptive.note_in_flight(self.gate.in_flight)
-            async with self._transport(endpoint.url).stream(
-                "POST", call.path, json=call.body, headers=call.headers
-            ) as response:
-                worker = response.headers.get(WORKER_HEADER) or endpoint.url
-                if response.status >= 400:
-                    raise _status_error(response.status, await response.read(), response.headers)
-                if not call.stream:
-                    data = _json(await response.read())
-                    usage = data.get("usage")
-                    # No first token to time: the latency per output token shows queueing as well
-                    # (a request that waited for a slot takes twice as long per token), whatever
-                    # the output lengths.
-                    self._latency_sample((time.perf_counter() - started) / max(1, _usage_counts(usage)[1]))
-                    complete = True
-                    yield Reply(data, worker, endpoint.url)
-                    return
-                finished = False
-                async for event in response.events():
-                    if event.data == "[DONE]":
-                        finished = complete = True
-                        break
-                    data = _json(event.data.encode())
-                    if "error" in data:
-                        raise APIError.from_body(500, data)
+            async with self._wire(endpoint.url).open(
+                call.path, call.body, call.stream, call.headers
+            ) as exchange:
+                worker = exchange.worker
+                async for message in exchange.messages():
+                    data = message.data
                     if data.get("usage"):
                         usage = data["usage"]
-                    if ttft is None and _has_content(data):
-                        ttft = event.time - started
+                    if not call.stream:
+                        # No first token to time: the latency per output token shows queueing as
+                        # well (a request that waited for a slot takes twice as long per token),
+                        # whatever the output lengths.
+                        per_token = (message.time - started) / max(1, _usage_counts(usage)[1])
+                        self._latency_sample(per_token)
+                        complete = True
+                    elif ttft is None and _has_content(data):
+                        ttft = message.time - started
                         self._latency_sample(ttft)
                     yield Reply(data, worker, endpoint.url)
-                if not finished:
-                    raise RemoteProtocolError("the event stream ended before data: [DONE]")
+                complete = True
         except BaseException as e:
             if not complete:
                 error = _kind(e)
@@ -246,29 +232,6 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
         prompt_tokens = len(str(prompt or "")) // 4 + 1
     limit = body.get("max_completion_tokens") or body.get("max_tokens") or 256
     return prompt_tokens + int(limit) * int(body.get("n") or 1)
-
-
-def _status_error(status: int, body: bytes, headers: Mapping[str, str]) -> APIError:
-    try:
-        parsed: Any = json.loads(body)
-    except ValueError:
-        parsed = body.decode("utf-8", "replace")
-    error = APIError.from_body(status, parsed)
-    retry_after = headers.get("retry-after")
-    if retry_after:
-        with contextlib.suppress(ValueError):  # an HTTP date: the backoff decides instead
-            error.retry_after = max(0.0, float(retry_after))
-    return error
-
-
-def _json(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise APIError(502, f"the server sent a body that is not JSON: {raw[:200]!r}", "api_error") from None
-    if not isinstance(data, dict):
-        raise APIError(502, f"the server sent JSON that is not an object: {raw[:200]!r}", "api_error")
-    return data
 
 
 def _has_content(chunk: dict[str, Any]) -> bool:

@@ -50,7 +50,7 @@ class EndpointSet:
         seen: set[str] = set()
         for url in urls:
             parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            if parts.scheme not in ("http", "https", "grpc") or not parts.hostname:
                 raise ValueError(f"base_url {url!r} is invalid: allowed http://host:port or https://host")
             if url.rstrip("/") in seen:
                 raise ValueError(f"base_url {url!r} is given twice")

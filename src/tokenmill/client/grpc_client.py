@@ -25,7 +25,8 @@ The same, synchronous::
         for chunk in client.generate("ROMEO:", max_tokens=32, temperature=0.0):
             print(chunk.text, end="", flush=True)
 
-Each chunk is one engine step: the new text and token ids of every sample that
+The prompt is text, token ids, or chat messages (``[{"role": "user", "content": ...}]``,
+rendered with the worker's chat template). Each chunk is one engine step: the new text and token ids of every sample that
 has any (``n`` > 1 gives several choices), and, on the last chunk, the usage.
 Sampling fields left out take the model's defaults. Leaving the loop early
 cancels the call, and the worker aborts the request.
@@ -49,6 +50,7 @@ from tokenmill.client.grpc_messages import (
     GenerationChunk,
     Health,
     ModelInfo,
+    Prompt,
     build_request,
     to_chunk,
     to_health,
@@ -92,7 +94,7 @@ class AsyncGenerationClient:
 
     async def generate(
         self,
-        prompt: str | list[int],
+        prompt: Prompt,
         *,
         priority: int | None = None,
         tenant: str | None = None,
@@ -192,7 +194,7 @@ class GenerationClient:
 
     def generate(
         self,
-        prompt: str | list[int],
+        prompt: Prompt,
         *,
         priority: int | None = None,
         tenant: str | None = None,

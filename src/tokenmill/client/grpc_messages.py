@@ -6,11 +6,15 @@ dataclasses, so a change to the proto does not reach their code.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from tokenmill.protocol import generation_pb2 as pb
 from tokenmill.protocol.errors import APIError
+
+# Text, token ids, or chat messages ({"role", "content"}) that the worker renders with its template.
+Prompt = str | Sequence[int] | Sequence[Mapping[str, Any]]
 
 
 class GenerateOptions(TypedDict, total=False):
@@ -103,7 +107,7 @@ _REQUEST_FIELDS = frozenset(GenerateOptions.__annotations__)
 
 
 def build_request(
-    prompt: str | list[int], request_id: str | None, priority: int | None, options: GenerateOptions
+    prompt: Prompt, request_id: str | None, priority: int | None, options: GenerateOptions
 ) -> pb.GenerateRequest:
     """The GenerateRequest for a call; a value the wire cannot carry is a 400 naming its field."""
     unknown = set(options) - _REQUEST_FIELDS
@@ -116,6 +120,12 @@ def build_request(
         fields["priority"] = priority
     if isinstance(prompt, str):
         fields["text"] = prompt
+    elif prompt and all(isinstance(m, Mapping) for m in prompt):
+        try:
+            messages = [{"role": str(m["role"]), "content": str(m.get("content") or "")} for m in prompt]  # type: ignore[call-overload,union-attr]
+        except KeyError:
+            raise APIError.invalid_request("every chat message needs a role", "messages") from None
+        fields["chat"] = {"messages": messages}
     else:
         fields["token_ids"] = {"ids": prompt}
     try:
@@ -125,7 +135,7 @@ def build_request(
             try:
                 pb.GenerateRequest(**{name: value})
             except (TypeError, ValueError):
-                field = "prompt" if name in ("text", "token_ids") else name  # as the server names it
+                field = "prompt" if name in ("text", "token_ids", "chat") else name  # as the server names it
                 shown = repr(prompt if field == "prompt" else value)
                 shown = shown if len(shown) <= 80 else shown[:77] + "..."
                 raise APIError.invalid_request(f"{field}={shown} is invalid: {exc}", field) from exc

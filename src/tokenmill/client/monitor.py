@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 LAG_WARN_S = 0.05  # loop lag p99 above this: the client is the bottleneck
+STARVED_MIN_TICKS = 50  # watch at least this long (x tick_s) before judging the queue
 _SAMPLES = 4096  # latency samples kept per endpoint or worker
 
 
@@ -91,6 +92,7 @@ class Monitor:
         self._lags: deque[float] = deque(maxlen=600)
         self._ticks = 0
         self._starved_ticks = 0
+        self._backlogged_ticks = 0  # ticks with requests waiting for a slot
         self._task: asyncio.Task[None] | None = None
 
     def record(
@@ -121,10 +123,11 @@ class Monitor:
         if error is not None:
             self._errors[error] += 1
 
-    def start(self, starved: Callable[[], bool]) -> None:
-        """Watch loop lag (and, through ``starved()``, idle slots) from inside the running loop."""
+    def start(self, queue_state: Callable[[], tuple[bool, bool]]) -> None:
+        """Watch loop lag, and through ``queue_state()`` (starved, backlogged) the client's queue,
+        from inside the running loop."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._watch(starved))
+            self._task = asyncio.get_running_loop().create_task(self._watch(queue_state))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -133,20 +136,29 @@ class Monitor:
                 await self._task
             self._task = None
 
-    async def _watch(self, starved: Callable[[], bool]) -> None:
+    async def _watch(self, queue_state: Callable[[], tuple[bool, bool]]) -> None:
         while True:
             before = time.perf_counter()
             await asyncio.sleep(self.tick_s)
             self._lags.append(max(0.0, time.perf_counter() - before - self.tick_s))
             self._ticks += 1
-            if starved():
-                self._starved_ticks += 1
+            starved, backlogged = queue_state()
+            self._starved_ticks += starved
+            self._backlogged_ticks += backlogged
 
     def report(self, concurrency_limit: int) -> MonitorReport:
         workers = [_summary(name, c) for name, c in sorted(self._workers.items())]
         endpoints = [_summary(name, c) for name, c in sorted(self._endpoints.items())]
         lag = _quantile(list(self._lags), 0.99)
         warnings = []
+        starved = self._starved_ticks / self._ticks if self._ticks else None
+        backlogged = self._backlogged_ticks / self._ticks if self._ticks else 0.0
+        if starved is not None and self._ticks >= STARVED_MIN_TICKS and starved > 0.25 and backlogged > 0.1:
+            # Bursts that queue, with idle slots between them: what feeds the client is too slow.
+            warnings.append(
+                f"the client had free slots and nothing to send {starved:.0%} of the time, while at other "
+                "times requests queued: what produces the requests is the bottleneck (submit more at once)"
+            )
         if lag is not None and lag > LAG_WARN_S:
             warnings.append(
                 f"event loop lag p99 {lag * 1000:.0f} ms: the client is too busy to send and read on time "
@@ -159,7 +171,7 @@ class Monitor:
             _imbalance([w.completion_tokens for w in workers]),
             dict(self._errors),
             lag,
-            self._starved_ticks / self._ticks if self._ticks else None,
+            starved,
             concurrency_limit,
             warnings,
         )

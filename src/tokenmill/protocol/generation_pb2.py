@@ -24,41 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tokenmill/protocol/generation.proto\x12\x0ctokenmill.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x97\x06\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.tokenmill.v1.TokenIdsH\x00\x12\x0e\n\x01n\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\t \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\x06\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x0b \x01(\x05H\x07\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0c \x01(\x05H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x01H\t\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x01H\n\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x01H\x0b\x88\x01\x01\x12\x0c\n\x04stop\x18\x10 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x11 \x03(\x05\x12\x12\n\nignore_eos\x18\x12 \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x13 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x14 \x01(\x08H\x0c\x88\x01\x01\x12\x15\n\x08logprobs\x18\x15 \x01(\x05H\r\x88\x01\x01\x12\x15\n\x08priority\x18\x16 \x01(\x05H\x0e\x88\x01\x01\x12\x12\n\ncache_salt\x18\x17 \x01(\tB\x08\n\x06promptB\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x16\n\x14_skip_special_tokensB\x0b\n\t_logprobsB\x0b\n\t_priority\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12%\n\x03top\x18\x04 \x03(\x0b\x32\x18.tokenmill.v1.TopLogprob\"\xbe\x01\n\x0b\x43hoiceDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.tokenmill.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x12\n\x08stop_str\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x42\r\n\x0bstop_reason\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"v\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07\x63hoices\x18\x02 \x03(\x0b\x32\x19.tokenmill.v1.ChoiceDelta\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.tokenmill.v1.Usage\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\xf0\x01\n\x0eHealthResponse\x12:\n\x06status\x18\x01 \x01(\x0e\x32*.tokenmill.v1.HealthResponse.ServingStatus\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x01\x12\x11\n\tworker_id\x18\x05 \x01(\t\"M\n\rServingStatus\x12\x1e\n\x1aSERVING_STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\"\x12\n\x10ModelInfoRequest\"\xa0\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x06 \x01(\x05\x12\x11\n\tworker_id\x18\x07 \x01(\t2\xae\x02\n\nGeneration\x12K\n\x08Generate\x12\x1d.tokenmill.v1.GenerateRequest\x1a\x1e.tokenmill.v1.GenerateResponse0\x01\x12@\n\x05\x41\x62ort\x12\x1a.tokenmill.v1.AbortRequest\x1a\x1b.tokenmill.v1.AbortResponse\x12\x43\n\x06Health\x12\x1b.tokenmill.v1.HealthRequest\x1a\x1c.tokenmill.v1.HealthResponse\x12L\n\tModelInfo\x12\x1e.tokenmill.v1.ModelInfoRequest\x1a\x1f.tokenmill.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tokenmill/protocol/generation.proto\x12\x0ctokenmill.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"q\n\x04\x43hat\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tokenmill.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xbb\x06\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.tokenmill.v1.TokenIdsH\x00\x12\"\n\x04\x63hat\x18\x18 \x01(\x0b\x32\x12.tokenmill.v1.ChatH\x00\x12\x0e\n\x01n\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\t \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\x06\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x0b \x01(\x05H\x07\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0c \x01(\x05H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x01H\t\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x01H\n\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x01H\x0b\x88\x01\x01\x12\x0c\n\x04stop\x18\x10 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x11 \x03(\x05\x12\x12\n\nignore_eos\x18\x12 \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x13 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x14 \x01(\x08H\x0c\x88\x01\x01\x12\x15\n\x08logprobs\x18\x15 \x01(\x05H\r\x88\x01\x01\x12\x15\n\x08priority\x18\x16 \x01(\x05H\x0e\x88\x01\x01\x12\x12\n\ncache_salt\x18\x17 \x01(\tB\x08\n\x06promptB\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x16\n\x14_skip_special_tokensB\x0b\n\t_logprobsB\x0b\n\t_priority\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12%\n\x03top\x18\x04 \x03(\x0b\x32\x18.tokenmill.v1.TopLogprob\"\xbe\x01\n\x0b\x43hoiceDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.tokenmill.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x12\n\x08stop_str\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x42\r\n\x0bstop_reason\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"v\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07\x63hoices\x18\x02 \x03(\x0b\x32\x19.tokenmill.v1.ChoiceDelta\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.tokenmill.v1.Usage\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\xf0\x01\n\x0eHealthResponse\x12:\n\x06status\x18\x01 \x01(\x0e\x32*.tokenmill.v1.HealthResponse.ServingStatus\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x01\x12\x11\n\tworker_id\x18\x05 \x01(\t\"M\n\rServingStatus\x12\x1e\n\x1aSERVING_STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\"\x12\n\x10ModelInfoRequest\"\xa0\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x06 \x01(\x05\x12\x11\n\tworker_id\x18\x07 \x01(\t2\xae\x02\n\nGeneration\x12K\n\x08Generate\x12\x1d.tokenmill.v1.GenerateRequest\x1a\x1e.tokenmill.v1.GenerateResponse0\x01\x12@\n\x05\x41\x62ort\x12\x1a.tokenmill.v1.AbortRequest\x1a\x1b.tokenmill.v1.AbortResponse\x12\x43\n\x06Health\x12\x1b.tokenmill.v1.HealthRequest\x1a\x1c.tokenmill.v1.HealthResponse\x12L\n\tModelInfo\x12\x1e.tokenmill.v1.ModelInfoRequest\x1a\x1f.tokenmill.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenmill.protocol.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENIDS']._serialized_start=53
-  _globals['_TOKENIDS']._serialized_end=76
-  _globals['_GENERATEREQUEST']._serialized_start=79
-  _globals['_GENERATEREQUEST']._serialized_end=870
-  _globals['_TOPLOGPROB']._serialized_start=872
-  _globals['_TOPLOGPROB']._serialized_end=919
-  _globals['_TOKENLOGPROB']._serialized_start=921
-  _globals['_TOKENLOGPROB']._serialized_end=1023
-  _globals['_CHOICEDELTA']._serialized_start=1026
-  _globals['_CHOICEDELTA']._serialized_end=1216
-  _globals['_USAGE']._serialized_start=1218
-  _globals['_USAGE']._serialized_end=1298
-  _globals['_GENERATERESPONSE']._serialized_start=1300
-  _globals['_GENERATERESPONSE']._serialized_end=1418
-  _globals['_ABORTREQUEST']._serialized_start=1420
-  _globals['_ABORTREQUEST']._serialized_end=1454
-  _globals['_ABORTRESPONSE']._serialized_start=1456
-  _globals['_ABORTRESPONSE']._serialized_end=1488
-  _globals['_HEALTHREQUEST']._serialized_start=1490
-  _globals['_HEALTHREQUEST']._serialized_end=1505
-  _globals['_HEALTHRESPONSE']._serialized_start=1508
-  _globals['_HEALTHRESPONSE']._serialized_end=1748
-  _globals['_HEALTHRESPONSE_SERVINGSTATUS']._serialized_start=1671
-  _globals['_HEALTHRESPONSE_SERVINGSTATUS']._serialized_end=1748
-  _globals['_MODELINFOREQUEST']._serialized_start=1750
-  _globals['_MODELINFOREQUEST']._serialized_end=1768
-  _globals['_MODELINFORESPONSE']._serialized_start=1771
-  _globals['_MODELINFORESPONSE']._serialized_end=1931
-  _globals['_GENERATION']._serialized_start=1934
-  _globals['_GENERATION']._serialized_end=2236
+  _globals['_CHATMESSAGE']._serialized_start=53
+  _globals['_CHATMESSAGE']._serialized_end=97
+  _globals['_CHAT']._serialized_start=99
+  _globals['_CHAT']._serialized_end=212
+  _globals['_TOKENIDS']._serialized_start=214
+  _globals['_TOKENIDS']._serialized_end=237
+  _globals['_GENERATEREQUEST']._serialized_start=240
+  _globals['_GENERATEREQUEST']._serialized_end=1067
+  _globals['_TOPLOGPROB']._serialized_start=1069
+  _globals['_TOPLOGPROB']._serialized_end=1116
+  _globals['_TOKENLOGPROB']._serialized_start=1118
+  _globals['_TOKENLOGPROB']._serialized_end=1220
+  _globals['_CHOICEDELTA']._serialized_start=1223
+  _globals['_CHOICEDELTA']._serialized_end=1413
+  _globals['_USAGE']._serialized_start=1415
+  _globals['_USAGE']._serialized_end=1495
+  _globals['_GENERATERESPONSE']._serialized_start=1497
+  _globals['_GENERATERESPONSE']._serialized_end=1615
+  _globals['_ABORTREQUEST']._serialized_start=1617
+  _globals['_ABORTREQUEST']._serialized_end=1651
+  _globals['_ABORTRESPONSE']._serialized_start=1653
+  _globals['_ABORTRESPONSE']._serialized_end=1685
+  _globals['_HEALTHREQUEST']._serialized_start=1687
+  _globals['_HEALTHREQUEST']._serialized_end=1702
+  _globals['_HEALTHRESPONSE']._serialized_start=1705
+  _globals['_HEALTHRESPONSE']._serialized_end=1945
+  _globals['_HEALTHRESPONSE_SERVINGSTATUS']._serialized_start=1868
+  _globals['_HEALTHRESPONSE_SERVINGSTATUS']._serialized_end=1945
+  _globals['_MODELINFOREQUEST']._serialized_start=1947
+  _globals['_MODELINFOREQUEST']._serialized_end=1965
+  _globals['_MODELINFORESPONSE']._serialized_start=1968
+  _globals['_MODELINFORESPONSE']._serialized_end=2128
+  _globals['_GENERATION']._serialized_start=2131
+  _globals['_GENERATION']._serialized_end=2433
 # @@protoc_insertion_point(module_scope)

@@ -95,14 +95,15 @@ class GenerationService(pb_grpc.GenerationServicer):
             )
             # open() raises bad input and overload here, before the response starts.
             stream = self.worker.engine.open(
-                _prompt(request),
+                self._prompt(request),
                 self._sampling_params(request),
                 request_id,
                 priority,
                 request.cache_salt or None,
             )
         except Exception as exc:
-            await _abort(context, to_api_error(exc), self.worker.worker_id)
+            prompt_field = "chat.messages" if request.WhichOneof("prompt") == "chat" else "prompt"
+            await _abort(context, to_api_error(exc, prompt_field), self.worker.worker_id)
         logger.debug(
             "grpc generate %s tenant=%s priority=%d", request_id, metadata.get(TENANT_HEADER), priority
         )
@@ -178,6 +179,25 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     # -- checks ------------------------------------------------------------------
 
+    def _prompt(self, request: pb.GenerateRequest) -> str | list[int]:
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            return request.text
+        if which == "token_ids":
+            return list(request.token_ids.ids)
+        if which == "chat":
+            if not request.chat.messages:
+                raise APIError.invalid_request(
+                    "chat.messages must hold at least one message", "chat.messages"
+                )
+            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            add = (
+                request.chat.add_generation_prompt if request.chat.HasField("add_generation_prompt") else True
+            )
+            # Rendered here, as the HTTP chat endpoint does, so both fronts build the same prompt.
+            return self.worker.engine.engine.tokenizer.encode_chat(messages, add_generation_prompt=add)
+        raise APIError.invalid_request("prompt is required: set text, token_ids or chat", "prompt")
+
     async def _start(self, context: grpc.aio.ServicerContext) -> None:
         await context.send_initial_metadata(((WORKER_HEADER, self.worker.worker_id),))
 
@@ -241,15 +261,6 @@ async def start_grpc_server(worker: Worker, host: str = "127.0.0.1", port: int =
 
 
 # -- requests and responses ----------------------------------------------------------------
-
-
-def _prompt(request: pb.GenerateRequest) -> str | list[int]:
-    which = request.WhichOneof("prompt")
-    if which == "text":
-        return request.text
-    if which == "token_ids":
-        return list(request.token_ids.ids)
-    raise APIError.invalid_request("prompt is required: set text or token_ids", "prompt")
 
 
 def _response(out: RequestOutput, reported: set[int]) -> pb.GenerateResponse | None:
