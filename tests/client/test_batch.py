@@ -118,7 +118,7 @@ def test_cli_stops_on_a_refused_key_and_on_a_dead_server_keeping_what_finished(t
         write_input(src, 10)
         result = run_cli(str(src), "--url", worker.url, "--api-key", "wrong")
         assert result.returncode == 2
-        assert "refused the API key (401)" in result.stderr
+        assert f"{worker.url} refused the API key (401)" in result.stderr.replace("\n", "")
         result = run_cli(str(src), "--url", worker.url, "--api-key", "right")
         assert result.returncode == 0, result.stderr  # lines refused for the key are sent again
         assert sorted(ids(tmp_path / "jobs.output.jsonl")) == sorted(f"r{i}" for i in range(10))

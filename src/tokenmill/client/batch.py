@@ -167,7 +167,8 @@ class BatchJob:
             reply = await self.client.dispatcher.request(call)
         except APIError as e:
             if e.status == 401:
-                self._stop = f"the server refused the API key (401): {e.message}"
+                where = getattr(e, "endpoint", "the server")
+                self._stop = f"{where} refused the API key (401): {e.message}"
             self._error(
                 errors, request.custom_id, request.line,
                 response={"status_code": e.status, "request_id": None, "body": e.to_body()},

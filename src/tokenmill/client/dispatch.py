@@ -174,6 +174,8 @@ class Dispatcher:
             if not complete:
                 error = _kind(e)
                 self._on_failure(e)
+                if endpoint is not None and isinstance(e, (APIError, TransportError)):
+                    e.endpoint = endpoint.url  # type: ignore[attr-defined]  # for messages that name it
             raise
         finally:
             latency = time.perf_counter() - started

@@ -26,8 +26,9 @@ The same, synchronous::
             print(chunk.text, end="", flush=True)
 
 The prompt is text, token ids, or chat messages (``[{"role": "user", "content": ...}]``,
-rendered with the worker's chat template). Each chunk is one engine step: the new text and token ids of every sample that
-has any (``n`` > 1 gives several choices), and, on the last chunk, the usage.
+rendered with the worker's chat template). Each chunk is one engine step: the
+new text and token ids of every sample that has any (``n`` > 1 gives several
+choices), and, on the last chunk, the usage.
 Sampling fields left out take the model's defaults. Leaving the loop early
 cancels the call, and the worker aborts the request.
 
