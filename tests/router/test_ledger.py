@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import subprocess
 import sys
 import time
@@ -74,3 +76,31 @@ def test_teams_persist_and_deleting_one_revokes_its_keys(tmp_path: Path):
     assert Ledger(tmp_path / "u.db").teams()["a"] == Team("a", models=("m",), priority=3, max_parallel=2)
     assert ledger.delete_team("a") and not ledger.delete_team("a")
     assert ledger.teams() == {} and ledger.active_key_hashes() == {}
+
+
+def test_rows_of_one_loop_turn_share_a_commit_and_durable_waits_for_it(tmp_path: Path):
+    ledger = Ledger(tmp_path / "ledger.db")
+    other = sqlite3.connect(tmp_path / "ledger.db")  # another reader sees only what is committed
+
+    def committed() -> int:
+        return other.execute("SELECT COUNT(*) FROM usage").fetchone()[0]
+
+    async def run() -> None:
+        rows = [ledger.open_request(f"r{i}", "search", "key_1", "m", 0, 10) for i in range(3)]
+        assert committed() == 0  # still in this turn's group
+        await ledger.durable()
+        assert committed() == 3  # what the gateway waits for before forwarding
+
+        def status(row: int) -> str:
+            return other.execute("SELECT status FROM usage WHERE id = ?", (row,)).fetchone()[0]
+
+        ledger.close_request(rows[0], Closing(10, 5, "ok", 200, "w", 0.1, 0.0), "search", "m", time.time())
+        assert status(rows[0]) == "in_flight"
+        await asyncio.sleep(0)  # the turn ends: committed with nobody waiting
+        assert status(rows[0]) == "ok"
+
+    asyncio.run(run())
+    row = ledger.open_request("r9", "search", "key_1", "m", 0, 10)  # outside a loop: committed at once
+    assert other.execute("SELECT COUNT(*) FROM usage WHERE id = ?", (row,)).fetchone()[0] == 1
+    other.close()
+    ledger.close()

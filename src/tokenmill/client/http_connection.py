@@ -70,14 +70,20 @@ class HTTPConnection(asyncio.Protocol):
             self._raise_if_failed()
             await self._wait()
 
-    async def read_chunk(self) -> tuple[bytes, float] | None:
-        """The next body bytes with their arrival time, or None once the body is complete."""
+    async def read_chunk(self, coalesce: bool = False) -> tuple[bytes, float] | None:
+        """The next body bytes with their arrival time, or None once the body is complete.
+        ``coalesce``: every chunk already received, joined (stamped with the last one's time)."""
         while not self._chunks:
             if self._complete:
                 return None
             self._raise_if_failed()
             await self._wait()
-        data, at = self._chunks.popleft()
+        if coalesce and len(self._chunks) > 1:
+            parts = list(self._chunks)
+            self._chunks.clear()
+            data, at = b"".join(p for p, _ in parts), parts[-1][1]
+        else:
+            data, at = self._chunks.popleft()
         self._buffered -= len(data)
         if self._paused and self._buffered <= LOW_WATER and self._transport is not None:
             self._paused = False

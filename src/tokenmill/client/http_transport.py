@@ -90,10 +90,12 @@ class StreamingResponse:
         self.sent = sent
         self.first_byte = connection.first_byte
 
-    async def aiter_bytes(self) -> AsyncIterator[tuple[bytes, float]]:
-        """Body bytes as they arrive, each with its arrival time (``time.perf_counter()``)."""
+    async def aiter_bytes(self, coalesce: bool = False) -> AsyncIterator[tuple[bytes, float]]:
+        """Body bytes as they arrive, each with its arrival time (``time.perf_counter()``).
+        ``coalesce``: bytes that arrived while the reader was busy come joined, for a relay that
+        pays per write."""
         read = self._connection.read_chunk
-        while (item := await read()) is not None:
+        while (item := await read(coalesce)) is not None:
             yield item
 
     async def events(self) -> AsyncIterator[SSEEvent]:

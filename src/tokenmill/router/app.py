@@ -159,6 +159,8 @@ class RouterApp:
         for transport in self._transports.values():
             await transport.aclose()
         self._transports.clear()
+        if self.gateway is not None:
+            self.gateway.ledger.commit()  # rows closed in the last turn of the loop
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -195,6 +197,7 @@ class RouterApp:
             if admitted is None:
                 await self._route(call)
             else:
+                await self.gateway.ledger.durable()  # the row is on disk before the request leaves
                 await self._admit_and_route(call, admitted)
         except asyncio.CancelledError:
             outcome.state = "cancelled"
@@ -333,7 +336,7 @@ class RouterApp:
         # Only a stream needs watching: a whole response comes in one piece right after its head.
         gone = asyncio.ensure_future(wait_for_disconnect(receive)) if sse else None
         try:
-            async for data, _ in response.aiter_bytes():
+            async for data, _ in response.aiter_bytes(coalesce=True):
                 prefill.done()  # the first byte: the prompt is in the worker's cache now
                 if gone is not None and gone.done():
                     outcome.state = "cancelled"

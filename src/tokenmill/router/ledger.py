@@ -9,6 +9,14 @@ count against the team's budget). Per team, day and model, totals are kept
 beside the log in the same transaction, so budgets and ``/v1/usage`` read a
 few dozen rows, never the log.
 
+Group commit: inside an event loop, the request rows opened and closed during
+one turn of the loop share one transaction, committed at the end of the turn
+(a commit writes the touched pages to the WAL: one commit for a turn's rows
+instead of two per request). ``durable()`` waits for that commit, and the
+gateway awaits it before forwarding, so a request's row is on disk before the
+request reaches a worker. Team and key changes, and any write made outside a
+loop, commit at once.
+
 Keys are random (``tm-`` + 43 URL-safe characters, 256 bits) and stored only as
 their SHA-256: a key that strong needs no slow hash, and the ledger leaking
 gives no key away.
@@ -16,17 +24,23 @@ gives no key away.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import logging
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from tokenmill.router.gateway_config import Budget, GatewayConfigError, Team, parse_team
+
+logger = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS teams (name TEXT PRIMARY KEY, config TEXT NOT NULL, updated REAL NOT NULL);
@@ -92,10 +106,79 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._commit_scheduled = False
+        self._waiters: list[asyncio.Future[None]] = []  # durable() callers
         self.recovered = self._close_interrupted()
 
     def close(self) -> None:
+        self.commit()
         self._db.close()
+
+    async def durable(self) -> None:
+        """Return once every write made so far is committed."""
+        if not self._db.in_transaction:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    def commit(self) -> None:
+        """Commit what is pending now, and wake whoever waits for it."""
+        self._commit_scheduled = False
+        waiters, self._waiters = self._waiters, []
+        try:
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            for w in waiters:
+                if not w.done():
+                    w.set_exception(e)
+            raise
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def _commit_at_end_of_turn(self) -> None:
+        try:
+            self.commit()
+        except sqlite3.Error:  # waiters got the error; unclosed rows are closed as interrupted at start
+            logger.exception("the ledger could not commit")
+
+    @contextlib.contextmanager
+    def _write(self, now: bool = True, single_statement: bool = False) -> Iterator[None]:
+        """Writes that land together or not at all; committed before this returns (``now``), or
+        with the next commit (see the module). One statement is atomic by itself."""
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN IMMEDIATE")
+        if not single_statement:
+            self._db.execute("SAVEPOINT unit")
+        try:
+            yield
+        except BaseException:
+            if not single_statement:
+                self._db.execute("ROLLBACK TO unit")
+                self._db.execute("RELEASE unit")
+            self._finish_write(now)
+            raise
+        if not single_statement:
+            self._db.execute("RELEASE unit")
+        self._finish_write(now)
+
+    def _finish_write(self, now: bool) -> None:
+        if now:
+            self.commit()
+        else:
+            self._schedule_commit()
+
+    def _schedule_commit(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.commit()  # no loop (the keys CLI, tests): nothing to group with
+            return
+        if not self._commit_scheduled:
+            self._commit_scheduled = True
+            loop.call_soon(self._commit_at_end_of_turn)
 
     # -- teams -------------------------------------------------------------------------------
 
@@ -174,27 +257,28 @@ class Ledger:
         """The request's row, before it is forwarded; returns the row id. ``started``: its wall
         time (now by default), which ``close_request`` needs again."""
         opened = time.time() if started is None else started
-        cursor = self._db.execute(
-            "INSERT INTO usage (request_id, team, key_id, model, priority, prompt_tokens, status, started, "
-            "tags) VALUES (?, ?, ?, ?, ?, ?, 'in_flight', ?, ?)",
-            (
-                request_id,
-                team,
-                key_id,
-                model,
-                priority,
-                prompt_tokens,
-                opened,
-                json.dumps(tags) if tags else None,
-            ),
-        )
+        with self._write(now=False, single_statement=True):
+            cursor = self._db.execute(
+                "INSERT INTO usage (request_id, team, key_id, model, priority, prompt_tokens, status, "
+                "started, tags) VALUES (?, ?, ?, ?, ?, ?, 'in_flight', ?, ?)",
+                (
+                    request_id,
+                    team,
+                    key_id,
+                    model,
+                    priority,
+                    prompt_tokens,
+                    opened,
+                    json.dumps(tags) if tags else None,
+                ),
+            )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
     def close_request(self, row: int, closing: Closing, team: str, model: str, started: float) -> None:
         """Complete the row ``open_request`` made (``team``, ``model`` and ``started``, the time it was
         opened, as given then: the totals need them, and reading them back costs a query)."""
-        with self._transaction():
+        with self._write(now=False):
             self._db.execute(
                 "UPDATE usage SET prompt_tokens = ?, completion_tokens = ?, status = ?, http_status = ?, "
                 "worker = ?, latency_s = ?, cost = ?, finished = ? WHERE id = ?",
@@ -262,8 +346,9 @@ class Ledger:
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor]
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        """Writes committed before this returns (teams, keys, recovery)."""
+        return self._write()
 
 
 def add_totals(
@@ -275,17 +360,6 @@ def add_totals(
         "completion_tokens = completion_tokens + excluded.completion_tokens, cost = cost + excluded.cost",
         (team, day, model, prompt, completion, cost),
     )
-
-
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind: object, *_: object) -> None:
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
 
 
 def _day(timestamp: float) -> str:
