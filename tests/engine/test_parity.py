@@ -7,7 +7,6 @@ tokens must be identical and logits (or logprobs) equal within fp32 tolerance.
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 from dataclasses import replace
@@ -25,7 +24,7 @@ from tests.tiny_models import (
     random_prompts,
 )
 from tokenmill.engine import ModelConfig, SamplingParams
-from tokenmill.engine.attention import AttentionBatch, AttentionContext
+from tokenmill.engine.scoring import prompt_logits
 
 ATOL = 2e-4  # fp32, two layers: differences are summation order only
 PROMPT_LENGTHS = (3, 17, 33, 50)  # below, across and at several 16-token block boundaries
@@ -97,44 +96,12 @@ def test_staggered_arrivals_greedy_tokens_and_logprobs_match(arch, tiny_models, 
     assert engine.kv_cache.num_used_blocks == 0
 
 
-def prefill_logits(engine, sequences: list[list[int]]) -> list[torch.Tensor]:
-    """Our model's logits for every position of several sequences prefilled together in one flat batch."""
-    backend, bs = engine.runner.backend, engine.config.block_size
-    blocks_each = [-(-len(s) // bs) for s in sequences]
-    kv_caches = backend.allocate_kv_cache(engine.model_config.num_layers, 1 + sum(blocks_each))
-    tables, next_block = [], 1  # block 0 is the null block
-    for n in blocks_each:
-        tables.append(list(range(next_block, next_block + n)))
-        next_block += n
-    width = max(blocks_each)
-    block_table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-    positions = torch.cat([torch.arange(len(s)) for s in sequences])
-    owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(sequences)])
-    slots = block_table[owner, positions // bs] * bs + positions % bs
-    starts = [0]
-    for s in sequences:
-        starts.append(starts[-1] + len(s))
-    batch = AttentionBatch(
-        num_decodes=0,
-        query_start_loc=starts,
-        context_lens=[0] * len(sequences),
-        seq_lens=[len(s) for s in sequences],
-        block_table=block_table,
-        slot_mapping=slots,
-    )
-    ctx = AttentionContext(backend, kv_caches, backend.prepare(batch))
-    with torch.inference_mode():
-        input_ids = torch.tensor([t for s in sequences for t in s])
-        logits = engine.model.compute_logits(engine.model(input_ids, positions, ctx))
-    return [logits[a:b] for a, b in itertools.pairwise(starts)]
-
-
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_prefill_logits_match_transformers(arch, tiny_models, make_engine):
     folder = tiny_models[arch]
     engine = make_engine(folder, kv_cache_memory=kv_bytes(folder, 16, 16), max_model_len=128)
     sequences = random_prompts((5, 16, 40), seed=2)
-    for seq, ours in zip(sequences, prefill_logits(engine, sequences), strict=True):
+    for seq, ours in zip(sequences, prompt_logits(engine, sequences), strict=True):
         torch.testing.assert_close(ours, hf_logits(folder, seq), atol=ATOL, rtol=0)
 
 
@@ -225,7 +192,7 @@ def test_rope_scaling(rope_type, tmp_path, tokenizer_dir, make_engine):
     )
     assert_greedy_parity(folder, prompts, final)
     torch.testing.assert_close(
-        prefill_logits(engine, prompts)[1], hf_logits(folder, prompts[1]), atol=ATOL, rtol=0
+        prompt_logits(engine, prompts)[1], hf_logits(folder, prompts[1]), atol=ATOL, rtol=0
     )
 
 
@@ -239,7 +206,7 @@ def test_bf16_checkpoint_runs_in_bf16(tmp_path, tokenizer_dir, make_engine):
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     sequences = random_prompts((7, 30), seed=12)
-    for seq, ours in zip(sequences, prefill_logits(engine, sequences), strict=True):
+    for seq, ours in zip(sequences, prompt_logits(engine, sequences), strict=True):
         with torch.no_grad():
             ref = hf(torch.tensor([seq])).logits[0]
         assert ours.dtype == torch.bfloat16

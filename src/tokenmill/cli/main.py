@@ -74,6 +74,9 @@ def generate(
     kv_cache_memory: Annotated[
         float | None, typer.Option(help="KV pool: bytes, or a fraction (0, 1] of free memory.")
     ] = None,
+    quantization: Annotated[
+        str | None, typer.Option(help="int8: weights quantized at load (per output channel). Default: none.")
+    ] = None,
 ) -> None:
     """Generate text and stream it to the terminal."""
     from tokenmill.cli.generate import stdout_write, stream_generate
@@ -91,6 +94,7 @@ def generate(
                     device=device,
                     max_model_len=max_model_len,
                     kv_cache_memory=kv,
+                    quantization=quantization,
                 )
             )
         err.print(

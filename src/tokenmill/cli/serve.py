@@ -62,6 +62,9 @@ def serve(
         str, typer.Option(help="model, or simulated: step times from --timing-profile, no weights run.")
     ] = "model",
     seed: Annotated[int, typer.Option(help="Seed of unseeded sampling.")] = 0,
+    quantization: Annotated[
+        str | None, typer.Option(help="int8: weights quantized at load (per output channel). Default: none.")
+    ] = None,
 ) -> None:
     """Serve a model over OpenAI-compatible HTTP (with SSE) and gRPC, with Prometheus metrics.
 
@@ -93,6 +96,7 @@ def serve(
         kv_events=kv_events,
         seed=seed,
         runner=runner,
+        quantization=quantization,
     )
     options = ServeOptions(
         host=host,

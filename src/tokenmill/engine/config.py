@@ -193,6 +193,7 @@ class EngineConfig:
     runner: str = "model"  # model | simulated
     timing_profile: str | None = None  # JSON from `tokenmill profile`; None: the shipped default
     kv_events: bool = False  # record BlockStored/BlockRemoved/AllCleared for KV-aware routing
+    quantization: str | None = None  # int8: weight-only, per output channel, at load (quantization.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -229,6 +230,12 @@ class EngineConfig:
                 or (isinstance(self.kv_cache_memory, float) and 0 < self.kv_cache_memory <= 1)
                 or (isinstance(self.kv_cache_memory, int) and self.kv_cache_memory > 1),
                 "bytes (an integer > 1), a fraction in (0, 1], or None",
+            ),
+            (
+                "quantization",
+                self.quantization,
+                self.quantization in (None, "int8"),
+                "int8, or None for the checkpoint's weights as they are",
             ),
             (
                 "scheduling_policy",

@@ -34,6 +34,7 @@ from tokenmill.engine.memory import KVCachePlan, plan_kv_cache
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.quantization import quantize_model
 from tokenmill.engine.request import Request
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.engine.scheduler import Scheduler, SchedulerConfig
@@ -131,6 +132,9 @@ class Engine:
     def _model_runner(self) -> ModelRunner:
         config = self.config
         self.model = load_model(self.model_config, self.dtype, self.device)
+        if config.quantization is not None:
+            quantized = quantize_model(self.model, config.quantization)
+            logger.info("quantized %d linear layers to %s", quantized, config.quantization)
         self.kv_plan: KVCachePlan = plan_kv_cache(
             self.model_config,
             self.dtype,

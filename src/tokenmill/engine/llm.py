@@ -49,6 +49,7 @@ class LLM:
         scheduling_policy: str = "priority",
         max_itl: float | None = None,
         timing_profile: str | None = None,
+        quantization: str | None = None,
     ):
         self.engine = Engine(
             EngineConfig(
@@ -66,6 +67,7 @@ class LLM:
                 scheduling_policy=scheduling_policy,
                 max_itl=max_itl,
                 timing_profile=timing_profile,
+                quantization=quantization,
             )
         )
 

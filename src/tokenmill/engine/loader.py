@@ -63,7 +63,9 @@ def pack_for_device(model: nn.Module, dtype: torch.dtype, device: torch.device) 
 
 
 def weight_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Parameters and buffers (int8 weights and their scales are buffers)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def generation_defaults(folder: Path) -> dict[str, Any]:

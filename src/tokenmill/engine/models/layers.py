@@ -16,6 +16,7 @@ from torch import nn
 from tokenmill.engine.config import RopeConfig
 from tokenmill.engine.errors import ModelLoadError
 from tokenmill.engine.models.cpu_packing import pack_weight, packed_linear
+from tokenmill.engine.quantization import int8_linear, quantize_int8
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -43,9 +44,23 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: torch.Tensor | None = None  # oneDNN layout, see cpu_packing
+        self.qweight: torch.Tensor | None
+        self.scales: torch.Tensor | None
+        self.register_buffer("qweight", None)  # int8 weight and per-row scales, see quantization.py
+        self.register_buffer("scales", None)
+
+    def quantize(self, method: str) -> bool:
+        """Swap the weight for its int8 form and per-row scales; the plain copy is freed."""
+        q, scales = quantize_int8(self.weight.data)
+        self.qweight = q
+        self.scales = scales.to(self.weight.dtype)
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+        return True
 
     def pack(self) -> bool:
         """Swap the weight for its oneDNN-packed form (bf16 on CPU); the plain copy is freed."""
+        if self.qweight is not None:
+            return False  # int8 has its own kernel
         packed = pack_weight(self.weight.data)
         if packed is None:
             return False
@@ -56,6 +71,9 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias)
+        if self.qweight is not None:
+            assert self.scales is not None
+            return int8_linear(x, self.qweight, self.scales, self.bias)
         return linear(x, self.weight, self.bias)
 
 

@@ -1,0 +1,115 @@
+"""Quantization (issue 9): bf16 against int8 weights on CPU, speed and quality.
+
+On the 125M benchmark model (random weights: speed depends on shapes only),
+each method in a process of its own, one after the other on a quiet CPU:
+
+- batch-1 decode tokens/s: one request, ``--decode-tokens`` tokens after a short
+  prompt, timed from the first token to the last (the engine's own stamps);
+- throughput: ``--requests`` requests of ``--max-tokens`` tokens at once;
+- weight memory as the engine reports it (what the KV cache plan subtracts).
+
+Quality on the trained demo model (random weights have no quality to lose):
+perplexity on the last ``--heldout-chars`` characters of its corpus (the end of
+The Winter's Tale, inside the 1% its training held out; the corpus is cached by
+``scripts/corpus.py``) for each method.
+
+    .venv/bin/python benchmarks/quantization.py                 # ~3 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench_model import ensure_bench_model
+from bench_process import ROOT, one_run_at_a_time, report_header, save_report
+
+METHODS = ("bf16", "int8")
+
+
+def measure(model: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Runs in a child process (``--worker``): one engine, every figure for one method."""
+    from tokenmill.engine import LLM, SamplingParams
+    from tokenmill.engine.scoring import perplexity
+
+    quantization = None if method == "bf16" else method
+    llm = LLM(model, dtype="bfloat16", device="cpu", quantization=quantization, max_num_seqs=args.requests)
+    engine = llm.engine
+    out: dict[str, Any] = {"method": method, "weight_bytes": engine.kv_plan.weight_bytes}
+    warm = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0)
+    llm.generate(["warm up"] * 4, warm)
+    one = SamplingParams(max_tokens=args.decode_tokens, ignore_eos=True, temperature=0.0)
+    runs = []
+    for _ in range(3):
+        result = llm.generate(["To be, or not to be"], one)[0]
+        times = result.metrics.token_times
+        runs.append((len(times) - 1) / (times[-1] - times[0]))
+    out["batch1_decode_tok_s"] = sorted(runs)[1]
+    prompts = [f"Question {i}: what news from Verona?" for i in range(args.requests)]
+    many = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=0.0)
+    start = time.perf_counter()
+    results = llm.generate(prompts, many)
+    seconds = time.perf_counter() - start
+    out["throughput_tok_s"] = sum(len(r.outputs[0].token_ids) for r in results) / seconds
+    del llm, engine
+    demo = LLM(None, dtype="bfloat16", device="cpu", quantization=quantization)
+    ids = demo.tokenizer.encode(heldout_text(args.heldout_chars))
+    window = 256
+    sequences = [ids[i : i + window] for i in range(0, len(ids) - 1, window) if len(ids[i : i + window]) > 1]
+    out["demo_perplexity"] = perplexity(demo.engine, sequences)
+    out["perplexity_tokens"] = sum(len(s) for s in sequences)
+    return out
+
+
+def heldout_text(chars: int) -> str:
+    """The end of the last work in the demo model's corpus: inside the 1% its training held out."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train_demo_model import training_documents
+
+    return training_documents()[-1][-chars:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--decode-tokens", type=int, default=128, help="tokens of the batch-1 decode run")
+    p.add_argument("--requests", type=int, default=64, help="requests of the throughput run")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens per request of the throughput run")
+    p.add_argument("--heldout-chars", type=int, default=20000, help="characters of held-out text")
+    p.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(args.worker[0], args.worker[1], args)))
+        return 0
+    model = ensure_bench_model()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    report = report_header("quantization", stamp, argv, args, model)
+    report["methods"] = []
+    with one_run_at_a_time():
+        for method in METHODS:
+            cmd = [sys.executable, __file__, "--worker", str(model), method, *(argv or sys.argv[1:])]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            report["methods"].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"[bench] {method} done", flush=True)
+    base = report["methods"][0]
+    print(
+        "| method | weights MiB | batch-1 decode tok/s | vs bf16 | 64 requests tok/s | vs bf16 "
+        "| demo perplexity | vs bf16 |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for m in report["methods"]:
+        print(
+            f"| {m['method']} | {m['weight_bytes'] / 2**20:.0f} | {m['batch1_decode_tok_s']:.1f} "
+            f"| {m['batch1_decode_tok_s'] / base['batch1_decode_tok_s']:.2f}x | {m['throughput_tok_s']:.1f} "
+            f"| {m['throughput_tok_s'] / base['throughput_tok_s']:.2f}x | {m['demo_perplexity']:.3f} "
+            f"| {m['demo_perplexity'] / base['demo_perplexity'] - 1:+.2%} |"
+        )
+    print(f"results: {save_report(report)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

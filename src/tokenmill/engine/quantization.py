@@ -1,0 +1,69 @@
+"""Weight-only int8 quantization: per output channel, done once at load.
+
+Each row of a linear layer's weight (one output channel) gets its own scale,
+``max |w| / 127``, and is stored as int8 (``round(w / scale)``), a quarter of
+fp32 and half of bf16: decode on CPU streams weights from memory, so half the
+bytes is most of the win. The matmul on CPU is PyTorch's
+``_weight_int8pack_mm`` (int8 weights, activations in the model dtype,
+``(x @ q^T) * scale``). That kernel is a loop of matrix-vector products: its
+time grows with every row, and past ~32 rows (measured on a 768x3072 weight)
+dequantizing the weight for the call and running the model dtype's GEMM is
+faster, so big prefill and decode batches take that path. Off CPU the weight
+is dequantized per call, which saves the memory but not the time.
+
+The embedding and the LM head stay in the model dtype, as vLLM and most
+published int8 checkpoints leave them: they are a small share of a large
+model's weights and the most sensitive to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZATION_METHODS = ("int8",)
+_INT8_MAX = 127
+INT8PACK_MAX_ROWS = 32  # above this many rows, dequantize + GEMM beats _weight_int8pack_mm
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scales): ``q`` int8 of ``weight``'s shape, ``scales`` one per row in float32."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / _INT8_MAX
+    q = torch.round(w / scales[:, None]).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scales[:, None]).to(dtype)
+
+
+def int8_kernel_supported(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and hasattr(torch, "_weight_int8pack_mm")
+    )
+
+
+def int8_linear(
+    x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x W^T (+ b)`` with ``W = q * scales`` per row."""
+    if int8_kernel_supported(x) and x.numel() // x.shape[-1] <= INT8PACK_MAX_ROWS:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), q, scales.to(x.dtype))
+        y = y.reshape(*shape[:-1], q.shape[0])
+        return y if bias is None else y + bias
+    # One pass in the activations' dtype (through float32 it takes three).
+    return F.linear(x, q.to(x.dtype) * scales.to(x.dtype)[:, None], bias)
+
+
+def quantize_model(model: nn.Module, method: str) -> int:
+    """Quantize every layer that can be (``quantize(method)``), LM head aside; returns how many."""
+    if method not in QUANTIZATION_METHODS:
+        allowed = ", ".join(QUANTIZATION_METHODS)
+        raise ValueError(f"quantization={method!r} is invalid: allowed {allowed}, or none")
+    head = getattr(model, "lm_head", None)
+    return sum(bool(m.quantize(method)) for m in model.modules() if hasattr(m, "quantize") and m is not head)
