@@ -1,4 +1,4 @@
-"""Quantization (issue 9): bf16 against int8 weights on CPU, speed and quality.
+"""Quantization (issue 9): bf16 against int8 and int4 weights on CPU, speed and quality.
 
 On the 125M benchmark model (random weights: speed depends on shapes only),
 each method in a process of its own, one after the other on a quiet CPU:
@@ -28,7 +28,7 @@ from typing import Any
 from bench_model import ensure_bench_model
 from bench_process import ROOT, one_run_at_a_time, report_header, save_report
 
-METHODS = ("bf16", "int8")
+METHODS = ("bf16", "int8", "int4")
 
 
 def measure(model: str, method: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -11,7 +11,17 @@ from hypothesis import strategies as st
 from tokenmill.engine import SamplingParams
 from tokenmill.engine.errors import InvalidRequestError
 from tokenmill.engine.models.layers import Linear
-from tokenmill.engine.quantization import dequantize_int8, int8_linear, quantize_int8, quantize_model
+from tokenmill.engine.quantization import (
+    dequantize_int4,
+    dequantize_int8,
+    int4_group_size,
+    int4_linear,
+    int8_linear,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+)
 
 PROMPTS = ["Hello there", "The quick brown fox", "a b c d e f g h i j k"]
 
@@ -90,3 +100,44 @@ def test_an_unknown_method_names_the_field_and_the_allowed_values(tiny_llama, ma
         make_engine(tiny_llama, quantization="int3")
     with pytest.raises(ValueError, match="allowed int8"):
         quantize_model(torch.nn.Linear(2, 2), "fp4")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(1, 24), st.sampled_from([32, 64, 128, 256]), st.floats(1e-3, 1e3), st.integers(0, 2**31 - 1)
+)
+def test_int4_round_trip_error_is_at_most_half_a_step_per_group(rows, cols, spread, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen) * spread
+    group = int4_group_size(cols)
+    q, scales, zeros = quantize_int4(w, group)
+    assert q.min() >= 0 and q.max() <= 15
+    error = (dequantize_int4(q, scales, zeros, group, torch.float32) - w).abs().reshape(rows, -1, group)
+    assert torch.all(error <= scales[..., None] / 2 * (1 + 1e-4) + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_int4_kernel_matches_the_dequantized_matmul(dtype, rows):
+    torch.manual_seed(1)
+    q, scales, zeros = quantize_int4(torch.randn(64, 256), 128)
+    packed, scales_zeros = pack_int4(q, scales, zeros, dtype)
+    x = torch.randn(rows, 256).to(dtype)
+    got = int4_linear(x, packed, scales_zeros, 128, None)
+    want = x.float() @ dequantize_int4(q, scales, zeros, 128, torch.float32).T
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(got.float(), want, rtol=tolerance, atol=tolerance * want.abs().max().item())
+
+
+def test_int4_greedy_tokens_match_the_dequantized_weight_reference_exactly(tiny_models, make_engine):
+    for arch, folder in tiny_models.items():
+        quantized = make_engine(folder, quantization="int4")
+        reference = make_engine(folder)
+        head = getattr(reference.model, "lm_head", None)
+        for module in reference.model.modules():
+            group = isinstance(module, Linear) and int4_group_size(module.weight.shape[1])
+            if group and module is not head:
+                q, scales, zeros = quantize_int4(module.weight.data, group)
+                module.weight.data = dequantize_int4(q, scales, zeros, group, module.weight.dtype)
+        assert any(m.int4_group for m in quantized.model.modules() if isinstance(m, Linear)), arch
+        assert greedy(quantized) == greedy(reference), arch

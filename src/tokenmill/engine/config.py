@@ -193,7 +193,7 @@ class EngineConfig:
     runner: str = "model"  # model | simulated
     timing_profile: str | None = None  # JSON from `tokenmill profile`; None: the shipped default
     kv_events: bool = False  # record BlockStored/BlockRemoved/AllCleared for KV-aware routing
-    quantization: str | None = None  # int8: weight-only, per output channel, at load (quantization.py)
+    quantization: str | None = None  # int8 (per output channel) or int4 (per group), at load: quantization.py
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -234,8 +234,8 @@ class EngineConfig:
             (
                 "quantization",
                 self.quantization,
-                self.quantization in (None, "int8"),
-                "int8, or None for the checkpoint's weights as they are",
+                self.quantization in (None, "int8", "int4"),
+                "int8, int4, or None for the checkpoint's weights as they are",
             ),
             (
                 "scheduling_policy",

@@ -1,4 +1,4 @@
-"""Weight-only int8 quantization: per output channel, done once at load.
+"""Weight-only quantization, done once at load: int8 per output channel, int4 per group.
 
 Each row of a linear layer's weight (one output channel) gets its own scale,
 ``max |w| / 127``, and is stored as int8 (``round(w / scale)``), a quarter of
@@ -11,6 +11,14 @@ dequantizing the weight for the call and running the model dtype's GEMM is
 faster, so big prefill and decode batches take that path. Off CPU the weight
 is dequantized per call, which saves the memory but not the time.
 
+int4 is group-wise (``INT4_GROUP`` = 128 inputs per group, or the largest of
+64 and 32 that divides a smaller layer), asymmetric: per group a scale
+``(max - min) / 15`` and a zero, ``w ~ (q - 8) * scale + zero`` with q in 0..15,
+packed two to a byte by ``_convert_weight_to_int4pack_for_cpu`` for
+``_weight_int4pack_mm_for_cpu``. That layout is opaque, so int4 has no
+dequantize-for-the-call path: every batch size goes through the kernel, whose
+time grows with the rows (see docs/benchmarks.md).
+
 The embedding and the LM head stay in the model dtype, as vLLM and most
 published int8 checkpoints leave them: they are a small share of a large
 model's weights and the most sensitive to rounding.
@@ -22,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZATION_METHODS = ("int8",)
+QUANTIZATION_METHODS = ("int8", "int4")
+INT4_GROUP = 128
 _INT8_MAX = 127
 INT8PACK_MAX_ROWS = 32  # above this many rows, dequantize + GEMM beats _weight_int8pack_mm
 
@@ -58,6 +67,53 @@ def int8_linear(
         return y if bias is None else y + bias
     # One pass in the activations' dtype (through float32 it takes three).
     return F.linear(x, q.to(x.dtype) * scales.to(x.dtype)[:, None], bias)
+
+
+def int4_group_size(in_features: int) -> int | None:
+    """The group size for a layer with ``in_features`` inputs; None if no supported one divides it."""
+    return next((g for g in (INT4_GROUP, 64, 32) if in_features % g == 0), None)
+
+
+def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, scales, zeros): ``q`` int32 in 0..15 of ``weight``'s shape; scales and zeros ``[rows, groups]``."""
+    rows, cols = weight.shape
+    w = weight.float().reshape(rows, cols // group, group)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scales = (high - low).clamp(min=1e-8) / 15
+    q = torch.clamp(torch.round((w - low) / scales), 0, 15).to(torch.int32).reshape(rows, cols)
+    return q, scales.squeeze(-1), (low + 8 * scales).squeeze(-1)
+
+
+def dequantize_int4(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int, dtype: torch.dtype
+) -> torch.Tensor:
+    rows, cols = q.shape
+    grouped = (q.reshape(rows, cols // group, group).float() - 8) * scales[..., None] + zeros[..., None]
+    return grouped.reshape(rows, cols).to(dtype)
+
+
+def int4_kernel_supported(device: torch.device) -> bool:
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def pack_int4(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed weight, scales-and-zeros ``[groups, rows, 2]``) in the CPU kernel's layout."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    return packed, scales_zeros
+
+
+def int4_linear(
+    x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    shape = x.shape
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x.reshape(-1, shape[-1]), packed, group, scales_zeros.to(x.dtype)
+    )
+    y = y.reshape(*shape[:-1], packed.shape[0])
+    return y if bias is None else y + bias
 
 
 def quantize_model(model: nn.Module, method: str) -> int:

@@ -16,7 +16,15 @@ from torch import nn
 from tokenmill.engine.config import RopeConfig
 from tokenmill.engine.errors import ModelLoadError
 from tokenmill.engine.models.cpu_packing import pack_weight, packed_linear
-from tokenmill.engine.quantization import int8_linear, quantize_int8
+from tokenmill.engine.quantization import (
+    int4_group_size,
+    int4_kernel_supported,
+    int4_linear,
+    int8_linear,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+)
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -48,13 +56,23 @@ class Linear(nn.Module):
         self.scales: torch.Tensor | None
         self.register_buffer("qweight", None)  # int8 weight and per-row scales, see quantization.py
         self.register_buffer("scales", None)
+        self.int4_group = 0  # int4: inputs per group (scales holds scales and zeros)
 
     def quantize(self, method: str) -> bool:
-        """Swap the weight for its int8 form and per-row scales; the plain copy is freed."""
-        q, scales = quantize_int8(self.weight.data)
-        self.qweight = q
-        self.scales = scales.to(self.weight.dtype)
-        self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+        """Swap the weight for its quantized form (see quantization.py); the plain copy is freed.
+        False if this layer cannot take ``method`` (it keeps its weight)."""
+        weight = self.weight.data
+        if method == "int4":
+            group = int4_group_size(weight.shape[1])
+            if group is None or not int4_kernel_supported(weight.device):
+                return False
+            q, scales, zeros = quantize_int4(weight, group)
+            self.qweight, self.scales = pack_int4(q, scales, zeros, weight.dtype)
+            self.int4_group = group
+        else:
+            q, scales = quantize_int8(weight)
+            self.qweight, self.scales = q, scales.to(weight.dtype)
+        self.weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
         return True
 
     def pack(self) -> bool:
@@ -73,6 +91,8 @@ class Linear(nn.Module):
             return packed_linear(x, self.packed, self.bias)
         if self.qweight is not None:
             assert self.scales is not None
+            if self.int4_group:
+                return int4_linear(x, self.qweight, self.scales, self.int4_group, self.bias)
             return int8_linear(x, self.qweight, self.scales, self.bias)
         return linear(x, self.weight, self.bias)
 
