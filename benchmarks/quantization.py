@@ -28,18 +28,37 @@ from typing import Any
 from bench_model import ensure_bench_model
 from bench_process import ROOT, one_run_at_a_time, report_header, save_report
 
-METHODS = ("bf16", "int8", "int4")
+METHODS = ("bf16", "int8", "int4", "fp8")
+QUALITY_ONLY = ("fp8",)  # CPU runs fp8 on its float32 reference path: its speed says nothing
 
 
 def measure(model: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
     """Runs in a child process (``--worker``): one engine, every figure for one method."""
-    from tokenmill.engine import LLM, SamplingParams
+    from tokenmill.engine import LLM
     from tokenmill.engine.scoring import perplexity
 
     quantization = None if method == "bf16" else method
     llm = LLM(model, dtype="bfloat16", device="cpu", quantization=quantization, max_num_seqs=args.requests)
     engine = llm.engine
     out: dict[str, Any] = {"method": method, "weight_bytes": engine.kv_plan.weight_bytes}
+    if method in QUALITY_ONLY:
+        out["batch1_decode_tok_s"] = out["throughput_tok_s"] = None
+    else:
+        out.update(speed(llm, args))
+    del llm, engine
+    demo = LLM(None, dtype="bfloat16", device="cpu", quantization=quantization)
+    ids = demo.tokenizer.encode(heldout_text(args.heldout_chars))
+    window = 256
+    sequences = [ids[i : i + window] for i in range(0, len(ids) - 1, window) if len(ids[i : i + window]) > 1]
+    out["demo_perplexity"] = perplexity(demo.engine, sequences)
+    out["perplexity_tokens"] = sum(len(s) for s in sequences)
+    return out
+
+
+def speed(llm: Any, args: argparse.Namespace) -> dict[str, float]:
+    from tokenmill.engine import SamplingParams
+
+    out = {}
     warm = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0)
     llm.generate(["warm up"] * 4, warm)
     one = SamplingParams(max_tokens=args.decode_tokens, ignore_eos=True, temperature=0.0)
@@ -55,13 +74,6 @@ def measure(model: str, method: str, args: argparse.Namespace) -> dict[str, Any]
     results = llm.generate(prompts, many)
     seconds = time.perf_counter() - start
     out["throughput_tok_s"] = sum(len(r.outputs[0].token_ids) for r in results) / seconds
-    del llm, engine
-    demo = LLM(None, dtype="bfloat16", device="cpu", quantization=quantization)
-    ids = demo.tokenizer.encode(heldout_text(args.heldout_chars))
-    window = 256
-    sequences = [ids[i : i + window] for i in range(0, len(ids) - 1, window) if len(ids[i : i + window]) > 1]
-    out["demo_perplexity"] = perplexity(demo.engine, sequences)
-    out["perplexity_tokens"] = sum(len(s) for s in sequences)
     return out
 
 
@@ -101,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for m in report["methods"]:
+        cells = []
+        for key in ("batch1_decode_tok_s", "throughput_tok_s"):
+            cells += ["-", "-"] if m[key] is None else [f"{m[key]:.1f}", f"{m[key] / base[key]:.2f}x"]
         print(
-            f"| {m['method']} | {m['weight_bytes'] / 2**20:.0f} | {m['batch1_decode_tok_s']:.1f} "
-            f"| {m['batch1_decode_tok_s'] / base['batch1_decode_tok_s']:.2f}x | {m['throughput_tok_s']:.1f} "
-            f"| {m['throughput_tok_s'] / base['throughput_tok_s']:.2f}x | {m['demo_perplexity']:.3f} "
-            f"| {m['demo_perplexity'] / base['demo_perplexity'] - 1:+.2%} |"
+            f"| {m['method']} | {m['weight_bytes'] / 2**20:.0f} | {' | '.join(cells)} "
+            f"| {m['demo_perplexity']:.3f} | {m['demo_perplexity'] / base['demo_perplexity'] - 1:+.2%} |"
         )
     print(f"results: {save_report(report)}")
     return 0

@@ -14,14 +14,17 @@ from tokenmill.engine.models.layers import Linear
 from tokenmill.engine.quantization import (
     dequantize_int4,
     dequantize_int8,
+    fp8_linear,
     int4_group_size,
     int4_linear,
     int8_linear,
     pack_int4,
+    quantize_fp8,
     quantize_int4,
     quantize_int8,
     quantize_model,
 )
+from tokenmill.engine.scoring import prompt_logits
 
 PROMPTS = ["Hello there", "The quick brown fox", "a b c d e f g h i j k"]
 
@@ -141,3 +144,44 @@ def test_int4_greedy_tokens_match_the_dequantized_weight_reference_exactly(tiny_
                 module.weight.data = dequantize_int4(q, scales, zeros, group, module.weight.dtype)
         assert any(m.int4_group for m in quantized.model.modules() if isinstance(m, Linear)), arch
         assert greedy(quantized) == greedy(reference), arch
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 24), st.integers(1, 96), st.floats(1e-3, 1e3), st.integers(0, 2**31 - 1))
+def test_fp8_round_trip_keeps_three_mantissa_bits(rows, cols, spread, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen) * spread
+    q, scales = quantize_fp8(w)
+    assert q.dtype == torch.float8_e4m3fn
+    back = q.float() * scales[:, None]
+    # e4m3: 1/16 relative below the max, and steps of 2^-9 x scale near zero (subnormals)
+    bound = torch.maximum(w.abs() / 16, scales[:, None] * 2**-9) * (1 + 1e-5)
+    assert torch.all((back - w).abs() <= bound)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_scaled_mm_path_matches_the_reference_path(dtype):
+    """The Hopper path's call (torch._scaled_mm, which also runs on CPU) against the float32 reference."""
+    torch.manual_seed(2)
+    q, scales = quantize_fp8(torch.randn(64, 128))
+    x = torch.randn(3, 5, 128).to(dtype)
+    kernel = fp8_linear(x, q, scales, None, use_kernel=True)
+    reference = fp8_linear(x, q, scales, None, use_kernel=False)
+    assert kernel.shape == reference.shape == (3, 5, 64)
+    assert torch.allclose(
+        kernel.float(), reference.float(), rtol=2e-2, atol=2e-2 * reference.abs().max().item()
+    )
+
+
+def test_fp8_logits_of_the_trained_demo_model_stay_close_to_full_precision():
+    """On trained weights (random tiny models have no structure to keep) fp8 weights and activations
+    move the logits about 1%; the bound leaves room for other CPUs' summation orders."""
+    from tokenmill.engine import Engine, EngineConfig
+
+    full = Engine(EngineConfig(device="cpu", dtype="float32"))
+    fp8 = Engine(EngineConfig(device="cpu", dtype="float32", quantization="fp8"))
+    assert any(m.fp8 for m in fp8.model.modules() if isinstance(m, Linear))
+    ids = full.tokenizer.encode("ROMEO: But soft, what light through yonder window breaks? It is the east.")
+    want, got = prompt_logits(full, [ids])[0], prompt_logits(fp8, [ids])[0]
+    assert ((got - want).norm() / want.norm()).item() < 0.05
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9

@@ -75,7 +75,7 @@ def generate(
         float | None, typer.Option(help="KV pool: bytes, or a fraction (0, 1] of free memory.")
     ] = None,
     quantization: Annotated[
-        str | None, typer.Option(help="int8 or int4: weights quantized at load (weight-only). Default: none.")
+        str | None, typer.Option(help="int8, int4 or fp8: weights quantized at load. Default: none.")
     ] = None,
 ) -> None:
     """Generate text and stream it to the terminal."""

@@ -63,7 +63,7 @@ def serve(
     ] = "model",
     seed: Annotated[int, typer.Option(help="Seed of unseeded sampling.")] = 0,
     quantization: Annotated[
-        str | None, typer.Option(help="int8 or int4: weights quantized at load (weight-only). Default: none.")
+        str | None, typer.Option(help="int8, int4 or fp8: weights quantized at load. Default: none.")
     ] = None,
 ) -> None:
     """Serve a model over OpenAI-compatible HTTP (with SSE) and gRPC, with Prometheus metrics.

@@ -234,8 +234,8 @@ class EngineConfig:
             (
                 "quantization",
                 self.quantization,
-                self.quantization in (None, "int8", "int4"),
-                "int8, int4, or None for the checkpoint's weights as they are",
+                self.quantization in (None, "int8", "int4", "fp8"),
+                "int8, int4, fp8, or None for the checkpoint's weights as they are",
             ),
             (
                 "scheduling_policy",

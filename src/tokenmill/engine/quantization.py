@@ -19,6 +19,10 @@ packed two to a byte by ``_convert_weight_to_int4pack_for_cpu`` for
 dequantize-for-the-call path: every batch size goes through the kernel, whose
 time grows with the rows (see docs/benchmarks.md).
 
+fp8 is float8 e4m3 weights with one scale per row and activations quantized
+per token as they come (``fp8_linear``): on Hopper through ``torch._scaled_mm``,
+elsewhere a float32 reference of the same arithmetic, so it is tested anywhere.
+
 The embedding and the LM head stay in the model dtype, as vLLM and most
 published int8 checkpoints leave them: they are a small share of a large
 model's weights and the most sensitive to rounding.
@@ -30,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZATION_METHODS = ("int8", "int4")
+QUANTIZATION_METHODS = ("int8", "int4", "fp8")
+FP8_MAX = 448.0  # largest float8 e4m3 value
 INT4_GROUP = 128
 _INT8_MAX = 127
 INT8PACK_MAX_ROWS = 32  # above this many rows, dequantize + GEMM beats _weight_int8pack_mm
@@ -113,6 +118,48 @@ def int4_linear(
         x.reshape(-1, shape[-1]), packed, group, scales_zeros.to(x.dtype)
     )
     y = y.reshape(*shape[:-1], packed.shape[0])
+    return y if bias is None else y + bias
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scales): ``q`` float8 e4m3 of ``weight``'s shape, ``scales`` one per row in float32."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
+    return (w / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales
+
+
+def quantize_activations_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x`` ([tokens, features]) in float8 e4m3, with one scale per token (``[tokens, 1]``)."""
+    x32 = x.float()
+    scales = x32.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (x32 / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales
+
+
+def fp8_scaled_mm_supported(x: torch.Tensor) -> bool:
+    """Row-wise scaled fp8 matmul: Hopper or newer (compute capability 9.0+)."""
+    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0) and hasattr(torch, "_scaled_mm")
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    use_kernel: bool | None = None,
+) -> torch.Tensor:
+    """``x W^T (+ b)`` with fp8 weights (row-wise scales) and activations quantized per token on the fly.
+
+    On Hopper the product runs in fp8 through ``torch._scaled_mm``; elsewhere the
+    same quantized values are dequantized and multiplied in float32 (the reference
+    path), so every machine computes what the GPU computes, up to summation order."""
+    shape = x.shape
+    xq, x_scales = quantize_activations_fp8(x.reshape(-1, shape[-1]))
+    kernel = fp8_scaled_mm_supported(x) if use_kernel is None else use_kernel
+    if kernel:
+        y = torch._scaled_mm(xq, q.t(), scale_a=x_scales, scale_b=scales[None, :].float(), out_dtype=x.dtype)
+    else:
+        y = ((xq.float() * x_scales) @ (q.float() * scales[:, None].float()).t()).to(x.dtype)
+    y = y.reshape(*shape[:-1], q.shape[0])
     return y if bias is None else y + bias
 
 

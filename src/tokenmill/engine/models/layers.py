@@ -17,11 +17,13 @@ from tokenmill.engine.config import RopeConfig
 from tokenmill.engine.errors import ModelLoadError
 from tokenmill.engine.models.cpu_packing import pack_weight, packed_linear
 from tokenmill.engine.quantization import (
+    fp8_linear,
     int4_group_size,
     int4_kernel_supported,
     int4_linear,
     int8_linear,
     pack_int4,
+    quantize_fp8,
     quantize_int4,
     quantize_int8,
 )
@@ -57,6 +59,7 @@ class Linear(nn.Module):
         self.register_buffer("qweight", None)  # int8 weight and per-row scales, see quantization.py
         self.register_buffer("scales", None)
         self.int4_group = 0  # int4: inputs per group (scales holds scales and zeros)
+        self.fp8 = False
 
     def quantize(self, method: str) -> bool:
         """Swap the weight for its quantized form (see quantization.py); the plain copy is freed.
@@ -69,6 +72,9 @@ class Linear(nn.Module):
             q, scales, zeros = quantize_int4(weight, group)
             self.qweight, self.scales = pack_int4(q, scales, zeros, weight.dtype)
             self.int4_group = group
+        elif method == "fp8":
+            self.qweight, self.scales = quantize_fp8(weight)
+            self.fp8 = True
         else:
             q, scales = quantize_int8(weight)
             self.qweight, self.scales = q, scales.to(weight.dtype)
@@ -93,6 +99,8 @@ class Linear(nn.Module):
             assert self.scales is not None
             if self.int4_group:
                 return int4_linear(x, self.qweight, self.scales, self.int4_group, self.bias)
+            if self.fp8:
+                return fp8_linear(x, self.qweight, self.scales, self.bias)
             return int8_linear(x, self.qweight, self.scales, self.bias)
         return linear(x, self.weight, self.bias)
 
