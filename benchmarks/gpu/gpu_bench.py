@@ -41,7 +41,14 @@ for _p in (ROOT, ROOT / "src"):
         sys.path.insert(0, str(_p))
 
 # Per-step limits in seconds (they sum to the default budget).
-LIMITS = {"environment": 20, "parity": 80, "checkpoint": 100, "tokenmill": 140, "transformers": 110}
+LIMITS = {
+    "environment": 20,
+    "parity": 70,
+    "checkpoint": 100,
+    "tokenmill": 120,
+    "transformers": 80,
+    "tokenmill-fp8": 110,
+}
 WORKLOADS = {
     "llama3-8b": Workload(),
     "tiny": Workload(
@@ -175,7 +182,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("OUT") or ".bench/gpu",
         help="results folder (default: $OUT or %(default)s)",
     )
-    p.add_argument("--budget", type=float, default=450.0, help="seconds for all steps (default: %(default)s)")
+    p.add_argument("--budget", type=float, default=500.0, help="seconds for all steps (default: %(default)s)")
     p.add_argument("--tmp", default=None, help="folder for the checkpoints (default: the system temp dir)")
     p.add_argument("--peak-bw", type=float, default=4.3e12, help="reference bytes/s (default: %(default)s)")
     p.add_argument(
@@ -231,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "transformers": (
             lambda d: bench_transformers(d, folder, shape, work, device, args.peak_bw, log),
+            {},
+            ("checkpoint",),
+        ),
+        # fp8 weights (row-wise scales) and per-token fp8 activations through torch._scaled_mm (Hopper).
+        "tokenmill-fp8": (
+            lambda d: bench_tokenmill(d, folder, shape, work, device, args.peak_bw, log, quantization="fp8"),
             {},
             ("checkpoint",),
         ),

@@ -87,8 +87,10 @@ def bench_tokenmill(
     device: torch.device,
     peak_bw: float,
     log: Log,
+    quantization: str | None = None,
 ) -> None:
-    """Fill ``res`` as figures come in, so a failure late in the run keeps the early ones."""
+    """Fill ``res`` as figures come in, so a failure late in the run keeps the early ones.
+    ``quantization``: the engine's (``fp8``: e4m3 weights, ``torch._scaled_mm`` on Hopper)."""
     from tokenmill import LLM, SamplingParams
 
     def params(n: int) -> SamplingParams:
@@ -103,7 +105,9 @@ def bench_tokenmill(
         max_model_len=work.max_model_len,
         max_num_seqs=max(work.concurrency),
         kv_cache_memory=work.kv_cache_bytes,
+        quantization=quantization,
     )
+    res["quantization"] = quantization
     res["startup_s"] = time.perf_counter() - start
     res["engine_startup_s"] = llm.engine.startup_seconds
     res["kv_plan"] = llm.kv_plan.summary()

@@ -35,7 +35,27 @@ def render_summary(results: dict[str, Any]) -> str:
         lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items()]
     lines += _parity(_get(steps, "parity", "data") or [])
     lines += _performance(meta, _get(steps, "tokenmill", "data"), _get(steps, "transformers", "data"))
+    lines += _fp8(_get(steps, "tokenmill", "data"), _get(steps, "tokenmill-fp8", "data"))
     return "\n".join(lines) + "\n"
+
+
+def _fp8(bf16: Any, fp8: Any) -> list[str]:
+    """tokenmill fp8 against tokenmill bf16 on the same checkpoint and workload."""
+    if not fp8:
+        return []
+    out = ["", "## tokenmill fp8 (e4m3 weights, per-token activations) against bf16", ""]
+    out += [f"KV plan (fp8): {fp8.get('kv_plan')}", ""]
+    out += ["| metric | fp8 | bf16 | fp8 / bf16 |", "| --- | --- | --- | --- |"]
+    pairs = [
+        ("batch-1 decode tok/s", _get(fp8, "batch1", "decode_tok_s"), _get(bf16, "batch1", "decode_tok_s"))
+    ]
+    for c, t in (_get(fp8, "throughput") or {}).items():
+        pairs.append(
+            (f"{c} concurrent, output tok/s", t["output_tok_s"], _get(bf16, "throughput", c, "output_tok_s"))
+        )
+    for label, a, b in pairs:
+        out.append(f"| {label} | {_fmt(a, '.1f')} | {_fmt(b, '.1f')} | {_ratio(a, b)} |")
+    return out
 
 
 def _parity(rows: list[dict[str, Any]]) -> list[str]:

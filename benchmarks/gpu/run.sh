@@ -8,8 +8,8 @@
 #   bash benchmarks/gpu/run.sh --skip transformers      # extra flags go to gpu_bench.py
 #
 # PYTHON picks the interpreter (default: the first of python3, python, .venv/bin/python that imports
-# torch); BENCH_TIMEOUT caps the whole run in seconds (default 540), a backstop
-# behind the script's own step limits (450 s in all).
+# torch); BENCH_TIMEOUT caps the whole run in seconds (default 580), a backstop
+# behind the script's own step limits (500 s in all).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -34,5 +34,5 @@ if command -v nvidia-smi >/dev/null 2>&1; then
   head -n 15 "$OUT/nvidia-smi.txt"
 fi
 
-timeout -k 15 "${BENCH_TIMEOUT:-540}" "$PYTHON" -u benchmarks/gpu/gpu_bench.py \
+timeout -k 15 "${BENCH_TIMEOUT:-580}" "$PYTHON" -u benchmarks/gpu/gpu_bench.py \
   ${args[@]+"${args[@]}"} "$@" 2>&1 | tee "$OUT/log.txt"
