@@ -1,0 +1,1 @@
+"""Quality comparisons across endpoints: graders for a team's own questions, and paired statistics."""
