@@ -9,6 +9,7 @@ tokenmill bench run http://127.0.0.1:8000 --concurrency 8      # TTFT, ITL, thro
 tokenmill route --worker http://127.0.0.1:8000 --worker http://127.0.0.1:8001   # one endpoint, many workers
 tokenmill keys create --team search --config gateway.yaml      # an API key for route --gateway-config
 tokenmill batch run input.jsonl --url http://127.0.0.1:8000    # an OpenAI Batch file, paced and resumable
+tokenmill eval questions.jsonl --endpoint full=URL --endpoint int8=URL   # compare models on your questions
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rich.logging import RichHandler
 from tokenmill.cli import bench_tools  # noqa: F401  (registers report, compare, calibrate, mock-server)
 from tokenmill.cli.batch import app as batch_app
 from tokenmill.cli.bench import app as bench_app
+from tokenmill.cli.eval import eval_command
 from tokenmill.cli.keys import app as keys_app
 from tokenmill.cli.route import app as route_app
 from tokenmill.cli.serve import serve
@@ -38,6 +40,7 @@ err = Console(stderr=True)
 app.command()(serve)
 app.add_typer(bench_app, name="bench")
 app.add_typer(batch_app, name="batch")
+app.command("eval")(eval_command)
 app.add_typer(route_app, name="route")
 app.add_typer(keys_app, name="keys")
 

@@ -1,0 +1,91 @@
+"""``tokenmill eval``: the same questions to several endpoints, graded, compared pairwise.
+
+tokenmill eval examples/questions.jsonl --endpoint full=http://127.0.0.1:8000 --endpoint int8=http://127.0.0.1:8001
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True)
+
+
+def eval_command(
+    questions: Annotated[
+        Path, typer.Argument(help="CSV or JSONL: id, question, answer, grader, rubric, tags.")
+    ],
+    endpoint: Annotated[
+        list[str], typer.Option("--endpoint", help="NAME=URL of an OpenAI-compatible server (repeatable).")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for answers.jsonl, report.md, report.html.")] = Path(
+        "eval-out"
+    ),
+    judge: Annotated[
+        str | None, typer.Option(help="NAME of the endpoint that grades 'judge' questions.")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer, the same for every model.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.0,
+    system: Annotated[
+        str, typer.Option(help="System prompt ('' for none).")
+    ] = "Answer the question. Be concise.",
+    template: Annotated[str, typer.Option(help="User message; {question} is replaced.")] = "{question}",
+    model: Annotated[str | None, typer.Option(help="Model name sent to every endpoint.")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key. Default: $TOKENMILL_API_KEY.")] = None,
+) -> None:
+    """Ask every endpoint every question; answers are kept, so running it again resumes."""
+    from tokenmill.evals.questions import QuestionError, load_questions
+    from tokenmill.evals.report import build_report, to_html, to_markdown
+    from tokenmill.evals.runner import EvalSettings, run_eval
+
+    endpoints = {}
+    for item in endpoint:
+        name, sep, url = item.partition("=")
+        if not sep or not name or not url.startswith(("http://", "https://")):
+            _fail(f"--endpoint {item!r} is invalid: allowed NAME=http://host:port")
+        if name in endpoints:
+            _fail(f"--endpoint name {name!r} is given twice")
+        endpoints[name] = url
+    if "{question}" not in template:
+        _fail("--template must contain {question}")
+    try:
+        qs = load_questions(questions)
+    except QuestionError as e:
+        _fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    settings = EvalSettings(system or None, template, max_tokens, temperature, model)
+    done = [0]
+    total = len(qs) * len(endpoints)
+
+    def progress(_: object) -> None:
+        done[0] += 1
+        if done[0] % 10 == 0 or done[0] == total:
+            err.print(f"[dim]{done[0]}/{total} answered[/dim]")
+
+    key = api_key if api_key is not None else os.environ.get("TOKENMILL_API_KEY")
+    try:
+        records = asyncio.run(run_eval(qs, endpoints, settings, out / "answers.jsonl", judge, key, progress))
+    except ValueError as e:
+        _fail(str(e))
+    report = build_report(qs, records, list(endpoints))
+    markdown = to_markdown(report)
+    (out / "report.md").write_text(f"# tokenmill eval: {questions.name}\n\n{markdown}")
+    (out / "report.html").write_text(to_html(report, f"tokenmill eval: {questions.name}"))
+    Console().print(markdown)
+    err.print(f"answers: {out / 'answers.jsonl'}; report: {out / 'report.md'}, {out / 'report.html'}")
+    errors = sum(m.errors for m in report.models)
+    if errors:
+        err.print(
+            f"[yellow]{errors} questions got no answer (counted wrong); run again to retry them[/yellow]"
+        )
+        raise typer.Exit(1)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)

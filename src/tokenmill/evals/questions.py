@@ -1,0 +1,94 @@
+"""A team's question set: CSV or JSONL rows of ``id, question, answer, grader, rubric, tags``.
+
+``grader`` defaults to ``exact``; ``judge`` needs a ``rubric`` (what a correct
+answer must contain); ``tags`` is a comma-separated list (CSV) or a list
+(JSONL) for slicing the report. A numeric grader's tolerance can ride in the
+grader cell as ``numeric:0.01``. Every problem names its line and column.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenmill.evals.graders import GRADERS
+
+ALL_GRADERS = (*GRADERS, "judge")
+
+
+class QuestionError(ValueError):
+    """A question file that cannot be used; the message names the line and the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Question:
+    id: str
+    question: str
+    answer: str
+    grader: str = "exact"
+    tolerance: float = 1e-6  # numeric: relative
+    rubric: str = ""
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+def load_questions(path: Path) -> list[Question]:
+    if not path.is_file():
+        raise QuestionError(f"questions file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = [(n, row) for n, row in enumerate(csv.DictReader(f), start=2)]
+    elif suffix in (".jsonl", ".json"):
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    item = json.loads(line)
+                except ValueError as e:
+                    raise QuestionError(f"{path.name} line {n}: not valid JSON ({e})") from None
+                if not isinstance(item, dict):
+                    raise QuestionError(f"{path.name} line {n}: each line must be a JSON object")
+                rows.append((n, item))
+    else:
+        raise QuestionError(f"{path.name}: allowed formats are .csv and .jsonl, got {suffix or 'no suffix'}")
+    questions = [_question(path.name, n, row) for n, row in rows]
+    seen: set[str] = set()
+    for q in questions:
+        if q.id in seen:
+            raise QuestionError(f"{path.name}: id {q.id!r} appears twice")
+        seen.add(q.id)
+    if not questions:
+        raise QuestionError(f"{path.name} holds no questions")
+    return questions
+
+
+def _question(name: str, line: int, row: dict[str, Any]) -> Question:
+    def cell(key: str, required: bool = False) -> str:
+        value = row.get(key)
+        text = "" if value is None else str(value).strip()
+        if required and not text:
+            raise QuestionError(f"{name} line {line}: column {key!r} is empty")
+        return text
+
+    grader, tolerance = cell("grader") or "exact", 1e-6
+    if grader.startswith("numeric:"):
+        grader, raw = grader.split(":", 1)
+        try:
+            tolerance = float(raw)
+        except ValueError:
+            raise QuestionError(f"{name} line {line}: grader tolerance {raw!r} is not a number") from None
+    if grader not in ALL_GRADERS:
+        allowed = ", ".join(ALL_GRADERS)
+        raise QuestionError(f"{name} line {line}: grader={grader!r} is invalid: allowed {allowed}")
+    if grader == "judge" and not cell("rubric"):
+        raise QuestionError(f"{name} line {line}: grader 'judge' needs a rubric")
+    tags = row.get("tags") or ()
+    if isinstance(tags, str):
+        tags = [t.strip() for t in tags.split(",") if t.strip()]
+    answer = cell("answer", required=grader != "judge")
+    return Question(
+        cell("id", True), cell("question", True), answer, grader, tolerance, cell("rubric"), tuple(tags)
+    )

@@ -1,0 +1,142 @@
+"""The eval report: accuracy per model with its interval, paired tests, and where the models disagree.
+
+Accuracy counts a question that got no answer (an error) as wrong, and says
+how many there were. Each pair of models gets McNemar's exact test on the
+questions both were asked; the per-question table lists only the questions on
+which the models' verdicts differ, since those decide every comparison.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import statistics
+from dataclasses import dataclass
+
+from tokenmill.evals.paired import PairedResult, compare, wilson_interval
+from tokenmill.evals.questions import Question
+from tokenmill.evals.runner import AnswerRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSummary:
+    name: str
+    correct: int
+    total: int
+    errors: int
+    low: float  # 95% Wilson interval of the accuracy
+    high: float
+    latency_p50_s: float | None
+    completion_tokens: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class EvalReport:
+    models: list[ModelSummary]
+    pairs: list[tuple[str, str, PairedResult]]
+    disagreements: list[tuple[Question, dict[str, AnswerRecord]]]
+
+
+def build_report(questions: list[Question], records: list[AnswerRecord], endpoints: list[str]) -> EvalReport:
+    by = {(r.endpoint, r.id): r for r in records}
+    models = []
+    for name in endpoints:
+        rows = [by[(name, q.id)] for q in questions if (name, q.id) in by]
+        correct = sum(bool(r.correct) for r in rows)
+        low, high = wilson_interval(correct, len(rows)) if rows else (0.0, 0.0)
+        latencies = [r.latency_s for r in rows if r.error is None]
+        models.append(
+            ModelSummary(
+                name, correct, len(rows), sum(r.error is not None for r in rows), low, high,
+                statistics.median(latencies) if latencies else None, sum(r.completion_tokens for r in rows),
+            )
+        )  # fmt: skip
+    pairs = []
+    for a, b in itertools.combinations(endpoints, 2):
+        both = [q for q in questions if (a, q.id) in by and (b, q.id) in by]
+        result = compare(
+            [bool(by[(a, q.id)].correct) for q in both], [bool(by[(b, q.id)].correct) for q in both]
+        )
+        pairs.append((a, b, result))
+    disagreements = []
+    for q in questions:
+        answers = {name: by[(name, q.id)] for name in endpoints if (name, q.id) in by}
+        if len({bool(r.correct) for r in answers.values()}) > 1:
+            disagreements.append((q, answers))
+    return EvalReport(models, pairs, disagreements)
+
+
+def to_markdown(report: EvalReport) -> str:
+    lines = [
+        "## Accuracy",
+        "",
+        "| model | correct | accuracy | 95% interval | errors | latency p50 s | output tokens |",
+    ]
+    lines.append("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    for m in report.models:
+        latency = f"{m.latency_p50_s:.2f}" if m.latency_p50_s is not None else "-"
+        lines.append(
+            f"| {m.name} | {m.correct}/{m.total} | {m.accuracy:.1%} | {m.low:.1%}-{m.high:.1%} | {m.errors} "
+            f"| {latency} | {m.completion_tokens} |"
+        )
+    lines += ["", "## Paired comparison (McNemar, exact)", ""]
+    lines += [
+        "| A | B | only A right | only B right | both | neither | p-value |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for a, b, r in report.pairs:
+        lines.append(f"| {a} | {b} | {r.only_a} | {r.only_b} | {r.both} | {r.neither} | {r.p_value:.3g} |")
+    lines += [
+        "",
+        "A p-value under 0.05 says the two models differ on these questions; "
+        "above it, they cannot be told apart.",
+    ]
+    if report.disagreements:
+        names = [m.name for m in report.models]
+        lines += ["", "## Questions where the models disagree", ""]
+        lines += [
+            "| id | question | expected | " + " | ".join(names) + " |",
+            "| --- " * (3 + len(names)) + "|",
+        ]
+        for q, answers in report.disagreements:
+            cells = [_cell(answers[n]) if n in answers else "-" for n in names]
+            lines.append(
+                f"| {q.id} | {_short(q.question)} | {_short(q.answer)} | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def to_html(report: EvalReport, title: str) -> str:
+    """One self-contained page (no scripts, no network): the Markdown tables as HTML tables."""
+    body = []
+    for block in to_markdown(report).split("\n\n"):
+        rows = [r for r in block.splitlines() if r.startswith("|") and not r.startswith("| ---")]
+        if rows:
+            cells = [[html.escape(c.strip()) for c in r.strip("|").split("|")] for r in rows]
+            head = "".join(f"<th>{c}</th>" for c in cells[0])
+            rest = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
+            body.append(f"<table><tr>{head}</tr>{rest}</table>")
+        else:
+            text = block.strip()
+            tag = "h2" if text.startswith("## ") else "p"
+            body.append(f"<{tag}>{html.escape(text.removeprefix('## '))}</{tag}>")
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px}"
+    )
+    head = f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>{style}</style>"
+    return f"{head}<h1>{html.escape(title)}</h1>{''.join(body)}\n"
+
+
+def _cell(r: AnswerRecord) -> str:
+    mark = "error" if r.error else ("right" if r.correct else "wrong")
+    return f"{mark}: {_short(r.answer)}"
+
+
+def _short(text: str, n: int = 60) -> str:
+    flat = " ".join(text.split()).replace("|", "/")
+    return flat if len(flat) <= n else flat[: n - 1] + "…"

@@ -1,0 +1,76 @@
+"""``tokenmill eval`` against two real tokenmill servers on loopback: the demo model full and int8."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.server.conftest import start_server
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "questions.jsonl"
+
+
+@pytest.fixture(scope="module")
+def two_models():
+    full = start_server("--worker-id", "full")
+    try:
+        int8 = start_server("--worker-id", "int8", "--quantization", "int8")
+    except BaseException:
+        full.stop()
+        raise
+    yield full, int8
+    full.stop()
+    int8.stop()
+
+
+def run_eval(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "tokenmill.cli.main", "eval", *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=180, env={"COLUMNS": "200", "PATH": ""}
+    )
+
+
+def test_eval_asks_both_models_grades_reports_and_resumes(two_models, tmp_path):
+    full, int8 = two_models
+    out = tmp_path / "out"
+    args = [
+        str(EXAMPLES),
+        "--endpoint",
+        f"full={full.url}",
+        "--endpoint",
+        f"int8={int8.url}",
+        "--out",
+        str(out),
+    ]
+    args += ["--max-tokens", "16", "--judge", "full"]
+    result = run_eval(*args)
+    assert result.returncode == 0, result.stderr
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert sorted((a["endpoint"], a["id"]) for a in answers) == sorted(
+        (e, f"q{i}") for e in ("full", "int8") for i in range(1, 6)
+    )
+    assert all(a["error"] is None and isinstance(a["correct"], bool) for a in answers)
+    report = (out / "report.md").read_text()
+    assert "| full |" in report and "| int8 |" in report and "McNemar" in report
+    html = (out / "report.html").read_text()
+    assert "<table>" in html and "http" not in html.split("</style>")[1]
+    # Run again: nothing is asked twice.
+    again = run_eval(*args)
+    assert again.returncode == 0, again.stderr
+    assert len((out / "answers.jsonl").read_text().splitlines()) == len(answers)
+
+
+def test_eval_names_bad_endpoints_and_a_missing_judge(tmp_path):
+    result = run_eval(str(EXAMPLES), "--endpoint", "full")
+    assert (
+        result.returncode == 2
+        and "--endpoint 'full' is invalid: allowed NAME=http://host:port" in result.stderr
+    )
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"id": "a", "question": "Why?", "grader": "judge", "rubric": "says why"}) + "\n")
+    result = run_eval(str(q), "--endpoint", "a=http://127.0.0.1:9", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "name the judging endpoint" in result.stderr
