@@ -74,3 +74,21 @@ def test_eval_names_bad_endpoints_and_a_missing_judge(tmp_path):
     q.write_text(json.dumps({"id": "a", "question": "Why?", "grader": "judge", "rubric": "says why"}) + "\n")
     result = run_eval(str(q), "--endpoint", "a=http://127.0.0.1:9", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "name the judging endpoint" in result.stderr
+
+
+def test_eval_joins_bench_runs_into_a_quality_speed_cost_table(two_models, tmp_path):
+    full, int8 = two_models
+    bench = tmp_path / "full.json"
+    summary = {"ttft": {"median": 0.0123}, "tpot": {"median": 0.0045}, "output_tok_s": 812.0}
+    bench.write_text(json.dumps({"run": {}, "summary": summary, "cost": {"per_million_output_tokens": 1.25}}))
+    out = tmp_path / "out"
+    args = [str(EXAMPLES), "--endpoint", f"full={full.url}", "--endpoint", f"int8={int8.url}"]
+    result = run_eval(*args, "--out", str(out), "--max-tokens", "8", "--bench", f"full={bench}")
+    assert result.returncode == 0, result.stderr
+    report = (out / "report.md").read_text()
+    assert "Quality against speed and cost" in report
+    assert "| 12.3 | 4.50 | 812 | 1.250 | full.json |" in report
+    bad = run_eval(*args, "--out", str(out), "--bench", f"nobody={bench}")
+    assert bad.returncode == 2 and "NAME one of full, int8" in bad.stderr
+    bad = run_eval(*args, "--out", str(out), "--bench", f"full={tmp_path / 'nothing.json'}")
+    assert bad.returncode == 2 and "not the JSON of a `tokenmill bench run`" in bad.stderr

@@ -37,8 +37,13 @@ def eval_command(
     template: Annotated[str, typer.Option(help="User message; {question} is replaced.")] = "{question}",
     model: Annotated[str | None, typer.Option(help="Model name sent to every endpoint.")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key. Default: $TOKENMILL_API_KEY.")] = None,
+    bench: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=PREFIX.json of a `tokenmill bench run` of that endpoint (repeatable)."),
+    ] = None,
 ) -> None:
     """Ask every endpoint every question; answers are kept, so running it again resumes."""
+    from tokenmill.evals.bench_join import load_bench
     from tokenmill.evals.questions import QuestionError, load_questions
     from tokenmill.evals.report import build_report, to_html, to_markdown
     from tokenmill.evals.runner import EvalSettings, run_eval
@@ -51,6 +56,16 @@ def eval_command(
         if name in endpoints:
             _fail(f"--endpoint name {name!r} is given twice")
         endpoints[name] = url
+    figures = {}
+    for item in bench or []:
+        name, sep, path = item.partition("=")
+        if not sep or name not in endpoints:
+            names = ", ".join(endpoints)
+            _fail(f"--bench {item!r} is invalid: allowed NAME=PREFIX.json with NAME one of {names}")
+        try:
+            figures[name] = load_bench(Path(path))
+        except ValueError as e:
+            _fail(str(e))
     if "{question}" not in template:
         _fail("--template must contain {question}")
     try:
@@ -73,9 +88,9 @@ def eval_command(
     except ValueError as e:
         _fail(str(e))
     report = build_report(qs, records, list(endpoints))
-    markdown = to_markdown(report)
+    markdown = to_markdown(report, figures)
     (out / "report.md").write_text(f"# tokenmill eval: {questions.name}\n\n{markdown}")
-    (out / "report.html").write_text(to_html(report, f"tokenmill eval: {questions.name}"))
+    (out / "report.html").write_text(to_html(report, f"tokenmill eval: {questions.name}", figures))
     Console().print(markdown)
     err.print(f"answers: {out / 'answers.jsonl'}; report: {out / 'report.md'}, {out / 'report.html'}")
     errors = sum(m.errors for m in report.models)

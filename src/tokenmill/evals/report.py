@@ -13,6 +13,7 @@ import itertools
 import statistics
 from dataclasses import dataclass
 
+from tokenmill.evals.bench_join import BenchFigures, quality_table
 from tokenmill.evals.paired import PairedResult, compare, wilson_interval
 from tokenmill.evals.questions import Question
 from tokenmill.evals.runner import AnswerRecord
@@ -70,7 +71,7 @@ def build_report(questions: list[Question], records: list[AnswerRecord], endpoin
     return EvalReport(models, pairs, disagreements)
 
 
-def to_markdown(report: EvalReport) -> str:
+def to_markdown(report: EvalReport, bench: dict[str, BenchFigures] | None = None) -> str:
     lines = [
         "## Accuracy",
         "",
@@ -107,13 +108,16 @@ def to_markdown(report: EvalReport) -> str:
             lines.append(
                 f"| {q.id} | {_short(q.question)} | {_short(q.answer)} | " + " | ".join(cells) + " |"
             )
+    if bench:
+        accuracy = {m.name: m.accuracy for m in report.models}
+        lines += ["", *quality_table(accuracy, bench)]
     return "\n".join(lines) + "\n"
 
 
-def to_html(report: EvalReport, title: str) -> str:
+def to_html(report: EvalReport, title: str, bench: dict[str, BenchFigures] | None = None) -> str:
     """One self-contained page (no scripts, no network): the Markdown tables as HTML tables."""
     body = []
-    for block in to_markdown(report).split("\n\n"):
+    for block in to_markdown(report, bench).split("\n\n"):
         rows = [r for r in block.splitlines() if r.startswith("|") and not r.startswith("| ---")]
         if rows:
             cells = [[html.escape(c.strip()) for c in r.strip("|").split("|")] for r in rows]
