@@ -57,7 +57,29 @@ def test_bad_question_files_name_the_line_and_column(tmp_path, lines, says):
 
 
 def test_unknown_format_names_the_allowed_ones(tmp_path):
-    f = tmp_path / "q.xlsx"
+    f = tmp_path / "q.ods"
     f.write_bytes(b"PK")
-    with pytest.raises(QuestionError, match=r"allowed formats are \.csv and \.jsonl"):
+    with pytest.raises(QuestionError, match=r"allowed formats are \.csv, \.xlsx and \.jsonl"):
         load_questions(f)
+
+
+def test_xlsx_loads_the_first_sheet_with_its_header(tmp_path):
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.append(["id", "question", "answer", "grader", "rubric", "tags"])
+    sheet.append(["a", "Two plus two?", 4, "numeric", None, "math"])
+    sheet.append([None, None, None, None, None, None])  # a blank row is skipped
+    sheet.append(["b", "Capital of France?", "Paris", "contains", None, None])
+    path = tmp_path / "q.xlsx"
+    book.save(path)
+    questions = load_questions(path)
+    assert [(q.id, q.answer, q.grader, q.tags) for q in questions] == [
+        ("a", "4", "numeric", ("math",)),
+        ("b", "Paris", "contains", ()),
+    ]
+    broken = tmp_path / "broken.xlsx"
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(QuestionError, match=r"not a readable \.xlsx workbook"):
+        load_questions(broken)

@@ -18,7 +18,7 @@ err = Console(stderr=True)
 
 def eval_command(
     questions: Annotated[
-        Path, typer.Argument(help="CSV or JSONL: id, question, answer, grader, rubric, tags.")
+        Path, typer.Argument(help="CSV, XLSX or JSONL: id, question, answer, grader, rubric, tags.")
     ],
     endpoint: Annotated[
         list[str], typer.Option("--endpoint", help="NAME=URL of an OpenAI-compatible server (repeatable).")

@@ -1,4 +1,4 @@
-"""A team's question set: CSV or JSONL rows of ``id, question, answer, grader, rubric, tags``.
+"""A team's question set: CSV, XLSX or JSONL rows of ``id, question, answer, grader, rubric, tags``.
 
 ``grader`` defaults to ``exact``; ``judge`` needs a ``rubric`` (what a correct
 answer must contain); ``tags`` is a comma-separated list (CSV) or a list
@@ -52,8 +52,11 @@ def load_questions(path: Path) -> list[Question]:
                 if not isinstance(item, dict):
                     raise QuestionError(f"{path.name} line {n}: each line must be a JSON object")
                 rows.append((n, item))
+    elif suffix == ".xlsx":
+        rows = _xlsx_rows(path)
     else:
-        raise QuestionError(f"{path.name}: allowed formats are .csv and .jsonl, got {suffix or 'no suffix'}")
+        allowed = ".csv, .xlsx and .jsonl"
+        raise QuestionError(f"{path.name}: allowed formats are {allowed}, got {suffix or 'no suffix'}")
     questions = [_question(path.name, n, row) for n, row in rows]
     seen: set[str] = set()
     for q in questions:
@@ -63,6 +66,31 @@ def load_questions(path: Path) -> list[Question]:
     if not questions:
         raise QuestionError(f"{path.name} holds no questions")
     return questions
+
+
+def _xlsx_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The first sheet: a header row of column names, then one question per row (blank rows skipped)."""
+    import openpyxl
+
+    try:
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as e:  # openpyxl raises several kinds for a file that is not a workbook
+        raise QuestionError(f"{path.name}: not a readable .xlsx workbook ({e})") from None
+    try:
+        sheet = book.worksheets[0]
+        rows = sheet.iter_rows(values_only=True)
+        header = [str(c).strip().lower() if c is not None else "" for c in next(rows, ())]
+        if "question" not in header:
+            raise QuestionError(
+                f"{path.name}: the first row must name the columns (id, question, answer, ...)"
+            )
+        out = []
+        for n, values in enumerate(rows, start=2):
+            if any(v is not None and str(v).strip() for v in values):
+                out.append((n, {k: v for k, v in zip(header, values, strict=False) if k}))
+        return out
+    finally:
+        book.close()
 
 
 def _question(name: str, line: int, row: dict[str, Any]) -> Question:
