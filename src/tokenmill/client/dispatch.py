@@ -17,7 +17,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -279,7 +279,3 @@ def _used_tokens(usage: Mapping[str, Any] | None, reserved: int) -> int:
     if not usage:
         return reserved  # unknown: keep the reservation
     return int(usage.get("total_tokens") or sum(_usage_counts(usage)))
-
-
-def endpoints_of(base_url: str | Sequence[str]) -> list[str]:
-    return [base_url] if isinstance(base_url, str) else list(base_url)

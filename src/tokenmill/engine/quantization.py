@@ -53,11 +53,12 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
     return (q.float() * scales[:, None]).to(dtype)
 
 
+_HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")  # looked up once: linear layers run every step
+
+
 def int8_kernel_supported(x: torch.Tensor) -> bool:
     return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and hasattr(torch, "_weight_int8pack_mm")
+        _HAS_INT8PACK and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
     )
 
 
@@ -135,9 +136,14 @@ def quantize_activations_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return (x32 / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales
 
 
-def fp8_scaled_mm_supported(x: torch.Tensor) -> bool:
-    """Row-wise scaled fp8 matmul: Hopper or newer (compute capability 9.0+)."""
-    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0) and hasattr(torch, "_scaled_mm")
+def fp8_scaled_mm_supported(device: torch.device) -> bool:
+    """Row-wise scaled fp8 matmul: Hopper or newer (compute capability 9.0+). Asked once per layer, at
+    quantization, not on every step."""
+    return (
+        device.type == "cuda"
+        and torch.cuda.get_device_capability(device) >= (9, 0)
+        and hasattr(torch, "_scaled_mm")
+    )
 
 
 def fp8_linear(
@@ -145,17 +151,17 @@ def fp8_linear(
     q: torch.Tensor,
     scales: torch.Tensor,
     bias: torch.Tensor | None,
-    use_kernel: bool | None = None,
+    use_kernel: bool,
 ) -> torch.Tensor:
     """``x W^T (+ b)`` with fp8 weights (row-wise scales) and activations quantized per token on the fly.
 
     On Hopper the product runs in fp8 through ``torch._scaled_mm``; elsewhere the
     same quantized values are dequantized and multiplied in float32 (the reference
-    path), so every machine computes what the GPU computes, up to summation order."""
+    path), so every machine computes what the GPU computes, up to summation order. ``use_kernel``:
+    ``fp8_scaled_mm_supported`` of the weight's device."""
     shape = x.shape
     xq, x_scales = quantize_activations_fp8(x.reshape(-1, shape[-1]))
-    kernel = fp8_scaled_mm_supported(x) if use_kernel is None else use_kernel
-    if kernel:
+    if use_kernel:
         y = torch._scaled_mm(xq, q.t(), scale_a=x_scales, scale_b=scales[None, :].float(), out_dtype=x.dtype)
     else:
         y = ((xq.float() * x_scales) @ (q.float() * scales[:, None].float()).t()).to(x.dtype)

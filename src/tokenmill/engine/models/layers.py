@@ -18,6 +18,7 @@ from tokenmill.engine.errors import ModelLoadError
 from tokenmill.engine.models.cpu_packing import pack_weight, packed_linear
 from tokenmill.engine.quantization import (
     fp8_linear,
+    fp8_scaled_mm_supported,
     int4_group_size,
     int4_kernel_supported,
     int4_linear,
@@ -60,6 +61,7 @@ class Linear(nn.Module):
         self.register_buffer("scales", None)
         self.int4_group = 0  # int4: inputs per group (scales holds scales and zeros)
         self.fp8 = False
+        self.fp8_kernel = False  # torch._scaled_mm on this device (Hopper); else the reference path
 
     def quantize(self, method: str) -> bool:
         """Swap the weight for its quantized form (see quantization.py); the plain copy is freed.
@@ -75,6 +77,7 @@ class Linear(nn.Module):
         elif method == "fp8":
             self.qweight, self.scales = quantize_fp8(weight)
             self.fp8 = True
+            self.fp8_kernel = fp8_scaled_mm_supported(weight.device)
         else:
             q, scales = quantize_int8(weight)
             self.qweight, self.scales = q, scales.to(weight.dtype)
@@ -100,7 +103,7 @@ class Linear(nn.Module):
             if self.int4_group:
                 return int4_linear(x, self.qweight, self.scales, self.int4_group, self.bias)
             if self.fp8:
-                return fp8_linear(x, self.qweight, self.scales, self.bias)
+                return fp8_linear(x, self.qweight, self.scales, self.bias, self.fp8_kernel)
             return int8_linear(x, self.qweight, self.scales, self.bias)
         return linear(x, self.weight, self.bias)
 
