@@ -50,6 +50,7 @@ from tokenmill.router.gateway import body_for
 from tokenmill.router.health import FleetKeeper
 from tokenmill.router.policies import Router, RouteRequest
 from tokenmill.router.prefix_index import chunk_hashes, prompt_text
+from tokenmill.router.status import fleet_status
 from tokenmill.router.workers import Worker, WorkerPool
 
 if TYPE_CHECKING:
@@ -409,46 +410,7 @@ class RouterApp:
         await send_json(send, 200, self.status())
 
     def status(self) -> dict[str, Any]:
-        return {
-            "policy": self.router.policy,
-            "imbalance": self.pool.imbalance(),
-            "decisions": dict(self.router.decisions),
-            "predicted_hit_tokens": self.router.predicted_hit_tokens,
-            "streams_cut": self.streams_cut,
-            "queues": {
-                pool: {
-                    "in_flight": q.in_flight,
-                    "waiting": q.waiting,
-                    "refused": q.refused,
-                    "admitted_by_team": dict(q.admitted_by_team),
-                }
-                for pool, q in (self.gateway.queues if self.gateway else {}).items()
-            },
-            "workers": [
-                {
-                    "url": w.url,
-                    "name": w.name,
-                    "pool": w.pool,
-                    "slots": w.slots,
-                    "healthy": w.healthy,
-                    "draining": w.draining,
-                    "in_flight": w.in_flight,
-                    "in_flight_tokens": w.in_flight_tokens,
-                    "routed": w.routed,
-                    "routed_tokens": w.routed_tokens,
-                    "failed": w.failed,
-                    "predicted_hit_tokens": w.predicted_hit_tokens,
-                    "measured_hit_rate": w.measured_hit_rate,
-                    "prefill_tokens_per_s": 1 / w.step_cost.seconds_per_token
-                    if w.step_cost.seconds_per_token
-                    else None,
-                    "kv_blocks_known": self.router.kv.num_blocks(w.url),
-                    "kv_events": self.keeper.kv_events is not None
-                    and w.url in self.keeper.kv_events.connected,
-                }
-                for w in self.pool.workers
-            ],
-        }
+        return fleet_status(self.router, self.pool, self.keeper, self.gateway, self.streams_cut)
 
 
 def _str_or_none(value: Any) -> str | None:
