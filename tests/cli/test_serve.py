@@ -49,3 +49,30 @@ def test_a_simulated_worker_serves_the_api_with_modeled_step_times():
         assert any("weights 0.00 GiB" in line for line in server.log)  # no model weights were loaded
     finally:
         server.stop()
+
+
+def test_a_bad_kv_cache_dtype_exits_2_naming_the_flag_and_the_allowed_values():
+    from typing import get_args
+
+    from typer.testing import CliRunner
+
+    from tokenmill.cli.main import app
+    from tokenmill.cli.serve import KVCacheDtype
+    from tokenmill.engine.config import KV_CACHE_DTYPES
+
+    result = CliRunner().invoke(app, ["serve", "--kv-cache-dtype", "fp16"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert "Invalid value for '--kv-cache-dtype'" in result.output
+    assert "'fp16' is not one of 'auto', 'fp8'" in result.output
+    assert get_args(KVCacheDtype) == KV_CACHE_DTYPES  # the flag offers what the engine accepts
+
+
+def test_a_worker_with_an_fp8_kv_cache_names_it_at_start_up():
+    from tests.server.conftest import start_server
+
+    server = start_server("--kv-cache-dtype", "fp8", "--kv-cache-memory", "16777216")
+    try:
+        ready = next(line for line in server.log if " ready: " in line)
+        assert "KV cache 0.02 GiB in float8_e4m3fn + float32 scales = " in ready
+    finally:
+        server.stop()

@@ -22,6 +22,8 @@ def test_perplexity_matches_transformers_and_batches_do_not_change_it(tiny_llama
     want = math.exp(nll / count)
     assert perplexity(engine, sequences) == pytest.approx(want, rel=1e-4)
     assert perplexity(engine, sequences, max_tokens_per_batch=40) == pytest.approx(want, rel=1e-4)
+    # Chunks of 7: sequences drop out as they end, and later chunks read their context from the cache.
+    assert perplexity(engine, sequences, chunk_size=7) == pytest.approx(want, rel=1e-4)
 
 
 def test_perplexity_needs_a_token_to_predict(tiny_llama, make_engine):

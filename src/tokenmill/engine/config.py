@@ -28,6 +28,10 @@ DTYPES: dict[str, torch.dtype] = {
     "float": torch.float32,
 }
 
+# What the KV cache stores: auto, the model's (compute) dtype; fp8, float8 e4m3 with scales
+# (attention/kv_cache.py).
+KV_CACHE_DTYPES = ("auto", "fp8")
+
 
 @dataclass(frozen=True)
 class RopeConfig:
@@ -194,6 +198,7 @@ class EngineConfig:
     timing_profile: str | None = None  # JSON from `tokenmill profile`; None: the shipped default
     kv_events: bool = False  # record BlockStored/BlockRemoved/AllCleared for KV-aware routing
     quantization: str | None = None  # int8 (per output channel) or int4 (per group), at load: quantization.py
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8: e4m3 with a scale per slot and KV head
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -236,6 +241,12 @@ class EngineConfig:
                 self.quantization,
                 self.quantization in (None, "int8", "int4", "fp8"),
                 "int8, int4, fp8, or None for the checkpoint's weights as they are",
+            ),
+            (
+                "kv_cache_dtype",
+                self.kv_cache_dtype,
+                self.kv_cache_dtype in KV_CACHE_DTYPES,
+                ", ".join(KV_CACHE_DTYPES),
             ),
             (
                 "scheduling_policy",

@@ -143,6 +143,7 @@ class Engine:
             self.max_model_len,
             config.kv_cache_memory,
             weight_bytes(self.model),
+            config.kv_cache_dtype,
         )
         pack_for_device(self.model, self.dtype, self.device)
         spec = AttentionSpec(
@@ -153,6 +154,7 @@ class Engine:
             dtype=self.dtype,
             device=self.device,
             sliding_window=self.model_config.sliding_window,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         backend = get_backend(config.attention_backend, spec)
         kv_caches = backend.allocate_kv_cache(self.model_config.num_layers, self.kv_plan.num_blocks)
@@ -166,8 +168,16 @@ class Engine:
         if memory is None and timing.kv_cache_tokens:
             # The profile says how many tokens of KV the real worker held.
             memory = (-(-timing.kv_cache_tokens // config.block_size) + 1) * bytes_per_block
+        # With fp8 the same memory holds more tokens: the profiled worker's pool, in fp8.
         self.kv_plan = plan_kv_cache(
-            self.model_config, self.dtype, self.device, config.block_size, self.max_model_len, memory, 0
+            self.model_config,
+            self.dtype,
+            self.device,
+            config.block_size,
+            self.max_model_len,
+            memory,
+            0,
+            config.kv_cache_dtype,
         )
         return SimulatedRunner(timing, self.clock, self.model_config.vocab_size)
 

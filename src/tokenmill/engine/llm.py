@@ -29,7 +29,9 @@ class LLM:
 
     ``model`` is a Hugging Face folder (config.json, safetensors, tokenizer.json);
     ``kv_cache_memory`` is bytes, or a fraction of the memory left after the
-    weights. ``llm.kv_plan`` reports how many tokens and full-length sequences fit.
+    weights. ``llm.kv_plan`` reports how many tokens and full-length sequences fit;
+    ``kv_cache_dtype="fp8"`` stores K and V in float8 e4m3 with scales, nearly
+    doubling them (``auto``: the model's dtype).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class LLM:
         max_itl: float | None = None,
         timing_profile: str | None = None,
         quantization: str | None = None,
+        kv_cache_dtype: str = "auto",
     ):
         self.engine = Engine(
             EngineConfig(
@@ -68,6 +71,7 @@ class LLM:
                 max_itl=max_itl,
                 timing_profile=timing_profile,
                 quantization=quantization,
+                kv_cache_dtype=kv_cache_dtype,
             )
         )
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.engine.attention.kv_cache import FP8_DTYPE, SCALE_DTYPE
 from tokenmill.engine.config import ModelConfig
 from tokenmill.engine.errors import InsufficientKVCacheError
 
@@ -29,6 +30,7 @@ class KVCachePlan:
     bytes_per_block: int
     max_model_len: int
     weight_bytes: int
+    kv_dtype: str  # what K and V are stored as: "bfloat16", "float8_e4m3fn + float32 scales", ...
 
     @property
     def num_usable_blocks(self) -> int:
@@ -54,7 +56,8 @@ class KVCachePlan:
 
     def summary(self) -> str:
         return (
-            f"weights {self.weight_bytes / GiB:.2f} GiB; KV cache {self.kv_bytes / GiB:.2f} GiB = "
+            f"weights {self.weight_bytes / GiB:.2f} GiB; KV cache {self.kv_bytes / GiB:.2f} GiB "
+            f"in {self.kv_dtype} = "
             f"{self.num_usable_blocks} blocks of {self.block_size} tokens = {self.num_tokens} tokens, "
             f"{self.max_full_length_sequences} sequences of max_model_len={self.max_model_len}"
         )
@@ -75,6 +78,32 @@ def available_memory(device: torch.device) -> int:
     return DEFAULT_CPU_KV_BYTES
 
 
+def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """Bytes of K and V that one token occupies across all layers, as the cache stores them:
+    ``dtype`` elements for ``auto``; for ``fp8``, one byte an element plus a float32 scale
+    per KV head (attention/kv_cache.py)."""
+    if kv_cache_dtype == "fp8":
+        per_head = model_config.head_dim * _element_size(FP8_DTYPE) + _element_size(SCALE_DTYPE)
+    else:
+        per_head = model_config.head_dim * _element_size(dtype)
+    return 2 * model_config.num_layers * model_config.num_kv_heads * per_head
+
+
+def kv_dtype_name(dtype: torch.dtype, kv_cache_dtype: str = "auto") -> str:
+    """How the start-up summary names what the cache stores."""
+    if kv_cache_dtype == "fp8":
+        return f"{_dtype_name(FP8_DTYPE)} + {_dtype_name(SCALE_DTYPE)} scales"
+    return _dtype_name(dtype)
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def plan_kv_cache(
     model_config: ModelConfig,
     dtype: torch.dtype,
@@ -83,11 +112,10 @@ def plan_kv_cache(
     max_model_len: int,
     kv_cache_memory: float | int | None,
     weight_bytes: int,
+    kv_cache_dtype: str = "auto",
 ) -> KVCachePlan:
     """Size the pool; raise InsufficientKVCacheError when not one full sequence fits."""
-    elem = torch.tensor([], dtype=dtype).element_size()
-    per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * elem
-    bytes_per_block = per_token * block_size
+    bytes_per_block = kv_bytes_per_token(model_config, dtype, kv_cache_dtype) * block_size
     if kv_cache_memory is None:
         budget = (
             int(available_memory(device) * DEFAULT_GPU_FRACTION)
@@ -104,6 +132,7 @@ def plan_kv_cache(
         bytes_per_block=bytes_per_block,
         max_model_len=max_model_len,
         weight_bytes=weight_bytes,
+        kv_dtype=kv_dtype_name(dtype, kv_cache_dtype),
     )
     if plan.num_blocks < 2 or plan.max_full_length_sequences < 1:
         need = (plan.blocks_per_sequence + 1) * bytes_per_block

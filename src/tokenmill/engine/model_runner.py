@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tokenmill.engine.attention import AttentionBackend, AttentionBatch, AttentionContext
+from tokenmill.engine.attention import AttentionBackend, AttentionBatch, AttentionContext, KVCache
 from tokenmill.engine.config import ModelConfig
 from tokenmill.engine.sampler import Sampler, SamplingRow
 from tokenmill.engine.sampling_params import SamplingParams
@@ -61,7 +61,7 @@ class ModelRunner:
         model: nn.Module,
         model_config: ModelConfig,
         backend: AttentionBackend,
-        kv_caches: list[torch.Tensor],
+        kv_caches: list[KVCache],
         device: torch.device,
         seed: int = 0,
     ):

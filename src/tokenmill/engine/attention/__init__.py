@@ -8,6 +8,7 @@ from tokenmill.engine.attention.backend import (
     AttentionContext,
     AttentionSpec,
 )
+from tokenmill.engine.attention.kv_cache import Fp8KVCache, KVCache
 from tokenmill.engine.attention.reference import ReferenceBackend
 from tokenmill.engine.errors import InvalidRequestError
 
@@ -28,6 +29,8 @@ __all__ = [
     "AttentionBatch",
     "AttentionContext",
     "AttentionSpec",
+    "Fp8KVCache",
+    "KVCache",
     "ReferenceBackend",
     "get_backend",
 ]

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from tokenmill.engine.attention.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class AttentionSpec:
     dtype: torch.dtype
     device: torch.device
     sliding_window: int | None = None
+    kv_cache_dtype: str = "auto"  # auto: K/V stored in ``dtype``; fp8: e4m3 with scales (kv_cache.py)
 
     @property
     def scale(self) -> float:
@@ -60,10 +64,11 @@ class AttentionBackend(ABC):
         self.spec = spec
 
     @abstractmethod
-    def allocate_kv_cache(self, num_layers: int, num_blocks: int) -> list[torch.Tensor]:
-        """One cache tensor per layer. The null block (block 0) must be zeroed; other
-        slots may hold garbage until written, so kernels must never read a slot at or
-        past a sequence's length without masking the load itself."""
+    def allocate_kv_cache(self, num_layers: int, num_blocks: int) -> list[KVCache]:
+        """One cache per layer: a tensor, or an ``Fp8KVCache`` for ``kv_cache_dtype="fp8"``.
+        The null block (block 0) must be zeroed; other slots may hold garbage until
+        written, so kernels must never read a slot at or past a sequence's length
+        without masking the load itself."""
 
     @abstractmethod
     def prepare(self, batch: AttentionBatch) -> Any:
@@ -71,7 +76,7 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: Any
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: Any
     ) -> torch.Tensor:
         """Store k/v for this step's tokens, then attend. q: [T, H, D]; k, v: [T, KV, D].
         Returns [T, H, D]."""
@@ -80,7 +85,7 @@ class AttentionBackend(ABC):
 class AttentionContext:
     """What a model's attention layers need for one step, passed down explicitly."""
 
-    def __init__(self, backend: AttentionBackend, kv_caches: list[torch.Tensor], meta: Any):
+    def __init__(self, backend: AttentionBackend, kv_caches: list[KVCache], meta: Any):
         self.backend = backend
         self.kv_caches = kv_caches
         self.meta = meta

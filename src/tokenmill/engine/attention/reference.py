@@ -2,12 +2,13 @@
 
 Runs on CPU and GPU and is the oracle the faster backends are tested against.
 The cache of a layer is ``[2, num_slots, kv_heads, head_dim]`` (slot = block *
-block_size + offset). Decodes of similar context length are batched into one
-SDPA call over their gathered context, padded with the null slot and masked.
-Prefills of the same shape (query length and cached context: many requests
-after one shared system prompt, or a burst of equal prompts) run as one
-batched causal SDPA call, straight on the fresh K/V when they have no cached
-context; per-call overhead, not arithmetic, dominates small prefills on CPU.
+block_size + offset), or float8 codes of that shape and their scales: kv_cache.py
+stores and gathers for this backend. Decodes of similar context length are
+batched into one SDPA call over their gathered context, padded with the null
+slot and masked. Prefills of the same shape (query length and cached context:
+many requests after one shared system prompt, or a burst of equal prompts) run
+as one batched causal SDPA call, straight on the fresh K/V when they have no
+cached context; per-call overhead, not arithmetic, dominates small prefills on CPU.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenmill.engine.attention.backend import AttentionBackend, AttentionBatch
+from tokenmill.engine.attention.backend import AttentionBackend, AttentionBatch, AttentionSpec
+from tokenmill.engine.attention.kv_cache import KVCache, make_kv_store
 
 
 @dataclass
@@ -58,20 +60,13 @@ BUCKET_SPREAD = 2.0
 class ReferenceBackend(AttentionBackend):
     name = "reference"
 
-    def allocate_kv_cache(self, num_layers: int, num_blocks: int) -> list[torch.Tensor]:
-        s = self.spec
-        shape = (2, num_blocks * s.block_size, s.num_kv_heads, s.head_dim)
-        if s.device.type == "cpu":
-            # Touch every page now, in one sequential pass: left to fault in block by
-            # block as requests first write them, the pool ended up on small pages and
-            # decode steps ran 1.6x slower until the whole pool had been written once.
-            return [torch.zeros(shape, dtype=s.dtype, device=s.device) for _ in range(num_layers)]
-        # On GPU, uninitialised but for the null block: padding reads it, and 0 * garbage
-        # could be NaN.
-        caches = [torch.empty(shape, dtype=s.dtype, device=s.device) for _ in range(num_layers)]
-        for cache in caches:
-            cache[:, : s.block_size].zero_()
-        return caches
+    def __init__(self, spec: AttentionSpec):
+        super().__init__(spec)
+        # Chosen once: the step never asks which dtype the cache holds.
+        self.store = make_kv_store(spec)
+
+    def allocate_kv_cache(self, num_layers: int, num_blocks: int) -> list[KVCache]:
+        return self.store.allocate(num_layers, num_blocks)
 
     def prepare(self, batch: AttentionBatch) -> ReferenceMetadata:
         nd = batch.num_decodes
@@ -139,24 +134,24 @@ class ReferenceBackend(AttentionBackend):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        kv_cache: torch.Tensor,
+        kv_cache: KVCache,
         meta: ReferenceMetadata,
     ) -> torch.Tensor:
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        store = self.store
         # The runner may pad the token axis (see ModelRunner): only the first rows are real.
         n = meta.slot_mapping.shape[0]
-        k_cache.index_copy_(0, meta.slot_mapping, k[:n])
-        v_cache.index_copy_(0, meta.slot_mapping, v[:n])
+        # K/V as reads of the cache see them (dequantized, for fp8): a prefill that attends
+        # to its own fresh K/V computes what it would with them read back from the cache.
+        k, v = store.write(kv_cache, meta.slot_mapping, k[:n], v[:n])
         out = torch.empty_like(q)
         out[n:] = 0
         scale = self.spec.scale
-        heads, kv_heads, dim = q.shape[1], k_cache.shape[1], q.shape[2]
+        heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
         for d in meta.decodes:
-            # index_select on a flat index is ~8x faster than advanced indexing on CPU.
             n, length = d.slots.shape
             flat = d.slots.view(-1)
-            keys = k_cache.index_select(0, flat).view(n, length, *k_cache.shape[1:]).transpose(1, 2)
-            values = v_cache.index_select(0, flat).view(n, length, *v_cache.shape[1:]).transpose(1, 2)
+            keys = store.gather(kv_cache, 0, flat).view(n, length, kv_heads, dim).transpose(1, 2)
+            values = store.gather(kv_cache, 1, flat).view(n, length, kv_heads, dim).transpose(1, 2)
             # The query heads that share a KV head (consecutive, as enable_gqa pairs them) go
             # in as that head's query rows: one [group, D] x [D, L] product per KV head. In
             # bf16 on CPU this is 6x faster than enable_gqa with one query row per head.
@@ -166,7 +161,7 @@ class ReferenceBackend(AttentionBackend):
         for g in meta.prefills:
             query = q[g.tokens].view(g.n, g.q_len, heads, dim).transpose(1, 2)  # [n, H, q, D]
             if g.slots is None:
-                kv_shape = (g.n, g.q_len, *k.shape[1:])
+                kv_shape = (g.n, g.q_len, kv_heads, dim)
                 keys, values = k[g.tokens].view(kv_shape), v[g.tokens].view(kv_shape)
                 o = F.scaled_dot_product_attention(
                     query,
@@ -177,9 +172,9 @@ class ReferenceBackend(AttentionBackend):
                     enable_gqa=True,
                 )
             else:
-                kv_shape = (g.n, -1, *k_cache.shape[1:])
-                keys = k_cache.index_select(0, g.slots).view(kv_shape).transpose(1, 2)
-                values = v_cache.index_select(0, g.slots).view(kv_shape).transpose(1, 2)
+                kv_shape = (g.n, -1, kv_heads, dim)
+                keys = store.gather(kv_cache, 0, g.slots).view(kv_shape).transpose(1, 2)
+                values = store.gather(kv_cache, 1, g.slots).view(kv_shape).transpose(1, 2)
                 o = F.scaled_dot_product_attention(
                     query, keys, values, attn_mask=g.mask, scale=scale, enable_gqa=True
                 )
