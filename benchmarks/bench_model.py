@@ -140,6 +140,75 @@ def _write_model(out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
+# Llama-3.2-1B's shape on the benchmark tokenizer's vocabulary: big enough that a decode step is mostly
+# weight reads even on 2 cores, where the 125M model's step is mostly per-step overhead.
+LLAMA_1B: dict[str, object] = {
+    **LLAMA_125M,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "tie_word_embeddings": True,
+}
+MODEL_1B_DIR = ROOT / ".bench" / "models" / "llama-1b"
+
+
+def ensure_bench_model_1b(path: Path = MODEL_1B_DIR) -> Path:
+    """A random Llama-1B (bf16, std 0.02, seeded) with the 125M model's tokenizer; speed figures only."""
+    import torch
+    from safetensors.torch import save_file
+
+    spec = hashlib.sha256(json.dumps({"config": LLAMA_1B, "seed": SEED, "v": 1}, sort_keys=True).encode())
+    marker = path / ".complete"
+    if marker.is_file() and marker.read_text().strip() == spec.hexdigest()[:16]:
+        return path
+    small = ensure_bench_model()
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ):
+        shutil.copy(small / name, tmp / name)
+    config = json.loads((small / "config.json").read_text())
+    config.update(LLAMA_1B)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    h, i, kv = (
+        int(LLAMA_1B["hidden_size"]),
+        int(LLAMA_1B["intermediate_size"]),
+        int(LLAMA_1B["num_key_value_heads"]),
+    )
+    head_dim = h // int(LLAMA_1B["num_attention_heads"])
+    shapes = {"model.embed_tokens.weight": (VOCAB_SIZE, h), "model.norm.weight": (h,)}
+    for n in range(int(LLAMA_1B["num_hidden_layers"])):
+        pre = f"model.layers.{n}"
+        shapes |= {
+            f"{pre}.self_attn.q_proj.weight": (h, h),
+            f"{pre}.self_attn.k_proj.weight": (kv * head_dim, h),
+            f"{pre}.self_attn.v_proj.weight": (kv * head_dim, h),
+            f"{pre}.self_attn.o_proj.weight": (h, h),
+            f"{pre}.mlp.gate_proj.weight": (i, h),
+            f"{pre}.mlp.up_proj.weight": (i, h),
+            f"{pre}.mlp.down_proj.weight": (h, i),
+            f"{pre}.input_layernorm.weight": (h,),
+            f"{pre}.post_attention_layernorm.weight": (h,),
+        }
+    gen = torch.Generator().manual_seed(SEED)
+    tensors = {
+        name: torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02
+        for name, shape in shapes.items()
+    }
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(tmp / "model.safetensors"))
+    (tmp / ".complete").write_text(spec.hexdigest()[:16] + "\n")
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(ensure_bench_model())

@@ -14,6 +14,7 @@ The Winter's Tale, inside the 1% its training held out; the corpus is cached by
 ``scripts/corpus.py``) for each method.
 
     .venv/bin/python benchmarks/quantization.py                 # ~3 min
+    .venv/bin/python benchmarks/quantization.py --shape 1b --requests 0   # batch-1 decode on a 1B model
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from bench_model import ensure_bench_model
+from bench_model import ensure_bench_model, ensure_bench_model_1b
 from bench_process import ROOT, one_run_at_a_time, report_header, save_report
 
 METHODS = ("bf16", "int8", "int4", "fp8")
@@ -38,7 +39,9 @@ def measure(model: str, method: str, args: argparse.Namespace) -> dict[str, Any]
     from tokenmill.engine.scoring import perplexity
 
     quantization = None if method == "bf16" else method
-    llm = LLM(model, dtype="bfloat16", device="cpu", quantization=quantization, max_num_seqs=args.requests)
+    llm = LLM(
+        model, dtype="bfloat16", device="cpu", quantization=quantization, max_num_seqs=max(args.requests, 4)
+    )
     engine = llm.engine
     out: dict[str, Any] = {"method": method, "weight_bytes": engine.kv_plan.weight_bytes}
     if method in QUALITY_ONLY:
@@ -46,6 +49,9 @@ def measure(model: str, method: str, args: argparse.Namespace) -> dict[str, Any]
     else:
         out.update(speed(llm, args))
     del llm, engine
+    if args.speed_only:
+        out["demo_perplexity"] = out["perplexity_tokens"] = None
+        return out
     demo = LLM(None, dtype="bfloat16", device="cpu", quantization=quantization)
     ids = demo.tokenizer.encode(heldout_text(args.heldout_chars))
     window = 256
@@ -68,6 +74,9 @@ def speed(llm: Any, args: argparse.Namespace) -> dict[str, float]:
         times = result.metrics.token_times
         runs.append((len(times) - 1) / (times[-1] - times[0]))
     out["batch1_decode_tok_s"] = sorted(runs)[1]
+    if args.requests == 0:
+        out["throughput_tok_s"] = None
+        return out
     prompts = [f"Question {i}: what news from Verona?" for i in range(args.requests)]
     many = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=0.0)
     start = time.perf_counter()
@@ -91,12 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=64, help="requests of the throughput run")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per request of the throughput run")
     p.add_argument("--heldout-chars", type=int, default=20000, help="characters of held-out text")
+    p.add_argument(
+        "--shape",
+        choices=("125m", "1b"),
+        default="125m",
+        help="speed model: the 125M benchmark model, or a random Llama-1B (speed figures only)",
+    )
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.speed_only = args.shape != "125m"
     if args.worker:
         print(json.dumps(measure(args.worker[0], args.worker[1], args)))
         return 0
-    model = ensure_bench_model()
+    model = ensure_bench_model() if args.shape == "125m" else ensure_bench_model_1b()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     report = report_header("quantization", stamp, argv, args, model)
     report["methods"] = []
@@ -115,11 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     for m in report["methods"]:
         cells = []
         for key in ("batch1_decode_tok_s", "throughput_tok_s"):
-            cells += ["-", "-"] if m[key] is None else [f"{m[key]:.1f}", f"{m[key] / base[key]:.2f}x"]
-        print(
-            f"| {m['method']} | {m['weight_bytes'] / 2**20:.0f} | {' | '.join(cells)} "
-            f"| {m['demo_perplexity']:.3f} | {m['demo_perplexity'] / base['demo_perplexity'] - 1:+.2%} |"
-        )
+            missing = m[key] is None or base[key] is None
+            cells += ["-", "-"] if missing else [f"{m[key]:.1f}", f"{m[key] / base[key]:.2f}x"]
+        quality = "- | -"
+        if m["demo_perplexity"] is not None:
+            change = m["demo_perplexity"] / base["demo_perplexity"] - 1
+            quality = f"{m['demo_perplexity']:.3f} | {change:+.2%}"
+        print(f"| {m['method']} | {m['weight_bytes'] / 2**20:.0f} | {' | '.join(cells)} | {quality} |")
     print(f"results: {save_report(report)}")
     return 0
 

@@ -32,6 +32,7 @@ import torch
 from gpu_checkpoint import SHAPES, LlamaShape, write_checkpoint
 from gpu_engines import Workload, bench_tokenmill, bench_transformers
 from gpu_parity import run_parity
+from gpu_quant_checks import run_quant_checks
 from gpu_report import render_summary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +49,7 @@ LIMITS = {
     "tokenmill": 120,
     "transformers": 80,
     "tokenmill-fp8": 110,
+    "quant-checkpoints": 40,
 }
 WORKLOADS = {
     "llama3-8b": Workload(),
@@ -182,7 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("OUT") or ".bench/gpu",
         help="results folder (default: $OUT or %(default)s)",
     )
-    p.add_argument("--budget", type=float, default=500.0, help="seconds for all steps (default: %(default)s)")
+    p.add_argument("--budget", type=float, default=540.0, help="seconds for all steps (default: %(default)s)")
     p.add_argument("--tmp", default=None, help="folder for the checkpoints (default: the system temp dir)")
     p.add_argument("--peak-bw", type=float, default=4.3e12, help="reference bytes/s (default: %(default)s)")
     p.add_argument(
@@ -247,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             {},
             ("checkpoint",),
         ),
+        # Pre-quantized fp8 folders: saved by tokenmill quantize, and block-wise in DeepSeek's layout.
+        "quant-checkpoints": (lambda d: run_quant_checks(d, tmp / "quant", device, log), {}, ()),
     }
     try:
         for name, (fn, data, needs) in steps.items():

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from tokenmill.engine import SamplingParams
 from tokenmill.engine.errors import InvalidRequestError
 from tokenmill.engine.models.layers import Linear
+from tokenmill.engine.models.quantized import Fp8Weights, Int4Weights, Int8Weights
 from tokenmill.engine.quantization import (
     dequantize_int4,
     dequantize_int8,
@@ -18,6 +19,7 @@ from tokenmill.engine.quantization import (
     int4_group_size,
     int4_linear,
     int8_linear,
+    model_int4_group,
     pack_int4,
     quantize_fp8,
     quantize_int4,
@@ -59,9 +61,10 @@ def test_int8_kernel_matches_the_dequantized_matmul(dtype, shape):
 def dequantized_reference(engine) -> None:
     """Put every int8 layer back to plain weights holding exactly the dequantized values."""
     for module in engine.model.modules():
-        if isinstance(module, Linear) and module.qweight is not None:
-            module.weight.data = dequantize_int8(module.qweight, module.scales.float(), torch.float32)
-            module.qweight = module.scales = None
+        if isinstance(module, Linear) and isinstance(module.quantized, Int8Weights):
+            q, scales = module.quantized.qweight, module.quantized.scales
+            module.weight.data = dequantize_int8(q, scales.float(), torch.float32)
+            module.quantized = None
 
 
 def greedy(engine) -> list[list[int]]:
@@ -89,12 +92,12 @@ def test_int8_quantizes_every_linear_but_the_lm_head_and_shrinks_the_weights(tin
     int8 = make_engine(tiny_llama, quantization="int8")
     layers = [m for m in int8.model.modules() if isinstance(m, Linear)]
     head = getattr(int8.model, "lm_head", None)
-    assert all((m.qweight is not None) == (m is not head) for m in layers)
+    assert all((m.quantized is not None) == (m is not head) for m in layers)
     assert int8.kv_plan.weight_bytes < full.kv_plan.weight_bytes
-    linear_params = sum(m.qweight.numel() for m in layers if m.qweight is not None)
+    linear_params = sum(m.quantized.qweight.numel() for m in layers if m.quantized is not None)
     # fp32 -> int8 for those weights: 3 of every 4 bytes saved (scales aside)
     assert full.kv_plan.weight_bytes - int8.kv_plan.weight_bytes >= 3 * linear_params - 4 * sum(
-        m.scales.numel() for m in layers if m.scales is not None
+        m.quantized.scales.numel() for m in layers if m.quantized is not None
     )
 
 
@@ -114,7 +117,7 @@ def test_int4_round_trip_error_is_at_most_half_a_step_per_group(rows, cols, spre
     w = torch.randn(rows, cols, generator=gen) * spread
     group = int4_group_size(cols)
     q, scales, zeros = quantize_int4(w, group)
-    assert q.min() >= 0 and q.max() <= 15
+    assert q.dtype == torch.int8 and q.min() >= -8 and q.max() <= 7
     error = (dequantize_int4(q, scales, zeros, group, torch.float32) - w).abs().reshape(rows, -1, group)
     assert torch.all(error <= scales[..., None] / 2 * (1 + 1e-4) + 1e-6)
 
@@ -137,12 +140,13 @@ def test_int4_greedy_tokens_match_the_dequantized_weight_reference_exactly(tiny_
         quantized = make_engine(folder, quantization="int4")
         reference = make_engine(folder)
         head = getattr(reference.model, "lm_head", None)
-        for module in reference.model.modules():
-            group = isinstance(module, Linear) and int4_group_size(module.weight.shape[1])
-            if group and module is not head:
+        layers = [m for m in reference.model.modules() if isinstance(m, Linear) and m is not head]
+        group = model_int4_group([m.weight.shape[1] for m in layers])
+        for module in layers:
+            if module.weight.shape[1] % group == 0:
                 q, scales, zeros = quantize_int4(module.weight.data, group)
                 module.weight.data = dequantize_int4(q, scales, zeros, group, module.weight.dtype)
-        assert any(m.int4_group for m in quantized.model.modules() if isinstance(m, Linear)), arch
+        assert any(isinstance(m, Int4Weights) for m in quantized.model.modules()), arch
         assert greedy(quantized) == greedy(reference), arch
 
 
@@ -180,7 +184,7 @@ def test_fp8_logits_of_the_trained_demo_model_stay_close_to_full_precision():
 
     full = Engine(EngineConfig(device="cpu", dtype="float32"))
     fp8 = Engine(EngineConfig(device="cpu", dtype="float32", quantization="fp8"))
-    assert any(m.fp8 for m in fp8.model.modules() if isinstance(m, Linear))
+    assert any(isinstance(m, Fp8Weights) for m in fp8.model.modules())
     ids = full.tokenizer.encode("ROMEO: But soft, what light through yonder window breaks? It is the east.")
     want, got = prompt_logits(full, [ids])[0], prompt_logits(fp8, [ids])[0]
     assert ((got - want).norm() / want.norm()).item() < 0.05

@@ -10,6 +10,7 @@ tokenmill route --worker http://127.0.0.1:8000 --worker http://127.0.0.1:8001   
 tokenmill keys create --team search --config gateway.yaml      # an API key for route --gateway-config
 tokenmill batch run input.jsonl --url http://127.0.0.1:8000    # an OpenAI Batch file, paced and resumable
 tokenmill eval questions.jsonl --endpoint full=URL --endpoint int8=URL   # compare models on your questions
+tokenmill quantize ./Llama-3.2-1B --method int8 --out ./Llama-3.2-1B-int8   # quantize once, serve it ready
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from tokenmill.cli.batch import app as batch_app
 from tokenmill.cli.bench import app as bench_app
 from tokenmill.cli.eval import eval_command
 from tokenmill.cli.keys import app as keys_app
+from tokenmill.cli.quantize import quantize
 from tokenmill.cli.route import app as route_app
-from tokenmill.cli.serve import serve
+from tokenmill.cli.serve import KVCacheDtype, serve
 
 app = typer.Typer(
     help="tokenmill: serve open LLMs on your own GPUs.",
@@ -41,6 +43,7 @@ app.command()(serve)
 app.add_typer(bench_app, name="bench")
 app.add_typer(batch_app, name="batch")
 app.command("eval")(eval_command)
+app.command()(quantize)
 app.add_typer(route_app, name="route")
 app.add_typer(keys_app, name="keys")
 
@@ -80,6 +83,10 @@ def generate(
     quantization: Annotated[
         str | None, typer.Option(help="int8, int4 or fp8: weights quantized at load. Default: none.")
     ] = None,
+    kv_cache_dtype: Annotated[
+        KVCacheDtype,
+        typer.Option(help="auto (the model's dtype) or fp8: K, V in float8 e4m3 with scales (~2x tokens)."),
+    ] = "auto",
 ) -> None:
     """Generate text and stream it to the terminal."""
     from tokenmill.cli.generate import stdout_write, stream_generate
@@ -98,6 +105,7 @@ def generate(
                     max_model_len=max_model_len,
                     kv_cache_memory=kv,
                     quantization=quantization,
+                    kv_cache_dtype=kv_cache_dtype,
                 )
             )
         err.print(

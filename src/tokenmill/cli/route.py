@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+from tokenmill.cli.event_loop import run_fast
 
 if TYPE_CHECKING:
     from tokenmill.router.gateway import Gateway
@@ -75,7 +76,7 @@ def route(
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     try:
-        _run_fast(_serve(pool, router, host, port, health_interval, workers_file, hasher, gateway))
+        run_fast(_serve(pool, router, host, port, health_interval, workers_file, hasher, gateway))
     except OSError as e:
         err.print(f"[red]error:[/red] cannot listen on {host}:{port}: {e.strerror or e}")
         raise typer.Exit(1) from None
@@ -169,17 +170,6 @@ async def _serve(
         soft_wrap=True,
     )
     await task
-
-
-def _run_fast(main: Coroutine[Any, Any, None]) -> None:
-    """uvloop where it exists: the router is all event loop (parse, pick, relay), and libuv's loop
-    takes 10-20% off its latency and CPU per request (benchmarks/router_overhead.py)."""
-    try:
-        import uvloop
-    except ImportError:  # Windows
-        asyncio.run(main)
-        return
-    uvloop.run(main)
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

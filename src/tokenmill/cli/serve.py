@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
 
+from tokenmill.cli.event_loop import run_fast
+
 err = Console(stderr=True)
+
+# engine.config.KV_CACHE_DTYPES, spelled out: importing the engine (torch) here would slow every
+# command's start. As a Literal, a bad value exits 2 naming --kv-cache-dtype before any model loads.
+KVCacheDtype = Literal["auto", "fp8"]
 
 
 def serve(
@@ -65,6 +70,10 @@ def serve(
     quantization: Annotated[
         str | None, typer.Option(help="int8, int4 or fp8: weights quantized at load. Default: none.")
     ] = None,
+    kv_cache_dtype: Annotated[
+        KVCacheDtype,
+        typer.Option(help="auto (the model's dtype) or fp8: K, V in float8 e4m3 with scales (~2x tokens)."),
+    ] = "auto",
 ) -> None:
     """Serve a model over OpenAI-compatible HTTP (with SSE) and gRPC, with Prometheus metrics.
 
@@ -97,6 +106,7 @@ def serve(
         seed=seed,
         runner=runner,
         quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype,
     )
     options = ServeOptions(
         host=host,
@@ -119,7 +129,7 @@ def serve(
         err.print(info.line(), highlight=False, soft_wrap=True)
 
     try:
-        asyncio.run(run_worker(worker, options, ready))
+        run_fast(run_worker(worker, options, ready))
     except ServeError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None

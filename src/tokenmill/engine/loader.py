@@ -20,6 +20,7 @@ from torch import nn
 from tokenmill.engine.config import ModelConfig
 from tokenmill.engine.models import model_class
 from tokenmill.engine.models.cpu_packing import pack_linear_layers, packing_supported
+from tokenmill.engine.quantized_checkpoint import iter_quantized_checkpoint, read_checkpoint_quantization
 from tokenmill.engine.weights import iter_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,13 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn
             model = model_class(cfg)(cfg)
     finally:
         torch.set_default_dtype(previous)
-    model.load_weights(iter_checkpoint(cfg.path, dtype, device))
+    scheme = read_checkpoint_quantization(cfg.path)
+    if scheme is None:
+        model.load_weights(iter_checkpoint(cfg.path, dtype, device))
+    else:
+        model.load_weights(iter_quantized_checkpoint(cfg.path, dtype, device, scheme))
+        logger.info("read %s weights (%s) without re-quantizing", scheme.method, scheme.source)
+    model.checkpoint_quantization = scheme  # quantize_model checks it against --quantization
     model.rotary.build(device, dtype)
     model.eval().requires_grad_(False)
     logger.info("loaded %s in %.2f s", cfg.path, time.perf_counter() - start)

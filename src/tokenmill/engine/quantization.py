@@ -12,16 +12,29 @@ faster, so big prefill and decode batches take that path. Off CPU the weight
 is dequantized per call, which saves the memory but not the time.
 
 int4 is group-wise (``INT4_GROUP`` = 128 inputs per group, or the largest of
-64 and 32 that divides a smaller layer), asymmetric: per group a scale
-``(max - min) / 15`` and a zero, ``w ~ (q - 8) * scale + zero`` with q in 0..15,
-packed two to a byte by ``_convert_weight_to_int4pack_for_cpu`` for
-``_weight_int4pack_mm_for_cpu``. That layout is opaque, so int4 has no
-dequantize-for-the-call path: every batch size goes through the kernel, whose
-time grows with the rows (see docs/benchmarks.md).
+64 and 32 that divides a smaller layer), asymmetric with an integer zero point,
+the convention of GPTQ, AWQ and compressed-tensors: per group a scale
+``(max - min) / 15`` and a zero point ``z`` in -8..7, ``w ~ (q - z) * scale``
+with q in -8..7. The CPU kernel (``_weight_int4pack_mm_for_cpu``) takes
+``w = (u - 8) * scale + zero`` with u = q + 8 in 0..15, so its float zero is
+``-z * scale``: published checkpoints load into it without re-quantizing. Its
+packed layout is opaque, so int4 has no dequantize-for-the-call path: every
+batch size goes through the kernel, whose time grows with the rows (see
+docs/benchmarks.md).
 
 fp8 is float8 e4m3 weights with one scale per row and activations quantized
 per token as they come (``fp8_linear``): on Hopper through ``torch._scaled_mm``,
 elsewhere a float32 reference of the same arithmetic, so it is tested anywhere.
+Checkpoints published in fp8 bring other layouts, all read as they are: one
+scale per tensor (expanded to rows, exactly), a static activation scale, no
+activation quantization (weight-only), or scales per 128x128 block of the
+weight with activations quantized per 128 inputs of each token (DeepSeek's
+layout, ``fp8_block_linear``).
+
+``QuantizedWeight`` is the one form every route goes through: quantizing a
+checkpoint's weight at load, reading a pre-quantized checkpoint, and saving
+one (quantized_checkpoint.py). A layer builds its kernel from it
+(models/quantized.py).
 
 The embedding and the LM head stay in the model dtype, as vLLM and most
 published int8 checkpoints leave them: they are a small share of a large
@@ -30,9 +43,13 @@ model's weights and the most sensitive to rounding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokenmill.engine.errors import InvalidRequestError
 
 QUANTIZATION_METHODS = ("int8", "int4", "fp8")
 FP8_MAX = 448.0  # largest float8 e4m3 value
@@ -81,21 +98,31 @@ def int4_group_size(in_features: int) -> int | None:
 
 
 def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q, scales, zeros): ``q`` int32 in 0..15 of ``weight``'s shape; scales and zeros ``[rows, groups]``."""
+    """(q, scales, zero points): ``q`` int8 in -8..7 of ``weight``'s shape; float32 scales and int8 zero
+    points in -8..7, ``[rows, groups]``; ``w ~ (q - zero point) * scale``."""
     rows, cols = weight.shape
     w = weight.float().reshape(rows, cols // group, group)
-    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    # The range holds 0, so the zero point always fits in -8..7 (as compressed-tensors does).
+    low, high = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
     scales = (high - low).clamp(min=1e-8) / 15
-    q = torch.clamp(torch.round((w - low) / scales), 0, 15).to(torch.int32).reshape(rows, cols)
-    return q, scales.squeeze(-1), (low + 8 * scales).squeeze(-1)
+    zero_points = torch.clamp(-8 - torch.round(low / scales), -8, 7)
+    q = torch.clamp(torch.round(w / scales) + zero_points, -8, 7)
+    return (
+        q.to(torch.int8).reshape(rows, cols),
+        scales.squeeze(-1),
+        zero_points.to(torch.int8).squeeze(-1),
+    )
 
 
 def dequantize_int4(
-    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int, dtype: torch.dtype
+    q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, group: int, dtype: torch.dtype
 ) -> torch.Tensor:
+    """``(q - zero point) * scale`` per group; no zero points: symmetric (zero point 0)."""
     rows, cols = q.shape
-    grouped = (q.reshape(rows, cols // group, group).float() - 8) * scales[..., None] + zeros[..., None]
-    return grouped.reshape(rows, cols).to(dtype)
+    grouped = q.reshape(rows, cols // group, group).float()
+    if zero_points is not None:
+        grouped = grouped - zero_points.float()[..., None]
+    return (grouped * scales.float()[..., None]).reshape(rows, cols).to(dtype)
 
 
 def int4_kernel_supported(device: torch.device) -> bool:
@@ -103,10 +130,12 @@ def int4_kernel_supported(device: torch.device) -> bool:
 
 
 def pack_int4(
-    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype
+    q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed weight, scales-and-zeros ``[groups, rows, 2]``) in the CPU kernel's layout."""
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
+    scales = scales.float()
+    zeros = torch.zeros_like(scales) if zero_points is None else -zero_points.float() * scales
     scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
     return packed, scales_zeros
 
@@ -129,11 +158,18 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales
 
 
-def quantize_activations_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``x`` ([tokens, features]) in float8 e4m3, with one scale per token (``[tokens, 1]``)."""
+def quantize_activations_fp8(x: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x`` ([tokens, features]) in float8 e4m3, with one scale per token (``[tokens, 1]``), or
+    with ``group``, one per ``group`` features of each token (``[tokens, features / group]``)."""
     x32 = x.float()
-    scales = x32.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    return (x32 / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales
+    if group is None:
+        scales = x32.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        return (x32 / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales
+    tokens, features = x32.shape
+    grouped = x32.reshape(tokens, -1, group)
+    scales = grouped.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    q = (grouped / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).reshape(tokens, features)
+    return q, scales.squeeze(-1)
 
 
 def fp8_scaled_mm_supported(device: torch.device) -> bool:
@@ -152,27 +188,237 @@ def fp8_linear(
     scales: torch.Tensor,
     bias: torch.Tensor | None,
     use_kernel: bool,
+    input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x W^T (+ b)`` with fp8 weights (row-wise scales) and activations quantized per token on the fly.
+    """``x W^T (+ b)`` with fp8 weights (row-wise scales) and activations quantized per token on the fly,
+    or with one static ``input_scale`` when the checkpoint brings one.
 
     On Hopper the product runs in fp8 through ``torch._scaled_mm``; elsewhere the
     same quantized values are dequantized and multiplied in float32 (the reference
     path), so every machine computes what the GPU computes, up to summation order. ``use_kernel``:
     ``fp8_scaled_mm_supported`` of the weight's device."""
     shape = x.shape
-    xq, x_scales = quantize_activations_fp8(x.reshape(-1, shape[-1]))
+    flat = x.reshape(-1, shape[-1])
+    if input_scale is None:
+        xq, x_scales = quantize_activations_fp8(flat)
+    else:
+        x_scales = input_scale.float().reshape(1, 1).expand(flat.shape[0], 1)
+        xq = (flat.float() / x_scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     if use_kernel:
-        y = torch._scaled_mm(xq, q.t(), scale_a=x_scales, scale_b=scales[None, :].float(), out_dtype=x.dtype)
+        y = torch._scaled_mm(
+            xq, q.t(), scale_a=x_scales.contiguous(), scale_b=scales[None, :].float(), out_dtype=x.dtype
+        )
     else:
         y = ((xq.float() * x_scales) @ (q.float() * scales[:, None].float()).t()).to(x.dtype)
     y = y.reshape(*shape[:-1], q.shape[0])
     return y if bias is None else y + bias
 
 
+def dequantize_fp8_blocks(q: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Float32 weights from fp8 ``q`` and one scale per ``block`` (rows x columns) tile; edge tiles may be
+    partial."""
+    rows, cols = q.shape
+    full = scales.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return q.float() * full
+
+
+def fp8_block_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    block: tuple[int, int],
+    bias: torch.Tensor | None,
+    use_kernel: bool,
+) -> torch.Tensor:
+    """``x W^T (+ b)`` for block-scaled fp8 weights (DeepSeek's layout): activations are quantized per
+    token and per ``block[1]`` inputs, the product summed in float32. ``use_kernel``: the device's
+    ``scaled_mm`` takes block scales (``fp8_block_kernel_works``, asked once at load)."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    xq, x_scales = quantize_activations_fp8(flat, block[1])
+    if use_kernel:
+        from torch.nn.functional import ScalingType, scaled_mm
+
+        y = scaled_mm(
+            xq,
+            q.t(),
+            x_scales.t().contiguous().t(),  # the kernel reads these scales column-major
+            ScalingType.BlockWise1x128,
+            scales.float().t(),
+            ScalingType.BlockWise128x128,
+            output_dtype=x.dtype,
+        )
+    else:
+        dequantized = xq.float().reshape(flat.shape[0], -1, block[1]) * x_scales[..., None]
+        y = (dequantized.reshape(flat.shape) @ dequantize_fp8_blocks(q, scales, block).t()).to(x.dtype)
+    y = y.reshape(*shape[:-1], q.shape[0])
+    return y if bias is None else y + bias
+
+
+def fp8_block_kernel_works(device: torch.device, block: tuple[int, int]) -> bool:
+    """Whether this device's ``scaled_mm`` runs 128x128 block scales and agrees with the reference: tried
+    once on small tensors at load (support depends on the GPU, CUDA and torch build)."""
+    if device.type != "cuda" or block != (128, 128) or not fp8_scaled_mm_supported(device):
+        return False
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        w = torch.randn(256, 256, device=device, generator=gen)
+        x = torch.randn(16, 256, device=device, generator=gen, dtype=torch.bfloat16)
+        q, scales = quantize_fp8_blocks(w, block)
+        got = fp8_block_linear(x, q, scales, block, None, use_kernel=True).float()
+        want = fp8_block_linear(x, q, scales, block, None, use_kernel=False).float()
+    except (RuntimeError, ValueError, TypeError, ImportError, NotImplementedError):
+        return False
+    return bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()))
+
+
+def quantize_fp8_blocks(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scales): fp8 ``q``, one float32 scale per ``block`` tile: ``[ceil(rows/b0), ceil(cols/b1)]``."""
+    rows, cols = weight.shape
+    b0, b1 = block
+    padded = F.pad(weight.float(), (0, -cols % b1, 0, -rows % b0))
+    tiles = padded.reshape(padded.shape[0] // b0, b0, padded.shape[1] // b1, b1)
+    scales = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
+    full = scales.repeat_interleave(b0, 0)[:rows].repeat_interleave(b1, 1)[:, :cols]
+    q = (weight.float() / full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scales
+
+
+FP8_ACTIVATIONS = ("token", "tensor", "group", "none")
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One linear layer's weight in quantized form, ``[rows (outputs), cols (inputs)]``, whatever its route.
+
+    - int8: ``q`` int8, ``scales`` float ``[rows]``.
+    - int4: ``q`` int8 values in -8..7, ``scales`` float ``[rows, cols / group]``, ``zero_points`` int8
+      of the same shape (None: symmetric).
+    - fp8: ``q`` float8 e4m3, ``scales`` float32 ``[rows]``, or ``[ceil(rows / b0), ceil(cols / b1)]``
+      with ``block``. ``activations``: ``token`` (dynamic per token), ``tensor`` (the static
+      ``input_scale``), ``group`` (dynamic per token and ``block[1]`` inputs), ``none`` (weight-only).
+    """
+
+    method: str
+    q: torch.Tensor
+    scales: torch.Tensor
+    zero_points: torch.Tensor | None = None
+    group: int | None = None
+    block: tuple[int, int] | None = None
+    activations: str = "token"
+    input_scale: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.q.shape[0]), int(self.q.shape[1]))
+
+    def rows(self, start: int, size: int) -> QuantizedWeight:
+        """The rows ``start:start+size`` (one checkpoint tensor of a fused layer); block scales need the
+        rows to start and end on block edges."""
+        scales = self.scales
+        if self.block is not None:
+            b0 = self.block[0]
+            if start % b0 or (size % b0 and start + size != self.shape[0]):
+                raise ValueError(
+                    f"rows {start}:{start + size} do not fall on {b0}-row block edges (a fused layer's "
+                    "parts, q/k/v or gate/up, must each be whole blocks)"
+                )
+            scales = scales.narrow(0, start // b0, -(-size // b0))
+        else:
+            scales = scales.narrow(0, start, size)
+        zero_points = None if self.zero_points is None else self.zero_points.narrow(0, start, size)
+        return replace(self, q=self.q.narrow(0, start, size), scales=scales, zero_points=zero_points)
+
+    def empty_rows(self, rows: int) -> QuantizedWeight:
+        """Room for ``rows`` rows laid out like this one (a fused layer's whole weight)."""
+
+        def grow(t: torch.Tensor, n: int) -> torch.Tensor:
+            return t.new_zeros((n, *t.shape[1:]))
+
+        if self.block is not None:
+            scales = grow(self.scales, -(-rows // self.block[0]))
+        else:
+            scales = grow(self.scales, rows)
+        zero_points = None if self.zero_points is None else grow(self.zero_points, rows)
+        return replace(self, q=grow(self.q, rows), scales=scales, zero_points=zero_points)
+
+    def place_rows(self, part: QuantizedWeight, start: int) -> QuantizedWeight:
+        """Copy ``part`` into rows ``start:`` of this weight; the result carries the larger input scale
+        (one activation scale serves the whole fused layer: the larger never clips a part's inputs)."""
+        layout = (self.method, self.group, self.block, self.activations, self.zero_points is None)
+        theirs = (part.method, part.group, part.block, part.activations, part.zero_points is None)
+        if layout != theirs:
+            raise ValueError(f"is quantized as {theirs}, unlike the other parts of its layer: {layout}")
+        target = self.rows(start, part.shape[0])
+        target.q.copy_(part.q)
+        target.scales.copy_(part.scales)
+        if target.zero_points is not None and part.zero_points is not None:
+            target.zero_points.copy_(part.zero_points)
+        if part.input_scale is None:
+            return self
+        scale = part.input_scale.float().reshape(())
+        if self.input_scale is not None:
+            scale = torch.maximum(scale, self.input_scale.float().reshape(()))
+        return replace(self, input_scale=scale)
+
+
+def quantize_weight(weight: torch.Tensor, method: str, group: int | None = None) -> QuantizedWeight | None:
+    """``weight`` quantized the way ``--quantization method`` does at load; None when this layer cannot
+    take it (int4 with no group size that divides its inputs). ``group``: int4's group size (default:
+    the largest supported one that divides the inputs)."""
+    if method == "int8":
+        q, scales = quantize_int8(weight)
+        return QuantizedWeight("int8", q, scales)
+    if method == "int4":
+        group = group or int4_group_size(weight.shape[1])
+        if group is None or weight.shape[1] % group:
+            return None
+        q, scales, zero_points = quantize_int4(weight, group)
+        return QuantizedWeight("int4", q, scales, zero_points, group=group)
+    if method == "fp8":
+        q, scales = quantize_fp8(weight)
+        return QuantizedWeight("fp8", q, scales)
+    raise ValueError(f"quantization={method!r} is invalid: allowed {', '.join(QUANTIZATION_METHODS)}")
+
+
+def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The plain weight ``qw`` stands for (the reference every kernel is tested against)."""
+    if qw.method == "int8":
+        return dequantize_int8(qw.q, qw.scales.float(), dtype)
+    if qw.method == "int4":
+        assert qw.group is not None
+        return dequantize_int4(qw.q, qw.scales, qw.zero_points, qw.group, dtype)
+    if qw.block is not None:
+        return dequantize_fp8_blocks(qw.q, qw.scales, qw.block).to(dtype)
+    return (qw.q.float() * qw.scales.float()[:, None]).to(dtype)
+
+
 def quantize_model(model: nn.Module, method: str) -> int:
-    """Quantize every layer that can be (``quantize(method)``), LM head aside; returns how many."""
+    """Quantize every layer that can be (``quantize(method)``), LM head aside; returns how many.
+
+    A model loaded from a checkpoint already quantized with ``method`` is left as it is (0); one
+    quantized another way raises InvalidRequestError naming both."""
     if method not in QUANTIZATION_METHODS:
         allowed = ", ".join(QUANTIZATION_METHODS)
         raise ValueError(f"quantization={method!r} is invalid: allowed {allowed}, or none")
+    loaded = getattr(model, "checkpoint_quantization", None)
+    if loaded is not None:
+        if loaded.method != method:
+            raise InvalidRequestError(
+                "quantization",
+                method,
+                f"{loaded.method} or none: the checkpoint is already quantized with {loaded.method} "
+                f"({loaded.source})",
+            )
+        return 0
     head = getattr(model, "lm_head", None)
-    return sum(bool(m.quantize(method)) for m in model.modules() if hasattr(m, "quantize") and m is not head)
+    layers = [m for m in model.modules() if hasattr(m, "quantize") and m is not head]
+    group = model_int4_group([m.weight.shape[1] for m in layers]) if method == "int4" else None
+    return sum(bool(m.quantize(method, group)) for m in layers)
+
+
+def model_int4_group(in_features: list[int]) -> int | None:
+    """One int4 group size for a whole model, as a checkpoint's config states one: the smallest of the
+    layers' own choices, which divides every layer that has one (32 | 64 | 128)."""
+    groups = [g for n in in_features if (g := int4_group_size(n)) is not None]
+    return min(groups) if groups else None

@@ -16,18 +16,8 @@ from torch import nn
 from tokenmill.engine.config import RopeConfig
 from tokenmill.engine.errors import ModelLoadError
 from tokenmill.engine.models.cpu_packing import pack_weight, packed_linear
-from tokenmill.engine.quantization import (
-    fp8_linear,
-    fp8_scaled_mm_supported,
-    int4_group_size,
-    int4_kernel_supported,
-    int4_linear,
-    int8_linear,
-    pack_int4,
-    quantize_fp8,
-    quantize_int4,
-    quantize_int8,
-)
+from tokenmill.engine.models.quantized import build_quantized
+from tokenmill.engine.quantization import QuantizedWeight, int4_kernel_supported, quantize_weight
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -55,39 +45,53 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: torch.Tensor | None = None  # oneDNN layout, see cpu_packing
-        self.qweight: torch.Tensor | None
-        self.scales: torch.Tensor | None
-        self.register_buffer("qweight", None)  # int8 weight and per-row scales, see quantization.py
-        self.register_buffer("scales", None)
-        self.int4_group = 0  # int4: inputs per group (scales holds scales and zeros)
-        self.fp8 = False
-        self.fp8_kernel = False  # torch._scaled_mm on this device (Hopper); else the reference path
+        self.quantized: nn.Module | None = None  # a kernel of models/quantized.py, in place of weight
+        self._staged: QuantizedWeight | None = None  # a pre-quantized checkpoint's rows, as they load
 
-    def quantize(self, method: str) -> bool:
+    def quantize(self, method: str, group: int | None = None) -> bool:
         """Swap the weight for its quantized form (see quantization.py); the plain copy is freed.
-        False if this layer cannot take ``method`` (it keeps its weight)."""
+        False if this layer cannot take ``method`` (it keeps its weight). ``group``: int4's group size,
+        one for the whole model (``quantize_model`` picks it)."""
         weight = self.weight.data
-        if method == "int4":
-            group = int4_group_size(weight.shape[1])
-            if group is None or not int4_kernel_supported(weight.device):
-                return False
-            q, scales, zeros = quantize_int4(weight, group)
-            self.qweight, self.scales = pack_int4(q, scales, zeros, weight.dtype)
-            self.int4_group = group
-        elif method == "fp8":
-            self.qweight, self.scales = quantize_fp8(weight)
-            self.fp8 = True
-            self.fp8_kernel = fp8_scaled_mm_supported(weight.device)
-        else:
-            q, scales = quantize_int8(weight)
-            self.qweight, self.scales = q, scales.to(weight.dtype)
-        self.weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+        if method == "int4" and not int4_kernel_supported(weight.device):
+            return False
+        qw = quantize_weight(weight, method, group)
+        if qw is None:
+            return False
+        self._install(qw)
         return True
+
+    def stage_rows(self, part: QuantizedWeight, start: int) -> None:
+        """Take one checkpoint tensor's rows of a pre-quantized weight (q, k and v are one fused
+        layer); ``finish_loading`` builds the kernel once every part is in."""
+        if self._staged is None:
+            rows, cols = self.weight.shape
+            if part.shape[1] != cols:
+                raise ValueError(f"has {part.shape[1]} inputs, expected {cols}")
+            self._staged = part.empty_rows(rows)
+            # The plain weight will never be filled: free it now, not after the whole model loads.
+            self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+        elif part.shape[1] != self._staged.shape[1]:
+            raise ValueError(f"has {part.shape[1]} inputs, expected {self._staged.shape[1]}")
+        self._staged = self._staged.place_rows(part, start)
+
+    def finish_loading(self) -> None:
+        if self._staged is not None:
+            self._install(self._staged)
+            self._staged = None
+
+    def _install(self, qw: QuantizedWeight) -> None:
+        built = build_quantized(qw, self.weight.dtype)
+        if isinstance(built, torch.Tensor):  # no kernel on this device: the dequantized plain weight
+            self.weight.data = built
+            return
+        self.quantized = built
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
 
     def pack(self) -> bool:
         """Swap the weight for its oneDNN-packed form (bf16 on CPU); the plain copy is freed."""
-        if self.qweight is not None:
-            return False  # int8 has its own kernel
+        if self.quantized is not None:
+            return False  # quantized weights have their own kernels
         packed = pack_weight(self.weight.data)
         if packed is None:
             return False
@@ -98,13 +102,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias)
-        if self.qweight is not None:
-            assert self.scales is not None
-            if self.int4_group:
-                return int4_linear(x, self.qweight, self.scales, self.int4_group, self.bias)
-            if self.fp8:
-                return fp8_linear(x, self.qweight, self.scales, self.bias, self.fp8_kernel)
-            return int8_linear(x, self.qweight, self.scales, self.bias)
+        if self.quantized is not None:
+            return self.quantized(x, self.bias)
         return linear(x, self.weight, self.bias)
 
 

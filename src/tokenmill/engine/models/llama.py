@@ -29,6 +29,7 @@ from tokenmill.engine.models.layers import (
     apply_rotary,
     linear,
 )
+from tokenmill.engine.quantization import QuantizedWeight
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) rows of the step's positions
 
@@ -110,8 +111,9 @@ class LlamaForCausalLM(nn.Module):
             return self.lm_head(hidden)
         return linear(hidden, self.embed_tokens.weight)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (Hugging Face names) into the fused parameters.
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into the fused parameters; a pre-quantized
+        layer's weight comes as a QuantizedWeight and its linear layer builds its kernel from it.
 
         Raises ModelLoadError naming any tensor that is missing, has no place in
         the model, or has the wrong shape.
@@ -134,6 +136,10 @@ class LlamaForCausalLM(nn.Module):
                 raise ModelLoadError(
                     f"checkpoint tensor {hf_name!r} has no place in {self.config.architecture}"
                 )
+            if isinstance(tensor, QuantizedWeight):
+                self._stage_quantized(hf_name, target, tensor, offset, size or param.shape[0])
+                loaded.add(name)
+                continue
             dest = param.data if size is None else param.data.narrow(0, offset, size)
             if dest.shape != tensor.shape:
                 raise ModelLoadError(
@@ -146,6 +152,24 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors: {shown}")
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.finish_loading()
+
+    def _stage_quantized(
+        self, hf_name: str, target: str, qw: QuantizedWeight, offset: int, size: int
+    ) -> None:
+        module = self.get_submodule(target.removesuffix(".weight"))
+        if not isinstance(module, Linear):
+            raise ModelLoadError(
+                f"checkpoint tensor {hf_name!r} is quantized, but its layer takes plain weights"
+            )
+        if qw.shape[0] != size:
+            raise ModelLoadError(f"checkpoint tensor {hf_name!r} has {qw.shape[0]} rows, expected {size}")
+        try:
+            module.stage_rows(qw, offset)
+        except ValueError as e:
+            raise ModelLoadError(f"checkpoint tensor {hf_name!r} {e}") from e
 
     def _shard_sizes(self) -> dict[str, list[int]]:
         cfg = self.config

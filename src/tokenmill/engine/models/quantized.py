@@ -1,0 +1,93 @@
+"""The kernels of quantized linear layers, each built from a ``QuantizedWeight``.
+
+A ``Linear`` holds one of these in place of its plain weight. Building one is
+where device-specific choices are made once (the int4 CPU packing, whether
+fp8 runs through ``scaled_mm``), so the step loop only calls ``forward``.
+Tensors are buffers, so ``weight_bytes`` counts them and ``.to()`` moves them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.engine.quantization import (
+    QuantizedWeight,
+    dequantize_weight,
+    fp8_block_kernel_works,
+    fp8_block_linear,
+    fp8_linear,
+    fp8_scaled_mm_supported,
+    int4_kernel_supported,
+    int4_linear,
+    int8_linear,
+    pack_int4,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Int8Weights(nn.Module):
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("qweight", qw.q.to(torch.int8))
+        self.register_buffer("scales", qw.scales.to(dtype))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return int8_linear(x, self.qweight, self.scales, bias)
+
+
+class Int4Weights(nn.Module):
+    """The CPU kernel's packed layout (see quantization.py)."""
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
+        super().__init__()
+        assert qw.group is not None
+        self.group = qw.group
+        packed, scales_zeros = pack_int4(qw.q, qw.scales, qw.zero_points, dtype)
+        self.register_buffer("qweight", packed)
+        self.register_buffer("scales", scales_zeros)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return int4_linear(x, self.qweight, self.scales, self.group, bias)
+
+
+class Fp8Weights(nn.Module):
+    """fp8 e4m3 weights with row or block scales; activations as ``QuantizedWeight.activations`` says."""
+
+    def __init__(self, qw: QuantizedWeight):
+        super().__init__()
+        self.block = qw.block
+        self.activations = qw.activations
+        self.register_buffer("qweight", qw.q)
+        self.register_buffer("scales", qw.scales.float())
+        self.register_buffer("input_scale", None if qw.input_scale is None else qw.input_scale.float())
+        device = qw.q.device
+        if self.block is not None:
+            self.use_kernel = fp8_block_kernel_works(device, self.block)
+        else:
+            self.use_kernel = fp8_scaled_mm_supported(device)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.activations == "none":  # weight-only: the checkpoint keeps activations in the model dtype
+            weight = self.qweight.to(x.dtype) * self.scales.to(x.dtype)[:, None]
+            return F.linear(x, weight, bias)
+        if self.block is not None:
+            return fp8_block_linear(x, self.qweight, self.scales, self.block, bias, self.use_kernel)
+        return fp8_linear(x, self.qweight, self.scales, bias, self.use_kernel, self.input_scale)
+
+
+def build_quantized(qw: QuantizedWeight, dtype: torch.dtype) -> nn.Module | torch.Tensor:
+    """The kernel module for ``qw``; where this device has no kernel for it (int4 off CPU), the
+    dequantized plain weight instead, which keeps the model correct but not smaller."""
+    if qw.method == "int8":
+        return Int8Weights(qw, dtype)
+    if qw.method == "int4":
+        if int4_kernel_supported(qw.q.device):
+            return Int4Weights(qw, dtype)
+        logger.warning("no int4 kernel on %s: int4 weights are dequantized to %s at load", qw.q.device, dtype)
+        return dequantize_weight(qw, dtype)
+    return Fp8Weights(qw)
