@@ -37,7 +37,7 @@ def saved_model(model: Path, method: str) -> Path:
     """The model quantized with ``method``, written once (a ``.complete`` marker guards half-written ones)."""
     import torch
 
-    from tokenmill.engine.quantized_checkpoint import save_quantized
+    from tokenmill.engine.quantized_checkpoint_writer import save_quantized
 
     out = model.parent / f"{model.name}-{method}"
     if (out / ".complete").is_file():

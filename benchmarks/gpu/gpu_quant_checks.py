@@ -35,7 +35,7 @@ def run_quant_checks(
     from tokenmill.engine import Engine, EngineConfig
     from tokenmill.engine.models.quantized import Fp8Weights
     from tokenmill.engine.quantization import QuantizedWeight, dequantize_weight, quantize_fp8_blocks
-    from tokenmill.engine.quantized_checkpoint import save_quantized
+    from tokenmill.engine.quantized_checkpoint_writer import save_quantized
     from tokenmill.engine.scoring import prompt_logits
 
     def engine(folder: Path, **kwargs: Any) -> Engine:

@@ -15,10 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenmill.engine.attention.kv_cache as kv_cache
-from tests.engine.attention.test_reference import naive
+from tests.engine.attention.test_reference import naive, paged_step
+from tests.engine.test_config import BASE
 from tests.tiny_models import random_prompts
 from tokenmill.engine import LLM, Engine, EngineConfig, SamplingParams
-from tokenmill.engine.attention import AttentionBatch, AttentionSpec, Fp8KVCache, ReferenceBackend
+from tokenmill.engine.attention import AttentionSpec, Fp8KVCache, ReferenceBackend
 from tokenmill.engine.attention.kv_cache import MAX_SCALE, dequantize_kv, quantize_kv
 from tokenmill.engine.config import ModelConfig
 from tokenmill.engine.errors import InvalidRequestError
@@ -84,32 +85,9 @@ def test_the_backend_attends_over_exactly_the_dequantized_cache(H, KVH):
     shapes = [(6, 1), (9, 1), (5, 3), (5, 3), (0, 4), (2, 7)]  # (cached context, tokens this step)
     spec = AttentionSpec(H, KVH, D, BS, torch.float32, torch.device("cpu"), kv_cache_dtype="fp8")
     backend = ReferenceBackend(spec)
-    max_blocks = max(-(-(c + n) // BS) for c, n in shapes)
-    (cache,) = backend.allocate_kv_cache(1, 1 + len(shapes) * max_blocks)
-    assert isinstance(cache, Fp8KVCache)
-    tables = torch.zeros((len(shapes), max_blocks), dtype=torch.long)
-    keys, values, queries, new_slots, qsl = [], [], [], [], [0]
-    for i, (ctx, n) in enumerate(shapes):
-        tables[i] = torch.arange(1 + i * max_blocks, 1 + (i + 1) * max_blocks)[torch.randperm(max_blocks)]
-        k, v = torch.randn(ctx + n, KVH, D) * (1 + i), torch.randn(ctx + n, KVH, D)
-        slots = tables[i][torch.arange(ctx + n) // BS] * BS + torch.arange(ctx + n) % BS
-        backend.store.write(cache, slots[:ctx], k[:ctx], v[:ctx])  # what earlier steps wrote
-        keys.append(k)
-        values.append(v)
-        queries.append(torch.randn(n, H, D))
-        new_slots.append(slots[ctx:])
-        qsl.append(qsl[-1] + n)
-    batch = AttentionBatch(
-        num_decodes=2,
-        query_start_loc=qsl,
-        context_lens=[c for c, _ in shapes],
-        seq_lens=[c + n for c, n in shapes],
-        block_table=tables,
-        slot_mapping=torch.cat(new_slots),
-    )
-    new_k = torch.cat([k[c:] for k, (c, _) in zip(keys, shapes, strict=True)])
-    new_v = torch.cat([v[c:] for v, (c, _) in zip(values, shapes, strict=True)])
-    out = backend.forward(torch.cat(queries), new_k, new_v, cache, backend.prepare(batch))
+    step = paged_step(backend, shapes, num_decodes=2, key_growth=True)
+    out = step.run(backend)
+    queries, keys, values, qsl = step.queries, step.keys, step.values, step.qsl
     for i, (ctx, _) in enumerate(shapes):
         k8, v8 = (dequantize_kv(*quantize_kv(t), torch.float32) for t in (keys[i], values[i]))
         want = naive(queries[i], k8, v8, ctx, None)
@@ -120,17 +98,7 @@ def test_the_backend_attends_over_exactly_the_dequantized_cache(H, KVH):
 
 # -- capacity ----------------------------------------------------------------------------------
 
-LLAMA_8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "dtype": "bfloat16",
-}
+LLAMA_8B = {**BASE, "dtype": "bfloat16"}  # Llama 3.1 8B
 
 
 def test_the_plan_counts_codes_and_scales_and_nearly_doubles_the_tokens():

@@ -24,14 +24,13 @@ from tokenmill.engine.quantization import (
 )
 from tokenmill.engine.quantized_checkpoint import (
     decode,
-    encode,
     pack_int32,
     parse_quantization_config,
     read_checkpoint_quantization,
-    save_quantized,
     unpack_int32,
     unpack_int32_by_shifts,
 )
+from tokenmill.engine.quantized_checkpoint_writer import encode, save_quantized
 from tokenmill.engine.scoring import prompt_logits
 
 ct = pytest.importorskip("compressed_tensors")
@@ -127,9 +126,9 @@ def test_a_saved_model_runs_exactly_like_quantizing_at_load(tmp_path, tiny_model
 
 
 def test_a_model_written_in_several_shards_loads_the_same(tmp_path, tiny_llama, make_engine, monkeypatch):
-    from tokenmill.engine import quantized_checkpoint
+    from tokenmill.engine import quantized_checkpoint_writer
 
-    monkeypatch.setattr(quantized_checkpoint, "SHARD_BYTES", 40_000)
+    monkeypatch.setattr(quantized_checkpoint_writer, "SHARD_BYTES", 40_000)
     out = save_quantized(tiny_llama, tmp_path / "sharded", "int8", torch.float32).out
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2 and not list(out.glob(".shard-*"))
@@ -326,7 +325,7 @@ def test_encode_then_decode_is_exact_for_every_method():
 
 
 def _config_group(method, group):
-    from tokenmill.engine.quantized_checkpoint import compressed_tensors_config
+    from tokenmill.engine.quantized_checkpoint_writer import compressed_tensors_config
 
     return compressed_tensors_config(method, group, [])["config_groups"]["group_0"]
 

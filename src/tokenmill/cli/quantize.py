@@ -21,7 +21,7 @@ from tokenmill.engine.config import ModelConfig, parse_dtype
 from tokenmill.engine.errors import EngineError
 from tokenmill.engine.loader import resolve_model_path
 from tokenmill.engine.quantization import QUANTIZATION_METHODS
-from tokenmill.engine.quantized_checkpoint import save_quantized
+from tokenmill.engine.quantized_checkpoint_writer import save_quantized
 
 MiB = float(1 << 20)
 

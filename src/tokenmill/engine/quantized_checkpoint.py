@@ -16,9 +16,9 @@ next to it, or a float8/int8 dtype), not from the config's ``targets`` and
 ``ignore`` patterns: the two must agree in a valid checkpoint, and the tensors
 cannot be wrong about themselves.
 
-Written (``save_quantized``, ``tokenmill quantize``): compressed-tensors, the
-layout llm-compressor writes for the same scheme, so vLLM can serve what
-tokenmill quantized and tokenmill loads it without re-quantizing.
+Written by ``quantized_checkpoint_writer.py`` (``tokenmill quantize``) in
+compressed-tensors' layout, so what tokenmill quantized loads here, and in
+vLLM, without re-quantizing.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,16 +34,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from tokenmill.engine.errors import ModelLoadError
 from tokenmill.engine.quantization import (
-    QUANTIZATION_METHODS,
     QuantizedWeight,
-    model_int4_group,
-    quantize_weight,
 )
-from tokenmill.engine.weights import INDEX_FILE, safetensors_files
+from tokenmill.engine.weights import safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +56,6 @@ _MARKERS = (
 )
 # KV cache scales of checkpoints calibrated for an fp8 cache: the engine computes its own (kv_cache_dtype).
 _KV_SCALES = re.compile(r"\.(k_scale|v_scale|q_scale|prob_scale)$|\.(k_proj|v_proj)\.output_scale$")
-SHARD_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -376,177 +370,3 @@ def unpack_int32_by_shifts(words: torch.Tensor, bits: int, cols: int) -> torch.T
     values = (words[..., None] >> shifts) & ((1 << bits) - 1)
     values = values.reshape(words.shape[0], -1)[:, :cols] - (1 << (bits - 1))
     return values.to(torch.int8)
-
-
-# -- writing ---------------------------------------------------------------------------
-
-_LINEAR_WEIGHT = re.compile(r"(^|\.)layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj\.weight$")
-
-
-@dataclass(frozen=True)
-class SaveReport:
-    method: str
-    quantized_layers: int
-    plain_layers: list[str]  # linear layers left in the model dtype (int4 with no fitting group size)
-    bytes_before: int
-    bytes_after: int
-    out: Path
-
-
-def save_quantized(src: Path, out: Path, method: str, dtype: torch.dtype) -> SaveReport:
-    """Quantize ``src``'s linear layers (all but the LM head, as at load) and write a compressed-tensors
-    checkpoint to ``out``, with the other files copied. Raises ModelLoadError for a checkpoint already
-    quantized, ValueError for an unknown method."""
-    if method not in QUANTIZATION_METHODS:
-        raise ValueError(f"method={method!r} is invalid: allowed {', '.join(QUANTIZATION_METHODS)}")
-    existing = read_checkpoint_quantization(src)
-    if existing is not None:
-        raise ModelLoadError(
-            f"{src} is already quantized ({existing.source}): quantize the full-precision model"
-        )
-    files = safetensors_files(src)
-    group = model_int4_group(_linear_in_features(files)) if method == "int4" else None
-    out.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(out)
-    quantized, plain, before = 0, [], 0
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118
-                tensor = f.get_tensor(name)
-                before += tensor.numel() * tensor.element_size()
-                qw = quantize_weight(tensor.to(dtype), method, group) if _LINEAR_WEIGHT.search(name) else None
-                if qw is None:
-                    if _LINEAR_WEIGHT.search(name):
-                        plain.append(name.removesuffix(".weight"))
-                    writer.add(name, tensor)
-                    continue
-                module = name.removesuffix(".weight")
-                for local, t in encode(qw).items():
-                    writer.add(f"{module}.{local}", t)
-                quantized += 1
-    after = writer.close()
-    _copy_other_files(src, out)
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = compressed_tensors_config(method, group, ["lm_head", *plain])
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return SaveReport(method, quantized, plain, before, after, out)
-
-
-def _linear_in_features(files: list[Path]) -> list[int]:
-    sizes = []
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118
-                if _LINEAR_WEIGHT.search(name):
-                    sizes.append(int(f.get_slice(name).get_shape()[1]))
-    return sizes
-
-
-def encode(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """A layer's compressed-tensors tensors (local names)."""
-    rows, cols = qw.shape
-    if qw.method == "fp8":
-        return {"weight": qw.q.contiguous(), "weight_scale": qw.scales.float().reshape(rows, 1).contiguous()}
-    bits = 8 if qw.method == "int8" else 4
-    tensors = {
-        "weight_packed": pack_int32(qw.q, bits),
-        "weight_scale": qw.scales.float().reshape(rows, -1).contiguous(),
-        "weight_shape": torch.tensor([rows, cols], dtype=torch.int64),
-    }
-    if qw.zero_points is not None:  # packed along the rows (dim 0), as compressed-tensors does
-        tensors["weight_zero_point"] = pack_int32(qw.zero_points.t(), bits).t().contiguous()
-    return tensors
-
-
-def compressed_tensors_config(method: str, group: int | None, ignore: list[str]) -> dict[str, Any]:
-    """``quantization_config`` for what ``encode`` writes: the scheme llm-compressor states for it."""
-    if method == "fp8":
-        weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel", "dynamic": False}
-        acts: dict[str, Any] | None = {
-            "num_bits": 8,
-            "type": "float",
-            "symmetric": True,
-            "strategy": "token",
-            "dynamic": True,
-        }
-        fmt = "float-quantized"
-    elif method == "int8":
-        weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
-        acts, fmt = None, "pack-quantized"
-    else:
-        weights = {
-            "num_bits": 4,
-            "type": "int",
-            "symmetric": False,
-            "strategy": "group",
-            "group_size": group,
-            "dynamic": False,
-        }
-        acts, fmt = None, "pack-quantized"
-    return {
-        "quant_method": "compressed-tensors",
-        "format": fmt,
-        "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts, "format": fmt}
-        },
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-    }
-
-
-class _ShardWriter:
-    """Writes tensors to safetensors shards of at most SHARD_BYTES, with an index when there are several."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.shards: list[dict[str, torch.Tensor]] = [{}]
-        self.size = 0
-        self.total = 0
-        self.written: list[tuple[Path, list[str]]] = []
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.size and self.size + nbytes > SHARD_BYTES:
-            self._flush()
-        self.shards[-1][name] = tensor.contiguous()
-        self.size += nbytes
-        self.total += nbytes
-
-    def _flush(self) -> None:
-        path = self.out / f".shard-{len(self.written):05d}.safetensors"
-        save_file(self.shards[-1], str(path), metadata={"format": "pt"})
-        path.chmod(0o644)  # safetensors writes owner-only files; weights are for every worker to read
-        self.written.append((path, list(self.shards[-1])))
-        self.shards[-1] = {}
-        self.size = 0
-
-    def close(self) -> int:
-        """Give the shards their final names; returns the bytes written."""
-        self._flush()
-        for stale in [*self.out.glob("*.safetensors"), self.out / INDEX_FILE]:
-            if not stale.name.startswith(".shard-"):
-                stale.unlink(missing_ok=True)
-        if len(self.written) == 1:
-            self.written[0][0].rename(self.out / "model.safetensors")
-            return self.total
-        n = len(self.written)
-        weight_map = {}
-        for i, (path, names) in enumerate(self.written):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            path.rename(self.out / final)
-            weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        return self.total
-
-
-def _copy_other_files(src: Path, out: Path) -> None:
-    """Tokenizer, chat template, generation config...: everything but the weights and config.json."""
-    for item in src.iterdir():
-        if item.name in ("config.json", INDEX_FILE) or item.suffix == ".safetensors":
-            continue
-        if item.is_dir():
-            shutil.copytree(item, out / item.name, dirs_exist_ok=True)
-        else:
-            shutil.copy2(item, out / item.name)
