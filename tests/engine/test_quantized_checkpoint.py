@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# compressed-tensors is a test dependency (pyproject.toml): a missing one must fail, not skip.
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -32,11 +37,6 @@ from tokenmill.engine.quantized_checkpoint import (
 )
 from tokenmill.engine.quantized_checkpoint_writer import encode, save_quantized
 from tokenmill.engine.scoring import prompt_logits
-
-ct = pytest.importorskip("compressed_tensors")
-from compressed_tensors.compressors import BaseCompressor  # noqa: E402
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32  # noqa: E402
-from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme  # noqa: E402
 
 PROMPTS = [[5, 17, 99, 203, 41, 7, 300], [44, 45, 46, 47, 48]]
 KERNELS = {"int8": Int8Weights, "int4": Int4Weights, "fp8": Fp8Weights}
