@@ -47,8 +47,8 @@ def test_a_layer_imports_only_what_it_may(layer):
 
 def test_the_router_and_its_kv_policy_run_without_torch():
     code = (
-        "import sys; import tokenmill.cli.route, tokenmill.router.app, tokenmill.router.prompt_blocks, "
-        "tokenmill.router.kv_subscriber, tokenmill.bench.runner; "
+        "import sys; import tokenmill.cli.main, tokenmill.cli.route, tokenmill.router.app, "
+        "tokenmill.router.prompt_blocks, tokenmill.router.kv_subscriber, tokenmill.bench.runner; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -315,3 +315,34 @@ def test_tokens_per_minute_and_budgets_through_http(gateway):
     assert over.json()["error"]["param"] == "budget" and int(over.headers["retry-after"]) <= 86_400
     rows = Ledger(gateway.config.parent / "usage.db").rows("budgeted")
     assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows) <= 70
+
+
+@pytest.mark.parametrize(
+    ("request_body", "forwarded"),
+    [
+        # Only the priority to add: appended to the client's bytes as they are.
+        (b'{"model": "demo", "max_tokens": 4}\n', b'{"model": "demo", "max_tokens": 4, "priority": 5}'),
+        # A field the gateway strips, a usage chunk to ask for, a priority to lower: re-encoded.
+        (b'{"model": "demo", "metadata": {"a": "b"}}', {"model": "demo", "priority": 5}),
+        (b'{"model": "demo", "stream": true}', {"model": "demo", "stream": True, "priority": 5,
+                                               "stream_options": {"include_usage": True}}),
+        (b'{"model": "demo", "priority": 2}', {"model": "demo", "priority": 2}),
+    ],
+)  # fmt: skip
+def test_the_worker_gets_the_body_rewritten_only_where_it_must_be(tmp_path: Path, request_body, forwarded):
+    from tokenmill.router.gateway import Gateway
+    from tokenmill.router.gateway_config import load_gateway_config
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text(CONFIG)
+    gateway = Gateway(load_gateway_config(config))
+    key, _ = gateway.create_key("alpha")
+    headers = {"authorization": f"Bearer {key}"}
+    admitted = gateway.admit(json.loads(request_body), request_body, headers, 10, 4)
+    body = admitted.body
+    if isinstance(forwarded, bytes):
+        assert body == forwarded
+    else:
+        assert json.loads(body) == forwarded
+    assert "authorization" not in headers and headers["x-tokenmill-tenant"] == "alpha"
+    gateway.ledger.close()

@@ -7,11 +7,16 @@ import sqlite3
 import subprocess
 import sys
 import time
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from tokenmill.router.gateway_config import Budget, Team
-from tokenmill.router.ledger import Closing, Ledger, hash_key
+from tokenmill.router.ledger import Ledger, hash_key
+from tokenmill.router.usage_batch import Closing, UsageRow, day_of
 
 
 def test_rows_and_totals_by_model_and_day(tmp_path: Path):
@@ -23,9 +28,7 @@ def test_rows_and_totals_by_model_and_day(tmp_path: Path):
         ("b", "m1", 7, 7),
     ):
         row = ledger.open_request("r", team, "k", model, 0, prompt, started=time.time())
-        ledger.close_request(
-            row, Closing(prompt, completion, "ok", 200, "w1", 0.1, 0.5), team, model, time.time()
-        )
+        ledger.close_request(row, Closing(prompt, completion, "ok", 200, "w1", 0.1, 0.5))
     by_model = ledger.usage("a", None, None, "model")
     assert [(r["model"], r["requests"], r["prompt_tokens"], r["completion_tokens"]) for r in by_model] == [
         ("m1", 2, 30, 10),
@@ -91,16 +94,73 @@ def test_rows_of_one_loop_turn_share_a_commit_and_durable_waits_for_it(tmp_path:
         await ledger.durable()
         assert committed() == 3  # what the gateway waits for before forwarding
 
-        def status(row: int) -> str:
-            return other.execute("SELECT status FROM usage WHERE id = ?", (row,)).fetchone()[0]
+        def status(row: UsageRow) -> str:
+            return other.execute("SELECT status FROM usage WHERE id = ?", (row.id,)).fetchone()[0]
 
-        ledger.close_request(rows[0], Closing(10, 5, "ok", 200, "w", 0.1, 0.0), "search", "m", time.time())
+        ledger.close_request(rows[0], Closing(10, 5, "ok", 200, "w", 0.1, 0.0))
         assert status(rows[0]) == "in_flight"
         await asyncio.sleep(0)  # the turn ends: committed with nobody waiting
         assert status(rows[0]) == "ok"
+        assert ledger.spent("search", Budget("day", tokens=1)) == (15, 0.0)
 
     asyncio.run(run())
     row = ledger.open_request("r9", "search", "key_1", "m", 0, 10)  # outside a loop: committed at once
-    assert other.execute("SELECT COUNT(*) FROM usage WHERE id = ?", (row,)).fetchone()[0] == 1
+    assert other.execute("SELECT COUNT(*) FROM usage WHERE id = ?", (row.id,)).fetchone()[0] == 1
     other.close()
     ledger.close()
+
+
+def test_a_turn_is_written_as_one_batch_with_totals_summed(tmp_path: Path):
+    """Rows opened and closed in one turn are inserted once, closed; rows written earlier are
+    updated; the totals of a turn add up per team, day and model; ids follow the file's."""
+    ledger = Ledger(tmp_path / "ledger.db")
+    earlier = ledger.open_request("r0", "a", "k", "m", 0, 10)  # outside a loop: written at once
+    assert earlier.id == 1
+
+    async def run() -> None:
+        rows = [ledger.open_request(f"r{i}", "a", "k", "m", 1, 10) for i in range(1, 4)]
+        assert ledger.spent("a", Budget("day", tokens=1)) == (0, 0.0)  # nothing closed yet
+        for row in (earlier, rows[0], rows[1]):
+            ledger.close_request(row, Closing(12, 3, "ok", 200, "w", 0.1, 0.25))
+        assert ledger.spent("a", Budget("day", tokens=1)) == (45, 0.75)  # counted before it is written
+        await ledger.durable()
+        assert [r.id for r in rows] == [2, 3, 4]
+
+    asyncio.run(run())
+    log = {r["request_id"]: r for r in ledger.rows("a")}
+    assert [log[f"r{i}"]["status"] for i in range(4)] == ["ok", "ok", "ok", "in_flight"]
+    assert [log[f"r{i}"]["prompt_tokens"] for i in range(4)] == [12, 12, 12, 10]  # the worker's count wins
+    assert log["r1"]["finished"] is not None and log["r3"]["finished"] is None
+    (total,) = ledger.usage("a", None, None, "model")
+    assert (total["requests"], total["total_tokens"], total["cost"]) == (3, 45, 0.75)
+
+
+def test_a_failed_commit_keeps_the_batch_for_the_next_one(tmp_path: Path):
+    """The file is locked by another writer: the waiters get the error, nothing is lost."""
+    path = tmp_path / "ledger.db"
+    ledger = Ledger(path)
+    ledger._db.execute("PRAGMA busy_timeout = 0")
+    holder = sqlite3.connect(path, isolation_level=None)
+
+    async def run() -> None:
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, held
+        row = ledger.open_request("r", "a", "k", "m", 0, 10)
+        with pytest.raises(sqlite3.OperationalError):
+            await ledger.durable()
+        assert row.id is None
+        ledger.close_request(row, Closing(10, 2, "error", 503, None, 0.0, 0.0))
+        holder.execute("ROLLBACK")
+        await ledger.durable()
+        assert row.id == 1
+
+    asyncio.run(run())
+    (row,) = ledger.rows("a")
+    assert (row["status"], row["completion_tokens"]) == ("error", 2)
+    assert ledger.usage("a", None, None, "model")[0]["requests"] == 1
+
+
+@given(st.integers(min_value=0, max_value=4_000_000_000_000))
+def test_the_day_of_a_timestamp_is_its_utc_date(milliseconds: int):
+    # (datetime rounds to the microsecond; day_of floors: they differ only within 0.5 us of midnight)
+    timestamp = milliseconds / 1000
+    assert day_of(timestamp) == datetime.fromtimestamp(timestamp, UTC).date().isoformat()

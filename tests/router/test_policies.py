@@ -235,3 +235,35 @@ def test_kv_replicates_a_popular_prefix_once_the_holders_batch_costs_more_than_a
     counts = [chosen.count(w) for w in p.workers]
     assert min(counts) >= 8 and max(counts) <= 16  # then the prefix spread, over replicas
     assert r.decisions["kv_miss"] == 2  # one prefill per new replica, no more
+
+
+def test_the_pool_version_moves_with_every_change_to_what_is_available():
+    """What is derived from the available workers (the gateway's capacity) is cached against it."""
+    p = pool(2)
+    w = p.workers[0]
+    seen = [p.version]
+
+    def changed() -> bool:
+        seen.append(p.version)
+        return seen[-1] != seen[-2]
+
+    p.started(w, 10)
+    p.finished(w, 10)
+    assert not changed()  # load is not availability
+    p.set_slots(w, 8)
+    assert changed()
+    p.set_slots(w, 8)
+    assert not changed()
+    p.failed(w)
+    assert not changed()  # one failure does not eject
+    for _ in range(5):
+        p.failed(w)
+    assert not w.healthy and changed()
+    p.health(w, ok=True)
+    assert changed()
+    p.drain(w.url)
+    assert changed()
+    p.add(w.url)
+    assert changed()
+    p.remove(w.url)
+    assert changed()

@@ -17,12 +17,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tokenmill.engine.config import ModelConfig, parse_dtype
-from tokenmill.engine.errors import EngineError
-from tokenmill.engine.loader import resolve_model_path
-from tokenmill.engine.quantization import QUANTIZATION_METHODS
-from tokenmill.engine.quantized_checkpoint_writer import save_quantized
-
 MiB = float(1 << 20)
 
 
@@ -40,6 +34,13 @@ def quantize(
     ] = "auto",
 ) -> None:
     """Quantize every linear layer but the LM head and save the model as a compressed-tensors checkpoint."""
+    # Imported here: the engine brings torch, which the CLI's other commands (route, bench) never load.
+    from tokenmill.engine.config import ModelConfig, parse_dtype
+    from tokenmill.engine.errors import EngineError
+    from tokenmill.engine.loader import resolve_model_path
+    from tokenmill.engine.quantization import QUANTIZATION_METHODS
+    from tokenmill.engine.quantized_checkpoint_writer import save_quantized
+
     err = Console(stderr=True)
     if method not in QUANTIZATION_METHODS:
         err.print(f"[red]error:[/] --method {method!r} is invalid: allowed {', '.join(QUANTIZATION_METHODS)}")

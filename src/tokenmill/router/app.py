@@ -91,6 +91,7 @@ class RouterApp:
         self._health_task: asyncio.Task[None] | None = None
         self.keeper = FleetKeeper(pool, router, self._transport, health_interval, workers_file)
         self.streams_cut = 0  # streams that ended with an error event because their worker failed
+        self._capacity: dict[str, tuple[int, int]] = {}  # pool -> (pool version, slots)
 
     # -- ASGI ------------------------------------------------------------------------------
 
@@ -183,13 +184,13 @@ class RouterApp:
             from tokenmill.router.gateway import GatewayError
 
             try:
-                admitted = self.gateway.admit(request, headers, prompt_tokens, asked_output(request))
+                admitted = self.gateway.admit(request, body, headers, prompt_tokens, asked_output(request))
             except GatewayError as e:
                 await send_error(
                     send, e.status, e.message, kind=e.kind, retry_after=e.retry_after, param=e.param
                 )
                 return
-            body = json.dumps(request).encode()
+            body = admitted.body
         outcome = Outcome(admitted)
         call = Call(
             scope, receive, send, request, body, headers, session, text, prompt_tokens, output_tokens, outcome
@@ -229,9 +230,15 @@ class RouterApp:
             queue.release(admitted.priority)
 
     def _slots(self, pool: str) -> int:
-        """Requests the pool's workers take at once, as their metrics report (the gateway's capacity)."""
+        """Requests the pool's workers take at once, as their metrics report (the gateway's capacity);
+        asked at every admission and release, so recomputed only when the workers change."""
         assert self.gateway is not None
-        return sum(w.slots or self.gateway.config.worker_slots for w in self.pool.available(pool))
+        known = self._capacity.get(pool)
+        if known is not None and known[0] == self.pool.version:
+            return known[1]
+        slots = sum(w.slots or self.gateway.config.worker_slots for w in self.pool.available(pool))
+        self._capacity[pool] = (self.pool.version, slots)
+        return slots
 
     async def _route(self, call: Call, pool: str | None = None) -> None:
         """Choose a worker (of ``pool``, for the gateway) and forward; the next one if it fails first."""

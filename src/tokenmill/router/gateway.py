@@ -14,6 +14,7 @@ kept with the usage row); every other field goes to the worker unchanged.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -25,8 +26,9 @@ from typing import Any
 from tokenmill.protocol.headers import PRIORITY_HEADER, TENANT_HEADER
 from tokenmill.router.admission import AdmissionQueue, QueuePolicy
 from tokenmill.router.gateway_config import GatewayConfig, Price, Team
-from tokenmill.router.ledger import Closing, KeyRecord, Ledger, hash_key
+from tokenmill.router.ledger import KeyRecord, Ledger, hash_key
 from tokenmill.router.limits import Limiter, Refusal, Reservation
+from tokenmill.router.usage_batch import Closing, UsageRow
 from tokenmill.router.usage_meter import Usage, ask_for_usage
 
 KEY_HEADERS = ("authorization", "x-api-key")
@@ -59,12 +61,12 @@ class Admitted:
     model: str
     priority: int
     prompt_tokens: int  # the router's estimate, until the worker says
-    row: int
+    row: UsageRow
     reservation: Reservation
     client_wants_usage: bool
     started: float  # time.monotonic(), for its latency
     price: Price | None
-    opened: float  # time.time() of its ledger row
+    body: bytes  # what goes to the worker
 
 
 class Gateway:
@@ -77,6 +79,9 @@ class Gateway:
         self._keys = self.ledger.active_key_hashes()
         self._keys_read = time.monotonic()
         self.queues: dict[str, AdmissionQueue] = {}  # one admission queue per pool
+        # Request ids: a random prefix per gateway process and a counter (unique without a syscall each).
+        self._id_prefix = "gw-" + secrets.token_hex(6) + "-"
+        self._ids = itertools.count(1)
         self.limiter = Limiter(self._spent)
         for team in self.teams.values():
             self.limiter.configure(team)
@@ -114,10 +119,16 @@ class Gateway:
     # -- a request -------------------------------------------------------------------------
 
     def admit(
-        self, request: dict[str, Any], headers: dict[str, str], prompt_tokens: int, output_tokens: int | None
+        self,
+        request: dict[str, Any],
+        body: bytes,
+        headers: dict[str, str],
+        prompt_tokens: int,
+        output_tokens: int | None,
     ) -> Admitted:
-        """Check and reserve; rewrites ``request`` for the worker (priority, usage, no metadata) and
-        strips the gateway's headers from ``headers``. Raises GatewayError to refuse."""
+        """Check and reserve; rewrites ``request`` (parsed from ``body``) for the worker (priority,
+        usage, no metadata), with the body to send in ``Admitted.body``, and strips the gateway's
+        headers from ``headers``. Raises GatewayError to refuse."""
         who = self.caller(headers)
         if who is None:
             raise GatewayError(
@@ -150,6 +161,11 @@ class Gateway:
                 400, "metadata must be a JSON object of tags", "invalid_request_error", "metadata"
             )
         wants_usage = ask_for_usage(request)
+        forward = (
+            _with_priority(body, priority)
+            if tags is None and wants_usage and "priority" not in request
+            else None
+        )
         request["priority"] = priority
         for name in (*KEY_HEADERS, PRIORITY_HEADER):
             headers.pop(name, None)
@@ -164,11 +180,10 @@ class Gateway:
             kind = "rate_limit_error" if verdict.status == 429 else "invalid_request_error"
             retry = verdict.retry_after if verdict.status == 429 else None
             raise GatewayError(verdict.status, verdict.message, kind, verdict.limit, retry)
-        request_id = "gw-" + secrets.token_hex(12)
+        request_id = f"{self._id_prefix}{next(self._ids)}"
         try:
-            opened = time.time()
             row = self.ledger.open_request(
-                request_id, team.name, key_id, model, priority, prompt_tokens, tags, opened
+                request_id, team.name, key_id, model, priority, prompt_tokens, tags
             )
         except Exception:
             self.limiter.release(verdict, 0, 0.0)
@@ -185,7 +200,7 @@ class Gateway:
             wants_usage,
             time.monotonic(),
             price,
-            opened,
+            forward or json.dumps(request).encode(),
         )
 
     def finish(
@@ -209,7 +224,7 @@ class Gateway:
         self.limiter.release(a.reservation, prompt + completion, cost)
         latency = time.monotonic() - a.started
         closing = Closing(prompt, completion, status, http_status, worker, latency, cost)
-        self.ledger.close_request(a.row, closing, a.team.name, a.model, a.opened)
+        self.ledger.close_request(a.row, closing)
 
     # -- admission -------------------------------------------------------------------------
 
@@ -286,6 +301,15 @@ def _priority(request: dict[str, Any], headers: dict[str, str], team: Team) -> i
             400, f"priority must be an integer, got {asked!r}", "invalid_request_error", "priority"
         )
     return min(asked, team.priority)
+
+
+def _with_priority(body: bytes, priority: int) -> bytes | None:
+    """``body`` with ``"priority"`` added as its last field, without re-encoding the rest; None if
+    it does not end like a JSON object with fields."""
+    end = body.rstrip()
+    if not end.endswith(b"}") or end[:-1].rstrip().endswith(b"{"):
+        return None
+    return b'%s, "priority": %d}' % (end[:-1], priority)
 
 
 def body_for(engine: str | None, request: dict[str, Any], body: bytes) -> bytes:

@@ -111,7 +111,7 @@ class FleetKeeper:
             w.counters = parse_counters(response.text)
             w.step_cost.observe(w.counters)
             if w.counters.concurrency_limit:
-                w.slots = int(w.counters.concurrency_limit)
+                self.pool.set_slots(w, int(w.counters.concurrency_limit))
             w.engine = w.counters.engine or w.engine
 
 

@@ -9,13 +9,20 @@ count against the team's budget). Per team, day and model, totals are kept
 beside the log in the same transaction, so budgets and ``/v1/usage`` read a
 few dozen rows, never the log.
 
-Group commit: inside an event loop, the request rows opened and closed during
-one turn of the loop share one transaction, committed at the end of the turn
-(a commit writes the touched pages to the WAL: one commit for a turn's rows
-instead of two per request). ``durable()`` waits for that commit, and the
+Group commit: inside an event loop, the usage rows opened and closed during
+one turn of the loop are gathered in memory (``router/usage_batch.py``) and
+written in one transaction at the end of the turn: a few ``executemany``
+statements and one commit for the turn's requests, instead of three statements
+and their share of a commit each. ``durable()`` waits for that commit, and the
 gateway awaits it before forwarding, so a request's row is on disk before the
 request reaches a worker. Team and key changes, and any write made outside a
 loop, commit at once.
+
+The usage log has no index but its ids, and ids are given by the batch (no
+AUTOINCREMENT bookkeeping): every page a commit touches is written to the WAL
+whole, and these two added a third to each commit's cost. Budgets and
+``/v1/usage`` read the totals; only audits read the log, and a scan of it is
+fast enough for them. (Ledgers made before keep theirs; both read the same.)
 
 Keys are random (``tm-`` + 43 URL-safe characters, 256 bits) and stored only as
 their SHA-256: a key that strong needs no slow hash, and the ledger leaking
@@ -39,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.router.gateway_config import Budget, GatewayConfigError, Team, parse_team
+from tokenmill.router.usage_batch import Closing, UsageBatch, UsageRow, day_of
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +57,12 @@ CREATE TABLE IF NOT EXISTS keys (
     created REAL NOT NULL, revoked REAL
 );
 CREATE TABLE IF NOT EXISTS usage (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, team TEXT NOT NULL,
+    id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, team TEXT NOT NULL,
     key_id TEXT NOT NULL, model TEXT NOT NULL, worker TEXT, priority INTEGER,
     prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL DEFAULT 0,
     latency_s REAL, status TEXT NOT NULL, http_status INTEGER, cost REAL NOT NULL DEFAULT 0,
     started REAL NOT NULL, finished REAL, tags TEXT
 );
-CREATE INDEX IF NOT EXISTS usage_team_started ON usage (team, started);
 CREATE TABLE IF NOT EXISTS totals (
     team TEXT NOT NULL, day TEXT NOT NULL, model TEXT NOT NULL, requests INTEGER NOT NULL,
     prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, cost REAL NOT NULL,
@@ -77,19 +84,6 @@ class KeyRecord:
                 "revoked": self.revoked}  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Closing:
-    """How a request ended, for its usage row."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    status: str  # ok, error, cancelled, interrupted
-    http_status: int | None
-    worker: str | None
-    latency_s: float
-    cost: float
-
-
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -106,6 +100,7 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._batch = UsageBatch()  # this turn's usage writes
         self._commit_scheduled = False
         self._waiters: list[asyncio.Future[None]] = []  # durable() callers
         self.recovered = self._close_interrupted()
@@ -115,20 +110,24 @@ class Ledger:
         self._db.close()
 
     async def durable(self) -> None:
-        """Return once every write made so far is committed."""
-        if not self._db.in_transaction:
+        """Return once every usage write made so far is committed."""
+        if not self._batch:
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self._usage_written()  # a commit is due (after a failed one, nothing else may ask for it)
         await waiter
 
     def commit(self) -> None:
-        """Commit what is pending now, and wake whoever waits for it."""
+        """Write the usage gathered so far in one transaction, and wake whoever waits for it. On an
+        error the waiters get it, and what was gathered stays for the next commit."""
         self._commit_scheduled = False
         waiters, self._waiters = self._waiters, []
         try:
-            if self._db.in_transaction:
-                self._db.execute("COMMIT")
+            if self._batch:
+                with self._transaction():
+                    first = self._batch.write(self._db)
+                self._batch.written(first)
         except sqlite3.Error as e:
             for w in waiters:
                 if not w.done():
@@ -141,36 +140,22 @@ class Ledger:
     def _commit_at_end_of_turn(self) -> None:
         try:
             self.commit()
-        except sqlite3.Error:  # waiters got the error; unclosed rows are closed as interrupted at start
+        except sqlite3.Error:  # waiters got the error; the batch is retried with the next commit
             logger.exception("the ledger could not commit")
 
     @contextlib.contextmanager
-    def _write(self, now: bool = True, single_statement: bool = False) -> Iterator[None]:
-        """Writes that land together or not at all; committed before this returns (``now``), or
-        with the next commit (see the module). One statement is atomic by itself."""
-        if not self._db.in_transaction:
-            self._db.execute("BEGIN IMMEDIATE")
-        if not single_statement:
-            self._db.execute("SAVEPOINT unit")
+    def _transaction(self) -> Iterator[None]:
+        """Writes that land together or not at all, committed before this returns."""
+        self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
-            if not single_statement:
-                self._db.execute("ROLLBACK TO unit")
-                self._db.execute("RELEASE unit")
-            self._finish_write(now)
+            self._db.execute("ROLLBACK")
             raise
-        if not single_statement:
-            self._db.execute("RELEASE unit")
-        self._finish_write(now)
+        self._db.execute("COMMIT")
 
-    def _finish_write(self, now: bool) -> None:
-        if now:
-            self.commit()
-        else:
-            self._schedule_commit()
-
-    def _schedule_commit(self) -> None:
+    def _usage_written(self) -> None:
+        """Usage was gathered: commit it at the end of this turn of the loop, or now outside one."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -253,69 +238,62 @@ class Ledger:
         prompt_tokens: int,
         tags: dict[str, Any] | None = None,
         started: float | None = None,
-    ) -> int:
-        """The request's row, before it is forwarded; returns the row id. ``started``: its wall
-        time (now by default), which ``close_request`` needs again."""
-        opened = time.time() if started is None else started
-        with self._write(now=False, single_statement=True):
-            cursor = self._db.execute(
-                "INSERT INTO usage (request_id, team, key_id, model, priority, prompt_tokens, status, "
-                "started, tags) VALUES (?, ?, ?, ?, ?, ?, 'in_flight', ?, ?)",
-                (
-                    request_id,
-                    team,
-                    key_id,
-                    model,
-                    priority,
-                    prompt_tokens,
-                    opened,
-                    json.dumps(tags) if tags else None,
-                ),
-            )
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
+    ) -> UsageRow:
+        """The request's row, written with the turn's others (``durable()`` waits for it); the
+        handle to close it with. ``started``: its wall time (now by default)."""
+        row = UsageRow(
+            request_id,
+            team,
+            key_id,
+            model,
+            priority,
+            prompt_tokens,
+            time.time() if started is None else started,
+            json.dumps(tags) if tags else None,
+        )
+        self._batch.open(row)
+        self._usage_written()
+        return row
 
-    def close_request(self, row: int, closing: Closing, team: str, model: str, started: float) -> None:
-        """Complete the row ``open_request`` made (``team``, ``model`` and ``started``, the time it was
-        opened, as given then: the totals need them, and reading them back costs a query)."""
-        with self._write(now=False):
-            self._db.execute(
-                "UPDATE usage SET prompt_tokens = ?, completion_tokens = ?, status = ?, http_status = ?, "
-                "worker = ?, latency_s = ?, cost = ?, finished = ? WHERE id = ?",
-                (closing.prompt_tokens, closing.completion_tokens, closing.status, closing.http_status,
-                 closing.worker, closing.latency_s, closing.cost, time.time(), row),
-            )  # fmt: skip
-            add_totals(self._db, team, _day(started), model, closing.prompt_tokens, closing.completion_tokens,
-                       closing.cost)  # fmt: skip
+    def close_request(self, row: UsageRow, closing: Closing) -> None:
+        """Complete the row ``open_request`` made, and add it to its team's totals."""
+        self._batch.close(row, closing, time.time())
+        self._usage_written()
 
     def _close_interrupted(self) -> int:
         """Rows a dead gateway left in flight: closed as interrupted, their prompts counted."""
+        recovered = UsageBatch()
         with self._transaction():
             rows = self._db.execute(
                 "SELECT id, team, model, started, prompt_tokens FROM usage WHERE status = 'in_flight'"
             ).fetchall()
-            for row, team, model, started, prompt in rows:
-                self._db.execute(
-                    "UPDATE usage SET status = 'interrupted', finished = ? WHERE id = ?", (time.time(), row)
-                )
-                add_totals(self._db, team, _day(started), model, prompt, 0, 0.0)
+            now = time.time()
+            self._db.executemany(
+                "UPDATE usage SET status = 'interrupted', finished = ? WHERE id = ?",
+                [(now, r[0]) for r in rows],
+            )
+            for _, team, model, started, prompt in rows:
+                recovered.add_totals(team, day_of(started), model, prompt, 0, 0.0)
+            recovered.write(self._db)
         return len(rows)
 
     def spent(self, team: str, budget: Budget, now: float | None = None) -> tuple[int, float]:
         """Tokens and dollars the team has spent in the budget's current period."""
-        start = period_start(budget.period, now)
+        start = period_start(budget.period, now).isoformat()
         row = self._db.execute(
             "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0), COALESCE(SUM(cost), 0) "
             "FROM totals WHERE team = ? AND day >= ?",
-            (team, start.isoformat()),
+            (team, start),
         ).fetchone()
-        return int(row[0]), float(row[1])
+        tokens, dollars = self._batch.spent(team, start)  # this turn's, not written yet
+        return int(row[0]) + tokens, float(row[1]) + dollars
 
     def usage(
         self, team: str | None, start: date | None, end: date | None, group_by: str
     ) -> list[dict[str, Any]]:
         """Totals per team and model or per team and day, from ``start`` to ``end`` (days, inclusive)."""
         key = {"model": "model", "day": "day"}[group_by]
+        self.commit()  # this turn's requests too
         where, args = ["1 = 1"], []
         if team is not None:
             where.append("team = ?")
@@ -339,31 +317,13 @@ class Ledger:
 
     def rows(self, team: str | None = None) -> list[dict[str, Any]]:
         """The raw log (tests and audits)."""
+        self.commit()
         cursor = self._db.execute(
             "SELECT * FROM usage" + (" WHERE team = ?" if team else "") + " ORDER BY id",
             (team,) if team else (),
         )
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor]
-
-    def _transaction(self) -> contextlib.AbstractContextManager[None]:
-        """Writes committed before this returns (teams, keys, recovery)."""
-        return self._write()
-
-
-def add_totals(
-    db: sqlite3.Connection, team: str, day: str, model: str, prompt: int, completion: int, cost: float
-) -> None:
-    db.execute(
-        "INSERT INTO totals VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT (team, day, model) DO UPDATE SET "
-        "requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-        "completion_tokens = completion_tokens + excluded.completion_tokens, cost = cost + excluded.cost",
-        (team, day, model, prompt, completion, cost),
-    )
-
-
-def _day(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).date().isoformat()
 
 
 def period_start(period: str, now: float | None = None) -> date:

@@ -68,12 +68,16 @@ class WorkerPool:
 
     def __init__(self, urls: list[str]) -> None:
         self._workers: dict[str, Worker] = {}
+        # Bumped by every change to which workers are available or to their slots, so that what
+        # is derived from them (the gateway's capacity) is recomputed only then.
+        self.version = 0
         for url in urls:
             self.add(url, ramp=False)
 
     def add(self, spec: str, ramp: bool = True) -> Worker:
         """A worker by URL, optionally labelled with its pool: ``http://host:port#latency``."""
         url, pool = parse_worker(spec)
+        self.version += 1
         if url in self._workers:
             w = self._workers[url]
             w.draining = False
@@ -88,12 +92,14 @@ class WorkerPool:
     def drain(self, url: str) -> Worker:
         w = self.get(url)
         w.draining = True
+        self.version += 1
         return w
 
     def remove(self, url: str) -> Worker:
         """Forget a worker; requests already there finish (their Worker object lives on)."""
         w = self.get(url)
         del self._workers[w.url]
+        self.version += 1
         return w
 
     def get(self, url: str) -> Worker:
@@ -138,6 +144,7 @@ class WorkerPool:
         w.failures += 1
         if w.failures >= EJECT_AFTER and w.healthy:
             w.healthy = False
+            self.version += 1
 
     def health(self, w: Worker, ok: bool) -> None:
         """An active check's result."""
@@ -146,8 +153,15 @@ class WorkerPool:
             if not w.healthy:  # re-admitted: ramp up from here
                 w.healthy = True
                 w.admitted_at = time.monotonic()
+                self.version += 1
         else:
             self.failed(w)
+
+    def set_slots(self, w: Worker, slots: int) -> None:
+        """The requests ``w`` runs at once, as its metrics report."""
+        if w.slots != slots:
+            w.slots = slots
+            self.version += 1
 
     def imbalance(self) -> float:
         """max / mean of in-flight tokens over available workers (1.0 when even or idle)."""
