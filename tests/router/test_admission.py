@@ -166,7 +166,9 @@ def test_a_request_that_outranks_what_runs_takes_an_overflow_slot_at_once():
         waiter = asyncio.create_task(queue.acquire("standard", 0, 10))
         await asyncio.sleep(0)
         assert queue.waiting == 1
+        assert not queue.outranks_running(0)
         await asyncio.wait_for(queue.acquire("premium", 10, 10), 0.1)  # no wait: the worker preempts
+        assert queue.outranks_running(10)  # so it is routed where the least prefill is under way
         await asyncio.wait_for(queue.acquire("premium", 10, 10), 0.1)
         assert queue.in_flight == 10
         late = asyncio.create_task(queue.acquire("premium", 10, 10))  # overflow used up: it waits

@@ -31,6 +31,21 @@ def test_least_load_picks_the_fewest_tokens_in_flight():
     assert r.choose(RouteRequest(50), p.available()) is b
 
 
+def test_a_request_that_jumps_the_queue_goes_where_the_least_prefill_is_under_way():
+    p, r = pool(3), Router("least_load")
+    a, b, c = p.workers
+    p.started(a, 300)
+    a.pending_prefill = 250  # its prompt is being computed now: the step running there is long
+    p.started(b, 900)  # a fuller batch, but only decoding
+    p.started(c, 900)
+    c.pending_prefill = 10
+    assert r.choose(RouteRequest(50), p.available()) is a  # by load
+    assert r.choose(RouteRequest(50, jumps_queue=True), p.available()) is b  # by the prefill ahead
+    b.pending_prefill = 250
+    assert r.choose(RouteRequest(50, jumps_queue=True), p.available()) is c
+    assert r.decisions == {"least_load": 1, "least_load_jump": 2}
+
+
 @given(st.lists(st.integers(1, 2000), min_size=1, max_size=60))
 def test_least_load_keeps_in_flight_tokens_within_one_request_of_each_other(sizes):
     p, r = pool(4), Router("least_load")

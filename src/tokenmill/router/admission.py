@@ -135,6 +135,11 @@ class AdmissionQueue:
                 self._drop(band, ticket)
             raise
 
+    def outranks_running(self, priority: int) -> bool:
+        """Whether requests of a lower priority are in flight (admitted at ``priority``, a request
+        will be seated by its worker before any of theirs that wait there)."""
+        return bool(self._running) and priority > min(self._running)
+
     def release(self, priority: int) -> None:
         """The request admitted at ``priority`` ended."""
         self.in_flight -= 1

@@ -225,7 +225,7 @@ class RouterApp:
             )
             return
         try:
-            await self._route(call, pool)
+            await self._route(call, pool, queue.outranks_running(admitted.priority))
         finally:
             queue.release(admitted.priority)
 
@@ -240,8 +240,9 @@ class RouterApp:
         self._capacity[pool] = (self.pool.version, slots)
         return slots
 
-    async def _route(self, call: Call, pool: str | None = None) -> None:
-        """Choose a worker (of ``pool``, for the gateway) and forward; the next one if it fails first."""
+    async def _route(self, call: Call, pool: str | None = None, jumps_queue: bool = False) -> None:
+        """Choose a worker (of ``pool``, for the gateway) and forward; the next one if it fails first.
+        ``jumps_queue``: the gateway admitted it above requests in flight (policies.py)."""
         scope, receive, send, request, body = call.scope, call.receive, call.send, call.request, call.body
         prompt_tokens, outcome, headers, text = call.prompt_tokens, call.outcome, call.headers, call.text
         blocks = None
@@ -255,7 +256,9 @@ class RouterApp:
         prefix = (
             chunk_hashes(text) if self.router.policy == "prefix" or (self.hasher and blocks is None) else []
         )
-        route = RouteRequest(prompt_tokens + call.output_tokens, call.session, prompt_tokens, prefix, blocks)
+        route = RouteRequest(
+            prompt_tokens + call.output_tokens, call.session, prompt_tokens, prefix, blocks, jumps_queue
+        )
         tried: set[str] = set()
         while True:
             candidates = [w for w in self.pool.available(pool) if w.url not in tried]

@@ -3,7 +3,12 @@
 - ``round_robin``: each available worker in turn.
 - ``least_load``: fewest tokens in flight (prompt + asked output of requests
   the router has there), scaled by the worker's ramp so a re-admitted worker
-  fills up gradually; ties go round the workers.
+  fills up gradually; ties go round the workers. A request that jumps the
+  queue (the gateway's higher priority classes, ``RouteRequest.jumps_queue``)
+  goes instead where the least prefill is under way: the worker's scheduler
+  seats it ahead of everything waiting, so what delays its first token is the
+  step running when it arrives, and a step carrying prefills lasts several
+  decode steps.
 - ``prefix`` and ``kv``: the worker where the request should finish first,
   in seconds: its prefill (prompt tokens already routed there and still
   waiting for their first byte, plus the part of this prompt the worker has
@@ -58,6 +63,7 @@ class RouteRequest:
     prompt_tokens: int = 0  # estimated prompt tokens alone
     prefix: list[int] = field(default_factory=list)  # chained chunk hashes of the prompt (prefix policy)
     blocks: PromptBlocks | None = None  # the prompt's exact KV blocks (kv policy)
+    jumps_queue: bool = False  # it outranks requests in flight: workers seat it before those waiting
 
 
 class Router:
@@ -91,8 +97,18 @@ class Router:
         else:
             start = next(self._turn) % len(workers)
             rotated = workers[start:] + workers[:start]  # ties go round
-            chosen = min(rotated, key=lambda w: (w.in_flight_tokens + request.tokens) / w.ramp())
-            self._count("least_load")
+            if request.jumps_queue:
+                chosen = min(
+                    rotated,
+                    key=lambda w: (
+                        w.pending_prefill / w.ramp(),
+                        (w.in_flight_tokens + request.tokens) / w.ramp(),
+                    ),
+                )
+                self._count("least_load_jump")
+            else:
+                chosen = min(rotated, key=lambda w: (w.in_flight_tokens + request.tokens) / w.ramp())
+                self._count("least_load")
         if request.session is not None:
             self._remember(request.session, chosen)
         return chosen
