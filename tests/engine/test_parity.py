@@ -24,6 +24,8 @@ from tests.tiny_models import (
     random_prompts,
 )
 from tokenmill.engine import ModelConfig, SamplingParams
+from tokenmill.engine.loader import load_model
+from tokenmill.engine.models.cpu_packing import packing_supported
 from tokenmill.engine.scoring import prompt_logits
 
 ATOL = 2e-4  # fp32, two layers: differences are summation order only
@@ -196,12 +198,23 @@ def test_rope_scaling(rope_type, tmp_path, tokenizer_dir, make_engine):
     )
 
 
-def test_bf16_checkpoint_runs_in_bf16(tmp_path, tokenizer_dir, make_engine):
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_bf16_checkpoint_runs_in_bf16(tmp_path, tokenizer_dir, make_engine, arch):
     """dtype auto takes the checkpoint's bf16; prefill logits match transformers' bf16 forward to bf16
-    precision (greedy decoding in bf16 may legitimately part ways on near ties, so it is not compared)."""
-    folder = build_tiny_model(tmp_path / "bf16", "llama", tokenizer_dir, seed=3, dtype=torch.bfloat16)
+    precision (greedy decoding in bf16 may legitimately part ways on near ties, so it is not compared).
+    On CPU the layers run oneDNN-packed, and a tied model's (qwen3) logits a packed embedding copy,
+    which the capacity plan counts."""
+    folder = build_tiny_model(tmp_path / "bf16", arch, tokenizer_dir, seed=3, dtype=torch.bfloat16)
     engine = make_engine(folder, kv_cache_memory=kv_bytes(folder, 16, 16), max_model_len=128)
-    assert engine.dtype == torch.bfloat16 and engine.kv_plan.bytes_per_block == 16 * 256
+    assert engine.dtype == torch.bfloat16
+    tied = engine.model.lm_head is None
+    assert tied == (arch == "qwen3")
+    if packing_supported(engine.dtype, engine.device):
+        assert (engine.model.packed_logits is not None) == tied
+        fresh = load_model(ModelConfig.from_pretrained(folder), torch.bfloat16, torch.device("cpu"))
+        plain = sum(t.numel() * t.element_size() for t in fresh.parameters())
+        embed = fresh.embed_tokens.weight
+        assert engine.kv_plan.weight_bytes == plain + (embed.numel() * embed.element_size() if tied else 0)
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)

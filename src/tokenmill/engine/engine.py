@@ -142,7 +142,7 @@ class Engine:
             config.block_size,
             self.max_model_len,
             config.kv_cache_memory,
-            weight_bytes(self.model),
+            weight_bytes(self.model, self.dtype, self.device),
             config.kv_cache_dtype,
         )
         pack_for_device(self.model, self.dtype, self.device)

@@ -69,10 +69,14 @@ def pack_for_device(model: nn.Module, dtype: torch.dtype, device: torch.device) 
     return packed
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Parameters and buffers (int8 weights and their scales are buffers)."""
+def weight_bytes(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+    """Parameters and buffers (int8 weights and their scales are buffers), and what packing for
+    the device will add beside them (``pack_for_device``; call this before it)."""
     tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    if packing_supported(dtype, device):
+        total += sum(m.pack_copy_bytes() for m in model.modules() if hasattr(m, "pack_copy_bytes"))
+    return total
 
 
 def generation_defaults(folder: Path) -> dict[str, Any]:

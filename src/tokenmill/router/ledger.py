@@ -156,14 +156,15 @@ class Ledger:
 
     def _usage_written(self) -> None:
         """Usage was gathered: commit it at the end of this turn of the loop, or now outside one."""
+        if self._commit_scheduled:
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.commit()  # no loop (the keys CLI, tests): nothing to group with
             return
-        if not self._commit_scheduled:
-            self._commit_scheduled = True
-            loop.call_soon(self._commit_at_end_of_turn)
+        self._commit_scheduled = True
+        loop.call_soon(self._commit_at_end_of_turn)
 
     # -- teams -------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from torch import nn
 from tokenmill.engine.attention.backend import AttentionContext
 from tokenmill.engine.config import ModelConfig
 from tokenmill.engine.errors import ModelLoadError
+from tokenmill.engine.models.cpu_packing import pack_weight, packed_linear
 from tokenmill.engine.models.layers import (
     Embedding,
     GatedMLP,
@@ -95,6 +96,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
+        self.packed_logits: torch.Tensor | None = None  # a tied embedding in oneDNN's layout (pack())
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
@@ -109,7 +111,23 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
             return self.lm_head(hidden)
+        if self.packed_logits is not None:
+            return packed_linear(hidden, self.packed_logits, None)
         return linear(hidden, self.embed_tokens.weight)
+
+    def pack(self) -> bool:
+        """A tied model's logits through a oneDNN-packed copy of the embedding (the lookup needs the
+        plain one, so both stay): the logits are the widest matmul of a decode step, and unpacked
+        they ran at a quarter of the packed layers' speed (1B, 32k vocabulary: 9.5 ms of a step)."""
+        if self.lm_head is not None:
+            return False  # an untied head is a Linear, packed as one
+        self.packed_logits = pack_weight(self.embed_tokens.weight.data)
+        return self.packed_logits is not None
+
+    def pack_copy_bytes(self) -> int:
+        """Memory ``pack()`` adds beside the weights, for the capacity plan."""
+        w = self.embed_tokens.weight
+        return 0 if self.lm_head is not None else w.numel() * w.element_size()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
         """Copy checkpoint tensors (Hugging Face names) into the fused parameters; a pre-quantized
