@@ -123,12 +123,16 @@ def test_a_turn_is_written_as_one_batch_with_totals_summed(tmp_path: Path):
         for row in (earlier, rows[0], rows[1]):
             ledger.close_request(row, Closing(12, 3, "ok", 200, "w", 0.1, 0.25))
         assert ledger.spent("a", Budget("day", tokens=1)) == (45, 0.75)  # counted before it is written
-        await ledger.durable()
+        await ledger.durable(rows[0])
         assert [r.id for r in rows] == [2, 3, 4]
+        later = ledger.open_request("r4", "a", "k", "m", 1, 10)
+        await asyncio.wait_for(ledger.durable(rows[0]), 0.001)  # written already: no wait for later's
+        await ledger.durable(later)
+        assert later.id == 5
 
     asyncio.run(run())
     log = {r["request_id"]: r for r in ledger.rows("a")}
-    assert [log[f"r{i}"]["status"] for i in range(4)] == ["ok", "ok", "ok", "in_flight"]
+    assert [log[f"r{i}"]["status"] for i in range(5)] == ["ok", "ok", "ok", "in_flight", "in_flight"]
     assert [log[f"r{i}"]["prompt_tokens"] for i in range(4)] == [12, 12, 12, 10]  # the worker's count wins
     assert log["r1"]["finished"] is not None and log["r3"]["finished"] is None
     (total,) = ledger.usage("a", None, None, "model")

@@ -37,7 +37,25 @@ def test_a_client_that_asked_gets_every_byte_as_it_came(cuts):
     meter = UsageMeter(sse=True, client_wants_usage=True)
     parts = pieces(STREAM, cuts)
     assert [meter.feed(p) for p in parts] == parts
-    assert meter.usage.completion_tokens == 2
+    assert meter.usage.completion_tokens == 2 and meter.usage.seen
+    assert meter.events == 2  # the completion estimate, were usage missing
+
+
+@given(st.lists(st.integers(0, 10_000), max_size=12))
+def test_continuous_usage_ends_with_the_last_chunks_figures(cuts):
+    chunks = [
+        {
+            "choices": [{"index": 0, "delta": {"content": "a"}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": i},
+        }
+        for i in range(1, 4)
+    ]
+    stream = b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
+    for asked in (True, False):
+        meter = UsageMeter(sse=True, client_wants_usage=asked)
+        out = b"".join(meter.feed(p) for p in pieces(stream, cuts))
+        assert out == stream  # no usage-only chunk: nothing dropped either way
+        assert (meter.usage.prompt_tokens, meter.usage.completion_tokens, meter.usage.seen) == (5, 3, True)
 
 
 def test_whole_responses_and_requests():

@@ -199,7 +199,6 @@ class RouterApp:
             if admitted is None:
                 await self._route(call)
             else:
-                await self.gateway.ledger.durable()  # the row is on disk before the request leaves
                 await self._admit_and_route(call, admitted)
         except asyncio.CancelledError:
             outcome.state = "cancelled"
@@ -311,6 +310,11 @@ class RouterApp:
                     self.pool.succeeded(worker)
                     if WORKER_HEADER.decode() in response.headers and worker.name == worker.url:
                         worker.name = response.headers[WORKER_HEADER.decode()]
+                if outcome.admitted is not None:
+                    # The usage row is on disk before the client gets a byte. It was written at the
+                    # end of the turn that forwarded the request, so this rarely waits: the commit
+                    # overlaps the worker's round trip instead of delaying the request.
+                    await self.gateway.ledger.durable(outcome.admitted.row)
                 await send(_start(response.status, response.headers, worker))
                 started = True
                 outcome.status, outcome.worker = response.status, worker.name

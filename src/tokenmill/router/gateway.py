@@ -5,9 +5,9 @@ team (401 otherwise); the team must be allowed the model (403); its priority
 is the team's class, or lower if the request asks (``priority`` in the body or
 ``x-tokenmill-priority``), never higher, and is forwarded in the body; the
 limits reserve what the request may use (429 with ``Retry-After`` and the
-limit named, ``router/limits.py``); a usage row is written before the request
-is forwarded, and closed with the tokens the worker reports when it ends,
-however it ends (``router/ledger.py``). Gateway-only fields are stripped
+limit named, ``router/limits.py``); a usage row is opened as the request is
+forwarded (on disk before the client gets a byte), and closed with the tokens
+the worker reports when it ends, however it ends (``router/ledger.py``). Gateway-only fields are stripped
 before forwarding: the key headers, and ``metadata`` (a JSON object of tags
 kept with the usage row); every other field goes to the worker unchanged.
 """

@@ -2,7 +2,7 @@
 
 SQLite in WAL mode with ``synchronous=NORMAL``: a commit survives the gateway
 process dying (not the machine losing power mid-write). A request's row is
-written before it is forwarded, status ``in_flight``, and completed when it
+written as it is forwarded, status ``in_flight``, and completed when it
 ends; rows still ``in_flight`` when the ledger opens belong to a gateway that
 died with them, and are closed as ``interrupted`` (their prompt tokens still
 count against the team's budget). Per team, day and model, totals are kept
@@ -13,10 +13,14 @@ Group commit: inside an event loop, the usage rows opened and closed during
 one turn of the loop are gathered in memory (``router/usage_batch.py``) and
 written in one transaction at the end of the turn: a few ``executemany``
 statements and one commit for the turn's requests, instead of three statements
-and their share of a commit each. ``durable()`` waits for that commit, and the
-gateway awaits it before forwarding, so a request's row is on disk before the
-request reaches a worker. Team and key changes, and any write made outside a
-loop, commit at once.
+and their share of a commit each. ``durable()`` waits for that commit. The
+gateway awaits it before the client receives the first byte of its answer,
+not before forwarding: the commit then overlaps the worker's round trip, and
+a response the client saw any of is always in the ledger. (Only a gateway
+killed between forwarding a request and the end of that same turn loses its
+row; the client received nothing, and the worker stops when the connection
+drops.) Team and key changes, and any write made outside a loop, commit at
+once.
 
 The usage log has no index but its ids, and ids are given by the batch (no
 AUTOINCREMENT bookkeeping): every page a commit touches is written to the WAL
@@ -109,9 +113,10 @@ class Ledger:
         self.commit()
         self._db.close()
 
-    async def durable(self) -> None:
-        """Return once every usage write made so far is committed."""
-        if not self._batch:
+    async def durable(self, row: UsageRow | None = None) -> None:
+        """Return once ``row`` is written (``open_request``'s handle), or with no row, once every
+        usage write made so far is committed."""
+        if not self._batch or (row is not None and row.id is not None):
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)

@@ -50,6 +50,7 @@ class UsageMeter:
         self._decoder = SSEDecoder() if sse else None
         self._whole: list[bytes] = []
         self._whole_size = 0
+        self._line = b""  # the start of a line a chunk cut (keep_usage_chunk streams)
 
     def feed(self, data: bytes) -> bytes:
         if self._decoder is None:
@@ -57,15 +58,14 @@ class UsageMeter:
                 self._whole.append(data)
                 self._whole_size += len(data)
             return data
+        if self.keep_usage_chunk:
+            self._scan(data)
+            return data
         if data.endswith(b"\n\n") and b'"usage"' not in data and not self._decoder.has_partial_event:
             # Whole events and no usage among them (nearly every chunk): through untouched, unparsed.
             self.events += data.count(b"data: ") - data.count(b"data: [DONE]")
             return data
         events = self._decoder.feed(data, time.perf_counter())
-        if self.keep_usage_chunk:  # nothing to drop: the bytes as they came
-            for event in events:
-                self._read(event)
-            return data
         # Whole events only (a partial one waits for its end), rebuilt without the usage chunk.
         return b"".join(_encode(e) for e in events if not self._read(e))
 
@@ -77,6 +77,28 @@ class UsageMeter:
             except ValueError:
                 return
             self._take(body.get("usage") if isinstance(body, dict) else None)
+
+    def _scan(self, data: bytes) -> None:
+        """A stream the client sees byte for byte: no events to rebuild, so only the lines that
+        carry usage are parsed (OpenAI-compatible servers send each chunk as one ``data:`` line),
+        and everything else is counted, not decoded."""
+        lines = self._line + data if self._line else data
+        end = lines.rfind(b"\n") + 1
+        lines, self._line = lines[:end], lines[end:]
+        if not lines:
+            return
+        self.events += lines.count(b"data: ") - lines.count(b"data: [DONE]")
+        if b'"usage"' not in lines:
+            return
+        for line in lines.split(b"\n"):
+            if line.startswith(b"data: ") and b'"usage"' in line:
+                self.events -= 1  # as _read counts: chunks with usage are not the estimate's
+                try:
+                    chunk = json.loads(line[6:])
+                except ValueError:
+                    continue
+                if isinstance(chunk, dict):
+                    self._take(chunk.get("usage"))
 
     def _read(self, event: SSEEvent) -> bool:
         """Note the event's usage; True if it is a usage-only chunk (no choices)."""
