@@ -3,12 +3,15 @@ all through real HTTP on loopback in front of a demo worker."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -83,6 +86,19 @@ def chat(url: str, key: str | None, **body) -> httpx.Response:
     return httpx.post(f"{url}/v1/chat/completions", json=payload, headers=headers, timeout=30)
 
 
+def usage_rows(gateway, team: str, settled: bool = True) -> list[dict]:
+    """The team's usage rows as another process reads them; ``settled``: once none is in flight
+    (a closing is committed at the end of the gateway's turn, just after the response ends)."""
+    deadline = time.monotonic() + 5
+    while True:
+        with contextlib.closing(sqlite3.connect(gateway.config.parent / "usage.db")) as db:
+            db.row_factory = sqlite3.Row
+            rows = [dict(r) for r in db.execute("SELECT * FROM usage WHERE team = ? ORDER BY id", (team,))]
+        if not settled or all(r["status"] != "in_flight" for r in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.01)
+
+
 def admin(method: str, url: str, path: str, **kw) -> httpx.Response:
     return httpx.request(
         method, f"{url}{path}", headers={"authorization": f"Bearer {ADMIN}"}, timeout=30, **kw
@@ -121,7 +137,7 @@ def test_every_request_is_in_the_ledger_and_usage_is_per_team(gateway):
     assert all('"usage"' not in line for line in streamed)  # it did not ask: the usage chunk is not passed
     assert streamed[-1] == "data: [DONE]"
     chat(gateway.url, beta)
-    rows = Ledger(gateway.config.parent / "usage.db").rows("alpha")
+    rows = usage_rows(gateway, "alpha")
     assert [r["status"] for r in rows] == ["ok", "ok"] and json.loads(rows[0]["tags"]) == {
         "feature": "search"
     }
@@ -149,7 +165,7 @@ def test_priority_is_the_teams_or_lower_never_higher(gateway):
     chat(gateway.url, alpha, priority=100)
     chat(gateway.url, alpha, priority=1)
     chat(gateway.url, alpha)
-    rows = Ledger(gateway.config.parent / "usage.db").rows("alpha")
+    rows = usage_rows(gateway, "alpha")
     assert [r["priority"] for r in rows] == [5, 1, 5]
 
 
@@ -159,7 +175,7 @@ def test_over_a_limit_is_a_429_naming_it_and_costs_nothing(gateway):
     third = chat(gateway.url, capped)
     assert third.status_code == 429 and int(third.headers["retry-after"]) >= 1
     assert third.json()["error"]["param"] == "requests_per_minute"
-    assert len(Ledger(gateway.config.parent / "usage.db").rows("capped")) == 2  # the refused one cost nothing
+    assert len(usage_rows(gateway, "capped")) == 2  # the refused one cost nothing
 
 
 def test_admin_api_creates_teams_and_keys_rotates_and_revokes(gateway):
@@ -189,7 +205,7 @@ def test_admin_api_creates_teams_and_keys_rotates_and_revokes(gateway):
 def test_a_key_revoked_by_the_cli_stops_working_on_a_running_gateway(gateway):
     alpha = gateway.keys["alpha"]
     assert chat(gateway.url, alpha).status_code == 200
-    key_id = Ledger(gateway.config.parent / "usage.db").keys("alpha")[0].id
+    key_id = Ledger(gateway.config.parent / "usage.db").keys("alpha")[0].id  # (a Ledger recovers nothing)
     cmd = [
         sys.executable,
         "-m",
@@ -222,7 +238,7 @@ def test_a_killed_gateway_leaves_no_request_unrecorded(gateway):
     restarted = start_gateway(gateway.worker, gateway.config)
     try:
         assert "1 requests a stopped gateway left in flight" in restarted.ready_line
-        (row,) = Ledger(gateway.config.parent / "usage.db").rows("beta")
+        (row,) = usage_rows(gateway, "beta")
         assert row["status"] == "interrupted" and row["prompt_tokens"] > 0
     finally:
         restarted.stop()
@@ -313,7 +329,7 @@ def test_tokens_per_minute_and_budgets_through_http(gateway):
     assert statuses == [200, 200, 200, 429, 429]  # 18 tokens used each, 19 reserved, 70 a day
     over = chat(gateway.url, budgeted, max_tokens=4)
     assert over.json()["error"]["param"] == "budget" and int(over.headers["retry-after"]) <= 86_400
-    rows = Ledger(gateway.config.parent / "usage.db").rows("budgeted")
+    rows = usage_rows(gateway, "budgeted")
     assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows) <= 70
 
 
@@ -346,3 +362,26 @@ def test_the_worker_gets_the_body_rewritten_only_where_it_must_be(tmp_path: Path
         assert json.loads(body) == forwarded
     assert "authorization" not in headers and headers["x-tokenmill-tenant"] == "alpha"
     gateway.ledger.close()
+
+
+def test_the_keys_cli_on_a_running_gateway_leaves_its_requests_in_flight_alone(gateway):
+    """Opening the ledger to manage keys must not take the running gateway's requests for a dead
+    gateway's (closed as interrupted, their prompts counted twice once they end)."""
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 600,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    headers = {"authorization": f"Bearer {gateway.keys['beta']}"}
+    with httpx.stream(
+        "POST", f"{gateway.url}/v1/chat/completions", json=body, headers=headers, timeout=30
+    ) as r:
+        lines = r.iter_lines()
+        next(lines)
+        (in_flight,) = usage_rows(gateway, "beta", settled=False)
+        assert in_flight["status"] == "in_flight"
+        Ledger(gateway.config.parent / "usage.db").keys("beta")  # what `tokenmill keys list` does
+        assert usage_rows(gateway, "beta", settled=False)[0]["status"] == "in_flight"
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    (row,) = usage_rows(gateway, "beta")
+    assert (row["status"], row["completion_tokens"]) == ("ok", 600)
+    mine = httpx.get(f"{gateway.url}/v1/usage", headers=headers, timeout=30).json()["data"]
+    assert mine[0]["prompt_tokens"] == row["prompt_tokens"] and mine[0]["requests"] == 1

@@ -49,8 +49,9 @@ def test_requests_in_flight_when_the_gateway_died_are_closed_as_interrupted(tmp_
         f"l = Ledger(Path({str(path)!r})); l.open_request('lost', 'a', 'k', 'm', 5, 300); os._exit(9)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 9  # no cleanup at all
+    assert Ledger(path).rows("a")[0]["status"] == "in_flight"  # opening the file recovers nothing
     ledger = Ledger(path)
-    assert ledger.recovered == 1
+    assert ledger.recover_interrupted() == 1 and ledger.recovered == 1
     (row,) = ledger.rows("a")
     assert (row["request_id"], row["status"], row["prompt_tokens"], row["priority"]) == (
         "lost",
@@ -59,7 +60,7 @@ def test_requests_in_flight_when_the_gateway_died_are_closed_as_interrupted(tmp_
         5,
     )
     assert ledger.spent("a", Budget("day", tokens=1)) == (300, 0.0)  # it still counts against the budget
-    assert Ledger(path).recovered == 0  # and only once
+    assert Ledger(path).recover_interrupted() == 0  # and only once
 
 
 def test_keys_are_stored_as_hashes_and_revoked(tmp_path: Path):

@@ -111,6 +111,7 @@ def _gateway(path: Path) -> Gateway:
 
     config = load_gateway_config(path)
     gateway = Gateway(config)
+    gateway.ledger.recover_interrupted()  # this gateway owns the ledger: what is in flight is lost
     if not gateway.is_configured_admin:
         err.print(
             f"[yellow]warning:[/yellow] ${config.admin_key_env} is not set: the admin API is closed "

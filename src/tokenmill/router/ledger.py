@@ -3,8 +3,8 @@
 SQLite in WAL mode with ``synchronous=NORMAL``: a commit survives the gateway
 process dying (not the machine losing power mid-write). A request's row is
 written as it is forwarded, status ``in_flight``, and completed when it
-ends; rows still ``in_flight`` when the ledger opens belong to a gateway that
-died with them, and are closed as ``interrupted`` (their prompt tokens still
+ends; rows still ``in_flight`` when a gateway starts belong to one that died
+with them, and are closed as ``interrupted`` (their prompt tokens still
 count against the team's budget). Per team, day and model, totals are kept
 beside the log in the same transaction, so budgets and ``/v1/usage`` read a
 few dozen rows, never the log.
@@ -107,7 +107,7 @@ class Ledger:
         self._batch = UsageBatch()  # this turn's usage writes
         self._commit_scheduled = False
         self._waiters: list[asyncio.Future[None]] = []  # durable() callers
-        self.recovered = self._close_interrupted()
+        self.recovered = 0  # rows recover_interrupted() closed
 
     def close(self) -> None:
         self.commit()
@@ -266,8 +266,11 @@ class Ledger:
         self._batch.close(row, closing, time.time())
         self._usage_written()
 
-    def _close_interrupted(self) -> int:
-        """Rows a dead gateway left in flight: closed as interrupted, their prompts counted."""
+    def recover_interrupted(self) -> int:
+        """Close the rows a dead gateway left in flight as interrupted, their prompts counted.
+        Only the gateway that owns the ledger calls this, as it starts: anything else that opens
+        the file (``tokenmill keys``, an audit) would take the running gateway's requests for
+        lost ones."""
         recovered = UsageBatch()
         with self._transaction():
             rows = self._db.execute(
@@ -281,6 +284,7 @@ class Ledger:
             for _, team, model, started, prompt in rows:
                 recovered.add_totals(team, day_of(started), model, prompt, 0, 0.0)
             recovered.write(self._db)
+        self.recovered += len(rows)
         return len(rows)
 
     def spent(self, team: str, budget: Budget, now: float | None = None) -> tuple[int, float]:
