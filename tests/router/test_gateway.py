@@ -343,6 +343,11 @@ def test_tokens_per_minute_and_budgets_through_http(gateway):
         (b'{"model": "demo", "stream": true}', {"model": "demo", "stream": True, "priority": 5,
                                                "stream_options": {"include_usage": True}}),
         (b'{"model": "demo", "priority": 2}', {"model": "demo", "priority": 2}),
+        (b'{"model": "demo", "metadata": null}', {"model": "demo", "priority": 5}),
+        # "false" as a string: the worker must see a real boolean, so the usage chunk comes.
+        (b'{"model": "demo", "stream": true, "stream_options": {"include_usage": "false"}}',
+         {"model": "demo", "stream": True, "priority": 5, "stream_options": {"include_usage": True}}),
+        ('{"model": "demo"}'.encode("utf-16-be"), {"model": "demo", "priority": 5}),  # not spliced
     ],
 )  # fmt: skip
 def test_the_worker_gets_the_body_rewritten_only_where_it_must_be(tmp_path: Path, request_body, forwarded):
@@ -385,3 +390,26 @@ def test_the_keys_cli_on_a_running_gateway_leaves_its_requests_in_flight_alone(g
     assert (row["status"], row["completion_tokens"]) == ("ok", 600)
     mine = httpx.get(f"{gateway.url}/v1/usage", headers=headers, timeout=30).json()["data"]
     assert mine[0]["prompt_tokens"] == row["prompt_tokens"] and mine[0]["requests"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "demo", "priority": -(2**70)}, "priority"),  # lower is allowed, but not past int32
+        ({"model": "demo", "priority": 2**31}, "priority"),
+        ({"model": "demo\ud800"}, "model"),  # a lone surrogate: no UTF-8 store can hold it
+    ],
+)
+def test_values_the_workers_or_the_ledger_cannot_hold_are_refused(tmp_path: Path, body, param):
+    from tokenmill.router.gateway import Gateway, GatewayError
+    from tokenmill.router.gateway_config import load_gateway_config
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text(CONFIG.replace("models: [demo], priority: 5", "priority: 5"))
+    gateway = Gateway(load_gateway_config(config))
+    key, _ = gateway.create_key("alpha")
+    raw = json.dumps(body).encode()
+    with pytest.raises(GatewayError) as refused:
+        gateway.admit(json.loads(raw), raw, {"authorization": f"Bearer {key}"}, 10, 4)
+    assert (refused.value.status, refused.value.param) == (400, param)
+    assert gateway.ledger.rows() == []  # no row, nothing reserved

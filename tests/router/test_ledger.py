@@ -169,3 +169,36 @@ def test_the_day_of_a_timestamp_is_its_utc_date(milliseconds: int):
     # (datetime rounds to the microsecond; day_of floors: they differ only within 0.5 us of midnight)
     timestamp = milliseconds / 1000
     assert day_of(timestamp) == datetime.fromtimestamp(timestamp, UTC).date().isoformat()
+
+
+def test_one_gateway_claims_a_ledger(tmp_path: Path):
+    first, second = Ledger(tmp_path / "u.db"), Ledger(tmp_path / "u.db")
+    first.claim()
+    with pytest.raises(ValueError, match="in use by another running gateway"):
+        second.claim()
+    path = str(tmp_path / "u.db")
+    code = (
+        "from pathlib import Path; from tokenmill.router.ledger import Ledger; "
+        f"Ledger(Path({path!r})).claim()"
+    )
+    taken = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert taken.returncode != 0 and "in use by another running gateway" in taken.stderr
+    Ledger(tmp_path / "other.db").claim()  # other ledgers are free
+    first.close()  # (or its process ends, however it ends)
+    second.claim()
+
+
+def test_a_row_sqlite_cannot_take_fails_its_commit_alone(tmp_path: Path):
+    """A value no check caught must not stop the accounting of every later request."""
+    ledger = Ledger(tmp_path / "u.db")
+
+    async def run() -> None:
+        bad = ledger.open_request("bad", "a", "k", "m", 2**70, 10)  # the gateway refuses this priority
+        with pytest.raises(OverflowError):
+            await ledger.durable(bad)
+        good = ledger.open_request("good", "a", "k", "m", 0, 10)
+        await asyncio.wait_for(ledger.durable(good), 1)
+        assert good.id is not None
+
+    asyncio.run(run())
+    assert [r["request_id"] for r in ledger.rows("a")] == ["good"]

@@ -69,3 +69,19 @@ def test_whole_responses_and_requests():
     assert request["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
     assert ask_for_usage({"stream": True, "stream_options": {"include_usage": True}}) is True
     assert ask_for_usage({"stream": False}) is True
+
+
+def test_what_servers_may_send_otherwise():
+    """``data:`` without its space and CR line ends (both SSE), and usage figures nobody can have."""
+    bare = STREAM.replace(b"data: ", b"data:")
+    meter = UsageMeter(sse=True, client_wants_usage=True)
+    assert b"".join(meter.feed(p) for p in pieces(bare, [7, 40, 41])) == bare
+    assert (meter.usage.completion_tokens, meter.events) == (2, 2)
+    crlf = STREAM.replace(b"\n", b"\r\n")
+    meter = UsageMeter(sse=True, client_wants_usage=True)
+    assert b"".join(meter.feed(p) for p in pieces(crlf, [30, 61])) == crlf
+    assert meter.usage.completion_tokens == 2 and meter.usage.seen
+    huge = json.dumps({"choices": [], "usage": {"prompt_tokens": 2**70, "completion_tokens": 1}})
+    meter = UsageMeter(sse=True, client_wants_usage=True)
+    meter.feed(f"data: {huge}\n\n".encode())
+    assert not meter.usage.seen  # not believed: the router's estimate stands

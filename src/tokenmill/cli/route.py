@@ -111,7 +111,8 @@ def _gateway(path: Path) -> Gateway:
 
     config = load_gateway_config(path)
     gateway = Gateway(config)
-    gateway.ledger.recover_interrupted()  # this gateway owns the ledger: what is in flight is lost
+    gateway.ledger.claim()  # one gateway per ledger: then what is in flight there is lost
+    gateway.ledger.recover_interrupted()
     if not gateway.is_configured_admin:
         err.print(
             f"[yellow]warning:[/yellow] ${config.admin_key_env} is not set: the admin API is closed "

@@ -314,7 +314,21 @@ class RouterApp:
                     # The usage row is on disk before the client gets a byte. It was written at the
                     # end of the turn that forwarded the request, so this rarely waits: the commit
                     # overlaps the worker's round trip instead of delaying the request.
-                    await self.gateway.ledger.durable(outcome.admitted.row)
+                    try:
+                        await self.gateway.ledger.durable(outcome.admitted.row)
+                    except Exception as e:  # the row stays queued for the next commit
+                        logger.error(
+                            "usage of %s not recorded (%s): answering 503", outcome.admitted.request_id, e
+                        )
+                        outcome.status, outcome.state = 503, "ledger_error"
+                        await send_error(
+                            send,
+                            503,
+                            "usage could not be recorded; retry shortly",
+                            kind="service_unavailable",
+                            retry_after=1,
+                        )
+                        return True  # leaving closes the worker's stream: it stops generating
                 await send(_start(response.status, response.headers, worker))
                 started = True
                 outcome.status, outcome.worker = response.status, worker.name

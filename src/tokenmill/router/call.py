@@ -45,7 +45,8 @@ class Outcome:
     def __init__(self, admitted: Admitted | None) -> None:
         self.admitted = admitted
         self.status: int | None = None
-        self.state = "unavailable"  # ok, error (the worker's 4xx/5xx), cut, cancelled, unavailable
+        # ok, error (the worker's 4xx/5xx), cut, cancelled, unavailable, ledger_error
+        self.state = "unavailable"
         self.worker: str | None = None
         self.meter: UsageMeter | None = None
 

@@ -32,6 +32,7 @@ from tokenmill.router.usage_batch import Closing, UsageRow
 from tokenmill.router.usage_meter import Usage, ask_for_usage
 
 KEY_HEADERS = ("authorization", "x-api-key")
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1  # what workers (gRPC int32) and the ledger hold
 KEYS_REFRESH_S = 2.0  # keys created or revoked by another process (the CLI) take effect this fast
 
 
@@ -139,7 +140,7 @@ class Gateway:
         if team is None:
             raise GatewayError(401, f"the key's team {team_name!r} no longer exists", "authentication_error")
         model = request.get("model")
-        if not isinstance(model, str) or not model:
+        if not isinstance(model, str) or not model or not _utf8(model):
             raise GatewayError(
                 400,
                 "model is required: the name of a model your team may use",
@@ -155,17 +156,15 @@ class Gateway:
                 "model",
             )
         priority = _priority(request, headers, team)
+        # The client's bytes can go as they are when adding the priority is the only change.
+        as_sent = "metadata" not in request and "priority" not in request and _asks_usage(request)
         tags = request.pop("metadata", None)
         if tags is not None and not isinstance(tags, dict):
             raise GatewayError(
                 400, "metadata must be a JSON object of tags", "invalid_request_error", "metadata"
             )
         wants_usage = ask_for_usage(request)
-        forward = (
-            _with_priority(body, priority)
-            if tags is None and wants_usage and "priority" not in request
-            else None
-        )
+        forward = _with_priority(body, priority) if as_sent else None
         request["priority"] = priority
         for name in (*KEY_HEADERS, PRIORITY_HEADER):
             headers.pop(name, None)
@@ -296,19 +295,40 @@ def _priority(request: dict[str, Any], headers: dict[str, str], team: Team) -> i
             ) from None
     if asked is None:
         return team.priority
-    if not isinstance(asked, int) or isinstance(asked, bool):
+    if not isinstance(asked, int) or isinstance(asked, bool) or not PRIORITY_MIN <= asked <= PRIORITY_MAX:
         raise GatewayError(
-            400, f"priority must be an integer, got {asked!r}", "invalid_request_error", "priority"
+            400,
+            f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, got {asked!r}",
+            "invalid_request_error",
+            "priority",
         )
     return min(asked, team.priority)
+
+
+def _utf8(text: str) -> bool:
+    """JSON escapes can carry lone surrogates, which no UTF-8 store (the ledger) can hold."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _asks_usage(request: dict[str, Any]) -> bool:
+    """A whole response, or a stream whose client asked for usage exactly as the worker must see
+    it (``true``, not a string or a number a worker may read otherwise)."""
+    if not request.get("stream"):
+        return True
+    options = request.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def _with_priority(body: bytes, priority: int) -> bytes | None:
     """``body`` with ``"priority"`` added as its last field, without re-encoding the rest; None if
     it does not end like a JSON object with fields."""
     end = body.rstrip()
-    if not end.endswith(b"}") or end[:-1].rstrip().endswith(b"{"):
-        return None
+    if not end.endswith(b"}") or end[:-1].rstrip().endswith(b"{") or b"\x00" in body[:4]:
+        return None  # (a NUL among the first bytes: UTF-16 or UTF-32, which json.loads reads too)
     return b'%s, "priority": %d}' % (end[:-1], priority)
 
 

@@ -40,6 +40,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import secrets
 import sqlite3
 import time
@@ -108,10 +109,14 @@ class Ledger:
         self._commit_scheduled = False
         self._waiters: list[asyncio.Future[None]] = []  # durable() callers
         self.recovered = 0  # rows recover_interrupted() closed
+        self._lock_fd: int | None = None  # claim()
 
     def close(self) -> None:
         self.commit()
         self._db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the claim ends with it
+            self._lock_fd = None
 
     async def durable(self, row: UsageRow | None = None) -> None:
         """Return once ``row`` is written (``open_request``'s handle), or with no row, once every
@@ -133,10 +138,15 @@ class Ledger:
                 with self._transaction():
                     first = self._batch.write(self._db)
                 self._batch.written(first)
-        except sqlite3.Error as e:
+        except Exception as e:
             for w in waiters:
                 if not w.done():
                     w.set_exception(e)
+            if not isinstance(e, sqlite3.Error):
+                # A value SQLite cannot take (the gateway checks what it writes, so a bug): kept,
+                # it would fail every later commit and stop all accounting, so it is dropped.
+                logger.error("dropping %d unwritable usage rows: %r", len(self._batch.opened), e)
+                self._batch = UsageBatch()
             raise
         for w in waiters:
             if not w.done():
@@ -145,7 +155,7 @@ class Ledger:
     def _commit_at_end_of_turn(self) -> None:
         try:
             self.commit()
-        except sqlite3.Error:  # waiters got the error; the batch is retried with the next commit
+        except Exception:  # waiters got the error; a sqlite3.Error's batch is retried with the next commit
             logger.exception("the ledger could not commit")
 
     @contextlib.contextmanager
@@ -265,6 +275,28 @@ class Ledger:
         """Complete the row ``open_request`` made, and add it to its team's totals."""
         self._batch.close(row, closing, time.time())
         self._usage_written()
+
+    def claim(self) -> None:
+        """Make this process the ledger's one gateway, or raise ValueError naming the file if
+        another holds it (a lock on ``<ledger>.lock``, let go when the process ends, however it
+        ends). A gateway's recovery takes every row in flight for lost, and the usage totals are
+        kept by one writer: two gateways on one ledger would count requests twice."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; one gateway per ledger is then the operator's to keep
+            logger.warning("cannot lock %s on this platform: run one gateway per ledger", self.path)
+            return
+        lock = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(
+                f"the ledger {self.path} is in use by another running gateway (lock {lock}); "
+                "give each gateway its own ledger"
+            ) from None
+        self._lock_fd = fd  # held for the life of the process
 
     def recover_interrupted(self) -> int:
         """Close the rows a dead gateway left in flight as interrupted, their prompts counted.

@@ -18,6 +18,7 @@ from typing import Any
 from tokenmill.client.sse import SSEDecoder, SSEEvent
 
 MAX_WHOLE_BODY = 16 << 20  # bytes of a whole response kept to read its usage
+MAX_TOKENS = 1 << 40  # a worker's usage figure past this is not believed (nor storable as it comes)
 
 
 def ask_for_usage(request: dict[str, Any]) -> bool:
@@ -27,7 +28,7 @@ def ask_for_usage(request: dict[str, Any]) -> bool:
     options = request.get("stream_options")
     if not isinstance(options, dict):
         options = {}
-    asked = bool(options.get("include_usage"))
+    asked = options.get("include_usage") is True
     request["stream_options"] = {**options, "include_usage": True}
     return asked
 
@@ -51,6 +52,7 @@ class UsageMeter:
         self._whole: list[bytes] = []
         self._whole_size = 0
         self._line = b""  # the start of a line a chunk cut (keep_usage_chunk streams)
+        self._plain_lines = True  # LF line ends only, so far: _scan reads them
 
     def feed(self, data: bytes) -> bytes:
         if self._decoder is None:
@@ -58,8 +60,20 @@ class UsageMeter:
                 self._whole.append(data)
                 self._whole_size += len(data)
             return data
+        if self.keep_usage_chunk and self._plain_lines:
+            if b"\r" not in data:
+                self._scan(data)
+                return data
+            # CR line ends (SSE allows them): the decoder from here on, from the line it has not read.
+            self._plain_lines = False
+            data, held = self._line + data, data
+            self._line = b""
+            for event in self._decoder.feed(data, time.perf_counter()):
+                self._read(event)
+            return held
         if self.keep_usage_chunk:
-            self._scan(data)
+            for event in self._decoder.feed(data, time.perf_counter()):
+                self._read(event)
             return data
         if data.endswith(b"\n\n") and b'"usage"' not in data and not self._decoder.has_partial_event:
             # Whole events and no usage among them (nearly every chunk): through untouched, unparsed.
@@ -87,14 +101,14 @@ class UsageMeter:
         lines, self._line = lines[:end], lines[end:]
         if not lines:
             return
-        self.events += lines.count(b"data: ") - lines.count(b"data: [DONE]")
+        self.events += lines.count(b"data:") - lines.count(b"[DONE]")
         if b'"usage"' not in lines:
             return
         for line in lines.split(b"\n"):
-            if line.startswith(b"data: ") and b'"usage"' in line:
+            if line.startswith(b"data:") and b'"usage"' in line:
                 self.events -= 1  # as _read counts: chunks with usage are not the estimate's
                 try:
-                    chunk = json.loads(line[6:])
+                    chunk = json.loads(line[5:])
                 except ValueError:
                     continue
                 if isinstance(chunk, dict):
@@ -115,10 +129,15 @@ class UsageMeter:
         return chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
 
     def _take(self, usage: Any) -> None:
-        if isinstance(usage, dict):
-            self.usage.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            self.usage.completion_tokens = int(usage.get("completion_tokens") or 0)
-            self.usage.seen = True
+        if not isinstance(usage, dict):
+            return
+        prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+        if all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 <= n < MAX_TOKENS
+            for n in (prompt, completion)
+        ):
+            self.usage.prompt_tokens, self.usage.completion_tokens = prompt, completion
+            self.usage.seen = True  # otherwise the worker's figures are nonsense: the estimate stands
 
 
 def _encode(event: SSEEvent) -> bytes:
