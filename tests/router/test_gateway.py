@@ -413,3 +413,24 @@ def test_values_the_workers_or_the_ledger_cannot_hold_are_refused(tmp_path: Path
         gateway.admit(json.loads(raw), raw, {"authorization": f"Bearer {key}"}, 10, 4)
     assert (refused.value.status, refused.value.param) == (400, param)
     assert gateway.ledger.rows() == []  # no row, nothing reserved
+
+
+def test_a_second_gateway_on_the_same_ledger_exits_naming_it_and_changes_nothing(gateway):
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 900,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    headers = {"authorization": f"Bearer {gateway.keys['beta']}"}
+    with httpx.stream(
+        "POST", f"{gateway.url}/v1/chat/completions", json=body, headers=headers, timeout=30
+    ) as r:
+        lines = r.iter_lines()
+        next(lines)
+        cmd = [sys.executable, "-m", "tokenmill.cli.main", "route", "--port", "0", "--worker",
+               gateway.worker.url, "--gateway-config", str(gateway.config)]  # fmt: skip
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "in use by another running gateway" in " ".join(
+            second.stderr.split()
+        )
+        assert usage_rows(gateway, "beta", settled=False)[0]["status"] == "in_flight"  # not recovered
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert usage_rows(gateway, "beta")[0]["status"] == "ok"
