@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -97,6 +98,20 @@ def usage_rows(gateway, team: str, settled: bool = True) -> list[dict]:
         if not settled or all(r["status"] != "in_flight" for r in rows) or time.monotonic() > deadline:
             return rows
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def long_stream(gateway, team: str, tokens: int) -> Iterator[Iterator[str]]:
+    """A streamed request of ``tokens`` tokens, open and past its first line: still in flight."""
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": tokens,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    headers = {"authorization": f"Bearer {gateway.keys[team]}"}
+    with httpx.stream(
+        "POST", f"{gateway.url}/v1/chat/completions", json=body, headers=headers, timeout=30
+    ) as r:
+        lines = r.iter_lines()
+        next(lines)
+        yield lines
 
 
 def admin(method: str, url: str, path: str, **kw) -> httpx.Response:
@@ -372,14 +387,7 @@ def test_the_worker_gets_the_body_rewritten_only_where_it_must_be(tmp_path: Path
 def test_the_keys_cli_on_a_running_gateway_leaves_its_requests_in_flight_alone(gateway):
     """Opening the ledger to manage keys must not take the running gateway's requests for a dead
     gateway's (closed as interrupted, their prompts counted twice once they end)."""
-    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 600,
-            "ignore_eos": True, "stream": True}  # fmt: skip
-    headers = {"authorization": f"Bearer {gateway.keys['beta']}"}
-    with httpx.stream(
-        "POST", f"{gateway.url}/v1/chat/completions", json=body, headers=headers, timeout=30
-    ) as r:
-        lines = r.iter_lines()
-        next(lines)
+    with long_stream(gateway, "beta", 600) as lines:
         (in_flight,) = usage_rows(gateway, "beta", settled=False)
         assert in_flight["status"] == "in_flight"
         Ledger(gateway.config.parent / "usage.db").keys("beta")  # what `tokenmill keys list` does
@@ -388,6 +396,7 @@ def test_the_keys_cli_on_a_running_gateway_leaves_its_requests_in_flight_alone(g
     assert rest[-1] == "data: [DONE]"
     (row,) = usage_rows(gateway, "beta")
     assert (row["status"], row["completion_tokens"]) == ("ok", 600)
+    headers = {"authorization": f"Bearer {gateway.keys['beta']}"}
     mine = httpx.get(f"{gateway.url}/v1/usage", headers=headers, timeout=30).json()["data"]
     assert mine[0]["prompt_tokens"] == row["prompt_tokens"] and mine[0]["requests"] == 1
 
@@ -416,14 +425,7 @@ def test_values_the_workers_or_the_ledger_cannot_hold_are_refused(tmp_path: Path
 
 
 def test_a_second_gateway_on_the_same_ledger_exits_naming_it_and_changes_nothing(gateway):
-    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 900,
-            "ignore_eos": True, "stream": True}  # fmt: skip
-    headers = {"authorization": f"Bearer {gateway.keys['beta']}"}
-    with httpx.stream(
-        "POST", f"{gateway.url}/v1/chat/completions", json=body, headers=headers, timeout=30
-    ) as r:
-        lines = r.iter_lines()
-        next(lines)
+    with long_stream(gateway, "beta", 900) as lines:
         cmd = [sys.executable, "-m", "tokenmill.cli.main", "route", "--port", "0", "--worker",
                gateway.worker.url, "--gateway-config", str(gateway.config)]  # fmt: skip
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
