@@ -91,7 +91,6 @@ class RouterApp:
         self._health_task: asyncio.Task[None] | None = None
         self.keeper = FleetKeeper(pool, router, self._transport, health_interval, workers_file)
         self.streams_cut = 0  # streams that ended with an error event because their worker failed
-        self._capacity: dict[str, tuple[int, int]] = {}  # pool -> (pool version, slots)
 
     # -- ASGI ------------------------------------------------------------------------------
 
@@ -229,15 +228,9 @@ class RouterApp:
             queue.release(admitted.priority)
 
     def _slots(self, pool: str) -> int:
-        """Requests the pool's workers take at once, as their metrics report (the gateway's capacity);
-        asked at every admission and release, so recomputed only when the workers change."""
+        """The pool's capacity, for the gateway's admission queue."""
         assert self.gateway is not None
-        known = self._capacity.get(pool)
-        if known is not None and known[0] == self.pool.version:
-            return known[1]
-        slots = sum(w.slots or self.gateway.config.worker_slots for w in self.pool.available(pool))
-        self._capacity[pool] = (self.pool.version, slots)
-        return slots
+        return self.pool.slots(pool, self.gateway.config.worker_slots)
 
     async def _route(self, call: Call, pool: str | None = None, jumps_queue: bool = False) -> None:
         """Choose a worker (of ``pool``, for the gateway) and forward; the next one if it fails first.
@@ -310,25 +303,8 @@ class RouterApp:
                     self.pool.succeeded(worker)
                     if WORKER_HEADER.decode() in response.headers and worker.name == worker.url:
                         worker.name = response.headers[WORKER_HEADER.decode()]
-                if outcome.admitted is not None:
-                    # The usage row is on disk before the client gets a byte. It was written at the
-                    # end of the turn that forwarded the request, so this rarely waits: the commit
-                    # overlaps the worker's round trip instead of delaying the request.
-                    try:
-                        await self.gateway.ledger.durable(outcome.admitted.row)
-                    except Exception as e:  # the row stays queued for the next commit
-                        logger.error(
-                            "usage of %s not recorded (%s): answering 503", outcome.admitted.request_id, e
-                        )
-                        outcome.status, outcome.state = 503, "ledger_error"
-                        await send_error(
-                            send,
-                            503,
-                            "usage could not be recorded; retry shortly",
-                            kind="service_unavailable",
-                            retry_after=1,
-                        )
-                        return True  # leaving closes the worker's stream: it stops generating
+                if outcome.admitted is not None and not await self._usage_recorded(outcome, send):
+                    return True  # leaving closes the worker's stream: it stops generating
                 await send(_start(response.status, response.headers, worker))
                 started = True
                 outcome.status, outcome.worker = response.status, worker.name
@@ -348,6 +324,26 @@ class RouterApp:
         finally:
             self.pool.finished(worker, tokens, output)
             prefill.done()
+
+    async def _usage_recorded(self, outcome: Outcome, send: Send) -> bool:
+        """The gateway's request's usage row is on disk, before its client gets a byte; else a 503.
+        The row was written at the end of the turn that forwarded the request, so this rarely
+        waits: the commit overlaps the worker's round trip instead of delaying the request."""
+        assert self.gateway is not None and outcome.admitted is not None
+        try:
+            await self.gateway.ledger.durable(outcome.admitted.row)
+            return True
+        except Exception as e:  # the row stays queued for the next commit
+            logger.error("usage of %s not recorded (%s): answering 503", outcome.admitted.request_id, e)
+            outcome.status, outcome.state = 503, "ledger_error"
+            await send_error(
+                send,
+                503,
+                "usage could not be recorded; retry shortly",
+                kind="service_unavailable",
+                retry_after=1,
+            )
+            return False
 
     async def _relay(
         self,

@@ -7,9 +7,10 @@ is the team's class, or lower if the request asks (``priority`` in the body or
 limits reserve what the request may use (429 with ``Retry-After`` and the
 limit named, ``router/limits.py``); a usage row is opened as the request is
 forwarded (on disk before the client gets a byte), and closed with the tokens
-the worker reports when it ends, however it ends (``router/ledger.py``). Gateway-only fields are stripped
-before forwarding: the key headers, and ``metadata`` (a JSON object of tags
-kept with the usage row); every other field goes to the worker unchanged.
+the worker reports when it ends, however it ends (``router/ledger.py``).
+Gateway-only fields are stripped before forwarding: the key headers, and
+``metadata`` (a JSON object of tags kept with the usage row); every other
+field goes to the worker unchanged.
 """
 
 from __future__ import annotations
@@ -156,15 +157,16 @@ class Gateway:
                 "model",
             )
         priority = _priority(request, headers, team)
-        # The client's bytes can go as they are when adding the priority is the only change.
-        as_sent = "metadata" not in request and "priority" not in request and _asks_usage(request)
+        rewritten = "metadata" in request or "priority" in request
         tags = request.pop("metadata", None)
         if tags is not None and not isinstance(tags, dict):
             raise GatewayError(
                 400, "metadata must be a JSON object of tags", "invalid_request_error", "metadata"
             )
         wants_usage = ask_for_usage(request)
-        forward = _with_priority(body, priority) if as_sent else None
+        # The client's bytes can go as they are when adding the priority is the only change (a
+        # stream that did not ask for usage exactly as the worker must see it gets it asked).
+        forward = _with_priority(body, priority) if wants_usage and not rewritten else None
         request["priority"] = priority
         for name in (*KEY_HEADERS, PRIORITY_HEADER):
             headers.pop(name, None)
@@ -312,15 +314,6 @@ def _utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _asks_usage(request: dict[str, Any]) -> bool:
-    """A whole response, or a stream whose client asked for usage exactly as the worker must see
-    it (``true``, not a string or a number a worker may read otherwise)."""
-    if not request.get("stream"):
-        return True
-    options = request.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def _with_priority(body: bytes, priority: int) -> bytes | None:

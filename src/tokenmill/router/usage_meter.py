@@ -60,19 +60,13 @@ class UsageMeter:
                 self._whole.append(data)
                 self._whole_size += len(data)
             return data
-        if self.keep_usage_chunk and self._plain_lines:
-            if b"\r" not in data:
+        if self.keep_usage_chunk:  # nothing to drop: the bytes as they came
+            if self._plain_lines and b"\r" not in data:
                 self._scan(data)
                 return data
-            # CR line ends (SSE allows them): the decoder from here on, from the line it has not read.
-            self._plain_lines = False
-            data, held = self._line + data, data
-            self._line = b""
-            for event in self._decoder.feed(data, time.perf_counter()):
-                self._read(event)
-            return held
-        if self.keep_usage_chunk:
-            for event in self._decoder.feed(data, time.perf_counter()):
+            # CR line ends (SSE allows them): the decoder from here on, from the line _scan left.
+            self._plain_lines, unread, self._line = False, self._line, b""
+            for event in self._decoder.feed(unread + data, time.perf_counter()):
                 self._read(event)
             return data
         if data.endswith(b"\n\n") and b'"usage"' not in data and not self._decoder.has_partial_event:

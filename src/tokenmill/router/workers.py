@@ -71,6 +71,7 @@ class WorkerPool:
         # Bumped by every change to which workers are available or to their slots, so that what
         # is derived from them (the gateway's capacity) is recomputed only then.
         self.version = 0
+        self._slots: dict[tuple[str | None, int], tuple[int, int]] = {}  # (pool, default) -> (version, slots)
         for url in urls:
             self.add(url, ramp=False)
 
@@ -156,6 +157,17 @@ class WorkerPool:
                 self.version += 1
         else:
             self.failed(w)
+
+    def slots(self, pool: str | None, default: int) -> int:
+        """Requests the pool's available workers run at once, as their metrics report (``default``
+        for those that do not): the gateway's capacity, asked at every admission and release, so
+        recomputed only when the workers change."""
+        known = self._slots.get((pool, default))
+        if known is not None and known[0] == self.version:
+            return known[1]
+        total = sum(w.slots or default for w in self.available(pool))
+        self._slots[(pool, default)] = (self.version, total)
+        return total
 
     def set_slots(self, w: Worker, slots: int) -> None:
         """The requests ``w`` runs at once, as its metrics report."""
