@@ -141,7 +141,14 @@ class Gateway:
         if team is None:
             raise GatewayError(401, f"the key's team {team_name!r} no longer exists", "authentication_error")
         model = request.get("model")
-        if not isinstance(model, str) or not model or not _utf8(model):
+        if isinstance(model, str) and model and not _utf8(model):
+            raise GatewayError(
+                400,
+                "model must be text a UTF-8 store can hold: it has an unpaired \\uD800-\\uDFFF escape",
+                "invalid_request_error",
+                "model",
+            )
+        if not isinstance(model, str) or not model:
             raise GatewayError(
                 400,
                 "model is required: the name of a model your team may use",
