@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m tokenmill.engine.native  # the C++ CPU kernels, built once for this machine
 	touch $@
 
 venv: $(VENV)/.installed

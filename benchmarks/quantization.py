@@ -1,7 +1,10 @@
 """Quantization (issue 9): bf16 against int8 and int4 weights on CPU, speed and quality.
 
 On the 125M benchmark model (random weights: speed depends on shapes only),
-each method in a process of its own, one after the other on a quiet CPU:
+each method in a process of its own, the methods taking ``--turns`` turns
+(bf16, int8, int4, bf16, ...) so a slow spell of the shared machine falls on
+all of them; each figure is the median over turns, each ratio the median of the
+per-turn ratios to bf16:
 
 - batch-1 decode tokens/s: one request, ``--decode-tokens`` tokens after a short
   prompt, timed from the first token to the last (the engine's own stamps);
@@ -13,7 +16,7 @@ perplexity on the last ``--heldout-chars`` characters of its corpus (the end of
 The Winter's Tale, inside the 1% its training held out; the corpus is cached by
 ``scripts/corpus.py``) for each method.
 
-    .venv/bin/python benchmarks/quantization.py                 # ~3 min
+    .venv/bin/python benchmarks/quantization.py                 # ~3 min (3 turns)
     .venv/bin/python benchmarks/quantization.py --shape 1b --requests 0   # batch-1 decode on a 1B model
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -86,6 +90,22 @@ def speed(llm: Any, args: argparse.Namespace) -> dict[str, float]:
     return out
 
 
+SPEED_KEYS = ("batch1_decode_tok_s", "throughput_tok_s")
+
+
+def _median_of_turns(runs: list[dict[str, Any]], base_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first turn's figures (weights, quality), with each speed figure the median over turns and
+    its ratio the median of the per-turn ratios to bf16 (each turn against the bf16 run beside it)."""
+    out = dict(runs[0])
+    for key in SPEED_KEYS:
+        values = [r[key] for r in runs if r[key] is not None]
+        ratios = [r[key] / b[key] for r, b in zip(runs, base_runs, strict=False) if r[key] and b[key]]
+        out[key] = statistics.median(values) if values else None
+        out[key + "_turns"] = values
+        out[key + "_vs_bf16"] = statistics.median(ratios) if ratios else None
+    return out
+
+
 def heldout_text(chars: int) -> str:
     """The end of the last work in the demo model's corpus: inside the 1% its training held out."""
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -106,22 +126,37 @@ def main(argv: list[str] | None = None) -> int:
         default="125m",
         help="speed model: the 125M benchmark model, or a random Llama-1B (speed figures only)",
     )
+    p.add_argument(
+        "--turns",
+        type=int,
+        default=3,
+        help="speed runs of every method, taken in turn (bf16, int8, int4, bf16, ...): medians are reported",
+    )
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    p.add_argument("--no-quality", action="store_true", help=argparse.SUPPRESS)  # later turns: speed only
     args = p.parse_args(argv)
-    args.speed_only = args.shape != "125m"
+    args.speed_only = args.shape != "125m" or args.no_quality
     if args.worker:
         print(json.dumps(measure(args.worker[0], args.worker[1], args)))
         return 0
     model = ensure_bench_model() if args.shape == "125m" else ensure_bench_model_1b()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     report = report_header("quantization", stamp, argv, args, model)
-    report["methods"] = []
+    turns: dict[str, list[dict[str, Any]]] = {method: [] for method in METHODS}
     with one_run_at_a_time():
-        for method in METHODS:
-            cmd = [sys.executable, __file__, "--worker", str(model), method, *(argv or sys.argv[1:])]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            report["methods"].append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"[bench] {method} done", flush=True)
+        # Methods take turns, each run a fresh process, so a slow spell of the shared machine
+        # falls on all of them rather than on one method's figures.
+        for turn in range(args.turns):
+            for method in METHODS:
+                if turn and method in QUALITY_ONLY:
+                    continue
+                cmd = [sys.executable, __file__, "--worker", str(model), method, *(argv or sys.argv[1:])]
+                done = subprocess.run(
+                    cmd + (["--no-quality"] if turn else []), capture_output=True, text=True, check=True
+                )
+                turns[method].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(f"[bench] turn {turn + 1}: {method} done", flush=True)
+    report["methods"] = [_median_of_turns(turns[method], turns[METHODS[0]]) for method in METHODS]
     base = report["methods"][0]
     print(
         "| method | weights MiB | batch-1 decode tok/s | vs bf16 | 64 requests tok/s | vs bf16 "
@@ -130,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for m in report["methods"]:
         cells = []
-        for key in ("batch1_decode_tok_s", "throughput_tok_s"):
+        for key in SPEED_KEYS:
             missing = m[key] is None or base[key] is None
-            cells += ["-", "-"] if missing else [f"{m[key]:.1f}", f"{m[key] / base[key]:.2f}x"]
+            cells += ["-", "-"] if missing else [f"{m[key]:.1f}", f"{m[key + '_vs_bf16']:.2f}x"]
         quality = "- | -"
         if m["demo_perplexity"] is not None:
             change = m["demo_perplexity"] / base["demo_perplexity"] - 1

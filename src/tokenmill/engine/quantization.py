@@ -3,13 +3,16 @@
 Each row of a linear layer's weight (one output channel) gets its own scale,
 ``max |w| / 127``, and is stored as int8 (``round(w / scale)``), a quarter of
 fp32 and half of bf16: decode on CPU streams weights from memory, so half the
-bytes is most of the win. The matmul on CPU is PyTorch's
-``_weight_int8pack_mm`` (int8 weights, activations in the model dtype,
-``(x @ q^T) * scale``). That kernel is a loop of matrix-vector products: its
-time grows with every row, and past ~32 rows (measured on a 768x3072 weight)
-dequantizing the weight for the call and running the model dtype's GEMM is
-faster, so big prefill and decode batches take that path. Off CPU the weight
-is dequantized per call, which saves the memory but not the time.
+bytes is most of the win. The matmul on CPU is tokenmill's own kernel
+(native/int8_gemv.cpp, built on first use) where it builds, with the weight
+kept in its block layout (``pack_int8_blocks``); it reads the weight at memory
+speed, where PyTorch's ``_weight_int8pack_mm`` reaches about half of it on
+short rows. Elsewhere it is ``_weight_int8pack_mm`` (int8 weights, activations
+in the model dtype, ``(x @ q^T) * scale``). Both are loops of matrix-vector
+products whose time grows with every row: past 256 rows (the native kernel) or
+32 (PyTorch's), dequantizing the weight for the call and running the model
+dtype's GEMM is faster, so big prefill batches take that path. Off CPU the
+weight is dequantized per call, which saves the memory but not the time.
 
 int4 is group-wise (``INT4_GROUP`` = 128 inputs per group, or the largest of
 64 and 32 that divides a smaller layer), asymmetric with an integer zero point,
@@ -50,12 +53,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.engine.errors import InvalidRequestError
+from tokenmill.engine.native import Int8Gemv
 
 QUANTIZATION_METHODS = ("int8", "int4", "fp8")
 FP8_MAX = 448.0  # largest float8 e4m3 value
 INT4_GROUP = 128
 _INT8_MAX = 127
 INT8PACK_MAX_ROWS = 32  # above this many rows, dequantize + GEMM beats _weight_int8pack_mm
+INT8_BLOCK = 64  # output channels per block of the native int8 kernel's layout
+NATIVE_INT8_MAX_ROWS = 256  # likewise for the native kernel (measured: docs/benchmarks.md)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +96,42 @@ def int8_linear(
         return y if bias is None else y + bias
     # One pass in the activations' dtype (through float32 it takes three).
     return F.linear(x, q.to(x.dtype) * scales.to(x.dtype)[:, None], bias)
+
+
+def pack_int8_blocks(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native kernel's layout (native/int8_gemv.cpp): ``[ceil(N/64), K, 64]``, 64 output
+    channels per block and k-major inside it, so a block is one sequential stream; rows past N
+    are zeros. The scales come back float32, padded alike."""
+    n, k = q.shape
+    padded = -(-n // INT8_BLOCK) * INT8_BLOCK
+    blocks = q.new_zeros(padded, k)
+    blocks[:n] = q
+    padded_scales = torch.zeros(padded, dtype=torch.float32, device=scales.device)
+    padded_scales[:n] = scales.float()
+    return blocks.view(padded // INT8_BLOCK, INT8_BLOCK, k).transpose(1, 2).contiguous(), padded_scales
+
+
+def unpack_int8_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """``[N, K]`` int8 back from ``pack_int8_blocks`` (a copy)."""
+    return blocks.transpose(1, 2).reshape(-1, blocks.shape[1])[:n]
+
+
+def int8_linear_blocks(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None,
+    gemv: Int8Gemv | None,
+) -> torch.Tensor:
+    """``int8_linear`` for weights in ``pack_int8_blocks``' layout: the native kernel for up to
+    ``NATIVE_INT8_MAX_ROWS`` rows on CPU, else the dequantized weight."""
+    rows = x.numel() // x.shape[-1]
+    if gemv is not None and rows <= NATIVE_INT8_MAX_ROWS and x.device.type == "cpu":
+        y = gemv(x.reshape(rows, x.shape[-1]), blocks, scales, n).reshape(*x.shape[:-1], n)
+        return y if bias is None else y + bias
+    weight = unpack_int8_blocks(blocks, n).to(x.dtype) * scales[:n].to(x.dtype)[:, None]
+    return F.linear(x, weight, bias)
 
 
 def int4_group_size(in_features: int) -> int | None:

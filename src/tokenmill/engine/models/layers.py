@@ -189,20 +189,20 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(pos, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(dtype)
-        self.sin = emb.sin().to(dtype)
+        # The first half negated: apply_rotary's roll then gives rotate-half's products exactly
+        # (negation is exact), in one op where slicing, negating and concatenating take four.
+        half = self.head_dim // 2
+        self.sin = torch.cat((-emb[:, :half].sin(), emb[:, half:].sin()), dim=-1).to(dtype)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin rows for the step's positions, ``[T, 1, head_dim]``: looked up
+        """cos and sign-folded sin rows for the step's positions, ``[T, 1, head_dim]``: looked up
         once per step and shared by every layer."""
         assert self.cos is not None and self.sin is not None, "RotaryEmbedding.build() not called"
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos, sin: [T, 1, head_dim] from RotaryEmbedding.lookup."""
-    return x * cos + _rotate_half(x) * sin
+    """x: [T, heads, head_dim]; cos, sin: [T, 1, head_dim] from RotaryEmbedding.lookup.
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    Rotate-half: ``x * cos + cat(-x2, x1) * sin``, with the minus carried by ``sin``'s first half."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.engine import native
 from tokenmill.engine.quantization import (
     QuantizedWeight,
     dequantize_weight,
@@ -24,19 +25,42 @@ from tokenmill.engine.quantization import (
     int4_kernel_supported,
     int4_linear,
     int8_linear,
+    int8_linear_blocks,
     pack_int4,
+    pack_int8_blocks,
+    unpack_int8_blocks,
 )
 
 logger = logging.getLogger(__name__)
 
 
 class Int8Weights(nn.Module):
+    """On a CPU where tokenmill's kernel builds, the weight is kept in that kernel's block layout
+    (``pack_int8_blocks``) and only there; elsewhere as ``[N, K]`` for PyTorch's kernel."""
+
     def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
         super().__init__()
-        self.register_buffer("qweight", qw.q.to(torch.int8))
-        self.register_buffer("scales", qw.scales.to(dtype))
+        q = qw.q.to(torch.int8)
+        self.out_features = q.shape[0]
+        self.gemv = native.int8_gemv() if q.device.type == "cpu" else None
+        self.blocked = self.gemv is not None
+        if self.blocked:
+            blocks, scales = pack_int8_blocks(q, qw.scales)
+            self.register_buffer("qweight", blocks)
+            self.register_buffer("scales", scales)
+        else:
+            self.register_buffer("qweight", q)
+            self.register_buffer("scales", qw.scales.to(dtype))
+
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q ``[N, K]`` int8, scales ``[N]``): the weight whatever the layout it is kept in."""
+        if self.blocked:
+            return unpack_int8_blocks(self.qweight, self.out_features), self.scales[: self.out_features]
+        return self.qweight, self.scales
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.blocked:
+            return int8_linear_blocks(x, self.qweight, self.scales, self.out_features, bias, self.gemv)
         return int8_linear(x, self.qweight, self.scales, bias)
 
 

@@ -1,0 +1,32 @@
+"""tokenmill's own CPU kernels, in C++, compiled on first use (see build.py).
+
+``int8_gemv``: the int8 weight-only matmul for decode-sized batches
+(int8_gemv.cpp); quantized int8 layers use it where it builds, and PyTorch's
+``_weight_int8pack_mm`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import torch
+
+from tokenmill.engine.native.build import build
+
+logger = logging.getLogger(__name__)
+
+Int8Gemv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@functools.cache
+def int8_gemv() -> Int8Gemv | None:
+    """``torch.ops.tokenmill.int8_gemv(x, packed, scales, n)``, or None where it cannot be built
+    here (why is logged once)."""
+    result = build("int8_gemv")
+    if result.library is None:
+        logger.warning("int8 layers use PyTorch's kernel: %s", result.reason)
+        return None
+    logger.debug("loaded %s", result.reason)
+    return torch.ops.tokenmill.int8_gemv

@@ -1,0 +1,17 @@
+"""Build tokenmill's CPU kernels now and say what each will run: ``python -m tokenmill.engine.native``."""
+
+from __future__ import annotations
+
+import sys
+
+from tokenmill.engine.native.build import build
+
+
+def main() -> int:
+    result = build("int8_gemv")
+    print(("built " if result.library else "not built: ") + result.reason)
+    return 0  # a machine without the kernel still serves, with PyTorch's; not an error
+
+
+if __name__ == "__main__":
+    sys.exit(main())
