@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from bench_process import one_run_at_a_time
 
 SHAPES = [(1280, 768), (768, 768), (4096, 768), (768, 2048)] * 12
+PASSES = 10  # back-to-back passes per turn, as decode steps follow one another
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,15 +92,17 @@ def _kernels(
 
 
 def _turns(kernels: dict[str, Callable[[], None]], turns: int) -> dict[str, float]:
-    """Milliseconds per pass of each kernel: the median of ``turns`` passes, kernels alternating."""
+    """Milliseconds per pass of each kernel: the median over ``turns`` turns, kernels alternating."""
     for run in kernels.values():
         run()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in kernels}
     for _ in range(turns):
         for name, run in kernels.items():
+            run()  # the first pass after another kernel also pays for waking the thread team
             start = time.perf_counter()
-            run()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            for _ in range(PASSES):
+                run()
+            times[name].append((time.perf_counter() - start) * 1e3 / PASSES)
     return {name: statistics.median(ms) for name, ms in times.items()}
 
 

@@ -9,7 +9,7 @@ kept in its block layout (``pack_int8_blocks``); it reads the weight at memory
 speed, where PyTorch's ``_weight_int8pack_mm`` reaches about half of it on
 short rows. Elsewhere it is ``_weight_int8pack_mm`` (int8 weights, activations
 in the model dtype, ``(x @ q^T) * scale``). Both are loops of matrix-vector
-products whose time grows with every row: past 256 rows (the native kernel) or
+products whose time grows with every row: past 128 rows (the native kernel) or
 32 (PyTorch's), dequantizing the weight for the call and running the model
 dtype's GEMM is faster, so big prefill batches take that path. Off CPU the
 weight is dequantized per call, which saves the memory but not the time.
@@ -61,7 +61,7 @@ INT4_GROUP = 128
 _INT8_MAX = 127
 INT8PACK_MAX_ROWS = 32  # above this many rows, dequantize + GEMM beats _weight_int8pack_mm
 INT8_BLOCK = 64  # output channels per block of the native int8 kernel's layout
-NATIVE_INT8_MAX_ROWS = 256  # likewise for the native kernel (measured: docs/benchmarks.md)
+NATIVE_INT8_MAX_ROWS = 128  # likewise for the native kernel (benchmarks/int8_kernel.py)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
