@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +14,7 @@ from hypothesis import strategies as st
 
 from tokenmill.engine import native
 from tokenmill.engine.models.quantized import Int8Weights
-from tokenmill.engine.native.build import build, disabled_reason
+from tokenmill.engine.native.builder import build, disabled_reason
 from tokenmill.engine.quantization import (
     NATIVE_INT8_MAX_ROWS,
     dequantize_int8,
@@ -68,12 +73,19 @@ def test_layers_take_the_kernel_for_decode_batches_and_the_dequantized_weight_ab
     q, scales = quantize_int8(torch.randn(96, 80))
     blocks, padded = pack_int8_blocks(q, scales)
     bias = torch.randn(96)
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].shape[0])
+        return gemv(*args)
+
     for rows in (1, NATIVE_INT8_MAX_ROWS, NATIVE_INT8_MAX_ROWS + 1):
-        x = torch.randn(2, rows, 80)  # leading dims are kept
-        got = int8_linear_blocks(x, blocks, padded, 96, bias, gemv)
-        expected = int8_linear(x, q, scales, bias)
-        assert got.shape == (2, rows, 96)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        x = torch.randn(rows, 80)
+        got = int8_linear_blocks(x, blocks, padded, 96, bias, spy)
+        torch.testing.assert_close(got, int8_linear(x, q, scales, bias), rtol=1e-5, atol=1e-5)
+    assert calls == [1, NATIVE_INT8_MAX_ROWS]  # past the limit: the dequantized weight
+    x = torch.randn(2, 3, 80)  # leading dims are kept
+    assert int8_linear_blocks(x, blocks, padded, 96, None, spy).shape == (2, 3, 96) and calls[-1] == 6
 
 
 def test_many_rows_are_converted_to_float32_by_aten_with_the_same_result(gemv):
@@ -89,14 +101,18 @@ def test_many_rows_are_converted_to_float32_by_aten_with_the_same_result(gemv):
 def test_a_layer_gives_the_same_answer_in_either_layout(gemv, monkeypatch):
     qw = quantize_weight(torch.randn(130, 64), "int8")
     blocked = Int8Weights(qw, torch.bfloat16)
-    monkeypatch.setattr(native, "int8_gemv", lambda: None)  # as on a machine where it does not build
-    plain = Int8Weights(qw, torch.bfloat16)
+    with monkeypatch.context() as m:
+        m.setattr(native, "int8_gemv", lambda: None)  # as on a machine where it does not build
+        plain = Int8Weights(qw, torch.bfloat16)
     assert blocked.blocked and not plain.blocked
     assert blocked.qweight.shape == (3, 64, 64) and plain.qweight.shape == (130, 64)
     q, s = blocked.int8_weight()
     assert torch.equal(q, plain.qweight) and torch.equal(s.to(torch.bfloat16), plain.scales)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     torch.testing.assert_close(blocked(x, None), plain(x, None), rtol=2e-2, atol=2e-2)
+    # A module moved to another dtype keeps working, and it pickles (no operator kept on it).
+    moved = pickle.loads(pickle.dumps(blocked)).to(torch.float16)
+    torch.testing.assert_close(moved(x.half(), None).float(), blocked(x, None).float(), rtol=2e-2, atol=2e-2)
 
 
 def test_bad_arguments_are_refused_by_name(gemv):
@@ -113,15 +129,34 @@ def test_bad_arguments_are_refused_by_name(gemv):
         gemv(x, blocks, padded.to(torch.bfloat16), 64)
 
 
-def test_turned_off_or_unbuildable_it_says_why(monkeypatch, tmp_path):
-    monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path))
+def test_turned_off_it_says_why(monkeypatch):
     monkeypatch.setenv("TOKENMILL_NATIVE_KERNELS", "0")
     result = build("int8_gemv")
     assert result.library is None and result.reason == "TOKENMILL_NATIVE_KERNELS=0"
-    if not CAN_BUILD:
-        return
-    monkeypatch.setenv("TOKENMILL_NATIVE_KERNELS", "1")
-    monkeypatch.setenv("CXX", "false")  # a compiler that fails
-    result = build("int8_gemv")
-    assert result.library is None and "false failed on int8_gemv.cpp" in result.reason
-    assert list(tmp_path.rglob("*")) == [tmp_path / "native"]  # no half-written library left
+    monkeypatch.delenv("TOKENMILL_NATIVE_KERNELS")
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert disabled_reason() in (
+        "no C++ compiler found (set CXX, or install g++)",
+        *([] if CAN_BUILD else [disabled_reason()]),
+    )
+
+
+def _build_in_a_fresh_process(env: dict[str, str]) -> tuple[int, str]:
+    # A fresh process: this one has the kernel loaded already, and build() then reuses it.
+    code = "from tokenmill.engine.native.builder import build; print(build('int8_gemv').reason)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
+    return done.returncode, done.stdout.strip()
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason=f"no native kernels here: {disabled_reason()}")
+def test_a_failing_compiler_or_an_unusable_cache_is_a_reason_not_a_crash(tmp_path):
+    code, reason = _build_in_a_fresh_process({"TOKENMILL_CACHE_DIR": str(tmp_path), "CXX": "false"})
+    assert code == 0 and reason.startswith("false failed on int8_gemv.cpp (exit 1)"), reason
+    assert sorted(p.name for p in (tmp_path / "native").iterdir()) == [".build.lock"]  # nothing half-written
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    code, reason = _build_in_a_fresh_process({"TOKENMILL_CACHE_DIR": str(not_a_folder)})
+    assert code == 0 and reason.startswith("could not build int8_gemv: NotADirectoryError"), reason

@@ -112,7 +112,7 @@ def pack_int8_blocks(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tenso
 
 
 def unpack_int8_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
-    """``[N, K]`` int8 back from ``pack_int8_blocks`` (a copy)."""
+    """``[N, K]`` int8 back from ``pack_int8_blocks`` (a copy, or a view of a single block)."""
     return blocks.transpose(1, 2).reshape(-1, blocks.shape[1])[:n]
 
 
@@ -128,7 +128,8 @@ def int8_linear_blocks(
     ``NATIVE_INT8_MAX_ROWS`` rows on CPU, else the dequantized weight."""
     rows = x.numel() // x.shape[-1]
     if gemv is not None and rows <= NATIVE_INT8_MAX_ROWS and x.device.type == "cpu":
-        y = gemv(x.reshape(rows, x.shape[-1]), blocks, scales, n).reshape(*x.shape[:-1], n)
+        # float() is free on the float32 scales kept, and keeps a layer moved by .to(dtype) working.
+        y = gemv(x.reshape(rows, x.shape[-1]), blocks, scales.float(), n).reshape(*x.shape[:-1], n)
         return y if bias is None else y + bias
     weight = unpack_int8_blocks(blocks, n).to(x.dtype) * scales[:n].to(x.dtype)[:, None]
     return F.linear(x, weight, bias)

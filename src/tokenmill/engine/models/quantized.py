@@ -42,8 +42,8 @@ class Int8Weights(nn.Module):
         super().__init__()
         q = qw.q.to(torch.int8)
         self.out_features = q.shape[0]
-        self.gemv = native.int8_gemv() if q.device.type == "cpu" else None
-        self.blocked = self.gemv is not None
+        # The operator is looked up per call (a cached lookup), not kept: modules stay picklable.
+        self.blocked = q.device.type == "cpu" and native.int8_gemv() is not None
         if self.blocked:
             blocks, scales = pack_int8_blocks(q, qw.scales)
             self.register_buffer("qweight", blocks)
@@ -60,7 +60,9 @@ class Int8Weights(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.blocked:
-            return int8_linear_blocks(x, self.qweight, self.scales, self.out_features, bias, self.gemv)
+            return int8_linear_blocks(
+                x, self.qweight, self.scales, self.out_features, bias, native.int8_gemv()
+            )
         return int8_linear(x, self.qweight, self.scales, bias)
 
 

@@ -1,4 +1,4 @@
-"""tokenmill's own CPU kernels, in C++, compiled on first use (see build.py).
+"""tokenmill's own CPU kernels, in C++, compiled on first use (see builder.py).
 
 ``int8_gemv``: the int8 weight-only matmul for decode-sized batches
 (int8_gemv.cpp); quantized int8 layers use it where it builds, and PyTorch's
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from tokenmill.engine.native.build import build
+from tokenmill.engine.native.builder import build
 
 logger = logging.getLogger(__name__)
 

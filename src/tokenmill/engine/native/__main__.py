@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from tokenmill.engine.native.build import build
+from tokenmill.engine.native.builder import build
 
 
 def main() -> int:

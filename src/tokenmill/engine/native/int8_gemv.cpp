@@ -38,7 +38,8 @@ void block_pass(const float* x, int64_t K, int64_t N, const int8_t* w, const flo
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
   const int8_t* p = w + block * K * kBlock;
   for (int64_t k = 0; k < K; ++k, p += kBlock) {
-    _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);  // never faults
+    // An address, not a pointer: past the weight's end near the last block, and a prefetch never faults.
+    _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + kPrefetchBytes), _MM_HINT_T0);
     __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
     __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
     __m512 w2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32))));

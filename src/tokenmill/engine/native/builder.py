@@ -1,0 +1,184 @@
+"""Compiling tokenmill's C++ CPU kernels on the machine that runs them, once, and loading them.
+
+A kernel is one C++ file of this folder registering torch operators (``TORCH_LIBRARY``).
+It is compiled with the system's C++ compiler against the installed torch's
+headers and libraries, into a cache folder named by a hash of the source, the
+torch version and the flags, so a second process, or a second run, loads the
+built library at once (~10 ms). The first build takes about 10 s; processes
+starting together take turns on a lock in the cache folder, so one compiles and
+the others find its result.
+
+Where a kernel cannot be built (no compiler, a CPU without AVX-512, a
+non-Linux system) the caller keeps PyTorch's own kernel, and the reason is
+logged once. ``TOKENMILL_NATIVE_KERNELS=0`` turns them off;
+``TOKENMILL_CACHE_DIR`` moves the cache (default ``~/.cache/tokenmill``);
+``CXX`` names the compiler.
+
+    python -m tokenmill.engine.native   # build now (``make venv`` does), and say what was used
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).resolve().parent
+# Explicit ISA flags, not -march=native: the library is only ever loaded where AVX-512 is present
+# (torch's own dispatch says so), and a cache folder shared between machines stays valid.
+_ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma")
+_BUILD_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    library: Path | None  # None: not built, see ``reason``
+    reason: str  # what was used, or why nothing could be
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TOKENMILL_CACHE_DIR") or os.path.join(Path.home(), ".cache", "tokenmill")
+    return Path(root) / "native"
+
+
+def disabled_reason() -> str | None:
+    """Why native kernels cannot run in this process, or None if they can."""
+    if os.environ.get("TOKENMILL_NATIVE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "TOKENMILL_NATIVE_KERNELS=0"
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"no native kernels for {sys.platform}/{platform.machine()} (Linux x86-64 only)"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not capability.startswith("AVX512"):
+        return f"this CPU has no AVX-512 (torch reports {capability})"
+    if compiler() is None:
+        return "no C++ compiler found (set CXX, or install g++)"
+    return None
+
+
+def compiler() -> list[str] | None:
+    """The C++ compiler command: ``CXX`` (which may carry arguments, e.g. ``ccache g++``), else c++ or g++."""
+    if os.environ.get("CXX", "").strip():
+        return shlex.split(os.environ["CXX"])
+    found = shutil.which("c++") or shutil.which("g++")
+    return [found] if found else None
+
+
+def build(name: str) -> BuildResult:
+    """Build ``<name>.cpp`` of this folder (or find it built) and load it into torch. Never raises:
+    whatever goes wrong (an unwritable cache, a failing compiler) is the reason in the result."""
+    reason = disabled_reason()
+    if reason is not None:
+        return BuildResult(None, reason)
+    if name in _loaded:  # a library's operators register once per process; a second load aborts it
+        return BuildResult(_loaded[name], f"{name}: {_loaded[name]}")
+    try:
+        return _build(name)
+    except Exception as e:  # a kernel that cannot be had must never stop a model from loading
+        return BuildResult(None, f"could not build {name}: {type(e).__name__}: {e}")
+
+
+_loaded: dict[str, Path] = {}
+
+
+def _build(name: str) -> BuildResult:
+    source = SOURCE_DIR / f"{name}.cpp"
+    cxx = compiler()
+    assert cxx is not None  # disabled_reason() checked
+    torch_dir = Path(torch.__file__).resolve().parent
+    flags = [
+        "-O3",
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        "-fopenmp",  # at::parallel_for is OpenMP in torch's CPU builds (checked after loading: one runtime)
+        "-w",  # torch's headers warn under some compilers; the build's result is what matters
+        *_ISA_FLAGS,
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        f"-I{torch_dir / 'include'}",
+        f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+    ]
+    libs = [f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+    identity = [source.read_bytes(), torch.__version__, str(torch_dir), _version(cxx), *cxx, *flags]
+    key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in identity)).hexdigest()
+    library = cache_dir() / f"{name}-{key[:16]}.so"
+    if not library.exists():
+        failure = _compile(cxx, flags, libs, source, library)
+        if failure is not None:
+            return BuildResult(None, failure)
+    runtimes_before = _openmp_runtimes()
+    try:
+        torch.ops.load_library(str(library))
+    except (OSError, RuntimeError) as e:
+        return BuildResult(None, f"built {library} but could not load it: {e}")
+    _loaded[name] = library
+    added = _openmp_runtimes() - runtimes_before
+    if added:
+        # A second OpenMP runtime (another libgomp, or clang's libomp) would run its own thread
+        # team beside torch's: the kernel would ignore torch's thread count, and two teams spin.
+        return BuildResult(None, f"{library} brought a second OpenMP runtime ({', '.join(sorted(added))})")
+    return BuildResult(library, f"{name}: {library}")
+
+
+def _compile(cxx: list[str], flags: list[str], libs: list[str], source: Path, library: Path) -> str | None:
+    """Compile ``source`` into ``library``; None on success, else why not. One process compiles at a
+    time (a lock in the cache folder); the others then find the library built."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with open(library.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if library.exists():  # built by the process that held the lock
+            return None
+        fd, tmp = tempfile.mkstemp(dir=library.parent, prefix=library.stem + ".", suffix=".tmp")
+        os.close(fd)
+        logger.info("building tokenmill's %s kernel for this machine (once; about 10 s)", source.stem)
+        try:
+            done = subprocess.run(
+                [*cxx, *flags, str(source), "-o", tmp, *libs],
+                capture_output=True,
+                text=True,
+                timeout=_BUILD_TIMEOUT_S,
+            )
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                return f"{' '.join(cxx)} failed on {source.name} (exit {done.returncode}): {last}"
+            os.replace(tmp, library)  # atomic: a loader sees the whole file or none
+            return None
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"could not run {' '.join(cxx)}: {e}"
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _version(cxx: list[str]) -> str:
+    """The compiler's first ``--version`` line: a compiler upgrade builds afresh."""
+    try:
+        done = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (done.stdout.splitlines() or ["unknown"])[0]
+
+
+def _openmp_runtimes() -> set[str]:
+    """Paths of the OpenMP runtimes mapped into this process."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return {
+                line.split(maxsplit=5)[5].strip()
+                for line in maps
+                if ("libgomp" in line or "libomp" in line or "libiomp" in line) and len(line.split()) >= 6
+            }
+    except OSError:
+        return set()
