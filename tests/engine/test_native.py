@@ -69,6 +69,18 @@ def test_products_match_the_dequantized_weight(gemv, rows, n, k, dtype, seed):
     assert (got.double() - expected).abs().max().item() <= tolerance * scale
 
 
+@pytest.mark.parametrize("rows", [23, 24, 31, 97])
+def test_bf16_batches_match_in_chunks_of_k_and_with_an_odd_k(gemv, rows):
+    # From 24 rows of bf16 the kernel converts k in chunks of 512 (256 pairs) and takes bf16 dot products.
+    gen = torch.Generator().manual_seed(rows)
+    q, scales = quantize_int8(torch.randn(70, 1101, generator=gen))
+    blocks, padded = pack_int8_blocks(q, scales)
+    x = torch.randn(rows, 1101, generator=gen).to(torch.bfloat16)
+    expected = x.double() @ dequantize_int8(q, scales, torch.float64).t()
+    got = gemv(x, blocks, padded, 70).double()
+    assert (got - expected).abs().max().item() <= 8e-3 * expected.abs().max().item()
+
+
 def test_layers_take_the_kernel_for_decode_batches_and_the_dequantized_weight_above(gemv):
     q, scales = quantize_int8(torch.randn(96, 80))
     blocks, padded = pack_int8_blocks(q, scales)
@@ -86,6 +98,10 @@ def test_layers_take_the_kernel_for_decode_batches_and_the_dequantized_weight_ab
     assert calls == [1, NATIVE_INT8_MAX_ROWS]  # past the limit: the dequantized weight
     x = torch.randn(2, 3, 80)  # leading dims are kept
     assert int8_linear_blocks(x, blocks, padded, 96, None, spy).shape == (2, 3, 96) and calls[-1] == 6
+    # bf16 rows go further where the CPU has bf16 dot products
+    x = torch.randn(NATIVE_INT8_MAX_ROWS + 1, 80, dtype=torch.bfloat16)
+    int8_linear_blocks(x, blocks, padded, 96, None, spy)
+    assert (calls[-1] == NATIVE_INT8_MAX_ROWS + 1) == native.bf16_dot_products()
 
 
 def test_many_rows_are_converted_to_float32_by_aten_with_the_same_result(gemv):

@@ -9,8 +9,9 @@ kept in its block layout (``pack_int8_blocks``); it reads the weight at memory
 speed, where PyTorch's ``_weight_int8pack_mm`` reaches about half of it on
 short rows. Elsewhere it is ``_weight_int8pack_mm`` (int8 weights, activations
 in the model dtype, ``(x @ q^T) * scale``). Both are loops of matrix-vector
-products whose time grows with every row: past 128 rows (the native kernel) or
-32 (PyTorch's), dequantizing the weight for the call and running the model
+products whose time grows with every row: past 128 rows (the native kernel; 512
+for bf16 activations, which it multiplies with AVX-512 BF16 dot products) or 32
+(PyTorch's), dequantizing the weight for the call and running the model
 dtype's GEMM is faster, so big prefill batches take that path. Off CPU the
 weight is dequantized per call, which saves the memory but not the time.
 
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.engine.errors import InvalidRequestError
-from tokenmill.engine.native import Int8Gemv
+from tokenmill.engine.native import Int8Gemv, bf16_dot_products
 
 QUANTIZATION_METHODS = ("int8", "int4", "fp8")
 FP8_MAX = 448.0  # largest float8 e4m3 value
@@ -62,6 +63,7 @@ _INT8_MAX = 127
 INT8PACK_MAX_ROWS = 32  # above this many rows, dequantize + GEMM beats _weight_int8pack_mm
 INT8_BLOCK = 64  # output channels per block of the native int8 kernel's layout
 NATIVE_INT8_MAX_ROWS = 128  # likewise for the native kernel (benchmarks/int8_kernel.py)
+NATIVE_INT8_MAX_ROWS_BF16 = 512  # bf16 rows on a CPU with AVX-512 BF16: the kernel's dot-product path
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,9 +127,15 @@ def int8_linear_blocks(
     gemv: Int8Gemv | None,
 ) -> torch.Tensor:
     """``int8_linear`` for weights in ``pack_int8_blocks``' layout: the native kernel for up to
-    ``NATIVE_INT8_MAX_ROWS`` rows on CPU, else the dequantized weight."""
+    ``NATIVE_INT8_MAX_ROWS`` rows on CPU (``NATIVE_INT8_MAX_ROWS_BF16`` for bf16 activations on a
+    CPU with AVX-512 BF16), else the dequantized weight."""
     rows = x.numel() // x.shape[-1]
-    if gemv is not None and rows <= NATIVE_INT8_MAX_ROWS and x.device.type == "cpu":
+    limit = (
+        NATIVE_INT8_MAX_ROWS_BF16
+        if x.dtype == torch.bfloat16 and bf16_dot_products()
+        else NATIVE_INT8_MAX_ROWS
+    )
+    if gemv is not None and rows <= limit and x.device.type == "cpu":
         # float() is free on the float32 scales kept, and keeps a layer moved by .to(dtype) working.
         y = gemv(x.reshape(rows, x.shape[-1]), blocks, scales.float(), n).reshape(*x.shape[:-1], n)
         return y if bias is None else y + bias

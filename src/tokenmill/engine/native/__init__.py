@@ -30,3 +30,14 @@ def int8_gemv() -> Int8Gemv | None:
         return None
     logger.debug("loaded %s", result.reason)
     return torch.ops.tokenmill.int8_gemv
+
+
+@functools.cache
+def bf16_dot_products() -> bool:
+    """Whether this CPU has AVX-512 BF16 (``vdpbf16ps``), which the int8 kernel uses for bf16
+    batches of 24 rows and more."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " avx512_bf16" in line for line in cpuinfo)
+    except OSError:
+        return False
