@@ -1,4 +1,5 @@
-"""tokenmill's C++ int8 kernel: built on this machine, the same products as the dequantized weight."""
+"""tokenmill's C++ CPU kernels: built on this machine; the int8 matmul gives the dequantized weight's
+products, the RMSNorm the rounding of its PyTorch form."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenmill.engine import native
+from tokenmill.engine.models.layers import RMSNorm
 from tokenmill.engine.models.quantized import Int8Weights
 from tokenmill.engine.native.builder import build, disabled_reason
 from tokenmill.engine.quantization import (
@@ -39,7 +41,7 @@ def gemv():
 
 
 def test_the_kernel_builds_wherever_nothing_rules_it_out():
-    result = build("int8_gemv")
+    result = build()
     if CAN_BUILD:
         assert result.library is not None and result.library.exists(), result.reason
     else:
@@ -147,7 +149,7 @@ def test_bad_arguments_are_refused_by_name(gemv):
 
 def test_turned_off_it_says_why(monkeypatch):
     monkeypatch.setenv("TOKENMILL_NATIVE_KERNELS", "0")
-    result = build("int8_gemv")
+    result = build()
     assert result.library is None and result.reason == "TOKENMILL_NATIVE_KERNELS=0"
     monkeypatch.delenv("TOKENMILL_NATIVE_KERNELS")
     monkeypatch.setenv("CXX", "")
@@ -160,7 +162,7 @@ def test_turned_off_it_says_why(monkeypatch):
 
 def _build_in_a_fresh_process(env: dict[str, str]) -> tuple[int, str]:
     # A fresh process: this one has the kernel loaded already, and build() then reuses it.
-    code = "from tokenmill.engine.native.builder import build; print(build('int8_gemv').reason)"
+    code = "from tokenmill.engine.native.builder import build; print(build().reason)"
     done = subprocess.run(
         [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
     )
@@ -170,9 +172,48 @@ def _build_in_a_fresh_process(env: dict[str, str]) -> tuple[int, str]:
 @pytest.mark.skipif(not CAN_BUILD, reason=f"no native kernels here: {disabled_reason()}")
 def test_a_failing_compiler_or_an_unusable_cache_is_a_reason_not_a_crash(tmp_path):
     code, reason = _build_in_a_fresh_process({"TOKENMILL_CACHE_DIR": str(tmp_path), "CXX": "false"})
-    assert code == 0 and reason.startswith("false failed on int8_gemv.cpp (exit 1)"), reason
+    assert code == 0 and reason.startswith("false failed on cpu_kernels-"), reason
     assert sorted(p.name for p in (tmp_path / "native").iterdir()) == [".build.lock"]  # nothing half-written
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
     code, reason = _build_in_a_fresh_process({"TOKENMILL_CACHE_DIR": str(not_a_folder)})
-    assert code == 0 and reason.startswith("could not build int8_gemv: NotADirectoryError"), reason
+    assert code == 0 and reason.startswith("could not build cpu_kernels: NotADirectoryError"), reason
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(0, 70),
+    dim=st.integers(1, 300),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_rms_norm_rounds_as_its_pytorch_form(gemv, rows, dim, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    norm = RMSNorm(dim, 1e-5)
+    norm.weight.data = torch.randn(dim, generator=gen).to(dtype)
+    x = (torch.randn(rows, dim, generator=gen) * 3).to(dtype)
+    with_native = norm(x)
+    x32 = x.float()  # the PyTorch form, as RMSNorm computes it without the kernel
+    reference = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)
+    assert with_native.dtype == dtype and with_native.shape == x.shape
+    # Only the order of the float32 sum of squares differs. One step of the dtype in the normalized
+    # row becomes at most two in the product with the weight (rounded again).
+    step = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    error = (with_native.float() - reference.float()).abs()
+    assert torch.all(error <= 2 * step * reference.float().abs() + 1e-4 * step)
+    if dtype != torch.float32:  # rounded to 8 or 11 bits, nearly every value comes out the same
+        assert (error > 0).sum().item() <= 2 + 0.01 * error.numel()
+
+
+def test_rms_norm_takes_strided_rows_and_refuses_mismatches(gemv):
+    op = native.rms_norm()
+    x = torch.randn(4, 6, 8)[:, ::2]  # not contiguous
+    weight = torch.randn(8)
+    x32 = x.float()
+    torch.testing.assert_close(
+        op(x, weight, 1e-6), weight * x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)
+    )
+    with pytest.raises(RuntimeError, match="the weight must have the size of x's last dim"):
+        op(x, torch.randn(7), 1e-6)
+    with pytest.raises(RuntimeError, match="x and the weight must share a dtype"):
+        op(x, weight.to(torch.bfloat16), 1e-6)

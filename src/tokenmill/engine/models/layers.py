@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.engine import native
 from tokenmill.engine.config import RopeConfig
 from tokenmill.engine.errors import ModelLoadError
 from tokenmill.engine.models.cpu_packing import pack_weight, packed_linear
@@ -116,6 +117,9 @@ class Embedding(nn.Module):
         return F.embedding(ids, self.weight)
 
 
+_NATIVE_NORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -124,6 +128,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if x.device.type == "cpu" and dtype in _NATIVE_NORM_DTYPES and self.weight.dtype == dtype:
+            norm = native.rms_norm()
+            if norm is not None:  # the same rounding in one op (native/rms_norm.cpp)
+                return norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)

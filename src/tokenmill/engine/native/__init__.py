@@ -1,8 +1,9 @@
 """tokenmill's own CPU kernels, in C++, compiled on first use (see builder.py).
 
-``int8_gemv``: the int8 weight-only matmul for decode-sized batches
-(int8_gemv.cpp); quantized int8 layers use it where it builds, and PyTorch's
-``_weight_int8pack_mm`` elsewhere.
+- ``int8_gemv``: the int8 weight-only matmul (int8_gemv.cpp); quantized int8
+  layers use it where it builds, and PyTorch's ``_weight_int8pack_mm`` elsewhere.
+- ``rms_norm``: Llama's RMSNorm in one op (rms_norm.cpp); elsewhere its
+  PyTorch form.
 """
 
 from __future__ import annotations
@@ -18,18 +19,30 @@ from tokenmill.engine.native.builder import build
 logger = logging.getLogger(__name__)
 
 Int8Gemv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+RmsNorm = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+@functools.cache
+def _loaded() -> bool:
+    result = build()
+    if result.library is None:
+        logger.warning("tokenmill's CPU kernels are not in use, PyTorch's are: %s", result.reason)
+        return False
+    logger.debug("loaded %s", result.reason)
+    return True
 
 
 @functools.cache
 def int8_gemv() -> Int8Gemv | None:
-    """``torch.ops.tokenmill.int8_gemv(x, packed, scales, n)``, or None where it cannot be built
-    here (why is logged once)."""
-    result = build("int8_gemv")
-    if result.library is None:
-        logger.warning("int8 layers use PyTorch's kernel: %s", result.reason)
-        return None
-    logger.debug("loaded %s", result.reason)
-    return torch.ops.tokenmill.int8_gemv
+    """``torch.ops.tokenmill.int8_gemv(x, packed, scales, n)``, or None where the kernels cannot be
+    built here (why is logged once)."""
+    return torch.ops.tokenmill.int8_gemv.default if _loaded() else None
+
+
+@functools.cache
+def rms_norm() -> RmsNorm | None:
+    """``torch.ops.tokenmill.rms_norm(x, weight, eps)``, or None where the kernels cannot be built."""
+    return torch.ops.tokenmill.rms_norm.default if _loaded() else None
 
 
 @functools.cache

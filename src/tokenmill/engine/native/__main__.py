@@ -8,7 +8,7 @@ from tokenmill.engine.native.builder import build
 
 
 def main() -> int:
-    result = build("int8_gemv")
+    result = build()
     print(("built " if result.library else "not built: ") + result.reason)
     return 0  # a machine without the kernel still serves, with PyTorch's; not an error
 

@@ -1,8 +1,9 @@
 """Compiling tokenmill's C++ CPU kernels on the machine that runs them, once, and loading them.
 
-A kernel is one C++ file of this folder registering torch operators (``TORCH_LIBRARY``).
+The C++ files of this folder are one library, ``cpu_kernels``: a file per kernel,
+and ops.cpp registering them as torch operators (``torch.ops.tokenmill.*``).
 It is compiled with the system's C++ compiler against the installed torch's
-headers and libraries, into a cache folder named by a hash of the source, the
+headers and libraries, into a cache folder named by a hash of the sources, the
 torch version and the flags, so a second process, or a second run, loads the
 built library at once (~10 ms). The first build takes about 10 s; processes
 starting together take turns on a lock in the cache folder, so one compiles and
@@ -76,9 +77,12 @@ def compiler() -> list[str] | None:
     return [found] if found else None
 
 
-def build(name: str) -> BuildResult:
-    """Build ``<name>.cpp`` of this folder (or find it built) and load it into torch. Never raises:
-    whatever goes wrong (an unwritable cache, a failing compiler) is the reason in the result."""
+LIBRARY = "cpu_kernels"
+
+
+def build(name: str = LIBRARY) -> BuildResult:
+    """Build the library (or find it built) and load it into torch. Never raises: whatever goes
+    wrong (an unwritable cache, a failing compiler) is the reason in the result."""
     reason = disabled_reason()
     if reason is not None:
         return BuildResult(None, reason)
@@ -94,7 +98,8 @@ _loaded: dict[str, Path] = {}
 
 
 def _build(name: str) -> BuildResult:
-    source = SOURCE_DIR / f"{name}.cpp"
+    sources = sorted(SOURCE_DIR.glob("*.cpp"))
+    headers = sorted(SOURCE_DIR.glob("*.h"))
     cxx = compiler()
     assert cxx is not None  # disabled_reason() checked
     torch_dir = Path(torch.__file__).resolve().parent
@@ -111,11 +116,12 @@ def _build(name: str) -> BuildResult:
         f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
     ]
     libs = [f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"]
-    identity = [source.read_bytes(), torch.__version__, str(torch_dir), _version(cxx), *cxx, *flags]
+    code = [path.read_bytes() for path in sources + headers]
+    identity = [*code, torch.__version__, str(torch_dir), _version(cxx), *cxx, *flags]
     key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in identity)).hexdigest()
     library = cache_dir() / f"{name}-{key[:16]}.so"
     if not library.exists():
-        failure = _compile(cxx, flags, libs, source, library)
+        failure = _compile(cxx, flags, libs, sources, library)
         if failure is not None:
             return BuildResult(None, failure)
     runtimes_before = _openmp_runtimes()
@@ -132,9 +138,11 @@ def _build(name: str) -> BuildResult:
     return BuildResult(library, f"{name}: {library}")
 
 
-def _compile(cxx: list[str], flags: list[str], libs: list[str], source: Path, library: Path) -> str | None:
-    """Compile ``source`` into ``library``; None on success, else why not. One process compiles at a
-    time (a lock in the cache folder); the others then find the library built."""
+def _compile(
+    cxx: list[str], flags: list[str], libs: list[str], sources: list[Path], library: Path
+) -> str | None:
+    """Compile ``sources`` into ``library``; None on success, else why not. One process compiles at
+    a time (a lock in the cache folder); the others then find the library built."""
     library.parent.mkdir(parents=True, exist_ok=True)
     with open(library.parent / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -142,17 +150,17 @@ def _compile(cxx: list[str], flags: list[str], libs: list[str], source: Path, li
             return None
         fd, tmp = tempfile.mkstemp(dir=library.parent, prefix=library.stem + ".", suffix=".tmp")
         os.close(fd)
-        logger.info("building tokenmill's %s kernel for this machine (once; about 10 s)", source.stem)
+        logger.info("building tokenmill's CPU kernels for this machine (once; about 15 s)")
         try:
             done = subprocess.run(
-                [*cxx, *flags, str(source), "-o", tmp, *libs],
+                [*cxx, *flags, *map(str, sources), "-o", tmp, *libs],
                 capture_output=True,
                 text=True,
                 timeout=_BUILD_TIMEOUT_S,
             )
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-                return f"{' '.join(cxx)} failed on {source.name} (exit {done.returncode}): {last}"
+                return f"{' '.join(cxx)} failed on {library.stem} (exit {done.returncode}): {last}"
             os.replace(tmp, library)  # atomic: a loader sees the whole file or none
             return None
         except (OSError, subprocess.TimeoutExpired) as e:

@@ -1,4 +1,4 @@
-// int8 weight-only matmul for small batches on AVX-512 CPUs: y = (x @ q^T) * scale.
+// int8 weight-only matmul on AVX-512 CPUs: y = (x @ q^T) * scale.
 //
 // Decode at batch 1 reads every weight once per token, so its speed is the speed
 // at which weights stream from memory. PyTorch's _weight_int8pack_mm walks a few
@@ -20,9 +20,9 @@
 // (vdpbf16ps: 32 products a instruction, twice float32 FMA's). int8 values and
 // bfloat16 x are exact in bfloat16, so the products are exact; sums are float32.
 
-#include <ATen/ATen.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <immintrin.h>
 
@@ -177,6 +177,10 @@ at::Tensor int8_dot_bf16(const at::Tensor& x, const at::Tensor& packed, const fl
   return y;
 }
 
+}  // namespace
+
+namespace tokenmill {
+
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t n) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "int8_gemv: x must be a 2-D CPU tensor");
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kChar && packed.size(2) == kBlock &&
@@ -224,10 +228,4 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y;
 }
 
-}  // namespace
-
-TORCH_LIBRARY(tokenmill, m) {
-  m.def("int8_gemv(Tensor x, Tensor packed, Tensor scale, int n) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(tokenmill, CPU, m) { m.impl("int8_gemv", int8_gemv); }
+}  // namespace tokenmill

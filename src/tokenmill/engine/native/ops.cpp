@@ -1,0 +1,14 @@
+// The operators of tokenmill's CPU kernels: torch.ops.tokenmill.<name>.
+#include <torch/library.h>
+
+#include "kernels.h"
+
+TORCH_LIBRARY(tokenmill, m) {
+  m.def("int8_gemv(Tensor x, Tensor packed, Tensor scale, int n) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
+  m.impl("int8_gemv", tokenmill::int8_gemv);
+  m.impl("rms_norm", tokenmill::rms_norm);
+}
