@@ -47,6 +47,7 @@ model's weights and the most sensitive to rounding.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -126,21 +127,27 @@ def int8_linear_blocks(
     bias: torch.Tensor | None,
     gemv: Int8Gemv | None,
 ) -> torch.Tensor:
-    """``int8_linear`` for weights in ``pack_int8_blocks``' layout: the native kernel for up to
-    ``NATIVE_INT8_MAX_ROWS`` rows on CPU (``NATIVE_INT8_MAX_ROWS_BF16`` for bf16 activations on a
-    CPU with AVX-512 BF16), else the dequantized weight."""
-    rows = x.numel() // x.shape[-1]
-    limit = (
-        NATIVE_INT8_MAX_ROWS_BF16
-        if x.dtype == torch.bfloat16 and bf16_dot_products()
-        else NATIVE_INT8_MAX_ROWS
-    )
-    if gemv is not None and rows <= limit and x.device.type == "cpu":
-        # float() is free on the float32 scales kept, and keeps a layer moved by .to(dtype) working.
-        y = gemv(x.reshape(rows, x.shape[-1]), blocks, scales.float(), n).reshape(*x.shape[:-1], n)
-        return y if bias is None else y + bias
+    """``int8_linear`` for weights in ``pack_int8_blocks``' layout (``scales`` float32): the native
+    kernel for up to ``NATIVE_INT8_MAX_ROWS`` rows on CPU (``NATIVE_INT8_MAX_ROWS_BF16`` for bf16
+    activations on a CPU with AVX-512 BF16), else the dequantized weight."""
+    # Every int8 layer of every step comes here: the decode case ([T, K] rows) goes straight in.
+    if gemv is not None and x.is_cpu:
+        if x.dim() == 2 and x.shape[0] <= _row_limit(x.dtype):
+            y = gemv(x, blocks, scales, n)
+            return y if bias is None else y + bias
+        rows = x.numel() // x.shape[-1]
+        if rows <= _row_limit(x.dtype):
+            y = gemv(x.reshape(rows, x.shape[-1]), blocks, scales, n).reshape(*x.shape[:-1], n)
+            return y if bias is None else y + bias
     weight = unpack_int8_blocks(blocks, n).to(x.dtype) * scales[:n].to(x.dtype)[:, None]
     return F.linear(x, weight, bias)
+
+
+@functools.cache
+def _row_limit(dtype: torch.dtype) -> int:
+    return (
+        NATIVE_INT8_MAX_ROWS_BF16 if dtype == torch.bfloat16 and bf16_dot_products() else NATIVE_INT8_MAX_ROWS
+    )
 
 
 def int4_group_size(in_features: int) -> int | None:

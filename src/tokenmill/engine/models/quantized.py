@@ -9,6 +9,7 @@ Tensors are buffers, so ``weight_bytes`` counts them and ``.to()`` moves them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,13 @@ class Int8Weights(nn.Module):
         else:
             self.register_buffer("qweight", q)
             self.register_buffer("scales", qw.scales.to(dtype))
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Int8Weights:
+        # .to(dtype), .half(), ... convert every floating buffer; the kernel takes float32 scales.
+        super()._apply(fn, recurse)
+        if self.blocked:
+            self.scales = self.scales.float()
+        return self
 
     def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q ``[N, K]`` int8, scales ``[N]``): the weight whatever the layout it is kept in."""
