@@ -445,8 +445,10 @@ class PrefixCacheMachine(RuleBasedStateMachine):
     @rule(pick=st.integers(0, 99), chunk=st.integers(1, 24))
     def resume(self, pick, chunk):
         r = self._pick(self.preempted, pick)
-        if self._admit(r, chunk):
-            del self.preempted[r.request_id]
+        # Out of the waiting set first: an admission that computes to the end frees the request.
+        del self.preempted[r.request_id]
+        if not self._admit(r, chunk):
+            self.preempted[r.request_id] = r  # refused: still waiting
 
     @rule()
     def reset(self):
