@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--turns", type=int, default=5, help="timed passes of each kernel, taken in turn")
     args = p.parse_args(argv)
     from tokenmill.engine import native
-    from tokenmill.engine.quantization import pack_int8_blocks, quantize_int8, unpack_int8_blocks
+    from tokenmill.engine.native.int8 import pack_int8_blocks, unpack_int8_blocks
+    from tokenmill.engine.quantization import quantize_int8
 
     gemv = native.int8_gemv()
     if gemv is None:

@@ -17,15 +17,17 @@ from tokenmill.engine import native
 from tokenmill.engine.models.layers import RMSNorm
 from tokenmill.engine.models.quantized import Int8Weights
 from tokenmill.engine.native.builder import build, disabled_reason
-from tokenmill.engine.quantization import (
+from tokenmill.engine.native.int8 import (
     NATIVE_INT8_MAX_ROWS,
-    dequantize_int8,
-    int8_linear,
     int8_linear_blocks,
     pack_int8_blocks,
+    unpack_int8_blocks,
+)
+from tokenmill.engine.quantization import (
+    dequantize_int8,
+    int8_linear,
     quantize_int8,
     quantize_weight,
-    unpack_int8_blocks,
 )
 
 CAN_BUILD = disabled_reason() is None

@@ -5,7 +5,7 @@ Each row of a linear layer's weight (one output channel) gets its own scale,
 fp32 and half of bf16: decode on CPU streams weights from memory, so half the
 bytes is most of the win. The matmul on CPU is tokenmill's own kernel
 (native/int8_gemv.cpp, built on first use) where it builds, with the weight
-kept in its block layout (``pack_int8_blocks``); it reads the weight at memory
+kept in its block layout (native/int8.py); it reads the weight at memory
 speed, where PyTorch's ``_weight_int8pack_mm`` reaches about half of it on
 short rows. Elsewhere it is ``_weight_int8pack_mm`` (int8 weights, activations
 in the model dtype, ``(x @ q^T) * scale``). Both are loops of matrix-vector
@@ -47,7 +47,6 @@ model's weights and the most sensitive to rounding.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -55,16 +54,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.engine.errors import InvalidRequestError
-from tokenmill.engine.native import Int8Gemv, bf16_dot_products
 
 QUANTIZATION_METHODS = ("int8", "int4", "fp8")
 FP8_MAX = 448.0  # largest float8 e4m3 value
 INT4_GROUP = 128
 _INT8_MAX = 127
 INT8PACK_MAX_ROWS = 32  # above this many rows, dequantize + GEMM beats _weight_int8pack_mm
-INT8_BLOCK = 64  # output channels per block of the native int8 kernel's layout
-NATIVE_INT8_MAX_ROWS = 128  # likewise for the native kernel (benchmarks/int8_kernel.py)
-NATIVE_INT8_MAX_ROWS_BF16 = 512  # bf16 rows on a CPU with AVX-512 BF16: the kernel's dot-product path
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,55 +94,6 @@ def int8_linear(
         return y if bias is None else y + bias
     # One pass in the activations' dtype (through float32 it takes three).
     return F.linear(x, q.to(x.dtype) * scales.to(x.dtype)[:, None], bias)
-
-
-def pack_int8_blocks(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The native kernel's layout (native/int8_gemv.cpp): ``[ceil(N/64), K, 64]``, 64 output
-    channels per block and k-major inside it, so a block is one sequential stream; rows past N
-    are zeros. The scales come back float32, padded alike."""
-    n, k = q.shape
-    padded = -(-n // INT8_BLOCK) * INT8_BLOCK
-    blocks = q.new_zeros(padded, k)
-    blocks[:n] = q
-    padded_scales = torch.zeros(padded, dtype=torch.float32, device=scales.device)
-    padded_scales[:n] = scales.float()
-    return blocks.view(padded // INT8_BLOCK, INT8_BLOCK, k).transpose(1, 2).contiguous(), padded_scales
-
-
-def unpack_int8_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
-    """``[N, K]`` int8 back from ``pack_int8_blocks`` (a copy, or a view of a single block)."""
-    return blocks.transpose(1, 2).reshape(-1, blocks.shape[1])[:n]
-
-
-def int8_linear_blocks(
-    x: torch.Tensor,
-    blocks: torch.Tensor,
-    scales: torch.Tensor,
-    n: int,
-    bias: torch.Tensor | None,
-    gemv: Int8Gemv | None,
-) -> torch.Tensor:
-    """``int8_linear`` for weights in ``pack_int8_blocks``' layout (``scales`` float32): the native
-    kernel for up to ``NATIVE_INT8_MAX_ROWS`` rows on CPU (``NATIVE_INT8_MAX_ROWS_BF16`` for bf16
-    activations on a CPU with AVX-512 BF16), else the dequantized weight."""
-    # Every int8 layer of every step comes here: the decode case ([T, K] rows) goes straight in.
-    if gemv is not None and x.is_cpu:
-        if x.dim() == 2 and x.shape[0] <= _row_limit(x.dtype):
-            y = gemv(x, blocks, scales, n)
-            return y if bias is None else y + bias
-        rows = x.numel() // x.shape[-1]
-        if rows <= _row_limit(x.dtype):
-            y = gemv(x.reshape(rows, x.shape[-1]), blocks, scales, n).reshape(*x.shape[:-1], n)
-            return y if bias is None else y + bias
-    weight = unpack_int8_blocks(blocks, n).to(x.dtype) * scales[:n].to(x.dtype)[:, None]
-    return F.linear(x, weight, bias)
-
-
-@functools.cache
-def _row_limit(dtype: torch.dtype) -> int:
-    return (
-        NATIVE_INT8_MAX_ROWS_BF16 if dtype == torch.bfloat16 and bf16_dot_products() else NATIVE_INT8_MAX_ROWS
-    )
 
 
 def int4_group_size(in_features: int) -> int | None:

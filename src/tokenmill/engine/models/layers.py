@@ -128,7 +128,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        if x.device.type == "cpu" and dtype in _NATIVE_NORM_DTYPES and self.weight.dtype == dtype:
+        if x.is_cpu and dtype in _NATIVE_NORM_DTYPES and self.weight.dtype == dtype:
             norm = native.rms_norm()
             if norm is not None:  # the same rounding in one op (native/rms_norm.cpp)
                 return norm(x, self.weight, self.eps)

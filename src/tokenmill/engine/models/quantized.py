@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.engine import native
+from tokenmill.engine.native.int8 import int8_linear_blocks, pack_int8_blocks, unpack_int8_blocks
 from tokenmill.engine.quantization import (
     QuantizedWeight,
     dequantize_weight,
@@ -26,10 +27,7 @@ from tokenmill.engine.quantization import (
     int4_kernel_supported,
     int4_linear,
     int8_linear,
-    int8_linear_blocks,
     pack_int4,
-    pack_int8_blocks,
-    unpack_int8_blocks,
 )
 
 logger = logging.getLogger(__name__)

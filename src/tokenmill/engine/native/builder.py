@@ -148,6 +148,8 @@ def _compile(
         fcntl.flock(lock, fcntl.LOCK_EX)
         if library.exists():  # built by the process that held the lock
             return None
+        for stale in library.parent.glob(library.stem + ".*.tmp"):  # a build killed midway
+            stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(dir=library.parent, prefix=library.stem + ".", suffix=".tmp")
         os.close(fd)
         logger.info("building tokenmill's CPU kernels for this machine (once; about 15 s)")
