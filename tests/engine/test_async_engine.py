@@ -331,12 +331,18 @@ def test_waiting_limit_holds_while_a_request_moves_into_the_queue(config):
             gate = engine.engine.pause("submit")
             b = asyncio.create_task(collect(engine.generate(PROMPT, delta(5), request_id="b")))
             await asyncio.to_thread(gate.entered.wait, 5)  # the loop thread is handing b to the scheduler
+            # Hold the loop at its next step too, so a cannot finish and let b run before c is
+            # checked (on a loaded machine the check may wake that late).
+            step_gate = engine.engine.pause("step")
             # Let the loop thread go on shortly, from another thread: c's admission check, which runs in
             # this one, may rightly wait for the hand-over to finish.
             threading.Timer(0.3, gate.release.set).start()
             c = asyncio.ensure_future(anext(engine.generate(PROMPT, delta(5), request_id="c")))
-            with pytest.raises(EngineOverloadedError):
-                await asyncio.wait_for(c, 10)
+            try:
+                with pytest.raises(EngineOverloadedError):
+                    await asyncio.wait_for(c, 10)
+            finally:
+                step_gate.release.set()
             await collect(a)
             await b
 
