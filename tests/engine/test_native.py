@@ -182,6 +182,42 @@ def test_a_failing_compiler_or_an_unusable_cache_is_a_reason_not_a_crash(tmp_pat
     assert code == 0 and reason.startswith("could not build cpu_kernels: NotADirectoryError"), reason
 
 
+_AVX2_PRODUCTS = """
+import torch
+from tokenmill.engine import native
+from tokenmill.engine.native.builder import build
+from tokenmill.engine.native.int8 import pack_int8_blocks
+from tokenmill.engine.quantization import dequantize_int8, quantize_int8
+print(build().reason)
+gen = torch.Generator().manual_seed(0)
+for rows, n, k in [(1, 100, 33), (2, 64, 8), (3, 130, 200), (5, 7, 64)]:
+    q, scale = quantize_int8(torch.randn(n, k, generator=gen))
+    packed, padded = pack_int8_blocks(q, scale)
+    x = torch.randn(rows, k, generator=gen)
+    expected = (x.double() @ dequantize_int8(q, scale, torch.float32).double().T).float()
+    torch.testing.assert_close(native.int8_gemv()(x, packed, padded, n), expected, rtol=1e-4, atol=1e-4)
+print("products match")
+"""
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason=f"no native kernels here: {disabled_reason()}")
+def test_the_avx2_form_builds_and_matches_on_any_cpu_that_builds_one(tmp_path):
+    """Whichever ISA this CPU has, the AVX2 form (every AVX-512 CPU runs it too) is built and checked,
+    and an ISA the CPU lacks, or none at all, is a reason that names what is allowed."""
+    env = {**os.environ, "TOKENMILL_CACHE_DIR": str(tmp_path), "TOKENMILL_NATIVE_ISA": "avx2"}
+    done = subprocess.run(
+        [sys.executable, "-c", _AVX2_PRODUCTS], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    reason, verdict = done.stdout.strip().splitlines()
+    assert reason.startswith("cpu_kernels (AVX2): ") and verdict == "products match"
+    code, reason = _build_in_a_fresh_process(
+        {"TOKENMILL_CACHE_DIR": str(tmp_path), "TOKENMILL_NATIVE_ISA": "SSE4"}
+    )
+    assert code == 0 and reason.startswith("TOKENMILL_NATIVE_ISA=SSE4: this CPU"), reason
+    assert reason.endswith(("allows AVX512 or AVX2", "allows AVX2")), reason
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.integers(0, 70),

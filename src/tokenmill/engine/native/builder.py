@@ -9,11 +9,13 @@ built library at once (~10 ms). The first build takes about 10 s; processes
 starting together take turns on a lock in the cache folder, so one compiles and
 the others find its result.
 
-Where a kernel cannot be built (no compiler, a CPU without AVX-512, a
-non-Linux system) the caller keeps PyTorch's own kernel, and the reason is
-logged once. ``TOKENMILL_NATIVE_KERNELS=0`` turns them off;
+The library is built for AVX-512 where torch finds it, else for AVX2 with FMA.
+Where it cannot be built (no compiler, a CPU with neither, a non-Linux system)
+the caller keeps PyTorch's own kernel, and the reason is logged once.
+``TOKENMILL_NATIVE_KERNELS=0`` turns them off;
 ``TOKENMILL_CACHE_DIR`` moves the cache (default ``~/.cache/tokenmill``);
-``CXX`` names the compiler.
+``CXX`` names the compiler; ``TOKENMILL_NATIVE_ISA=AVX2`` builds the AVX2 form on an
+AVX-512 CPU (for a cache shared with AVX2 machines, or to test it).
 
     python -m tokenmill.engine.native   # build now (``make venv`` does), and say what was used
 """
@@ -38,9 +40,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent
-# Explicit ISA flags, not -march=native: the library is only ever loaded where AVX-512 is present
-# (torch's own dispatch says so), and a cache folder shared between machines stays valid.
-_ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma")
+# Explicit ISA flags, not -march=native: the library is only loaded where torch's own dispatch
+# found that ISA, and a cache folder shared between machines stays valid (the flags are in the key).
+_ISA_FLAGS = {
+    "AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"),
+    "AVX2": ("-mavx2", "-mfma", "-mf16c"),  # torch reports AVX2 only with FMA beside it
+}
 _BUILD_TIMEOUT_S = 300
 
 
@@ -61,12 +66,35 @@ def disabled_reason() -> str | None:
         return "TOKENMILL_NATIVE_KERNELS=0"
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"no native kernels for {sys.platform}/{platform.machine()} (Linux x86-64 only)"
-    capability = torch.backends.cpu.get_cpu_capability()
-    if not capability.startswith("AVX512"):
-        return f"this CPU has no AVX-512 (torch reports {capability})"
+    if isa() is None:
+        capability = torch.backends.cpu.get_cpu_capability()
+        wanted = os.environ.get("TOKENMILL_NATIVE_ISA", "").strip()
+        if wanted:
+            allowed = " or ".join(_available_isas()) or "none"
+            return f"TOKENMILL_NATIVE_ISA={wanted}: this CPU (torch reports {capability}) allows {allowed}"
+        return f"this CPU has neither AVX-512 nor AVX2 (torch reports {capability})"
     if compiler() is None:
         return "no C++ compiler found (set CXX, or install g++)"
     return None
+
+
+def isa() -> str | None:
+    """The vector ISA the library is built for here: the best this CPU has of "AVX512" and "AVX2"
+    (or ``TOKENMILL_NATIVE_ISA``, which may name a lower one), None for neither."""
+    available = _available_isas()
+    wanted = os.environ.get("TOKENMILL_NATIVE_ISA", "").strip().upper()
+    if wanted:
+        return wanted if wanted in available else None
+    return available[0] if available else None
+
+
+def _available_isas() -> list[str]:
+    """The ISAs of ``_ISA_FLAGS`` this CPU runs, best first (an AVX-512 CPU has AVX2 too)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    names = list(_ISA_FLAGS)
+    while names and not capability.startswith(names[0]):
+        names.pop(0)
+    return names
 
 
 def compiler() -> list[str] | None:
@@ -110,7 +138,7 @@ def _build(name: str) -> BuildResult:
         "-fPIC",
         "-fopenmp",  # at::parallel_for is OpenMP in torch's CPU builds (checked after loading: one runtime)
         "-w",  # torch's headers warn under some compilers; the build's result is what matters
-        *_ISA_FLAGS,
+        *_ISA_FLAGS[isa()],
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         f"-I{torch_dir / 'include'}",
         f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
@@ -135,7 +163,7 @@ def _build(name: str) -> BuildResult:
         # A second OpenMP runtime (another libgomp, or clang's libomp) would run its own thread
         # team beside torch's: the kernel would ignore torch's thread count, and two teams spin.
         return BuildResult(None, f"{library} brought a second OpenMP runtime ({', '.join(sorted(added))})")
-    return BuildResult(library, f"{name}: {library}")
+    return BuildResult(library, f"{name} ({isa()}): {library}")
 
 
 def _compile(

@@ -1,4 +1,4 @@
-// int8 weight-only matmul on AVX-512 CPUs: y = (x @ q^T) * scale.
+// int8 weight-only matmul on AVX-512 and AVX2 CPUs: y = (x @ q^T) * scale.
 //
 // Decode at batch 1 reads every weight once per token, so its speed is the speed
 // at which weights stream from memory. PyTorch's _weight_int8pack_mm walks a few
@@ -35,40 +35,65 @@ namespace {
 
 constexpr int64_t kBlock = 64;              // output channels per block: one cache line of int8
 constexpr int64_t kPrefetchBytes = 16384;  // measured on a 2-core EPYC: 4 KB 56 GB/s, 16 KB 69 GB/s
-constexpr int kRows = 4;                    // rows of x per pass over a block
 constexpr int64_t kInlineConvert = 1 << 16;  // elements of x converted to float32 here, not by ATen
 constexpr int64_t kDotRows = 24;             // bfloat16 x from this many rows: the dot-product path
 constexpr int64_t kPairsPerChunk = 256;      // k-pairs converted at a time: a 64 KB tile per thread
 constexpr int kDotRowsPerPass = 6;           // 24 accumulators, 4 weight vectors, a broadcast
 
+// One block's weights per k as vectors of float32 lanes: 4 x 16 on AVX-512, 8 x 8 on AVX2 (the
+// library is compiled for one of the two, builder.py picks). AVX2 has 16 vector registers, not
+// 32, so it takes rows of x 2 at a time where AVX-512 takes 4.
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int kLanes = 16;
+constexpr int kRows = 4;
+inline Vec load_int8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline Vec broadcast(float v) { return _mm512_set1_ps(v); }
+inline Vec zeros() { return _mm512_setzero_ps(); }
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline void store_scaled(float* out, Vec v, const float* scale) {
+  _mm512_storeu_ps(out, _mm512_mul_ps(v, _mm512_loadu_ps(scale)));
+}
+#else
+using Vec = __m256;
+constexpr int kLanes = 8;
+constexpr int kRows = 2;
+inline Vec load_int8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline Vec broadcast(float v) { return _mm256_set1_ps(v); }
+inline Vec zeros() { return _mm256_setzero_ps(); }
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline void store_scaled(float* out, Vec v, const float* scale) {
+  _mm256_storeu_ps(out, _mm256_mul_ps(v, _mm256_loadu_ps(scale)));
+}
+#endif
+constexpr int kVecs = kBlock / kLanes;
+
 template <int R, typename out_t>
 void block_pass(const float* x, int64_t K, int64_t N, const int8_t* w, const float* scale, int64_t block,
                 out_t* y) {
-  __m512 acc[R][4];
+  Vec acc[R][kVecs];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < kVecs; ++j) acc[r][j] = zeros();
   const int8_t* p = w + block * K * kBlock;
   for (int64_t k = 0; k < K; ++k, p += kBlock) {
     // An address, not a pointer: past the weight's end near the last block, and a prefetch never faults.
     _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + kPrefetchBytes), _MM_HINT_T0);
-    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-    __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
-    __m512 w2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32))));
-    __m512 w3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 48))));
-    for (int r = 0; r < R; ++r) {
-      __m512 xk = _mm512_set1_ps(x[r * K + k]);
-      acc[r][0] = _mm512_fmadd_ps(w0, xk, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(w1, xk, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(w2, xk, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(w3, xk, acc[r][3]);
+    Vec xk[R];
+    for (int r = 0; r < R; ++r) xk[r] = broadcast(x[r * K + k]);
+    for (int j = 0; j < kVecs; ++j) {
+      const Vec wj = load_int8(p + j * kLanes);
+      for (int r = 0; r < R; ++r) acc[r][j] = fma(wj, xk[r], acc[r][j]);
     }
   }
   const int64_t n0 = block * kBlock;
   const int64_t width = std::min(kBlock, N - n0);  // the last block may be padding past N
-  alignas(64) float out[kBlock];
+  float out[kBlock];
   for (int r = 0; r < R; ++r) {
-    for (int j = 0; j < 4; ++j)
-      _mm512_store_ps(out + 16 * j, _mm512_mul_ps(acc[r][j], _mm512_loadu_ps(scale + n0 + 16 * j)));
+    for (int j = 0; j < kVecs; ++j) store_scaled(out + j * kLanes, acc[r][j], scale + n0 + j * kLanes);
     out_t* row = y + r * N + n0;
     for (int64_t j = 0; j < width; ++j) row[j] = static_cast<out_t>(out[j]);
   }
@@ -83,9 +108,11 @@ void blocks(const float* x, int64_t M, int64_t K, int64_t N, const int8_t* w, co
       out_t* ym = y + m * N;
       switch (std::min<int64_t>(kRows, M - m)) {
         case 1: block_pass<1>(xm, K, N, w, scale, b, ym); break;
+#if defined(__AVX512F__)
         case 2: block_pass<2>(xm, K, N, w, scale, b, ym); break;
         case 3: block_pass<3>(xm, K, N, w, scale, b, ym); break;
-        default: block_pass<4>(xm, K, N, w, scale, b, ym); break;
+#endif
+        default: block_pass<kRows>(xm, K, N, w, scale, b, ym); break;
       }
     }
   }
