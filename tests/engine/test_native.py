@@ -38,7 +38,7 @@ def gemv():
     if not CAN_BUILD:
         pytest.skip(f"no native kernels here: {disabled_reason()}")
     op = native.int8_gemv()
-    assert op is not None, "an AVX-512 Linux machine with a compiler must build the kernel"
+    assert op is not None, "an AVX-512 or AVX2 Linux machine with a compiler must build the kernel"
     return op
 
 
@@ -255,3 +255,51 @@ def test_rms_norm_takes_strided_rows_and_refuses_mismatches(gemv):
         op(x, torch.randn(7), 1e-6)
     with pytest.raises(RuntimeError, match="x and the weight must share a dtype"):
         op(x, weight.to(torch.bfloat16), 1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(0, 9),
+    n=st.integers(1, 70),
+    k=st.integers(1, 300),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_half_gemv_gives_the_weights_products(gemv, rows, n, k, dtype, seed):
+    # n past a group of 8 weight rows and k past the vector width, with tails of every size
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=gen).to(dtype)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    got = native.half_gemv()(x, weight)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    expected = x.double() @ weight.double().t()
+    # float32 products and sums, rounded once to the dtype: one step of it, plus summation order
+    step = {torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    assert torch.all((got.double() - expected).abs() <= step * expected.abs() + 1e-5 * k)
+
+
+def test_linear_takes_half_gemv_for_decode_rows_and_refuses_bad_arguments(gemv, monkeypatch):
+    from tokenmill.engine.models import layers
+
+    op = native.half_gemv()
+    calls = []
+    monkeypatch.setattr(native, "half_gemv", lambda: lambda x, w: calls.append(x.shape[0]) or op(x, w))
+    weight = torch.randn(40, 24).to(torch.bfloat16)
+    bias = torch.randn(40).to(torch.bfloat16)
+    for rows in (1, layers.NATIVE_HALF_MAX_ROWS, layers.NATIVE_HALF_MAX_ROWS + 1):
+        x = torch.randn(rows, 24).to(torch.bfloat16)
+        # the bias is added to the rounded product, so the result may round once more than F.linear's
+        torch.testing.assert_close(
+            layers.linear(x, weight, bias),
+            torch.nn.functional.linear(x, weight, bias),
+            rtol=2**-7,
+            atol=2**-6,
+        )
+    layers.linear(torch.randn(2, 24), weight.float())  # float32: PyTorch's
+    assert calls == [1, layers.NATIVE_HALF_MAX_ROWS]
+    with pytest.raises(RuntimeError, match="x and the weight must share a dtype"):
+        op(torch.randn(1, 24), weight)
+    with pytest.raises(RuntimeError, match="x has 23 columns, the weight 24"):
+        op(torch.randn(1, 23).to(torch.bfloat16), weight)
+    with pytest.raises(RuntimeError, match="contiguous 2-D bfloat16 or float16"):
+        op(torch.randn(1, 40).to(torch.bfloat16), weight.t())

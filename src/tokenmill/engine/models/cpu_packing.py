@@ -10,6 +10,7 @@ preparing a model, and a snapshot stores the plain weights.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -23,13 +24,29 @@ BATCH_HINT = 64
 
 
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    return (
-        device.type == "cpu"
-        and dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
+    return device.type == "cpu" and dtype == torch.bfloat16 and _packing_works()
+
+
+@functools.cache
+def _packing_works() -> bool:
+    """Whether this build and CPU pack bf16 weights: oneDNN's bf16 path needs AVX-512 (BW, VL, DQ)
+    or AVX-NE-CONVERT, so on an AVX2 CPU it refuses every weight (tokenmill's half_gemv serves
+    decode there instead, see layers.linear)."""
+    if not (
+        torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    ):
+        return False
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(
+            torch.zeros(16, 16, dtype=torch.bfloat16), BATCH_HINT
+        )
+        packed_linear(torch.zeros(2, 16, dtype=torch.bfloat16), packed, None)
+    except RuntimeError as e:
+        logger.info("bf16 weights stay unpacked: oneDNN cannot pack them here (%s)", e)
+        return False
+    return True
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:

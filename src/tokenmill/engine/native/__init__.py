@@ -2,6 +2,8 @@
 
 - ``int8_gemv``: the int8 weight-only matmul (int8_gemv.cpp); quantized int8
   layers use it where it builds, and PyTorch's ``_weight_int8pack_mm`` elsewhere.
+- ``half_gemv``: a bf16 or fp16 weight against a few rows (half_gemv.cpp): decode's
+  products where oneDNN cannot pack the weight (AVX2 CPUs), in place of ``torch.mv``.
 - ``rms_norm``: Llama's RMSNorm in one op (rms_norm.cpp); elsewhere its
   PyTorch form.
 """
@@ -19,6 +21,7 @@ from tokenmill.engine.native.builder import build
 logger = logging.getLogger(__name__)
 
 Int8Gemv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+HalfGemv = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RmsNorm = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
@@ -37,6 +40,12 @@ def int8_gemv() -> Int8Gemv | None:
     """``torch.ops.tokenmill.int8_gemv(x, packed, scales, n)``, or None where the kernels cannot be
     built here (why is logged once)."""
     return torch.ops.tokenmill.int8_gemv.default if _loaded() else None
+
+
+@functools.cache
+def half_gemv() -> HalfGemv | None:
+    """``torch.ops.tokenmill.half_gemv(x, weight)``, or None where the kernels cannot be built."""
+    return torch.ops.tokenmill.half_gemv.default if _loaded() else None
 
 
 @functools.cache

@@ -21,6 +21,7 @@
 // bfloat16 x are exact in bfloat16, so the products are exact; sums are float32.
 
 #include "kernels.h"
+#include "simd.h"
 
 #include <ATen/Parallel.h>
 
@@ -35,41 +36,14 @@ namespace {
 
 constexpr int64_t kBlock = 64;              // output channels per block: one cache line of int8
 constexpr int64_t kPrefetchBytes = 16384;  // measured on a 2-core EPYC: 4 KB 56 GB/s, 16 KB 69 GB/s
-constexpr int64_t kInlineConvert = 1 << 16;  // elements of x converted to float32 here, not by ATen
 constexpr int64_t kDotRows = 24;             // bfloat16 x from this many rows: the dot-product path
 constexpr int64_t kPairsPerChunk = 256;      // k-pairs converted at a time: a 64 KB tile per thread
 constexpr int kDotRowsPerPass = 6;           // 24 accumulators, 4 weight vectors, a broadcast
 
-// One block's weights per k as vectors of float32 lanes: 4 x 16 on AVX-512, 8 x 8 on AVX2 (the
-// library is compiled for one of the two, builder.py picks). AVX2 has 16 vector registers, not
-// 32, so it takes rows of x 2 at a time where AVX-512 takes 4.
-#if defined(__AVX512F__)
-using Vec = __m512;
-constexpr int kLanes = 16;
-constexpr int kRows = 4;
-inline Vec load_int8(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline Vec broadcast(float v) { return _mm512_set1_ps(v); }
-inline Vec zeros() { return _mm512_setzero_ps(); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline void store_scaled(float* out, Vec v, const float* scale) {
-  _mm512_storeu_ps(out, _mm512_mul_ps(v, _mm512_loadu_ps(scale)));
-}
-#else
-using Vec = __m256;
-constexpr int kLanes = 8;
-constexpr int kRows = 2;
-inline Vec load_int8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline Vec broadcast(float v) { return _mm256_set1_ps(v); }
-inline Vec zeros() { return _mm256_setzero_ps(); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline void store_scaled(float* out, Vec v, const float* scale) {
-  _mm256_storeu_ps(out, _mm256_mul_ps(v, _mm256_loadu_ps(scale)));
-}
-#endif
+using namespace tokenmill::simd;
+
+// AVX2 has 16 vector registers, not 32: it takes rows of x 2 at a time where AVX-512 takes 4.
+constexpr int kRows = kRegisters == 32 ? 4 : 2;
 constexpr int kVecs = kBlock / kLanes;
 
 template <int R, typename out_t>
@@ -93,7 +67,7 @@ void block_pass(const float* x, int64_t K, int64_t N, const int8_t* w, const flo
   const int64_t width = std::min(kBlock, N - n0);  // the last block may be padding past N
   float out[kBlock];
   for (int r = 0; r < R; ++r) {
-    for (int j = 0; j < kVecs; ++j) store_scaled(out + j * kLanes, acc[r][j], scale + n0 + j * kLanes);
+    for (int j = 0; j < kVecs; ++j) store(out + j * kLanes, mul(acc[r][j], load(scale + n0 + j * kLanes)));
     out_t* row = y + r * N + n0;
     for (int64_t j = 0; j < width; ++j) row[j] = static_cast<out_t>(out[j]);
   }
@@ -108,7 +82,7 @@ void blocks(const float* x, int64_t M, int64_t K, int64_t N, const int8_t* w, co
       out_t* ym = y + m * N;
       switch (std::min<int64_t>(kRows, M - m)) {
         case 1: block_pass<1>(xm, K, N, w, scale, b, ym); break;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__)  // kRows 4
         case 2: block_pass<2>(xm, K, N, w, scale, b, ym); break;
         case 3: block_pass<3>(xm, K, N, w, scale, b, ym); break;
 #endif
@@ -219,29 +193,13 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
               nblocks, " blocks");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() >= nblocks * kBlock,
               "int8_gemv: scales must be float32, one per padded output channel");
-  // x as float32. A decode step's few rows are converted here: an ATen conversion costs more in
-  // dispatch and allocation than the conversion itself, and this runs for every layer of every step.
   const at::Tensor xc = x.contiguous();
   static const bool has_bf16_dot = __builtin_cpu_supports("avx512bf16");
   if (xc.scalar_type() == at::kBFloat16 && M >= kDotRows && has_bf16_dot) {
     return int8_dot_bf16(xc, packed, scale.data_ptr<float>(), n);
   }
-  at::Tensor xf;
-  std::vector<float> xbuf;
-  const float* xp;
-  if (xc.scalar_type() == at::kFloat) {
-    xp = xc.data_ptr<float>();
-  } else if (M * K <= kInlineConvert) {
-    xbuf.resize(M * K);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "int8_gemv_x", [&] {
-      const scalar_t* src = xc.data_ptr<scalar_t>();
-      for (int64_t i = 0; i < M * K; ++i) xbuf[i] = static_cast<float>(src[i]);
-    });
-    xp = xbuf.data();
-  } else {
-    xf = xc.to(at::kFloat);
-    xp = xf.data_ptr<float>();
-  }
+  Float32Rows rows(xc);
+  const float* xp = rows.data();
   at::Tensor y = at::empty({M, n}, x.options());
   const int8_t* wp = packed.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();

@@ -3,12 +3,31 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 namespace tokenmill {
 
 // y = (x @ q^T) * scale, q int8 in pack_int8_blocks' layout [ceil(n/64), K, 64] (int8_gemv.cpp).
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t n);
 
+// y = x @ w^T for a bfloat16 or float16 weight [N, K] and a few rows of x of its dtype (half_gemv.cpp).
+at::Tensor half_gemv(const at::Tensor& x, const at::Tensor& weight);
+
 // Llama's RMSNorm over the last dim, in the model's rounding (rms_norm.cpp).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// A contiguous x's values as float32, for kernels that multiply in float32 (float32_rows.cpp).
+// A decode step's few rows are converted in place here: an ATen conversion costs more in
+// dispatch and allocation than the conversion itself, and this runs for every layer of a step.
+class Float32Rows {
+ public:
+  explicit Float32Rows(const at::Tensor& x);
+  const float* data() const { return data_; }
+
+ private:
+  at::Tensor converted_;
+  std::vector<float> buffer_;
+  const float* data_;
+};
 
 }  // namespace tokenmill
