@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     with one_run_at_a_time():
         for rows in map(int, args.rows.split(",")):
             xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in (768, 2048)}
-            t = _turns(_kernels(xs, layers, blocked, gemv, unpack_int8_blocks), args.turns)
+            t = time_in_turns(_kernels(xs, layers, blocked, gemv, unpack_int8_blocks), args.turns)
             ours, theirs = t["tokenmill"], t["int8pack"]
             print(
                 f"| {rows} | {ours:.2f} | {total / ours / 1e6:.1f} | {theirs:.2f} "
@@ -92,7 +92,7 @@ def _kernels(
     return {"tokenmill": tokenmill, "int8pack": int8pack, "dequantize": dequantize}
 
 
-def _turns(kernels: dict[str, Callable[[], None]], turns: int) -> dict[str, float]:
+def time_in_turns(kernels: dict[str, Callable[[], None]], turns: int) -> dict[str, float]:
     """Milliseconds per pass of each kernel: the median over ``turns`` turns, kernels alternating."""
     for run in kernels.values():
         run()  # warm-up

@@ -3,6 +3,7 @@ products, the RMSNorm the rounding of its PyTorch form."""
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import subprocess
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenmill.engine import native
+from tokenmill.engine.models.cpu_packing import packing_supported
 from tokenmill.engine.models.layers import RMSNorm
 from tokenmill.engine.models.quantized import Int8Weights
 from tokenmill.engine.native.builder import build, disabled_reason
@@ -286,6 +288,7 @@ def test_linear_takes_half_gemv_for_decode_rows_and_refuses_bad_arguments(gemv, 
     monkeypatch.setattr(native, "half_gemv", lambda: lambda x, w: calls.append(x.shape[0]) or op(x, w))
     weight = torch.randn(40, 24).to(torch.bfloat16)
     bias = torch.randn(40).to(torch.bfloat16)
+    monkeypatch.setattr(layers, "native_half_max_rows", lambda: layers.NATIVE_HALF_MAX_ROWS)
     for rows in (1, layers.NATIVE_HALF_MAX_ROWS, layers.NATIVE_HALF_MAX_ROWS + 1):
         x = torch.randn(rows, 24).to(torch.bfloat16)
         # the bias is added to the rounded product, so the result may round once more than F.linear's
@@ -297,6 +300,12 @@ def test_linear_takes_half_gemv_for_decode_rows_and_refuses_bad_arguments(gemv, 
         )
     layers.linear(torch.randn(2, 24), weight.float())  # float32: PyTorch's
     assert calls == [1, layers.NATIVE_HALF_MAX_ROWS]
+    # without oneDNN's bf16 packing, every batch (F.linear's bf16 GEMM is the slower path there)
+    monkeypatch.undo()
+    expected = (
+        layers.NATIVE_HALF_MAX_ROWS if packing_supported(torch.bfloat16, torch.device("cpu")) else math.inf
+    )
+    assert layers.native_half_max_rows() == expected
     with pytest.raises(RuntimeError, match="x and the weight must share a dtype"):
         op(torch.randn(1, 24), weight)
     with pytest.raises(RuntimeError, match="x has 23 columns, the weight 24"):

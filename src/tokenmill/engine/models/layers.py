@@ -7,6 +7,7 @@ it exactly and logits within fp32 tolerance.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,26 +17,33 @@ from torch import nn
 from tokenmill.engine import native
 from tokenmill.engine.config import RopeConfig
 from tokenmill.engine.errors import ModelLoadError
-from tokenmill.engine.models.cpu_packing import pack_weight, packed_linear
+from tokenmill.engine.models.cpu_packing import pack_weight, packed_linear, packing_supported
 from tokenmill.engine.models.quantized import build_quantized
 from tokenmill.engine.quantization import QuantizedWeight, int4_kernel_supported, quantize_weight
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-# Rows of x up to which a 16-bit weight on CPU takes tokenmill's GEMV: its weight streams once
-# per 2 (AVX2) or 4 (AVX-512) rows, and F.linear's GEMM is the better path for larger batches.
+# Rows of x up to which a 16-bit weight on CPU takes tokenmill's GEMV where oneDNN packs bf16
+# weights (AVX-512): a packed layer never gets here, and an fp16 one may have a better GEMM above.
+# Where oneDNN cannot pack (AVX2), F.linear's bf16 GEMM ran 3-5x slower than the GEMV at every
+# batch measured (4-256 rows), so there the GEMV takes them all.
 NATIVE_HALF_MAX_ROWS = 4
 
 
+@functools.cache
+def native_half_max_rows() -> float:
+    return NATIVE_HALF_MAX_ROWS if packing_supported(torch.bfloat16, torch.device("cpu")) else math.inf
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x W^T + b``. Decode's few rows go through matrix-vector products: on CPU,
-    tokenmill's GEMV for a bf16 or fp16 weight (1.8-2.9x ``torch.mv`` at one row on
-    an AVX2 EPYC, 3-5x F.linear at 2-4), else PyTorch's GEMV, which streams bf16
-    weights about twice as fast as the GEMM path F.linear takes."""
+    """``x W^T + b``. On CPU a bf16 or fp16 weight goes through tokenmill's GEMV for
+    decode's rows (1.8-2.9x ``torch.mv`` at one row on an AVX2 EPYC, 3-5x F.linear at
+    more), see ``native_half_max_rows``; elsewhere a single row takes PyTorch's GEMV,
+    which streams bf16 weights about twice as fast as the GEMM path F.linear takes."""
     if (
         x.dim() == 2
-        and x.shape[0] <= NATIVE_HALF_MAX_ROWS
+        and x.shape[0] <= native_half_max_rows()
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype
         and x.is_cpu
