@@ -37,16 +37,16 @@ def native_half_max_rows() -> float:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x W^T + b``. On CPU a bf16 or fp16 weight goes through tokenmill's GEMV for
-    decode's rows (1.8-2.9x ``torch.mv`` at one row on an AVX2 EPYC, 3-5x F.linear at
-    more), see ``native_half_max_rows``; elsewhere a single row takes PyTorch's GEMV,
-    which streams bf16 weights about twice as fast as the GEMM path F.linear takes."""
+    """``x W^T + b``. On CPU a bf16 or fp16 weight goes through tokenmill's GEMV (see
+    ``native_half_max_rows``; over the 125M model's weights on an AVX2 EPYC, 1.26x
+    ``torch.mv`` at one row and 2.3-4.4x F.linear at 2-64); elsewhere a single row takes
+    PyTorch's GEMV, which streams bf16 weights about twice as fast as F.linear's GEMM."""
     if (
-        x.dim() == 2
-        and x.shape[0] <= native_half_max_rows()
+        x.is_cpu
+        and x.dim() == 2
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype
-        and x.is_cpu
+        and x.shape[0] <= native_half_max_rows()
         and weight.is_contiguous()
         and (gemv := native.half_gemv()) is not None
     ):
