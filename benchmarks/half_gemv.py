@@ -14,7 +14,6 @@ there and half_gemv is not used. Kernels take turns ``--turns`` times; medians.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 
@@ -22,16 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from bench_process import one_run_at_a_time
-from int8_kernel import SHAPES, time_in_turns
+from int8_kernel import SHAPES, kernel_args, time_in_turns
 
 LM_HEAD = (32000, 768)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", default="1,2,4", help="batch sizes (rows of x), comma-separated")
-    p.add_argument("--turns", type=int, default=5, help="timed passes of each kernel, taken in turn")
-    args = p.parse_args(argv)
+    args = kernel_args(argv, __doc__, "1,2,4,16,64")
     from tokenmill.engine import native
     from tokenmill.engine.models.cpu_packing import pack_weight, packed_linear, packing_supported
 

@@ -28,11 +28,16 @@ SHAPES = [(1280, 768), (768, 768), (4096, 768), (768, 2048)] * 12
 PASSES = 10  # back-to-back passes per turn, as decode steps follow one another
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", default="1,4,16,64,256", help="batch sizes (rows of x), comma-separated")
+def kernel_args(argv: list[str] | None, doc: str, rows: str) -> argparse.Namespace:
+    """``--rows`` and ``--turns``, the options of a kernel benchmark."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--rows", default=rows, help="batch sizes (rows of x), comma-separated")
     p.add_argument("--turns", type=int, default=5, help="timed passes of each kernel, taken in turn")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = kernel_args(argv, __doc__, "1,4,16,64,256")
     from tokenmill.engine import native
     from tokenmill.engine.native.int8 import pack_int8_blocks, unpack_int8_blocks
     from tokenmill.engine.quantization import quantize_int8
