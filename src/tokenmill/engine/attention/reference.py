@@ -24,7 +24,7 @@ from tokenmill.engine.attention.kv_cache import KVCache, make_kv_store
 
 
 @dataclass
-class _PrefillGroup:
+class PrefillGroup:
     """Prefills with the same query length and context length, attended in one SDPA call."""
 
     tokens: torch.Tensor | slice  # [n * q_len] rows of the flat batch, request by request
@@ -48,7 +48,7 @@ class _DecodeBucket:
 class ReferenceMetadata:
     slot_mapping: torch.Tensor
     decodes: list[_DecodeBucket]
-    prefills: list[_PrefillGroup]
+    prefills: list[PrefillGroup]
 
 
 # A decode joins the current bucket while its context is at most this many times
@@ -71,18 +71,19 @@ class ReferenceBackend(AttentionBackend):
     def prepare(self, batch: AttentionBatch) -> ReferenceMetadata:
         nd = batch.num_decodes
         decodes = [self._decode_bucket(batch, lo, hi) for lo, hi in _buckets(batch.seq_lens[:nd])]
+        return ReferenceMetadata(batch.slot_mapping, decodes, self.prefill_groups(batch))
+
+    def prefill_groups(self, batch: AttentionBatch) -> list[PrefillGroup]:
+        """The batch's prefills (requests past the decodes), grouped by shape for ``attend_prefills``."""
         groups: dict[tuple[int, int], list[int]] = {}
-        for i in range(nd, batch.num_requests):
+        for i in range(batch.num_decodes, batch.num_requests):
             q_len = batch.query_start_loc[i + 1] - batch.query_start_loc[i]
             groups.setdefault((q_len, batch.context_lens[i]), []).append(i)
-        prefills = [
-            self._prefill_group(batch, q_len, ctx, members) for (q_len, ctx), members in groups.items()
-        ]
-        return ReferenceMetadata(batch.slot_mapping, decodes, prefills)
+        return [self._prefill_group(batch, q_len, ctx, members) for (q_len, ctx), members in groups.items()]
 
     def _prefill_group(
         self, batch: AttentionBatch, q_len: int, ctx_len: int, members: list[int]
-    ) -> _PrefillGroup:
+    ) -> PrefillGroup:
         device = self.spec.device
         seq_len = ctx_len + q_len
         starts = [batch.query_start_loc[i] for i in members]
@@ -99,7 +100,7 @@ class ReferenceBackend(AttentionBackend):
             q_pos = torch.arange(ctx_len, seq_len, device=device).unsqueeze(1)
             k_pos = torch.arange(seq_len, device=device).unsqueeze(0)
             mask = (k_pos <= q_pos) & self._in_window(q_pos, k_pos)
-        return _PrefillGroup(tokens, len(members), q_len, slots, mask)
+        return PrefillGroup(tokens, len(members), q_len, slots, mask)
 
     def _decode_bucket(self, batch: AttentionBatch, lo: int, hi: int) -> _DecodeBucket:
         lens = batch.seq_lens[lo:hi]
@@ -158,7 +159,23 @@ class ReferenceBackend(AttentionBackend):
             query = q[d.start : d.end].reshape(n, kv_heads, heads // kv_heads, dim)
             o = F.scaled_dot_product_attention(query, keys, values, attn_mask=d.mask, scale=scale)
             out[d.start : d.end] = o.reshape(n, heads, dim)
-        for g in meta.prefills:
+        self.attend_prefills(q, k, v, kv_cache, meta.prefills, out)
+        return out
+
+    def attend_prefills(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: KVCache,
+        groups: list[PrefillGroup],
+        out: torch.Tensor,
+    ) -> None:
+        """Each group's rows of ``out``, from the step's q/k/v (the whole flat batch; k and v as
+        the cache returns them, already stored) and the cached context."""
+        store, scale = self.store, self.spec.scale
+        heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
+        for g in groups:
             query = q[g.tokens].view(g.n, g.q_len, heads, dim).transpose(1, 2)  # [n, H, q, D]
             if g.slots is None:
                 kv_shape = (g.n, g.q_len, kv_heads, dim)
@@ -179,7 +196,6 @@ class ReferenceBackend(AttentionBackend):
                     query, keys, values, attn_mask=g.mask, scale=scale, enable_gqa=True
                 )
             out[g.tokens] = o.transpose(1, 2).reshape(g.n * g.q_len, heads, dim)
-        return out
 
 
 def _buckets(seq_lens: list[int]) -> list[tuple[int, int]]:

@@ -6,6 +6,8 @@
   products where oneDNN cannot pack the weight (AVX2 CPUs), in place of ``torch.mv``.
 - ``rms_norm``: Llama's RMSNorm in one op (rms_norm.cpp); elsewhere its
   PyTorch form.
+- ``paged_decode_attention``: decode attention read in place from the paged KV
+  cache (paged_attention.cpp), for the ``cpu`` attention backend.
 """
 
 from __future__ import annotations
@@ -23,16 +25,24 @@ logger = logging.getLogger(__name__)
 Int8Gemv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 HalfGemv = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RmsNorm = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+# (q, k, v, cache, slots, block_table, seq_lens, block_size, scale, window) -> out
+_T = torch.Tensor
+PagedDecodeAttention = Callable[[_T, _T, _T, _T, _T, _T, _T, int, float, int], _T]
 
 
 @functools.cache
-def _loaded() -> bool:
+def unavailable_reason() -> str | None:
+    """Why tokenmill's kernels are not in use in this process (logged once), or None when they are."""
     result = build()
     if result.library is None:
         logger.warning("tokenmill's CPU kernels are not in use, PyTorch's are: %s", result.reason)
-        return False
+        return result.reason
     logger.debug("loaded %s", result.reason)
-    return True
+    return None
+
+
+def _loaded() -> bool:
+    return unavailable_reason() is None
 
 
 @functools.cache
@@ -52,6 +62,12 @@ def half_gemv() -> HalfGemv | None:
 def rms_norm() -> RmsNorm | None:
     """``torch.ops.tokenmill.rms_norm(x, weight, eps)``, or None where the kernels cannot be built."""
     return torch.ops.tokenmill.rms_norm.default if _loaded() else None
+
+
+@functools.cache
+def paged_decode_attention() -> PagedDecodeAttention | None:
+    """``torch.ops.tokenmill.paged_decode_attention``, or None where the kernels cannot be built."""
+    return torch.ops.tokenmill.paged_decode_attention.default if _loaded() else None
 
 
 @functools.cache

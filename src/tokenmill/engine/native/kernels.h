@@ -16,6 +16,13 @@ at::Tensor half_gemv(const at::Tensor& x, const at::Tensor& weight);
 // Llama's RMSNorm over the last dim, in the model's rounding (rms_norm.cpp).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
+// Stores the step's k, v ([n, kv_heads, dim]) at slots, then attends each sequence's one query row
+// (q [n, heads, dim]) over its context in the paged cache [2, slots, kv_heads, dim]; window > 0
+// keeps only the last window positions (paged_attention.cpp).
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  at::Tensor& cache, const at::Tensor& slots, const at::Tensor& block_table,
+                                  const at::Tensor& seq_lens, int64_t block_size, double scale, int64_t window);
+
 // A contiguous x's values as float32, for kernels that multiply in float32 (float32_rows.cpp).
 // A decode step's few rows are converted in place here: an ATen conversion costs more in
 // dispatch and allocation than the conversion itself, and this runs for every layer of a step.
