@@ -39,13 +39,58 @@ float dot(const float* q, const T* k, int64_t D) {
   return s;
 }
 
-// acc += a * v
+// Four keys' dot products with one query row: four independent chains of FMAs where one chain
+// would wait on each FMA's latency.
 template <typename T>
-void add_scaled(float a, const T* v, float* acc, int64_t D) {
-  const Vec av = simd::broadcast(a);
+void dot4(const float* q, const T* const* k, int64_t D, float* out) {
+  Vec a0 = simd::zeros(), a1 = simd::zeros(), a2 = simd::zeros(), a3 = simd::zeros();
   int64_t i = 0;
-  for (; i + kLanes <= D; i += kLanes) simd::store(acc + i, simd::fma(av, load_vec(v + i), simd::load(acc + i)));
-  for (; i < D; ++i) acc[i] += a * static_cast<float>(v[i]);
+  for (; i + kLanes <= D; i += kLanes) {
+    const Vec qv = simd::load(q + i);
+    a0 = simd::fma(qv, load_vec(k[0] + i), a0);
+    a1 = simd::fma(qv, load_vec(k[1] + i), a1);
+    a2 = simd::fma(qv, load_vec(k[2] + i), a2);
+    a3 = simd::fma(qv, load_vec(k[3] + i), a3);
+  }
+  out[0] = simd::sum(a0);
+  out[1] = simd::sum(a1);
+  out[2] = simd::sum(a2);
+  out[3] = simd::sum(a3);
+  for (; i < D; ++i) {
+    for (int r = 0; r < 4; ++r) out[r] += q[i] * static_cast<float>(k[r][i]);
+  }
+}
+
+// out = sum_t p[t] * v[t]: a few vectors of out held in registers across the whole context, where
+// adding one row at a time would load and store all of out per row.
+template <typename T>
+void weighted_sum(const float* p, const T* const* v, int64_t span, int64_t D, float* out) {
+  int64_t d = 0;
+  for (; d + 4 * kLanes <= D; d += 4 * kLanes) {
+    Vec a0 = simd::zeros(), a1 = simd::zeros(), a2 = simd::zeros(), a3 = simd::zeros();
+    for (int64_t t = 0; t < span; ++t) {
+      const Vec w = simd::broadcast(p[t]);
+      const T* row = v[t] + d;
+      a0 = simd::fma(w, load_vec(row), a0);
+      a1 = simd::fma(w, load_vec(row + kLanes), a1);
+      a2 = simd::fma(w, load_vec(row + 2 * kLanes), a2);
+      a3 = simd::fma(w, load_vec(row + 3 * kLanes), a3);
+    }
+    simd::store(out + d, a0);
+    simd::store(out + d + kLanes, a1);
+    simd::store(out + d + 2 * kLanes, a2);
+    simd::store(out + d + 3 * kLanes, a3);
+  }
+  for (; d + kLanes <= D; d += kLanes) {
+    Vec a = simd::zeros();
+    for (int64_t t = 0; t < span; ++t) a = simd::fma(simd::broadcast(p[t]), load_vec(v[t] + d), a);
+    simd::store(out + d, a);
+  }
+  for (; d < D; ++d) {
+    float a = 0.0f;
+    for (int64_t t = 0; t < span; ++t) a += p[t] * static_cast<float>(v[t][d]);
+    out[d] = a;
+  }
 }
 
 struct Shape {
@@ -71,35 +116,42 @@ void attend(const Shape& s, const Strided& q, int64_t i, const T* keys, const T*
   const int64_t D = s.dim;
   const int64_t first = s.window > 0 ? std::max<int64_t>(0, len - s.window) : 0;
   const int64_t span = len - first;
-  std::vector<float> qf(group * D), acc(group * D, 0.0f), scores(group * span);
+  std::vector<float> qf(group * D), acc(D), scores(group * span);
+  std::vector<const T*> k(span), v(span);  // the context's rows of KV head g, through the block table
+  for (int64_t t = 0; t < span; ++t) {
+    const int64_t pos = first + t;
+    const int64_t offset = ((table[pos / s.block_size] * s.block_size + pos % s.block_size) * s.kv_heads + g) * D;
+    k[t] = keys + offset;
+    v[t] = values + offset;
+  }
   for (int64_t j = 0; j < group; ++j) {
     const T* head = q.at<T>(i, g * group + j);
     for (int64_t d = 0; d < D; ++d) qf[j * D + d] = static_cast<float>(head[d]) * s.scale;
   }
-  auto row = [&](int64_t pos) { return (table[pos / s.block_size] * s.block_size + pos % s.block_size) * s.kv_heads + g; };
-  for (int64_t t = 0; t < span; ++t) {
-    const T* k = keys + row(first + t) * D;
-    for (int64_t j = 0; j < group; ++j) scores[j * span + t] = dot(qf.data() + j * D, k, D);
-  }
-  std::vector<float> total(group);
-  for (int64_t j = 0; j < group; ++j) {
-    float* sc = scores.data() + j * span;
-    const float top = *std::max_element(sc, sc + span);
-    float sum = 0.0f;
-    for (int64_t t = 0; t < span; ++t) {
-      sc[t] = std::exp(sc[t] - top);
-      sum += sc[t];
+  // Scores, four keys at a time: each key row is read once for the whole group, from L1.
+  int64_t t = 0;
+  for (; t + 4 <= span; t += 4) {
+    for (int64_t j = 0; j < group; ++j) {
+      float four[4];
+      dot4(qf.data() + j * D, k.data() + t, D, four);
+      std::copy_n(four, 4, scores.data() + j * span + t);
     }
-    total[j] = sum;
   }
-  for (int64_t t = 0; t < span; ++t) {
-    const T* v = values + row(first + t) * D;
-    for (int64_t j = 0; j < group; ++j) add_scaled(scores[j * span + t], v, acc.data() + j * D, D);
+  for (; t < span; ++t) {
+    for (int64_t j = 0; j < group; ++j) scores[j * span + t] = dot(qf.data() + j * D, k[t], D);
   }
   for (int64_t j = 0; j < group; ++j) {
-    const float inv = 1.0f / total[j];
+    float* p = scores.data() + j * span;
+    const float top = *std::max_element(p, p + span);
+    float total = 0.0f;
+    for (int64_t u = 0; u < span; ++u) {
+      p[u] = std::exp(p[u] - top);
+      total += p[u];
+    }
+    weighted_sum(p, v.data(), span, D, acc.data());
+    const float inv = 1.0f / total;
     T* o = out + (g * group + j) * D;
-    for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[j * D + i] * inv);
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] * inv);
   }
 }
 
