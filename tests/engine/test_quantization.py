@@ -89,19 +89,48 @@ def test_int8_greedy_tokens_match_the_dequantized_weight_reference_exactly(tiny_
         assert greedy(quantized) == greedy(reference), arch
 
 
-def test_int8_quantizes_every_linear_but_the_lm_head_and_shrinks_the_weights(tiny_llama, make_engine):
+def test_int8_quantizes_every_linear_and_the_lm_head_and_shrinks_the_weights(tiny_llama, make_engine):
     full = make_engine(tiny_llama)
     int8 = make_engine(tiny_llama, quantization="int8")
     layers = [m for m in int8.model.modules() if isinstance(m, Linear)]
-    head = getattr(int8.model, "lm_head", None)
-    assert all((m.quantized is not None) == (m is not head) for m in layers)
+    assert int8.model.lm_head in layers
+    assert all(m.quantized is not None for m in layers)
     assert int8.kv_plan.weight_bytes < full.kv_plan.weight_bytes
-    kept = [m.quantized for m in layers if m.quantized is not None]
+    kept = [m.quantized for m in layers]
     linear_params = sum(k.int8_weight()[0].numel() for k in kept)
     stored = sum(k.qweight.numel() + k.scales.numel() * k.scales.element_size() for k in kept)
     # fp32 -> int8 for those weights: what is stored (with the native layout's padding) is all they take
     assert full.kv_plan.weight_bytes - int8.kv_plan.weight_bytes == 4 * linear_params - stored
     assert stored < 4 * linear_params / 3
+
+
+@pytest.mark.parametrize(("method", "asked", "quantized"), [
+    ("int8", False, False), ("int4", None, False), ("int4", True, True), ("fp8", None, False),
+])  # fmt: skip
+def test_the_lm_head_follows_the_method_unless_told(tiny_llama, make_engine, method, asked, quantized):
+    engine = make_engine(tiny_llama, quantization=method, quantize_lm_head=asked)
+    head = engine.model.lm_head
+    assert (head.quantized is not None) == quantized
+    others = [m for m in engine.model.modules() if isinstance(m, Linear) and m is not head]
+    assert all(m.quantized is not None for m in others)
+
+
+def test_a_tied_head_is_quantized_beside_the_embedding_the_lookup_keeps(tiny_models, make_engine):
+    folder = tiny_models["qwen3"]
+    plain = make_engine(folder)
+    assert plain.model.lm_head is None  # tied: the logits read the embedding
+    int8 = make_engine(folder, quantization="int8")
+    assert isinstance(int8.model.lm_head.quantized, Int8Weights)
+    assert torch.equal(int8.model.embed_tokens.weight, plain.model.embed_tokens.weight)
+    # The tied head's int8 rows are the embedding's, quantized.
+    q, scales = int8.model.lm_head.quantized.int8_weight()
+    want_q, want_scales = quantize_int8(plain.model.embed_tokens.weight.data)
+    assert torch.equal(q, want_q) and torch.allclose(scales.float(), want_scales.float())
+
+
+def test_a_quantized_head_without_a_quantized_model_is_refused_by_name(tiny_llama, make_engine):
+    with pytest.raises(InvalidRequestError, match="quantize_lm_head=True is invalid: allowed false or None"):
+        make_engine(tiny_llama, quantize_lm_head=True)
 
 
 def test_an_unknown_method_names_the_field_and_the_allowed_values(tiny_llama, make_engine):

@@ -112,7 +112,9 @@ def test_a_saved_model_runs_exactly_like_quantizing_at_load(tmp_path, tiny_model
         at_load = make_engine(tiny_models[arch], quantization=method, dtype="float32")
         saved = make_engine(out, dtype="float32")
         kernels = [m for m in saved.model.modules() if isinstance(m, KERNELS[method])]
-        assert len(kernels) == 2 * 4, arch  # qkv, o, gate_up, down in each of 2 layers; the head stays plain
+        # qkv, o, gate_up, down in each of 2 layers. The file keeps the head plain (as vLLM reads
+        # compressed-tensors); int8 quantizes it at load, as it does for --quantization int8.
+        assert len(kernels) == 2 * 4 + (method == "int8"), arch
         assert torch.equal(prompt_logits(saved, PROMPTS)[0], prompt_logits(at_load, PROMPTS)[0]), arch
         assert _greedy(saved) == _greedy(at_load), arch
         assert saved.kv_plan.weight_bytes == at_load.kv_plan.weight_bytes

@@ -83,6 +83,13 @@ def generate(
     quantization: Annotated[
         str | None, typer.Option(help="int8, int4 or fp8: weights quantized at load. Default: none.")
     ] = None,
+    quantize_lm_head: Annotated[
+        bool | None,
+        typer.Option(
+            "--quantize-lm-head/--no-quantize-lm-head",
+            help="Quantize the LM head too. Default: the method's (int8 yes; int4, fp8 no).",
+        ),
+    ] = None,
     kv_cache_dtype: Annotated[
         KVCacheDtype,
         typer.Option(help="auto (the model's dtype) or fp8: K, V in float8 e4m3 with scales (~2x tokens)."),
@@ -105,6 +112,7 @@ def generate(
                     max_model_len=max_model_len,
                     kv_cache_memory=kv,
                     quantization=quantization,
+                    quantize_lm_head=quantize_lm_head,
                     kv_cache_dtype=kv_cache_dtype,
                 )
             )

@@ -70,6 +70,13 @@ def serve(
     quantization: Annotated[
         str | None, typer.Option(help="int8, int4 or fp8: weights quantized at load. Default: none.")
     ] = None,
+    quantize_lm_head: Annotated[
+        bool | None,
+        typer.Option(
+            "--quantize-lm-head/--no-quantize-lm-head",
+            help="Quantize the LM head too. Default: the method's (int8 yes; int4, fp8 no).",
+        ),
+    ] = None,
     kv_cache_dtype: Annotated[
         KVCacheDtype,
         typer.Option(help="auto (the model's dtype) or fp8: K, V in float8 e4m3 with scales (~2x tokens)."),
@@ -106,6 +113,7 @@ def serve(
         seed=seed,
         runner=runner,
         quantization=quantization,
+        quantize_lm_head=quantize_lm_head,
         kv_cache_dtype=kv_cache_dtype,
     )
     options = ServeOptions(

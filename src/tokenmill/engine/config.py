@@ -198,6 +198,8 @@ class EngineConfig:
     timing_profile: str | None = None  # JSON from `tokenmill profile`; None: the shipped default
     kv_events: bool = False  # record BlockStored/BlockRemoved/AllCleared for KV-aware routing
     quantization: str | None = None  # int8 (per output channel) or int4 (per group), at load: quantization.py
+    # Whether the LM head is quantized too; None: the method's default (int8: yes; int4, fp8: no).
+    quantize_lm_head: bool | None = None
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8: e4m3 with a scale per slot and KV head
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -241,6 +243,12 @@ class EngineConfig:
                 self.quantization,
                 self.quantization in (None, "int8", "int4", "fp8"),
                 "int8, int4, fp8, or None for the checkpoint's weights as they are",
+            ),
+            (
+                "quantize_lm_head",
+                self.quantize_lm_head,
+                self.quantize_lm_head in (None, True, False),
+                "true, false, or None for the quantization method's default",
             ),
             (
                 "kv_cache_dtype",

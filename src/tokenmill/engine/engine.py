@@ -132,9 +132,16 @@ class Engine:
     def _model_runner(self) -> ModelRunner:
         config = self.config
         self.model = load_model(self.model_config, self.dtype, self.device)
-        if config.quantization is not None:
-            quantized = quantize_model(self.model, config.quantization)
-            logger.info("quantized %d linear layers to %s", quantized, config.quantization)
+        # A checkpoint quantized beforehand runs as its method at load would: with the same head.
+        loaded = self.model.checkpoint_quantization
+        method = config.quantization or (loaded.method if loaded is not None else None)
+        if method is None and config.quantize_lm_head:
+            raise InvalidRequestError(
+                "quantize_lm_head", True, "false or None: the model is not quantized (set quantization)"
+            )
+        if method is not None:
+            quantized = quantize_model(self.model, method, config.quantize_lm_head)
+            logger.info("quantized %d linear layers to %s", quantized, method)
         self.kv_plan: KVCachePlan = plan_kv_cache(
             self.model_config,
             self.dtype,

@@ -52,6 +52,7 @@ class LLM:
         max_itl: float | None = None,
         timing_profile: str | None = None,
         quantization: str | None = None,
+        quantize_lm_head: bool | None = None,
         kv_cache_dtype: str = "auto",
     ):
         self.engine = Engine(
@@ -71,6 +72,7 @@ class LLM:
                 max_itl=max_itl,
                 timing_profile=timing_profile,
                 quantization=quantization,
+                quantize_lm_head=quantize_lm_head,
                 kv_cache_dtype=kv_cache_dtype,
             )
         )

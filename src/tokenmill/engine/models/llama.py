@@ -118,6 +118,16 @@ class LlamaForCausalLM(nn.Module):
             return packed_linear(hidden, self.packed_logits, None)
         return linear(hidden, self.embed_tokens.weight)
 
+    def logits_layer(self) -> Linear:
+        """The logits' layer, for quantizing it: a tied model gets its own Linear over the embedding's
+        storage (no copy; quantizing it swaps that for the kernel's form, and the lookup keeps the
+        embedding)."""
+        if self.lm_head is None:
+            head = Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+            head.weight.data = self.embed_tokens.weight.data
+            self.lm_head = head
+        return self.lm_head
+
     def pack(self) -> bool:
         """A tied model's logits through a oneDNN-packed copy of the embedding (the lookup needs the
         plain one, so both stay): the logits are the widest matmul of a decode step, and unpacked
