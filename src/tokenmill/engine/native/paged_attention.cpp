@@ -5,9 +5,10 @@
 // hundred 64-wide dot products.
 //
 // The step's new K/V (one row per sequence) are stored at their slots first, so a layer's
-// decode attention is this one op. Work items are (sequence, KV head) pairs: the query heads
-// that share a KV head read each K and V row once, from L1, while it is hot. Scores and the
+// decode attention is this one op. Work items are (sequence, KV head) pairs, so the query heads
+// that share a KV head (GQA) find its K and V rows in cache after the first. Scores and the
 // softmax are float32; the weighted sum of V is accumulated in float32 and rounded once.
+// Parallelism is across items only: a single sequence with few KV heads uses few threads.
 
 #include "kernels.h"
 #include "simd.h"
@@ -16,7 +17,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 namespace tokenmill {
@@ -108,6 +108,22 @@ struct Strided {
   const T* at(int64_t i, int64_t h) const { return t.data_ptr<T>() + i * row + h * head; }
 };
 
+// The context's rows sit in blocks scattered over the pool, where the hardware prefetcher loses the
+// stream at every block edge: rows kAhead keys ahead are asked for in software.
+constexpr int64_t kAhead = 8;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t D, int hint) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) {
+    if (hint == _MM_HINT_T0) {
+      _mm_prefetch(p + b, _MM_HINT_T0);
+    } else {
+      _mm_prefetch(p + b, _MM_HINT_T1);
+    }
+  }
+}
+
 // One sequence's query heads that share KV head g, over its context [first, len).
 template <typename T>
 void attend(const Shape& s, const Strided& q, int64_t i, const T* keys, const T* values, const int64_t* table,
@@ -131,6 +147,10 @@ void attend(const Shape& s, const Strided& q, int64_t i, const T* keys, const T*
   // Scores, four keys at a time: each key row is read once for the whole group, from L1.
   int64_t t = 0;
   for (; t + 4 <= span; t += 4) {
+    for (int r = 0; r < 4; ++r) {
+      if (t + kAhead + r < span) prefetch_row(k[t + kAhead + r], D, _MM_HINT_T0);
+      prefetch_row(v[t + r], D, _MM_HINT_T1);  // V's turn comes after the softmax: on its way meanwhile
+    }
     for (int64_t j = 0; j < group; ++j) {
       float four[4];
       dot4(qf.data() + j * D, k.data() + t, D, four);
@@ -143,8 +163,16 @@ void attend(const Shape& s, const Strided& q, int64_t i, const T* keys, const T*
   for (int64_t j = 0; j < group; ++j) {
     float* p = scores.data() + j * span;
     const float top = *std::max_element(p, p + span);
-    float total = 0.0f;
-    for (int64_t u = 0; u < span; ++u) {
+    const Vec shift = simd::broadcast(-top);
+    Vec sums = simd::zeros();
+    int64_t u = 0;
+    for (; u + kLanes <= span; u += kLanes) {
+      const Vec e = simd::exp_nonpositive(simd::add(simd::load(p + u), shift));
+      simd::store(p + u, e);
+      sums = simd::add(sums, e);
+    }
+    float total = simd::sum(sums);
+    for (; u < span; ++u) {
       p[u] = std::exp(p[u] - top);
       total += p[u];
     }

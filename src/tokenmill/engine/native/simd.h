@@ -26,6 +26,13 @@ inline Vec broadcast(float v) { return _mm512_set1_ps(v); }
 inline Vec zeros() { return _mm512_setzero_ps(); }
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline Vec round(Vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// 2^n for whole-number n in float32's normal range: n + 127 moved into the exponent bits.
+inline Vec pow2(Vec n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
 inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 inline float sum(Vec v) { return _mm512_reduce_add_ps(v); }
 #else
@@ -45,6 +52,12 @@ inline Vec broadcast(float v) { return _mm256_set1_ps(v); }
 inline Vec zeros() { return _mm256_setzero_ps(); }
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline Vec round(Vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec pow2(Vec n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
 inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline float sum(Vec v) {
   const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -52,5 +65,23 @@ inline float sum(Vec v) {
   return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
 }
 #endif
+
+// e^x for x <= 0, as a softmax takes it (x - max), within 2 ulp of expf; below -87.3 it is
+// e^-87.3 (~1e-38), not 0. Cephes' expf: x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts, so r is
+// exact), e^r by a degree-7 polynomial, times 2^n.
+inline Vec exp_nonpositive(Vec x) {
+  x = max(x, broadcast(-87.3f));
+  const Vec n = round(mul(x, broadcast(1.44269504088896341f)));
+  Vec r = fma(n, broadcast(-0.693359375f), x);
+  r = fma(n, broadcast(2.12194440e-4f), r);
+  Vec p = broadcast(1.9875691500e-4f);
+  p = fma(p, r, broadcast(1.3981999507e-3f));
+  p = fma(p, r, broadcast(8.3334519073e-3f));
+  p = fma(p, r, broadcast(4.1665795894e-2f));
+  p = fma(p, r, broadcast(1.6666665459e-1f));
+  p = fma(p, r, broadcast(5.0000001201e-1f));
+  p = fma(p, mul(r, r), add(r, broadcast(1.0f)));
+  return mul(p, pow2(n));
+}
 
 }  // namespace tokenmill::simd
