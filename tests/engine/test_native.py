@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from tokenmill.engine import native
 from tokenmill.engine.models.cpu_packing import packing_supported
-from tokenmill.engine.models.layers import RMSNorm
+from tokenmill.engine.models.layers import RMSNorm, apply_rotary
 from tokenmill.engine.models.quantized import Int8Weights
 from tokenmill.engine.native.builder import build, disabled_reason, isa
 from tokenmill.engine.native.int8 import (
@@ -313,3 +313,58 @@ def test_linear_takes_half_gemv_for_decode_rows_and_refuses_bad_arguments(gemv, 
         op(torch.randn(1, 23).to(torch.bfloat16), weight)
     with pytest.raises(RuntimeError, match="contiguous 2-D bfloat16 or float16"):
         op(torch.randn(1, 40).to(torch.bfloat16), weight.t())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    tokens=st.integers(0, 40),
+    heads=st.integers(1, 6),
+    half=st.integers(1, 40),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_rotary_in_place_rounds_as_its_pytorch_form(gemv, tokens, heads, half, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dim = 2 * half
+    rows = torch.randn(tokens, heads + 1, dim, generator=gen).to(dtype)
+    x = rows[:, 1:]  # strided, as q and k are views of one qkv product
+    cos, sin = (torch.randn(tokens, 1, dim, generator=gen).to(dtype) for _ in range(2))
+    reference = x * cos + torch.roll(x, half, dims=-1) * sin  # layers.apply_rotary's PyTorch form
+    untouched = rows[:, 0].clone()
+    out = apply_rotary(x, cos, sin)
+    assert out.data_ptr() == x.data_ptr() and torch.equal(out, reference)
+    assert torch.equal(rows[:, 0], untouched)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    tokens=st.integers(0, 20),
+    inner=st.integers(1, 70),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    scale=st.sampled_from([1.0, 30.0]),  # 30: e^-|g| far below float32's smallest normal
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_silu_and_mul_rounds_as_its_pytorch_form(gemv, tokens, inner, dtype, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(tokens, 2 * inner, generator=gen) * scale).to(dtype)
+    got = native.silu_and_mul()(x)
+    gate, up = x.split(inner, dim=-1)
+    reference = torch.nn.functional.silu(gate) * up
+    assert got.dtype == dtype and got.shape == reference.shape
+    # e^x is within 2 ulp of PyTorch's: float32 may differ in the last bits; a 16-bit result only
+    # where silu lands on a rounding boundary of the dtype, and then by one step.
+    step = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    error = (got.float() - reference.float()).abs()
+    assert torch.all(error <= 2 * step * reference.float().abs() + 1e-30)
+    if dtype != torch.float32:
+        assert (error > 0).sum().item() <= 1 + 0.01 * error.numel()
+
+
+def test_rotary_and_silu_refuse_bad_shapes_by_name(gemv):
+    with pytest.raises(RuntimeError, match="an even head_dim"):
+        native.rotary_()(torch.zeros(2, 1, 3), torch.zeros(2, 1, 3), torch.zeros(2, 1, 3))
+    with pytest.raises(RuntimeError, match="cos and sin must have x's dtype"):
+        half_cos = torch.zeros(2, 1, 4, dtype=torch.bfloat16)
+        native.rotary_()(torch.zeros(2, 1, 4), half_cos, torch.zeros(2, 1, 4))
+    with pytest.raises(RuntimeError, match=r"must be \[tokens, 2 \* intermediate\]"):
+        native.silu_and_mul()(torch.zeros(2, 3))

@@ -142,7 +142,7 @@ class Embedding(nn.Module):
         return F.embedding(ids, self.weight)
 
 
-_NATIVE_NORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_NATIVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # of the elementwise CPU kernels
 
 
 class RMSNorm(nn.Module):
@@ -153,7 +153,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        if x.is_cpu and dtype in _NATIVE_NORM_DTYPES and self.weight.dtype == dtype:
+        if x.is_cpu and dtype in _NATIVE_DTYPES and self.weight.dtype == dtype:
             norm = native.rms_norm()
             if norm is not None:  # the same rounding in one op (native/rms_norm.cpp)
                 return norm(x, self.weight, self.eps)
@@ -172,7 +172,12 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.is_cpu and gate_up.dim() == 2 and gate_up.dtype in _NATIVE_DTYPES:
+            op = native.silu_and_mul()
+            if op is not None:  # one op, the same rounding (native/silu_and_mul.cpp)
+                return self.down_proj(op(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -237,5 +242,11 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, head_dim]; cos, sin: [T, 1, head_dim] from RotaryEmbedding.lookup.
 
-    Rotate-half: ``x * cos + cat(-x2, x1) * sin``, with the minus carried by ``sin``'s first half."""
+    Rotate-half: ``x * cos + cat(-x2, x1) * sin``, with the minus carried by ``sin``'s first half.
+    On CPU tokenmill's op rotates x in place, with the same rounding (native/rotary.cpp; four
+    ops and three temporaries in PyTorch): use the result, and do not read x again."""
+    if x.is_cpu and x.dtype in _NATIVE_DTYPES and cos.dtype == x.dtype and x.stride(-1) == 1:
+        rotary = native.rotary_()
+        if rotary is not None:
+            return rotary(x, cos, sin)
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin

@@ -8,6 +8,8 @@
   PyTorch form.
 - ``paged_decode_attention``: decode attention read in place from the paged KV
   cache (paged_attention.cpp), for the ``cpu`` attention backend.
+- ``rotary_`` and ``silu_and_mul``: the rotary embedding (in place) and SwiGLU's
+  activation in one op each (rotary.cpp, silu_and_mul.cpp).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ HalfGemv = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RmsNorm = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 # (q, k, v, cache, slots, block_table, seq_lens, block_size, scale, window) -> out
 _T = torch.Tensor
+Rotary = Callable[[_T, _T, _T], _T]
+SiluAndMul = Callable[[_T], _T]
 PagedDecodeAttention = Callable[[_T, _T, _T, _T, _T, _T, _T, int, float, int], _T]
 
 
@@ -68,6 +72,19 @@ def rms_norm() -> RmsNorm | None:
 def paged_decode_attention() -> PagedDecodeAttention | None:
     """``torch.ops.tokenmill.paged_decode_attention``, or None where the kernels cannot be built."""
     return torch.ops.tokenmill.paged_decode_attention.default if _loaded() else None
+
+
+@functools.cache
+def rotary_() -> Rotary | None:
+    """``torch.ops.tokenmill.rotary_(x, cos, sin)`` (rotates x in place), or None where the kernels
+    cannot be built."""
+    return torch.ops.tokenmill.rotary_.default if _loaded() else None
+
+
+@functools.cache
+def silu_and_mul() -> SiluAndMul | None:
+    """``torch.ops.tokenmill.silu_and_mul(gate_up)``, or None where the kernels cannot be built."""
+    return torch.ops.tokenmill.silu_and_mul.default if _loaded() else None
 
 
 @functools.cache

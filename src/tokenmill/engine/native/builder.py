@@ -137,6 +137,9 @@ def _build(name: str) -> BuildResult:
         "-shared",
         "-fPIC",
         "-fopenmp",  # at::parallel_for is OpenMP in torch's CPU builds (checked after loading: one runtime)
+        # No a * b + c fused behind the code's back: the elementwise kernels keep PyTorch's roundings,
+        # and FMAs are written out where they are meant (simd::fma).
+        "-ffp-contract=off",
         "-w",  # torch's headers warn under some compilers; the build's result is what matters
         *_ISA_FLAGS[isa()],
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",

@@ -23,6 +23,13 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, cons
                                   at::Tensor& cache, const at::Tensor& slots, const at::Tensor& block_table,
                                   const at::Tensor& seq_lens, int64_t block_size, double scale, int64_t window);
 
+// x = x * cos + rotate_half(x) * sin in place, x [tokens, heads, head_dim] (last dim contiguous),
+// sin with rotate-half's sign folded into its first half (rotary.cpp).
+at::Tensor& rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// silu(gate) * up for x = [gate | up] [tokens, 2 * I], in the rounding of its PyTorch form (silu_and_mul.cpp).
+at::Tensor silu_and_mul(const at::Tensor& x);
+
 // A contiguous x's values as float32, for kernels that multiply in float32 (float32_rows.cpp).
 // A decode step's few rows are converted in place here: an ATen conversion costs more in
 // dispatch and allocation than the conversion itself, and this runs for every layer of a step.

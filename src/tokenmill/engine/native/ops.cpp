@@ -10,6 +10,8 @@ TORCH_LIBRARY(tokenmill, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) cache, Tensor slots, Tensor block_table, "
       "Tensor seq_lens, int block_size, float scale, int window) -> Tensor");
+  m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> Tensor(a!)");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
@@ -17,4 +19,6 @@ TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("half_gemv", tokenmill::half_gemv);
   m.impl("rms_norm", tokenmill::rms_norm);
   m.impl("paged_decode_attention", tokenmill::paged_decode_attention);
+  m.impl("rotary_", tokenmill::rotary_);
+  m.impl("silu_and_mul", tokenmill::silu_and_mul);
 }

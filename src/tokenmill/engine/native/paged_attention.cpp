@@ -25,15 +25,11 @@ namespace {
 using simd::kLanes;
 using simd::Vec;
 
-inline Vec load_vec(const float* p) { return simd::load(p); }
-inline Vec load_vec(const at::BFloat16* p) { return simd::load_bf16(reinterpret_cast<const uint16_t*>(p)); }
-inline Vec load_vec(const at::Half* p) { return simd::load_fp16(reinterpret_cast<const uint16_t*>(p)); }
-
 template <typename T>
 float dot(const float* q, const T* k, int64_t D) {
   Vec acc = simd::zeros();
   int64_t i = 0;
-  for (; i + kLanes <= D; i += kLanes) acc = simd::fma(simd::load(q + i), load_vec(k + i), acc);
+  for (; i + kLanes <= D; i += kLanes) acc = simd::fma(simd::load(q + i), simd::load(k + i), acc);
   float s = simd::sum(acc);
   for (; i < D; ++i) s += q[i] * static_cast<float>(k[i]);
   return s;
@@ -47,10 +43,10 @@ void dot4(const float* q, const T* const* k, int64_t D, float* out) {
   int64_t i = 0;
   for (; i + kLanes <= D; i += kLanes) {
     const Vec qv = simd::load(q + i);
-    a0 = simd::fma(qv, load_vec(k[0] + i), a0);
-    a1 = simd::fma(qv, load_vec(k[1] + i), a1);
-    a2 = simd::fma(qv, load_vec(k[2] + i), a2);
-    a3 = simd::fma(qv, load_vec(k[3] + i), a3);
+    a0 = simd::fma(qv, simd::load(k[0] + i), a0);
+    a1 = simd::fma(qv, simd::load(k[1] + i), a1);
+    a2 = simd::fma(qv, simd::load(k[2] + i), a2);
+    a3 = simd::fma(qv, simd::load(k[3] + i), a3);
   }
   out[0] = simd::sum(a0);
   out[1] = simd::sum(a1);
@@ -71,10 +67,10 @@ void weighted_sum(const float* p, const T* const* v, int64_t span, int64_t D, fl
     for (int64_t t = 0; t < span; ++t) {
       const Vec w = simd::broadcast(p[t]);
       const T* row = v[t] + d;
-      a0 = simd::fma(w, load_vec(row), a0);
-      a1 = simd::fma(w, load_vec(row + kLanes), a1);
-      a2 = simd::fma(w, load_vec(row + 2 * kLanes), a2);
-      a3 = simd::fma(w, load_vec(row + 3 * kLanes), a3);
+      a0 = simd::fma(w, simd::load(row), a0);
+      a1 = simd::fma(w, simd::load(row + kLanes), a1);
+      a2 = simd::fma(w, simd::load(row + 2 * kLanes), a2);
+      a3 = simd::fma(w, simd::load(row + 3 * kLanes), a3);
     }
     simd::store(out + d, a0);
     simd::store(out + d + kLanes, a1);
@@ -83,7 +79,7 @@ void weighted_sum(const float* p, const T* const* v, int64_t span, int64_t D, fl
   }
   for (; d + kLanes <= D; d += kLanes) {
     Vec a = simd::zeros();
-    for (int64_t t = 0; t < span; ++t) a = simd::fma(simd::broadcast(p[t]), load_vec(v[t] + d), a);
+    for (int64_t t = 0; t < span; ++t) a = simd::fma(simd::broadcast(p[t]), simd::load(v[t] + d), a);
     simd::store(out + d, a);
   }
   for (; d < D; ++d) {

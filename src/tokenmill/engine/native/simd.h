@@ -2,6 +2,8 @@
 // for one of the two (builder.py picks), so each kernel is written once against these.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <cstdint>
@@ -27,6 +29,11 @@ inline Vec zeros() { return _mm512_setzero_ps(); }
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec div(Vec a, Vec b) { return _mm512_div_ps(a, b); }
+// if_negative's lanes where v < 0, otherwise's elsewhere
+inline Vec select_negative(Vec v, Vec if_negative, Vec otherwise) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), otherwise, if_negative);
+}
 inline Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
 inline Vec round(Vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 // 2^n for whole-number n in float32's normal range: n + 127 moved into the exponent bits.
@@ -53,6 +60,10 @@ inline Vec zeros() { return _mm256_setzero_ps(); }
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec div(Vec a, Vec b) { return _mm256_div_ps(a, b); }
+inline Vec select_negative(Vec v, Vec if_negative, Vec otherwise) {
+  return _mm256_blendv_ps(otherwise, if_negative, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ));
+}
 inline Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 inline Vec round(Vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline Vec pow2(Vec n) {
@@ -65,6 +76,10 @@ inline float sum(Vec v) {
   return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
 }
 #endif
+
+// float32 lanes of a model dtype's values, for kernels templated on it.
+inline Vec load(const c10::BFloat16* p) { return load_bf16(reinterpret_cast<const uint16_t*>(p)); }
+inline Vec load(const c10::Half* p) { return load_fp16(reinterpret_cast<const uint16_t*>(p)); }
 
 // e^x for x <= 0, as a softmax takes it (x - max), within 2 ulp of expf; below -87.3 it is
 // e^-87.3 (~1e-38), not 0. Cephes' expf: x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts, so r is
