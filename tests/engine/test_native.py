@@ -301,12 +301,20 @@ def test_linear_takes_half_gemv_for_decode_rows_and_refuses_bad_arguments(gemv, 
         )
     layers.linear(torch.randn(2, 24), weight.float())  # float32: PyTorch's
     assert calls == [1, layers.NATIVE_HALF_MAX_ROWS]
-    # without oneDNN's bf16 packing, every batch (F.linear's bf16 GEMM is the slower path there)
+    # Without oneDNN's bf16 packing, every batch below float32's GEMM (F.linear's bf16 GEMM is the
+    # slower path there), and prefill-sized batches in float32.
+    monkeypatch.setattr(layers, "native_half_max_rows", lambda: layers.FLOAT32_GEMM_MIN_ROWS - 1)
+    monkeypatch.setattr(layers, "float32_gemm_min_rows", lambda: layers.FLOAT32_GEMM_MIN_ROWS)
+    calls.clear()
+    for rows in (layers.FLOAT32_GEMM_MIN_ROWS - 1, layers.FLOAT32_GEMM_MIN_ROWS):
+        x = torch.randn(rows, 24).to(torch.bfloat16)
+        want = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+        torch.testing.assert_close(layers.linear(x, weight, bias).float(), want, rtol=2**-7, atol=2**-6)
+    assert calls == [layers.FLOAT32_GEMM_MIN_ROWS - 1]
     monkeypatch.undo()
-    expected = (
-        layers.NATIVE_HALF_MAX_ROWS if packing_supported(torch.bfloat16, torch.device("cpu")) else math.inf
-    )
-    assert layers.native_half_max_rows() == expected
+    packs = packing_supported(torch.bfloat16, torch.device("cpu"))
+    assert layers.native_half_max_rows() == (layers.NATIVE_HALF_MAX_ROWS if packs else 127)
+    assert layers.float32_gemm_min_rows() == (math.inf if packs else 128)
     with pytest.raises(RuntimeError, match="x and the weight must share a dtype"):
         op(torch.randn(1, 24), weight)
     with pytest.raises(RuntimeError, match="x has 23 columns, the weight 24"):

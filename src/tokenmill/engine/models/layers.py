@@ -26,32 +26,47 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 # Rows of x up to which a 16-bit weight on CPU takes tokenmill's GEMV where oneDNN packs bf16
 # weights (AVX-512): a packed layer never gets here, and an fp16 one may have a better GEMM above.
-# Where oneDNN cannot pack (AVX2), F.linear's bf16 GEMM ran 3-5x slower than the GEMV at every
-# batch measured (4-256 rows), so there the GEMV takes them all.
 NATIVE_HALF_MAX_ROWS = 4
+# Where oneDNN cannot pack (AVX2), PyTorch's 16-bit GEMM runs at a quarter of the GEMV's speed or
+# less, so the GEMV takes every batch up to here; from FLOAT32_GEMM_MIN_ROWS rows (prefill) the
+# product is compute-bound and float32's GEMM, weight converted for the call, is faster: on a
+# 2-core AVX2 EPYC 1.25-1.4x the GEMV at 128 rows and 1.4-2.7x at 2048 (the 125M model's layers).
+FLOAT32_GEMM_MIN_ROWS = 128
 
 
 @functools.cache
 def native_half_max_rows() -> float:
-    return NATIVE_HALF_MAX_ROWS if packing_supported(torch.bfloat16, torch.device("cpu")) else math.inf
+    if packing_supported(torch.bfloat16, torch.device("cpu")):
+        return NATIVE_HALF_MAX_ROWS
+    return FLOAT32_GEMM_MIN_ROWS - 1
+
+
+@functools.cache
+def float32_gemm_min_rows() -> float:
+    """Rows of 16-bit x from which a CPU product runs in float32 (where oneDNN cannot pack bf16)."""
+    return math.inf if packing_supported(torch.bfloat16, torch.device("cpu")) else FLOAT32_GEMM_MIN_ROWS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x W^T + b``. On CPU a bf16 or fp16 weight goes through tokenmill's GEMV (see
-    ``native_half_max_rows``; over the 125M model's weights on an AVX2 EPYC, 1.26x
-    ``torch.mv`` at one row and 2.3-4.4x F.linear at 2-64); elsewhere a single row takes
-    PyTorch's GEMV, which streams bf16 weights about twice as fast as F.linear's GEMM."""
+    """``x W^T + b``. On CPU a bf16 or fp16 weight goes through tokenmill's GEMV for a few rows (see
+    ``native_half_max_rows``; over the 125M model's weights on an AVX2 EPYC, 1.26x ``torch.mv`` at
+    one row and 2.3-4.4x F.linear at 2-64) and, where oneDNN cannot pack, through float32's GEMM
+    for many (``float32_gemm_min_rows``); elsewhere a single row takes PyTorch's GEMV, which
+    streams bf16 weights about twice as fast as F.linear's GEMM."""
     if (
         x.is_cpu
         and x.dim() == 2
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype
-        and x.shape[0] <= native_half_max_rows()
         and weight.is_contiguous()
-        and (gemv := native.half_gemv()) is not None
     ):
-        y = gemv(x, weight)
-        return y if bias is None else y + bias
+        rows = x.shape[0]
+        if rows <= native_half_max_rows() and (gemv := native.half_gemv()) is not None:
+            y = gemv(x, weight)
+            return y if bias is None else y + bias
+        if rows >= float32_gemm_min_rows():
+            b = None if bias is None else bias.float()
+            return F.linear(x.float(), weight.float(), b).to(x.dtype)
     if x.dim() == 2 and x.shape[0] == 1:
         y = torch.mv(weight, x[0]).unsqueeze(0)
         return y if bias is None else y + bias
