@@ -247,7 +247,7 @@ class EngineConfig:
             (
                 "quantize_lm_head",
                 self.quantize_lm_head,
-                self.quantize_lm_head in (None, True, False),
+                self.quantize_lm_head is None or isinstance(self.quantize_lm_head, bool),
                 "true, false, or None for the quantization method's default",
             ),
             (

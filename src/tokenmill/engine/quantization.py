@@ -424,10 +424,7 @@ def quantize_model(model: nn.Module, method: str, lm_head: bool | None = None) -
             f"({loaded.source})",
         )
     head = getattr(model, "lm_head", None)
-    if loaded is not None:
-        layers = []
-    else:
-        layers = [m for m in model.modules() if hasattr(m, "quantize") and m is not head]
+    layers = [m for m in model.modules() if hasattr(m, "quantize") and m is not head and loaded is None]
     if lm_head and (head is None or getattr(head, "quantized", None) is None):
         layers.append(model.logits_layer())
     group = model_int4_group([m.weight.shape[1] for m in layers]) if method == "int4" else None
