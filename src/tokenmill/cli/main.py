@@ -30,7 +30,7 @@ from tokenmill.cli.eval import eval_command
 from tokenmill.cli.keys import app as keys_app
 from tokenmill.cli.quantize import quantize
 from tokenmill.cli.route import app as route_app
-from tokenmill.cli.serve import KVCacheDtype, serve
+from tokenmill.cli.serve import KVCacheDtype, QuantizeLmHead, serve
 
 app = typer.Typer(
     help="tokenmill: serve open LLMs on your own GPUs.",
@@ -83,13 +83,7 @@ def generate(
     quantization: Annotated[
         str | None, typer.Option(help="int8, int4 or fp8: weights quantized at load. Default: none.")
     ] = None,
-    quantize_lm_head: Annotated[
-        bool | None,
-        typer.Option(
-            "--quantize-lm-head/--no-quantize-lm-head",
-            help="Quantize the LM head too. Default: the method's (int8 yes; int4, fp8 no).",
-        ),
-    ] = None,
+    quantize_lm_head: QuantizeLmHead = None,
     kv_cache_dtype: Annotated[
         KVCacheDtype,
         typer.Option(help="auto (the model's dtype) or fp8: K, V in float8 e4m3 with scales (~2x tokens)."),

@@ -15,6 +15,13 @@ err = Console(stderr=True)
 # engine.config.KV_CACHE_DTYPES, spelled out: importing the engine (torch) here would slow every
 # command's start. As a Literal, a bad value exits 2 naming --kv-cache-dtype before any model loads.
 KVCacheDtype = Literal["auto", "fp8"]
+QuantizeLmHead = Annotated[  # serve's and generate's option
+    bool | None,
+    typer.Option(
+        "--quantize-lm-head/--no-quantize-lm-head",
+        help="Quantize the LM head too. Default: the method's (int8 yes; int4, fp8 no).",
+    ),
+]
 
 
 def serve(
@@ -70,13 +77,7 @@ def serve(
     quantization: Annotated[
         str | None, typer.Option(help="int8, int4 or fp8: weights quantized at load. Default: none.")
     ] = None,
-    quantize_lm_head: Annotated[
-        bool | None,
-        typer.Option(
-            "--quantize-lm-head/--no-quantize-lm-head",
-            help="Quantize the LM head too. Default: the method's (int8 yes; int4, fp8 no).",
-        ),
-    ] = None,
+    quantize_lm_head: QuantizeLmHead = None,
     kv_cache_dtype: Annotated[
         KVCacheDtype,
         typer.Option(help="auto (the model's dtype) or fp8: K, V in float8 e4m3 with scales (~2x tokens)."),
