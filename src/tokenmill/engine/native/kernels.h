@@ -30,6 +30,25 @@ at::Tensor& rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin)
 // silu(gate) * up for x = [gate | up] [tokens, 2 * I], in the rounding of its PyTorch form (silu_and_mul.cpp).
 at::Tensor silu_and_mul(const at::Tensor& x);
 
+// Calls f(T{}) with T the C++ type of a model dtype: float32, bfloat16 or float16 (the kernels that
+// load float32 lanes through simd.h take no float64, which ATen's dispatch macros include).
+template <typename F>
+void dispatch_model_dtype(at::ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kBFloat16:
+      f(at::BFloat16{});
+      break;
+    case at::kHalf:
+      f(at::Half{});
+      break;
+    default:
+      TORCH_CHECK(false, op, ": dtype ", dtype, " is not float32, bfloat16 or float16");
+  }
+}
+
 // A contiguous x's values as float32, for kernels that multiply in float32 (float32_rows.cpp).
 // A decode step's few rows are converted in place here: an ATen conversion costs more in
 // dispatch and allocation than the conversion itself, and this runs for every layer of a step.

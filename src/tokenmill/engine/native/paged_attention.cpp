@@ -108,15 +108,11 @@ struct Strided {
 // stream at every block edge: rows kAhead keys ahead are asked for in software.
 constexpr int64_t kAhead = 8;
 
-template <typename T>
-inline void prefetch_row(const T* row, int64_t D, int hint) {
+template <int Hint, typename T>
+inline void prefetch_row(const T* row, int64_t D) {
   const char* p = reinterpret_cast<const char*>(row);
   for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) {
-    if (hint == _MM_HINT_T0) {
-      _mm_prefetch(p + b, _MM_HINT_T0);
-    } else {
-      _mm_prefetch(p + b, _MM_HINT_T1);
-    }
+    _mm_prefetch(p + b, static_cast<decltype(_MM_HINT_T0)>(Hint));
   }
 }
 
@@ -128,8 +124,14 @@ void attend(const Shape& s, const Strided& q, int64_t i, const T* keys, const T*
   const int64_t D = s.dim;
   const int64_t first = s.window > 0 ? std::max<int64_t>(0, len - s.window) : 0;
   const int64_t span = len - first;
-  std::vector<float> qf(group * D), acc(D), scores(group * span);
-  std::vector<const T*> k(span), v(span);  // the context's rows of KV head g, through the block table
+  // Each thread's buffers live across calls: a step runs this for every (sequence, KV head) of every layer.
+  thread_local std::vector<float> qf, acc, scores;
+  thread_local std::vector<const T*> k, v;  // the context's rows of KV head g, through the block table
+  qf.resize(group * D);
+  acc.resize(D);
+  scores.resize(group * span);
+  k.resize(span);
+  v.resize(span);
   for (int64_t t = 0; t < span; ++t) {
     const int64_t pos = first + t;
     const int64_t offset = ((table[pos / s.block_size] * s.block_size + pos % s.block_size) * s.kv_heads + g) * D;
@@ -144,8 +146,8 @@ void attend(const Shape& s, const Strided& q, int64_t i, const T* keys, const T*
   int64_t t = 0;
   for (; t + 4 <= span; t += 4) {
     for (int r = 0; r < 4; ++r) {
-      if (t + kAhead + r < span) prefetch_row(k[t + kAhead + r], D, _MM_HINT_T0);
-      prefetch_row(v[t + r], D, _MM_HINT_T1);  // V's turn comes after the softmax: on its way meanwhile
+      if (t + kAhead + r < span) prefetch_row<_MM_HINT_T0>(k[t + kAhead + r], D);
+      prefetch_row<_MM_HINT_T1>(v[t + r], D);  // V's turn comes after the softmax: on its way meanwhile
     }
     for (int64_t j = 0; j < group; ++j) {
       float four[4];
@@ -260,19 +262,9 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, cons
   const int64_t* lens = lc.data_ptr<int64_t>();
   check_bounds(s, slot, table, lens);
   at::Tensor out = at::empty(q.sizes(), q.options());
-  switch (q.scalar_type()) {
-    case at::kFloat:
-      store_and_attend(s, qs, ks, vs, cache, slot, table, lens, out.data_ptr<float>());
-      break;
-    case at::kBFloat16:
-      store_and_attend(s, qs, ks, vs, cache, slot, table, lens, out.data_ptr<at::BFloat16>());
-      break;
-    case at::kHalf:
-      store_and_attend(s, qs, ks, vs, cache, slot, table, lens, out.data_ptr<at::Half>());
-      break;
-    default:
-      TORCH_CHECK(false, "paged_decode_attention: dtype ", q.scalar_type(), " is not float32, bfloat16 or float16");
-  }
+  dispatch_model_dtype(q.scalar_type(), "paged_decode_attention", [&](auto tag) {
+    store_and_attend(s, qs, ks, vs, cache, slot, table, lens, out.data_ptr<decltype(tag)>());
+  });
   return out;
 }
 

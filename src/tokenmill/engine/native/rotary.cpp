@@ -52,19 +52,7 @@ at::Tensor& rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin)
                 "rotary_: cos and sin must be one contiguous row of head_dim per token");
   }
   TORCH_CHECK(cos.strides() == sin.strides(), "rotary_: cos and sin must share a layout");
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      rotate<float>(x, cos, sin);
-      break;
-    case at::kBFloat16:
-      rotate<at::BFloat16>(x, cos, sin);
-      break;
-    case at::kHalf:
-      rotate<at::Half>(x, cos, sin);
-      break;
-    default:
-      TORCH_CHECK(false, "rotary_: dtype ", x.scalar_type(), " is not float32, bfloat16 or float16");
-  }
+  dispatch_model_dtype(x.scalar_type(), "rotary_", [&](auto tag) { rotate<decltype(tag)>(x, cos, sin); });
   return x;
 }
 

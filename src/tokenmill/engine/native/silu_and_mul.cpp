@@ -59,19 +59,7 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0 && x.stride(1) == 1,
               "silu_and_mul: x must be [tokens, 2 * intermediate] with its last dim contiguous");
   at::Tensor y = at::empty({x.size(0), x.size(1) / 2}, x.options());
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      silu_mul<float>(x, y);
-      break;
-    case at::kBFloat16:
-      silu_mul<at::BFloat16>(x, y);
-      break;
-    case at::kHalf:
-      silu_mul<at::Half>(x, y);
-      break;
-    default:
-      TORCH_CHECK(false, "silu_and_mul: dtype ", x.scalar_type(), " is not float32, bfloat16 or float16");
-  }
+  dispatch_model_dtype(x.scalar_type(), "silu_and_mul", [&](auto tag) { silu_mul<decltype(tag)>(x, y); });
   return y;
 }
 
