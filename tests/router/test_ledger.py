@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tokenmill.router import ledger as ledger_module
 from tokenmill.router.gateway_config import Budget, Team
 from tokenmill.router.ledger import Ledger, hash_key
 from tokenmill.router.usage_batch import Closing, UsageRow, day_of
@@ -82,32 +83,70 @@ def test_teams_persist_and_deleting_one_revokes_its_keys(tmp_path: Path):
     assert ledger.teams() == {} and ledger.active_key_hashes() == {}
 
 
-def test_rows_of_one_loop_turn_share_a_commit_and_durable_waits_for_it(tmp_path: Path):
+def test_rows_of_one_loop_turn_share_a_commit_and_durable_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(ledger_module, "COMMIT_INTERVAL_S", 0.5)  # wide, for a slow machine
     ledger = Ledger(tmp_path / "ledger.db")
     other = sqlite3.connect(tmp_path / "ledger.db")  # another reader sees only what is committed
 
     def committed() -> int:
         return other.execute("SELECT COUNT(*) FROM usage").fetchone()[0]
 
+    def status(row: UsageRow) -> str:
+        return other.execute("SELECT status FROM usage WHERE id = ?", (row.id,)).fetchone()[0]
+
     async def run() -> None:
         rows = [ledger.open_request(f"r{i}", "search", "key_1", "m", 0, 10) for i in range(3)]
         assert committed() == 0  # still in this turn's group
-        await ledger.durable()
-        assert committed() == 3  # what the gateway waits for before forwarding
+        await asyncio.sleep(0)  # the turn ends; the ledger was quiet: committed with nobody waiting
+        assert committed() == 3 and rows[0].id is not None
 
-        def status(row: UsageRow) -> str:
-            return other.execute("SELECT status FROM usage WHERE id = ?", (row.id,)).fetchone()[0]
-
+        # Right after a commit, the next is paced: it waits for the interval, gathering more.
         ledger.close_request(rows[0], Closing(10, 5, "ok", 200, "w", 0.1, 0.0))
-        assert status(rows[0]) == "in_flight"
-        await asyncio.sleep(0)  # the turn ends: committed with nobody waiting
-        assert status(rows[0]) == "ok"
-        assert ledger.spent("search", Budget("day", tokens=1)) == (15, 0.0)
+        late = ledger.open_request("r3", "search", "key_1", "m", 0, 10)
+        await asyncio.sleep(0)
+        assert status(rows[0]) == "in_flight" and committed() == 3
+        assert ledger.spent("search", Budget("day", tokens=1)) == (15, 0.0)  # counted, not yet written
+        await asyncio.sleep(0.7)
+        assert status(rows[0]) == "ok" and committed() == 4
+
+        # Someone waiting brings a paced commit forward to the end of the turn.
+        ledger.close_request(rows[1], Closing(10, 5, "ok", 200, "w", 0.1, 0.0))
+        started = time.monotonic()
+        await ledger.durable()
+        assert status(rows[1]) == "ok" and time.monotonic() - started < 0.15
+        await ledger.durable(late)  # written already: no wait
 
     asyncio.run(run())
     row = ledger.open_request("r9", "search", "key_1", "m", 0, 10)  # outside a loop: committed at once
     assert other.execute("SELECT COUNT(*) FROM usage WHERE id = ?", (row.id,)).fetchone()[0] == 1
     other.close()
+    ledger.close()
+
+
+def test_a_commit_left_pending_by_a_finished_loop_does_not_stall_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(ledger_module, "COMMIT_INTERVAL_S", 0.05)
+    ledger = Ledger(tmp_path / "ledger.db")
+
+    async def burst() -> list[UsageRow]:
+        rows = [ledger.open_request("a", "t", "k", "m", 0, 10)]
+        await asyncio.sleep(0)  # committed at the end of the turn
+        rows.append(ledger.open_request("b", "t", "k", "m", 0, 10))  # paced: the loop ends first
+        return rows
+
+    first = asyncio.run(burst())
+    assert first[1].id is None
+
+    async def later() -> None:
+        await asyncio.sleep(0.1)
+        row = ledger.open_request("c", "t", "k", "m", 0, 10)
+        await asyncio.sleep(0.01)  # the last commit is long past: this turn's end commits
+        assert row.id is not None and first[1].id is not None
+
+    asyncio.run(later())
     ledger.close()
 
 

@@ -134,6 +134,7 @@ async def _serve(
     import uvicorn
 
     from tokenmill.router.app import RouterApp
+    from tokenmill.router.http_protocol import HeadCoalescingProtocol
 
     app = RouterApp(
         pool,
@@ -151,6 +152,7 @@ async def _serve(
         lifespan="on",
         timeout_keep_alive=30,
         proxy_headers=False,  # the router reads no X-Forwarded-*: one ASGI layer less per request
+        http=HeadCoalescingProtocol,  # a whole response's head and body in one send
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -108,7 +108,6 @@ class HTTPConnection(asyncio.Protocol):
     def finish(self) -> None:
         """The reader is done with this response (read to the end or abandoned)."""
         self._active = False
-        self._stop_timer()
         if not self.reusable:
             self.close()
 
@@ -175,7 +174,6 @@ class HTTPConnection(asyncio.Protocol):
             return
         self._complete = True
         self.responses += 1
-        self._stop_timer()
         self._wake()
 
     # -- waiting ------------------------------------------------------------------------
@@ -203,7 +201,8 @@ class HTTPConnection(asyncio.Protocol):
             raise RemoteProtocolError("the connection is closed")
 
     # One timer per connection, re-armed only when it fires: data arriving costs a
-    # timestamp, not a timer per chunk.
+    # timestamp, not a timer per chunk, and a kept-alive connection's next request finds it
+    # still armed (an idle connection's timer fires once and lapses).
     def _arm_timer(self) -> None:
         if self._read_timeout is not None and self._timer is None:
             self._timer = self._loop.call_at(self._last_data + self._read_timeout, self._on_timer)

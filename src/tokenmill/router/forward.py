@@ -92,8 +92,9 @@ class Forwarder:
 
     async def _usage_recorded(self, outcome: Outcome, send: Send) -> bool:
         """The gateway's request's usage row is on disk, before its client gets a byte; else a 503.
-        The row was written at the end of the turn that forwarded the request, so this rarely
-        waits: the commit overlaps the worker's round trip instead of delaying the request."""
+        The row was gathered as the request was forwarded and is committed with others soon after
+        (``router/ledger.py``), so this rarely waits long: the commit overlaps the worker's round
+        trip instead of delaying the request."""
         assert self._ledger is not None and outcome.admitted is not None
         try:
             await self._ledger.durable(outcome.admitted.row)

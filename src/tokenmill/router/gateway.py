@@ -35,6 +35,7 @@ from tokenmill.router.usage_meter import Usage, ask_for_usage
 KEY_HEADERS = ("authorization", "x-api-key")
 PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1  # what workers (gRPC int32) and the ledger hold
 KEYS_REFRESH_S = 2.0  # keys created or revoked by another process (the CLI) take effect this fast
+_SEEN_KEYS_MAX = 10_000
 
 
 class GatewayError(Exception):
@@ -80,6 +81,9 @@ class Gateway:
         self.teams = self.ledger.teams()
         self._keys = self.ledger.active_key_hashes()
         self._keys_read = time.monotonic()
+        # Keys seen since the hashes were last read (in memory only), so a client's key is hashed
+        # once, not per request; cleared with every read of the hashes, which drops revoked keys.
+        self._seen: dict[str, tuple[str, str] | None] = {}
         self.queues: dict[str, AdmissionQueue] = {}  # one admission queue per pool
         # Request ids: a random prefix per gateway process and a counter (unique without a syscall each).
         self._id_prefix = "gw-" + secrets.token_hex(6) + "-"
@@ -102,9 +106,19 @@ class Gateway:
         if not key:
             return None
         if time.monotonic() - self._keys_read > KEYS_REFRESH_S:  # `tokenmill keys` may have changed them
-            self._keys = self.ledger.active_key_hashes()
-            self._keys_read = time.monotonic()
-        return self._keys.get(hash_key(key))
+            self._set_keys(self.ledger.active_key_hashes())
+        try:
+            return self._seen[key]
+        except KeyError:
+            pass
+        who = self._keys.get(hash_key(key))
+        if len(self._seen) < _SEEN_KEYS_MAX:  # (a flood of made-up keys only ever misses)
+            self._seen[key] = who
+        return who
+
+    def _set_keys(self, keys: dict[str, tuple[str, str]]) -> None:
+        self._keys, self._seen = keys, {}
+        self._keys_read = time.monotonic()
 
     @property
     def is_configured_admin(self) -> bool:
@@ -260,7 +274,7 @@ class Gateway:
         gone = self.ledger.delete_team(name)
         self.teams.pop(name, None)
         self.limiter.forget(name)
-        self._keys = self.ledger.active_key_hashes()
+        self._set_keys(self.ledger.active_key_hashes())
         return gone
 
     def create_key(self, team: str, label: str | None = None) -> tuple[str, KeyRecord]:
@@ -268,11 +282,12 @@ class Gateway:
             raise KeyError(team)
         key, record = self.ledger.create_key(team, label)
         self._keys[hash_key(key)] = (record.id, team)
+        self._seen.pop(key, None)  # a miss remembered for this very key must not hide it
         return key, record
 
     def revoke_key(self, key_id: str) -> KeyRecord | None:
         record = self.ledger.revoke_key(key_id)
-        self._keys = self.ledger.active_key_hashes()
+        self._set_keys(self.ledger.active_key_hashes())
         return record
 
     def rotate_key(self, key_id: str) -> tuple[str, KeyRecord] | None:

@@ -9,18 +9,24 @@ count against the team's budget). Per team, day and model, totals are kept
 beside the log in the same transaction, so budgets and ``/v1/usage`` read a
 few dozen rows, never the log.
 
-Group commit: inside an event loop, the usage rows opened and closed during
-one turn of the loop are gathered in memory (``router/usage_batch.py``) and
-written in one transaction at the end of the turn: a few ``executemany``
-statements and one commit for the turn's requests, instead of three statements
-and their share of a commit each. ``durable()`` waits for that commit. The
-gateway awaits it before the client receives the first byte of its answer,
-not before forwarding: the commit then overlaps the worker's round trip, and
-a response the client saw any of is always in the ledger. (Only a gateway
-killed between forwarding a request and the end of that same turn loses its
-row; the client received nothing, and the worker stops when the connection
-drops.) Team and key changes, and any write made outside a loop, commit at
-once.
+Group commit: inside an event loop, usage rows opened and closed are gathered
+in memory (``router/usage_batch.py``) and written in one transaction: a few
+``executemany`` statements and one commit for every request gathered, instead
+of three statements and a commit's share each. A commit is made at the end of
+the turn of the loop that gathered a write, or, when the last commit is less
+than ``COMMIT_INTERVAL_S`` old, when that interval is up: under load the
+commits are paced, each taking the rows of many turns (a commit's fixed cost
+is that of three or four rows, so one a turn was most of the ledger's cost), while a
+quiet gateway still commits each request at once. ``durable()`` asks for the
+commit at the end of the turn. The gateway awaits it before the client
+receives the first byte of its answer, not before forwarding: the commit then
+overlaps the worker's round trip, and a response the client saw any of is
+always in the ledger. (Only a gateway killed between forwarding a request and
+its next commit, at most ``COMMIT_INTERVAL_S`` later, loses its row; the
+client received nothing, and the worker stops when the connection drops. A
+closing not yet committed leaves its row in flight, closed as interrupted at
+the next start.) Team and key changes, and any write made outside a loop,
+commit at once.
 
 The usage log has no index but its ids, and ids are given by the batch (no
 AUTOINCREMENT bookkeeping): every page a commit touches is written to the WAL
@@ -54,6 +60,8 @@ from tokenmill.router.gateway_config import Budget, GatewayConfigError, Team, pa
 from tokenmill.router.usage_batch import Closing, UsageBatch, UsageRow, day_of
 
 logger = logging.getLogger(__name__)
+
+COMMIT_INTERVAL_S = 0.002  # commits nobody waits for are at least this far apart
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS teams (name TEXT PRIMARY KEY, config TEXT NOT NULL, updated REAL NOT NULL);
@@ -106,7 +114,10 @@ class Ledger:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._batch = UsageBatch()  # this turn's usage writes
-        self._commit_scheduled = False
+        self._commit: asyncio.Handle | None = None  # the commit scheduled in the loop, if any
+        self._commit_at_once = False  # ... and it is at the end of this turn, not paced
+        self._commit_loop: asyncio.AbstractEventLoop | None = None  # ... and the loop it is in
+        self._last_commit = -COMMIT_INTERVAL_S  # time.monotonic()
         self._waiters: list[asyncio.Future[None]] = []  # durable() callers
         self.recovered = 0  # rows recover_interrupted() closed
         self._lock_fd: int | None = None  # claim()
@@ -125,13 +136,16 @@ class Ledger:
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        self._usage_written()  # a commit is due (after a failed one, nothing else may ask for it)
+        self._schedule_commit(at_once=True)  # (after a failed commit, nothing else may ask for one)
         await waiter
 
     def commit(self) -> None:
         """Write the usage gathered so far in one transaction, and wake whoever waits for it. On an
         error the waiters get it, and what was gathered stays for the next commit."""
-        self._commit_scheduled = False
+        if self._commit is not None:
+            self._commit.cancel()
+            self._commit = None
+        self._last_commit = time.monotonic()
         waiters, self._waiters = self._waiters, []
         try:
             if self._batch:
@@ -152,7 +166,8 @@ class Ledger:
             if not w.done():
                 w.set_result(None)
 
-    def _commit_at_end_of_turn(self) -> None:
+    def _scheduled_commit(self) -> None:
+        self._commit = None
         try:
             self.commit()
         except Exception:  # waiters got the error; a sqlite3.Error's batch is retried with the next commit
@@ -169,17 +184,25 @@ class Ledger:
             raise
         self._db.execute("COMMIT")
 
-    def _usage_written(self) -> None:
-        """Usage was gathered: commit it at the end of this turn of the loop, or now outside one."""
-        if self._commit_scheduled:
-            return
+    def _schedule_commit(self, at_once: bool = False) -> None:
+        """Usage was gathered (or ``at_once``: someone waits for it): commit at the end of this turn
+        of the loop, or when ``COMMIT_INTERVAL_S`` since the last commit is up; now outside a loop."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.commit()  # no loop (the keys CLI, tests): nothing to group with
             return
-        self._commit_scheduled = True
-        loop.call_soon(self._commit_at_end_of_turn)
+        if self._commit is not None:
+            if self._commit_loop is loop and (self._commit_at_once or not at_once):
+                return
+            self._commit.cancel()  # a paced commit brought forward, or one a closed loop left
+        self._commit_loop = loop
+        wait = self._last_commit + COMMIT_INTERVAL_S - time.monotonic()
+        self._commit_at_once = at_once or wait <= 0
+        if self._commit_at_once:
+            self._commit = loop.call_soon(self._scheduled_commit)
+        else:
+            self._commit = loop.call_later(wait, self._scheduled_commit)
 
     # -- teams -------------------------------------------------------------------------------
 
@@ -268,13 +291,13 @@ class Ledger:
             json.dumps(tags) if tags else None,
         )
         self._batch.open(row)
-        self._usage_written()
+        self._schedule_commit()
         return row
 
     def close_request(self, row: UsageRow, closing: Closing) -> None:
         """Complete the row ``open_request`` made, and add it to its team's totals."""
         self._batch.close(row, closing, time.time())
-        self._usage_written()
+        self._schedule_commit()
 
     def claim(self) -> None:
         """Make this process the ledger's one gateway, or raise ValueError naming the file if
