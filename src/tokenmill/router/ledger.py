@@ -16,8 +16,8 @@ of three statements and a commit's share each. A commit is made at the end of
 the turn of the loop that gathered a write, or, when the last commit is less
 than ``COMMIT_INTERVAL_S`` old, when that interval is up: under load the
 commits are paced, each taking the rows of many turns (a commit's fixed cost
-is that of three or four rows, so one a turn was most of the ledger's cost), while a
-quiet gateway still commits each request at once. ``durable()`` asks for the
+is that of three or four rows), while a quiet gateway still commits each
+request at once. ``durable()`` asks for the
 commit at the end of the turn. The gateway awaits it before the client
 receives the first byte of its answer, not before forwarding: the commit then
 overlaps the worker's round trip, and a response the client saw any of is
@@ -113,7 +113,7 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
-        self._batch = UsageBatch()  # this turn's usage writes
+        self._batch = UsageBatch()  # usage writes not committed yet
         self._commit: asyncio.Handle | None = None  # the commit scheduled in the loop, if any
         self._commit_at_once = False  # ... and it is at the end of this turn, not paced
         self._commit_loop: asyncio.AbstractEventLoop | None = None  # ... and the loop it is in
