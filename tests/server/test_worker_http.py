@@ -53,6 +53,17 @@ def test_health_ready_version_tokenize(server):
         assert http.get("/openapi.json").json()["paths"]["/v1/chat/completions"]
 
 
+def test_a_body_not_sent_as_json_is_a_400_naming_the_content_type(server):
+    body = b'{"model": "demo", "prompt": "Hi"}'
+    with server.client() as http:
+        form = http.post("/v1/completions", content=body, headers={"content-type": "text/plain"})
+        json_type = {"content-type": "application/json"}
+        plain = http.post("/v1/completions", content=b"{not json", headers=json_type)
+    assert form.status_code == 400 and "content-type: application/json" in form.json()["error"]["message"]
+    assert "'text/plain'" in form.json()["error"]["message"]
+    assert plain.status_code == 400 and "not a valid JSON object" in plain.json()["error"]["message"]
+
+
 def test_priority_header_must_be_an_integer(server):
     with server.client() as http:
         resp = http.post("/v1/completions", json={"prompt": "Hi"}, headers={"x-tokenmill-priority": "high"})

@@ -153,8 +153,12 @@ class Forwarder:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+# The router's server adds its own: passed on too, the client would get each twice.
+_SERVER_HEADERS = HOP_BY_HOP | {"date", "server"}
+
+
 def _start(status: int, headers: dict[str, str], worker: Worker) -> Message:
-    out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items() if k not in HOP_BY_HOP]
+    out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items() if k not in _SERVER_HEADERS]
     if WORKER_HEADER not in headers:
         out.append((WORKER_HEADER.encode(), worker.name.encode("latin-1")))
     if "content-length" in headers:

@@ -25,13 +25,20 @@ def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     return out
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
+def validation_error(exc: RequestValidationError, content_type: str | None = None) -> APIError:
+    """``content_type``: the request's, to say so when a body was not sent as JSON at all."""
     errors = exc.errors()
     if not errors:
         return APIError.invalid_request("invalid request body")
     # Union fields report one error per branch; the first names the field all the same.
     first = errors[0]
     if first.get("type") in ("json_invalid", "model_attributes_type") or not first.get("loc")[1:]:
+        if content_type and "json" not in content_type.lower():
+            # (FastAPI reads a body as JSON only when it is labelled so: curl -d sends a form's type)
+            return APIError.invalid_request(
+                f"the request body must be a JSON object sent with content-type: application/json; "
+                f"it came as {content_type!r}"
+            )
         return APIError.invalid_request(f"the request body is not a valid JSON object: {first.get('msg')}")
     param = field_path(first["loc"]) or None
     shown = repr(first.get("input"))
