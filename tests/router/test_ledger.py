@@ -87,6 +87,7 @@ def test_rows_of_one_loop_turn_share_a_commit_and_durable_waits_for_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setattr(ledger_module, "COMMIT_INTERVAL_S", 0.5)  # wide, for a slow machine
+    monkeypatch.setattr(ledger_module, "PACED_FROM", 1)  # paced whenever a request is in flight
     ledger = Ledger(tmp_path / "ledger.db")
     other = sqlite3.connect(tmp_path / "ledger.db")  # another reader sees only what is committed
 
@@ -125,10 +126,36 @@ def test_rows_of_one_loop_turn_share_a_commit_and_durable_waits_for_it(
     ledger.close()
 
 
+def test_commits_are_paced_only_with_many_requests_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A quiet gateway commits each request in the turn that forwards it; a busy one paces."""
+    monkeypatch.setattr(ledger_module, "COMMIT_INTERVAL_S", 0.5)
+    monkeypatch.setattr(ledger_module, "PACED_FROM", 3)
+    ledger = Ledger(tmp_path / "ledger.db")
+
+    async def run() -> None:
+        rows = []
+        for i in range(3):
+            rows.append(ledger.open_request(f"r{i}", "t", "k", "m", 0, 10))
+            await asyncio.sleep(0)
+        assert rows[0].id is not None and rows[1].id is not None  # one and two in flight: at once
+        assert rows[2].id is None  # three in flight, right after a commit: paced
+        ledger.close_request(rows[0], Closing(10, 1, "ok", 200, "w", 0.1, 0.0))
+        ledger.close_request(rows[1], Closing(10, 1, "ok", 200, "w", 0.1, 0.0))
+        later = ledger.open_request("r3", "t", "k", "m", 0, 10)  # two in flight again
+        await asyncio.sleep(0)
+        assert later.id is None  # (the paced commit already due takes it, within the interval)
+        await asyncio.sleep(0.6)
+        assert rows[2].id is not None and later.id is not None
+
+    asyncio.run(run())
+    ledger.close()
+
+
 def test_a_commit_left_pending_by_a_finished_loop_does_not_stall_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setattr(ledger_module, "COMMIT_INTERVAL_S", 0.05)
+    monkeypatch.setattr(ledger_module, "PACED_FROM", 1)
     ledger = Ledger(tmp_path / "ledger.db")
 
     async def burst() -> list[UsageRow]:

@@ -9,7 +9,6 @@ tokenmill route status http://127.0.0.1:9000
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -131,10 +130,8 @@ async def _serve(
     hasher: PromptHasher | None = None,
     gateway: Gateway | None = None,
 ) -> None:
-    import uvicorn
-
     from tokenmill.router.app import RouterApp
-    from tokenmill.router.http_protocol import HeadCoalescingProtocol
+    from tokenmill.router.http_server import HTTPServer
 
     app = RouterApp(
         pool,
@@ -145,17 +142,8 @@ async def _serve(
         gateway=gateway,
     )
     sock = listen_socket(host, port)
-    config = uvicorn.Config(
-        app,
-        log_level=logging.getLogger().getEffectiveLevel(),
-        access_log=False,
-        lifespan="on",
-        timeout_keep_alive=30,
-        proxy_headers=False,  # the router reads no X-Forwarded-*: one ASGI layer less per request
-        http=HeadCoalescingProtocol,  # a whole response's head and body in one send
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
+    server = HTTPServer(app, keep_alive_s=30)
+    task = asyncio.create_task(server.serve(sock))
     while not server.started:
         if task.done():
             await task

@@ -13,11 +13,12 @@ Group commit: inside an event loop, usage rows opened and closed are gathered
 in memory (``router/usage_batch.py``) and written in one transaction: a few
 ``executemany`` statements and one commit for every request gathered, instead
 of three statements and a commit's share each. A commit is made at the end of
-the turn of the loop that gathered a write, or, when the last commit is less
-than ``COMMIT_INTERVAL_S`` old, when that interval is up: under load the
-commits are paced, each taking the rows of many turns (a commit's fixed cost
-is that of three or four rows), while a quiet gateway still commits each
-request at once. ``durable()`` asks for the
+the turn of the loop that gathered a write, or, while ``PACED_FROM`` requests
+or more are in flight and the last commit is less than ``COMMIT_INTERVAL_S``
+old, when that interval is up: under load the commits are paced, each taking
+the rows of many turns (a commit's fixed cost is that of three or four rows),
+while a quiet gateway commits each request as it is forwarded, so the commit
+never waits on its round trip. ``durable()`` asks for the
 commit at the end of the turn. The gateway awaits it before the client
 receives the first byte of its answer, not before forwarding: the commit then
 overlaps the worker's round trip, and a response the client saw any of is
@@ -61,7 +62,8 @@ from tokenmill.router.usage_batch import Closing, UsageBatch, UsageRow, day_of
 
 logger = logging.getLogger(__name__)
 
-COMMIT_INTERVAL_S = 0.002  # commits nobody waits for are at least this far apart
+COMMIT_INTERVAL_S = 0.002  # under load, commits nobody waits for are at least this far apart
+PACED_FROM = 8  # requests in flight (rows opened, not closed) from which commits are paced
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS teams (name TEXT PRIMARY KEY, config TEXT NOT NULL, updated REAL NOT NULL);
@@ -118,6 +120,7 @@ class Ledger:
         self._commit_at_once = False  # ... and it is at the end of this turn, not paced
         self._commit_loop: asyncio.AbstractEventLoop | None = None  # ... and the loop it is in
         self._last_commit = -COMMIT_INTERVAL_S  # time.monotonic()
+        self._in_flight = 0  # rows this ledger opened and has not closed
         self._waiters: list[asyncio.Future[None]] = []  # durable() callers
         self.recovered = 0  # rows recover_interrupted() closed
         self._lock_fd: int | None = None  # claim()
@@ -186,7 +189,8 @@ class Ledger:
 
     def _schedule_commit(self, at_once: bool = False) -> None:
         """Usage was gathered (or ``at_once``: someone waits for it): commit at the end of this turn
-        of the loop, or when ``COMMIT_INTERVAL_S`` since the last commit is up; now outside a loop."""
+        of the loop, or under load when ``COMMIT_INTERVAL_S`` since the last commit is up; now
+        outside a loop."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -197,7 +201,9 @@ class Ledger:
                 return
             self._commit.cancel()  # a paced commit brought forward, or one a closed loop left
         self._commit_loop = loop
-        wait = self._last_commit + COMMIT_INTERVAL_S - time.monotonic()
+        wait = (
+            self._last_commit + COMMIT_INTERVAL_S - time.monotonic() if self._in_flight >= PACED_FROM else 0
+        )
         self._commit_at_once = at_once or wait <= 0
         if self._commit_at_once:
             self._commit = loop.call_soon(self._scheduled_commit)
@@ -291,12 +297,14 @@ class Ledger:
             json.dumps(tags) if tags else None,
         )
         self._batch.open(row)
+        self._in_flight += 1
         self._schedule_commit()
         return row
 
     def close_request(self, row: UsageRow, closing: Closing) -> None:
         """Complete the row ``open_request`` made, and add it to its team's totals."""
         self._batch.close(row, closing, time.time())
+        self._in_flight -= 1
         self._schedule_commit()
 
     def claim(self) -> None:
