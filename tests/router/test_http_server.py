@@ -220,3 +220,19 @@ def test_idle_connections_close_and_stopping_waits_for_running_answers():
         assert not server.connections
 
     asyncio.run(with_box())
+
+
+def test_oversized_bodies_are_413_and_upgrade_requests_get_a_plain_answer(monkeypatch: pytest.MonkeyPatch):
+    import tokenmill.router.http_server as http_server
+
+    monkeypatch.setattr(http_server, "MAX_BODY_BYTES", 10)
+
+    async def check(port: int) -> None:
+        big = b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 11\r\n\r\n" + b"x" * 11
+        refused = await exchange(port, big, read_s=5)
+        assert refused.startswith(b"HTTP/1.1 413") and b"connection: close" in refused
+        upgrade = b"GET /echo HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        plain = await exchange(port, upgrade, read_s=5)  # answered, then the connection ends
+        assert plain.startswith(b"HTTP/1.1 200 OK") and plain.endswith(b"GET /echo |")
+
+    run(check)

@@ -17,7 +17,8 @@ What it does:
 - a response's head goes out with its first body bytes, in one send; without a
   length from the app the body is chunked;
 - writes wait while a slow client's socket buffer is full;
-- malformed requests get a 400 and the connection is closed; an app that fails
+- malformed requests get a 400 and bodies over ``MAX_BODY_BYTES`` a 413, and the
+  connection is closed; an upgrade request is answered as plain HTTP; an app that fails
   before answering, a 500; one that fails mid-answer, a closed connection;
 - ``receive()`` after the body waits for the client to leave (or the response to
   end), as the app's disconnect watch expects;
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _NO_BODY = (204, 304)
 _PIPELINE_DEPTH = 8  # parsed requests a connection holds before it stops reading
+MAX_BODY_BYTES = 64 << 20  # a request body past this is refused (413) before it fills memory
 
 
 class _Date:
@@ -187,7 +189,11 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._refuse(400, b"protocol upgrades are not served here")
+            # No upgrades here (WebSockets, h2c): the request is answered as plain HTTP, and as the
+            # bytes after it belong to the other protocol, the connection ends with that answer.
+            self.closing = True
+            if self.current is None:
+                self.close()
         except httptools.HttpParserError as e:
             self._refuse(400, f"invalid HTTP request: {e}".encode())
 
@@ -222,12 +228,20 @@ class _Connection(asyncio.Protocol):
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
-        assert self.parsing is not None
-        self.parsing.body.append(body)
+        r = self.parsing
+        assert r is not None
+        r.size += len(body)
+        if r.size > MAX_BODY_BYTES:
+            if not self.closed:
+                self._refuse(413, b"request body over %d bytes" % MAX_BODY_BYTES)
+            return
+        r.body.append(body)
 
     def on_message_complete(self) -> None:
         r, self.parsing = self.parsing, None
         assert r is not None
+        if self.closed:  # refused while parsing (or the client left): nothing to answer
+            return
         if self.current is None:
             self._start(r)
         else:
@@ -327,7 +341,7 @@ class _Connection(asyncio.Protocol):
 class _Request:
     __slots__ = (
         "body", "body_read", "chunked", "connection", "finished", "head", "headers", "http_version",
-        "keep_alive", "method", "started", "task", "url", "waiter",
+        "keep_alive", "method", "size", "started", "task", "url", "waiter",
     )  # fmt: skip
 
     def __init__(self, connection: _Connection) -> None:
@@ -335,6 +349,7 @@ class _Request:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
+        self.size = 0  # body bytes received
         self.method = "GET"
         self.http_version = "1.1"
         self.keep_alive = True
