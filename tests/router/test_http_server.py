@@ -143,6 +143,7 @@ def test_http_1_0_and_connection_close_end_the_connection_after_the_answer():
     ("raw", "status"),
     [
         (b"GARBAGE\r\n\r\n", b"400"),
+        (b"GET http://[::1 HTTP/1.1\r\nhost: x\r\n\r\n", b"400"),  # a target that does not parse
         (b"GET /fail HTTP/1.1\r\nhost: x\r\n\r\n", b"500"),
         (b"GET /head-only HTTP/1.1\r\nhost: x\r\n\r\n", b"500"),  # its head never left: still a 500
     ],

@@ -253,12 +253,12 @@ class _Connection(asyncio.Protocol):
     # -- requests ---------------------------------------------------------------------------
 
     def _start(self, r: _Request) -> None:
-        self.current = r
         try:
             parsed = httptools.parse_url(r.url)
         except httptools.HttpParserInvalidURLError:
             self._refuse(400, b"invalid request target")
             return
+        self.current = r
         raw_path = parsed.path or b"/"
         scope = {
             "type": "http",
