@@ -11,6 +11,7 @@ import pytest
 
 from tokenmill.router.http_server import HTTPServer
 
+
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """/echo answers the body with a length; /stream in two chunks, no length; /fail raises before
     answering, /head-only after its head, /half after its first chunk; /wait answers once the
