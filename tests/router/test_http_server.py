@@ -222,9 +222,9 @@ def test_idle_connections_close_and_stopping_waits_for_running_answers():
 
 
 def test_oversized_bodies_are_413_and_upgrade_requests_get_a_plain_answer(monkeypatch: pytest.MonkeyPatch):
-    import tokenmill.router.http_server as http_server
+    import tokenmill.router.server_connection as server_connection
 
-    monkeypatch.setattr(http_server, "MAX_BODY_BYTES", 10)
+    monkeypatch.setattr(server_connection, "MAX_BODY_BYTES", 10)
 
     async def check(port: int) -> None:
         big = b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 11\r\n\r\n" + b"x" * 11

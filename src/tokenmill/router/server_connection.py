@@ -1,0 +1,341 @@
+"""One client connection of the router's HTTP/1.1 server (``router/http_server.py``): requests
+parsed by httptools, handed to the ASGI app one at a time, and their answers framed and written."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import http
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import httptools
+
+if TYPE_CHECKING:
+    from tokenmill.router.http_server import HTTPServer
+
+logger = logging.getLogger(__name__)
+
+_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+_NO_BODY = (204, 304)
+_PIPELINE_DEPTH = 8  # parsed requests a connection holds before it stops reading
+MAX_BODY_BYTES = 64 << 20  # a request body past this is refused (413) before it fills memory
+
+
+class _Date:
+    """The Date header, formatted once a second."""
+
+    second = -1
+    value = b""
+
+    @classmethod
+    def now(cls) -> bytes:
+        second = int(time.time())
+        if second != cls.second:
+            cls.second = second
+            cls.value = email.utils.formatdate(second, usegmt=True).encode()
+        return cls.value
+
+
+class ServerConnection(asyncio.Protocol):
+    """One client's connection: its requests parsed, answered in order through the app."""
+
+    def __init__(self, server: HTTPServer) -> None:
+        self.server = server
+        self.app = server.app
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.parsing: _Request | None = None
+        self.current: _Request | None = None  # the request being answered
+        self.pending: deque[_Request] = deque()  # parsed, waiting their turn
+        self.closed = False
+        self.closing = False  # close once the current response ends
+        self.reading_paused = False
+        self.drain: asyncio.Future[None] | None = None  # set while the socket buffer is full
+        self.last_active = self.loop.time()
+        self.timer: asyncio.TimerHandle | None = None
+        self.client: tuple[str, int] | None = None
+        self.local: tuple[str, int] | None = None
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+        self.client = _address(transport.get_extra_info("peername"))
+        self.local = _address(transport.get_extra_info("sockname"))
+        self._arm_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        for request in (self.current, *self.pending):
+            if request is not None:
+                request.wake()
+        if self.drain is not None and not self.drain.done():
+            self.drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # No upgrades here (WebSockets, h2c): the request is answered as plain HTTP, and as the
+            # bytes after it belong to the other protocol, the connection ends with that answer.
+            self.closing = True
+            if self.current is None:
+                self.close()
+        except httptools.HttpParserError as e:
+            self._refuse(400, f"invalid HTTP request: {e}".encode())
+
+    def pause_writing(self) -> None:
+        self.drain = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.drain is not None and not self.drain.done():
+            self.drain.set_result(None)
+        self.drain = None
+
+    # -- httptools callbacks (inside feed_data) -----------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.parsing = _Request(self)
+
+    def on_url(self, url: bytes) -> None:
+        assert self.parsing is not None
+        self.parsing.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.parsing is not None
+        self.parsing.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        r = self.parsing
+        assert r is not None
+        r.method = self.parser.get_method().decode("ascii")
+        r.http_version = self.parser.get_http_version()
+        r.keep_alive = self.parser.should_keep_alive()
+        if (b"expect", b"100-continue") in r.headers and self.current is None and not self.pending:
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        r = self.parsing
+        assert r is not None
+        r.size += len(body)
+        if r.size > MAX_BODY_BYTES:
+            if not self.closed:
+                self._refuse(413, b"request body over %d bytes" % MAX_BODY_BYTES)
+            return
+        r.body.append(body)
+
+    def on_message_complete(self) -> None:
+        r, self.parsing = self.parsing, None
+        assert r is not None
+        if self.closed:  # refused while parsing (or the client left): nothing to answer
+            return
+        if self.current is None:
+            self._start(r)
+        else:
+            self.pending.append(r)
+            if len(self.pending) >= _PIPELINE_DEPTH and self.transport is not None:
+                self.reading_paused = True
+                self.transport.pause_reading()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _start(self, r: _Request) -> None:
+        try:
+            parsed = httptools.parse_url(r.url)
+        except httptools.HttpParserInvalidURLError:
+            self._refuse(400, b"invalid request target")
+            return
+        self.current = r
+        raw_path = parsed.path or b"/"
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": r.http_version,
+            "method": r.method,
+            "scheme": "http",
+            "path": unquote(raw_path.decode("latin-1")),
+            "raw_path": raw_path,
+            "query_string": parsed.query or b"",
+            "root_path": "",
+            "headers": r.headers,
+            "client": self.client,
+            "server": self.local,
+        }
+        r.task = self.loop.create_task(self._run(r, scope))
+
+    async def _run(self, r: _Request, scope: dict[str, Any]) -> None:
+        try:
+            await self.app(scope, r.receive, r.send)
+        except Exception:
+            logger.exception("the router failed on %s %s", r.method, scope["path"])
+        finally:
+            if not r.finished:  # failed, or never ended its answer: the connection cannot be reused
+                if not r.started or r.head is not None:  # nothing reached the client yet
+                    self._write(_plain(500, b"Internal Server Error", keep_alive=False))
+                self.close()
+            r.wake()
+
+    def response_done(self, r: _Request) -> None:
+        """``r``'s last bytes are written: the next request may be answered."""
+        self.current = None
+        self.last_active = self.loop.time()
+        if not r.keep_alive or self.closing:
+            self.close()
+            return
+        if self.pending:
+            self._start(self.pending.popleft())
+        if self.reading_paused and len(self.pending) < _PIPELINE_DEPTH and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def shut(self) -> None:
+        """The server is stopping: close now if idle, else after the current response."""
+        self.closing = True
+        if self.current is None:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def _refuse(self, status: int, message: bytes) -> None:
+        if self.current is None:  # (mid-response, the only honest answer is to hang up)
+            self._write(_plain(status, message, keep_alive=False))
+        self.close()
+
+    # One timer per connection, re-armed only when it fires: a request costs a timestamp.
+    def _arm_timer(self) -> None:
+        self.timer = self.loop.call_at(self.last_active + self.server.keep_alive_s, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        idle = self.current is None and not self.pending and self.parsing is None
+        if idle and self.loop.time() - self.last_active >= self.server.keep_alive_s:
+            self.close()
+            return
+        if not idle:
+            self.last_active = self.loop.time()
+        self._arm_timer()
+
+
+class _Request:
+    __slots__ = (
+        "body", "body_read", "chunked", "connection", "finished", "head", "headers", "http_version",
+        "keep_alive", "method", "size", "started", "task", "url", "waiter",
+    )  # fmt: skip
+
+    def __init__(self, connection: ServerConnection) -> None:
+        self.connection = connection
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.size = 0  # body bytes received
+        self.method = "GET"
+        self.http_version = "1.1"
+        self.keep_alive = True
+        self.body_read = False
+        self.started = False
+        self.finished = False
+        self.chunked = False
+        self.head: bytes | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def receive(self) -> dict[str, Any]:
+        if not self.body_read:
+            self.body_read = True
+            body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+            self.body = []
+            return {"type": "http.request", "body": body, "more_body": False}
+        # The body was read: what comes now is the client leaving (or the response ending).
+        if not self.connection.closed and not self.finished:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        connection = self.connection
+        kind = message["type"]
+        if kind == "http.response.start":
+            if self.started:
+                raise RuntimeError("http.response.start sent twice")
+            self.started = True
+            self.head = self._head(message["status"], message.get("headers") or [])
+            return
+        if kind != "http.response.body" or not self.started or self.finished:
+            raise RuntimeError(f"unexpected ASGI message {kind!r} at this point of the response")
+        body = message.get("body", b"")
+        more = message.get("more_body", False)
+        if self.method == "HEAD":
+            body = b""
+        elif self.chunked:
+            body = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + (b"" if more else b"0\r\n\r\n")
+        if self.head is not None:
+            body, self.head = self.head + body, None
+        if connection.closed:
+            self.finished = not more
+            return  # the client left: nothing to write to (the app learns it from receive())
+        if body:
+            connection._write(body)
+        if not more:
+            self.finished = True
+            self.wake()
+            connection.response_done(self)
+        elif connection.drain is not None:
+            await connection.drain  # a slow client: wait for its socket buffer to drain
+
+    def _head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"")), b"date: ", _Date.now(), b"\r\n"]
+        length = close = False
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                length = True
+            elif lowered == b"transfer-encoding":
+                length = True  # the app frames its body itself
+            elif lowered == b"connection" and b"close" in value.lower():
+                self.keep_alive = False
+                close = True
+            lines += (name, b": ", value, b"\r\n")
+        if not length and status not in _NO_BODY and self.method != "HEAD":
+            self.chunked = True
+            lines.append(b"transfer-encoding: chunked\r\n")
+        if not self.keep_alive and not close:
+            lines.append(b"connection: close\r\n")
+        elif self.http_version == "1.0":
+            lines.append(b"connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+
+def _plain(status: int, message: bytes, keep_alive: bool) -> bytes:
+    head = b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n" % (
+        status,
+        _REASONS.get(status, b""),
+        len(message),
+    )
+    return head + (b"" if keep_alive else b"connection: close\r\n") + b"\r\n" + message
+
+
+def _address(value: Any) -> tuple[str, int] | None:
+    return (str(value[0]), int(value[1])) if isinstance(value, tuple) and len(value) >= 2 else None
