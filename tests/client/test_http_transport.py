@@ -391,6 +391,8 @@ def test_a_large_body_arrives_intact_through_flow_control():
         ({"path": "/a b"}, "path"),
         ({"headers": {"x-bad": "a\r\nb"}}, "x-bad"),
         ({"headers": {"bad name": "v"}}, "bad name"),
+        ({"headers": {"x-number": 5}}, "x-number"),
+        ({"headers": {"x-list": ["a"]}}, "x-list"),  # (unhashable: the checked-lines cache must not hide it)
         ({"json": {}, "content": b"x"}, "json or content"),
     ],
 )

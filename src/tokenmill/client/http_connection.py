@@ -35,10 +35,15 @@ class HTTPConnection(asyncio.Protocol):
         self._last_data = 0.0  # loop.time() of the last bytes, for the read timeout
         self.closed = False
         self.responses = 0  # completed on this connection: > 0 means it was reused
+        self._parser: httptools.HttpResponseParser | None = None
+        self._complete = False
         self._reset()
 
     def _reset(self) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        # A connection kept alive after a complete response reuses its parser (llhttp reads one
+        # message after another); a new one costs as much as parsing a response.
+        if self._parser is None or not self._complete:
+            self._parser = httptools.HttpResponseParser(self)
         self._active = False
         self.status = 0
         self.headers: list[tuple[str, str]] = []

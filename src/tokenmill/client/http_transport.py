@@ -44,7 +44,6 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -98,6 +97,11 @@ class StreamingResponse:
         while (item := await read(coalesce)) is not None:
             yield item
 
+    async def read_chunk(self, coalesce: bool = False) -> tuple[bytes, float] | None:
+        """``aiter_bytes``' next item, or None at the body's end: for a loop that reads every
+        response, without an async generator's bookkeeping each time."""
+        return await self._connection.read_chunk(coalesce)
+
     async def events(self) -> AsyncIterator[SSEEvent]:
         """The body as server-sent events; ends when the body does.
 
@@ -112,6 +116,31 @@ class StreamingResponse:
 
     async def read(self) -> bytes:
         return b"".join([data async for data, _ in self.aiter_bytes()])
+
+
+class Exchange:
+    """``HTTPTransport.stream``'s block: the request is sent on entry, the connection given back on
+    exit. (A class, not ``asynccontextmanager``: a router makes one per request, and the generator
+    machinery cost more than the rest of the block.)"""
+
+    __slots__ = ("_transport", "_request", "_connection")
+
+    def __init__(self, transport: HTTPTransport, request: bytes) -> None:
+        self._transport = transport
+        self._request = request
+        self._connection: HTTPConnection | None = None
+
+    async def __aenter__(self) -> StreamingResponse:
+        assert self._connection is None, "an exchange is entered once"
+        connection, sent = await self._transport._exchange(self._request)
+        self._connection = connection
+        return StreamingResponse(connection, sent)
+
+    async def __aexit__(self, *exc: object) -> None:
+        connection = self._connection
+        if connection is not None:
+            connection.finish()
+            self._transport._release(connection)
 
 
 class HTTPTransport:
@@ -169,8 +198,7 @@ class HTTPTransport:
             body = await response.read()
             return Response(response.status, response.headers, body, response.sent, response.first_byte)
 
-    @asynccontextmanager
-    async def stream(
+    def stream(
         self,
         method: str,
         path: str,
@@ -178,18 +206,13 @@ class HTTPTransport:
         json: Any = None,
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[StreamingResponse]:
-        """Send a request; the response's status and headers are in, its body is read inside the block.
+    ) -> Exchange:
+        """Send a request; the response's status and headers are in, its body is read inside the block
+        (``async with transport.stream(...) as response``).
 
         Leaving the block before the body ends closes the connection, which is
         how a server learns that its client went away."""
-        request = self._encode(method, path, json, content, headers)
-        connection, sent = await self._exchange(request)
-        try:
-            yield StreamingResponse(connection, sent)
-        finally:
-            connection.finish()
-            self._release(connection)
+        return Exchange(self, self._encode(method, path, json, content, headers))
 
     async def aclose(self) -> None:
         """Close idle connections now and busy ones as their responses end; later requests fail."""
@@ -339,15 +362,34 @@ def _lowered(headers: Mapping[str, str] | None) -> dict[str, str]:
     return {name.lower(): value for name, value in (headers or {}).items()}
 
 
+# Header lines checked before: a router sends the same few fields with every request, and the
+# checks cost more than the rest of the request's encoding. Bounded: emptied when full.
+_LINES: dict[tuple[str, str], str] = {}
+_LINES_MAX = 4096
+
+
 def _head_lines(headers: Mapping[str, str]) -> str:
     lines = []
-    for name, value in headers.items():
-        if not _TOKEN.match(name):
-            raise ValueError(f"header name {name!r} is not a valid HTTP field name")
-        if not isinstance(value, str) or "\r" in value or "\n" in value or not _is_latin1(value):
-            raise ValueError(f"header {name!r} must be a one-line latin-1 string, got {value!r}")
-        lines.append(f"{name}: {value}\r\n")
+    for field in headers.items():
+        try:
+            line = _LINES.get(field)
+        except TypeError:  # an unhashable value: no string, as _head_line will say
+            line = _head_line(*field)
+        if line is None:
+            line = _head_line(*field)
+            if len(_LINES) >= _LINES_MAX:
+                _LINES.clear()
+            _LINES[field] = line
+        lines.append(line)
     return "".join(lines)
+
+
+def _head_line(name: str, value: str) -> str:
+    if not _TOKEN.match(name):
+        raise ValueError(f"header name {name!r} is not a valid HTTP field name")
+    if not isinstance(value, str) or "\r" in value or "\n" in value or not _is_latin1(value):
+        raise ValueError(f"header {name!r} must be a one-line latin-1 string, got {value!r}")
+    return f"{name}: {value}\r\n"
 
 
 def _is_latin1(value: str) -> bool:

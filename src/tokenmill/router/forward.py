@@ -127,7 +127,8 @@ class Forwarder:
         # Only a stream needs watching: a whole response comes in one piece right after its head.
         gone = asyncio.ensure_future(wait_for_disconnect(receive)) if sse else None
         try:
-            async for data, _ in response.aiter_bytes(coalesce=True):
+            while (item := await response.read_chunk(coalesce=True)) is not None:
+                data = item[0]
                 prefill.done()  # the first byte: the prompt is in the worker's cache now
                 if gone is not None and gone.done():
                     outcome.state = "cancelled"
