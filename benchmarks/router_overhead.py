@@ -16,6 +16,15 @@ minus direct's in the same turn. `--turns N` runs every router N times in
 turn (direct, tokenmill, vllm-router, sglang-router, then again), so slow
 spells of the shared machine hit all alike; tables give medians over turns
 and the median of the per-turn ratios to vllm-router.
+
+Cores: a router runs on its own core (`--router-cores 1`, the default), the
+load generator and the workers on the rest, as a router in production has
+cores of its own. Sharing every core among all of them (`--router-cores 0`,
+this benchmark's method before 2026-12-01) on a machine as small as two
+cores measures the scheduler more than the router: with the load generator
+and two workers busy, a single-threaded router gets a third of the CPU time
+it asks for under contention, while a router with several threads gets a
+share per thread, and "added latency" becomes the wait for a turn on a core.
 Results: `.bench/results/router_overhead-<timestamp>.json`.
 
     benchmarks/peers/setup_routers.sh                # vllm-router, sglang-router into .peers/routers
@@ -45,6 +54,7 @@ TOKENMILL = [sys.executable, "-m", "tokenmill.cli.main"]
 PEERS = ROOT / ".peers" / "routers" / "bin"
 ROUTERS = ("direct", "tokenmill", "vllm-router", "sglang-router")
 KEYS: dict[str, str] = {}  # router URL -> the API key its gateway wants (tokenmill-gateway)
+ROUTER_CPUS: set[int] | None = None  # the cores routers are pinned to (None: they share all)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     report = report_header("router_overhead", stamp, argv, args, model)
     report["turns"] = []
     loads = args.loads.split(",")
+    _split_cores(args.router_cores)
+    report["router_cpus"] = sorted(ROUTER_CPUS) if ROUTER_CPUS else None
     with one_run_at_a_time(), _workers(2, logs) as workers:
         for turn in range(args.turns):
             results: dict[str, dict[str, Any]] = {}
@@ -147,7 +159,9 @@ def _router(
         cmd = [str(PEERS / "sglang-router"), "launch", "--host", "127.0.0.1", "--port", str(port)]
         cmd += ["--policy", policy, *metrics, "--worker-urls", *workers]
     log = (logs / f"{name}.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cpus = ROUTER_CPUS
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # (its threads inherit it)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=pin)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, proc, 60, model)
@@ -218,6 +232,20 @@ def _tree_cpu_s(pid: int | None) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def _split_cores(router_cores: int) -> None:
+    """Pin this process (so the load generator and workers it starts) off the last
+    ``router_cores`` cores, which routers get (``_router``); 0, or too few cores: all share."""
+    global ROUTER_CPUS
+    cpus = sorted(os.sched_getaffinity(0))
+    if router_cores <= 0 or router_cores >= len(cpus):
+        if router_cores > 0:
+            print(f"[bench] {len(cpus)} core(s): routers share them with the load", flush=True)
+        ROUTER_CPUS = None
+        return
+    ROUTER_CPUS = set(cpus[-router_cores:])
+    os.sched_setaffinity(0, set(cpus[:-router_cores]))
+
+
 def _free_port() -> int:
     import socket
 
@@ -230,7 +258,10 @@ def _print_table(report: dict[str, Any]) -> None:
     turns = report["turns"]
     print(f"\n## Router overhead, {report['timestamp']}\n")
     print(f"- machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
-    print(f"- command: `{report['command']}`; medians of {len(turns)} turn(s)\n")
+    print(f"- command: `{report['command']}`; medians of {len(turns)} turn(s)")
+    cpus = report.get("router_cpus")
+    where = f"routers on core(s) {cpus}, load and workers on the rest" if cpus else "all share every core"
+    print(f"- {where}\n")
     titles = {
         "c32": "streamed, concurrency 32",
         "c32_whole": "whole responses, concurrency 32",
@@ -287,6 +318,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--routers", default=",".join(ROUTERS), help="which to measure")
     p.add_argument("--loads", default="c32,c1,c32_whole", help="which loads: c32, c1, c32_whole")
     p.add_argument("--turns", type=int, default=1, help="times to run every router, in turn")
+    p.add_argument(
+        "--router-cores",
+        type=int,
+        default=1,
+        help="cores routers run on, apart from the load and workers (0: all share every core)",
+    )
     return p.parse_args(argv)
 
 

@@ -123,7 +123,7 @@ class Exchange:
     exit. (A class, not ``asynccontextmanager``: a router makes one per request, and the generator
     machinery cost more than the rest of the block.)"""
 
-    __slots__ = ("_transport", "_request", "_connection")
+    __slots__ = ("_connection", "_request", "_transport")
 
     def __init__(self, transport: HTTPTransport, request: bytes) -> None:
         self._transport = transport
