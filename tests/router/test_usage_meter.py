@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tokenmill.router.usage_meter import UsageMeter, ask_for_usage
+from tokenmill.router.usage_meter import UsageMeter, ask_for_usage, last_member_usage
 
 CHUNKS = [
     {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "he"}}]},
@@ -64,11 +64,40 @@ def test_whole_responses_and_requests():
     assert meter.feed(body[:5]) + meter.feed(body[5:]) == body
     meter.finish()
     assert (meter.usage.prompt_tokens, meter.usage.completion_tokens) == (3, 4)
+    assert last_member_usage(body) == {"prompt_tokens": 3, "completion_tokens": 4}  # read from the end
     request = {"stream": True, "stream_options": {"continuous_usage_stats": True}}
     assert ask_for_usage(request) is False
     assert request["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
     assert ask_for_usage({"stream": True, "stream_options": {"include_usage": True}}) is True
     assert ask_for_usage({"stream": False}) is True
+
+
+_KEYS = st.sampled_from(["usage", "choices", '"usage": 1}', "x"]) | st.text(max_size=4)
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='usage"{}:, \\é', max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(_KEYS, _VALUES, max_size=4), _VALUES, st.booleans(), st.sampled_from([None, 2]))
+def test_usage_read_from_the_body_s_end_is_always_the_top_level_one(obj, usage, last, indent):
+    """The shortcut that skips parsing the choices finds the top-level usage when it is the last
+    member, and nothing else: never a nested one, nor one inside a string."""
+    if last:
+        obj = {**{k: v for k, v in obj.items() if k != "usage"}, "usage": usage}
+    body = json.dumps(obj, indent=indent, ensure_ascii=indent is None).encode()
+    found = last_member_usage(body)
+    if found is not None:
+        assert "usage" in obj and list(obj)[-1] == "usage" and found == obj["usage"]
+    meter, parsed = (
+        UsageMeter(sse=False, client_wants_usage=True),
+        UsageMeter(sse=False, client_wants_usage=True),
+    )
+    meter.feed(body)
+    meter.finish()  # the shortcut, or the whole body parsed
+    parsed._take(obj.get("usage"))  # what parsing it all gives
+    assert meter.usage == parsed.usage
 
 
 def test_what_servers_may_send_otherwise():

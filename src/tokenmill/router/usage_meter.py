@@ -11,6 +11,7 @@ dropped, as whole events: the same bytes, or the same events re-encoded).
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -80,11 +81,15 @@ class UsageMeter:
     def finish(self) -> None:
         """The body ended: read a whole response's usage."""
         if self._decoder is None and self._whole:
-            try:
-                body = json.loads(b"".join(self._whole))
-            except ValueError:
-                return
-            self._take(body.get("usage") if isinstance(body, dict) else None)
+            body = b"".join(self._whole)
+            usage = last_member_usage(body)
+            if usage is None:  # not where servers put it: the whole body parsed
+                try:
+                    whole = json.loads(body)
+                except ValueError:
+                    return
+                usage = whole.get("usage") if isinstance(whole, dict) else None
+            self._take(usage)
 
     def _scan(self, data: bytes) -> None:
         """A stream the client sees byte for byte: no events to rebuild, so only the lines that
@@ -132,6 +137,28 @@ class UsageMeter:
         ):
             self.usage.prompt_tokens, self.usage.completion_tokens = prompt, completion
             self.usage.seen = True  # otherwise the worker's figures are nonsense: the estimate stands
+
+
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
+_DECODER = json.JSONDecoder()
+
+
+def last_member_usage(body: bytes) -> Any:
+    """The value of a JSON object's ``usage`` when it is the object's last member, as
+    OpenAI-compatible servers write it, read without parsing the rest (the choices, often most
+    of the body); None when it is not last. (A match is the top-level member: in JSON, the bytes
+    ``"usage"`` are a whole string, never part of one, and only the outermost object's last member
+    is followed by one closing brace and the end.)"""
+    at = body.rfind(b'"usage"')
+    key = _USAGE_KEY.match(body, at) if at >= 0 else None
+    if key is None:
+        return None
+    try:
+        tail = body[key.end() :].decode()
+        value, end = _DECODER.raw_decode(tail)
+    except ValueError:  # (UnicodeDecodeError is one)
+        return None
+    return value if tail[end:].strip() == "}" else None
 
 
 def _encode(event: SSEEvent) -> bytes:
