@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +160,29 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(mem_kib / 2**20, 1),
         "platform": platform.platform(),
     }
+
+
+def split_cores(server_cores: int) -> set[int] | None:
+    """Set this process (so the load generators and workers it starts) off its last
+    ``server_cores`` cores and return those, for the server under test (``pin_to``), as a
+    router or gateway has cores of its own in production. On a machine as small as two cores,
+    sharing every core measures the scheduler more than the server: with a load generator
+    and workers busy, a single-threaded server gets a fraction of the time it asks for, while one
+    with many threads gets a share per thread. None (all share): 0, or not cores enough."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if server_cores <= 0 or server_cores >= len(cpus):
+        if server_cores > 0:
+            print(f"[bench] {len(cpus)} core(s): the server shares them with the load", flush=True)
+        return None
+    os.sched_setaffinity(0, set(cpus[:-server_cores]))
+    return set(cpus[-server_cores:])
+
+
+def pin_to(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen`` that runs the child (and its threads) on ``cpus``."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
 
 
 def split_names(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:

@@ -19,6 +19,12 @@ Reported per team: TTFT p50/p99 of served requests, served requests/s, the
 share of the standard band's served requests, and 429s (the queue's bound:
 requests that waited `max_wait_s` or found their band full).
 
+By default all share every core; `--gateway-cores N` gives the gateway N
+cores of its own and the workers and load generators the rest
+(`bench_process.split_cores`). Not on two cores: eight workers and four load
+generators on one core cannot reach the fleet's capacity, and the "overload"
+is then none (run 20261201-170158: every team served what it offered).
+
     .venv/bin/python benchmarks/gateway_fairness.py      # ~6 min
 """
 
@@ -35,7 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench_process import RESULTS, ROOT, one_run_at_a_time, report_header, save_report
+from bench_process import RESULTS, ROOT, one_run_at_a_time, pin_to, report_header, save_report, split_cores
 from router_overhead import TOKENMILL, _free_port
 from sim_fleet import simulated_fleet
 
@@ -43,6 +49,7 @@ DEMO = ROOT / "src" / "tokenmill" / "engine" / "demo_model"
 WORKERS, SLOTS = 8, 8
 SHARES = {"premium": 0.10, "standard-a": 0.20, "standard-b": 0.20, "flood": 0.50}
 STANDARD = ("standard-a", "standard-b", "flood")
+GATEWAY_CPUS: set[int] | None = None  # the cores the gateway is pinned to (None: it shares all)
 
 
 def config_text(fair: bool, max_wait_s: float) -> str:
@@ -60,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     logs = RESULTS / "logs" / f"gateway_fairness-{stamp}"
     logs.mkdir(parents=True, exist_ok=True)
     report = report_header("gateway_fairness", stamp, argv, args, DEMO)
+    global GATEWAY_CPUS
+    GATEWAY_CPUS = split_cores(args.gateway_cores)
+    report["gateway_cpus"] = sorted(GATEWAY_CPUS) if GATEWAY_CPUS else None
     with one_run_at_a_time(), simulated_fleet(WORKERS, ["--max-num-seqs", str(SLOTS)]) as workers:
         with _gateway(workers, logs / "capacity", fair=True, max_wait_s=args.max_wait_s) as (url, keys):
             out = logs / "capacity" / "load"
@@ -113,7 +123,9 @@ def _gateway(
     for w in workers:
         cmd += ["--worker", w]
     log = (folder / "gateway.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=pin_to(GATEWAY_CPUS)
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -210,6 +222,8 @@ def _print(report: dict[str, Any]) -> None:
     print(f"\n## Gateway under overload, {report['timestamp']}\n")
     print(f"- machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; `{report['command']}`")
     offered = sum(report["rates"].values())
+    cpus = report.get("gateway_cpus")
+    print(f"- gateway on core(s) {cpus}, workers and load on the rest" if cpus else "- all share every core")
     print(f"- capacity {report['capacity_req_s']:.1f} req/s; offered {offered:.1f} req/s\n")
     idle = report["premium_idle"]["ttft_ms"]
     print(f"premium alone: TTFT p50 {idle['median']:.1f} ms, p99 {idle['p99']:.1f} ms\n")
@@ -233,6 +247,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=60.0, help="length of each loaded run")
     p.add_argument("--max-wait-s", type=float, default=10.0, help="the admission queue's max wait")
     p.add_argument("--capacity-requests", type=int, default=800, help="requests of the capacity run")
+    p.add_argument(
+        "--gateway-cores",
+        type=int,
+        default=0,
+        help="cores the gateway runs on, apart from the workers and load (0: all share every core)",
+    )
     return p.parse_args(argv)
 
 

@@ -17,14 +17,12 @@ turn (direct, tokenmill, vllm-router, sglang-router, then again), so slow
 spells of the shared machine hit all alike; tables give medians over turns
 and the median of the per-turn ratios to vllm-router.
 
-Cores: a router runs on its own core (`--router-cores 1`, the default), the
-load generator and the workers on the rest, as a router in production has
-cores of its own. Sharing every core among all of them (`--router-cores 0`,
-this benchmark's method before 2026-12-01) on a machine as small as two
-cores measures the scheduler more than the router: with the load generator
-and two workers busy, a single-threaded router gets a third of the CPU time
-it asks for under contention, while a router with several threads gets a
-share per thread, and "added latency" becomes the wait for a turn on a core.
+Cores: by default all share every core. `--router-cores 1` gives a router a
+core of its own and the load generator and workers the rest, as in
+production (`bench_process.split_cores` says why it matters): on two cores
+the load side is then the bottleneck, every router's added latency is within
+the noise of the direct run, and the router's CPU per request is the figure
+that tells routers apart.
 Results: `.bench/results/router_overhead-<timestamp>.json`.
 
     benchmarks/peers/setup_routers.sh                # vllm-router, sglang-router into .peers/routers
@@ -48,7 +46,7 @@ from typing import Any
 import httpx
 
 from bench_model import ensure_bench_model
-from bench_process import RESULTS, ROOT, one_run_at_a_time, report_header, save_report
+from bench_process import RESULTS, ROOT, one_run_at_a_time, pin_to, report_header, save_report, split_cores
 
 TOKENMILL = [sys.executable, "-m", "tokenmill.cli.main"]
 PEERS = ROOT / ".peers" / "routers" / "bin"
@@ -66,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     report = report_header("router_overhead", stamp, argv, args, model)
     report["turns"] = []
     loads = args.loads.split(",")
-    _split_cores(args.router_cores)
+    global ROUTER_CPUS
+    ROUTER_CPUS = split_cores(args.router_cores)
     report["router_cpus"] = sorted(ROUTER_CPUS) if ROUTER_CPUS else None
     with one_run_at_a_time(), _workers(2, logs) as workers:
         for turn in range(args.turns):
@@ -159,9 +158,9 @@ def _router(
         cmd = [str(PEERS / "sglang-router"), "launch", "--host", "127.0.0.1", "--port", str(port)]
         cmd += ["--policy", policy, *metrics, "--worker-urls", *workers]
     log = (logs / f"{name}.log").open("w")
-    cpus = ROUTER_CPUS
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # (its threads inherit it)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=pin)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=pin_to(ROUTER_CPUS)
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, proc, 60, model)
@@ -230,20 +229,6 @@ def _tree_cpu_s(pid: int | None) -> float:
                 with contextlib.suppress(OSError):
                     todo += [int(c) for c in (task / "children").read_text().split()]
     return total / os.sysconf("SC_CLK_TCK")
-
-
-def _split_cores(router_cores: int) -> None:
-    """Pin this process (so the load generator and workers it starts) off the last
-    ``router_cores`` cores, which routers get (``_router``); 0, or too few cores: all share."""
-    global ROUTER_CPUS
-    cpus = sorted(os.sched_getaffinity(0))
-    if router_cores <= 0 or router_cores >= len(cpus):
-        if router_cores > 0:
-            print(f"[bench] {len(cpus)} core(s): routers share them with the load", flush=True)
-        ROUTER_CPUS = None
-        return
-    ROUTER_CPUS = set(cpus[-router_cores:])
-    os.sched_setaffinity(0, set(cpus[:-router_cores]))
 
 
 def _free_port() -> int:
@@ -321,7 +306,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--router-cores",
         type=int,
-        default=1,
+        default=0,
         help="cores routers run on, apart from the load and workers (0: all share every core)",
     )
     return p.parse_args(argv)
