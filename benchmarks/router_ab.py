@@ -1,0 +1,114 @@
+"""A router change measured against the code before it: both serve the same load at the same time.
+
+On a shared, noisy machine a router's CPU per request moves by ±20% between runs
+seconds apart, more than most changes save. Here two routers, each run from its
+own source tree (``PYTHONPATH``), sit in front of the same two instant workers
+and take the same load at once: one client process, 32 connections, every other
+one to each router, so a slow spell of the machine hits both alike. Each round
+starts both afresh (in alternating order) and measures each one's CPU per
+request (its process tree's utime + stime, from /proc); the ratio of each round
+is B's over A's, and the figure is the median of the rounds' ratios.
+
+    git worktree add /tmp/before HEAD~1
+    .venv/bin/python benchmarks/router_ab.py /tmp/before/src src                   # gateway, whole
+    .venv/bin/python benchmarks/router_ab.py /tmp/before/src src --router tokenmill --stream
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import router_overhead as ro
+from bench_process import RESULTS, one_run_at_a_time
+from tokenmill.client import HTTPTransport
+
+
+async def _drive(urls: list[str], requests: int, stream: bool) -> dict[str, int]:
+    """``requests`` chat requests over 32 connections, every other one to each router; how many
+    each router answered."""
+    body = {"model": "mock", "messages": [{"role": "user", "content": "hello there " * 6}], "max_tokens": 8}
+    body["stream"] = stream
+    transports = {url: HTTPTransport(url, max_connections=64) for url in urls}
+    answered = dict.fromkeys(urls, 0)
+    left = requests
+
+    async def connection(i: int) -> None:
+        nonlocal left
+        url = urls[i % len(urls)]
+        headers = {"authorization": f"Bearer {ro.KEYS[url]}"} if url in ro.KEYS else {}
+        while left > 0:
+            left -= 1
+            async with transports[url].stream(
+                "POST", "/v1/chat/completions", json=body, headers=headers
+            ) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"{url} answered {r.status}")
+                while await r.read_chunk() is not None:
+                    pass
+            answered[url] += 1
+
+    try:
+        await asyncio.gather(*(connection(i) for i in range(32)))
+    finally:
+        for t in transports.values():
+            await t.aclose()
+    return answered
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="CPU per request of a router from two source trees, paired.")
+    p.add_argument("before", type=Path, help="source folder (the one holding tokenmill/) of the code before")
+    p.add_argument("after", type=Path, help="source folder of the code after")
+    p.add_argument("--router", default="tokenmill-gateway", choices=["tokenmill", "tokenmill-gateway"])
+    p.add_argument("--stream", action="store_true", help="streamed responses (default: whole)")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--requests", type=int, default=4000, help="requests a round, both routers together")
+    args = p.parse_args(argv)
+    trees = {"before": args.before.resolve(), "after": args.after.resolve()}
+    for tree in trees.values():
+        if not (tree / "tokenmill" / "__init__.py").exists():
+            p.error(f"{tree} holds no tokenmill package (give the src folder)")
+    logs = RESULTS / "logs" / f"router_ab-{time.strftime('%Y%m%d-%H%M%S')}"
+    logs.mkdir(parents=True, exist_ok=True)
+    cpu: dict[str, list[float]] = {name: [] for name in trees}
+    with one_run_at_a_time(), ro._workers(2, logs) as workers:
+        for r in range(args.rounds):
+            with contextlib.ExitStack() as stack:
+                routers = {}
+                for name in list(trees) if r % 2 == 0 else list(trees)[::-1]:
+                    ro.TOKENMILL = [
+                        "env",
+                        f"PYTHONPATH={trees[name]}",
+                        sys.executable,
+                        "-m",
+                        "tokenmill.cli.main",
+                    ]
+                    routers[name] = stack.enter_context(ro._router(args.router, workers, logs))
+                urls = [routers[name][0] for name in trees]
+                asyncio.run(_drive(urls, 1000, args.stream))  # warm-up
+                before = {name: ro._tree_cpu_s(pid) for name, (_, pid) in routers.items()}
+                answered = asyncio.run(_drive(urls, args.requests, args.stream))
+                for name, (url, pid) in routers.items():
+                    cpu[name].append((ro._tree_cpu_s(pid) - before[name]) / answered[url] * 1e6)
+            print(
+                f"[bench] round {r + 1}: " + ", ".join(f"{n} {v[-1]:.0f} us" for n, v in cpu.items()),
+                flush=True,
+            )
+    ratios = [a / b for a, b in zip(cpu["after"], cpu["before"], strict=True)]
+    kind = "streamed" if args.stream else "whole"
+    print(f"\n{args.router}, {kind} responses, {args.rounds} rounds of {args.requests} requests:")
+    medians = {name: statistics.median(values) for name, values in cpu.items()}
+    print(f"- CPU a request, median: before {medians['before']:.0f} us, after {medians['after']:.0f} us")
+    print(f"- after / before, median of the rounds' ratios: {statistics.median(ratios):.3f} "
+          f"({sum(x < 1 for x in ratios)} of {len(ratios)} rounds below 1)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
