@@ -1,7 +1,8 @@
 """Router overhead (issue 6): what a router adds to each request, against vllm-router and sglang-router.
 
 Two instant workers (`tokenmill bench mock-server --ttft 0 --itl 0`, 8 output
-tokens) behind each router in turn, all with round_robin; the same loads by
+tokens) behind each router in turn, all with round_robin (LiteLLM: its default,
+simple-shuffle); the same loads by
 `tokenmill bench run` (one client process, streaming chat):
 
 - concurrency 32, `--requests` requests: requests/s through the router, TTFT
@@ -11,7 +12,11 @@ tokens) behind each router in turn, all with round_robin; the same loads by
 
 "tokenmill-gateway" is `tokenmill route --gateway-config` with one team and no
 limits: keys, the admission queue and a ledger row per request on top of the
-router. "direct" is the same load straight to one worker; "added" is a router's figure
+router. "litellm" is the LiteLLM proxy (`benchmarks/peers/setup_litellm.sh`), one
+process, both workers as deployments of one model, checking a master key: the
+gateway most teams glue in front of their models (without a Postgres database
+it keeps no per-key usage, so it does less per request than tokenmill's).
+"direct" is the same load straight to one worker; "added" is a router's figure
 minus direct's in the same turn. `--turns N` runs every router N times in
 turn (direct, tokenmill, vllm-router, sglang-router, then again), so slow
 spells of the shared machine hit all alike; tables give medians over turns
@@ -50,6 +55,8 @@ from bench_process import RESULTS, ROOT, one_run_at_a_time, pin_to, report_heade
 
 TOKENMILL = [sys.executable, "-m", "tokenmill.cli.main"]
 PEERS = ROOT / ".peers" / "routers" / "bin"
+LITELLM = ROOT / ".peers" / "litellm" / "bin" / "litellm"  # benchmarks/peers/setup_litellm.sh
+LITELLM_KEY = "sk-bench"  # its master key: without a database, the only key LiteLLM checks
 ROUTERS = ("direct", "tokenmill", "vllm-router", "sglang-router")
 KEYS: dict[str, str] = {}  # router URL -> the API key its gateway wants (tokenmill-gateway)
 ROUTER_CPUS: set[int] | None = None  # the cores routers are pinned to (None: they share all)
@@ -71,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         for turn in range(args.turns):
             results: dict[str, dict[str, Any]] = {}
             for name in args.routers.split(","):
-                if not name.startswith(("direct", "tokenmill")) and not (PEERS / name).exists():
-                    print(f"[bench] {name}: missing, run benchmarks/peers/setup_routers.sh", flush=True)
+                if not _installed(name):
+                    setup = "setup_litellm.sh" if name == "litellm" else "setup_routers.sh"
+                    print(f"[bench] {name}: missing, run benchmarks/peers/{setup}", flush=True)
                     continue
                 print(f"[bench] {name} (turn {turn + 1}/{args.turns})", flush=True)
                 tag = f"{name}-{turn}"
@@ -143,6 +151,17 @@ def _router(
                 create, capture_output=True, text=True, check=True, timeout=60
             ).stdout.strip()
             cmd += ["--gateway-config", str(config)]
+    elif name == "litellm":  # the proxy most teams put in front of their models, one process
+        config = logs / f"litellm-{port}.yaml"
+        deployments = "".join(
+            f"  - model_name: {model}\n"
+            f"    litellm_params: {{model: openai/{model}, api_base: {w}/v1, api_key: none}}\n"
+            for w in workers
+        )
+        config.write_text(f"model_list:\n{deployments}general_settings:\n  master_key: {LITELLM_KEY}\n")
+        KEYS[f"http://127.0.0.1:{port}"] = LITELLM_KEY
+        cmd = [str(LITELLM), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--telemetry", "False"]
     elif name == "vllm-router":
         cmd = [
             str(PEERS / "vllm-router"),
@@ -158,8 +177,14 @@ def _router(
         cmd = [str(PEERS / "sglang-router"), "launch", "--host", "127.0.0.1", "--port", str(port)]
         cmd += ["--policy", policy, *metrics, "--worker-urls", *workers]
     log = (logs / f"{name}.log").open("w")
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # (else it fetches prices from GitHub)
     proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=pin_to(ROUTER_CPUS)
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=pin_to(ROUTER_CPUS),
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -173,6 +198,12 @@ def _router(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def _installed(name: str) -> bool:
+    if name.startswith(("direct", "tokenmill")):
+        return True
+    return LITELLM.exists() if name == "litellm" else (PEERS / name).exists()
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, model: str = "mock") -> None:
