@@ -137,6 +137,7 @@ def _router(
         yield workers[0], None
         return
     port = _free_port()
+    env = None  # this process's
     metrics = ["--prometheus-port", str(_free_port())]  # each its own: both default to 29000
     if name.startswith("tokenmill"):
         cmd = [*TOKENMILL, "route", "--policy", policy, "--port", str(port)]
@@ -162,6 +163,7 @@ def _router(
         KEYS[f"http://127.0.0.1:{port}"] = LITELLM_KEY
         cmd = [str(LITELLM), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
         cmd += ["--telemetry", "False"]
+        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # (else it fetches prices from GitHub)
     elif name == "vllm-router":
         cmd = [
             str(PEERS / "vllm-router"),
@@ -177,7 +179,6 @@ def _router(
         cmd = [str(PEERS / "sglang-router"), "launch", "--host", "127.0.0.1", "--port", str(port)]
         cmd += ["--policy", policy, *metrics, "--worker-urls", *workers]
     log = (logs / f"{name}.log").open("w")
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # (else it fetches prices from GitHub)
     proc = subprocess.Popen(
         cmd,
         stdout=log,
