@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import json as jsonlib
-import re
 import ssl
 import time
 from collections import deque
@@ -50,9 +49,8 @@ from urllib.parse import urlsplit
 
 from tokenmill.client.http_connection import HTTPConnection
 from tokenmill.client.http_errors import ConnectError, PoolTimeout, RemoteProtocolError
+from tokenmill.client.http_head import TOKEN, head_lines, header_dict, lowered
 from tokenmill.client.sse import SSEDecoder, SSEEvent
-
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 field names and methods
 
 
 def _version() -> str:
@@ -85,7 +83,7 @@ class StreamingResponse:
     def __init__(self, connection: HTTPConnection, sent: float) -> None:
         self._connection = connection
         self.status = connection.status
-        self.headers = _header_dict(connection.headers)
+        self.headers = header_dict(connection.headers)
         self.sent = sent
         self.first_byte = connection.first_byte
 
@@ -173,8 +171,8 @@ class HTTPTransport:
         host = f"[{self._host}]" if ":" in self._host else self._host
         authority = host if default_port else f"{host}:{self._port}"
         user_agent = f"tokenmill/{_version()}"
-        self._default_headers = {"host": authority, "user-agent": user_agent, **_lowered(headers)}
-        self._default_head = _head_lines(self._default_headers)
+        self._default_headers = {"host": authority, "user-agent": user_agent, **lowered(headers)}
+        self._default_head = head_lines(self._default_headers)
         self._max_connections = max_connections
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -261,7 +259,7 @@ class HTTPTransport:
     def _encode(
         self, method: str, path: str, json: Any, content: bytes | None, headers: Mapping[str, str] | None
     ) -> bytes:
-        if not _TOKEN.match(method):
+        if not TOKEN.match(method):
             raise ValueError(f"method must be an HTTP method name such as GET or POST, got {method!r}")
         if not path.startswith("/") or not path.isascii() or any(c in path for c in " \r\n"):
             raise ValueError(f"path must start with '/' and be URL-encoded ASCII, got {path!r}")
@@ -269,7 +267,7 @@ class HTTPTransport:
             raise ValueError("pass json or content, not both")
         fields = self._default_head
         if headers:
-            fields = _head_lines({**self._default_headers, **_lowered(headers)})
+            fields = head_lines({**self._default_headers, **lowered(headers)})
         head = [f"{method.upper()} {self._prefix}{path} HTTP/1.1\r\n", fields]
         body = b""
         if json is not None:
@@ -356,55 +354,6 @@ class HTTPTransport:
             if not waiter.done():
                 waiter.set_result(None)
                 return
-
-
-def _lowered(headers: Mapping[str, str] | None) -> dict[str, str]:
-    return {name.lower(): value for name, value in (headers or {}).items()}
-
-
-# Header lines checked before: a router sends the same few fields with every request, and the
-# checks cost more than the rest of the request's encoding. Bounded: emptied when full.
-_LINES: dict[tuple[str, str], str] = {}
-_LINES_MAX = 4096
-
-
-def _head_lines(headers: Mapping[str, str]) -> str:
-    lines = []
-    for field in headers.items():
-        try:
-            line = _LINES.get(field)
-        except TypeError:  # an unhashable value: no string, as _head_line will say
-            line = _head_line(*field)
-        if line is None:
-            line = _head_line(*field)
-            if len(_LINES) >= _LINES_MAX:
-                _LINES.clear()
-            _LINES[field] = line
-        lines.append(line)
-    return "".join(lines)
-
-
-def _head_line(name: str, value: str) -> str:
-    if not _TOKEN.match(name):
-        raise ValueError(f"header name {name!r} is not a valid HTTP field name")
-    if not isinstance(value, str) or "\r" in value or "\n" in value or not _is_latin1(value):
-        raise ValueError(f"header {name!r} must be a one-line latin-1 string, got {value!r}")
-    return f"{name}: {value}\r\n"
-
-
-def _is_latin1(value: str) -> bool:
-    try:
-        value.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _header_dict(pairs: list[tuple[str, str]]) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for name, value in pairs:
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    return headers
 
 
 def _ssl_context(verify: bool | ssl.SSLContext) -> ssl.SSLContext:
