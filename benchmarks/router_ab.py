@@ -6,8 +6,11 @@ own source tree (``PYTHONPATH``), sit in front of the same two instant workers
 and take the same load at once: one client process, 32 connections, every other
 one to each router, so a slow spell of the machine hits both alike. Each round
 starts both afresh (in alternating order) and measures each one's CPU per
-request (its process tree's utime + stime, from /proc); the ratio of each round
-is B's over A's, and the figure is the median of the rounds' ratios.
+request (its process tree's utime + stime, from /proc) and the median latency of
+its requests as the one client saw them; the ratio of each round is B's over A's,
+and the figures are the medians of the rounds' ratios. (The latency is mostly the
+client's and the workers' on a machine this small: it tells a change that makes
+requests wait, not a few percent of CPU.)
 
     git worktree add /tmp/before HEAD~1
     .venv/bin/python benchmarks/router_ab.py /tmp/before/src src                   # gateway, whole
@@ -29,13 +32,13 @@ from bench_process import RESULTS, one_run_at_a_time
 from tokenmill.client import HTTPTransport
 
 
-async def _drive(urls: list[str], requests: int, stream: bool) -> dict[str, int]:
-    """``requests`` chat requests over 32 connections, every other one to each router; how many
-    each router answered."""
+async def _drive(urls: list[str], requests: int, stream: bool) -> dict[str, list[float]]:
+    """``requests`` chat requests over 32 connections, every other one to each router; each
+    router's latencies (seconds, request sent to response ended)."""
     body = {"model": "mock", "messages": [{"role": "user", "content": "hello there " * 6}], "max_tokens": 8}
     body["stream"] = stream
     transports = {url: HTTPTransport(url, max_connections=64) for url in urls}
-    answered = dict.fromkeys(urls, 0)
+    latencies: dict[str, list[float]] = {url: [] for url in urls}
     left = requests
 
     async def connection(i: int) -> None:
@@ -44,6 +47,7 @@ async def _drive(urls: list[str], requests: int, stream: bool) -> dict[str, int]
         headers = {"authorization": f"Bearer {ro.KEYS[url]}"} if url in ro.KEYS else {}
         while left > 0:
             left -= 1
+            sent = time.perf_counter()
             async with transports[url].stream(
                 "POST", "/v1/chat/completions", json=body, headers=headers
             ) as r:
@@ -51,14 +55,14 @@ async def _drive(urls: list[str], requests: int, stream: bool) -> dict[str, int]
                     raise RuntimeError(f"{url} answered {r.status}")
                 while await r.read_chunk() is not None:
                     pass
-            answered[url] += 1
+            latencies[url].append(time.perf_counter() - sent)
 
     try:
         await asyncio.gather(*(connection(i) for i in range(32)))
     finally:
         for t in transports.values():
             await t.aclose()
-    return answered
+    return latencies
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = RESULTS / "logs" / f"router_ab-{time.strftime('%Y%m%d-%H%M%S')}"
     logs.mkdir(parents=True, exist_ok=True)
     cpu: dict[str, list[float]] = {name: [] for name in trees}
+    latency: dict[str, list[float]] = {name: [] for name in trees}  # median of each round, ms
     with one_run_at_a_time(), ro._workers(2, logs) as workers:
         for r in range(args.rounds):
             with contextlib.ExitStack() as stack:
@@ -93,20 +98,27 @@ def main(argv: list[str] | None = None) -> int:
                 urls = [routers[name][0] for name in trees]
                 asyncio.run(_drive(urls, 1000, args.stream))  # warm-up
                 before = {name: ro._tree_cpu_s(pid) for name, (_, pid) in routers.items()}
-                answered = asyncio.run(_drive(urls, args.requests, args.stream))
+                latencies = asyncio.run(_drive(urls, args.requests, args.stream))
                 for name, (url, pid) in routers.items():
-                    cpu[name].append((ro._tree_cpu_s(pid) - before[name]) / answered[url] * 1e6)
+                    cpu[name].append((ro._tree_cpu_s(pid) - before[name]) / len(latencies[url]) * 1e6)
+                    latency[name].append(statistics.median(latencies[url]) * 1e3)
             print(
-                f"[bench] round {r + 1}: " + ", ".join(f"{n} {v[-1]:.0f} us" for n, v in cpu.items()),
+                f"[bench] round {r + 1}: "
+                + ", ".join(f"{n} {cpu[n][-1]:.0f} us CPU, {latency[n][-1]:.2f} ms" for n in trees),
                 flush=True,
             )
     ratios = [a / b for a, b in zip(cpu["after"], cpu["before"], strict=True)]
+    latency_ratios = [a / b for a, b in zip(latency["after"], latency["before"], strict=True)]
     kind = "streamed" if args.stream else "whole"
     print(f"\n{args.router}, {kind} responses, {args.rounds} rounds of {args.requests} requests:")
     medians = {name: statistics.median(values) for name, values in cpu.items()}
     print(f"- CPU a request, median: before {medians['before']:.0f} us, after {medians['after']:.0f} us")
     print(f"- after / before, median of the rounds' ratios: {statistics.median(ratios):.3f} "
           f"({sum(x < 1 for x in ratios)} of {len(ratios)} rounds below 1)")  # fmt: skip
+    lat = {name: statistics.median(values) for name, values in latency.items()}
+    print(f"- latency a request (the client's, both routers' through the same client), median: "
+          f"before {lat['before']:.2f} ms, after {lat['after']:.2f} ms; after / before, median of the "
+          f"rounds' ratios: {statistics.median(latency_ratios):.3f}")  # fmt: skip
     return 0
 
 

@@ -39,10 +39,14 @@ def test_tokens_per_minute_reserves_prompt_plus_max_tokens_and_refunds_the_rest(
     assert isinstance(lim.admit("a", 1000, 0.0), Reservation)
 
 
-def test_a_request_bigger_than_the_minute_allowance_is_a_400_naming_max_tokens():
+def test_a_request_bigger_than_the_minute_allowance_is_a_400_saying_what_would_fit():
     lim, _, _ = limiter(Team("a", tokens_per_minute=1000))
-    refused = lim.admit("a", 1500, 0.0)
-    assert isinstance(refused, Refusal) and refused.status == 400 and "max_tokens" in refused.message
+    refused = lim.admit("a", 1500, 0.0, prompt_tokens=300)
+    assert isinstance(refused, Refusal) and refused.status == 400
+    assert "lower max_tokens to 700 or less" in refused.message
+    too_long = lim.admit("a", 1300, 0.0, prompt_tokens=1200)  # the prompt alone is over
+    assert isinstance(too_long, Refusal) and "shorten the prompt" in too_long.message
+    assert isinstance(lim.admit("a", 1000, 0.0, prompt_tokens=300), Reservation)  # nothing was taken
 
 
 def test_requests_per_minute_and_parallel_slots():

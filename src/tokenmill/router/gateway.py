@@ -197,7 +197,7 @@ class Gateway:
         )
         price = self.config.price(model)
         dollars = price.cost(prompt_tokens, reserve - prompt_tokens) if price else 0.0
-        verdict = self.limiter.admit(team.name, reserve, dollars)
+        verdict = self.limiter.admit(team.name, reserve, dollars, prompt_tokens)
         if isinstance(verdict, Refusal):
             kind = "rate_limit_error" if verdict.status == 429 else "invalid_request_error"
             retry = verdict.retry_after if verdict.status == 429 else None

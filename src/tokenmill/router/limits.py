@@ -103,15 +103,19 @@ class Limiter:
     def forget(self, name: str) -> None:
         self._teams.pop(name, None)
 
-    def admit(self, team: str, tokens: int, dollars: float) -> Reservation | Refusal:
+    def admit(self, team: str, tokens: int, dollars: float, prompt_tokens: int = 0) -> Reservation | Refusal:
+        """Reserve ``tokens`` (the prompt's ``prompt_tokens`` and the most it may generate) and
+        ``dollars`` for a request of ``team``, or say which limit refuses it."""
         s = self._teams[team]
         t = s.team
         now = self._clock()
         if t.tokens_per_minute is not None and tokens > t.tokens_per_minute:
+            room = t.tokens_per_minute - prompt_tokens
+            fix = f"lower max_tokens to {room} or less" if room > 0 else "shorten the prompt"
             return Refusal(
                 "tokens_per_minute",
-                f"this request may use {tokens} tokens (prompt + max_tokens), more than team {team}'s "
-                f"tokens_per_minute limit of {t.tokens_per_minute}: lower max_tokens",
+                f"this request may use {tokens} tokens (prompt about {prompt_tokens} + max_tokens), more "
+                f"than team {team}'s tokens_per_minute limit of {t.tokens_per_minute}: {fix}",
                 0,
                 status=400,
             )
