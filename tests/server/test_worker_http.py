@@ -235,3 +235,38 @@ def test_sigterm_drains_running_requests_then_exits():
     assert during.status_code == 503 and ready.status_code == 503
     assert finish == ["length"]  # the running request got all its tokens
     assert s.proc.wait(20) == 0
+
+
+@pytest.mark.parametrize("second_signal", [False, True], ids=["drain-timeout", "second-signal"])
+def test_requests_left_at_the_end_of_a_drain_are_aborted_and_answered_whole(second_signal):
+    """Past --drain-timeout, or at a second SIGTERM, running requests end with finish reason
+    abort: a stream with that chunk and [DONE], a whole answer as a 200, and the worker exits."""
+    s = start_server("--grpc-port", "-1", "--drain-timeout", "60" if second_signal else "0.5")
+    body = {**CHAT, "max_tokens": 1000, "ignore_eos": True}
+    whole: list[httpx.Response] = []
+    finish: list[str | None] = []
+    done: list[str] = []
+    with s.client(timeout=60) as http:
+        t = threading.Thread(target=lambda: whole.append(http.post("/v1/chat/completions", json=body)))
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as resp:
+            events = sse_events(resp)
+            next(events)
+            t.start()
+            time.sleep(0.3)
+            s.proc.send_signal(15)
+            if second_signal:
+                time.sleep(0.5)
+                s.proc.send_signal(15)
+            signalled = time.monotonic()
+            for data in events:
+                if data == "[DONE]":
+                    done.append(data)
+                else:
+                    finish += [c["finish_reason"] for c in json.loads(data)["choices"] if c["finish_reason"]]
+        t.join(30)
+    assert finish == ["abort"] and done == ["[DONE]"]
+    assert whole[0].status_code == 200, whole[0].text
+    assert whole[0].json()["choices"][0]["finish_reason"] == "abort"
+    assert s.proc.wait(20) == 0
+    assert time.monotonic() - signalled < 5, "the worker lingered after its drain ended"
+    assert not [line for line in s.log if "Traceback" in line or "Exception in ASGI" in line], s.log

@@ -202,6 +202,14 @@ class AsyncEngine:
         self._command(_Abort(request_id, loop, done))
         return await done
 
+    async def abort_all(self) -> int:
+        """Abort every request in flight (a drain's deadline has passed): each stream ends with
+        finish reason ``abort``. Returns how many were aborted, once their blocks are freed."""
+        with self._streams_lock:
+            ids = list(self._streams)
+        aborted = await asyncio.gather(*(self.abort(rid) for rid in ids))
+        return sum(aborted)
+
     async def reset_prefix_cache(self) -> None:
         self._command(_ResetPrefixCache())
 

@@ -2,13 +2,17 @@
 
 SIGTERM (or Ctrl-C) drains: the worker stops taking requests (503, /ready
 turns 503 so load balancers move on), lets the running ones finish for up to
-``drain_timeout`` seconds, then closes both fronts and the engine. A second
-signal exits at once.
+``drain_timeout`` seconds, then closes both fronts and the engine. Requests
+still running at the deadline, or at a second signal (which ends the drain at
+once), are aborted in the engine first, so each client gets a whole answer
+with finish reason ``abort`` (a stream: that chunk, then ``data: [DONE]``)
+rather than a cut connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -87,26 +91,23 @@ def _default_model_name(engine: AsyncEngine) -> str:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, with the first signal handed to our drain instead of stopping at once."""
+    """uvicorn, with signals handed to our drain (``on_signal(1)`` starts it, ``on_signal(2)``
+    ends it now) instead of stopping at once."""
 
-    def __init__(self, config: uvicorn.Config, on_first_signal: Callable[[], None]):
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[int], None]):
         super().__init__(config)
-        self._on_first_signal = on_first_signal
-        self._signalled = False
+        self._on_signal = on_signal
+        self._signals = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._signalled:  # second signal: stop now
-            self.should_exit = True
-            self.force_exit = True
-            return
-        self._signalled = True
-        self._on_first_signal()
+        self._signals += 1
+        self._on_signal(self._signals)
 
 
 async def serve(worker: Worker, options: ServeOptions, on_ready: Callable[[ReadyInfo], None]) -> None:
     """Serve until a signal drains the worker; then shut the engine down."""
     loop = asyncio.get_running_loop()
-    drain_started = asyncio.Event()
+    drain_started, stop_now = asyncio.Event(), asyncio.Event()
     config = uvicorn.Config(
         build_app(worker),
         host=options.host,
@@ -117,7 +118,8 @@ async def serve(worker: Worker, options: ServeOptions, on_ready: Callable[[Ready
         timeout_graceful_shutdown=5,
         timeout_keep_alive=30,
     )
-    http = _Server(config, lambda: loop.call_soon_threadsafe(drain_started.set))
+    # uvicorn calls handle_exit from the signal handler, outside the loop: hence call_soon_threadsafe.
+    http = _Server(config, lambda n: loop.call_soon_threadsafe(drain_started.set if n == 1 else stop_now.set))
     grpc_server = None
     try:
         listener = _bind(options.host, options.port)
@@ -150,7 +152,7 @@ async def serve(worker: Worker, options: ServeOptions, on_ready: Callable[[Ready
         drain_waiter = asyncio.create_task(drain_started.wait())
         await asyncio.wait({http_task, drain_waiter}, return_when=asyncio.FIRST_COMPLETED)
         if drain_started.is_set():
-            await _drain(worker, options.drain_timeout)
+            await _drain(worker, options.drain_timeout, stop_now)
             http.should_exit = True
         await http_task
     finally:
@@ -175,13 +177,22 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _drain(worker: Worker, timeout: float) -> None:
+async def _drain(worker: Worker, timeout: float, stop_now: asyncio.Event) -> None:
+    """Refuse new requests, wait for the running ones up to ``timeout`` (or ``stop_now``), then
+    abort what is left, so that every response ends properly before the fronts close."""
     worker.draining = True
     pending = worker.engine.num_in_flight
-    logger.warning("draining: %d requests in flight, up to %.0f s to finish", pending, timeout)
+    logger.warning(
+        "draining: %d requests in flight, up to %.0f s to finish (a second signal: now)", pending, timeout
+    )
     deadline = time.monotonic() + timeout
-    while worker.engine.num_in_flight and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    while worker.engine.num_in_flight and time.monotonic() < deadline and not stop_now.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop_now.wait(), 0.05)
     left = worker.engine.num_in_flight
     if left:
-        logger.warning("drain timeout: aborting %d requests", left)
+        why = "second signal" if stop_now.is_set() else "drain timeout"
+        logger.warning("%s: aborting %d requests", why, left)
+        # Their handlers then write the last chunk (finish reason abort), which uvicorn's and gRPC's
+        # graceful stops wait for.
+        await worker.engine.abort_all()
