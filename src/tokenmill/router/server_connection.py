@@ -1,5 +1,11 @@
 """One client connection of the router's HTTP/1.1 server (``router/http_server.py``): requests
-parsed by httptools, handed to the ASGI app one at a time, and their answers framed and written."""
+parsed by httptools, handed to the ASGI app one at a time, and their answers framed and written.
+
+A client that leaves mid-request: an app waiting in ``receive()`` gets ``http.disconnect``, as
+ASGI has it; an app waiting on anything else (the router, on a worker's whole answer) has its
+task cancelled, since nobody will read what it waits for (for the router, closing the worker's
+connection aborts the request there, and the gateway records it as cancelled).
+"""
 
 from __future__ import annotations
 
@@ -75,7 +81,12 @@ class ServerConnection(asyncio.Protocol):
         self.server.connections.discard(self)
         if self.timer is not None:
             self.timer.cancel()
-        for request in (self.current, *self.pending):
+        current = self.current
+        if current is not None and not current.finished and current.task is not None:
+            listening = current.waiter is not None and not current.waiter.done()
+            if not listening and not current.task.done():
+                current.task.cancel()
+        for request in (current, *self.pending):
             if request is not None:
                 request.wake()
         if self.drain is not None and not self.drain.done():
