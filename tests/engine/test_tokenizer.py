@@ -146,3 +146,27 @@ def test_missing_or_corrupt_tokenizer_is_a_load_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="cannot read"):
         Tokenizer(tmp_path)
+
+
+@settings(max_examples=50, deadline=None)
+@given(text=st.text(max_size=200))
+def test_a_texts_length_over_max_token_chars_never_overcounts_its_tokens(tokenizer, text):
+    """The bound that refuses a text untokenized is a true lower bound on its tokens."""
+    if tokenizer.max_token_chars is not None:
+        assert len(tokenizer.encode(text, add_special_tokens=False)) >= len(text) / tokenizer.max_token_chars
+
+
+def test_a_text_longer_than_the_context_can_hold_is_refused_before_tokenizing(tokenizer_dir):
+    from tokenmill.engine.errors import PromptTooLongError
+
+    tok = Tokenizer(tokenizer_dir)
+    assert tok.max_token_chars is not None  # byte-level BPE, no normalizer
+    tok.max_model_len = 64
+    fits = "a " * 60
+    assert len(tok.encode(fits)) > 0
+    huge = "a " * 5_000_000  # 10 MB: about 25 s to tokenize here
+    with pytest.raises(PromptTooLongError, match="at least") as e:
+        tok.encode(huge)
+    assert e.value.field == "prompt"
+    with pytest.raises(PromptTooLongError):
+        tok.encode_chat([{"role": "user", "content": huge}])

@@ -71,6 +71,7 @@ class Engine:
         self.tokenizer = Tokenizer(folder)
         self.generation_config = generation_defaults(folder)
         self.max_model_len = self._resolve_max_model_len(config.max_model_len)
+        self.tokenizer.max_model_len = self.max_model_len
         self.eos_token_ids = self._eos_token_ids()
 
         self.dtype = self.model_config.dtype if config.dtype == "auto" else parse_dtype(config.dtype)

@@ -31,13 +31,15 @@ class InvalidRequestError(EngineError, ValueError):
 class PromptTooLongError(InvalidRequestError):
     """The prompt leaves no room for a single output token within max_model_len."""
 
-    def __init__(self, num_prompt_tokens: int, max_model_len: int):
+    def __init__(self, num_prompt_tokens: int, max_model_len: int, at_least: bool = False):
+        """``at_least``: ``num_prompt_tokens`` is a lower bound, known without tokenizing."""
+        has = f"at least {num_prompt_tokens}" if at_least else f"{num_prompt_tokens}"
         super().__init__(
             "prompt",
-            f"<{num_prompt_tokens} tokens>",
+            f"<{has} tokens>",
             f"at most {max_model_len - 1} tokens (max_model_len={max_model_len})",
             message=(
-                f"prompt has {num_prompt_tokens} tokens, but max_model_len is {max_model_len}: "
+                f"prompt has {has} tokens, but max_model_len is {max_model_len}: "
                 f"at most {max_model_len - 1} prompt tokens leave room for one output token"
             ),
         )

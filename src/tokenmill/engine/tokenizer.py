@@ -19,7 +19,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from tokenmill.engine.errors import InvalidRequestError, ModelLoadError
+from tokenmill.engine.errors import InvalidRequestError, ModelLoadError, PromptTooLongError
 
 ChatMessage = dict[str, Any]
 
@@ -40,6 +40,8 @@ class Tokenizer:
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
         self.pad_token = _token_text(self.config.get("pad_token"))
+        # Set by the engine: a text certain to be longer is refused before it is tokenized.
+        self.max_model_len: int | None = None
 
     @staticmethod
     def _load_chat_template(folder: Path) -> str | None:
@@ -78,8 +80,26 @@ class Tokenizer:
     def special_token_ids(self) -> frozenset[int]:
         return frozenset(tid for tid, tok in self._tok.get_added_tokens_decoder().items() if tok.special)
 
+    @cached_property
+    def max_token_chars(self) -> int | None:
+        """The most characters of text one token stands for (byte-level tokens: bytes, which are
+        at least as many as characters), or None when a normalizer may drop text, and a text's
+        length then bounds nothing."""
+        if self._tok.normalizer is not None:
+            return None
+        return max(len(t) for t in self._tok.get_vocab(with_added_tokens=True))
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self._check_length(text)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def _check_length(self, text: str) -> None:
+        """Tokenizing holds the GIL, about 2.5 s a megabyte here: a worker's event loop would stop
+        (health checks time out) for a prompt that can only be refused. A text with more characters
+        than ``max_model_len`` tokens can stand for is refused at once."""
+        limit, per_token = self.max_model_len, self.max_token_chars
+        if limit is not None and per_token and len(text) > limit * per_token:
+            raise PromptTooLongError(-(-len(text) // per_token), limit, at_least=True)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
