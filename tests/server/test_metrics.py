@@ -107,3 +107,16 @@ def test_steps_feed_the_budget_histogram_and_the_busy_ratio(monkeypatch):
     assert s["tokenmill_step_tokens_bucket{le=512.0}"] == 4 and s["tokenmill_step_tokens_sum"] == 1024
     clock[0] += 30.0  # then idle: the window forgets old steps
     assert samples(m)["tokenmill_engine_busy_ratio"] == 0.0
+
+
+def test_priority_series_are_bounded_whatever_clients_send():
+    m = ServingMetrics("llama", token_budget=2048)
+    m.watch(stats)
+    for p in range(metrics_module.PRIORITY_LABELS + 50):
+        m.on_request_finished(finished("stop", priority=p))
+    m.on_request_finished(finished("stop", priority=0))  # a value seen early keeps its own series
+    s = samples(m)
+    series = [k for k in s if k.startswith("tokenmill_requests_by_priority_total")]
+    assert len(series) == metrics_module.PRIORITY_LABELS + 1  # and "other"
+    assert s["tokenmill_requests_by_priority_total{priority=other}"] == 50
+    assert s["tokenmill_requests_by_priority_total{priority=0}"] == 2

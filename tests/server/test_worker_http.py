@@ -67,7 +67,11 @@ def test_a_body_not_sent_as_json_is_a_400_naming_the_content_type(server):
 def test_priority_header_must_be_an_integer(server):
     with server.client() as http:
         resp = http.post("/v1/completions", json={"prompt": "Hi"}, headers={"x-tokenmill-priority": "high"})
-    assert resp.status_code == 400 and resp.json()["error"]["param"] == "x-tokenmill-priority"
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "x-tokenmill-priority"
+        huge = http.post("/v1/completions", json={"prompt": "Hi"}, headers={"x-tokenmill-priority": "9" * 23})
+        assert huge.status_code == 400 and huge.json()["error"]["param"] == "x-tokenmill-priority"
+        body = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "priority": 2**80})
+        assert body.status_code == 400 and body.json()["error"]["param"] == "priority", body.text
 
 
 def _kv_blocks_free(server) -> bool:

@@ -15,13 +15,20 @@ ERROR_TYPE_METADATA = "x-tokenmill-error-type"
 ERROR_CODE_METADATA = "x-tokenmill-error-code"
 
 
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1  # what gRPC's int32 and the gateway's ledger hold
+
+
 def parse_priority(value: str | None, field: str = PRIORITY_HEADER) -> int | None:
-    """The integer in a priority header or metadata value; None when absent."""
+    """The integer in a priority header or metadata value; None when absent. Digits with an
+    optional sign only (not Python's ``int()``, which also reads ``1_0`` and full-width digits)."""
     if value is None or value == "":
         return None
-    try:
-        return int(value.strip())
-    except ValueError:
-        raise APIError.invalid_request(
-            f"{field}={value!r} is invalid: allowed an integer (higher is more important)", param=field
-        ) from None
+    text = value.strip()
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    if digits.isascii() and digits.isdigit() and PRIORITY_MIN <= (number := int(text)) <= PRIORITY_MAX:
+        return number
+    raise APIError.invalid_request(
+        f"{field}={value!r} is invalid: allowed an integer from {PRIORITY_MIN} to {PRIORITY_MAX} "
+        "(higher is more important)",
+        param=field,
+    )

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokenmill.protocol.headers import PRIORITY_MAX, PRIORITY_MIN
+
 
 class StrictModel(BaseModel):
     # Unknown fields are ignored (OpenAI adds fields often; clients send them), NaN/inf refused.
@@ -41,7 +43,10 @@ class SamplingRequest(StrictModel):
     logit_bias: dict[str, float] | None = Field(None, description="Not supported: must be empty.")
     # tokenmill (and vLLM) extras
     priority: int | None = Field(
-        None, description="Higher is served first; x-tokenmill-priority also sets it."
+        None,
+        ge=PRIORITY_MIN,
+        le=PRIORITY_MAX,
+        description="Higher is served first; x-tokenmill-priority also sets it.",
     )
     top_k: int | None = Field(None, ge=-1, description="Sample among the k most likely tokens; 0 or -1: all.")
     min_p: float | None = Field(None, ge=0, le=1)

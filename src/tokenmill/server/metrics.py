@@ -26,6 +26,7 @@ from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.stats import EngineStats, StepRecord
 
 BUSY_WINDOW_S = 10.0  # tokenmill_engine_busy_ratio looks this far back
+PRIORITY_LABELS = 32  # distinct priorities with a series of their own (a deployment uses a handful)
 
 # Latency buckets: from a fast GPU decode step to a long queue wait.
 _LATENCY_BUCKETS = (
@@ -199,6 +200,7 @@ class ServingMetrics:
                 registry=self.registry,
             )
         )
+        self._priority_labels: dict[int, str] = {}
         self.token_budget = token_budget
         self.registry.register(_StatsCollector(self))
 
@@ -216,6 +218,16 @@ class ServingMetrics:
         return generate_latest(self.registry)
 
     # -- EngineListener ----------------------------------------------------------------
+
+    def _priority_label(self, priority: int) -> str:
+        """The priority as a label value: the first ``PRIORITY_LABELS`` values seen get their own
+        series, any later one counts under ``other``, so no client can grow /metrics without end."""
+        if priority in self._priority_labels:
+            return self._priority_labels[priority]
+        if len(self._priority_labels) >= PRIORITY_LABELS:
+            return "other"
+        label = self._priority_labels[priority] = str(priority)
+        return label
 
     def on_step(self, record: StepRecord, stats: EngineStats) -> None:
         labels = {"model_name": self.model_name}
@@ -235,7 +247,7 @@ class ServingMetrics:
         reasons = {c.finish_reason or "abort" for c in output.outputs}
         reason = "abort" if "abort" in reasons else ("length" if "length" in reasons else "stop")
         self.finished.inc(**labels, finished_reason=reason)
-        self.by_priority.inc(**labels, priority=str(m.priority))
+        self.by_priority.inc(**labels, priority=self._priority_label(m.priority))
         if m.queue_time is not None:
             self.queue.observe(max(0.0, m.queue_time), **labels)
         if m.time_to_first_token is not None:
