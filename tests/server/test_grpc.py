@@ -131,6 +131,9 @@ def test_chat_prompt_is_rendered_with_the_workers_template(served, stub):
     assert by_chat[-1].usage.prompt_tokens == len(rendered)
     error = rpc_error(lambda: generate(stub, text=None, chat=pb.Chat()))
     assert trailing(error)["x-tokenmill-error-param"] == "chat.messages"
+    wizard = pb.Chat(messages=[pb.ChatMessage(role="wizard", content="Hi")])
+    error = rpc_error(lambda: generate(stub, text=None, chat=wizard))
+    assert trailing(error)["x-tokenmill-error-param"] == "chat.messages[0].role"  # as HTTP refuses it
     long = pb.Chat(messages=[pb.ChatMessage(role="user", content="river " * 400)])
     error = rpc_error(lambda: generate(stub, text=None, chat=long))
     assert trailing(error)["x-tokenmill-error-param"] == "chat.messages"

@@ -206,8 +206,6 @@ def test_invalid_parameter_is_a_400_naming_it(client):
     assert e.value.body["param"] == "temperature" and e.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
-            model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, min_tokens=5
-        ) if False else client.chat.completions.create(
             model="demo",
             messages=[{"role": "user", "content": "Hi"}],
             max_tokens=2,

@@ -274,3 +274,25 @@ def test_requests_left_at_the_end_of_a_drain_are_aborted_and_answered_whole(seco
     assert s.proc.wait(20) == 0
     assert time.monotonic() - signalled < 5, "the worker lingered after its drain ended"
     assert not [line for line in s.log if "Traceback" in line or "Exception in ASGI" in line], s.log
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "says"),
+    [
+        ("/v1/completions", {"prompt": "Hi", "stop": 5}, "stop", "valid string; or"),
+        ("/v1/completions", {"prompt": [1.5]}, "prompt", "valid string; or"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "or"),
+        ("/tokenize", {}, "prompt", "one of prompt or messages is required"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages[0]", "needs content"),
+        ("/v1/completions", {"prompt": "hi \ud800"}, "prompt", "unpaired surrogates"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages", "surr"),
+    ],
+)
+def test_errors_name_the_field_as_the_user_wrote_it(server, path, body, param, says):
+    """Not pydantic's union member ("stop.str") or model class, nor a tokenizer's TypeError."""
+    with server.client() as http:
+        # json.dumps writes a lone surrogate as the escape clients send; httpx's json= would refuse it
+        resp = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    error = resp.json()["error"]
+    assert resp.status_code == 400 and error["param"] == param, error
+    assert says in error["message"] and "Request" not in error["message"], error

@@ -89,9 +89,17 @@ class Tokenizer:
             return None
         return max(len(t) for t in self._tok.get_vocab(with_added_tokens=True))
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, field: str = "prompt") -> list[int]:
+        """``field``: what the text is in the caller's API, for errors."""
         self._check_length(text)
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # tokenizers' answer to a lone surrogate (a JSON "\ud800" escape)
+            if isinstance(text, str) and not _utf8(text):
+                raise InvalidRequestError(
+                    field, "<text>", "text without unpaired surrogates (\\uD800-\\uDFFF escapes)"
+                ) from None
+            raise
 
     def _check_length(self, text: str) -> None:
         """Tokenizing holds the GIL, about 2.5 s a megabyte here: a worker's event loop would stop
@@ -149,7 +157,15 @@ class Tokenizer:
     ) -> list[int]:
         # The template already writes the BOS text; adding specials again would double it.
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
-        return self.encode(text, add_special_tokens=False)
+        return self.encode(text, add_special_tokens=False, field="messages")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _token_text(token: Any) -> str | None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from tokenmill.protocol.openai_common import SamplingRequest, StrictModel, Usage
 
@@ -14,11 +14,22 @@ class TextPart(StrictModel):
     text: str
 
 
+ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
+CHAT_ROLES: tuple[str, ...] = get_args(ChatRole)  # (the gRPC front checks against the same)
+
+
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: ChatRole
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content_unless_assistant(self) -> ChatMessage:
+        # Only an assistant's message may come without content (OpenAI: one that called tools).
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (a string or a list of text parts)")
+        return self
 
     def template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it: content as one string."""

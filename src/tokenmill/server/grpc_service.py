@@ -29,6 +29,7 @@ from tokenmill.engine.outputs import CompletionOutput, RequestOutput
 from tokenmill.engine.sampling_params import OutputKind, SamplingParams
 from tokenmill.protocol import generation_pb2 as pb
 from tokenmill.protocol import generation_pb2_grpc as pb_grpc
+from tokenmill.protocol.chat import CHAT_ROLES
 from tokenmill.protocol.errors import APIError
 from tokenmill.protocol.headers import (
     ERROR_CODE_METADATA,
@@ -190,6 +191,12 @@ class GenerationService(pb_grpc.GenerationServicer):
                 raise APIError.invalid_request(
                     "chat.messages must hold at least one message", "chat.messages"
                 )
+            for i, m in enumerate(request.chat.messages):
+                if m.role not in CHAT_ROLES:  # as the HTTP front's schema has it
+                    raise APIError.invalid_request(
+                        f"chat.messages[{i}].role={m.role!r} is invalid: allowed {', '.join(CHAT_ROLES)}",
+                        f"chat.messages[{i}].role",
+                    )
             messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
             add = (
                 request.chat.add_generation_prompt if request.chat.HasField("add_generation_prompt") else True

@@ -18,11 +18,20 @@ def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     for p in parts:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif "[" in str(p) or "(" in str(p) or "-" in str(p):
-            continue  # pydantic's union branch labels ("list[int]", "function-after[...]"): noise
+        elif _is_union_branch(str(p)):
+            continue  # which member of a union the error is about: noise to a user
         else:
             out += f".{p}" if out else str(p)
     return out
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "bytes", "none", "dict", "list"})
+
+
+def _is_union_branch(part: str) -> bool:
+    """Pydantic's labels for a union's members: type names ("str", "list[int]",
+    "function-after[...]") and model classes ("TokenizeChatRequest"); fields are snake_case."""
+    return part in _TYPE_NAMES or "[" in part or "(" in part or "-" in part or part[:1].isupper()
 
 
 def validation_error(exc: RequestValidationError, content_type: str | None = None) -> APIError:
@@ -41,13 +50,26 @@ def validation_error(exc: RequestValidationError, content_type: str | None = Non
             )
         return APIError.invalid_request(f"the request body is not a valid JSON object: {first.get('msg')}")
     param = field_path(first["loc"]) or None
+    paths = list(dict.fromkeys(field_path(e["loc"]) for e in errors))
+    if all(e.get("type") == "missing" for e in errors) and len(paths) > 1:
+        # A body that is one of several shapes (a union of models), matching none.
+        return APIError.invalid_request(f"one of {' or '.join(paths)} is required", param)
     shown = repr(first.get("input"))
     if len(shown) > 80:
         shown = shown[:77] + "..."
-    message = f"{param}={shown} is invalid: {first.get('msg')}"
+    # A union field reports one error per member: each says one form the value may take.
+    inside = [p for p in paths if p == param or (param and p.startswith((f"{param}[", f"{param}.")))]
+    forms = list(
+        dict.fromkeys(
+            (f"{path}: " if path != param else "") + str(e.get("msg"))
+            for e in errors
+            if (path := field_path(e["loc"])) in inside
+        )
+    )
+    message = f"{param}={shown} is invalid: {'; or '.join(forms)}"
     if first.get("type") == "missing":
         message = f"{param} is required"
-    more = len({field_path(e["loc"]) for e in errors} - {param})
+    more = len(set(paths) - set(inside))
     if more:
         message += f" (and {more} more invalid field{'s' if more > 1 else ''})"
     return APIError.invalid_request(message, param)
