@@ -61,6 +61,23 @@ def test_sync_client_and_leaving_a_stream_early_frees_the_request(demo):
     demo.wait_for(lambda: demo.metric("tokenmill_requests_running") == 0, what="the aborted request to end")
 
 
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_calls_timeout_aborts_it_on_the_worker(demo, transport, stream):
+    """``timeout=`` as OpenAI's SDK takes it: the call stops, and so does the worker."""
+    base = demo.grpc_target if transport == "grpc" else demo.url
+    with Client(base, transport=transport) as client:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            reply = client.completions.create(
+                prompt="ROMEO:", max_tokens=900, ignore_eos=True, stream=stream, timeout=0.5
+            )
+            for _ in reply if stream else ():
+                pass
+        assert time.monotonic() - started < 5
+    demo.wait_for(lambda: demo.metric("tokenmill_requests_running") == 0, what="the request to be aborted")
+
+
 def test_a_bad_request_raises_at_once_naming_the_field_and_is_not_retried(demo):
     async def run() -> None:
         async with AsyncClient(demo.url) as client:

@@ -36,8 +36,9 @@ failing ones aside. Errors raise ``tokenmill.protocol.APIError`` (``status``,
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
 from tokenmill.client.adaptive import AdaptiveLimit, LimitSettings
@@ -51,15 +52,17 @@ from tokenmill.client.wire import HTTPWire, Wire
 from tokenmill.protocol.headers import PRIORITY_HEADER, SESSION_HEADER
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class AsyncStream(Generic[T]):
     """The chunks of a streamed response. Leaving early (``break``, ``aclose``) aborts the request."""
 
-    def __init__(self, first: T, rest: AsyncIterator[Reply], parse: Any):
+    def __init__(self, first: T, rest: AsyncIterator[Reply], parse: Any, deadline: float | None = None):
         self._first: T | None = first
         self._rest = rest
         self._parse = parse
+        self._deadline = deadline  # loop time the whole stream must end by (create's timeout)
 
     def __aiter__(self) -> AsyncStream[T]:
         return self
@@ -68,7 +71,10 @@ class AsyncStream(Generic[T]):
         if self._first is not None:
             first, self._first = self._first, None
             return first
-        reply = await self._rest.__anext__()
+        if self._deadline is None:
+            reply = await self._rest.__anext__()
+        else:
+            reply = await _by(self._deadline, self._rest.__anext__(), self._rest)
         return self._parse(reply.data, reply.worker)
 
     async def aclose(self) -> None:
@@ -196,16 +202,20 @@ class AsyncClient:
             headers[SESSION_HEADER] = session
         return Call(path, body, bool(body.get("stream")), estimate_tokens(body), headers, session)
 
-    async def _create(self, call: Call, parse: Any) -> Any:
+    async def _create(self, call: Call, parse: Any, timeout: float | None = None) -> Any:
+        """``timeout``: seconds the whole call may take (a stream: to its last chunk)."""
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         if not call.stream:
-            reply = await self.dispatcher.request(call)
+            request = self.dispatcher.request(call)
+            reply = await (request if deadline is None else _by(deadline, request))
             return parse(reply.data, reply.worker)
         replies = self.dispatcher.replies(call)
         try:
-            first = await replies.__anext__()  # errors before the first chunk raise here
+            first_reply = replies.__anext__()  # errors before the first chunk raise here
+            first = await (first_reply if deadline is None else _by(deadline, first_reply, replies))
         except StopAsyncIteration:
             raise RuntimeError("the server ended the stream before any chunk") from None
-        return AsyncStream(parse(first.data, first.worker), replies, parse)
+        return AsyncStream(parse(first.data, first.worker), replies, parse, deadline)
 
 
 class AsyncChatCompletions:
@@ -222,14 +232,18 @@ class AsyncChatCompletions:
         session_id: str | None = None,
         extra_headers: Mapping[str, str] | None = None,
         extra_body: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
         **params: Any,
     ) -> ChatCompletion | AsyncStream[ChatCompletionChunk]:
         """POST /v1/chat/completions; ``params`` are OpenAI's fields (``max_tokens``, ``temperature``,
-        ``stop``, ...) and tokenmill's (``top_k``, ``min_p``, ``ignore_eos``, ``cache_salt``, ...)."""
+        ``stop``, ...) and tokenmill's (``top_k``, ``min_p``, ``ignore_eos``, ``cache_salt``, ...).
+        ``timeout``: seconds this call may take, to a stream's last chunk; past it the request is
+        aborted and TimeoutError raised."""
         body = _body(model, stream, params, extra_body)
         body["messages"] = [dict(m) for m in messages]
         call = self._client.prepare_call("/v1/chat/completions", body, priority, session_id, extra_headers)
-        return await self._client._create(call, ChatCompletionChunk.parse if stream else ChatCompletion.parse)
+        parse = ChatCompletionChunk.parse if stream else ChatCompletion.parse
+        return await self._client._create(call, parse, timeout)
 
 
 class AsyncCompletions:
@@ -246,13 +260,14 @@ class AsyncCompletions:
         session_id: str | None = None,
         extra_headers: Mapping[str, str] | None = None,
         extra_body: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
         **params: Any,
     ) -> Completion | AsyncStream[Completion]:
-        """POST /v1/completions; a prompt is text or token ids."""
+        """POST /v1/completions; a prompt is text or token ids. ``timeout``: as for chat."""
         body = _body(model, stream, params, extra_body)
         body["prompt"] = prompt
         call = self._client.prepare_call("/v1/completions", body, priority, session_id, extra_headers)
-        return await self._client._create(call, Completion.parse)
+        return await self._client._create(call, Completion.parse, timeout)
 
 
 class _Chat:
@@ -270,6 +285,19 @@ def _body(
     if stream:
         body["stream"] = True
     return body
+
+
+async def _by(deadline: float, step: Awaitable[R], stream: AsyncIterator[Reply] | None = None) -> R:
+    """``step``, unless loop time ``deadline`` passes first: then it is cancelled (closing its
+    connection, which aborts the request on the worker), the stream closed, and TimeoutError
+    raised."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await step
+    except TimeoutError:
+        if stream is not None:
+            await stream.aclose()  # type: ignore[attr-defined]
+        raise TimeoutError("the call's timeout passed; the request was aborted") from None
 
 
 def _strip_v1(url: str) -> str:
