@@ -121,11 +121,13 @@ class CompletionsHandler(OpenAIHandler):
                     text = c.text
                     if index not in offsets:
                         offsets[index] = 0
-                        if req.echo:
-                            text = self._echo(out) + text
+                        if req.echo:  # the prompt comes first, and the logprobs' offsets count it
+                            echoed = self._echo(out)
+                            text = echoed + text
+                            offsets[index] = len(echoed)
                     usage.completion_tokens += len(c.token_ids)
                     choices.append(self._choice(req, index, c, text, offsets[index]))
-                    offsets[index] += len(text)
+                    offsets[index] += len(c.text)
                 if not choices:
                     continue
                 chunk: dict[str, Any] = {
