@@ -185,6 +185,12 @@ def test_api_key_is_required_when_set():
         assert e.value.status_code == 401 and e.value.body["type"] == "authentication_error"
         right = openai.OpenAI(base_url=f"{s.url}/v1", api_key="sesame", max_retries=0)
         assert right.completions.create(model="demo", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+        # A body that does not parse, or does not validate, is still a 401 without the key.
+        for body in (b"{not json", b'{"prompt": 5}'):
+            resp = httpx.post(
+                f"{s.url}/v1/completions", content=body, headers={"content-type": "application/json"}
+            )
+            assert resp.status_code == 401, resp.text
         assert httpx.get(f"{s.url}/health").status_code == 200  # probes need no key
         assert httpx.get(f"{s.url}/metrics").status_code == 200
     finally:

@@ -81,7 +81,7 @@ def build_app(worker: Worker) -> FastAPI:
         return await _answer(chat(req, request))
 
     app.include_router(info_router(worker, auth))
-    _install_error_handlers(app)
+    _install_error_handlers(app, _api_key_check(worker))
     app.add_middleware(_WorkerHeader, worker=worker)
     return app
 
@@ -115,7 +115,7 @@ def _error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.to_body(), status_code=error.status, headers=error.headers())
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, key_check: Callable[[Request], Awaitable[None]]) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
         return _error_response(exc)
@@ -126,6 +126,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI reads the body before the key check runs: without a valid key, say that first
+        # (every POST route needs the key), not what is wrong with a body nobody may send.
+        if request.method == "POST":
+            try:
+                await key_check(request)
+            except APIError as e:
+                return _error_response(e)
         return _error_response(validation_error(exc, request.headers.get("content-type")))
 
     @app.exception_handler(StarletteHTTPException)
