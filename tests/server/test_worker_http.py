@@ -302,3 +302,12 @@ def test_errors_name_the_field_as_the_user_wrote_it(server, path, body, param, s
     error = resp.json()["error"]
     assert resp.status_code == 400 and error["param"] == param, error
     assert says in error["message"] and "Request" not in error["message"], error
+
+
+def test_an_unknown_field_is_ignored_and_its_name_logged_once(server):
+    with server.client() as http:
+        for _ in range(2):
+            resp = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "max_tokn": 9})
+            assert resp.status_code == 200
+    server.wait_for(lambda: any("'max_tokn'" in line for line in server.log), what="the warning")
+    assert sum("'max_tokn'" in line for line in server.log) == 1

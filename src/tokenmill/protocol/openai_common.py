@@ -9,11 +9,18 @@ and a bad value is refused before it reaches the engine.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenmill.protocol.headers import PRIORITY_MAX, PRIORITY_MIN
+
+logger = logging.getLogger(__name__)
+
+
+_LOGGED_UNKNOWN: set[str] = set()  # unknown request fields already logged
+_LOG_UNKNOWN_MAX = 64  # distinct names logged at most (a client sending random ones cannot flood the log)
 
 
 class StrictModel(BaseModel):
@@ -27,7 +34,18 @@ class StreamOptions(StrictModel):
 
 
 class SamplingRequest(StrictModel):
-    """The fields completions and chat share."""
+    """The fields completions and chat share. A field it does not know is ignored, as vLLM does
+    (clients send OpenAI's newer fields), and its name logged once, so a misspelt one is seen."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and len(_LOGGED_UNKNOWN) < _LOG_UNKNOWN_MAX:
+            for name in data.keys() - cls.model_fields.keys() - _LOGGED_UNKNOWN:
+                if isinstance(name, str) and len(_LOGGED_UNKNOWN) < _LOG_UNKNOWN_MAX:
+                    _LOGGED_UNKNOWN.add(name)
+                    logger.warning("ignoring the request field %r, which tokenmill does not know", name[:64])
+        return data
 
     model: str | None = Field(None, description="The served model name; omitted means this worker's model.")
     n: int = Field(1, ge=1, le=128)
