@@ -73,7 +73,14 @@ def test_eval_names_bad_endpoints_and_a_missing_judge(tmp_path):
     q = tmp_path / "q.jsonl"
     q.write_text(json.dumps({"id": "a", "question": "Why?", "grader": "judge", "rubric": "says why"}) + "\n")
     result = run_eval(str(q), "--endpoint", "a=http://127.0.0.1:9", "--out", str(tmp_path / "o"))
-    assert result.returncode == 2 and "name the judging endpoint" in result.stderr
+    assert result.returncode == 2
+    assert "some questions use grader 'judge': name the endpoint that grades them with --judge NAME" in (
+        " ".join(result.stderr.split())
+    )
+    result = run_eval(str(q), "--endpoint", "a=http://127.0.0.1:9", "--judge", "b", "--out", str(tmp_path))
+    assert result.returncode == 2 and "--judge 'b' is invalid: allowed one of the --endpoint names a" in (
+        result.stderr
+    )
 
 
 def test_eval_joins_bench_runs_into_a_quality_speed_cost_table(two_models, tmp_path):
@@ -92,3 +99,63 @@ def test_eval_joins_bench_runs_into_a_quality_speed_cost_table(two_models, tmp_p
     assert bad.returncode == 2 and "NAME one of full, int8" in bad.stderr
     bad = run_eval(*args, "--out", str(out), "--bench", f"full={tmp_path / 'nothing.json'}")
     assert bad.returncode == 2 and "not the JSON of a `tokenmill bench run`" in bad.stderr
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _latest(out: Path) -> dict[tuple[str, str], dict]:
+    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    return {(r["endpoint"], r["id"]): r for r in rows}
+
+
+def test_a_rerun_grades_stored_answers_against_the_questions_as_they_are_now(two_models, tmp_path):
+    full, int8 = two_models
+    questions, out = tmp_path / "q.jsonl", tmp_path / "out"
+    rows = [
+        {"id": "a", "question": "Name a city.", "answer": "zzqzzqzz", "grader": "contains"},
+        {"id": "b", "question": "Name a river.", "answer": "zzqzzqzz", "grader": "contains"},
+    ]
+    _write(questions, rows)
+    args = [str(questions), "--endpoint", f"full={full.url}", "--endpoint", f"int8={int8.url}"]
+    args += ["--out", str(out), "--max-tokens", "8"]
+    assert run_eval(*args).returncode == 0
+    before = _latest(out)
+    assert not any(r["correct"] for r in before.values())
+    assert "| full | 0/2 |" in (out / "report.md").read_text()
+    rows[0].update(answer="^", grader="regex")  # matches any answer
+    _write(questions, rows)
+    result = run_eval(*args)
+    assert result.returncode == 0, result.stderr
+    report = (out / "report.md").read_text()
+    assert "| full | 1/2 |" in report and "| int8 | 1/2 |" in report
+    after = _latest(out)
+    for name in ("full", "int8"):
+        assert after[(name, "a")]["correct"] is True and after[(name, "a")]["detail"] == "matches /^/"
+        # graded again, not asked again: the same answer of the same call
+        assert after[(name, "a")]["latency_s"] == before[(name, "a")]["latency_s"]
+        assert after[(name, "b")] == before[(name, "b")]
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 4 + 2  # only the changed verdicts
+
+
+def test_a_judge_verdict_is_judged_again_when_the_rubric_changes(two_models, tmp_path):
+    full, int8 = two_models
+    questions, out = tmp_path / "q.jsonl", tmp_path / "out"
+    row = {"id": "j", "question": "Why is the sky blue?", "grader": "judge", "rubric": "mentions light"}
+    _write(questions, [row])
+    args = [str(questions), "--endpoint", f"full={full.url}", "--endpoint", f"int8={int8.url}"]
+    args += ["--judge", "full", "--out", str(out), "--max-tokens", "8"]
+    assert run_eval(*args).returncode == 0
+    first = _latest(out)
+    assert all(r["judged"] and isinstance(r["correct"], bool) for r in first.values())
+    assert run_eval(*args).returncode == 0
+    assert _latest(out) == first  # the same rubric: the verdicts are kept, nothing is asked
+    _write(questions, [{**row, "rubric": "mentions scattering"}])
+    result = run_eval(*args)
+    assert result.returncode == 0, result.stderr
+    again = _latest(out)
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 2 + 2
+    for key, record in again.items():
+        assert record["judged"] != first[key]["judged"] and isinstance(record["correct"], bool)
+        assert (record["answer"], record["latency_s"]) == (first[key]["answer"], first[key]["latency_s"])

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 err = Console(stderr=True)
 
@@ -46,7 +47,7 @@ def eval_command(
     from tokenmill.evals.bench_join import load_bench
     from tokenmill.evals.questions import QuestionError, load_questions
     from tokenmill.evals.report import build_report, to_html, to_markdown
-    from tokenmill.evals.runner import EvalSettings, run_eval
+    from tokenmill.evals.runner import AnswerRecord, EndpointUnusable, EvalSettings, run_eval
 
     endpoints = {}
     for item in endpoint:
@@ -72,20 +73,30 @@ def eval_command(
         qs = load_questions(questions)
     except QuestionError as e:
         _fail(str(e))
+    # Checked here as well as in run_eval, to name the flag as it is typed.
+    if judge is not None and judge not in endpoints:
+        _fail(f"--judge {judge!r} is invalid: allowed one of the --endpoint names {', '.join(endpoints)}")
+    if judge is None and any(q.grader == "judge" for q in qs):
+        _fail(
+            "some questions use grader 'judge': name the endpoint that grades them with --judge NAME "
+            f"(one of {', '.join(endpoints)})"
+        )
     out.mkdir(parents=True, exist_ok=True)
     settings = EvalSettings(system or None, template, max_tokens, temperature, model)
-    done = [0]
+    done, failed = [0], [0]
     total = len(qs) * len(endpoints)
 
-    def progress(_: object) -> None:
+    def progress(record: AnswerRecord) -> None:
         done[0] += 1
+        failed[0] += not record.graded
         if done[0] % 10 == 0 or done[0] == total:
-            err.print(f"[dim]{done[0]}/{total} answered[/dim]")
+            failures = f", {failed[0]} not answered" if failed[0] else ""
+            err.print(f"[dim]{done[0]}/{total} asked{failures}[/dim]")
 
     key = api_key if api_key is not None else os.environ.get("TOKENMILL_API_KEY")
     try:
         records = asyncio.run(run_eval(qs, endpoints, settings, out / "answers.jsonl", judge, key, progress))
-    except ValueError as e:
+    except (ValueError, EndpointUnusable) as e:
         _fail(str(e))
     report = build_report(qs, records, list(endpoints))
     markdown = to_markdown(report, figures)
@@ -93,14 +104,16 @@ def eval_command(
     (out / "report.html").write_text(to_html(report, f"tokenmill eval: {questions.name}", figures))
     Console().print(markdown)
     err.print(f"answers: {out / 'answers.jsonl'}; report: {out / 'report.md'}, {out / 'report.html'}")
-    errors = sum(m.errors for m in report.models)
-    if errors:
+    missing = [r for r in records if not r.graded]
+    if missing:
+        first = escape(missing[0].error or "no verdict")
         err.print(
-            f"[yellow]{errors} questions got no answer (counted wrong); run again to retry them[/yellow]"
+            f"[yellow]{len(missing)} questions not answered (left out of the accuracy and the paired "
+            f"comparison; the first failed with: {first}); run again to retry them[/yellow]"
         )
         raise typer.Exit(1)
 
 
 def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)  # one line, however narrow
     raise typer.Exit(2)

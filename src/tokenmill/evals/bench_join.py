@@ -43,8 +43,8 @@ def load_bench(path: Path) -> BenchFigures:
     )
 
 
-def quality_table(accuracy: dict[str, float], bench: dict[str, BenchFigures]) -> list[str]:
-    """Markdown rows: accuracy beside each model's latency, throughput and cost."""
+def quality_table(accuracy: dict[str, float | None], bench: dict[str, BenchFigures]) -> list[str]:
+    """Markdown rows: accuracy (None: nothing answered) beside each model's latency, throughput and cost."""
     lines = ["## Quality against speed and cost", ""]
     lines += [
         "| model | accuracy | TTFT p50 ms | TPOT p50 ms | output tok/s | $ per M output tokens | bench run |"
@@ -52,11 +52,12 @@ def quality_table(accuracy: dict[str, float], bench: dict[str, BenchFigures]) ->
     lines += ["| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, acc in accuracy.items():
         b = bench.get(name)
+        shown = _num(acc, 1, ".1%")
         if b is None:
-            lines.append(f"| {name} | {acc:.1%} | - | - | - | - | - |")
+            lines.append(f"| {name} | {shown} | - | - | - | - | - |")
             continue
         lines.append(
-            f"| {name} | {acc:.1%} | {_num(b.ttft_p50_s, 1000, '.1f')} | {_num(b.tpot_p50_s, 1000, '.2f')} "
+            f"| {name} | {shown} | {_num(b.ttft_p50_s, 1000, '.1f')} | {_num(b.tpot_p50_s, 1000, '.2f')} "
             f"| {_num(b.output_tok_s, 1, '.0f')} | {_num(b.usd_per_m_output, 1, '.3f')} | {b.source} |"
         )
     return lines

@@ -1,8 +1,10 @@
 """The eval report: accuracy per model with its interval, paired tests, and where the models disagree.
 
-Accuracy counts a question that got no answer (an error) as wrong, and says
-how many there were. Each pair of models gets McNemar's exact test on the
-questions both were asked; the per-question table lists only the questions on
+Only graded answers count. A question that got no answer (the request failed,
+or its judging did) says nothing about the model, so it is left out of the
+accuracy and of every paired comparison, and shown as "not answered" instead
+of being graded wrong. Each pair of models gets McNemar's exact test on the
+questions both answered; the per-question table lists only the questions on
 which the models' verdicts differ, since those decide every comparison.
 """
 
@@ -13,26 +15,26 @@ import itertools
 import statistics
 from dataclasses import dataclass
 
+from tokenmill.evals.answers import AnswerRecord
 from tokenmill.evals.bench_join import BenchFigures, quality_table
 from tokenmill.evals.paired import PairedResult, compare, wilson_interval
 from tokenmill.evals.questions import Question
-from tokenmill.evals.runner import AnswerRecord
 
 
 @dataclass(frozen=True, slots=True)
 class ModelSummary:
     name: str
     correct: int
-    total: int
-    errors: int
+    answered: int  # graded answers: what the accuracy is over
+    not_answered: int  # asked and got no verdict (errors); left out of the accuracy
     low: float  # 95% Wilson interval of the accuracy
     high: float
     latency_p50_s: float | None
     completion_tokens: int
 
     @property
-    def accuracy(self) -> float:
-        return self.correct / self.total if self.total else 0.0
+    def accuracy(self) -> float | None:
+        return self.correct / self.answered if self.answered else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,30 +46,32 @@ class EvalReport:
 
 def build_report(questions: list[Question], records: list[AnswerRecord], endpoints: list[str]) -> EvalReport:
     by = {(r.endpoint, r.id): r for r in records}
+    graded = {key: r for key, r in by.items() if r.graded}
     models = []
     for name in endpoints:
-        rows = [by[(name, q.id)] for q in questions if (name, q.id) in by]
+        asked = [by[(name, q.id)] for q in questions if (name, q.id) in by]
+        rows = [r for r in asked if r.graded]
         correct = sum(bool(r.correct) for r in rows)
         low, high = wilson_interval(correct, len(rows)) if rows else (0.0, 0.0)
-        latencies = [r.latency_s for r in rows if r.error is None]
+        latencies = [r.latency_s for r in rows]
         models.append(
             ModelSummary(
-                name, correct, len(rows), sum(r.error is not None for r in rows), low, high,
-                statistics.median(latencies) if latencies else None, sum(r.completion_tokens for r in rows),
+                name, correct, len(rows), len(asked) - len(rows), low, high,
+                statistics.median(latencies) if latencies else None, sum(r.completion_tokens for r in asked),
             )
         )  # fmt: skip
     pairs = []
     for a, b in itertools.combinations(endpoints, 2):
-        both = [q for q in questions if (a, q.id) in by and (b, q.id) in by]
+        both = [q for q in questions if (a, q.id) in graded and (b, q.id) in graded]
         result = compare(
-            [bool(by[(a, q.id)].correct) for q in both], [bool(by[(b, q.id)].correct) for q in both]
+            [bool(graded[(a, q.id)].correct) for q in both], [bool(graded[(b, q.id)].correct) for q in both]
         )
         pairs.append((a, b, result))
     disagreements = []
     for q in questions:
-        answers = {name: by[(name, q.id)] for name in endpoints if (name, q.id) in by}
-        if len({bool(r.correct) for r in answers.values()}) > 1:
-            disagreements.append((q, answers))
+        verdicts = {graded[(name, q.id)].correct for name in endpoints if (name, q.id) in graded}
+        if len(verdicts) > 1:
+            disagreements.append((q, {name: by[(name, q.id)] for name in endpoints if (name, q.id) in by}))
     return EvalReport(models, pairs, disagreements)
 
 
@@ -75,27 +79,26 @@ def to_markdown(report: EvalReport, bench: dict[str, BenchFigures] | None = None
     lines = [
         "## Accuracy",
         "",
-        "| model | correct | accuracy | 95% interval | errors | latency p50 s | output tokens |",
+        "| model | correct | accuracy | 95% interval | not answered | latency p50 s | output tokens |",
     ]
     lines.append("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for m in report.models:
         latency = f"{m.latency_p50_s:.2f}" if m.latency_p50_s is not None else "-"
+        accuracy, interval = (
+            (f"{m.accuracy:.1%}", f"{m.low:.1%}-{m.high:.1%}") if m.accuracy is not None else ("-", "-")
+        )
         lines.append(
-            f"| {m.name} | {m.correct}/{m.total} | {m.accuracy:.1%} | {m.low:.1%}-{m.high:.1%} | {m.errors} "
+            f"| {m.name} | {m.correct}/{m.answered} | {accuracy} | {interval} | {m.not_answered} "
             f"| {latency} | {m.completion_tokens} |"
         )
-    lines += ["", "## Paired comparison (McNemar, exact)", ""]
-    lines += [
-        "| A | B | only A right | only B right | both | neither | p-value |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for a, b, r in report.pairs:
-        lines.append(f"| {a} | {b} | {r.only_a} | {r.only_b} | {r.both} | {r.neither} | {r.p_value:.3g} |")
-    lines += [
-        "",
-        "A p-value under 0.05 says the two models differ on these questions; "
-        "above it, they cannot be told apart.",
-    ]
+    if any(m.not_answered for m in report.models):
+        lines += [
+            "",
+            "Questions not answered (the request or its judging failed) are left out of the accuracy "
+            "and of the paired comparison; run again to ask them again.",
+        ]
+    if report.pairs:  # one model: nothing to pair
+        lines += _paired(report)
     if report.disagreements:
         names = [m.name for m in report.models]
         lines += ["", "## Questions where the models disagree", ""]
@@ -112,6 +115,22 @@ def to_markdown(report: EvalReport, bench: dict[str, BenchFigures] | None = None
         accuracy = {m.name: m.accuracy for m in report.models}
         lines += ["", *quality_table(accuracy, bench)]
     return "\n".join(lines) + "\n"
+
+
+def _paired(report: EvalReport) -> list[str]:
+    lines = ["", "## Paired comparison (McNemar, exact)", ""]
+    lines += [
+        "| A | B | only A right | only B right | both | neither | p-value |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for a, b, r in report.pairs:
+        lines.append(f"| {a} | {b} | {r.only_a} | {r.only_b} | {r.both} | {r.neither} | {r.p_value:.3g} |")
+    lines += [
+        "",
+        "Each pair is compared on the questions both answered. A p-value under 0.05 says the two "
+        "models differ on these questions; above it, they cannot be told apart.",
+    ]
+    return lines
 
 
 def to_html(report: EvalReport, title: str, bench: dict[str, BenchFigures] | None = None) -> str:
@@ -137,7 +156,7 @@ def to_html(report: EvalReport, title: str, bench: dict[str, BenchFigures] | Non
 
 
 def _cell(r: AnswerRecord) -> str:
-    mark = "error" if r.error else ("right" if r.correct else "wrong")
+    mark = "not answered" if not r.graded else ("right" if r.correct else "wrong")
     return f"{mark}: {_short(r.answer)}"
 
 

@@ -4,34 +4,44 @@ Every endpoint gets the same chat request per question (``EvalSettings``: system
 prompt, template, ``max_tokens``, greedy by default), through tokenmill's paced
 client, so a fleet is neither idle nor flooded. Each answer is appended to the
 answers file (JSONL) the moment it is graded: a run that stops is resumed by
-running it again, and only the missing (endpoint, question) pairs are asked.
+running it again, and only the missing (endpoint, question) pairs are asked;
+stored answers are graded again against the question file as it is now
+(``answers.regrade``).
 
-A ``judge`` question is graded by the endpoint named as judge: it sees the
-question, the rubric, the reference answer (if any) and the candidate's answer,
-and must reply PASS or FAIL.
+Before any question, each endpoint the run needs is checked once
+(``endpoint_check``): one that cannot be reached, refuses the key or does not
+serve the model stops the run with ``EndpointUnusable``, as it does if that
+happens midway; a single question's failure is recorded and asked again on the
+next run. A ``judge`` question is graded by the endpoint named as judge
+(``judge.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tokenmill.client.async_client import AsyncClient
 from tokenmill.client.http_errors import TransportError
+from tokenmill.evals.answers import (
+    JUDGE_FAILED,
+    AnswerRecord,
+    append,
+    awaiting_judge,
+    load_answers,
+    regrade,
+)
+from tokenmill.evals.endpoint_check import EndpointUnusable, check_endpoints, endpoint_problem
 from tokenmill.evals.graders import grade
+from tokenmill.evals.judge import judge as ask_judge
 from tokenmill.evals.questions import Question
 from tokenmill.protocol.errors import APIError
 
-JUDGE_PROMPT = (
-    "You grade answers. Question:\n{question}\n\nWhat a correct answer must do (rubric):\n{rubric}\n\n"
-    "Reference answer (may be empty):\n{reference}\n\nCandidate answer:\n{answer}\n\n"
-    "Reply with exactly one word: PASS if the candidate meets the rubric, FAIL otherwise."
-)
+__all__ = ["AnswerRecord", "EndpointUnusable", "EvalSettings", "run_eval"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,34 +53,6 @@ class EvalSettings:
     model: str | None = None  # sent as "model"; None: whatever each endpoint serves
 
 
-@dataclass(frozen=True, slots=True)
-class AnswerRecord:
-    endpoint: str
-    id: str
-    answer: str
-    correct: bool | None  # None: no answer (see error)
-    detail: str
-    latency_s: float
-    prompt_tokens: int
-    completion_tokens: int
-    error: str | None = None
-
-
-def load_answers(path: Path) -> dict[tuple[str, str], AnswerRecord]:
-    """Answers of earlier runs that need no retry (failed requests are asked again)."""
-    done: dict[tuple[str, str], AnswerRecord] = {}
-    if not path.exists():
-        return done
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = AnswerRecord(**json.loads(line))
-        except (ValueError, TypeError):
-            continue  # a line cut short by a crash
-        if record.error is None:
-            done[(record.endpoint, record.id)] = record
-    return done
-
-
 async def run_eval(
     questions: list[Question],
     endpoints: Mapping[str, str],
@@ -80,38 +62,97 @@ async def run_eval(
     api_key: str | None = None,
     on_answer: Callable[[AnswerRecord], None] | None = None,
 ) -> list[AnswerRecord]:
-    """Every (endpoint, question) answered and graded; the records of earlier runs are reused."""
+    """Every (endpoint, question) answered and graded; the answers of earlier runs are reused.
+
+    Raises ``ValueError`` for bad arguments and ``EndpointUnusable`` for an endpoint
+    that cannot answer at all (what was answered before it stopped is kept)."""
+    _check_arguments(questions, endpoints, judge)
+    stored = load_answers(answers_path)
+    current = {
+        (name, q.id): regrade(stored[(name, q.id)], q)
+        for name in endpoints
+        for q in questions
+        if (name, q.id) in stored
+    }
+    needed = {name for name in endpoints for q in questions if (name, q.id) not in current}
+    unjudged = [
+        key
+        for key in ((n, q.id) for n in endpoints for q in questions if q.grader == "judge")
+        if key not in current or not current[key].graded
+    ]
+    if judge is not None and unjudged:
+        needed.add(judge)
+    await check_endpoints({n: endpoints[n] for n in endpoints if n in needed}, settings.model, api_key)
+
+    clients = {name: AsyncClient(url, api_key=api_key) for name, url in endpoints.items() if name in needed}
+    results: dict[tuple[str, str], AnswerRecord] = {}
+
+    async def one(name: str, q: Question) -> None:
+        key = (name, q.id)
+        record = current.get(key)
+        asking, started, fresh = name, time.perf_counter(), record is None
+
+        def keep_unjudged() -> None:
+            # The run stops while the judge is asked: keep the model's answer, for the next run to judge.
+            if fresh and record is not None:
+                append(answers_path, awaiting_judge(record))
+
+        try:
+            if record is None:
+                record = await _answer(clients[name], name, q, settings)
+            if q.grader == "judge" and not record.graded:
+                assert judge is not None
+                asking = judge
+                record = await ask_judge(clients[judge], q, awaiting_judge(record), settings.model)
+        except (APIError, TransportError) as e:
+            problem = await endpoint_problem(asking, endpoints[asking], e, settings.model, api_key)
+            if problem is not None:
+                keep_unjudged()
+                raise EndpointUnusable(f"{problem} (the answers so far are kept: {answers_path})") from None
+            record = _failed(name, q, record, e, time.perf_counter() - started)
+        except asyncio.CancelledError:
+            keep_unjudged()
+            raise
+        if record != stored.get(key):
+            append(answers_path, record)
+        results[key] = record
+        if on_answer is not None:
+            on_answer(record)
+
+    try:
+        await _all_or_first_error([one(name, q) for name in endpoints for q in questions])
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    return [results[(name, q.id)] for name in endpoints for q in questions]
+
+
+def _check_arguments(questions: list[Question], endpoints: Mapping[str, str], judge: str | None) -> None:
     if judge is not None and judge not in endpoints:
         raise ValueError(
             f"judge={judge!r} is invalid: allowed one of the endpoint names {', '.join(endpoints)}"
         )
-    if any(q.grader == "judge" for q in questions) and judge is None:
+    if judge is None and any(q.grader == "judge" for q in questions):
         raise ValueError("some questions use grader 'judge': name the judging endpoint with judge=")
-    done = load_answers(answers_path)
-    clients = {name: AsyncClient(url, api_key=api_key) for name, url in endpoints.items()}
-    records: list[AnswerRecord] = []
+    for q in questions:
+        if q.grader != "judge":
+            grade(q.grader, "", q.answer, q.tolerance)  # a bad regex or number fails before any model call
+
+
+async def _all_or_first_error(coroutines: list[Coroutine[Any, Any, None]]) -> None:
+    """Run them all; the first exception cancels the rest (gather would leave them running)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    if not tasks:
+        return
     try:
-        with answers_path.open("a", encoding="utf-8") as out:
-
-            async def one(name: str, q: Question) -> None:
-                record = done.get((name, q.id))
-                if record is None:
-                    record = await _answer(clients[name], name, q, settings)
-                    if record.error is None and q.grader == "judge":
-                        assert judge is not None
-                        record = await _judge(clients[judge], q, record, settings)
-                    out.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
-                    out.flush()
-                records.append(record)
-                if on_answer is not None:
-                    on_answer(record)
-
-            await asyncio.gather(*(one(name, q) for name in endpoints for q in questions))
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:
-        for client in clients.values():
-            await client.aclose()
-    order = {(name, q.id): i for i, (name, q) in enumerate((n, q) for n in endpoints for q in questions)}
-    return sorted(records, key=lambda r: order[(r.endpoint, r.id)])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if task in done and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
 
 def _messages(q: Question, settings: EvalSettings) -> list[dict[str, str]]:
@@ -120,48 +161,26 @@ def _messages(q: Question, settings: EvalSettings) -> list[dict[str, str]]:
 
 
 async def _answer(client: AsyncClient, name: str, q: Question, settings: EvalSettings) -> AnswerRecord:
+    """The model's answer, graded (a judge question: awaiting the judge); a failed call raises."""
     started = time.perf_counter()
-    try:
-        reply = await client.chat.completions.create(
-            messages=_messages(q, settings),
-            model=settings.model,
-            max_tokens=settings.max_tokens,
-            temperature=settings.temperature,
-        )
-    except (APIError, TransportError) as e:
-        return AnswerRecord(name, q.id, "", None, "", time.perf_counter() - started, 0, 0, str(e))
+    reply = await client.chat.completions.create(
+        messages=_messages(q, settings),
+        model=settings.model,
+        max_tokens=settings.max_tokens,
+        temperature=settings.temperature,
+    )
     latency = time.perf_counter() - started
     text = reply.choices[0].message.content or "" if reply.choices else ""
     usage = reply.usage
     prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-    if q.grader == "judge":
-        return AnswerRecord(name, q.id, text, None, "awaiting the judge", latency, prompt, completion)
-    verdict = grade(q.grader, text, q.answer, q.tolerance)
-    return AnswerRecord(name, q.id, text, verdict.correct, verdict.detail, latency, prompt, completion)
+    record = AnswerRecord(name, q.id, text, None, "", latency, prompt, completion)
+    return regrade(record, q)
 
 
-async def _judge(
-    client: AsyncClient, q: Question, record: AnswerRecord, settings: EvalSettings
+def _failed(
+    name: str, q: Question, record: AnswerRecord | None, error: Exception, seconds: float
 ) -> AnswerRecord:
-    prompt = JUDGE_PROMPT.format(
-        question=q.question, rubric=q.rubric, reference=q.answer, answer=record.answer
-    )
-    try:
-        reply = await client.chat.completions.create(
-            messages=[{"role": "user", "content": prompt}],
-            model=settings.model,
-            max_tokens=8,
-            temperature=0.0,
-        )
-    except (APIError, TransportError) as e:
-        return _replace(record, correct=None, detail="", error=f"judge: {e}")
-    verdict = (reply.choices[0].message.content or "").strip().upper() if reply.choices else ""
-    if verdict.startswith("PASS"):
-        return _replace(record, correct=True, detail="judge: PASS")
-    if verdict.startswith("FAIL"):
-        return _replace(record, correct=False, detail="judge: FAIL")
-    return _replace(record, correct=False, detail=f"judge replied {verdict[:40]!r}, counted as FAIL")
-
-
-def _replace(record: AnswerRecord, **changes: Any) -> AnswerRecord:
-    return AnswerRecord(**{**asdict(record), **changes})
+    if record is None:  # the model call failed
+        return AnswerRecord(name, q.id, "", None, "", seconds, 0, 0, str(error) or type(error).__name__)
+    # the answer came and its judging failed: keep it, so the next run asks only the judge
+    return replace(record, correct=None, detail="", error=f"{JUDGE_FAILED}{error}", judged=None)

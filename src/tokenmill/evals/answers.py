@@ -1,0 +1,85 @@
+"""The answers file: one JSON record per (endpoint, question), appended as each is graded.
+
+Only model calls are worth resuming. Grading is cheap and deterministic, so a
+stored answer is graded again against the question file as it is now on every
+run (``regrade``): a corrected ``answer``, grader or tolerance takes effect
+without asking the model again. A judge's verdict costs a model call; it is
+kept while the judge would see the same question, rubric and reference
+(``judge_key``, stored with the verdict) and asked again when any of them
+changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from tokenmill.evals.graders import grade
+from tokenmill.evals.questions import Question
+
+AWAITING_JUDGE = "awaiting the judge"
+JUDGE_FAILED = "judge: "  # prefix of ``error`` when the answer came and only its judging failed
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerRecord:
+    endpoint: str
+    id: str
+    answer: str
+    correct: bool | None  # None: not graded (no answer, see error; or a judge question not judged yet)
+    detail: str
+    latency_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+    judged: str | None = None  # judge questions: judge_key of what the judge saw
+
+    @property
+    def graded(self) -> bool:
+        """A verdict to count: the model answered and the answer was graded."""
+        return self.error is None and self.correct is not None
+
+
+def judge_key(q: Question) -> str:
+    """What a judge's verdict depends on besides the answer itself (which never changes once stored)."""
+    seen = json.dumps([q.question, q.rubric, q.answer], ensure_ascii=False)
+    return hashlib.sha256(seen.encode()).hexdigest()[:16]
+
+
+def load_answers(path: Path) -> dict[tuple[str, str], AnswerRecord]:
+    """The latest usable record per (endpoint, question) of earlier runs.
+
+    A failed model call is left out, so it is asked again; an answer whose
+    judging failed is kept, so only the judge is asked again."""
+    done: dict[tuple[str, str], AnswerRecord] = {}
+    if not path.exists():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = AnswerRecord(**json.loads(line))
+        except (ValueError, TypeError):
+            continue  # a line cut short by a crash
+        if record.error is None or record.error.startswith(JUDGE_FAILED):
+            done[(record.endpoint, record.id)] = record
+    return done
+
+
+def regrade(record: AnswerRecord, q: Question) -> AnswerRecord:
+    """A stored answer graded against the question as the file has it now."""
+    if q.grader != "judge":
+        verdict = grade(q.grader, record.answer, q.answer, q.tolerance)
+        return replace(record, correct=verdict.correct, detail=verdict.detail, error=None, judged=None)
+    if record.graded and record.judged == judge_key(q):
+        return record
+    return awaiting_judge(record)
+
+
+def awaiting_judge(record: AnswerRecord) -> AnswerRecord:
+    return replace(record, correct=None, detail=AWAITING_JUDGE, error=None, judged=None)
+
+
+def append(out_path: Path, record: AnswerRecord) -> None:
+    with out_path.open("a", encoding="utf-8") as out:
+        out.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")

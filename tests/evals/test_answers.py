@@ -1,0 +1,59 @@
+"""The answers file: stored answers are graded again against the question file as it is now."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+
+from tokenmill.evals.answers import (
+    AWAITING_JUDGE,
+    AnswerRecord,
+    judge_key,
+    load_answers,
+    regrade,
+)
+from tokenmill.evals.questions import Question
+
+
+def _record(answer: str = "Verona, in Italy", **changes) -> AnswerRecord:
+    return replace(AnswerRecord("full", "q1", answer, False, "contains 'Padua'", 0.5, 10, 4), **changes)
+
+
+def test_a_corrected_answer_or_grader_changes_the_verdict_without_asking_again():
+    stored = _record()
+    now = regrade(stored, Question("q1", "Where?", "Verona", "contains"))
+    assert now.correct is True and now.detail == "contains 'Verona'"
+    assert (now.answer, now.latency_s, now.completion_tokens) == (stored.answer, 0.5, 4)
+    now = regrade(stored, Question("q1", "Where?", "^verona", "regex"))
+    assert now.correct is True and now.detail == "matches /^verona/"
+    now = regrade(stored, Question("q1", "Where?", "Verona", "exact"))
+    assert now.correct is False
+
+
+def test_a_judge_verdict_is_kept_only_while_the_judge_would_see_the_same():
+    q = Question("q1", "Why is the sky blue?", "", "judge", rubric="mentions scattering")
+    judged = _record("Rayleigh scattering", correct=True, detail="judge: PASS", judged=judge_key(q))
+    assert regrade(judged, q) == judged
+    for changed in (replace(q, rubric="mentions Rayleigh"), replace(q, answer="scattering")):
+        again = regrade(judged, changed)
+        assert again.correct is None and again.detail == AWAITING_JUDGE and again.judged is None
+    # judged before this field existed: nothing says what the judge saw, so it is judged again
+    assert regrade(replace(judged, judged=None), q).correct is None
+    # a question that was a judge question and is now graded by rule
+    assert regrade(judged, replace(q, grader="contains", answer="scattering")).correct is True
+
+
+def test_failed_calls_are_asked_again_and_failed_judging_only_judged_again(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    rows = [
+        _record(),
+        replace(_record("", id="q2"), correct=None, detail="", error="HTTP 500"),
+        replace(_record("Rayleigh", id="q3"), correct=None, detail="", error="judge: HTTP 503"),
+        replace(_record(id="q1"), correct=True),  # the later line wins
+    ]
+    path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rows) + '{"endpoint": "fu')
+    done = load_answers(path)
+    assert set(done) == {("full", "q1"), ("full", "q3")}
+    assert done[("full", "q1")].correct is True
+    q3 = Question("q3", "Why?", "", "judge", rubric="says why")
+    assert regrade(done[("full", "q3")], q3).detail == AWAITING_JUDGE
