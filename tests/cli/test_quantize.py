@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -50,6 +51,26 @@ def test_bad_options_exit_2_naming_them(tiny_llama, tmp_path):
     assert _run("quantize", str(tiny_llama), "--out", str(done)).exit_code == 0
     result = _run("quantize", str(done), "--method", "fp8", "--out", str(tmp_path / "again"))
     assert result.exit_code == 2 and "already quantized" in result.output
+
+
+def test_an_out_that_cannot_be_a_folder_exits_2_before_any_work(tiny_llama, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    result = _run("quantize", str(tiny_llama), "--out", str(afile / "sub"))
+    assert result.exit_code == 2, result.output
+    assert f"--out '{afile / 'sub'}' cannot be created as a folder: '{afile}' is a file" in result.output
+    assert "quantized" not in result.output and afile.read_text() == "x"
+    if Path("/proc/self").is_dir():  # Linux: nothing can be made in /proc, not even by root
+        result = _run("quantize", str(tiny_llama), "--out", "/proc/x")
+        assert result.exit_code == 2 and "--out '/proc/x' cannot be created as a folder" in result.output
+
+
+def test_a_failed_quantization_leaves_no_folder_behind(tiny_llama, tmp_path):
+    done = tmp_path / "int8"
+    assert _run("quantize", str(tiny_llama), "--out", str(done)).exit_code == 0
+    result = _run("quantize", str(done), "--out", str(tmp_path / "new" / "fp8"), "--method", "fp8")
+    assert result.exit_code == 2 and "already quantized" in result.output
+    assert not (tmp_path / "new").exists()
 
 
 def test_generate_takes_the_kv_cache_dtype(tiny_llama):

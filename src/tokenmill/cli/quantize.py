@@ -12,6 +12,7 @@ fraction of a second), as it is for ``--quantization int8``.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Annotated
@@ -43,7 +44,7 @@ def quantize(
     from tokenmill.engine.quantization import QUANTIZATION_METHODS
     from tokenmill.engine.quantized_checkpoint_writer import save_quantized
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # an error is one line, however narrow the terminal
     if method not in QUANTIZATION_METHODS:
         err.print(f"[red]error:[/] --method {method!r} is invalid: allowed {', '.join(QUANTIZATION_METHODS)}")
         raise typer.Exit(2)
@@ -57,9 +58,22 @@ def quantize(
     try:
         config = ModelConfig.from_pretrained(src)
         source_dtype = config.dtype if dtype == "auto" else parse_dtype(dtype)
+    except (EngineError, ValueError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    try:
+        made = _make_folder(out)
+    except OSError as e:
+        err.print(f"[red]error:[/] --out {str(out)!r} cannot be created as a folder: {_why(out, e)}")
+        raise typer.Exit(2) from None
+    try:
         start = time.perf_counter()
         report = save_quantized(src, out, method, source_dtype)
-    except (EngineError, ValueError) as e:
+    except BaseException as e:
+        if made is not None:  # ours, made a moment ago: a failed run leaves nothing behind
+            shutil.rmtree(made, ignore_errors=True)
+        if not isinstance(e, (EngineError, ValueError, OSError)):
+            raise
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None
     seconds = time.perf_counter() - start
@@ -71,3 +85,25 @@ def quantize(
         f"{report.bytes_before / MiB:.1f} MiB -> {report.bytes_after / MiB:.1f} MiB, written to {out}\n"
         f"serve it with: tokenmill serve {out}"
     )
+
+
+def _make_folder(out: Path) -> Path | None:
+    """Make ``out`` and its missing parents now, before any work: a path that cannot be a folder
+    (under a file, in /proc, without permission) fails here in one line rather than in a traceback
+    after the quantizing. Returns the topmost folder made (None if ``out`` was there already)."""
+    missing = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        if missing and missing[-1].is_dir():  # the parents made before the failure
+            shutil.rmtree(missing[-1], ignore_errors=True)
+        raise
+    return missing[-1] if missing else None
+
+
+def _why(out: Path, e: OSError) -> str:
+    file = next((p for p in out.parents if p.is_file()), None)
+    if file is not None:
+        return f"{str(file)!r} is a file"
+    failed = f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""
+    return f"{e.strerror or e}{failed}"
