@@ -193,6 +193,47 @@ def test_over_a_limit_is_a_429_naming_it_and_costs_nothing(gateway):
     assert len(usage_rows(gateway, "capped")) == 2  # the refused one cost nothing
 
 
+def test_setting_a_team_again_through_the_admin_api_does_not_refill_its_limits(gateway):
+    capped = gateway.keys["capped"]
+    assert [chat(gateway.url, capped).status_code for _ in range(2)] == [200, 200]
+    same = {"name": "capped", "models": ["demo"], "requests_per_minute": 2}
+    assert admin("POST", gateway.url, "/admin/teams", json=same).status_code == 200
+    third = chat(gateway.url, capped)
+    assert third.status_code == 429 and third.json()["error"]["param"] == "requests_per_minute"
+    assert len(usage_rows(gateway, "capped")) == 2
+
+
+def test_a_batch_with_n_is_held_to_the_teams_minute_and_a_small_minute_needs_no_max_tokens(gateway):
+    """The QA repro, through HTTP: 20 prompts × n 6 × max_tokens 100 against 2,000 tokens a minute
+    and a day used 12,040 tokens; now it is refused, saying what max_tokens fits."""
+    team = {"models": ["demo"], "tokens_per_minute": 2000, "budget": {"tokens": 2000, "period": "day"}}
+    assert admin("POST", gateway.url, "/admin/teams", json={"name": "batcher", **team}).status_code == 200
+    assert admin(
+        "POST", gateway.url, "/admin/teams", json={"name": "small", "tokens_per_minute": 500}
+    ).is_success
+    keys = {
+        t: admin("POST", gateway.url, "/admin/keys", json={"team": t}).json()["key"]
+        for t in ("batcher", "small")
+    }
+    prompts = [f"Tell me about number {i}." for i in range(20)]
+    body = {"model": "demo", "prompt": prompts, "max_tokens": 100, "n": 6, "ignore_eos": True}
+    headers = {"authorization": f"Bearer {keys['batcher']}"}
+    url = f"{gateway.url}/v1/completions"
+    refused = httpx.post(url, json=body, headers=headers, timeout=30)
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["param"] == "max_tokens", error
+    fits = int(error["message"].split("lower max_tokens to ")[1].split()[0])
+    assert httpx.post(url, json={**body, "max_tokens": fits}, headers=headers, timeout=60).status_code == 200
+    again = httpx.post(url, json={**body, "max_tokens": fits}, headers=headers, timeout=30)
+    assert again.status_code == 429
+    (row,) = usage_rows(gateway, "batcher")
+    assert row["prompt_tokens"] + row["completion_tokens"] <= 2000
+    # A team whose minute is below default_max_tokens (1024) can still name no max_tokens.
+    small = {"authorization": f"Bearer {keys['small']}"}
+    plain = httpx.post(url, json={"model": "demo", "prompt": "Hi"}, headers=small, timeout=30)
+    assert plain.status_code == 200, plain.text
+
+
 def test_admin_api_creates_teams_and_keys_rotates_and_revokes(gateway):
     assert httpx.get(f"{gateway.url}/admin/teams", timeout=30).status_code == 401
     made = admin(
@@ -255,6 +296,10 @@ def test_a_killed_gateway_leaves_no_request_unrecorded(gateway):
         assert "1 requests a stopped gateway left in flight" in restarted.ready_line
         (row,) = usage_rows(gateway, "beta")
         assert row["status"] == "interrupted" and row["prompt_tokens"] > 0
+        assert row["cost"] == pytest.approx(row["prompt_tokens"] * 1.0 / 1e6)  # its prompt, at demo's price
+        headers = {"authorization": f"Bearer {gateway.keys['beta']}"}
+        (total,) = httpx.get(f"{restarted.url}/v1/usage", headers=headers, timeout=30).json()["data"]
+        assert total["cost"] == pytest.approx(row["cost"])  # what dollar budgets read agrees
     finally:
         restarted.stop()
 
@@ -332,7 +377,8 @@ def test_when_workers_are_full_higher_priority_waits_less(tmp_path: Path):
 def test_tokens_per_minute_and_budgets_through_http(gateway):
     metered, budgeted = gateway.keys["metered"], gateway.keys["budgeted"]
     too_big = chat(gateway.url, metered, max_tokens=120)
-    assert too_big.status_code == 400 and "max_tokens" in too_big.json()["error"]["message"]
+    assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "max_tokens"
+    assert "lower max_tokens to 86 or less" in too_big.json()["error"]["message"]
     # "Hi" is estimated at 15 prompt tokens (14 with the template); a request is charged what it
     # used, its reservation refunded
     assert chat(gateway.url, metered, max_tokens=30).status_code == 200  # ~56 of 100 left

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenmill.router import ledger as ledger_module
-from tokenmill.router.gateway_config import Budget, Team
+from tokenmill.router.gateway_config import Budget, Price, Team
 from tokenmill.router.ledger import Ledger, hash_key
 from tokenmill.router.usage_batch import Closing, UsageRow, day_of
 
@@ -62,6 +62,25 @@ def test_requests_in_flight_when_the_gateway_died_are_closed_as_interrupted(tmp_
     )
     assert ledger.spent("a", Budget("day", tokens=1)) == (300, 0.0)  # it still counts against the budget
     assert Ledger(path).recover_interrupted() == 0  # and only once
+
+
+def test_recovery_charges_an_interrupted_prompt_at_its_models_price(tmp_path: Path):
+    path = tmp_path / "u.db"
+    code = (
+        "import os; from pathlib import Path; from tokenmill.router.ledger import Ledger; "
+        f"l = Ledger(Path({str(path)!r})); l.open_request('a1', 'a', 'k', 'priced', 0, 300); "
+        "l.open_request('a2', 'a', 'k', 'free', 0, 50); l.commit(); os._exit(9)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 9
+    prices = {"priced": Price(prompt=2.0, completion=8.0)}
+    ledger = Ledger(path, prices.get)
+    assert ledger.recover_interrupted() == 2
+    rows = {r["request_id"]: r for r in ledger.rows("a")}
+    assert rows["a1"]["cost"] == pytest.approx(300 * 2.0 / 1e6) and rows["a2"]["cost"] == 0.0
+    tokens, dollars = ledger.spent("a", Budget("day", dollars=1.0))
+    assert tokens == 350 and dollars == pytest.approx(300 * 2.0 / 1e6)  # the totals agree with the rows
+    by_model = {r["model"]: r["cost"] for r in ledger.usage("a", None, None, "model")}
+    assert by_model == {"priced": pytest.approx(0.0006), "free": 0.0}
 
 
 def test_keys_are_stored_as_hashes_and_revoked(tmp_path: Path):

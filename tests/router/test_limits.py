@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenmill.router.gateway_config import Budget, Team
-from tokenmill.router.limits import Limiter, Refusal, Reservation
+from tokenmill.router.limits import Limiter, Refusal, Reservation, tokens_to_reserve
 
 
 class Clock:
@@ -39,14 +39,45 @@ def test_tokens_per_minute_reserves_prompt_plus_max_tokens_and_refunds_the_rest(
     assert isinstance(lim.admit("a", 1000, 0.0), Reservation)
 
 
-def test_a_request_bigger_than_the_minute_allowance_is_a_400_saying_what_would_fit():
-    lim, _, _ = limiter(Team("a", tokens_per_minute=1000))
-    refused = lim.admit("a", 1500, 0.0, prompt_tokens=300)
+def test_a_request_bigger_than_the_minute_allowance_is_a_400_naming_the_field_and_what_fits():
+    team = Team("a", tokens_per_minute=1000)
+    refused = tokens_to_reserve({"max_tokens": 1200}, team, 300, 1200, 1024)
     assert isinstance(refused, Refusal) and refused.status == 400
+    assert (refused.limit, refused.param) == ("tokens_per_minute", "max_tokens")
     assert "lower max_tokens to 700 or less" in refused.message
-    too_long = lim.admit("a", 1300, 0.0, prompt_tokens=1200)  # the prompt alone is over
-    assert isinstance(too_long, Refusal) and "shorten the prompt" in too_long.message
-    assert isinstance(lim.admit("a", 1000, 0.0, prompt_tokens=300), Reservation)  # nothing was taken
+    chat = {"messages": [], "max_completion_tokens": 1200}
+    assert tokens_to_reserve(chat, team, 300, 1200, 1024).param == "max_completion_tokens"
+    too_long = tokens_to_reserve({"messages": [], "max_tokens": 100}, team, 1200, 100, 1024)
+    assert isinstance(too_long, Refusal) and too_long.param == "messages"  # the prompt alone is over
+    assert "shorten the messages" in too_long.message
+    assert tokens_to_reserve({"prompt": "x" * 4800}, team, 1200, None, 1024).param == "prompt"
+    assert tokens_to_reserve({"max_tokens": 700}, team, 300, 700, 1024) == 1000  # exactly a minute fits
+
+
+def test_every_prompt_and_every_choice_is_reserved():
+    """20 prompts × n 6 × max_tokens 100 against 2,000 tokens a minute: 12,000 to generate, more
+    than a minute holds. What fits: (2,000 - 200 prompt tokens) // 120 sequences = 15 each."""
+    team = Team("a", tokens_per_minute=2000)
+    batch = {"prompt": ["p"] * 20, "max_tokens": 100, "n": 6}
+    refused = tokens_to_reserve(batch, team, 200, 12_000, 1024)
+    assert isinstance(refused, Refusal) and refused.param == "max_tokens"
+    assert "lower max_tokens to 15 or less" in refused.message and "120 sequences" in refused.message
+    assert tokens_to_reserve({**batch, "max_tokens": 15}, team, 200, 1800, 1024) == 2000
+    crowded = tokens_to_reserve({"prompt": "p", "n": 128}, Team("a", tokens_per_minute=100), 10, None, 1024)
+    assert isinstance(crowded, Refusal) and crowded.param == "n"  # 90 left: not one token a sequence
+
+
+def test_a_request_naming_no_max_tokens_reserves_what_the_minute_leaves_up_to_the_default():
+    small = Team("a", tokens_per_minute=500)
+    assert tokens_to_reserve({}, small, 14, None, 1024) == 500  # 14 + 486, not a 400
+    assert tokens_to_reserve({"n": 2}, small, 14, None, 1024) == 14 + 2 * 243
+    assert tokens_to_reserve({}, Team("a", tokens_per_minute=5000), 14, None, 1024) == 14 + 1024
+    assert tokens_to_reserve({"n": 3}, Team("a"), 14, None, 1024) == 14 + 3 * 1024  # no minute to fit
+    lim, _, _ = limiter(small)
+    r = lim.admit("a", 500, 0.0)
+    assert isinstance(r, Reservation)
+    lim.release(r, 14 + 600, 0.0)  # it generated past its reservation: the bucket owes the difference
+    assert lim._teams["a"].tokens.level == -114
 
 
 def test_requests_per_minute_and_parallel_slots():
@@ -63,6 +94,26 @@ def test_requests_per_minute_and_parallel_slots():
     lim.release(second, 10, 0.0)
     over = lim.admit("a", 10, 0.0)
     assert isinstance(over, Refusal) and over.limit == "requests_per_minute" and over.retry_after == 30
+
+
+def test_reconfiguring_a_team_keeps_what_its_buckets_hold():
+    lim, clock, _ = limiter(Team("a", requests_per_minute=2, tokens_per_minute=1000))
+    for _ in range(2):
+        r = lim.admit("a", 400, 0.0)
+        assert isinstance(r, Reservation)
+        lim.release(r, 400, 0.0)
+    lim.configure(Team("a", requests_per_minute=2, tokens_per_minute=1000))  # the same team, re-POSTed
+    again = lim.admit("a", 10, 0.0)
+    assert isinstance(again, Refusal) and again.limit == "requests_per_minute"
+    lim.configure(Team("a", requests_per_minute=60, tokens_per_minute=100))  # more requests, fewer tokens
+    state = lim._teams["a"]
+    assert state.requests.level == 0 and state.tokens.level == 100  # 200 left, clamped to 100
+    assert isinstance(lim.admit("a", 10, 0.0), Refusal)  # a larger capacity is not granted at once
+    clock.t += 1  # ... but refills at its new rate: one request a second
+    assert isinstance(lim.admit("a", 10, 0.0), Reservation)
+    lim.configure(Team("a"))  # limits removed, then added again: a new limit starts full
+    lim.configure(Team("a", requests_per_minute=2))
+    assert lim._teams["a"].requests.level == 2 and lim.in_flight("a") == 1
 
 
 def test_a_token_budget_counts_spent_and_in_flight_and_resets_with_its_period():

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 _DEFAULT_OUTPUT_TOKENS = 256  # for the load estimate when a request names no max_tokens
 _CHARS_PER_TOKEN = 4  # the load estimate's tokenizer (the kv policy counts exactly)
 _TEMPLATE_TOKENS = 6  # what a chat template adds per message, about (Llama 3: 5, ChatML: 5)
+# Output tokens a request is counted for at most, all its sequences together: what a worker takes
+# as max_tokens (gRPC int32), far past any context. A bigger ask (max_tokens 10**23) is refused by
+# the gateway as over a limit, or by the worker; load accounting never takes it whole.
+MAX_OUTPUT_TOKENS = 2**31 - 1
 
 
 @dataclass(slots=True)
@@ -33,7 +37,7 @@ class Call:
     session: str | None
     text: str  # the prompt's text (prefix_index.prompt_text)
     prompt_tokens: int  # estimated
-    output_tokens: int  # asked, or the default estimate
+    output_tokens: int  # asked (every sequence's), or the default estimate
     outcome: Outcome
 
 
@@ -90,20 +94,76 @@ class Prefill:
 
 
 def estimate_tokens(request: dict[str, Any], text: str) -> tuple[int, int]:
-    """Prompt and asked output tokens, for load accounting and the gateway's reservations: a
-    token per four characters, rounded up, and for chat what a template adds (role and special
-    tokens: ``_TEMPLATE_TOKENS`` a message, and the assistant's header), erring high so that a
-    reservation covers the prompt the worker will count."""
+    """Prompt and output tokens, for load accounting and the gateway's reservations.
+
+    The prompt: a token per four characters, rounded up, and for chat what a template adds (role
+    and special tokens: ``_TEMPLATE_TOKENS`` a message, and the assistant's header), erring high so
+    that a reservation covers the prompt the worker will count; token ids are counted. A batch of
+    prompts is all of them (``text`` holds them all). The output: every sequence's, as
+    ``asked_output``, or ``_DEFAULT_OUTPUT_TOKENS`` a sequence when the request names no max_tokens.
+    """
+    count = sequences(request)
+    output = _asked(request, count)
+    if output is None:
+        output = min(_DEFAULT_OUTPUT_TOKENS * count, MAX_OUTPUT_TOKENS)
     prompt = request.get("prompt")
     messages = request.get("messages")
-    if messages is None and isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        return len(prompt), asked_output(request) or _DEFAULT_OUTPUT_TOKENS  # token ids
-    prompt_tokens = -(-len(text) // _CHARS_PER_TOKEN)
+    if messages is None and isinstance(prompt, list) and prompt:
+        first = prompt[0]
+        if isinstance(first, int):
+            return len(prompt), output  # token ids
+        if isinstance(first, list):  # a batch of token-id prompts: their JSON says little of their length
+            return sum(len(p) if isinstance(p, list) else _text_tokens(str(p)) for p in prompt), output
+    prompt_tokens = _text_tokens(text)
     if isinstance(messages, list):
         prompt_tokens += _TEMPLATE_TOKENS * (len(messages) + 1)
-    return prompt_tokens, asked_output(request) or _DEFAULT_OUTPUT_TOKENS
+    return prompt_tokens, output
 
 
 def asked_output(request: dict[str, Any]) -> int | None:
-    asked = request.get("max_completion_tokens", request.get("max_tokens"))
-    return asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else None
+    """The most output tokens the request asks for, every sequence together (``sequences`` times
+    max_tokens, or max_completion_tokens), at most ``MAX_OUTPUT_TOKENS``; None when it names none."""
+    return _asked(request, sequences(request))
+
+
+def output_field(request: dict[str, Any]) -> str:
+    """The field that sets the request's max_tokens, as the request names it (for errors)."""
+    return "max_completion_tokens" if request.get("max_completion_tokens") is not None else "max_tokens"
+
+
+def sequences(request: dict[str, Any]) -> int:
+    """Sequences the worker generates for a request: per prompt of a completions batch, ``n``, or
+    ``best_of`` when larger (an engine that takes it generates that many and returns ``n``). At
+    most ``MAX_OUTPUT_TOKENS``: a count past it is the worker's to refuse."""
+    prompt = request.get("prompt")
+    prompts = 1
+    if (
+        request.get("messages") is None
+        and isinstance(prompt, list)
+        and prompt
+        and not isinstance(prompt[0], int)
+    ):
+        prompts = len(prompt)  # strings or token-id lists, one prompt each
+    return min(prompts * choices(request), MAX_OUTPUT_TOKENS)
+
+
+def choices(request: dict[str, Any]) -> int:
+    """Sequences per prompt: ``n``, or ``best_of`` when larger."""
+    return max(_count(request.get("n")), _count(request.get("best_of")))
+
+
+def _asked(request: dict[str, Any], count: int) -> int | None:
+    asked = request.get("max_completion_tokens")
+    if asked is None:
+        asked = request.get("max_tokens")
+    if not isinstance(asked, int) or isinstance(asked, bool) or asked <= 0:
+        return None  # none, or a value the worker refuses
+    return min(asked * count, MAX_OUTPUT_TOKENS)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
+
+
+def _text_tokens(text: str) -> int:
+    return -(-len(text) // _CHARS_PER_TOKEN)

@@ -28,7 +28,7 @@ from tokenmill.protocol.headers import PRIORITY_HEADER, TENANT_HEADER
 from tokenmill.router.admission import AdmissionQueue, QueuePolicy
 from tokenmill.router.gateway_config import GatewayConfig, Price, Team
 from tokenmill.router.ledger import KeyRecord, Ledger, hash_key
-from tokenmill.router.limits import Limiter, Refusal, Reservation
+from tokenmill.router.limits import Limiter, Refusal, Reservation, tokens_to_reserve
 from tokenmill.router.usage_batch import Closing, UsageRow
 from tokenmill.router.usage_meter import Usage, ask_for_usage
 
@@ -75,7 +75,7 @@ class Admitted:
 class Gateway:
     def __init__(self, config: GatewayConfig, ledger: Ledger | None = None) -> None:
         self.config = config
-        self.ledger = ledger or Ledger(config.ledger)
+        self.ledger = ledger or Ledger(config.ledger, config.price)  # (the price: for its recovery)
         for team in config.teams.values():  # the file wins for the teams it names
             self.ledger.save_team(team)
         self.teams = self.ledger.teams()
@@ -155,17 +155,24 @@ class Gateway:
         if team is None:
             raise GatewayError(401, f"the key's team {team_name!r} no longer exists", "authentication_error")
         model = request.get("model")
-        if isinstance(model, str) and model and not _utf8(model):
-            raise GatewayError(
-                400,
-                "model must be text a UTF-8 store can hold: it has an unpaired \\uD800-\\uDFFF escape",
-                "invalid_request_error",
-                "model",
-            )
-        if not isinstance(model, str) or not model:
+        if model is None or model == "":
             raise GatewayError(
                 400,
                 "model is required: the name of a model your team may use",
+                "invalid_request_error",
+                "model",
+            )
+        if not isinstance(model, str):
+            raise GatewayError(
+                400,
+                f"model must be a string, the name of a model your team may use; got {model!r:.60}",
+                "invalid_request_error",
+                "model",
+            )
+        if not _utf8(model):
+            raise GatewayError(
+                400,
+                "model must be text a UTF-8 store can hold: it has an unpaired \\uD800-\\uDFFF escape",
                 "invalid_request_error",
                 "model",
             )
@@ -192,16 +199,19 @@ class Gateway:
         for name in (*KEY_HEADERS, PRIORITY_HEADER):
             headers.pop(name, None)
         headers[TENANT_HEADER] = team.name  # the worker's logs and metrics can tell teams apart
-        reserve = prompt_tokens + (
-            output_tokens if output_tokens is not None else self.config.default_max_tokens
-        )
         price = self.config.price(model)
-        dollars = price.cost(prompt_tokens, reserve - prompt_tokens) if price else 0.0
-        verdict = self.limiter.admit(team.name, reserve, dollars, prompt_tokens)
+        tokens = tokens_to_reserve(
+            request, team, prompt_tokens, output_tokens, self.config.default_max_tokens
+        )
+        if isinstance(tokens, Refusal):
+            verdict: Reservation | Refusal = tokens
+        else:
+            dollars = price.cost(prompt_tokens, tokens - prompt_tokens) if price else 0.0
+            verdict = self.limiter.admit(team.name, tokens, dollars)
         if isinstance(verdict, Refusal):
             kind = "rate_limit_error" if verdict.status == 429 else "invalid_request_error"
             retry = verdict.retry_after if verdict.status == 429 else None
-            raise GatewayError(verdict.status, verdict.message, kind, verdict.limit, retry)
+            raise GatewayError(verdict.status, verdict.message, kind, verdict.param or verdict.limit, retry)
         request_id = f"{self._id_prefix}{next(self._ids)}"
         try:
             row = self.ledger.open_request(
@@ -311,12 +321,17 @@ def _priority(request: dict[str, Any], headers: dict[str, str], team: Team) -> i
     """The team's class, or lower if the request asks; never higher."""
     asked: Any = request.get("priority")
     if asked is None and PRIORITY_HEADER in headers:
-        try:
-            asked = int(headers[PRIORITY_HEADER])
-        except ValueError:
+        raw = headers[PRIORITY_HEADER]
+        digits = raw[1:] if raw[:1] in ("+", "-") else raw
+        # Only a sign and ASCII digits: int() also takes "1_0", " 10 " and other scripts' digits.
+        if not (digits.isascii() and digits.isdigit()) or len(digits) > 20:
             raise GatewayError(
-                400, f"{PRIORITY_HEADER} must be an integer", "invalid_request_error", "priority"
-            ) from None
+                400,
+                f"{PRIORITY_HEADER} must be an integer (an optional sign and digits), got {raw!r:.40}",
+                "invalid_request_error",
+                "priority",
+            )
+        asked = int(raw)
     if asked is None:
         return team.priority
     if not isinstance(asked, int) or isinstance(asked, bool) or not PRIORITY_MIN <= asked <= PRIORITY_MAX:

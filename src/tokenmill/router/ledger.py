@@ -5,9 +5,9 @@ process dying (not the machine losing power mid-write). A request's row is
 written as it is forwarded, status ``in_flight``, and completed when it
 ends; rows still ``in_flight`` when a gateway starts belong to one that died
 with them, and are closed as ``interrupted`` (their prompt tokens still
-count against the team's budget). Per team, day and model, totals are kept
-beside the log in the same transaction, so budgets and ``/v1/usage`` read a
-few dozen rows, never the log.
+count against the team's budget, charged at the model's price). Per team,
+day and model, totals are kept beside the log in the same transaction, so
+budgets and ``/v1/usage`` read a few dozen rows, never the log.
 
 Group commit: inside an event loop, usage rows opened and closed are gathered
 in memory (``router/usage_batch.py``) and written in one transaction: a few
@@ -51,13 +51,13 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tokenmill.router.gateway_config import Budget, GatewayConfigError, Team, parse_team
+from tokenmill.router.gateway_config import Budget, GatewayConfigError, Price, Team, parse_team
 from tokenmill.router.usage_batch import Closing, UsageBatch, UsageRow, day_of
 
 logger = logging.getLogger(__name__)
@@ -108,9 +108,12 @@ def new_key() -> str:
 
 
 class Ledger:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, price: Callable[[str], Price | None] | None = None) -> None:
+        """``price(model)``: the gateway's price of a model, which recovery charges interrupted
+        rows' prompts at (no price: they cost nothing)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.price = price
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -330,22 +333,26 @@ class Ledger:
         self._lock_fd = fd  # held for the life of the process
 
     def recover_interrupted(self) -> int:
-        """Close the rows a dead gateway left in flight as interrupted, their prompts counted.
-        Only the gateway that owns the ledger calls this, as it starts: anything else that opens
-        the file (``tokenmill keys``, an audit) would take the running gateway's requests for
-        lost ones."""
+        """Close the rows a dead gateway left in flight as interrupted, their prompts counted and
+        charged at the model's price (``price``), in the row and its totals alike: a dollar
+        budget must not miss what the worker computed. Only the gateway that owns the ledger
+        calls this, as it starts: anything else that opens the file (``tokenmill keys``, an
+        audit) would take the running gateway's requests for lost ones."""
         recovered = UsageBatch()
         with self._transaction():
             rows = self._db.execute(
                 "SELECT id, team, model, started, prompt_tokens FROM usage WHERE status = 'in_flight'"
             ).fetchall()
             now = time.time()
+            closed = []
+            for row_id, team, model, started, prompt in rows:
+                price = self.price(model) if self.price is not None else None
+                cost = price.cost(prompt, 0) if price is not None else 0.0
+                closed.append((now, cost, row_id))
+                recovered.add_totals(team, day_of(started), model, prompt, 0, cost)
             self._db.executemany(
-                "UPDATE usage SET status = 'interrupted', finished = ? WHERE id = ?",
-                [(now, r[0]) for r in rows],
+                "UPDATE usage SET status = 'interrupted', finished = ?, cost = ? WHERE id = ?", closed
             )
-            for _, team, model, started, prompt in rows:
-                recovered.add_totals(team, day_of(started), model, prompt, 0, 0.0)
             recovered.write(self._db)
         self.recovered += len(rows)
         return len(rows)

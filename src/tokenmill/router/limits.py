@@ -1,8 +1,9 @@
 """Per-team limits: requests and tokens per minute, parallel requests, a token or dollar budget.
 
 A request reserves at admission what it may use: one request, its prompt
-tokens plus ``max_tokens`` (and their price against a dollar budget), one
-parallel slot. When it ends, the unused part is refunded (and a prompt that
+tokens plus ``max_tokens`` for each sequence it asks (every prompt of a batch
+times ``n``; ``tokens_to_reserve``) and their price against a dollar budget,
+one parallel slot. When it ends, the unused part is refunded (and a prompt that
 proved longer than estimated is charged: the bucket may go below zero, and
 the team waits it off). So a burst of
 requests, or long streams still running, can never take a team past its
@@ -13,6 +14,8 @@ checked against the ledger's totals for the period plus what is in flight.
 
 A refusal names the limit and says when to retry (``Retry-After``): when the
 bucket will hold enough, a slot frees up (1 s), or the budget's period ends.
+Changing a team's limits keeps its buckets' levels (clamped to a smaller
+capacity), so a reconfigure never refills them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from tokenmill.router.call import MAX_OUTPUT_TOKENS, choices, output_field, sequences
 from tokenmill.router.gateway_config import Team
 from tokenmill.router.ledger import period_start
 
@@ -32,6 +37,7 @@ class Refusal:
     message: str
     retry_after: int  # seconds
     status: int = 429
+    param: str | None = None  # for a 400: the request's field to change (the error's param)
 
 
 @dataclass
@@ -56,6 +62,16 @@ class _Bucket:
         return max(0.0, (amount - self.level) * 60.0 / self.capacity)
 
 
+def _carried(old: _Bucket | None, capacity: int | None, now: float) -> _Bucket | None:
+    """A bucket of ``capacity`` a minute that goes on from ``old``'s level (full if none)."""
+    if not capacity:
+        return None
+    if old is None:
+        return _Bucket(capacity, capacity, now)
+    old.refill(now)  # at the old rate up to now
+    return _Bucket(capacity, min(old.level, capacity), now)
+
+
 @dataclass
 class _TeamState:
     team: Team
@@ -67,6 +83,53 @@ class _TeamState:
     spent_dollars: float = 0.0
     held_tokens: int = 0  # reserved by requests in flight
     held_dollars: float = 0.0
+
+
+def tokens_to_reserve(
+    request: dict[str, Any], team: Team, prompt_tokens: int, asked: int | None, default_max_tokens: int
+) -> int | Refusal:
+    """Tokens a request reserves: its prompt and the most all its sequences may generate
+    (``asked``, ``call.asked_output``). One that names no max_tokens gets ``default_max_tokens`` a
+    sequence, lowered to what the team's tokens_per_minute leaves after the prompt, so that a team
+    with a small minute can still send it (what the worker reports settles the difference at the
+    end). One that could never fit a minute is refused (400) naming the request's field to change:
+    no wait would let it through."""
+    tpm = team.tokens_per_minute
+    if asked is None:
+        count = sequences(request)
+        each = default_max_tokens
+        if tpm is not None and tpm - prompt_tokens >= count:
+            each = min(each, (tpm - prompt_tokens) // count)
+        asked = min(each * count, MAX_OUTPUT_TOKENS)
+    tokens = prompt_tokens + asked
+    if tpm is not None and tokens > tpm:
+        return _never_fits(request, team.name, tpm, prompt_tokens, tokens)
+    return tokens
+
+
+def _never_fits(request: dict[str, Any], team: str, tpm: int, prompt_tokens: int, tokens: int) -> Refusal:
+    count = sequences(request)
+    prompt_field = "messages" if request.get("messages") is not None else "prompt"
+    room = tpm - prompt_tokens
+    if room <= 0:
+        param, fix = prompt_field, f"shorten the {prompt_field}"
+    elif room >= count:
+        param = output_field(request)
+        fix = f"lower {param} to {room // count} or less"
+        if count > 1:
+            fix += f" (it is reserved for each of the request's {count} sequences, prompts × n)"
+    else:
+        param = "n" if choices(request) > 1 else prompt_field
+        fix = f"ask for fewer than {count} sequences (prompts × n): {room} tokens are left after the prompt"
+    each = f"{count} × max_tokens" if count > 1 else "max_tokens"
+    return Refusal(
+        "tokens_per_minute",
+        f"this request may use {tokens} tokens (prompt about {prompt_tokens} + {each}), "
+        f"more than team {team}'s tokens_per_minute limit of {tpm}: {fix}",
+        0,
+        status=400,
+        param=param,
+    )
 
 
 class Limiter:
@@ -83,14 +146,17 @@ class Limiter:
         self._teams: dict[str, _TeamState] = {}
 
     def configure(self, team: Team) -> None:
-        """A team's limits, new or changed: buckets start full; what is in flight stays counted."""
+        """A team's limits, new or changed. What is in flight stays counted, and the buckets keep
+        their levels: a reconfigure (``POST /admin/teams``, even unchanged) must not hand a team
+        a fresh minute. A smaller capacity clamps the level; a larger one is reached by refilling
+        at the new rate, not granted at once. A limit the team did not have starts full."""
         now = self._clock()
         old = self._teams.get(team.name)
         rpm, tpm = team.requests_per_minute, team.tokens_per_minute
         state = _TeamState(
             team,
-            _Bucket(rpm, rpm, now) if rpm else None,
-            _Bucket(tpm, tpm, now) if tpm else None,
+            _carried(old.requests if old else None, rpm, now),
+            _carried(old.tokens if old else None, tpm, now),
         )
         if old is not None:
             state.parallel, state.held_tokens, state.held_dollars = (
@@ -103,22 +169,13 @@ class Limiter:
     def forget(self, name: str) -> None:
         self._teams.pop(name, None)
 
-    def admit(self, team: str, tokens: int, dollars: float, prompt_tokens: int = 0) -> Reservation | Refusal:
-        """Reserve ``tokens`` (the prompt's ``prompt_tokens`` and the most it may generate) and
-        ``dollars`` for a request of ``team``, or say which limit refuses it."""
+    def admit(self, team: str, tokens: int, dollars: float) -> Reservation | Refusal:
+        """Reserve ``tokens`` (the prompt's and the most it may generate) and ``dollars`` for a
+        request of ``team``, or say which limit refuses it. A request over a whole minute's
+        tokens is refused before (``tokens_to_reserve``): here it would only wait."""
         s = self._teams[team]
         t = s.team
         now = self._clock()
-        if t.tokens_per_minute is not None and tokens > t.tokens_per_minute:
-            room = t.tokens_per_minute - prompt_tokens
-            fix = f"lower max_tokens to {room} or less" if room > 0 else "shorten the prompt"
-            return Refusal(
-                "tokens_per_minute",
-                f"this request may use {tokens} tokens (prompt about {prompt_tokens} + max_tokens), more "
-                f"than team {team}'s tokens_per_minute limit of {t.tokens_per_minute}: {fix}",
-                0,
-                status=400,
-            )
         if t.max_parallel is not None and s.parallel >= t.max_parallel:
             return Refusal(
                 "max_parallel",

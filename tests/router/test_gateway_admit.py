@@ -1,0 +1,152 @@
+"""The gateway's admission in process: what a request reserves, and the 400s that name the field to
+change (``test_gateway.py`` sends requests through HTTP)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tokenmill.router.call import MAX_OUTPUT_TOKENS, asked_output, estimate_tokens
+from tokenmill.router.gateway import Admitted, Gateway, GatewayError
+from tokenmill.router.gateway_config import Team, load_gateway_config
+from tokenmill.router.prefix_index import prompt_text
+from tokenmill.router.usage_meter import Usage
+
+CONFIG = """
+prices:
+  demo: {prompt: 1.0, completion: 2.0}
+teams:
+  batch: {models: [demo], tokens_per_minute: 2000, budget: {tokens: 2000, period: day}}
+  dollars: {models: [demo], budget: {dollars: 0.01, period: day}}
+  small: {models: [demo], tokens_per_minute: 500}
+  open: {models: [demo], priority: 5}
+  capped: {models: [demo], requests_per_minute: 2}
+"""
+
+
+@dataclass
+class Front:
+    """A gateway in process, and a key for each of its teams."""
+
+    gateway: Gateway
+    keys: dict[str, str]
+
+    def admit(self, team: str, body: dict, headers: dict | None = None) -> Admitted:
+        """As the router's app admits a request: its estimates first, then the gateway."""
+        raw = json.dumps(body).encode()
+        request = json.loads(raw)
+        prompt, _ = estimate_tokens(request, prompt_text(request))
+        headers = {"authorization": f"Bearer {self.keys[team]}", **(headers or {})}
+        return self.gateway.admit(request, raw, headers, prompt, asked_output(request))
+
+    def refused(self, team: str, body: dict, headers: dict | None = None) -> GatewayError:
+        with pytest.raises(GatewayError) as e:
+            self.admit(team, body, headers)
+        return e.value
+
+    def finish(self, a: Admitted, prompt: int, completion: int) -> None:
+        self.gateway.finish(a, Usage(prompt, completion, seen=True), "ok", 200, "w")
+
+
+@pytest.fixture
+def front(tmp_path: Path) -> Iterator[Front]:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(CONFIG)
+    g = Gateway(load_gateway_config(config))
+    yield Front(g, {team: g.create_key(team)[0] for team in g.teams})
+    g.ledger.close()
+
+
+PROMPTS = [f"Tell me about number {i}." for i in range(20)]
+
+
+def test_a_batch_with_n_reserves_every_prompt_and_choice(front):
+    """The QA repro: 20 prompts × n 6 × max_tokens 100 is 12,000 tokens to generate, six times
+    the team's minute and its day: a 400 saying what max_tokens fits, not a 200."""
+    body = {"model": "demo", "prompt": PROMPTS, "max_tokens": 100, "n": 6, "ignore_eos": True}
+    e = front.refused("batch", body)
+    assert (e.status, e.param) == (400, "max_tokens") and "120 sequences" in e.message
+    fits = int(e.message.split("lower max_tokens to ")[1].split()[0])
+    a = front.admit("batch", {**body, "max_tokens": fits})
+    assert a.reservation.tokens == a.prompt_tokens + 120 * fits <= 2000
+    front.finish(a, a.prompt_tokens, 120 * fits)
+    over = front.refused("batch", {**body, "max_tokens": 1})  # the minute is spent
+    assert (over.status, over.param) == (429, "tokens_per_minute")
+    (total,) = front.gateway.ledger.usage("batch", None, None, "model")
+    assert total["total_tokens"] <= 2000
+
+
+def test_a_dollar_budget_is_checked_against_every_sequence(front):
+    # A sequence's 100 tokens cost $0.0002: one fits $0.01, 20 prompts × n 6 ($0.024) do not.
+    one = front.admit("dollars", {"model": "demo", "prompt": PROMPTS[0], "max_tokens": 100})
+    front.gateway.finish(one, Usage(), "error", 500, "w")
+    e = front.refused("dollars", {"model": "demo", "prompt": PROMPTS, "max_tokens": 100, "n": 6})
+    assert (e.status, e.param) == (429, "budget")
+
+
+def test_a_silly_max_tokens_is_refused_or_reserved_at_most_what_a_worker_can_be_asked(front):
+    e = front.refused("small", {"model": "demo", "prompt": "Hi", "max_tokens": 10**23})
+    assert (e.status, e.param) == (400, "max_tokens")
+    # A team without limits: forwarded for the worker to refuse, its reservation capped
+    a = front.admit("open", {"model": "demo", "prompt": "Hi", "max_tokens": 10**23})
+    assert a.reservation.tokens == a.prompt_tokens + MAX_OUTPUT_TOKENS
+
+
+def test_a_team_with_a_small_minute_can_send_a_request_naming_no_max_tokens(front):
+    a = front.admit("small", {"model": "demo", "messages": [{"role": "user", "content": "Hi"}]})
+    assert a.reservation.tokens == 500  # the prompt and what the minute leaves, not default_max_tokens
+    front.finish(a, a.prompt_tokens, 600)  # it ran long: the bucket owes it
+    later = front.refused("small", {"model": "demo", "prompt": "Hi"})
+    assert (later.status, later.param) == (429, "tokens_per_minute")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "x" * 4000}]}, "messages"),  # the prompt alone is over
+        ({"prompt": "x" * 4000, "max_tokens": 4}, "prompt"),
+        ({"prompt": "Hi", "max_tokens": 600}, "max_tokens"),
+        (
+            {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 600},
+            "max_completion_tokens",
+        ),
+        ({"prompt": "x" * 1600, "n": 128, "max_tokens": 4}, "n"),  # 100 left for 128 sequences
+    ],
+)
+def test_a_request_over_a_whole_minute_names_the_field_to_change(front, body, param):
+    e = front.refused("small", {"model": "demo", **body})
+    assert (e.status, e.kind, e.param) == (400, "invalid_request_error", param)
+    assert "tokens_per_minute limit of 500" in e.message and e.retry_after is None
+
+
+@pytest.mark.parametrize(
+    ("model", "says"),
+    [(None, "model is required"), ("", "model is required"), (5, "must be a string"), (["demo"], "string")],
+)
+def test_model_must_be_a_string(front, model, says):
+    e = front.refused("open", {"model": model, "prompt": "Hi"})
+    assert (e.status, e.param) == (400, "model") and says in e.message
+
+
+@pytest.mark.parametrize("header", ["1_0", " 10", "10 ", "\u0661\u0660", "+", "", "1e3", "0x10", "9" * 5000])
+def test_the_priority_header_is_a_sign_and_digits_only(front, header):
+    e = front.refused("open", {"model": "demo", "prompt": "Hi"}, {"x-tokenmill-priority": header})
+    assert (e.status, e.param) == (400, "priority")
+
+
+@pytest.mark.parametrize(("header", "priority"), [("3", 3), ("+3", 3), ("-4", -4), ("007", 5)])
+def test_a_priority_header_lowers_the_teams(front, header, priority):
+    a = front.admit("open", {"model": "demo", "prompt": "Hi"}, {"x-tokenmill-priority": header})
+    assert a.priority == priority
+
+
+def test_setting_a_team_again_does_not_refill_its_limits(front):
+    for _ in range(2):
+        front.finish(front.admit("capped", {"model": "demo", "prompt": "Hi"}), 1, 1)
+    front.gateway.set_team(Team("capped", models=("demo",), requests_per_minute=2))  # re-POSTed, unchanged
+    e = front.refused("capped", {"model": "demo", "prompt": "Hi"})
+    assert (e.status, e.param) == (429, "requests_per_minute")
