@@ -57,6 +57,7 @@ class Forwarder:
         """Send the request to ``worker`` and stream its answer back. False if the worker failed
         before its first byte (nothing reached the client: the request may go elsewhere)."""
         self.pool.started(worker, tokens, output)
+        outcome.worker = worker.name  # the worker has the request (for the usage row, however it ends)
         started = False
         try:
             async with self._transport(worker).stream(

@@ -250,6 +250,10 @@ class Gateway:
             prompt, completion = usage.prompt_tokens, usage.completion_tokens
         elif http_status is not None and http_status < 400:
             prompt, completion = a.prompt_tokens, chunks  # cut short: what the worker must have done
+        elif status == "cancelled" and worker is not None:
+            # The client left before any answer, while a worker had the request: it read the prompt
+            # at least (what it generated before its connection closed is not known).
+            prompt, completion = a.prompt_tokens, 0
         else:
             prompt, completion = 0, 0  # refused by the worker or never reached one
         cost = a.price.cost(prompt, completion) if a.price else 0.0
