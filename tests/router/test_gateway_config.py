@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from tokenmill.router.gateway_config import Budget, GatewayConfigError, Price, load_gateway_config
+from tokenmill.router.gateway_config import (
+    Budget,
+    GatewayConfigError,
+    Price,
+    load_gateway_config,
+    parse_gateway_config,
+    parse_label,
+    parse_team,
+)
 
 GOOD = """
 ledger: usage.db
@@ -49,7 +57,10 @@ def test_a_full_config_parses(tmp_path: Path):
     [
         ("teams: {a: {pool: fast}}", "teams.a.pool must be one of latency, throughput"),
         ("teams: {a: {priority: high}}", "teams.a.priority must be an integer"),
-        ("teams: {a: {requests_per_minute: 0}}", "teams.a.requests_per_minute must be a whole number >= 1"),
+        (
+            "teams: {a: {requests_per_minute: 0}}",
+            "teams.a.requests_per_minute must be a whole number from 1 to 9007199254740991",
+        ),
         ("teams: {a: {budget: {tokens: 5, dollars: 1}}}", "teams.a.budget takes one of tokens or dollars"),
         (
             "teams: {a: {budget: {tokens: 5, period: year}}}",
@@ -57,7 +68,7 @@ def test_a_full_config_parses(tmp_path: Path):
         ),
         ("teams: {a: {modles: [x]}}", "teams.a has unknown fields ['modles']"),
         ("teams: {a: {models: []}}", "teams.a.models must be a list"),
-        ("prices: {m: {prompt: -1}}", "prices.m.prompt must be a number >= 0"),
+        ("prices: {m: {prompt: -1}}", "prices.m.prompt must be a number from 0 to 1e"),
         ("ledgr: x.db", "the gateway config has unknown fields ['ledgr']"),
         ("teams: [a, b]", "teams must be a mapping"),
         ("a: [", "is not valid YAML"),
@@ -67,3 +78,119 @@ def test_mistakes_name_the_field_and_what_it_allows(tmp_path: Path, yaml: str, n
     (tmp_path / "g.yaml").write_text(yaml)
     with pytest.raises(GatewayConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
         load_gateway_config(tmp_path / "g.yaml")
+
+
+def _refused(yaml: str, tmp_path: Path) -> GatewayConfigError:
+    (tmp_path / "g.yaml").write_text(yaml)
+    with pytest.raises(GatewayConfigError) as refused:
+        load_gateway_config(tmp_path / "g.yaml")
+    return refused.value
+
+
+@pytest.mark.parametrize(
+    ("yaml", "field", "named"),
+    [
+        # The ledger keeps a request's priority as a 64-bit INTEGER and workers as int32: a class
+        # past that used to be accepted, and every usage row of the team then dropped.
+        (
+            "teams: {a: {priority: 99999999999999999999999}}",
+            "teams.a.priority",
+            "from -2147483648 to 2147483647",
+        ),
+        ("teams: {a: {priority: 2147483648}}", "teams.a.priority", "from -2147483648 to 2147483647"),
+        ("teams: {a: {priority: -2147483649}}", "teams.a.priority", "from -2147483648 to 2147483647"),
+        ("teams: {a: {requests_per_minute: 9007199254740992}}", "teams.a.requests_per_minute", "1 to 9007"),
+        ("teams: {a: {tokens_per_minute: 1" + "0" * 400 + "}}", "teams.a.tokens_per_minute", "1 to 9007"),
+        ("teams: {a: {max_parallel: 1" + "0" * 30 + "}}", "teams.a.max_parallel", "1 to 9007"),
+        ("teams: {a: {budget: {tokens: 1" + "0" * 30 + "}}}", "teams.a.budget.tokens", "1 to 9007"),
+        # An int past a float's range raised OverflowError (a traceback) where it was converted.
+        ("teams: {a: {weight: 1" + "0" * 400 + "}}", "teams.a.weight", "> 0 and <= 1000000"),
+        ("teams: {a: {weight: 0}}", "teams.a.weight", "> 0 and <= 1000000"),
+        ("teams: {a: {budget: {dollars: 1" + "0" * 400 + "}}}", "teams.a.budget.dollars", "from 0 to 1e+15"),
+        ("prices: {m: {prompt: 1" + "0" * 400 + "}}", "prices.m.prompt", "from 0 to 1e+15"),
+        ("queue: {max_wait_s: 1" + "0" * 400 + "}", "queue.max_wait_s", "from 0 to 1e+15"),
+        # overflow is a share of the slots (admission.py): 50 would let 50x the slots past full.
+        ("queue: {overflow: 50}", "queue.overflow", "from 0 to 1"),
+        # Absent, default_max_tokens is 1024 (not "no limit"); empty, it is a mistake.
+        ("default_max_tokens: 0", "default_max_tokens", "(or absent: 1024), got 0"),
+        ("default_max_tokens:", "default_max_tokens", "(or absent: 1024), got 'nothing'"),
+        ("worker_slots:", "worker_slots", "(or absent: 64)"),
+        ("queue: {max_waiting: -1}", "queue.max_waiting", "(or absent: 1000)"),
+        ("ledger:", "ledger", "ledger must be the SQLite file's path"),  # (made a file named None)
+        ("ledger: ''", "ledger", "ledger must be the SQLite file's path"),
+        ("ledger: 5", "ledger", "ledger must be the SQLite file's path"),
+        ("teams: {a/b: {}}", "teams", "the team name 'a/b' must be 1-64 characters from A-Z a-z 0-9 - _ ."),
+        ("teams: {..: {}}", "teams", "starting with a letter or digit"),
+        ("teams: {" + "x" * 65 + ": {}}", "teams", "must be 1-64 characters"),
+        ("teams: {~: {}}", "teams", "the team name None must be"),
+        ('teams: {a: {models: ["m\\ud800"]}}', "teams.a.models", "unpaired"),
+    ],
+)
+def test_values_the_ledger_limiter_or_urls_cannot_hold_are_refused(tmp_path: Path, yaml, field, named):
+    refused = _refused(yaml, tmp_path)
+    assert named in str(refused) and refused.field == field
+
+
+def test_the_edges_of_each_range_are_accepted(tmp_path: Path):
+    yaml = """
+queue: {overflow: 1}
+teams:
+  low: {priority: -2147483648, weight: 1000000}
+  high.team-1_x: {priority: 2147483647, tokens_per_minute: 9007199254740991}
+  "0": {budget: {tokens: 9007199254740991}}
+  123: {}
+"""
+    (tmp_path / "g.yaml").write_text(yaml)
+    config = load_gateway_config(tmp_path / "g.yaml")
+    assert config.overflow == 1.0 and set(config.teams) == {"low", "high.team-1_x", "0", "123"}
+    assert config.teams["low"].priority == -(2**31) and config.teams["high.team-1_x"].priority == 2**31 - 1
+
+
+def test_a_lone_surrogate_in_a_name_is_refused_naming_the_field():
+    with pytest.raises(GatewayConfigError) as refused:
+        parse_gateway_config({"teams": {"t\ud800": {}}}, Path("."))
+    assert refused.value.field == "teams"
+    with pytest.raises(GatewayConfigError) as refused:
+        parse_team("t\ud800", {}, where="")  # an admin request's body
+    assert refused.value.field == "name" and "name must be 1-64 characters" in str(refused.value)
+
+
+def test_an_admin_body_names_bare_fields():
+    with pytest.raises(GatewayConfigError) as refused:
+        parse_team("x", {"priority": 2**80}, where="")
+    assert refused.value.field == "priority" and str(refused.value).startswith("priority must be")
+    with pytest.raises(GatewayConfigError) as refused:
+        parse_team("x", {"budget": {"tokens": 0}}, where="")
+    assert refused.value.field == "budget.tokens"
+    with pytest.raises(GatewayConfigError) as refused:
+        parse_team("x", {"prority": 1}, where="")
+    assert refused.value.field == "prority" and "the body has unknown fields ['prority']" in str(
+        refused.value
+    )
+
+
+@pytest.mark.parametrize(
+    ("label", "named"),
+    [("x" * 257, "at most 256 characters, got 257 characters"), ("x\ud800", "unpaired"), (5, "got 5")],
+)
+def test_a_key_label_is_short_text(label, named):
+    with pytest.raises(GatewayConfigError, match=named) as refused:
+        parse_label(label)
+    assert refused.value.field == "label"
+    assert parse_label("x" * 256) == "x" * 256 and parse_label(None) is None
+
+
+def test_a_ledger_that_cannot_be_a_file_is_named(tmp_path: Path):
+    (tmp_path / "folder").mkdir()
+    refused = _refused("ledger: folder", tmp_path)  # was sqlite3.OperationalError, a traceback
+    assert refused.field == "ledger" and "ledger must be a file, not a folder" in str(refused)
+    (tmp_path / "plain").write_text("")
+    refused = _refused("ledger: plain/usage.db", tmp_path)  # was "[Errno 17] File exists"
+    assert refused.field == "ledger" and f"{tmp_path / 'plain'} is a file, not a folder" in str(refused)
+    refused = _refused("ledger: plain/deeper/usage.db", tmp_path)
+    assert f"{tmp_path / 'plain'} is a file, not a folder" in str(refused)
+
+
+def test_an_unreadable_config_is_named(tmp_path: Path):
+    with pytest.raises(GatewayConfigError, match=r"cannot read the gateway config .*missing\.yaml"):
+        load_gateway_config(tmp_path / "missing.yaml")

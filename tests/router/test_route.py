@@ -35,6 +35,7 @@ class RouterProcess:
             cmd += ["--worker", w]
         cmd += list(extra)
         env = {**os.environ, "COLUMNS": "300", **(env or {})}
+        self.admin_key = env.get("TOKENMILL_ADMIN_KEY")  # behind a gateway, /router/workers needs it
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
         line = self.proc.stderr.readline()
         while line.startswith("warning"):
@@ -52,7 +53,8 @@ class RouterProcess:
         self.proc.wait(10)
 
     def status(self) -> dict:
-        return httpx.get(f"{self.url}/router/workers", timeout=5).json()
+        headers = {"authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
+        return httpx.get(f"{self.url}/router/workers", headers=headers, timeout=5).json()
 
 
 class Scripted:

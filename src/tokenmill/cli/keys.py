@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 if TYPE_CHECKING:
     from tokenmill.router.gateway import Gateway
@@ -27,14 +28,13 @@ ConfigOption = Annotated[
 
 
 def _gateway(config: Path) -> Gateway:
-    from tokenmill.router.gateway import Gateway
-    from tokenmill.router.gateway_config import GatewayConfigError, load_gateway_config
+    from tokenmill.cli.route import open_gateway
+    from tokenmill.router.gateway_config import load_gateway_config
 
     try:
-        return Gateway(load_gateway_config(config))
-    except (OSError, GatewayConfigError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        return open_gateway(load_gateway_config(config))
+    except (OSError, ValueError) as e:  # (GatewayConfigError is a ValueError)
+        _fail(str(e))
 
 
 @app.command()
@@ -44,13 +44,20 @@ def create(
     label: Annotated[str | None, typer.Option(help="A note: who or what uses the key.")] = None,
 ) -> None:
     """A new key for a team. It is shown this once: the ledger keeps only its hash."""
+    from tokenmill.router.gateway_config import GatewayConfigError, parse_label
+
     gateway = _gateway(config)
     if team not in gateway.teams:
         known = ", ".join(sorted(gateway.teams)) or "none"
-        err.print(f"[red]error:[/red] --team must name a team of the config or the admin API ({known})")
-        raise typer.Exit(2)
+        _fail(f"--team must name a team of the config or the admin API ({known}), got {team!r}")
+    try:
+        label = parse_label(label)
+    except GatewayConfigError as e:
+        _fail(f"--{e}")
     key, record = gateway.create_key(team, label)
-    err.print(f"key {record.id} for team {team} (shown once; keep it secret):", highlight=False)
+    err.print(
+        f"key {record.id} for team {team} (shown once; keep it secret):", highlight=False, soft_wrap=True
+    )
     print(key)
 
 
@@ -60,12 +67,18 @@ def list_keys(
 ) -> None:
     """Every key: id, team, label, created, revoked (never the key itself)."""
     from rich.table import Table
+    from rich.text import Text
 
+    keys = _gateway(config).ledger.keys(team)
+    # `keys revoke` takes the whole id: its column never shrinks or wraps (the others fold to make
+    # room, even in 80 columns or a pipe), and cells are text, never Rich markup (a label "[x]").
     table = Table()
-    for col in ("id", "team", "label", "created", "revoked"):
-        table.add_column(col)
-    for k in _gateway(config).ledger.keys(team):
-        table.add_row(k.id, k.team, k.label or "", _when(k.created), _when(k.revoked) if k.revoked else "")
+    table.add_column("id", no_wrap=True, min_width=max((len(k.id) for k in keys), default=2))
+    for col in ("team", "label", "created", "revoked"):
+        table.add_column(col, overflow="fold")
+    for k in keys:
+        cells = (k.id, k.team, k.label or "", _when(k.created), _when(k.revoked) if k.revoked else "")
+        table.add_row(*(Text(c) for c in cells))
     out.print(table)
 
 
@@ -76,9 +89,14 @@ def revoke(
     """Stop a key working (a running gateway notices within two seconds)."""
     record = _gateway(config).revoke_key(key_id)
     if record is None:
-        err.print(f"[red]error:[/red] no key {key_id!r}")
-        raise typer.Exit(2)
-    err.print(f"key {key_id} of team {record.team} revoked")
+        _fail(f"no key {key_id!r}")
+    err.print(f"key {key_id} of team {record.team} revoked", highlight=False, markup=False)
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr (never wrapped, never read as markup), and exit status 2."""
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(2)
 
 
 def _when(ts: float) -> str:

@@ -3,23 +3,26 @@
 tokenmill route --worker http://10.0.0.1:8000 --worker http://10.0.0.2:8000 --policy least_load
 tokenmill route --workers-file workers.txt --port 9000
 tokenmill route --workers-file workers.txt --policy kv --tokenizer /models/llama-3-8b-instruct
-tokenmill route status http://127.0.0.1:9000
+tokenmill route status http://127.0.0.1:9000   # behind a gateway: sends $TOKENMILL_ADMIN_KEY
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tokenmill.cli.event_loop import run_fast
 
 if TYPE_CHECKING:
     from tokenmill.router.gateway import Gateway
+    from tokenmill.router.gateway_config import GatewayConfig
     from tokenmill.router.policies import Router
     from tokenmill.router.prompt_blocks import PromptHasher
     from tokenmill.router.workers import WorkerPool
@@ -72,7 +75,7 @@ def route(
         hasher = _hasher(policy, tokenizer)
         gateway = _gateway(gateway_config) if gateway_config is not None else None
     except (OSError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)  # one line, however wide
         raise typer.Exit(2) from None
     try:
         run_fast(_serve(pool, router, host, port, health_interval, workers_file, hasher, gateway))
@@ -105,19 +108,36 @@ def _hasher(policy: str, tokenizer: str | None) -> PromptHasher | None:
 
 
 def _gateway(path: Path) -> Gateway:
-    from tokenmill.router.gateway import Gateway
+    """The gateway of the config at ``path``; ValueError naming the field (or the ledger) if not."""
     from tokenmill.router.gateway_config import load_gateway_config
 
     config = load_gateway_config(path)
-    gateway = Gateway(config)
-    gateway.ledger.claim()  # one gateway per ledger: then what is in flight there is lost
-    gateway.ledger.recover_interrupted()
+    gateway = open_gateway(config)
+    try:
+        gateway.ledger.claim()  # one gateway per ledger: then what is in flight there is lost
+        gateway.ledger.recover_interrupted()
+    except (OSError, sqlite3.Error) as e:
+        raise ValueError(f"ledger {config.ledger}: {getattr(e, 'strerror', None) or e}") from None
     if not gateway.is_configured_admin:
         err.print(
             f"[yellow]warning:[/yellow] ${config.admin_key_env} is not set: the admin API is closed "
             "(manage keys with `tokenmill keys`)"
         )
     return gateway
+
+
+def open_gateway(config: GatewayConfig) -> Gateway:
+    """A gateway on the config's ledger; ValueError naming ``ledger`` when SQLite cannot open it
+    (not a database, no permission, a disk error), for a one-line error instead of a traceback."""
+    from tokenmill.router.gateway import Gateway
+
+    try:
+        return Gateway(config)
+    except (OSError, sqlite3.Error) as e:
+        why = getattr(e, "strerror", None) or str(e)
+        raise ValueError(
+            f"ledger {config.ledger} cannot be opened as the gateway's SQLite file: {why}"
+        ) from None
 
 
 async def _serve(
@@ -178,16 +198,35 @@ def listen_socket(host: str, port: int) -> socket.socket:
 @app.command()
 def status(
     url: Annotated[str, typer.Argument(help="The router's base URL, e.g. http://127.0.0.1:9000.")],
+    admin_key_env: Annotated[
+        str,
+        typer.Option(help="A gateway's admin key is read from this environment variable (if set)."),
+    ] = "TOKENMILL_ADMIN_KEY",
 ) -> None:
     """The live distribution of requests over the router's workers."""
+    import os
+
     import httpx
     from rich.table import Table
 
+    where = url.rstrip("/").removesuffix("/v1") + "/router/workers"
+    key = os.environ.get(admin_key_env)
+    headers = {"authorization": f"Bearer {key}"} if key else {}
     try:
-        data = httpx.get(url.rstrip("/").removesuffix("/v1") + "/router/workers", timeout=10).json()
+        response = httpx.get(where, headers=headers, timeout=10)
+        data = response.json()
     except (httpx.HTTPError, ValueError) as e:
-        err.print(f"[red]error:[/red] cannot read {url}/router/workers: {e}")
+        err.print(f"[red]error:[/red] cannot read {escape(where)}: {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2) from None
+    if response.status_code != 200:  # a gateway's: the admin key is required
+        message = data.get("error", {}).get("message") if isinstance(data, dict) else None
+        hint = f" (the admin key comes from ${admin_key_env})" if response.status_code == 401 else ""
+        err.print(
+            f"[red]error:[/red] {escape(where)} answered {response.status_code}: "
+            f"{escape(str(message or data))}{escape(hint)}",
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
     table = Table(
         title=f"policy {data['policy']}; imbalance (max/mean in-flight tokens) {data['imbalance']:.2f}"
     )

@@ -19,7 +19,11 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (routed),
 ``POST /admin/workers`` (``{"url": ..., "action": "add" | "drain" | "remove"}``).
 With a ``Gateway`` (``tokenmill route --gateway-config``) every routed request
 is admitted by it first (keys, limits, the admission queue, the ledger), and
-``/v1/usage``, ``/admin/teams`` and ``/admin/keys`` are served (``router/admin.py``).
+``/v1/usage``, ``/admin/teams`` and ``/admin/keys`` are served (``router/admin.py``);
+``/v1/models`` then needs a key and lists the models the key's team may use
+(without the workers' ``root`` paths; the admin key sees them all, as the
+workers list them), and ``/router/workers`` and ``/admin/workers`` need the
+admin key. A known path asked with another method is a 405 with ``Allow``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import Receive, Scope, Send
 
 from tokenmill.client import HTTPTransport, TransportError
-from tokenmill.router.admin import serve_gateway_api
+from tokenmill.router.admin import send_not_allowed, serve_gateway_api
 from tokenmill.router.asgi import (
     forwarded_headers,
     header,
@@ -58,6 +62,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ROUTED = ("/v1/chat/completions", "/v1/completions")
+_MODEL_FIELDS = ("id", "object", "created", "owned_by", "max_model_len")  # what a team's key sees
 SESSION_HEADER = "x-session-id"
 _BLOCK_SIZE = 16  # until a worker's KV events say otherwise
 
@@ -102,8 +107,13 @@ class RouterApp:
                 await send_error(send, 405, f"{path} takes POST")
                 return
             await self._proxy(scope, receive, send)
-        elif path == "/v1/models" and method == "GET":
-            await send_json(send, 200, await self._models())
+        elif path == "/v1/models":
+            if method != "GET":
+                await send_not_allowed(send, f"{path} takes GET, not {method}", ("GET",))
+            elif self.gateway is None:
+                await send_json(send, 200, await self._models())
+            else:
+                await self._models_for_caller(scope, send)
         elif path == "/health":
             await send_json(send, 200, {"status": "ok"})
         elif path == "/ready":
@@ -118,13 +128,23 @@ class RouterApp:
             headers = [(b"content-type", CONTENT_TYPE.encode()), (b"content-length", str(len(body)).encode())]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": body})
-        elif path == "/router/workers" and method == "GET":
-            await send_json(send, 200, self.status())
-        elif path == "/admin/workers" and method == "POST":
+        elif path in ("/router/workers", "/admin/workers"):
+            # Behind the gateway both show every team's name and load, and one changes the fleet:
+            # the admin key's only. (/metrics stays open: Prometheus scrapes without keys.)
+            allowed = "GET" if path == "/router/workers" else "POST"
             if self.gateway is not None and not self.gateway.is_admin(forwarded_headers(scope["headers"])):
-                await send_error(send, 401, "the admin key is required", kind="authentication_error")
-                return
-            await self._admin(receive, send)
+                await send_error(
+                    send,
+                    401,
+                    "the admin key is required (Authorization: Bearer ...)",
+                    kind="authentication_error",
+                )
+            elif method != allowed:
+                await send_not_allowed(send, f"{path} takes {allowed}, not {method}", (allowed,))
+            elif path == "/router/workers":
+                await send_json(send, 200, self.status())
+            else:
+                await self._admin(receive, send)
         elif self.gateway is not None and (
             path.startswith(("/admin/teams", "/admin/keys")) or path == "/v1/usage"
         ):
@@ -299,6 +319,32 @@ class RouterApp:
             for m in models:
                 seen.setdefault(str(m.get("id")), m)
         return {"object": "list", "data": list(seen.values())}
+
+    async def _models_for_caller(self, scope: Scope, send: Send) -> None:
+        """Behind the gateway: every model for the admin key; for a team's key, the models the team
+        may use, with only the fields a client needs (a worker's ``root`` is a path on its disk)."""
+        assert self.gateway is not None
+        headers = forwarded_headers(scope["headers"])
+        if self.gateway.is_admin(headers):
+            await send_json(send, 200, await self._models())
+            return
+        who = self.gateway.caller(headers)
+        team = self.gateway.teams.get(who[1]) if who is not None else None
+        if team is None:
+            await send_error(
+                send,
+                401,
+                "a valid API key is required (Authorization: Bearer ...)",
+                kind="authentication_error",
+            )
+            return
+        listing = await self._models()
+        data = [
+            {k: m[k] for k in _MODEL_FIELDS if k in m}
+            for m in listing["data"]
+            if team.allows(str(m.get("id")))
+        ]
+        await send_json(send, 200, {"object": "list", "data": data})
 
     async def _admin(self, receive: Receive, send: Send) -> None:
         try:

@@ -6,12 +6,13 @@ admin_key_env: TOKENMILL_ADMIN_KEY      # the environment variable holding the a
 default_max_tokens: 1024                # reserved for a request that names no max_tokens
 worker_slots: 64                        # requests a worker runs at once, if its /metrics does not say
 queue: {max_waiting: 1000, max_wait_s: 30, aging_s: 5, fair: true, overflow: 0.125}  # admission.py
+                                        # (overflow: a share of the slots, 0 to 1)
 prices:                                 # dollars per million tokens, per model
   llama-3-8b: {prompt: 0.05, completion: 0.20}
 teams:
-  search:
+  search:                               # letters, digits, - _ . (1-64, a letter or digit first)
     models: [llama-3-8b]                # or ["*"]
-    priority: 10                        # higher first; a request may lower it, never raise it
+    priority: 10                        # higher first (int32); a request may lower it, never raise it
     requests_per_minute: 600
     tokens_per_minute: 200000           # prompt + max_tokens reserved at admission
     max_parallel: 32
@@ -20,25 +21,45 @@ teams:
     weight: 1                           # share against teams of the same priority when workers are full
 ```
 
+Counts (limits, budgets, slots) are whole numbers from 1 to 2^53-1, the
+largest the limiter's buckets (floats) and JSON readers hold exactly;
+priorities are int32, as workers (gRPC) and the ledger keep them.
+
 Teams created or changed through ``/admin/teams`` are kept in the ledger and
 survive restarts; a team named in this file is set from it at every start
-(the file wins for the teams it names). Every error names the field and what
-it allows.
+(the file wins for the teams it names: one deleted through the API returns at
+the next start unless it is removed here). Every error names the field and
+what it allows (``GatewayConfigError.field``, the admin API's ``param``).
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 PERIODS = ("day", "week", "month")
 POOLS = ("latency", "throughput")
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1  # what workers (gRPC int32) and the ledger hold
+COUNT_MAX = 2**53 - 1  # limits and budgets: the limiter's buckets are floats, exact up to here
+NUMBER_MAX = 1e15  # prices, dollars, seconds: past this, costs overflow to inf, which JSON cannot carry
+WEIGHT_MAX = 1e6
+LABEL_MAX = 256  # characters of a key's label
+# Team names go in URLs (DELETE /admin/teams/{name}) and in the ledger: nothing a URL or a path
+# would split or normalize ("a/b", "..", "%2F"), and only what UTF-8 and a terminal show plainly.
+TEAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TEAM_NAME_RULE = "1-64 characters from A-Z a-z 0-9 - _ . starting with a letter or digit"
 
 
 class GatewayConfigError(ValueError):
-    """The gateway config (or an admin request) has a field out of range."""
+    """The gateway config (or an admin request) has a field out of range; ``field`` names it
+    (dotted: ``teams.search.priority``, or ``priority`` in an admin request)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -100,16 +121,29 @@ def load_gateway_config(path: Path) -> GatewayConfig:
     import yaml
 
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason})"
+        raise GatewayConfigError(f"cannot read the gateway config {path}: {why}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise GatewayConfigError(f"{path} is not valid YAML: {e}") from None
-    return parse_gateway_config(raw, path.parent)
+    config = parse_gateway_config(raw, path.parent)
+    check_ledger_path(config.ledger)
+    return config
 
 
 def parse_gateway_config(raw: Any, base: Path) -> GatewayConfig:
     data = _mapping(raw, "the gateway config")
     _known(data, _TOP_FIELDS, "the gateway config")
-    ledger = Path(str(data.get("ledger", "tokenmill-gateway.db")))
+    ledger = data.get("ledger", "tokenmill-gateway.db")
+    if not isinstance(ledger, str) or not ledger.strip() or "\x00" in ledger:
+        raise GatewayConfigError(
+            "ledger must be the SQLite file's path, e.g. usage.db (relative: beside the config; "
+            f"absent: tokenmill-gateway.db), got {ledger!r}",
+            "ledger",
+        )
     prices = {}
     for model, p in _mapping(data.get("prices") or {}, "prices").items():
         p = _mapping(p, f"prices.{model}")
@@ -120,27 +154,29 @@ def parse_gateway_config(raw: Any, base: Path) -> GatewayConfig:
         )
     teams = {}
     for name, t in _mapping(data.get("teams") or {}, "teams").items():
-        teams[str(name)] = parse_team(str(name), t)
+        name = str(name) if isinstance(name, int) and not isinstance(name, bool) else name  # (`123:`)
+        teams[name] = parse_team(name, t)
     admin_env = data.get("admin_key_env", "TOKENMILL_ADMIN_KEY")
     if not isinstance(admin_env, str) or not admin_env:
-        raise GatewayConfigError(f"admin_key_env must be an environment variable's name, got {admin_env!r}")
-    default_max_tokens = _limit(data.get("default_max_tokens", 1024), "default_max_tokens")
-    worker_slots = _limit(data.get("worker_slots", 64), "worker_slots")
+        raise GatewayConfigError(
+            f"admin_key_env must be an environment variable's name, got {admin_env!r}", "admin_key_env"
+        )
+    default_max_tokens = _count(data, "default_max_tokens", 1024)
+    worker_slots = _count(data, "worker_slots", 64)
     queue = _mapping(data.get("queue") or {}, "queue")
     _known(queue, {"max_waiting", "max_wait_s", "aging_s", "fair", "overflow"}, "queue")
-    overflow = _number(queue.get("overflow", 0.125), "queue.overflow")
+    overflow = _number(queue.get("overflow", 0.125), "queue.overflow", most=1.0)
     fair = queue.get("fair", True)
     if not isinstance(fair, bool):
-        raise GatewayConfigError(f"queue.fair must be true or false, got {fair!r}")
-    max_waiting = _limit(queue.get("max_waiting", 1000), "queue.max_waiting")
+        raise GatewayConfigError(f"queue.fair must be true or false, got {fair!r}", "queue.fair")
+    max_waiting = _count(queue, "max_waiting", 1000, "queue.")
     max_wait_s = _number(queue.get("max_wait_s", 30.0), "queue.max_wait_s")
     aging_s = _number(queue.get("aging_s", 5.0), "queue.aging_s")
     if aging_s <= 0:
-        raise GatewayConfigError(f"queue.aging_s must be > 0, got {aging_s}")
-    assert default_max_tokens is not None and worker_slots is not None and max_waiting is not None
-    ledger = ledger if ledger.is_absolute() else base / ledger
+        raise GatewayConfigError(f"queue.aging_s must be > 0, got {aging_s}", "queue.aging_s")
+    path = Path(ledger)
     return GatewayConfig(
-        ledger,
+        path if path.is_absolute() else base / path,
         admin_env,
         default_max_tokens,
         worker_slots,
@@ -154,53 +190,121 @@ def parse_gateway_config(raw: Any, base: Path) -> GatewayConfig:
     )
 
 
+def check_ledger_path(path: Path) -> None:
+    """What can be told before SQLite opens it: the ledger is a file, or can be made one."""
+    if path.is_dir():
+        raise GatewayConfigError(
+            f"ledger must be a file, not a folder: {path} is a folder (name a file in it, e.g. "
+            f"{path / 'usage.db'})",
+            "ledger",
+        )
+    for folder in path.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise GatewayConfigError(
+                    f"ledger {path} cannot be made: {folder} is a file, not a folder", "ledger"
+                )
+            return
+
+
 _TOP_FIELDS = {"ledger", "admin_key_env", "default_max_tokens", "worker_slots", "queue", "prices", "teams"}
 
 
-_TEAM_FIELDS = {
-    "models",
-    "priority",
-    "requests_per_minute",
-    "tokens_per_minute",
-    "max_parallel",
-    "budget",
-    "pool",
-    "weight",
-}
+TEAM_FIELDS = frozenset(
+    {
+        "models",
+        "priority",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "max_parallel",
+        "budget",
+        "pool",
+        "weight",
+    }
+)
 
 
-def parse_team(name: str, raw: Any) -> Team:
-    """A team from its config mapping (the YAML's, or an admin request's body)."""
-    if not name or not isinstance(name, str) or len(name) > 64:
-        raise GatewayConfigError(f"a team's name is 1-64 characters, got {name!r}")
-    where = f"teams.{name}"
-    t = _mapping(raw or {}, where)
-    _known(t, _TEAM_FIELDS, where)
+def parse_team(name: str, raw: Any, where: str | None = None) -> Team:
+    """A team from its config mapping (the YAML's, or an admin request's body). ``where``: what
+    errors call its fields' parent (``teams.NAME`` by default; "" for an admin request's body)."""
+    if not isinstance(name, str) or not TEAM_NAME.fullmatch(name):
+        if where == "":
+            raise GatewayConfigError(f"name must be {TEAM_NAME_RULE}, got {name!r}", "name")
+        raise GatewayConfigError(f"teams: the team name {name!r} must be {TEAM_NAME_RULE}", "teams")
+    where = f"teams.{name}" if where is None else where
+    t = _mapping(raw or {}, where or "the body")
+    _known(t, TEAM_FIELDS, where or "the body")
     models = t.get("models", ["*"])
     if isinstance(models, str):
         models = [models]
     if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
-        raise GatewayConfigError(f"{where}.models must be a list of model names (or ['*']), got {models!r}")
+        raise GatewayConfigError(
+            f"{_at(where, 'models')} must be a list of model names (or ['*']), got {models!r}",
+            _at(where, "models"),
+        )
+    for m in models:
+        _text(m, _at(where, "models"))
     priority = t.get("priority", 0)
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise GatewayConfigError(f"{where}.priority must be an integer (higher first), got {priority!r}")
+    if (
+        not isinstance(priority, int)
+        or isinstance(priority, bool)
+        or not PRIORITY_MIN <= priority <= PRIORITY_MAX
+    ):
+        raise GatewayConfigError(
+            f"{_at(where, 'priority')} must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX} "
+            f"(higher first), got {priority!r}",
+            _at(where, "priority"),
+        )
     pool = t.get("pool", "throughput")
     if pool not in POOLS:
-        raise GatewayConfigError(f"{where}.pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        raise GatewayConfigError(
+            f"{_at(where, 'pool')} must be one of {', '.join(POOLS)}, got {pool!r}", _at(where, "pool")
+        )
     weight = t.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < math.inf:
-        raise GatewayConfigError(f"{where}.weight must be a number > 0 (its fair share), got {weight!r}")
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight <= WEIGHT_MAX:
+        raise GatewayConfigError(
+            f"{_at(where, 'weight')} must be a number > 0 and <= {WEIGHT_MAX:.0f} (its fair share), "
+            f"got {weight!r}",
+            _at(where, "weight"),
+        )
     return Team(
         name=name,
         weight=float(weight),
         models=tuple(models),
         priority=priority,
-        requests_per_minute=_limit(t.get("requests_per_minute"), f"{where}.requests_per_minute"),
-        tokens_per_minute=_limit(t.get("tokens_per_minute"), f"{where}.tokens_per_minute"),
-        max_parallel=_limit(t.get("max_parallel"), f"{where}.max_parallel"),
-        budget=_budget(t.get("budget"), f"{where}.budget"),
+        requests_per_minute=_limit(t.get("requests_per_minute"), _at(where, "requests_per_minute")),
+        tokens_per_minute=_limit(t.get("tokens_per_minute"), _at(where, "tokens_per_minute")),
+        max_parallel=_limit(t.get("max_parallel"), _at(where, "max_parallel")),
+        budget=_budget(t.get("budget"), _at(where, "budget")),
         pool=pool,
     )
+
+
+def parse_label(value: Any) -> str | None:
+    """A key's label (a note: who or what uses it), as the ledger can keep it and a table show it."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > LABEL_MAX:
+        got = f"{len(value)} characters" if isinstance(value, str) else repr(value)
+        raise GatewayConfigError(
+            f"label must be a string of at most {LABEL_MAX} characters, got {got}", "label"
+        )
+    return _text(value, "label")
+
+
+def _at(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _text(value: str, where: str) -> str:
+    """JSON escapes can carry lone surrogates (\\ud800), which no UTF-8 store (the ledger) holds."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise GatewayConfigError(
+            f"{where} must be text UTF-8 can hold: it has an unpaired \\uD800-\\uDFFF escape", where
+        ) from None
+    return value
 
 
 def _budget(raw: Any, where: str) -> Budget | None:
@@ -210,39 +314,61 @@ def _budget(raw: Any, where: str) -> Budget | None:
     _known(b, {"tokens", "dollars", "period"}, where)
     period = b.get("period", "month")
     if period not in PERIODS:
-        raise GatewayConfigError(f"{where}.period must be one of {', '.join(PERIODS)}, got {period!r}")
+        raise GatewayConfigError(
+            f"{where}.period must be one of {', '.join(PERIODS)}, got {period!r}", f"{where}.period"
+        )
     tokens = _limit(b.get("tokens"), f"{where}.tokens")
     dollars = b.get("dollars")
     if dollars is not None:
         dollars = _number(dollars, f"{where}.dollars")
     if (tokens is None) == (dollars is None):
-        raise GatewayConfigError(f"{where} takes one of tokens or dollars, got {raw!r}")
+        raise GatewayConfigError(f"{where} takes one of tokens or dollars, got {raw!r}", where)
     return Budget(period, tokens, dollars)
 
 
-def _limit(value: Any, where: str) -> int | None:
+def _limit(value: Any, where: str, absent: str = "no limit") -> int | None:
     if value is None:
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise GatewayConfigError(f"{where} must be a whole number >= 1 (or absent: no limit), got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= COUNT_MAX:
+        raise GatewayConfigError(
+            f"{where} must be a whole number from 1 to {COUNT_MAX} (or absent: {absent}), got {value!r}",
+            where,
+        )
     return value
 
 
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise GatewayConfigError(f"{where} must be a number >= 0, got {value!r}")
-    return float(value)
+def _count(data: dict[str, Any], name: str, default: int, prefix: str = "") -> int:
+    """A count with a default: present but empty (``name:`` in YAML) is a mistake, not the default."""
+    value = data.get(name, default)
+    count = _limit(value if value is not None else "nothing", prefix + name, absent=str(default))
+    assert count is not None
+    return count
+
+
+def _number(value: Any, where: str, most: float = NUMBER_MAX) -> float:
+    number = None
+    if not isinstance(value, bool) and isinstance(value, int | float):
+        with contextlib.suppress(OverflowError):  # (an int past 1.8e308 does not convert)
+            number = float(value)
+    if number is None or not 0 <= number <= most:  # (False for NaN)
+        raise GatewayConfigError(f"{where} must be a number from 0 to {most:g}, got {value!r}", where)
+    return number
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise GatewayConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+        raise GatewayConfigError(f"{where} must be a mapping, got {type(value).__name__}", where)
     return value
 
 
-def _known(value: dict[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(value) - allowed)
+def _known(value: dict[str, Any], allowed: set[str] | frozenset[str], where: str) -> None:
+    """Unknown fields are refused, not ignored: a misspelt limit would otherwise be no limit."""
+    unknown = sorted(str(k) for k in set(value) - allowed)
     if unknown:
-        raise GatewayConfigError(f"{where} has unknown fields {unknown}: allowed {sorted(allowed)}")
+        top = where in ("the body", "the gateway config")
+        raise GatewayConfigError(
+            f"{where} has unknown fields {unknown}: allowed {sorted(allowed)}",
+            unknown[0] if top else f"{where}.{unknown[0]}",
+        )

@@ -1,0 +1,286 @@
+"""The gateway's own endpoints as a client reaches them through the router's ASGI app: admin
+teams and keys, /v1/usage, /v1/models and /router/workers; every refusal in OpenAI's shape with
+``param`` naming the field."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.server.conftest import start_server
+from tokenmill.router.app import RouterApp
+from tokenmill.router.gateway import Gateway
+from tokenmill.router.gateway_config import parse_gateway_config
+from tokenmill.router.policies import Router
+from tokenmill.router.workers import WorkerPool
+
+ADMIN = "admin-secret-for-admin-tests"
+ADMIN_HEADERS = {"authorization": f"Bearer {ADMIN}"}
+CONFIG = {
+    "ledger": "usage.db",
+    "teams": {
+        "premium": {"models": ["demo"], "priority": 10},
+        "elsewhere": {"models": ["another-model"]},
+    },
+}
+
+
+class Answer:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes):
+        self.status, self.headers, self.raw = status, headers, body
+
+    def json(self) -> dict:
+        return json.loads(self.raw)
+
+    @property
+    def error(self) -> dict:
+        return self.json()["error"]
+
+
+async def call(
+    app: RouterApp,
+    method: str,
+    path: str,
+    body: bytes | dict | None = None,
+    headers: dict[str, str] | None = None,
+) -> Answer:
+    """One request through the app's ASGI interface, as the router's HTTP server makes it."""
+    path, _, query = path.partition("?")
+    raw = json.dumps(body).encode() if isinstance(body, dict) else (body or b"")
+    messages = [{"type": "http.request", "body": raw, "more_body": False}]
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "query_string": query.encode(),
+        "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()],
+    }
+    await app(scope, receive, send)
+    head = sent[0]
+    return Answer(
+        head["status"],
+        {k.decode(): v.decode() for k, v in head["headers"]},
+        b"".join(m.get("body", b"") for m in sent[1:]),
+    )
+
+
+def admin(app: RouterApp, method: str, path: str, body: bytes | dict | None = None) -> Answer:
+    return asyncio.run(call(app, method, path, body, ADMIN_HEADERS))
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, monkeypatch) -> Gateway:
+    monkeypatch.setenv("TOKENMILL_ADMIN_KEY", ADMIN)
+    gateway = Gateway(parse_gateway_config(CONFIG, tmp_path))
+    yield gateway
+    gateway.ledger.close()
+
+
+@pytest.fixture
+def app(gateway: Gateway) -> RouterApp:
+    return RouterApp(WorkerPool(["http://127.0.0.1:9"]), Router("least_load"), gateway=gateway)
+
+
+def assert_refused(answer: Answer, status: int, param: str | None, *named: str) -> None:
+    assert answer.status == status, answer.raw
+    assert set(answer.error) == {"message", "type", "param", "code"}
+    assert answer.error["param"] == param, answer.error
+    for words in named:
+        assert words in answer.error["message"], answer.error["message"]
+
+
+# -- teams --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "named"),
+    [
+        # The ledger (and workers) keep priorities as int32: this one used to be accepted, and
+        # every usage row of the team then dropped by the ledger (OverflowError).
+        (b'{"name": "x", "priority": 99999999999999999999999}', "priority", "-2147483648 to 2147483647"),
+        (b'{"name": "x", "tokens_per_minute": 1' + b"0" * 400 + b"}", "tokens_per_minute", "1 to 9007"),
+        (b'{"name": "x", "weight": 1' + b"0" * 400 + b"}", "weight", "<= 1000000"),
+        (b'{"name": "x", "budget": {"dollars": 1' + b"0" * 400 + b"}}", "budget.dollars", "0 to 1e+15"),
+        (b'{"name": "x", "budget": {"tokens": 0}}', "budget.tokens", "1 to 9007"),
+        (b'{"name": "x", "pool": "fast"}', "pool", "latency, throughput"),  # param was null
+        # A lone surrogate was a plain-text 500 (UnicodeEncodeError writing the ledger).
+        (b'{"name": "t\\ud800"}', "name", "A-Z a-z 0-9 - _ ."),
+        (b'{"name": "x", "models": ["m\\ud800"]}', "models", "unpaired"),
+        # "a/b" could be created but never deleted: DELETE /admin/teams/a/b is another path.
+        (b'{"name": "a/b"}', "name", "1-64 characters from A-Z a-z 0-9 - _ . starting with a letter"),
+        (b'{"name": ".."}', "name", "starting with a letter or digit"),
+        (b'{"name": ""}', "name", "1-64 characters"),
+        (b'{"priority": 1}', "name", "got None"),
+        (b'{"name": "x", "prority": 1}', "prority", "unknown fields ['prority']: allowed ['budget',"),
+    ],
+)
+def test_a_team_the_gateway_cannot_keep_is_a_400_naming_the_field(app, gateway, body, param, named):
+    assert_refused(admin(app, "POST", "/admin/teams", body), 400, param, named)
+    assert set(gateway.teams) == {"premium", "elsewhere"}  # nothing half made
+
+
+def test_a_team_with_a_safe_name_is_created_and_deleted(app, gateway):
+    made = admin(app, "POST", "/admin/teams", {"name": "search.v2-eu_1", "priority": -(2**31)})
+    assert made.status == 200 and made.json()["priority"] == -(2**31) and "note" not in made.json()
+    gone = admin(app, "DELETE", "/admin/teams/search.v2-eu_1")
+    assert gone.status == 200 and gone.json() == {"deleted": "search.v2-eu_1"}  # not in the file
+    assert "search.v2-eu_1" not in gateway.teams
+
+
+def test_deleting_or_changing_a_team_of_the_config_file_says_the_file_wins_at_restart(app, gateway, tmp_path):
+    changed = admin(app, "POST", "/admin/teams", {"name": "premium", "priority": 3})
+    assert changed.status == 200 and "config file" in changed.json()["note"]
+    gone = admin(app, "DELETE", "/admin/teams/premium").json()
+    assert gone["deleted"] == "premium" and gone["in_config"] is True
+    assert "returns at the next start" in gone["note"] and "unless it is removed there" in gone["note"]
+    gateway.ledger.close()
+    restarted = Gateway(parse_gateway_config(CONFIG, tmp_path))  # as the note says
+    assert restarted.teams["premium"].priority == 10
+    restarted.ledger.close()
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "named"),
+    [
+        (
+            {"team": "premium", "lable": "typo"},
+            "lable",
+            "unknown fields ['lable']: allowed ['label', 'team']",
+        ),
+        ({"team": "premium", "label": "x" * 5_000_000}, "label", "at most 256 characters"),
+        (b'{"team": "premium", "label": "x\\ud800"}', "label", "unpaired"),
+        ({"team": "premium", "label": 5}, "label", "must be a string"),
+        ({"team": "nobody"}, "team", "must name an existing team"),
+    ],
+)
+def test_a_key_request_the_gateway_would_not_keep_as_sent_is_a_400(app, gateway, body, param, named):
+    assert_refused(admin(app, "POST", "/admin/keys", body), 400, param, named)
+    assert gateway.ledger.keys() == []
+
+
+def test_a_key_with_a_label_of_256_characters_is_made(app):
+    made = admin(app, "POST", "/admin/keys", {"team": "premium", "label": "é" * 256})
+    assert made.status == 200 and made.json()["label"] == "é" * 256 and made.json()["key"].startswith("tm-")
+
+
+# -- methods and paths --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("PUT", "/admin/teams", "GET, POST"),
+        ("GET", "/admin/teams/premium", "DELETE"),
+        ("DELETE", "/admin/keys", "GET, POST"),
+        ("GET", "/admin/keys/key_0/revoke", "POST"),
+        ("POST", "/v1/usage", "GET"),
+        ("POST", "/v1/models", "GET"),
+        ("POST", "/router/workers", "GET"),
+        ("GET", "/admin/workers", "POST"),
+    ],
+)
+def test_a_known_path_with_another_method_is_a_405_naming_the_allowed_ones(app, method, path, allow):
+    answer = admin(app, method, path)
+    assert answer.status == 405 and answer.headers["allow"] == allow
+    assert allow.replace(", ", " or ") in answer.error["message"] and answer.error["type"]
+
+
+def test_an_unknown_admin_path_is_still_a_404(app):
+    assert admin(app, "DELETE", "/admin/teams/a/b").status == 404
+    assert admin(app, "GET", "/admin/nothing").status == 404
+
+
+# -- usage --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "param", "named"),
+    [
+        ("from=2024-05-02&to=2024-05-01", "from", "from (2024-05-02) is after to (2024-05-01)"),
+        ("start=2024-05-01", "start", "parameters ['start']; allowed: from, to, group_by, team"),
+        ("group_by=", "group_by", "group_by must be model or day, got ''"),
+        ("from=", "from", "from must be a date"),
+        ("group_by=day&group_by=model", "group_by", "given 2 times"),
+        ("team=", "team", "team must name a team"),
+    ],
+)
+def test_a_usage_query_it_cannot_answer_as_asked_is_a_400(app, query, param, named):
+    assert_refused(admin(app, "GET", f"/v1/usage?{query}"), 400, param, named)
+
+
+def test_a_usage_query_over_one_day_is_answered(app):
+    answer = admin(app, "GET", "/v1/usage?from=2024-05-01&to=2024-05-01&group_by=day")
+    assert answer.status == 200 and answer.json()["data"] == []
+
+
+def test_an_unknown_admin_query_parameter_is_a_400(app):
+    assert_refused(admin(app, "GET", "/admin/keys?tem=premium"), 400, "tem", "allowed: team")
+    assert admin(app, "GET", "/admin/keys?team=premium").status == 200
+
+
+# -- what a key may see -------------------------------------------------------------------------
+
+
+def test_the_fleet_view_needs_the_admin_key_behind_a_gateway(app, gateway):
+    key, _ = gateway.create_key("premium")
+    for headers in ({}, {"authorization": f"Bearer {key}"}):
+        answer = asyncio.run(call(app, "GET", "/router/workers", headers=headers))
+        assert_refused(answer, 401, None, "the admin key is required")
+    assert admin(app, "GET", "/router/workers").json()["queues"] == {}
+    assert asyncio.run(call(app, "GET", "/metrics")).status == 200  # Prometheus scrapes without keys
+
+
+def test_without_a_gateway_the_fleet_view_stays_open(gateway):
+    app = RouterApp(WorkerPool(["http://127.0.0.1:9"]), Router("least_load"))
+    assert asyncio.run(call(app, "GET", "/router/workers")).status == 200
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = start_server()
+    yield w
+    w.stop()
+
+
+def test_models_need_a_key_and_list_only_the_teams_without_paths(worker, gateway):
+    app = RouterApp(WorkerPool([worker.url]), Router("least_load"), gateway=gateway)
+    premium, _ = gateway.create_key("premium")
+    elsewhere, _ = gateway.create_key("elsewhere")
+
+    async def run() -> list[Answer]:
+        try:
+            return [
+                await call(app, "GET", "/v1/models", headers=h)
+                for h in (
+                    {},
+                    {"authorization": "Bearer tm-not-a-key"},
+                    {"authorization": f"Bearer {premium}"},
+                    {"x-api-key": elsewhere},
+                    ADMIN_HEADERS,
+                )
+            ]
+        finally:
+            await app.stop()
+
+    nobody, wrong, mine, none_allowed, everything = asyncio.run(run())
+    assert_refused(nobody, 401, None, "a valid API key is required")
+    assert_refused(wrong, 401, None, "a valid API key is required")
+    assert [m["id"] for m in mine.json()["data"]] == ["demo"]
+    assert "root" not in mine.json()["data"][0] and "max_model_len" in mine.json()["data"][0]
+    assert none_allowed.status == 200 and none_allowed.json()["data"] == []
+    assert everything.json()["data"][0]["root"] is not None  # the admin sees what the workers say
