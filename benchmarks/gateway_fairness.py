@@ -49,6 +49,7 @@ DEMO = ROOT / "src" / "tokenmill" / "engine" / "demo_model"
 WORKERS, SLOTS = 8, 8
 SHARES = {"premium": 0.10, "standard-a": 0.20, "standard-b": 0.20, "flood": 0.50}
 STANDARD = ("standard-a", "standard-b", "flood")
+ADMIN_KEY = "fairness-bench-admin"  # the gateway's admin key (config default: $TOKENMILL_ADMIN_KEY)
 GATEWAY_CPUS: set[int] | None = None  # the cores the gateway is pinned to (None: it shares all)
 
 
@@ -123,8 +124,14 @@ def _gateway(
     for w in workers:
         cmd += ["--worker", w]
     log = (folder / "gateway.log").open("w")
+    env = {**os.environ, "TOKENMILL_ADMIN_KEY": ADMIN_KEY}  # /router/workers needs it behind a gateway
     proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=pin_to(GATEWAY_CPUS)
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=pin_to(GATEWAY_CPUS),
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -133,7 +140,8 @@ def _gateway(
 
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
-                status = httpx.get(f"{url}/router/workers", timeout=2).json()
+                admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+                status = httpx.get(f"{url}/router/workers", headers=admin, timeout=2).json()
                 if all(w["slots"] == SLOTS for w in status["workers"]):  # the workers' slots are known
                     break
             time.sleep(0.3)

@@ -17,7 +17,9 @@ def test_priorities_that_parse(value, expected):
     assert parse_priority(value) == expected
 
 
-@pytest.mark.parametrize("value", ["1_0", "high", "1.5", "٣", "--1", str(PRIORITY_MAX + 1), "9" * 30, "+"])
+@pytest.mark.parametrize(
+    "value", ["1_0", "high", "1.5", "٣", "--1", str(PRIORITY_MAX + 1), "9" * 30, "9" * 5000, "+"]
+)
 def test_anything_else_is_a_400_naming_the_header_and_the_range(value):
     with pytest.raises(APIError) as e:
         parse_priority(value)

@@ -25,7 +25,8 @@ def parse_priority(value: str | None, field: str = PRIORITY_HEADER) -> int | Non
         return None
     text = value.strip()
     digits = text[1:] if text[:1] in ("+", "-") else text
-    if digits.isascii() and digits.isdigit() and PRIORITY_MIN <= (number := int(text)) <= PRIORITY_MAX:
+    ok = digits.isascii() and digits.isdigit() and len(digits) <= 10  # (int() refuses 4,300 digits and up)
+    if ok and PRIORITY_MIN <= (number := int(text)) <= PRIORITY_MAX:
         return number
     raise APIError.invalid_request(
         f"{field}={value!r} is invalid: allowed an integer from {PRIORITY_MIN} to {PRIORITY_MAX} "

@@ -24,7 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tokenmill.protocol.headers import PRIORITY_HEADER, TENANT_HEADER
+from tokenmill.protocol.errors import APIError
+from tokenmill.protocol.headers import (
+    PRIORITY_HEADER,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    TENANT_HEADER,
+    parse_priority,
+)
 from tokenmill.router.admission import AdmissionQueue, QueuePolicy
 from tokenmill.router.gateway_config import GatewayConfig, Price, Team
 from tokenmill.router.ledger import KeyRecord, Ledger, hash_key
@@ -33,7 +40,6 @@ from tokenmill.router.usage_batch import Closing, UsageRow
 from tokenmill.router.usage_meter import Usage, ask_for_usage
 
 KEY_HEADERS = ("authorization", "x-api-key")
-PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1  # what workers (gRPC int32) and the ledger hold
 KEYS_REFRESH_S = 2.0  # keys created or revoked by another process (the CLI) take effect this fast
 _SEEN_KEYS_MAX = 10_000
 
@@ -325,17 +331,10 @@ def _priority(request: dict[str, Any], headers: dict[str, str], team: Team) -> i
     """The team's class, or lower if the request asks; never higher."""
     asked: Any = request.get("priority")
     if asked is None and PRIORITY_HEADER in headers:
-        raw = headers[PRIORITY_HEADER]
-        digits = raw[1:] if raw[:1] in ("+", "-") else raw
-        # Only a sign and ASCII digits: int() also takes "1_0", " 10 " and other scripts' digits.
-        if not (digits.isascii() and digits.isdigit()) or len(digits) > 20:
-            raise GatewayError(
-                400,
-                f"{PRIORITY_HEADER} must be an integer (an optional sign and digits), got {raw!r:.40}",
-                "invalid_request_error",
-                "priority",
-            )
-        asked = int(raw)
+        try:
+            asked = parse_priority(headers[PRIORITY_HEADER])  # as workers read it
+        except APIError as e:
+            raise GatewayError(400, e.message, "invalid_request_error", "priority") from None
     if asked is None:
         return team.priority
     if not isinstance(asked, int) or isinstance(asked, bool) or not PRIORITY_MIN <= asked <= PRIORITY_MAX:

@@ -40,9 +40,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenmill.protocol.headers import PRIORITY_MAX, PRIORITY_MIN
+
 PERIODS = ("day", "week", "month")
 POOLS = ("latency", "throughput")
-PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1  # what workers (gRPC int32) and the ledger hold
 COUNT_MAX = 2**53 - 1  # limits and budgets: the limiter's buckets are floats, exact up to here
 NUMBER_MAX = 1e15  # prices, dollars, seconds: past this, costs overflow to inf, which JSON cannot carry
 WEIGHT_MAX = 1e6
