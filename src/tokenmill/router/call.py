@@ -135,16 +135,19 @@ def sequences(request: dict[str, Any]) -> int:
     """Sequences the worker generates for a request: per prompt of a completions batch, ``n``, or
     ``best_of`` when larger (an engine that takes it generates that many and returns ``n``). At
     most ``MAX_OUTPUT_TOKENS``: a count past it is the worker's to refuse."""
+    # (Asked two or three times a request through the gateway: the common case, a lone prompt
+    # without n or best_of, costs three lookups.)
+    n, best_of = request.get("n"), request.get("best_of")
+    count = 1 if n is None and best_of is None else max(_count(n), _count(best_of))
     prompt = request.get("prompt")
-    prompts = 1
     if (
-        request.get("messages") is None
-        and isinstance(prompt, list)
+        prompt.__class__ is list
         and prompt
         and not isinstance(prompt[0], int)
+        and request.get("messages") is None
     ):
-        prompts = len(prompt)  # strings or token-id lists, one prompt each
-    return min(prompts * choices(request), MAX_OUTPUT_TOKENS)
+        count *= len(prompt)  # strings or token-id lists, one prompt each
+    return count if count < MAX_OUTPUT_TOKENS else MAX_OUTPUT_TOKENS
 
 
 def choices(request: dict[str, Any]) -> int:
@@ -156,9 +159,10 @@ def _asked(request: dict[str, Any], count: int) -> int | None:
     asked = request.get("max_completion_tokens")
     if asked is None:
         asked = request.get("max_tokens")
-    if not isinstance(asked, int) or isinstance(asked, bool) or asked <= 0:
+    if asked.__class__ is not int or asked <= 0:  # (not a bool, which is an int subclass)
         return None  # none, or a value the worker refuses
-    return min(asked * count, MAX_OUTPUT_TOKENS)
+    asked *= count
+    return asked if asked < MAX_OUTPUT_TOKENS else MAX_OUTPUT_TOKENS
 
 
 def _count(value: Any) -> int:
