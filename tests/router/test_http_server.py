@@ -187,6 +187,12 @@ def test_idle_connections_close_and_stopping_waits_for_running_answers():
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         assert await asyncio.wait_for(reader.read(1), 3) == b""  # idle past keep_alive_s: closed
         writer.close()
+        # A request that stops arriving (a body shorter than its content-length): 408, closed.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc")
+        answer = await asyncio.wait_for(reader.read(), 3)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer
+        writer.close()
 
     run(check, keep_alive_s=0.2)
     assert events == ["shutdown"]  # the app's lifespan ran its shutdown

@@ -64,6 +64,8 @@ class ServerConnection(asyncio.Protocol):
         self.drain: asyncio.Future[None] | None = None  # set while the socket buffer is full
         self.last_active = self.loop.time()
         self.timer: asyncio.TimerHandle | None = None
+        self.reads = 0  # data_received calls, so the timer can tell a request that stopped arriving
+        self.reads_at_timer = 0
         self.client: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
 
@@ -93,6 +95,7 @@ class ServerConnection(asyncio.Protocol):
             self.drain.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        self.reads += 1
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -240,6 +243,12 @@ class ServerConnection(asyncio.Protocol):
         if idle and self.loop.time() - self.last_active >= self.server.keep_alive_s:
             self.close()
             return
+        if self.parsing is not None and self.current is None and self.reads == self.reads_at_timer:
+            # Part of a request, then nothing for a whole interval (a body shorter than its
+            # content-length, a client that stalled): without this it would hold the connection forever.
+            self._refuse(408, b"the request stopped arriving before its end")
+            return
+        self.reads_at_timer = self.reads
         if not idle:
             self.last_active = self.loop.time()
         self._arm_timer()
