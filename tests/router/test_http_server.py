@@ -231,11 +231,24 @@ def test_oversized_bodies_are_413_and_upgrade_requests_get_a_plain_answer(monkey
     import tokenmill.router.server_connection as server_connection
 
     monkeypatch.setattr(server_connection, "MAX_BODY_BYTES", 10)
+    monkeypatch.setattr(server_connection, "MAX_HEAD_BYTES", 200)
 
     async def check(port: int) -> None:
         big = b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 11\r\n\r\n" + b"x" * 11
         refused = await exchange(port, big, read_s=5)
         assert refused.startswith(b"HTTP/1.1 413") and b"connection: close" in refused
+        # A body within the limit after a head near its own: the two are counted apart.
+        fits = (
+            b"POST /echo HTTP/1.1\r\nhost: x\r\nx-pad: "
+            + b"p" * 150
+            + b"\r\ncontent-length: 9\r\n\r\n"
+            + b"y" * 9
+        )
+        assert (await exchange(port, fits, read_s=5)).startswith(b"HTTP/1.1 200")
+        for head in (b"GET /" + b"u" * 300 + b" HTTP/1.1\r\nhost: x\r\n\r\n",
+                     b"GET /echo HTTP/1.1\r\nhost: x\r\nx-big: " + b"h" * 300 + b"\r\n\r\n"):  # fmt: skip
+            too_big = await exchange(port, head, read_s=5)
+            assert too_big.startswith(b"HTTP/1.1 431") and b"connection: close" in too_big
         upgrade = b"GET /echo HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
         plain = await exchange(port, upgrade, read_s=5)  # answered, then the connection ends
         assert plain.startswith(b"HTTP/1.1 200 OK") and plain.endswith(b"GET /echo |")

@@ -29,6 +29,7 @@ _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _NO_BODY = (204, 304)
 _PIPELINE_DEPTH = 8  # parsed requests a connection holds before it stops reading
 MAX_BODY_BYTES = 64 << 20  # a request body past this is refused (413) before it fills memory
+MAX_HEAD_BYTES = 64 << 10  # request line and headers past this are refused (431), as nginx's and uvicorn's
 
 
 class _Date:
@@ -121,16 +122,26 @@ class ServerConnection(asyncio.Protocol):
         self.parsing = _Request(self)
 
     def on_url(self, url: bytes) -> None:
-        assert self.parsing is not None
-        self.parsing.url += url
+        r = self.parsing
+        assert r is not None
+        r.url += url
+        self._count_head(r, len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.parsing is not None
-        self.parsing.headers.append((name.lower(), value))
+        r = self.parsing
+        assert r is not None
+        r.headers.append((name.lower(), value))
+        self._count_head(r, len(name) + len(value))
+
+    def _count_head(self, r: _Request, size: int) -> None:
+        r.size += size  # (the head's bytes until the body starts; then the body's)
+        if r.size > MAX_HEAD_BYTES and not self.closed:
+            self._refuse(431, b"request line and headers over %d bytes" % MAX_HEAD_BYTES)
 
     def on_headers_complete(self) -> None:
         r = self.parsing
         assert r is not None
+        r.size = 0  # from here, the body's bytes
         r.method = self.parser.get_method().decode("ascii")
         r.http_version = self.parser.get_http_version()
         r.keep_alive = self.parser.should_keep_alive()
