@@ -125,17 +125,20 @@ class ServerConnection(asyncio.Protocol):
         r = self.parsing
         assert r is not None
         r.url += url
-        self._count_head(r, len(url))
+        r.size += len(url)  # (the head's bytes until the body starts; then the body's)
+        if r.size > MAX_HEAD_BYTES:
+            self._head_too_big()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         r = self.parsing
         assert r is not None
         r.headers.append((name.lower(), value))
-        self._count_head(r, len(name) + len(value))
+        r.size += len(name) + len(value)
+        if r.size > MAX_HEAD_BYTES:
+            self._head_too_big()
 
-    def _count_head(self, r: _Request, size: int) -> None:
-        r.size += size  # (the head's bytes until the body starts; then the body's)
-        if r.size > MAX_HEAD_BYTES and not self.closed:
+    def _head_too_big(self) -> None:
+        if not self.closed:
             self._refuse(431, b"request line and headers over %d bytes" % MAX_HEAD_BYTES)
 
     def on_headers_complete(self) -> None:
