@@ -192,6 +192,7 @@ def test_a_key_with_a_label_of_256_characters_is_made(app):
         ("POST", "/v1/models", "GET"),
         ("POST", "/router/workers", "GET"),
         ("GET", "/admin/workers", "POST"),
+        ("GET", "/v1/chat/completions", "POST"),
     ],
 )
 def test_a_known_path_with_another_method_is_a_405_naming_the_allowed_ones(app, method, path, allow):

@@ -163,7 +163,15 @@ def handle_usage(gateway: Gateway, query: str, headers: dict[str, str]) -> Answe
             raise GatewayError(
                 401, "a valid API key is required (Authorization: Bearer ...)", "authentication_error"
             )
-        team = who[1]  # a team sees its own usage only, whatever it asks
+        team = who[1]  # a team sees its own usage only
+        asked = args.get("team")
+        if asked is not None and asked != team:
+            raise GatewayError(
+                403,
+                f"a key of team {team} sees team {team}'s usage only; team={asked!r:.40} needs the admin key",
+                "permission_error",
+                "team",
+            )
     group_by = args.get("group_by", "model")
     if group_by not in GROUP_BY:
         raise GatewayError(

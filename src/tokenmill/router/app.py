@@ -104,7 +104,7 @@ class RouterApp:
         method, path = scope["method"], scope["path"]
         if path in ROUTED:
             if method != "POST":
-                await send_error(send, 405, f"{path} takes POST")
+                await send_not_allowed(send, f"{path} takes POST, not {method}", ("POST",))
                 return
             await self._proxy(scope, receive, send)
         elif path == "/v1/models":
