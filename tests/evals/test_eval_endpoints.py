@@ -4,16 +4,13 @@ a question's own failure is left out of the accuracy and asked again on the next
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench.test_cli import mock_server
 from tests.evals.test_eval_run import EXAMPLES, run_eval
 from tests.server.conftest import start_server
 from tokenmill.client.http_transport import HTTPTransport
@@ -27,21 +24,6 @@ def keyed():
     server = start_server("--api-key", "sekret")
     yield server
     server.stop()
-
-
-@contextlib.contextmanager
-def mock_server(*args: str):
-    """``tokenmill bench mock-server`` on a free port; yields its URL."""
-    cmd = [sys.executable, "-m", "tokenmill.cli.main", "bench", "mock-server", "--port", "0", *args]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        assert "ready: " in line, line
-        yield line.split("ready: ")[1].split("/v1")[0]
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def _closed_port() -> int:

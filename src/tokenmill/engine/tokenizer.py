@@ -20,6 +20,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from tokenmill.engine.errors import InvalidRequestError, ModelLoadError, PromptTooLongError
+from tokenmill.protocol.text import utf8_encodable
 
 ChatMessage = dict[str, Any]
 
@@ -95,7 +96,7 @@ class Tokenizer:
         try:
             return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         except TypeError:  # tokenizers' answer to a lone surrogate (a JSON "\ud800" escape)
-            if isinstance(text, str) and not _utf8(text):
+            if isinstance(text, str) and not utf8_encodable(text):
                 raise InvalidRequestError(
                     field, "<text>", "text without unpaired surrogates (\\uD800-\\uDFFF escapes)"
                 ) from None
@@ -158,14 +159,6 @@ class Tokenizer:
         # The template already writes the BOS text; adding specials again would double it.
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
         return self.encode(text, add_special_tokens=False, field="messages")
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _token_text(token: Any) -> str | None:

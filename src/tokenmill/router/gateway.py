@@ -32,6 +32,7 @@ from tokenmill.protocol.headers import (
     TENANT_HEADER,
     parse_priority,
 )
+from tokenmill.protocol.text import utf8_encodable
 from tokenmill.router.admission import AdmissionQueue, QueuePolicy
 from tokenmill.router.gateway_config import GatewayConfig, Price, Team
 from tokenmill.router.ledger import KeyRecord, Ledger, hash_key
@@ -175,7 +176,7 @@ class Gateway:
                 "invalid_request_error",
                 "model",
             )
-        if not _utf8(model):
+        if not utf8_encodable(model):
             raise GatewayError(
                 400,
                 "model must be text a UTF-8 store can hold: it has an unpaired \\uD800-\\uDFFF escape",
@@ -345,15 +346,6 @@ def _priority(request: dict[str, Any], headers: dict[str, str], team: Team) -> i
             "priority",
         )
     return min(asked, team.priority)
-
-
-def _utf8(text: str) -> bool:
-    """JSON escapes can carry lone surrogates, which no UTF-8 store (the ledger) can hold."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _with_priority(body: bytes, priority: int) -> bytes | None:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.protocol.headers import PRIORITY_MAX, PRIORITY_MIN
+from tokenmill.protocol.text import utf8_encodable
 
 PERIODS = ("day", "week", "month")
 POOLS = ("latency", "throughput")
@@ -298,13 +299,11 @@ def _at(where: str, name: str) -> str:
 
 
 def _text(value: str, where: str) -> str:
-    """JSON escapes can carry lone surrogates (\\ud800), which no UTF-8 store (the ledger) holds."""
-    try:
-        value.encode()
-    except UnicodeEncodeError:
+    """Text the ledger (SQLite, UTF-8) can hold."""
+    if not utf8_encodable(value):
         raise GatewayConfigError(
             f"{where} must be text UTF-8 can hold: it has an unpaired \\uD800-\\uDFFF escape", where
-        ) from None
+        )
     return value
 
 
