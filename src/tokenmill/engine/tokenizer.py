@@ -20,7 +20,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from tokenmill.engine.errors import InvalidRequestError, ModelLoadError, PromptTooLongError
-from tokenmill.protocol.text import utf8_encodable
 
 ChatMessage = dict[str, Any]
 
@@ -159,6 +158,16 @@ class Tokenizer:
         # The template already writes the BOS text; adding specials again would double it.
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
         return self.encode(text, add_special_tokens=False, field="messages")
+
+
+def utf8_encodable(text: str) -> bool:
+    """False when ``text`` holds an unpaired surrogate (a JSON "\\ud800" escape decodes to one).
+    (``protocol/text.py`` has the same for the fronts: the engine imports nothing above it.)"""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _token_text(token: Any) -> str | None:
