@@ -15,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenmill.router import ledger as ledger_module
+from tokenmill.router.api_keys import hash_key
 from tokenmill.router.gateway_config import Budget, Price, Team
-from tokenmill.router.ledger import Ledger, hash_key
+from tokenmill.router.ledger import Ledger
 from tokenmill.router.usage_batch import Closing, UsageRow, day_of
 
 

@@ -34,8 +34,9 @@ from tokenmill.protocol.headers import (
 )
 from tokenmill.protocol.text import utf8_encodable
 from tokenmill.router.admission import AdmissionQueue, QueuePolicy
+from tokenmill.router.api_keys import KeyRecord, hash_key
 from tokenmill.router.gateway_config import GatewayConfig, Price, Team
-from tokenmill.router.ledger import KeyRecord, Ledger, hash_key
+from tokenmill.router.ledger import Ledger
 from tokenmill.router.limits import Limiter, Refusal, Reservation, tokens_to_reserve
 from tokenmill.router.usage_batch import Closing, UsageRow
 from tokenmill.router.usage_meter import Usage, ask_for_usage

@@ -35,28 +35,24 @@ whole, and these two added a third to each commit's cost. Budgets and
 ``/v1/usage`` read the totals; only audits read the log, and a scan of it is
 fast enough for them. (Ledgers made before keep theirs; both read the same.)
 
-Keys are random (``tm-`` + 43 URL-safe characters, 256 bits) and stored only as
-their SHA-256: a key that strong needs no slow hash, and the ledger leaking
-gives no key away.
+Keys are stored only as their hashes (``router/api_keys.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from tokenmill.router.api_keys import KeyRecord, hash_key, new_key, new_key_id
 from tokenmill.router.gateway_config import Budget, GatewayConfigError, Price, Team, parse_team
 from tokenmill.router.usage_batch import Closing, UsageBatch, UsageRow, day_of
 
@@ -84,27 +80,6 @@ CREATE TABLE IF NOT EXISTS totals (
     PRIMARY KEY (team, day, model)
 );
 """
-
-
-@dataclass(frozen=True)
-class KeyRecord:
-    id: str
-    team: str
-    label: str | None
-    created: float
-    revoked: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "team": self.team, "label": self.label, "created": self.created,
-                "revoked": self.revoked}  # fmt: skip
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def new_key() -> str:
-    return "tm-" + secrets.token_urlsafe(32)
 
 
 class Ledger:
@@ -246,7 +221,7 @@ class Ledger:
     def create_key(self, team: str, label: str | None = None) -> tuple[str, KeyRecord]:
         """A new key for ``team``: the key itself (shown once, never stored) and its record."""
         key = new_key()
-        record = KeyRecord("key_" + secrets.token_hex(6), team, label, time.time(), None)
+        record = KeyRecord(new_key_id(), team, label, time.time(), None)
         self._db.execute(
             "INSERT INTO keys (id, team, hash, label, created) VALUES (?, ?, ?, ?, ?)",
             (record.id, team, hash_key(key), label, record.created),

@@ -1,0 +1,39 @@
+"""The gateway's API keys: how they are made, named and stored.
+
+Keys are random (``tm-`` + 43 URL-safe characters, 256 bits) and stored only as
+their SHA-256: a key that strong needs no slow hash, and the ledger leaking
+gives no key away. A key's id (``key_`` + 12 hex digits) names it in the admin
+API and the usage log; the key itself is shown once, when it is made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: str
+    team: str
+    label: str | None
+    created: float
+    revoked: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "team": self.team, "label": self.label, "created": self.created,
+                "revoked": self.revoked}  # fmt: skip
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return "tm-" + secrets.token_urlsafe(32)
+
+
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(6)
