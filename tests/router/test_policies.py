@@ -252,6 +252,28 @@ def test_kv_replicates_a_popular_prefix_once_the_holders_batch_costs_more_than_a
     assert r.decisions["kv_miss"] == 2  # one prefill per new replica, no more
 
 
+def test_kv_counts_a_request_of_n_sequences_as_n_decoding_side_by_side():
+    p, r = pool(2), Router("kv")
+    holder, other = p.workers
+    for w in p.workers:
+        w.step_cost.cost = StepCost(0.004, 4e-5, 0.0)
+    blocks = _blocks(125)  # 2,005 tokens, held by the first worker: 0.08 s of prefill saved there
+    r.kv.apply(holder.url, {"type": "BlockStored", "block_hashes": blocks.hashes})
+    n8 = RouteRequest(
+        blocks.num_tokens + 8 * 64, prompt_tokens=blocks.num_tokens, blocks=blocks, sequences=8, choices=8
+    )
+    for _ in range(5):
+        p.started(holder, 100, 64)
+    # 65 steps, not 513: five more sequences in each step there cost less than the prefill saved.
+    assert r.choose(n8, p.available()) is holder
+    for _ in range(5):
+        p.finished(holder, 100, 64)
+        p.started(holder, 100, 8 * 64, 8)
+    # Five requests of n=8 make a batch of 40, not of 5: now the prefill is cheaper than the batch.
+    assert holder.in_flight_sequences == 40
+    assert r.choose(n8, p.available()) is other
+
+
 def test_the_pool_version_moves_with_every_change_to_what_is_available():
     """What is derived from the available workers (the gateway's capacity) is cached against it."""
     p = pool(2)

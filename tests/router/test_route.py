@@ -160,12 +160,17 @@ def test_least_load_sends_the_next_request_to_the_idle_worker(workers):
     a, b = workers
     router = RouterProcess(a.url, b.url, policy="least_load")
     try:
-        body = {"prompt": "ROMEO:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        body = {"prompt": "ROMEO:", "max_tokens": 1000, "ignore_eos": True, "stream": True, "n": 2}
         with httpx.stream("POST", f"{router.url}/v1/completions", json=body, timeout=60) as long:
             busy = long.headers["x-tokenmill-worker"]
             lines = long.iter_lines()  # kept: dropping the iterator would close the stream
             next(lines)
             assert all(chat(router.url).headers["x-tokenmill-worker"] != busy for _ in range(3))
+            (held,) = [w for w in router.status()["workers"] if w["name"] == busy]
+            assert (held["in_flight"], held["in_flight_sequences"]) == (1, 2)  # n: two in its batch
+        wait_until(
+            lambda: all(w["in_flight_sequences"] == 0 for w in router.status()["workers"]), "the stream's end"
+        )
     finally:
         router.stop()
 

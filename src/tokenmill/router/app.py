@@ -46,7 +46,7 @@ from tokenmill.router.asgi import (
     send_error,
     send_json,
 )
-from tokenmill.router.call import Call, Outcome, Prefill, asked_output, estimate_tokens
+from tokenmill.router.call import Call, Outcome, Prefill, asked_output, choices, estimate_tokens, sequences
 from tokenmill.router.forward import Forwarder
 from tokenmill.router.gateway import body_for
 from tokenmill.router.health import FleetKeeper
@@ -265,7 +265,14 @@ class RouterApp:
             chunk_hashes(text) if self.router.policy == "prefix" or (self.hasher and blocks is None) else []
         )
         route = RouteRequest(
-            prompt_tokens + call.output_tokens, call.session, prompt_tokens, prefix, blocks, jumps_queue
+            prompt_tokens + call.output_tokens,
+            call.session,
+            prompt_tokens,
+            prefix,
+            blocks,
+            jumps_queue,
+            sequences(request),
+            choices(request),
         )
         tried: set[str] = set()
         while True:
@@ -281,10 +288,9 @@ class RouterApp:
             tried.add(worker.url)
             kv = self.router.kv if blocks is not None else None
             prefill = Prefill(worker, self.router.last_prefill, kv, blocks)
-            output = route.tokens - route.prompt_tokens
             sent = body_for(worker.engine, request, body) if outcome.admitted is not None else body
             if await self.forwarder.forward(
-                worker, scope["path"], sent, headers, route.tokens, output, prefill, receive, send, outcome
+                worker, scope["path"], sent, headers, route, prefill, receive, send, outcome
             ):
                 return
 

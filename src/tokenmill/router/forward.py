@@ -23,6 +23,7 @@ from tokenmill.client import HTTPTransport, TransportError
 from tokenmill.protocol.headers import WORKER_HEADER
 from tokenmill.router.asgi import HOP_BY_HOP, error_body, send_error, wait_for_disconnect
 from tokenmill.router.call import Outcome, Prefill
+from tokenmill.router.policies import RouteRequest
 from tokenmill.router.workers import Worker, WorkerPool
 
 if TYPE_CHECKING:
@@ -47,8 +48,7 @@ class Forwarder:
         path: str,
         body: bytes,
         headers: dict[str, str],
-        tokens: int,
-        output: int,
+        route: RouteRequest,
         prefill: Prefill,
         receive: Receive,
         send: Send,
@@ -56,7 +56,8 @@ class Forwarder:
     ) -> bool:
         """Send the request to ``worker`` and stream its answer back. False if the worker failed
         before its first byte (nothing reached the client: the request may go elsewhere)."""
-        self.pool.started(worker, tokens, output)
+        tokens, output, sequences = route.tokens, route.output_tokens, route.sequences
+        self.pool.started(worker, tokens, output, sequences)
         outcome.worker = worker.name  # the worker has the request (for the usage row, however it ends)
         started = False
         try:
@@ -88,7 +89,7 @@ class Forwarder:
                 return False
             return True  # _relay has ended the client's response
         finally:
-            self.pool.finished(worker, tokens, output)
+            self.pool.finished(worker, tokens, output, sequences)
             prefill.done()
 
     async def _usage_recorded(self, outcome: Outcome, send: Send) -> bool:

@@ -58,12 +58,18 @@ MAX_SESSIONS = 100_000  # remembered session -> worker pairs (least recently use
 
 @dataclass(frozen=True)
 class RouteRequest:
-    tokens: int  # estimated prompt tokens + asked output tokens
+    tokens: int  # estimated prompt tokens + asked output tokens (every sequence's)
     session: str | None = None
-    prompt_tokens: int = 0  # estimated prompt tokens alone
+    prompt_tokens: int = 0  # estimated prompt tokens alone (every prompt of a batch)
     prefix: list[int] = field(default_factory=list)  # chained chunk hashes of the prompt (prefix policy)
     blocks: PromptBlocks | None = None  # the prompt's exact KV blocks (kv policy)
     jumps_queue: bool = False  # it outranks requests in flight: workers seat it before those waiting
+    sequences: int = 1  # generated side by side: prompts of a batch x (n or best_of)
+    choices: int = 1  # sequences per prompt (n or best_of): each reads its prompt's KV every step
+
+    @property
+    def output_tokens(self) -> int:
+        return self.tokens - self.prompt_tokens
 
 
 class Router:
@@ -116,7 +122,10 @@ class Router:
     def _by_cache(self, request: RouteRequest, workers: list[Worker]) -> Worker:
         hit = self._cached_tokens(request, workers)
         prompt = request.blocks.num_tokens if request.blocks is not None else request.prompt_tokens
-        steps = 1 + max(request.tokens - request.prompt_tokens, 0)  # the first token's, then one per output
+        # The sequences decode side by side: the first token's step, then one per token of each.
+        sequences = max(request.sequences, 1)
+        steps = 1 + -(-max(request.output_tokens, 0) // sequences)
+        context = prompt * max(request.choices, 1) + steps * sequences  # KV its steps read, at the end
         cost_of = self._step_costs(workers)
 
         def added_latency(w: Worker) -> float:
@@ -124,10 +133,10 @@ class Router:
             its prefill and its KV reads cause the requests already running there."""
             c = cost_of(w)
             uncached = max(prompt - hit(w), 0)
-            step = c.per_step + c.per_token * w.in_flight + c.per_context_token * w.in_flight_tokens
+            step = c.per_step + c.per_token * w.in_flight_sequences + c.per_context_token * w.in_flight_tokens
             own = c.per_token * (w.pending_prefill + uncached) + steps * step
             others = w.in_flight * c.per_token * uncached  # each waits out the prefill's chunks
-            others += c.per_context_token * (prompt + steps) * w.in_flight_output / 2  # about half done
+            others += c.per_context_token * context * w.in_flight_output / 2  # about half done
             return (own + others) / w.ramp()
 
         start = next(self._turn) % len(workers)

@@ -39,6 +39,7 @@ def fleet_status(
                 "draining": w.draining,
                 "in_flight": w.in_flight,
                 "in_flight_tokens": w.in_flight_tokens,
+                "in_flight_sequences": w.in_flight_sequences,
                 "routed": w.routed,
                 "routed_tokens": w.routed_tokens,
                 "failed": w.failed,

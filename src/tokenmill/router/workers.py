@@ -32,6 +32,7 @@ class Worker:
     in_flight: int = 0
     in_flight_tokens: int = 0  # prompt + asked output tokens of requests in flight
     in_flight_output: int = 0  # asked output tokens of requests in flight
+    in_flight_sequences: int = 0  # their sequences (n, best_of, batched prompts): the batch they make
     pending_prefill: int = 0  # prompt tokens routed here, not yet cached there, whose first byte is still due
     routed: int = 0
     routed_tokens: int = 0
@@ -124,17 +125,19 @@ class WorkerPool:
 
     # -- what requests report ---------------------------------------------------------------
 
-    def started(self, w: Worker, tokens: int, output: int = 0) -> None:
+    def started(self, w: Worker, tokens: int, output: int = 0, sequences: int = 1) -> None:
         w.in_flight += 1
         w.in_flight_tokens += tokens
         w.in_flight_output += output
+        w.in_flight_sequences += sequences
         w.routed += 1
         w.routed_tokens += tokens
 
-    def finished(self, w: Worker, tokens: int, output: int = 0) -> None:
+    def finished(self, w: Worker, tokens: int, output: int = 0, sequences: int = 1) -> None:
         w.in_flight -= 1
         w.in_flight_tokens -= tokens
         w.in_flight_output -= output
+        w.in_flight_sequences -= sequences
 
     def succeeded(self, w: Worker) -> None:
         w.failures = 0
