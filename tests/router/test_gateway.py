@@ -25,6 +25,7 @@ from tokenmill.router.ledger import Ledger
 ADMIN = "admin-secret-for-tests"
 CONFIG = """
 ledger: usage.db
+usage_checkpoint_s: 0.2
 prices:
   demo: {prompt: 1.0, completion: 2.0}
 teams:
@@ -292,7 +293,10 @@ def test_a_killed_gateway_leaves_no_request_unrecorded(gateway):
         headers={"authorization": f"Bearer {gateway.keys['beta']}"},
         timeout=30,
     ) as r:
-        next(r.iter_lines())
+        lines = r.iter_lines()
+        received, since = 0, time.monotonic()
+        while time.monotonic() - since < 1.0:  # several checkpoints (usage_checkpoint_s: 0.2)
+            received += next(lines).startswith("data: ")
         os.kill(gateway.router.proc.pid, signal.SIGKILL)  # mid-stream, no cleanup
         gateway.router.proc.wait(10)
     restarted = start_gateway(gateway.worker, gateway.config)
@@ -300,7 +304,10 @@ def test_a_killed_gateway_leaves_no_request_unrecorded(gateway):
         assert "1 requests a stopped gateway left in flight" in restarted.ready_line
         (row,) = usage_rows(gateway, "beta")
         assert row["status"] == "interrupted" and row["prompt_tokens"] > 0
-        assert row["cost"] == pytest.approx(row["prompt_tokens"] * 1.0 / 1e6)  # its prompt, at demo's price
+        # What the client was sent up to the last checkpoint is charged too, not the prompt alone.
+        assert 0 < row["completion_tokens"] < 900 and received > 1
+        expected = (row["prompt_tokens"] * 1.0 + row["completion_tokens"] * 2.0) / 1e6  # demo's prices
+        assert row["cost"] == pytest.approx(expected)
         headers = {"authorization": f"Bearer {gateway.keys['beta']}"}
         (total,) = httpx.get(f"{restarted.url}/v1/usage", headers=headers, timeout=30).json()["data"]
         assert total["cost"] == pytest.approx(row["cost"])  # what dollar budgets read agrees

@@ -111,6 +111,8 @@ def _refused(yaml: str, tmp_path: Path) -> GatewayConfigError:
         ("queue: {max_wait_s: 1" + "0" * 400 + "}", "queue.max_wait_s", "from 0 to 1e+15"),
         # overflow is a share of the slots (admission.py): 50 would let 50x the slots past full.
         ("queue: {overflow: 50}", "queue.overflow", "from 0 to 1"),
+        ("usage_checkpoint_s: 0", "usage_checkpoint_s", "must be > 0 (seconds, at most 3600)"),
+        ("usage_checkpoint_s: 86400", "usage_checkpoint_s", "from 0 to 3600"),
         # Absent, default_max_tokens is 1024 (not "no limit"); empty, it is a mistake.
         ("default_max_tokens: 0", "default_max_tokens", "(or absent: 1024), got 0"),
         ("default_max_tokens:", "default_max_tokens", "(or absent: 1024), got 'nothing'"),
@@ -134,6 +136,7 @@ def test_values_the_ledger_limiter_or_urls_cannot_hold_are_refused(tmp_path: Pat
 def test_the_edges_of_each_range_are_accepted(tmp_path: Path):
     yaml = """
 queue: {overflow: 1}
+usage_checkpoint_s: 3600
 teams:
   low: {priority: -2147483648, weight: 1000000}
   high.team-1_x: {priority: 2147483647, tokens_per_minute: 9007199254740991}
@@ -143,6 +146,7 @@ teams:
     (tmp_path / "g.yaml").write_text(yaml)
     config = load_gateway_config(tmp_path / "g.yaml")
     assert config.overflow == 1.0 and set(config.teams) == {"low", "high.team-1_x", "0", "123"}
+    assert config.usage_checkpoint_s == 3600.0
     assert config.teams["low"].priority == -(2**31) and config.teams["high.team-1_x"].priority == 2**31 - 1
 
 

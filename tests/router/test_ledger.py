@@ -84,6 +84,41 @@ def test_recovery_charges_an_interrupted_prompt_at_its_models_price(tmp_path: Pa
     assert by_model == {"priced": pytest.approx(0.0006), "free": 0.0}
 
 
+def test_a_streams_checkpointed_completion_is_charged_when_the_gateway_dies(tmp_path: Path):
+    path = tmp_path / "u.db"
+    code = (
+        "import os; from pathlib import Path; from tokenmill.router.ledger import Ledger; "
+        f"l = Ledger(Path({str(path)!r})); r = l.open_request('s', 'a', 'k', 'priced', 0, 300); "
+        "l.progress(r, 10); l.progress(r, 40); os._exit(9)"  # (no loop: each commits at once)
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 9
+    ledger = Ledger(path, {"priced": Price(prompt=2.0, completion=8.0)}.get)
+    assert ledger.recover_interrupted() == 1
+    (row,) = ledger.rows("a")
+    assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == ("interrupted", 300, 40)
+    assert row["cost"] == pytest.approx((300 * 2.0 + 40 * 8.0) / 1e6)
+    tokens, dollars = ledger.spent("a", Budget("day", dollars=1.0))
+    assert tokens == 340 and dollars == pytest.approx(row["cost"])  # the totals agree with the row
+
+
+def test_a_checkpoint_waits_for_its_row_and_a_closing_in_the_same_commit_has_the_last_word(
+    tmp_path: Path,
+):
+    ledger = Ledger(tmp_path / "u.db")
+
+    async def run() -> None:
+        row = ledger.open_request("s", "a", "k", "m", 0, 10)
+        assert not ledger.progress(row, 5)  # not written yet (this turn's commit): the next one will
+        await ledger.durable(row)
+        assert ledger.progress(row, 50)
+        ledger.close_request(row, Closing(10, 64, "ok", 200, "w", 0.1, 0.0))
+        await ledger.durable()
+
+    asyncio.run(run())
+    (written,) = ledger.rows("a")
+    assert (written["status"], written["completion_tokens"]) == ("ok", 64)
+
+
 def test_keys_are_stored_as_hashes_and_revoked(tmp_path: Path):
     ledger = Ledger(tmp_path / "u.db")
     key, record = ledger.create_key("a", "ci")

@@ -90,6 +90,7 @@ class RouterApp:
         self._read_timeout = read_timeout
         self._transports: dict[str, HTTPTransport] = {}
         self._health_task: asyncio.Task[None] | None = None
+        self._checkpoint_task: asyncio.Task[None] | None = None  # the gateway's running streams' rows
         self.keeper = FleetKeeper(pool, router, self._transport, health_interval, workers_file)
         self.forwarder = Forwarder(pool, self._transport, gateway.ledger if gateway is not None else None)
 
@@ -166,18 +167,30 @@ class RouterApp:
     async def start(self) -> None:
         if self._health_task is None:
             self._health_task = asyncio.create_task(self.keeper.run_forever())
+        if self.gateway is not None and self._checkpoint_task is None:
+            self._checkpoint_task = asyncio.create_task(self._checkpoint_forever(self.gateway))
 
     async def stop(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
-            self._health_task = None
+        for task in (self._health_task, self._checkpoint_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._health_task = self._checkpoint_task = None
         for transport in self._transports.values():
             await transport.aclose()
         self._transports.clear()
         if self.gateway is not None:
             self.gateway.ledger.commit()  # rows closed in the last turn of the loop
+
+    @staticmethod
+    async def _checkpoint_forever(gateway: Gateway) -> None:
+        while True:
+            await asyncio.sleep(gateway.config.usage_checkpoint_s)
+            try:
+                gateway.checkpoint()
+            except Exception:  # a ledger error is logged where the commit fails; keep checkpointing
+                logger.exception("the gateway could not checkpoint its running requests' usage")
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -207,6 +220,8 @@ class RouterApp:
                 return
             body = admitted.body
         outcome = Outcome(admitted)
+        if admitted is not None and self.gateway is not None:
+            self.gateway.follow(admitted, outcome.completion_so_far)
         call = Call(
             scope, receive, send, request, body, headers, session, text, prompt_tokens, output_tokens, outcome
         )

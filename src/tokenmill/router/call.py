@@ -70,6 +70,14 @@ class Outcome:
     def chunks(self) -> int:
         return self.meter.events if self.meter is not None else 0
 
+    def completion_so_far(self) -> int:
+        """Completion tokens sent to the client so far: the worker's count when its chunks carry
+        usage, else its content chunks (a token each, as workers stream them)."""
+        m = self.meter
+        if m is None:
+            return 0
+        return m.usage.completion_tokens if m.usage.seen else m.events
+
 
 class Prefill:
     """What a routed request adds to its worker until its first byte: its prefill to the queue

@@ -62,7 +62,7 @@ class GatewayError(Exception):
         )
 
 
-@dataclass
+@dataclass(eq=False)  # one per request, told apart by identity (Gateway._running)
 class Admitted:
     """A request let through: what it reserved and where its usage goes."""
 
@@ -78,6 +78,7 @@ class Admitted:
     started: float  # time.monotonic(), for its latency
     price: Price | None
     body: bytes  # what goes to the worker
+    checkpointed: int = 0  # completion tokens its row holds while it runs (Gateway.checkpoint)
 
 
 class Gateway:
@@ -93,6 +94,7 @@ class Gateway:
         # once, not per request; cleared with every read of the hashes, which drops revoked keys.
         self._seen: dict[str, tuple[str, str] | None] = {}
         self.queues: dict[str, AdmissionQueue] = {}  # one admission queue per pool
+        self._running: dict[Admitted, Callable[[], int]] = {}  # forwarded, not finished: their progress
         # Request ids: a random prefix per gateway process and a counter (unique without a syscall each).
         self._id_prefix = "gw-" + secrets.token_hex(6) + "-"
         self._ids = itertools.count(1)
@@ -254,6 +256,7 @@ class Gateway:
     ) -> None:
         """The request ended: release its reservation, close its usage row. ``chunks``: content
         chunks seen, the completion estimate when the worker never reported usage."""
+        self._running.pop(a, None)
         if usage.seen:
             prompt, completion = usage.prompt_tokens, usage.completion_tokens
         elif http_status is not None and http_status < 400:
@@ -269,6 +272,22 @@ class Gateway:
         latency = time.monotonic() - a.started
         closing = Closing(prompt, completion, status, http_status, worker, latency, cost)
         self.ledger.close_request(a.row, closing)
+
+    def follow(self, a: Admitted, completion_so_far: Callable[[], int]) -> None:
+        """Keep ``a``'s row up to date while it runs (``checkpoint``), until ``finish``."""
+        self._running[a] = completion_so_far
+
+    def checkpoint(self) -> int:
+        """Write each running request's completion tokens so far to its row, so that a gateway
+        killed mid-stream leaves the row charged with what its client was sent up to here, not
+        with its prompt alone. Returns the rows brought up to date."""
+        updated = 0
+        for a, so_far in self._running.items():
+            done = so_far()
+            if done > a.checkpointed and self.ledger.progress(a.row, done):
+                a.checkpointed = done
+                updated += 1
+        return updated
 
     # -- admission -------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ default_max_tokens: 1024                # reserved for a request that names no m
 worker_slots: 64                        # requests a worker runs at once, if its /metrics does not say
 queue: {max_waiting: 1000, max_wait_s: 30, aging_s: 5, fair: true, overflow: 0.125}  # admission.py
                                         # (overflow: a share of the slots, 0 to 1)
+usage_checkpoint_s: 5                   # a running stream's usage row is brought up to date this often
 prices:                                 # dollars per million tokens, per model
   llama-3-8b: {prompt: 0.05, completion: 0.20}
 teams:
@@ -112,6 +113,7 @@ class GatewayConfig:
     aging_s: float = 5.0  # a waiting band's standing rises by one per this many seconds
     fair_queuing: bool = True  # between teams of one band; false: first come, first served
     overflow: float = 0.125  # share of slots that requests outranking all that wait may take past full
+    usage_checkpoint_s: float = 5.0  # a running stream's row gets its completion so far this often
     prices: dict[str, Price] = field(default_factory=dict)
     teams: dict[str, Team] = field(default_factory=dict)
 
@@ -176,6 +178,12 @@ def parse_gateway_config(raw: Any, base: Path) -> GatewayConfig:
     aging_s = _number(queue.get("aging_s", 5.0), "queue.aging_s")
     if aging_s <= 0:
         raise GatewayConfigError(f"queue.aging_s must be > 0, got {aging_s}", "queue.aging_s")
+    usage_checkpoint_s = _number(data.get("usage_checkpoint_s", 5.0), "usage_checkpoint_s", most=3600.0)
+    if usage_checkpoint_s <= 0:
+        raise GatewayConfigError(
+            f"usage_checkpoint_s must be > 0 (seconds, at most 3600), got {usage_checkpoint_s}",
+            "usage_checkpoint_s",
+        )
     path = Path(ledger)
     return GatewayConfig(
         path if path.is_absolute() else base / path,
@@ -187,6 +195,7 @@ def parse_gateway_config(raw: Any, base: Path) -> GatewayConfig:
         aging_s,
         fair,
         overflow,
+        usage_checkpoint_s,
         prices,
         teams,
     )
@@ -209,7 +218,16 @@ def check_ledger_path(path: Path) -> None:
             return
 
 
-_TOP_FIELDS = {"ledger", "admin_key_env", "default_max_tokens", "worker_slots", "queue", "prices", "teams"}
+_TOP_FIELDS = {
+    "ledger",
+    "admin_key_env",
+    "default_max_tokens",
+    "worker_slots",
+    "queue",
+    "usage_checkpoint_s",
+    "prices",
+    "teams",
+}
 
 
 TEAM_FIELDS = frozenset(

@@ -3,9 +3,12 @@
 SQLite in WAL mode with ``synchronous=NORMAL``: a commit survives the gateway
 process dying (not the machine losing power mid-write). A request's row is
 written as it is forwarded, status ``in_flight``, and completed when it
-ends; rows still ``in_flight`` when a gateway starts belong to one that died
-with them, and are closed as ``interrupted`` (their prompt tokens still
-count against the team's budget, charged at the model's price). Per team,
+ends; while a stream runs, its row is brought up to date with the completion
+tokens sent so far every few seconds (``progress``). Rows still ``in_flight``
+when a gateway starts belong to one that died with them, and are closed as
+``interrupted``: their prompt tokens and the completion tokens of their last
+checkpoint still count against the team's budget, charged at the model's
+price. Per team,
 day and model, totals are kept beside the log in the same transaction, so
 budgets and ``/v1/usage`` read a few dozen rows, never the log.
 
@@ -285,6 +288,15 @@ class Ledger:
         self._in_flight -= 1
         self._schedule_commit()
 
+    def progress(self, row: UsageRow, completion_tokens: int) -> bool:
+        """Record a running request's completion tokens so far, for a crash to charge; False (and
+        nothing done) while its row is not written yet: the next checkpoint will be."""
+        if row.id is None:
+            return False
+        self._batch.progress(row, completion_tokens)
+        self._schedule_commit()
+        return True
+
     def claim(self) -> None:
         """Make this process the ledger's one gateway, or raise ValueError naming the file if
         another holds it (a lock on ``<ledger>.lock``, let go when the process ends, however it
@@ -308,23 +320,26 @@ class Ledger:
         self._lock_fd = fd  # held for the life of the process
 
     def recover_interrupted(self) -> int:
-        """Close the rows a dead gateway left in flight as interrupted, their prompts counted and
-        charged at the model's price (``price``), in the row and its totals alike: a dollar
-        budget must not miss what the worker computed. Only the gateway that owns the ledger
+        """Close the rows a dead gateway left in flight as interrupted, their prompts and the
+        completion tokens of their last checkpoint counted and charged at the model's price
+        (``price``), in the row and its totals alike: a dollar budget must not miss what the
+        worker computed. Only the gateway that owns the ledger
         calls this, as it starts: anything else that opens the file (``tokenmill keys``, an
         audit) would take the running gateway's requests for lost ones."""
         recovered = UsageBatch()
         with self._transaction():
             rows = self._db.execute(
-                "SELECT id, team, model, started, prompt_tokens FROM usage WHERE status = 'in_flight'"
+                "SELECT id, team, model, started, prompt_tokens, completion_tokens FROM usage "
+                "WHERE status = 'in_flight'"
             ).fetchall()
             now = time.time()
             closed = []
-            for row_id, team, model, started, prompt in rows:
+            for row_id, team, model, started, prompt, completion in rows:
                 price = self.price(model) if self.price is not None else None
-                cost = price.cost(prompt, 0) if price is not None else 0.0
+                completion = completion or 0  # (NULL in ledgers of older versions)
+                cost = price.cost(prompt, completion) if price is not None else 0.0
                 closed.append((now, cost, row_id))
-                recovered.add_totals(team, day_of(started), model, prompt, 0, cost)
+                recovered.add_totals(team, day_of(started), model, prompt, completion, cost)
             self._db.executemany(
                 "UPDATE usage SET status = 'interrupted', finished = ?, cost = ? WHERE id = ?", closed
             )

@@ -30,6 +30,7 @@ _UPDATE = (
     "UPDATE usage SET prompt_tokens = ?, completion_tokens = ?, status = ?, http_status = ?, worker = ?, "
     "latency_s = ?, cost = ?, finished = ? WHERE id = ?"
 )
+_PROGRESS = "UPDATE usage SET completion_tokens = ? WHERE id = ?"  # a running stream's checkpoint
 _ADD_TOTALS = (
     "INSERT INTO totals VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (team, day, model) DO UPDATE SET "
     "requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
@@ -74,11 +75,12 @@ class UsageRow:
 @dataclass
 class UsageBatch:
     opened: list[UsageRow] = field(default_factory=list)
+    progressed: list[tuple[int, int]] = field(default_factory=list)  # _PROGRESS's parameters
     closed: list[tuple[Any, ...]] = field(default_factory=list)  # _UPDATE's parameters
     totals: dict[tuple[str, str, str], list[Any]] = field(default_factory=dict)  # requests, tokens, cost
 
     def __bool__(self) -> bool:
-        return bool(self.opened or self.closed or self.totals)
+        return bool(self.opened or self.progressed or self.closed or self.totals)
 
     def open(self, row: UsageRow) -> None:
         self.opened.append(row)
@@ -94,6 +96,11 @@ class UsageBatch:
                  finished, row.id)
             )  # fmt: skip
         self.add_totals(row.team, row.day, row.model, c.prompt_tokens, c.completion_tokens, c.cost)
+
+    def progress(self, row: UsageRow, completion_tokens: int) -> None:
+        """A row written and still open: its completion so far (written before any closing)."""
+        assert row.id is not None
+        self.progressed.append((completion_tokens, row.id))
 
     def add_totals(self, team: str, day: str, model: str, prompt: int, completion: int, cost: float) -> None:
         t = self.totals.get((team, day, model))
@@ -128,7 +135,9 @@ class UsageBatch:
                     for i, row in enumerate(self.opened)
                 ],
             )  # fmt: skip
-        if self.closed:
+        if self.progressed:
+            db.executemany(_PROGRESS, self.progressed)
+        if self.closed:  # after the checkpoints: a closing has the last word
             db.executemany(_UPDATE, self.closed)
         if self.totals:
             db.executemany(_ADD_TOTALS, [(*key, *t) for key, t in self.totals.items()])
@@ -139,7 +148,7 @@ class UsageBatch:
         (Until then, a failed commit leaves everything here for the next one.)"""
         for i, row in enumerate(self.opened):
             row.id = first + i
-        self.opened, self.closed, self.totals = [], [], {}
+        self.opened, self.progressed, self.closed, self.totals = [], [], [], {}
 
 
 def day_of(timestamp: float) -> str:
