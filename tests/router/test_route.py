@@ -266,6 +266,17 @@ def test_a_drained_worker_takes_no_new_requests_and_admin_errors_are_clear(worke
             f"{router.url}/admin/workers", json={"url": "http://x:1", "action": "drain"}, timeout=5
         )
         assert unknown.status_code == 400 and "no worker" in unknown.json()["error"]["message"]
+        for order, param in (
+            ({"url": 5, "action": "add"}, "url"),
+            ({"action": "add"}, "url"),
+            ({"url": a.url, "action": ["add"]}, "action"),
+            ([1], None),
+            ("[" * 100_000, None),  # deeper than the parser's recursion
+        ):
+            content = order.encode() if isinstance(order, str) else json.dumps(order).encode()
+            r = httpx.post(f"{router.url}/admin/workers", content=content, timeout=5)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, order
+            assert "POST /admin/workers takes" in r.json()["error"]["message"]
     finally:
         router.stop()
 
@@ -288,7 +299,26 @@ def test_bad_json_is_a_400_and_costs_no_worker_anything(workers):
     try:
         r = httpx.post(f"{router.url}/v1/chat/completions", content=b"{not json", timeout=5)
         assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+        deep = httpx.post(f"{router.url}/v1/chat/completions", content=b'{"a":' * 100_000, timeout=5)
+        assert deep.status_code == 400 and "nests too deeply" in deep.json()["error"]["message"]
         assert router.status()["workers"][0]["routed"] == 0
+    finally:
+        router.stop()
+
+
+def test_bodies_only_the_worker_can_judge_get_its_400_and_count_no_tokens(workers):
+    a, _ = workers
+    router = RouterProcess(a.url)
+    try:
+        parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}], "max_tokens": 3}
+        r = httpx.post(f"{router.url}/v1/chat/completions", json=parts, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")  # was a 500
+        huge = {"prompt": "x", "max_tokens": 3, "n": 10**12}  # counted as 2^31 tokens until refused
+        assert httpx.post(f"{router.url}/v1/completions", json=huge, timeout=10).status_code == 400
+        (w,) = router.status()["workers"]
+        assert w["routed"] == 2 and w["routed_tokens"] == 0  # the tokens of what the worker refused: none
+        assert chat(router.url).status_code == 200
+        assert 0 < router.status()["workers"][0]["routed_tokens"] < 100
     finally:
         router.stop()
 
@@ -370,6 +400,11 @@ def test_kv_policy_follows_the_workers_events_and_predicts_their_hits_exactly(wo
         assert status["decisions"] == {"kv_miss": 1, "kv_hit": 3}
         measured = sum(w.metric("tokenmill_prefix_cache_hits_total") for w in (a, b)) - sum(hits_before)
         assert status["predicted_hit_tokens"] == measured > 0  # the router knew exactly what was cached
+        # Text the tokenizer refuses is routed by load, and the worker's 400 names the field.
+        lone = b'{"prompt": "\\ud800", "max_tokens": 3}'  # JSON's escape of a lone surrogate
+        json_type = {"content-type": "application/json"}
+        r = httpx.post(f"{router.url}/v1/completions", content=lone, headers=json_type, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
     finally:
         router.stop()
 
@@ -393,6 +428,47 @@ def test_kv_policy_needs_the_tokenizer_and_names_the_option():
         [*cmd[:-1], "prefix", "--tokenizer", "demo"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "--policy kv only" in done.stderr
+
+
+def test_route_refuses_a_bad_port_an_empty_workers_file_and_a_status_url_that_is_no_router(tmp_path):
+    route = [sys.executable, "-m", "tokenmill.cli.main", "route"]
+    env = {**os.environ, "COLUMNS": "300"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*route, *args], capture_output=True, text=True, timeout=60, env=env)
+
+    done = run("--worker", "http://127.0.0.1:1", "--port", "99999")
+    assert done.returncode == 2 and "--port must be from 0 to 65535" in done.stderr
+    assert "Traceback" not in done.stderr
+    empty = tmp_path / "workers.txt"
+    empty.write_text("# none yet\n")
+    done = run("--workers-file", str(empty))
+    assert done.returncode == 2 and f"--workers-file {empty} lists no worker" in done.stderr
+    (tmp_path / "router").mkdir()
+    (tmp_path / "router" / "workers").write_text("{}")  # a server answering JSON, not a router's
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    files = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "-d", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/router/workers"), "the file server")
+        done = run("status", f"http://127.0.0.1:{port}")
+        assert done.returncode == 2 and "is not a tokenmill router's worker list" in done.stderr
+        assert "Traceback" not in done.stderr
+    finally:
+        files.kill()
+        files.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _known_blocks(router: RouterProcess, url: str) -> int:

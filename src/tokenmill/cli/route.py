@@ -63,9 +63,16 @@ def route(
     try:
         from tokenmill.router.health import read_workers_file
 
+        if not 0 <= port <= 65535:
+            raise ValueError(f"--port must be from 0 to 65535 (0: any free port), got {port}")
         urls = list(worker or [])
         if workers_file is not None:
             urls += read_workers_file(workers_file)
+        if not urls and workers_file is not None:
+            raise ValueError(
+                f"--workers-file {workers_file} lists no worker (one URL a line; blank lines and # "
+                "comments are skipped): add one there, or give --worker URL"
+            )
         if not urls:
             raise ValueError("give at least one --worker URL or a --workers-file")
         pool = WorkerPool(urls)
@@ -226,6 +233,10 @@ def status(
             f"{escape(str(message or data))}{escape(hint)}",
             soft_wrap=True,
         )
+        raise typer.Exit(2)
+    if not isinstance(data, dict) or not {"policy", "imbalance", "workers", "decisions"} <= data.keys():
+        why = "is not a tokenmill router's worker list"
+        err.print(f"[red]error:[/red] {escape(where)} {why}", soft_wrap=True)
         raise typer.Exit(2)
     table = Table(
         title=f"policy {data['policy']}; imbalance (max/mean in-flight tokens) {data['imbalance']:.2f}"

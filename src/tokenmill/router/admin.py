@@ -18,7 +18,6 @@ OpenAI's shape, with ``param`` naming the field where there is one.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from datetime import date
@@ -27,7 +26,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import Receive, Scope, Send
 
-from tokenmill.router.asgi import error_body, forwarded_headers, read_body, send_error, send_json
+from tokenmill.router.asgi import error_body, forwarded_headers, json_object, read_body, send_error, send_json
 from tokenmill.router.gateway import Gateway, GatewayError
 from tokenmill.router.gateway_config import TEAM_FIELDS, GatewayConfigError, parse_label, parse_team
 
@@ -276,9 +275,6 @@ def _day(value: str | None, field: str) -> date | None:
 
 def _json(body: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(body or b"{}")
+        return json_object(body)
     except ValueError as e:
-        raise GatewayError(400, f"the body is not valid JSON: {e}", "invalid_request_error") from None
-    if not isinstance(data, dict):
-        raise GatewayError(400, "the body must be a JSON object", "invalid_request_error")
-    return data
+        raise GatewayError(400, str(e), "invalid_request_error") from None

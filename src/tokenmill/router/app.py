@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +41,7 @@ from tokenmill.router.admin import send_not_allowed, serve_gateway_api
 from tokenmill.router.asgi import (
     forwarded_headers,
     header,
+    json_object,
     read_body,
     send_error,
     send_json,
@@ -197,11 +197,9 @@ class RouterApp:
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await read_body(receive)
         try:
-            request = json.loads(body or b"{}")
-            if not isinstance(request, dict):
-                raise ValueError("the body must be a JSON object")
+            request = json_object(body)
         except ValueError as e:
-            await send_error(send, 400, f"the body is not valid JSON: {e}")
+            await send_error(send, 400, str(e))
             return
         headers = forwarded_headers(scope["headers"])
         session = header(scope["headers"], SESSION_HEADER) or _str_or_none(request.get("user"))
@@ -368,21 +366,30 @@ class RouterApp:
         await send_json(send, 200, {"object": "list", "data": data})
 
     async def _admin(self, receive: Receive, send: Send) -> None:
+        usage = 'POST /admin/workers takes {"url": ..., "action": "add" | "drain" | "remove"}'
         try:
-            order = json.loads(await read_body(receive) or b"{}")
-            url, action = order["url"], order.get("action", "add")
+            order = json_object(await read_body(receive))
+        except ValueError as e:
+            await send_error(send, 400, f"{usage}: {e}")
+            return
+        url, action = order.get("url"), order.get("action", "add")
+        if not isinstance(url, str) or not url:
+            why = f"url is required: the worker's base URL, e.g. http://10.0.0.5:8000, got {url!r:.60}"
+            await send_error(send, 400, f"{usage}: {why}", param="url")
+            return
+        if action not in ("add", "drain", "remove"):
+            why = f"action must be add, drain or remove, got {action!r:.60}"
+            await send_error(send, 400, f"{usage}: {why}", param="action")
+            return
+        try:
             if action == "add":
                 self.pool.add(url)
             elif action == "drain":
                 self.pool.drain(url)
-            elif action == "remove":
-                self.router.forget(self.pool.remove(url).url)
             else:
-                raise ValueError(f"action must be add, drain or remove, got {action!r}")
-        except (ValueError, KeyError, TypeError) as e:
-            await send_error(
-                send, 400, f"POST /admin/workers takes {{'url': ..., 'action': add|drain|remove}}: {e}"
-            )
+                self.router.forget(self.pool.remove(url).url)
+        except (ValueError, KeyError) as e:  # a URL that is no worker's, or not one
+            await send_error(send, 400, f"{usage}: {e.args[0] if e.args else e}", param="url")
             return
         await send_json(send, 200, self.status())
 

@@ -25,6 +25,21 @@ HOP_BY_HOP = frozenset(
 )
 
 
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object (empty: ``{}``); ValueError with the 400's message if it
+    is not one. Nesting deep enough to exhaust the parser's recursion is refused too: it raises
+    RecursionError, which is no ValueError."""
+    try:
+        data = json.loads(body or b"{}")
+    except RecursionError:
+        raise ValueError("the body is not valid JSON: it nests too deeply") from None
+    except ValueError as e:
+        raise ValueError(f"the body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError("the body must be a JSON object")
+    return data
+
+
 def forwarded_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for name, value in raw:

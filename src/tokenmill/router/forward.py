@@ -68,6 +68,8 @@ class Forwarder:
                     self.pool.failed(worker)
                 else:
                     self.pool.succeeded(worker)
+                    if response.status < 400:
+                        worker.routed_tokens += tokens
                     if WORKER_HEADER in response.headers and worker.name == worker.url:
                         worker.name = response.headers[WORKER_HEADER]
                 if outcome.admitted is not None and not await self._usage_recorded(outcome, send):

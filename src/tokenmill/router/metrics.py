@@ -34,7 +34,7 @@ class _RouterCollector:
             ("tokenmill_router_requests", "Requests routed to the worker.", "routed", counter),
             (
                 "tokenmill_router_tokens",
-                "Prompt + asked output tokens routed (estimate).",
+                "Prompt + asked output tokens of requests the worker accepted (estimate).",
                 "routed_tokens",
                 counter,
             ),

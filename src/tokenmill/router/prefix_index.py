@@ -34,8 +34,10 @@ def prompt_text(request: dict[str, Any]) -> str:
         parts = []
         for m in messages:
             content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):  # text parts
-                content = "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+            if isinstance(content, list):  # text parts (anything else is the worker's to refuse)
+                content = "".join(
+                    t for p in content if isinstance(p, dict) and isinstance(t := p.get("text"), str)
+                )
             if isinstance(content, str):
                 parts.append(f"\x1e{m.get('role')}\x1f{content}")
             else:

@@ -101,7 +101,10 @@ class PromptHasher:
         if isinstance(prompt, list):
             return PromptBlocks(len(prompt), hash_blocks(prompt, block_size, salt), block_size)
         text, add_special = prompt
-        return await self.text_blocks(text, add_special, block_size, salt, wait)
+        try:
+            return await self.text_blocks(text, add_special, block_size, salt, wait)
+        except (ValueError, TypeError):  # text the tokenizer refuses (a lone surrogate): the worker's 400
+            return None
 
     async def text_blocks(
         self, text: str, add_special: bool, block_size: int, salt: str | None = None, wait: bool = True
@@ -127,7 +130,7 @@ class PromptHasher:
                     self._finish(cut, rest, keys[start:], block_size, salt, add_special)
                 )
                 self._warming[whole] = task
-                task.add_done_callback(lambda _: self._warming.pop(whole, None))
+                task.add_done_callback(lambda t: self._warmed(whole, t))
             return None
         return await self._finish(cut, rest, keys[start:], block_size, salt, add_special)
 
@@ -149,6 +152,11 @@ class PromptHasher:
         if add_special and self._eos:
             cut = _extend(cut, list(self._eos), block_size, salt)
         return PromptBlocks(cut.num_tokens, cut.hashes, block_size)
+
+    def _warmed(self, whole: tuple[int, int], task: asyncio.Task[PromptBlocks]) -> None:
+        self._warming.pop(whole, None)
+        if not task.cancelled():
+            task.exception()  # text the tokenizer refused: nothing to memoize, and nothing to log
 
     # -- pieces ----------------------------------------------------------------------------------
 

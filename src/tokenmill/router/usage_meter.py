@@ -86,7 +86,7 @@ class UsageMeter:
             if usage is None:  # not where servers put it: the whole body parsed
                 try:
                     whole = json.loads(body)
-                except ValueError:
+                except (ValueError, RecursionError):  # (a worker nesting past the parser's depth)
                     return
                 usage = whole.get("usage") if isinstance(whole, dict) else None
             self._take(usage)
@@ -108,7 +108,7 @@ class UsageMeter:
                 self.events -= 1  # as _read counts: chunks with usage are not the estimate's
                 try:
                     chunk = json.loads(line[5:])
-                except ValueError:
+                except (ValueError, RecursionError):  # (a worker nesting past the parser's depth)
                     continue
                 if isinstance(chunk, dict):
                     self._take(chunk.get("usage"))
@@ -120,7 +120,7 @@ class UsageMeter:
             return False
         try:
             chunk = json.loads(event.data)
-        except ValueError:
+        except (ValueError, RecursionError):  # (a worker nesting past the parser's depth)
             return False
         if not isinstance(chunk, dict):
             return False
@@ -156,7 +156,7 @@ def last_member_usage(body: bytes) -> Any:
     try:
         tail = body[key.end() :].decode()
         value, end = _DECODER.raw_decode(tail)
-    except ValueError:  # (UnicodeDecodeError is one)
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
         return None
     return value if tail[end:].strip() == "}" else None
 

@@ -35,7 +35,7 @@ class Worker:
     in_flight_sequences: int = 0  # their sequences (n, best_of, batched prompts): the batch they make
     pending_prefill: int = 0  # prompt tokens routed here, not yet cached there, whose first byte is still due
     routed: int = 0
-    routed_tokens: int = 0
+    routed_tokens: int = 0  # of requests it accepted (a 400's asked tokens were never work)
     failed: int = 0
     predicted_hit_tokens: int = 0  # prompt tokens a cache-aware policy expected cached here
     step_cost: StepCostFit = field(default_factory=StepCostFit)  # from the worker's /metrics
@@ -131,7 +131,6 @@ class WorkerPool:
         w.in_flight_output += output
         w.in_flight_sequences += sequences
         w.routed += 1
-        w.routed_tokens += tokens
 
     def finished(self, w: Worker, tokens: int, output: int = 0, sequences: int = 1) -> None:
         w.in_flight -= 1
