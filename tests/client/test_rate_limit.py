@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tests.client.conftest import FakeClock
 from tokenmill.client.gate import ConcurrencyGate
-from tokenmill.client.rate_limit import Quota, RateLimiter
+from tokenmill.client.rate_limit import Quota, QuotaExceeded, RateLimiter
 
 
 def test_no_burst_spaces_requests_evenly():
@@ -57,6 +57,20 @@ def test_tokens_admitted_never_exceed_the_pace_plus_one_request(arrivals):
         limiter._tokens.take(tokens)  # type: ignore[union-attr]
         admitted += tokens
         assert admitted <= 10 * (clock.now - start) + 50 + 1e-6
+
+
+@pytest.mark.parametrize("no_burst", [False, True])
+def test_a_request_larger_than_a_minutes_quota_fails_at_once_and_holds_nobody_up(no_burst):
+    """Before: max_tokens 10**12 was computed to wait years (or, with no_burst, went and made every
+    later request wait years), holding the FIFO lock for everyone behind it."""
+
+    async def run() -> None:
+        limiter = RateLimiter(Quota(tokens_per_minute=1000, no_burst=no_burst))
+        with pytest.raises(QuotaExceeded, match=r"max_tokens.*tokens_per_minute=1000"):
+            await asyncio.wait_for(limiter.acquire(10**12), 1)
+        await asyncio.wait_for(limiter.acquire(1000), 1)  # a whole minute's worth still goes
+
+    asyncio.run(run())
 
 
 def test_quota_rejects_non_positive_values_by_name():

@@ -6,7 +6,11 @@ turn, so an idle fleet still spreads). An endpoint that fails to connect, or
 answers 5xx ``eject_after`` times in a row, is ejected for ``eject_s`` seconds,
 doubling on each ejection in a row up to ``max_eject_s``; when every endpoint
 is ejected, the one whose ejection ends first is tried anyway rather than
-failing the caller. Requests of one session keep to one endpoint (see ``pick``).
+failing the caller. An endpoint that answers 429 is busy for its ``Retry-After``
+(``done(..., busy_for=...)``): the next requests prefer the others, since the
+one that refuses at once always has the fewest in flight and would otherwise
+take every retry; it is not ejected, and is still used when all are busy.
+Requests of one session keep to one endpoint (see ``pick``).
 """
 
 from __future__ import annotations
@@ -29,9 +33,13 @@ class Endpoint:
     failures_in_row: int = 0  # failed requests since the last success
     ejections_in_row: int = 0
     ejected_until: float = 0.0
+    busy_until: float = 0.0  # it answered 429: others first until then
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
+
+    def busy(self, now: float) -> bool:
+        return now < self.busy_until
 
 
 class EndpointSet:
@@ -49,9 +57,7 @@ class EndpointSet:
             raise ValueError("base_url: at least one endpoint URL is needed")
         seen: set[str] = set()
         for url in urls:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https", "grpc") or not parts.hostname:
-                raise ValueError(f"base_url {url!r} is invalid: allowed http://host:port or https://host")
+            check_url(url)
             if url.rstrip("/") in seen:
                 raise ValueError(f"base_url {url!r} is given twice")
             seen.add(url.rstrip("/"))
@@ -72,6 +78,8 @@ class EndpointSet:
         requests than the least loaded one."""
         now = self._clock()
         healthy = [e for e in self.endpoints if not e.ejected(now)]
+        ready = [e for e in healthy if not e.busy(now)]
+        healthy = ready or healthy  # all busy: the quotas they asked for are the dispatcher's to wait
         if healthy and session is not None:
             home = max(healthy, key=lambda e: _rendezvous(session, e.url))
             if home.in_flight - min(e.in_flight for e in healthy) <= self.affinity_slack:
@@ -86,9 +94,15 @@ class EndpointSet:
         chosen.in_flight += 1
         return chosen
 
-    def done(self, endpoint: Endpoint, *, failed: bool, unreachable: bool = False) -> None:
-        """The request on ``endpoint`` ended; ``failed``: the endpoint's fault (5xx, no connection)."""
+    def done(
+        self, endpoint: Endpoint, *, failed: bool, unreachable: bool = False, busy_for: float | None = None
+    ) -> None:
+        """The request on ``endpoint`` ended; ``failed``: the endpoint's fault (5xx, no connection);
+        ``busy_for``: it answered 429, asking for that many seconds (its ``Retry-After``)."""
         endpoint.in_flight -= 1
+        if busy_for is not None and busy_for > 0:  # (NaN and negatives: no pause)
+            # Capped like an ejection: a Retry-After of hours must not set it aside for hours.
+            endpoint.busy_until = max(endpoint.busy_until, self._clock() + min(busy_for, self.max_eject_s))
         if not failed:
             endpoint.failures_in_row = 0
             endpoint.ejections_in_row = 0
@@ -104,6 +118,18 @@ class EndpointSet:
     def healthy_count(self) -> int:
         now = self._clock()
         return sum(not e.ejected(now) for e in self.endpoints)
+
+
+def check_url(url: str, option: str = "base_url") -> None:
+    """Raise ValueError naming ``option`` unless ``url`` is http(s)://host[:port] or grpc://host:port."""
+    parts = urlsplit(url)
+    allowed = "allowed http://host:port, https://host or grpc://host:port (port 1 to 65535)"
+    try:
+        port = parts.port  # (raises for a port that is not a number or past 65535)
+    except ValueError:
+        port = 0
+    if parts.scheme not in ("http", "https", "grpc") or not parts.hostname or port == 0:
+        raise ValueError(f"{option} {url!r} is invalid: {allowed}")
 
 
 def _rendezvous(session: str, url: str) -> int:

@@ -9,6 +9,9 @@ evenly so a worker never sees the minute's quota land in its first second.
 
 A request's token cost is its prompt estimate plus ``max_tokens``, reserved
 when it is sent; ``settle`` hands back what it did not use, as the gateway does.
+A request that costs more than a minute's token quota could never fit it: it is
+refused at once (``QuotaExceeded``) rather than reserved, since its wait (and
+that of every request queued behind it) would be longer than a minute, up to years.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+
+class QuotaExceeded(ValueError):
+    """A request larger than a whole minute's ``tokens_per_minute``: it can never be sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +91,22 @@ class RateLimiter:
             waits.append(self._tokens.delay(tokens))
         return max(waits)
 
+    def check(self, tokens: int) -> None:
+        """Raise ``QuotaExceeded`` if a request of ``tokens`` is larger than a minute's token quota."""
+        tpm = self.quota.tokens_per_minute
+        if self._tokens is not None and tpm is not None and tokens > tpm:
+            raise QuotaExceeded(
+                f"this request may use {tokens} tokens (prompt estimate + max_tokens × n), more than "
+                f"tokens_per_minute={tpm:g}: it could never be sent; lower max_tokens or raise "
+                "tokens_per_minute"
+            )
+
     async def acquire(self, tokens: int) -> None:
-        """Wait for room, then reserve one request and ``tokens`` tokens."""
+        """Wait for room, then reserve one request and ``tokens`` tokens (``QuotaExceeded``, at once,
+        for more tokens than a minute's quota)."""
         if not self.active:
             return
+        self.check(tokens)
         async with self._lock:
             while (wait := self.delay(tokens)) > 0:
                 await asyncio.sleep(wait)
