@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from tokenmill.client.batch_files import BadLine, count_lines, parse_line, resume
+from tokenmill.client.batch_files import (
+    BadLine,
+    SeenIds,
+    check_results_file,
+    count_lines,
+    dump_record,
+    parse_line,
+    read_lines,
+    resume,
+)
 
 
 def line(**item) -> bytes:
@@ -23,6 +33,7 @@ def line(**item) -> bytes:
         (line(custom_id="a", url="/v1/embeddings", body={}), "invalid_url", "/v1/chat/completions"),
         (line(custom_id="a", url="/v1/completions", body=[]), "invalid_body", "body"),
         (line(custom_id="a", url="/v1/completions", body={"stream": True}), "invalid_body", "body.stream"),
+        (b'{"custom_id": "\\ud800", "url": "/v1/completions", "body": {}}', "invalid_custom_id", "surrogate"),
     ],
 )
 def test_bad_lines_are_refused_with_their_number_and_field(raw, code, says):
@@ -55,3 +66,34 @@ def test_count_lines_counts_a_last_line_without_newline(tmp_path):
     f = tmp_path / "x.jsonl"
     f.write_bytes(b"a\nb\nc")
     assert count_lines(f) == 3
+
+
+def test_count_lines_counts_what_read_lines_yields_so_a_progress_bar_completes(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_bytes(b"a\n\n  \nb\r\n\r\nc")  # blank lines are not requests
+    assert count_lines(f) == len(list(read_lines(f))) == 3
+
+
+def test_a_record_with_a_lone_surrogate_is_written_as_an_escape_and_read_back(tmp_path):
+    record = {"custom_id": "a", "response": {"body": {"text": "odd \udc00"}}}
+    raw = dump_record(record)
+    assert raw.endswith(b"\n") and json.loads(raw) == record
+    assert b"\\udc00" in raw
+    assert "\ud800" not in SeenIds() and SeenIds().add("\ud800")  # no UnicodeEncodeError
+
+
+def test_results_files_must_be_regular_files_in_a_writable_folder(tmp_path):
+    check_results_file(tmp_path / "new.jsonl", "--output")  # new: fine
+    (tmp_path / "old.jsonl").write_text("")
+    check_results_file(tmp_path / "old.jsonl", "--output")
+    for path, says in [
+        (tmp_path, "it is a folder"),
+        (tmp_path / "no" / "x.jsonl", "does not exist"),
+        (tmp_path / "old.jsonl" / "x.jsonl", "not a directory"),  # a file is no folder
+    ]:
+        with pytest.raises(ValueError, match=r"--errors .* is invalid") as info:
+            check_results_file(path, "--errors")
+        assert says in str(info.value) and "allowed a regular file" in str(info.value)
+    for device in ("/dev/null", "/dev/full"):
+        with pytest.raises(ValueError, match="not a regular file"):
+            check_results_file(Path(device), "--output")

@@ -7,6 +7,7 @@ tokenmill batch run input.jsonl --url http://w1:8000 --url http://w2:8000 --mode
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from pathlib import Path
@@ -78,7 +79,9 @@ def run(
     from tokenmill.client.adaptive import LimitSettings
     from tokenmill.client.async_client import AsyncClient
     from tokenmill.client.batch import BatchJob
-    from tokenmill.client.batch_files import count_lines
+    from tokenmill.client.batch_files import check_results_file, count_lines
+    from tokenmill.client.endpoints import check_url
+    from tokenmill.protocol.headers import PRIORITY_MAX, PRIORITY_MIN
 
     if mode not in MODES:
         _fail(f"--mode={mode!r} is invalid: allowed {', '.join(MODES)}")
@@ -88,10 +91,28 @@ def run(
             concurrency = int(max_concurrency)
         except ValueError:
             _fail(f"--max-concurrency={max_concurrency!r} is invalid: allowed 'auto' or an integer >= 1")
+    # Checked before any work: a bad value found later would fail every line, stored as final.
+    for endpoint in url:
+        try:
+            check_url(endpoint, "--url")
+        except ValueError as e:
+            _fail(str(e))
+    if not (math.isfinite(timeout) and timeout > 0):
+        _fail(f"--timeout={timeout!r} is invalid: allowed a number of seconds > 0")
+    if priority is not None and not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        _fail(
+            f"--priority={priority} is invalid: allowed an integer from {PRIORITY_MIN} to {PRIORITY_MAX} "
+            "(higher is more important)"
+        )
     if not input_path.is_file():
         _fail(f"INPUT {input_path} does not exist or is not a file")
     output = output or input_path.with_suffix(".output.jsonl")
     errors = errors or input_path.with_suffix(".errors.jsonl")
+    for option, path in (("--output", output), ("--errors", errors)):
+        try:
+            check_results_file(path, option)
+        except ValueError as e:
+            _fail(str(e))
     if len({input_path.resolve(), output.resolve(), errors.resolve()}) < 3:
         _fail("INPUT, --output and --errors must be three different files")
     try:

@@ -17,6 +17,10 @@ Resuming reads what an earlier run wrote: a custom_id in the output, or in the
 errors with a final failure (a bad line, a 4xx), is not sent again; failures
 that another try may cure (429, 5xx, no connection) are dropped from the
 errors file and retried. A line cut short by a crash is cut off.
+
+Both results files must be regular files (``check_results_file``): resuming
+reads them whole and truncates them, which a device such as /dev/full (endless
+zeros) or /dev/stdout cannot take.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tokenmill.protocol.text import utf8_encodable
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
@@ -59,6 +66,11 @@ def parse_line(line_no: int, raw: bytes) -> BatchRequest:
     custom_id = item.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         raise BadLine(f"line {line_no}: custom_id must be a non-empty string", "invalid_custom_id")
+    if not utf8_encodable(custom_id):  # a lone surrogate such as "\ud800": no file could hold it
+        raise BadLine(
+            f"line {line_no}: custom_id={custom_id!r} is invalid: allowed text without lone surrogates",
+            "invalid_custom_id",
+        )
     method = item.get("method", "POST")
     if method != "POST":
         raise BadLine(
@@ -87,13 +99,47 @@ def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
 
 
 def count_lines(path: Path) -> int:
-    count = 0
-    last = b"\n"
+    """The lines ``read_lines`` yields (blank ones are not requests), for a progress bar's total."""
     with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            count += chunk.count(b"\n")
-            last = chunk[-1:]
-    return count + (last != b"\n")
+        return sum(1 for raw in f if raw.strip())
+
+
+def dump_record(record: dict[str, Any]) -> bytes:
+    """One results line: UTF-8 JSON; ASCII escapes when a text holds a lone surrogate (a server may
+    send ``"\\ud800"``), which UTF-8 cannot encode but JSON's escape carries back unchanged."""
+    try:
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
+def check_results_file(path: Path, option: str) -> None:
+    """Raise ValueError naming ``option`` unless ``path`` is a regular file that can be appended to,
+    or a new file in a folder that exists and can be written to."""
+    allowed = "allowed a regular file, new or existing, in a folder that exists and can be written to"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        parent = path.parent
+        if not parent.is_dir():
+            raise ValueError(
+                f"{option} {path} is invalid: folder {parent} does not exist; {allowed}"
+            ) from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"{option} {path} is invalid: folder {parent} is not writable; {allowed}"
+            ) from None
+        return
+    except OSError as e:  # a path through a file, a loop of links, no permission
+        raise ValueError(f"{option} {path} is invalid: {(e.strerror or str(e)).lower()}; {allowed}") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{option} {path} is invalid: it is a folder; {allowed}")
+    if not stat.S_ISREG(mode):
+        raise ValueError(
+            f"{option} {path} is invalid: it is not a regular file (a device, a pipe); {allowed}"
+        )
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise ValueError(f"{option} {path} is invalid: it cannot be read and written; {allowed}")
 
 
 class SeenIds:
@@ -104,7 +150,9 @@ class SeenIds:
 
     @staticmethod
     def _digest(custom_id: str) -> int:
-        return int.from_bytes(hashlib.blake2b(custom_id.encode(), digest_size=8).digest(), "big")
+        # surrogatepass: an id read back from an earlier run's file may hold a lone surrogate
+        data = custom_id.encode("utf-8", "surrogatepass")
+        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
     def add(self, custom_id: str) -> bool:
         """False if it was there already."""
@@ -143,10 +191,11 @@ def resume(output: Path, errors: Path) -> ResumeState:
     for record in _records(errors):
         if record.get("retryable"):
             continue  # tried again this run
-        kept.append(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        kept.append(dump_record(record))
         failed += 1
         if record.get("bad_line"):
-            bad_lines.add(int(record.get("line") or 0))
+            line = record.get("line")
+            bad_lines.add(line if isinstance(line, int) else 0)
         elif record.get("custom_id") is not None:
             done.add(str(record["custom_id"]))
     if errors.exists():
