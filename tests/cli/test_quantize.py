@@ -73,6 +73,17 @@ def test_a_failed_quantization_leaves_no_folder_behind(tiny_llama, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_generate_checks_its_sampling_options_before_loading_the_model(monkeypatch):
+    import tokenmill.engine
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(tokenmill.engine, "Engine", no_loading)
+    result = _run("generate", "--top-p", "0", "hi")
+    assert result.exit_code == 2 and "top_p=0.0 is invalid" in result.output
+
+
 def test_generate_takes_the_kv_cache_dtype(tiny_llama):
     result = _run("generate", "--model", str(tiny_llama), "--kv-cache-dtype", "fp16", "--device", "cpu", "hi")
     assert result.exit_code == 2 and "'fp16' is not one of 'auto', 'fp8'" in result.output

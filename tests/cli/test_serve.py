@@ -28,6 +28,13 @@ def test_a_taken_port_is_a_clear_error():
     assert "Traceback" not in done.stderr
 
 
+def test_a_port_out_of_range_exits_2_before_the_model_loads():
+    for option in ("--port", "--grpc-port"):
+        done = subprocess.run([*SERVE, option, "70000"], capture_output=True, text=True, env=ENV, timeout=120)
+        assert done.returncode == 2 and f"{option} must be from" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and "loading" not in done.stderr
+
+
 def test_a_bad_engine_option_names_the_field():
     done = subprocess.run(
         [*SERVE, "--scheduling-policy", "lottery"], capture_output=True, text=True, env=ENV, timeout=120

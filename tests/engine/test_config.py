@@ -153,6 +153,9 @@ def test_missing_field_and_bad_json_are_load_errors(tmp_path):
         ("kv_cache_memory", 1.5),
         ("kv_cache_memory", 0.0),
         ("kv_cache_memory", -5),
+        ("seed", "x"),  # was torch's "manual_seed expected a long", after loading the model
+        ("seed", 2**64),
+        ("seed", True),
     ],
 )
 def test_engine_config_validation_names_the_field(field, value):

@@ -77,6 +77,25 @@ def test_a_bad_prompt_rejects_the_whole_batch_and_leaves_nothing_queued(llm):
     assert llm.generate(["fine"], GREEDY)[0].finished
 
 
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda llm: llm.generate(["a"], {"max_tokens": 2}), "sampling_params"),  # was an AttributeError
+        (lambda llm: llm.generate(["a"], [GREEDY, "greedy"][1:]), "sampling_params"),
+        (lambda llm: llm.generate([[5.5]]), "prompt_token_ids"),
+        (lambda llm: llm.chat("hello"), "messages"),  # was "messages='h' is invalid"
+        (lambda llm: llm.chat([]), "messages"),
+        (lambda llm: llm.chat([[{"role": "user", "content": "hi"}], "x"]), "messages"),
+        (lambda llm: SamplingParams(output_kind="x"), "output_kind"),
+    ],
+)
+def test_api_misuse_is_an_error_naming_the_argument(llm, call, field):
+    with pytest.raises(InvalidRequestError) as e:
+        call(llm)
+    assert e.value.field == field
+    assert_clean(llm)
+
+
 def test_interrupt_mid_generation_leaves_the_engine_clean(llm, monkeypatch):
     calls = {"n": 0}
     forward = llm.engine.model.forward

@@ -91,12 +91,16 @@ def generate(
 ) -> None:
     """Generate text and stream it to the terminal."""
     from tokenmill.cli.generate import stdout_write, stream_generate
-    from tokenmill.engine import Engine, EngineConfig, EngineError
+    from tokenmill.engine import Engine, EngineConfig, EngineError, SamplingParams
 
     kv: float | int | None = kv_cache_memory
     if kv is not None and kv > 1:
         kv = int(kv)
+    given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
+    sampling = {name: value for name, value in given.items() if value is not None}
     try:
+        # The options given are checked before the model loads (minutes, for a large one).
+        SamplingParams(max_tokens=max_tokens, stop=list(stop or []), **sampling).validate()
         with err.status("loading model..."):
             engine = Engine(
                 EngineConfig(
@@ -116,9 +120,8 @@ def generate(
         )
         params = engine.default_sampling_params()
         params.max_tokens = max_tokens
-        for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
-            if value is not None:
-                setattr(params, name, value)
+        for name, value in sampling.items():
+            setattr(params, name, value)
         params.stop = list(stop or [])
         inputs: list[str | list[int]] = list(prompts)
         if chat:

@@ -93,6 +93,12 @@ def serve(
     from tokenmill.server.serve import ReadyInfo, ServeError, ServeOptions, build_worker
     from tokenmill.server.serve import serve as run_worker
 
+    for option, value, least in (("--port", port, 0), ("--grpc-port", grpc_port, -1)):
+        if not least <= value <= 65535:  # checked before the model loads, not at bind() after it
+            allowed = "0 to 65535 (0: any free port)" if least == 0 else "-1 to 65535 (-1: no gRPC)"
+            err.print(f"[red]error:[/red] {option} must be from {allowed}, got {value}")
+            raise typer.Exit(2)
+
     kv: float | int | None = kv_cache_memory
     if kv is not None and kv > 1:
         kv = int(kv)

@@ -288,6 +288,14 @@ class EngineConfig:
                 "seconds > 0 or None",
             ),
             ("runner", self.runner, self.runner in ("model", "simulated"), "model or simulated"),
+            (
+                "seed",
+                self.seed,
+                isinstance(self.seed, int)
+                and not isinstance(self.seed, bool)
+                and -(2**63) <= self.seed < 2**64,
+                "an integer from -2^63 to 2^64-1 (what a torch generator takes)",
+            ),
         ]
         for name, value, ok, allowed in checks:
             if not ok:

@@ -100,6 +100,9 @@ class InputProcessor:
             bad = [t for t in token_ids if not 0 <= t < vocab]
             if bad:
                 raise InvalidRequestError("prompt_token_ids", bad[0], f"token ids in [0, {vocab})")
+        elif isinstance(prompt, list | tuple) and prompt:
+            bad = next(t for t in prompt if not isinstance(t, int) or isinstance(t, bool))
+            raise InvalidRequestError("prompt_token_ids", bad, f"integer token ids in [0, {vocab})")
         else:
             raise InvalidRequestError("prompt", type(prompt).__name__, "a string or a list of token ids")
         if not token_ids:

@@ -116,6 +116,13 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, via the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not (
+            isinstance(conversations, list)
+            and conversations
+            and all(isinstance(c, list) and c and all(isinstance(m, dict) for m in c) for c in conversations)
+        ):
+            allowed = "a list of {'role': ..., 'content': ...} dicts, or a list of such lists"
+            raise InvalidRequestError("messages", messages, allowed)
         prompts: list[PromptInput] = [
             self.tokenizer.encode_chat(conv, add_generation_prompt, chat_template=chat_template)  # type: ignore[arg-type]
             for conv in conversations
@@ -130,7 +137,12 @@ class LLM:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
+        allowed = f"a SamplingParams, or a list of {n} (one per prompt)"
+        if not isinstance(sampling_params, Sequence) or isinstance(sampling_params, str):
+            raise InvalidRequestError("sampling_params", sampling_params, allowed)
         params = list(sampling_params)
+        if not all(isinstance(p, SamplingParams) for p in params):
+            raise InvalidRequestError("sampling_params", sampling_params, allowed)
         if len(params) != n:
             raise InvalidRequestError(
                 "sampling_params", f"<{len(params)} items>", f"one, or {n} (one per prompt)"

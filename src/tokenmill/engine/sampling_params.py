@@ -53,8 +53,12 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
-        if isinstance(self.output_kind, str):
-            self.output_kind = OutputKind(self.output_kind)
+        if not isinstance(self.output_kind, OutputKind):
+            try:
+                self.output_kind = OutputKind(self.output_kind)
+            except ValueError:
+                allowed = ", ".join(k.value for k in OutputKind)
+                raise InvalidRequestError("output_kind", self.output_kind, allowed) from None
 
     @property
     def greedy(self) -> bool:
