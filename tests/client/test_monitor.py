@@ -53,3 +53,15 @@ def test_a_busy_event_loop_warns():
     report = watch([(False, False)], block_s=0.06).report(8)
     assert report.loop_lag_p99_s is not None and report.loop_lag_p99_s > 0.05
     assert any("event loop lag" in w for w in report.warnings)
+
+
+def test_the_table_adds_up_to_every_request_with_a_row_for_those_no_worker_answered():
+    m = Monitor()
+    m.record("http://a", "w0", ttft=0.01, latency=0.1, completion_tokens=10)
+    m.record("http://a", "w0", ttft=None, latency=0.1, error="client_error")  # a refusal: its worker's
+    m.record("http://b", None, ttft=None, latency=0.2, error="connect")
+    m.record("http://b", None, ttft=None, latency=0.2, error="connect")
+    rows = {line.split()[0] + (line.split()[1] if line.startswith("(") else ""): line.split()
+            for line in m.report(8).table().splitlines()[1:] if not line.startswith("imbalance")}  # fmt: skip
+    assert rows["w0"][1:3] == ["2", "1"]
+    assert rows["(noanswer)"][2:4] == ["2", "2"]

@@ -4,13 +4,17 @@ under 429, the adaptive limit, pacing, and the spread over several endpoints."""
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import socket
 import time
 
 import pytest
 
+from tests.client.test_http_transport import ScriptedServer
 from tests.server.conftest import start_server
 from tokenmill.client import APIError, AsyncClient, Client, LimitSettings
+from tokenmill.client.dispatch import estimate_tokens
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +82,123 @@ def test_a_calls_timeout_aborts_it_on_the_worker(demo, transport, stream):
     demo.wait_for(lambda: demo.metric("tokenmill_requests_running") == 0, what="the request to be aborted")
 
 
-def test_a_bad_request_raises_at_once_naming_the_field_and_is_not_retried(demo):
+BAD_FIELDS = [
+    {"max_tokens": -1},
+    {"max_tokens": "abc"},
+    {"max_tokens": math.nan},
+    {"max_tokens": math.inf},
+    {"max_tokens": [4]},
+    {"n": "many"},
+]
+
+
+def test_a_bad_request_goes_to_the_server_whose_400_names_the_field_counted_under_its_worker(demo):
+    """The client does not judge body fields (a local crash would not name them): the worker's
+    400 does, at once, with no retry, and the failure counts under the worker that refused it."""
+
     async def run() -> None:
         async with AsyncClient(demo.url) as client:
-            with pytest.raises(APIError) as info:
-                await client.chat.completions.create(messages=HI, max_tokens=-1)
-            assert info.value.status == 400 and info.value.param == "max_tokens"
+            for fields in BAD_FIELDS:
+                with pytest.raises(APIError) as info:
+                    await client.chat.completions.create(messages=HI, **{"max_tokens": 4, **fields})
+                assert info.value.status == 400 and info.value.param == next(iter(fields))
             report = client.report()
-            assert report.errors_by_kind == {"client_error": 1}
-            assert sum(e.requests for e in report.endpoints) == 1
+            assert report.errors_by_kind == {"client_error": len(BAD_FIELDS)}
+            assert [(e.requests, e.errors) for e in report.endpoints] == [(len(BAD_FIELDS),) * 2]
+            assert [(w.name, w.requests, w.errors) for w in report.workers] == [
+                ("demo-0", len(BAD_FIELDS), len(BAD_FIELDS))
+            ]
+            assert "(no answer)" not in report.table()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "body",
+    [*BAD_FIELDS, {"n": math.nan}, {"max_completion_tokens": "x"}, {"messages": 5}, {"messages": "hi"},
+     {"prompt": {"a": 1}}, {"prompt": [[1, 2], [3]]}, {"max_tokens": True}],
+)  # fmt: skip
+def test_the_quota_estimate_never_raises_on_a_body_the_server_should_judge(body):
+    assert estimate_tokens({"prompt": "hi", **body}) >= 1
+
+
+def test_a_finished_request_is_recorded_and_its_slot_free_when_create_returns(demo):
+    """Not a loop turn later: right after ``create`` (or a stream's ``aclose``) the report has it."""
+
+    async def run() -> None:
+        async with AsyncClient(demo.url) as client:
+            await client.completions.create(prompt="ROMEO:", max_tokens=3)
+            assert client.dispatcher.gate.in_flight == 0
+            assert [e.requests for e in client.report().endpoints] == [1]
+            stream = await client.completions.create(prompt="ROMEO:", max_tokens=300, stream=True)
+            await stream.__anext__()
+            await stream.aclose()
+            assert client.dispatcher.gate.in_flight == 0
+            assert [e.requests for e in client.report().endpoints] == [2]
+
+    asyncio.run(run())
+    demo.wait_for(lambda: demo.metric("tokenmill_requests_running") == 0, what="the closed stream to end")
+
+
+def test_breaking_out_of_an_async_stream_aborts_it_and_frees_its_slot(demo):
+    async def run() -> None:
+        async with AsyncClient(demo.url, max_concurrency=1) as client:
+            stream = await client.completions.create(
+                prompt="ROMEO:", max_tokens=2000, ignore_eos=True, stream=True
+            )
+            async for _ in stream:
+                break
+            # The only slot comes back: this one is sent within seconds, not after 2000 tokens.
+            reply = await asyncio.wait_for(client.completions.create(prompt="ROMEO:", max_tokens=2), 5)
+            assert reply.usage is not None and reply.usage.completion_tokens == 2
+            assert client.dispatcher.gate.in_flight == 0
+
+    asyncio.run(run())
+    demo.wait_for(lambda: demo.metric("tokenmill_requests_running") == 0, what="the stream left early to end")
+
+
+def test_streamed_requests_count_their_output_tokens_in_the_report(demo):
+    """The usage chunk when the stream asks for one, else one token per chunk with text."""
+
+    async def run() -> int:
+        async with AsyncClient(demo.url) as client:
+            for options in ({}, {"stream_options": {"include_usage": True}}):
+                stream = await client.completions.create(
+                    prompt="ROMEO:", max_tokens=8, ignore_eos=True, temperature=0.0, stream=True, **options
+                )
+                async for _ in stream:
+                    pass
+            stream = await client.chat.completions.create(
+                messages=HI, max_tokens=5, ignore_eos=True, temperature=0.0, stream=True
+            )
+            async for _ in stream:
+                pass
+            return client.report().workers[0].completion_tokens
+
+    assert asyncio.run(run()) == 8 + 8 + 5
+
+
+def test_a_usage_that_is_not_numbers_counts_nothing_and_the_reply_still_comes():
+    """The dispatcher's books (report, quota) take such counts as 0; the reply is the caller's."""
+    body = {"id": "c1", "object": "text_completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": "x", "completion_tokens": None, "total_tokens": [1]}}  # fmt: skip
+    raw = json.dumps(body).encode()
+
+    async def answer(reader, writer, n) -> None:
+        head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(raw)}\r\n\r\n"
+        writer.write(head.encode() + raw)
+
+    async def run() -> None:
+        async with (
+            ScriptedServer(answer) as server,
+            AsyncClient(server.url, tokens_per_minute=10_000) as client,
+        ):
+            call = client.prepare_call("/v1/completions", {"prompt": "hi", "max_tokens": 4})
+            reply = await client.dispatcher.request(call)  # as a batch job sends it
+            assert reply.data["usage"] == body["usage"]
+            row = client.report().workers[0]
+            assert (row.requests, row.errors, row.prompt_tokens, row.completion_tokens) == (1, 0, 0, 0)
 
     asyncio.run(run())
 
@@ -176,6 +288,53 @@ def test_bad_client_options_name_the_field():
         AsyncClient(requests_per_minute=-1)
     with pytest.raises(ValueError, match="base_url"):
         AsyncClient("localhost:8000")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error", "allowed"),
+    [
+        ("timeout", 0, ValueError, "above 0"),
+        ("timeout", -1, ValueError, "above 0"),
+        ("timeout", math.nan, ValueError, "above 0"),
+        ("timeout", "5", TypeError, "above 0"),
+        ("max_retries", "3", TypeError, ">= 0"),
+        ("max_retries", 1.5, TypeError, ">= 0"),
+        ("max_retries", -1, ValueError, ">= 0"),
+        ("requests_per_minute", "10", TypeError, "above 0"),
+        ("tokens_per_minute", math.inf, ValueError, "above 0"),
+        ("max_concurrency", 2.5, TypeError, "'auto' or an integer"),
+        ("max_concurrency", "8", ValueError, "'auto' or an integer"),
+        ("priority", "high", TypeError, "integer from"),
+        ("priority", 2**31, ValueError, "integer from"),
+        ("priority", True, TypeError, "integer from"),
+        ("session_id", 5, TypeError, "one-line"),
+        ("session_id", "a\r\nx-evil: 1", ValueError, "one-line"),
+    ],
+)
+def test_client_arguments_are_checked_naming_the_argument_and_what_is_allowed(option, value, error, allowed):
+    for make in (AsyncClient, Client):  # Client takes AsyncClient's arguments
+        with pytest.raises(error, match=f"^{option}=.*allowed .*{allowed}"):
+            make("http://127.0.0.1:9", **{option: value})
+
+
+def test_create_checks_its_own_arguments_before_sending():
+    async def run() -> None:
+        async with AsyncClient("http://127.0.0.1:9", max_retries=0) as client:  # nothing listens: not sent
+            with pytest.raises(TypeError, match=r"^messages='hi' is invalid: allowed a list of messages"):
+                await client.chat.completions.create(messages="hi")
+            with pytest.raises(TypeError, match=r"^messages\[1\]=5 is invalid"):
+                await client.chat.completions.create(messages=[HI[0], 5])
+            with pytest.raises(TypeError, match=r"^timeout='1' is invalid: allowed a number of seconds"):
+                await client.completions.create(prompt="hi", timeout="1")
+            with pytest.raises(ValueError, match=r"^timeout=0 is invalid"):
+                await client.completions.create(prompt="hi", timeout=0)
+            with pytest.raises(TypeError, match=r"^priority='high' is invalid"):
+                await client.completions.create(prompt="hi", priority="high")
+            assert client.dispatcher.gate.in_flight == 0 and not client.report().endpoints
+
+    asyncio.run(run())
+    with Client("http://127.0.0.1:9") as client, pytest.raises(TypeError, match=r"^messages="):
+        client.chat.completions.create(messages="hi")
 
 
 def test_grpc_transport_gives_the_same_answers_as_http(demo):

@@ -37,6 +37,7 @@ failing ones aside. Errors raise ``tokenmill.protocol.APIError`` (``status``,
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import Any, Generic, Literal, TypeVar
@@ -49,14 +50,18 @@ from tokenmill.client.monitor import Monitor, MonitorReport
 from tokenmill.client.openai_types import ChatCompletion, ChatCompletionChunk, Completion
 from tokenmill.client.rate_limit import Quota, RateLimiter
 from tokenmill.client.wire import HTTPWire, Wire
-from tokenmill.protocol.headers import PRIORITY_HEADER, SESSION_HEADER
+from tokenmill.protocol.headers import PRIORITY_HEADER, PRIORITY_MAX, PRIORITY_MIN, SESSION_HEADER
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 class AsyncStream(Generic[T]):
-    """The chunks of a streamed response. Leaving early (``break``, ``aclose``) aborts the request."""
+    """The chunks of a streamed response. Leaving early (``break``, ``aclose``) aborts the request.
+
+    ``async for`` has no hook for ``break``, so ``__aiter__`` hands out a generator that closes
+    the stream when it is left: on ``break`` the loop closes it at its next turn, which aborts
+    the request on the worker and frees its slot (``aclose`` does the same at once)."""
 
     def __init__(self, first: T, rest: AsyncIterator[Reply], parse: Any, deadline: float | None = None):
         self._first: T | None = first
@@ -64,8 +69,19 @@ class AsyncStream(Generic[T]):
         self._parse = parse
         self._deadline = deadline  # loop time the whole stream must end by (create's timeout)
 
-    def __aiter__(self) -> AsyncStream[T]:
-        return self
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[T]:
+        try:
+            while True:
+                try:
+                    chunk = await self.__anext__()
+                except StopAsyncIteration:
+                    return
+                yield chunk
+        finally:
+            await self.aclose()
 
     async def __anext__(self) -> T:
         if self._first is not None:
@@ -114,6 +130,14 @@ class AsyncClient:
         apply to every request unless a call sets its own."""
         if transport not in ("http", "grpc"):
             raise ValueError(f"transport={transport!r} is invalid: allowed 'http' or 'grpc'")
+        _check_count("max_retries", max_retries)
+        _check_positive("timeout", timeout, "a number of seconds above 0, or None for no limit")
+        _check_positive("requests_per_minute", requests_per_minute, "a number above 0, or None for no limit")
+        _check_positive("tokens_per_minute", tokens_per_minute, "a number above 0, or None for no limit")
+        _check_priority(priority)
+        _check_session(session_id)
+        if limit is not None and not isinstance(limit, LimitSettings):
+            raise TypeError(f"limit={limit!r} is invalid: allowed a LimitSettings, or None for the defaults")
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         if transport == "grpc":
             urls = [u if u.startswith("grpc://") else f"grpc://{u}" for u in urls]
@@ -121,16 +145,13 @@ class AsyncClient:
         self.transport = transport
         if max_concurrency == "auto":
             concurrency: AdaptiveLimit | int = AdaptiveLimit(limit)
-        elif (
-            isinstance(max_concurrency, int)
-            and not isinstance(max_concurrency, bool)
-            and max_concurrency >= 1
-        ):
-            concurrency = max_concurrency
         else:
-            raise ValueError(
-                f"max_concurrency={max_concurrency!r} is invalid: allowed 'auto' or an integer >= 1"
-            )
+            allowed = f"max_concurrency={max_concurrency!r} is invalid: allowed 'auto' or an integer >= 1"
+            if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, (int, str)):
+                raise TypeError(allowed)
+            if isinstance(max_concurrency, str) or max_concurrency < 1:
+                raise ValueError(allowed)
+            concurrency = max_concurrency
         key = api_key if api_key is not None else os.environ.get("TOKENMILL_API_KEY")
         self._headers = {k.lower(): v for k, v in (headers or {}).items()}
         if key:
@@ -191,7 +212,10 @@ class AsyncClient:
         session_id: str | None = None,
         extra_headers: Mapping[str, str] | None = None,
     ) -> Call:
-        """A request for the dispatcher, with the client's priority, session and headers."""
+        """A request for the dispatcher, with the client's priority, session and headers. The
+        body's own fields are not checked here: the server judges them, and its 400 names the field."""
+        _check_priority(priority)
+        _check_session(session_id)
         headers = {k.lower(): v for k, v in (extra_headers or {}).items()}
         priority = priority if priority is not None else self.priority
         if priority is not None:
@@ -204,6 +228,7 @@ class AsyncClient:
 
     async def _create(self, call: Call, parse: Any, timeout: float | None = None) -> Any:
         """``timeout``: seconds the whole call may take (a stream: to its last chunk)."""
+        _check_positive("timeout", timeout, "a number of seconds above 0, or None for no limit")
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         if not call.stream:
             request = self.dispatcher.request(call)
@@ -240,7 +265,7 @@ class AsyncChatCompletions:
         ``timeout``: seconds this call may take, to a stream's last chunk; past it the request is
         aborted and TimeoutError raised."""
         body = _body(model, stream, params, extra_body)
-        body["messages"] = [dict(m) for m in messages]
+        body["messages"] = _messages(messages)
         call = self._client.prepare_call("/v1/chat/completions", body, priority, session_id, extra_headers)
         parse = ChatCompletionChunk.parse if stream else ChatCompletion.parse
         return await self._client._create(call, parse, timeout)
@@ -298,6 +323,61 @@ async def _by(deadline: float, step: Awaitable[R], stream: AsyncIterator[Reply] 
         if stream is not None:
             await stream.aclose()  # type: ignore[attr-defined]
         raise TimeoutError("the call's timeout passed; the request was aborted") from None
+
+
+def _messages(messages: Any) -> list[dict[str, Any]]:
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise TypeError(
+            f"messages={messages!r:.80} is invalid: allowed a list of messages, "
+            "each a mapping such as {'role': 'user', 'content': 'Say hi'}"
+        )
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise TypeError(
+                f"messages[{i}]={m!r:.80} is invalid: allowed a mapping such as "
+                "{'role': 'user', 'content': 'Say hi'}"
+            )
+    return [dict(m) for m in messages]
+
+
+def _check_count(name: str, value: object) -> None:
+    allowed = f"{name}={value!r} is invalid: allowed an integer >= 0"
+    if isinstance(value, bool) or not isinstance(value, int):  # not 1.5, not "3"
+        raise TypeError(allowed)
+    if value < 0:
+        raise ValueError(allowed)
+
+
+def _check_positive(name: str, value: object, allowed: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={value!r} is invalid: allowed {allowed}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={value!r} is invalid: allowed {allowed}")
+
+
+def _check_priority(priority: object) -> None:
+    if priority is None:
+        return
+    allowed = (
+        f"priority={priority!r} is invalid: allowed an integer from {PRIORITY_MIN} to {PRIORITY_MAX} "
+        "(higher is served first), or None"
+    )
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(allowed)
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise ValueError(allowed)
+
+
+def _check_session(session_id: object) -> None:
+    if session_id is None:
+        return
+    allowed = f"session_id={session_id!r:.80} is invalid: allowed a non-empty one-line latin-1 text, or None"
+    if not isinstance(session_id, str):
+        raise TypeError(allowed)
+    if not session_id or not session_id.isprintable() or max(session_id) > "\xff":  # an HTTP header's value
+        raise ValueError(allowed)
 
 
 def _strip_v1(url: str) -> str:

@@ -14,7 +14,9 @@ chunk has been handed over; after that, a failure is the caller's to see.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -105,10 +107,16 @@ class Dispatcher:
         return self.adaptive.limit if self.adaptive else self._fixed
 
     async def request(self, call: Call) -> Reply:
-        """Send a request and return its whole response."""
+        """Send a request and return its whole response (``call.stream``: its first chunk)."""
         replies = self.replies(call)
         try:
-            return await replies.__anext__()
+            first = await replies.__anext__()
+            if not call.stream:
+                # Nothing more comes: run the request to its end here, so it is recorded and its
+                # slot is free before the caller sees the reply.
+                async for _ in replies:
+                    pass
+            return first
         except StopAsyncIteration:
             raise APIError(502, "the server sent an empty response", "api_error") from None
         finally:
@@ -121,9 +129,12 @@ class Dispatcher:
             attempt += 1
             handed_over = False
             try:
-                async for reply in self._attempt(call):
-                    handed_over = True
-                    yield reply
+                # Closed here, not left to the loop's finalizer: when the caller closes this
+                # generator, the attempt's slot, quota and record must be settled before it returns.
+                async with contextlib.aclosing(self._attempt(call)) as attempt_replies:
+                    async for reply in attempt_replies:
+                        handed_over = True
+                        yield reply
                 return
             except (APIError, TransportError) as e:
                 retry_after = e.retry_after if isinstance(e, APIError) else None
@@ -140,6 +151,7 @@ class Dispatcher:
         started = time.perf_counter()
         ttft: float | None = None
         usage: dict[str, Any] | None = None
+        streamed = 0  # content chunks: the output tokens of a stream that sends no usage
         worker: str | None = None
         error: str | None = None
         complete = False  # the whole response is in: closing the generator now is no failure
@@ -165,9 +177,11 @@ class Dispatcher:
                         per_token = (message.time - started) / max(1, _usage_counts(usage)[1])
                         self._latency_sample(per_token)
                         complete = True
-                    elif ttft is None and _has_content(data):
-                        ttft = message.time - started
-                        self._latency_sample(ttft)
+                    elif content := _content_chunks(data):
+                        streamed += content
+                        if ttft is None:
+                            ttft = message.time - started
+                            self._latency_sample(ttft)
                     yield Reply(data, worker, endpoint.url)
                 complete = True
         except BaseException as e:
@@ -189,7 +203,7 @@ class Dispatcher:
                     failed=error in ("connect", "timeout", "server_error", "unavailable"),
                     unreachable=error == "connect",
                 )
-                prompt, completion = _usage_counts(usage)
+                prompt, completion = _usage_counts(usage) if usage else (0, streamed)
                 self.monitor.record(
                     endpoint.url,
                     worker,
@@ -221,28 +235,40 @@ class Dispatcher:
 
 
 def estimate_tokens(body: Mapping[str, Any]) -> int:
-    """Prompt tokens (about 4 characters each, erring high) plus the most the reply may use."""
+    """Prompt tokens (about 4 characters each, erring high) plus the most the reply may use.
+
+    Never raises: a field of the wrong type or value is the server's to judge (its 400 names the
+    field), so the estimate takes a default for it and the request goes."""
     prompt = body.get("prompt")
-    if "messages" in body:
-        text = "".join(
-            str(m.get("content") or "") if isinstance(m, dict) else str(m) for m in body["messages"]
-        )
-        prompt_tokens = len(text) // 4 + 6 * len(body["messages"])
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        text = "".join(str(m.get("content") or "") if isinstance(m, dict) else str(m) for m in messages)
+        prompt_tokens = len(text) // 4 + 6 * len(messages)
     elif isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         prompt_tokens = len(prompt)
     else:
-        prompt_tokens = len(str(prompt or "")) // 4 + 1
-    limit = body.get("max_completion_tokens") or body.get("max_tokens") or 256
-    return prompt_tokens + int(limit) * int(body.get("n") or 1)
+        prompt_tokens = len(str(prompt or messages or "")) // 4 + 1
+    limit = _whole(body.get("max_completion_tokens")) or _whole(body.get("max_tokens")) or 256
+    return prompt_tokens + limit * (_whole(body.get("n")) or 1)
 
 
-def _has_content(chunk: dict[str, Any]) -> bool:
+def _whole(value: Any) -> int:
+    """``value`` as a positive whole number of tokens, or 0 for anything else ("abc", NaN, -1, a list)."""
+    if type(value) is int:  # not bool
+        return max(0, value)
+    if type(value) is float and math.isfinite(value):
+        return max(0, int(value))
+    return 0
+
+
+def _content_chunks(chunk: dict[str, Any]) -> int:
+    """The choices of a streamed chunk that carry text: about one token each."""
+    count = 0
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta")
-        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-        if text:
-            return True
-    return False
+        if delta.get("content") if isinstance(delta, dict) else choice.get("text"):
+            count += 1
+    return count
 
 
 def _retryable(e: BaseException) -> bool:
@@ -270,12 +296,13 @@ def _kind(e: BaseException) -> str:
 
 
 def _usage_counts(usage: Mapping[str, Any] | None) -> tuple[int, int]:
-    if not usage:
+    """(prompt, completion) tokens of a server's usage; a count that is not a number counts 0."""
+    if not isinstance(usage, Mapping):
         return 0, 0
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    return _whole(usage.get("prompt_tokens")), _whole(usage.get("completion_tokens"))
 
 
 def _used_tokens(usage: Mapping[str, Any] | None, reserved: int) -> int:
-    if not usage:
+    if not usage or not isinstance(usage, Mapping):
         return reserved  # unknown: keep the reservation
-    return int(usage.get("total_tokens") or sum(_usage_counts(usage)))
+    return _whole(usage.get("total_tokens")) or sum(_usage_counts(usage))

@@ -63,7 +63,8 @@ class MonitorReport:
     warnings: list[str]
 
     def table(self) -> str:
-        """A plain-text table of the workers (endpoints when no worker header was seen)."""
+        """A plain-text table of the workers (endpoints when no worker header was seen), and a
+        ``(no answer)`` row for requests no worker answered, so the rows add up to every request."""
         rows = self.workers or self.endpoints
         lines = [
             f"{'worker':<28} {'requests':>9} {'errors':>7} {'out tokens':>11} "
@@ -74,6 +75,10 @@ class MonitorReport:
                 f"{r.name[:28]:<28} {r.requests:>9} {r.errors:>7} {r.completion_tokens:>11} "
                 f"{_ms(r.ttft_p50):>12} {_ms(r.ttft_p99):>12}"
             )
+        unanswered = sum(e.requests for e in self.endpoints) - sum(w.requests for w in self.workers)
+        if self.workers and unanswered:
+            errors = sum(e.errors for e in self.endpoints) - sum(w.errors for w in self.workers)
+            lines.append(f"{'(no answer)':<28} {unanswered:>9} {errors:>7} {0:>11} {'-':>12} {'-':>12}")
         if self.request_imbalance is not None:
             lines.append(
                 f"imbalance (max/mean): requests {self.request_imbalance:.2f}, "

@@ -3,7 +3,8 @@
 Both give the dispatcher the same thing: the worker that answered, then the
 response as OpenAI-shaped JSON objects (one whole body, or one chunk per
 streamed message), each stamped with its arrival time. Failures raise
-``APIError`` (the server's status and fields) or a ``TransportError``.
+``APIError`` (the server's status and fields) or a ``TransportError``; a
+server's refusal raises from the first read, once its worker is known.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Message:
 
 
 class Exchange(Protocol):
-    worker: str | None  # None: no answer came (the first read raises why)
+    worker: str | None  # who answered, a refusal too; None: no answer came (the first read raises why)
 
     def messages(self) -> AsyncIterator[Message]: ...
 
@@ -51,8 +52,8 @@ class HTTPWire:
         self, path: str, body: dict[str, Any], stream: bool, headers: Mapping[str, str]
     ) -> AsyncIterator[HTTPExchange]:
         async with self._transport.stream("POST", path, json=body, headers=headers) as response:
-            if response.status >= 400:
-                raise status_error(response.status, await response.read(), response.headers)
+            # A refusal is an answer too: its worker is known, and the first read raises the error,
+            # so a failed request counts under the worker that refused it.
             yield HTTPExchange(response, stream, response.headers.get(WORKER_HEADER) or self.url)
 
     async def aclose(self) -> None:
@@ -66,6 +67,9 @@ class HTTPExchange:
         self.worker = worker
 
     async def messages(self) -> AsyncIterator[Message]:
+        response = self._response
+        if response.status >= 400:
+            raise status_error(response.status, await response.read(), response.headers)
         if not self._stream:
             body = await self._response.read()
             yield Message(parse_json(body), time.perf_counter())
