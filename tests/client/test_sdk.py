@@ -203,6 +203,50 @@ def test_a_usage_that_is_not_numbers_counts_nothing_and_the_reply_still_comes():
     asyncio.run(run())
 
 
+def test_a_typed_reply_survives_a_servers_odd_usage():
+    body = {"id": "c1", "object": "text_completion", "created": 1.7e9, "model": "m",
+            "choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": "x", "completion_tokens": 2, "total_tokens": math.nan}}  # fmt: skip
+    raw = json.dumps(body).encode()
+
+    async def answer(reader, writer, n) -> None:
+        head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(raw)}\r\n\r\n"
+        writer.write(head.encode() + raw)
+
+    async def run() -> None:
+        async with ScriptedServer(answer) as server, AsyncClient(server.url) as client:
+            reply = await client.completions.create(model="m", prompt="hi", max_tokens=4)
+            assert reply.choices[0].text == "hi" and reply.created == 1_700_000_000
+            usage = reply.usage
+            assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (0, 2, 2)
+
+    asyncio.run(run())
+
+
+def test_a_lone_surrogate_reaches_the_server_which_names_the_field(fleet):
+    with Client(fleet[0].url) as client, pytest.raises(APIError) as refused:
+        client.completions.create(model="demo", prompt="a\ud800", max_tokens=2)  # was a UnicodeEncodeError
+    assert refused.value.status == 400 and refused.value.param == "prompt"
+
+
+def test_retries_after_a_429_go_to_another_endpoint(fleet):
+    async def busy(reader, writer, n) -> None:
+        raw = b'{"error": {"message": "busy", "type": "rate_limit_error", "param": null, "code": null}}'
+        head = f"HTTP/1.1 429 Too Many Requests\r\nretry-after: 5\r\ncontent-length: {len(raw)}\r\n\r\n"
+        writer.write(head.encode() + raw)
+
+    async def run() -> None:
+        async with ScriptedServer(busy) as server:
+            # Least in flight would pick the endpoint that answers 429 at once every time.
+            async with AsyncClient([server.url, fleet[0].url], max_retries=2) as client:
+                replies = await asyncio.gather(
+                    *(client.completions.create(model="demo", prompt="hi", max_tokens=2) for _ in range(8))
+                )
+            assert len(replies) == 8 and len(server.requests) <= 2  # passed over for its Retry-After
+
+    asyncio.run(run())
+
+
 def test_429s_slow_the_client_down_and_every_request_still_succeeds():
     worker = start_server("--runner", "simulated", "--max-num-seqs", "2", "--max-waiting-requests", "1")
     try:

@@ -95,7 +95,6 @@ class Dispatcher:
         self.retry = retry
         self.monitor = monitor
         self._wire = wire
-        self._paused_until = 0.0
 
     def queue_state(self) -> tuple[bool, bool]:
         """(starved, backlogged): free slots and nothing waiting for them; requests waiting."""
@@ -140,6 +139,9 @@ class Dispatcher:
                 retry_after = e.retry_after if isinstance(e, APIError) else None
                 if handed_over or not _retryable(e) or attempt > self.retry.max_retries:
                     raise
+                if isinstance(e, APIError) and e.status in OVERLOAD_STATUS:
+                    # Its endpoint waits out the Retry-After (``_wait_for_pause``); another may not.
+                    retry_after = None
                 wait = self.retry.wait(attempt, retry_after)
                 logger.debug("retrying %s in %.2f s after %s", call.path, wait, e)
                 await asyncio.sleep(wait)
@@ -154,6 +156,7 @@ class Dispatcher:
         streamed = 0  # content chunks: the output tokens of a stream that sends no usage
         worker: str | None = None
         error: str | None = None
+        busy_for: float | None = None  # a 429's or 503's Retry-After: the endpoint waits that long
         complete = False  # the whole response is in: closing the generator now is no failure
         reserved = False
         try:
@@ -187,6 +190,8 @@ class Dispatcher:
         except BaseException as e:
             if not complete:
                 error = _kind(e)
+                if isinstance(e, APIError) and e.status in OVERLOAD_STATUS:
+                    busy_for = e.retry_after if e.retry_after is not None else 1.0
                 self._on_failure(e)
                 if endpoint is not None and isinstance(e, (APIError, TransportError)):
                     e.endpoint = endpoint.url  # type: ignore[attr-defined]  # for messages that name it
@@ -202,6 +207,7 @@ class Dispatcher:
                     endpoint,
                     failed=error in ("connect", "timeout", "server_error", "unavailable"),
                     unreachable=error == "connect",
+                    busy_for=busy_for,
                 )
                 prompt, completion = _usage_counts(usage) if usage else (0, streamed)
                 self.monitor.record(
@@ -225,12 +231,11 @@ class Dispatcher:
         overload = isinstance(e, ReadTimeout) or (isinstance(e, APIError) and e.status in OVERLOAD_STATUS)
         if overload and self.adaptive:
             self.adaptive.on_overload()
-        if isinstance(e, APIError) and e.status in OVERLOAD_STATUS:
-            pause = e.retry_after if e.retry_after is not None else 1.0
-            self._paused_until = max(self._paused_until, time.monotonic() + pause)
 
     async def _wait_for_pause(self) -> None:
-        while (wait := self._paused_until - time.monotonic()) > 0:
+        """While every endpoint asked to be left alone (429, 503 with Retry-After), wait: one
+        endpoint's overload pauses the client only when no other can take the request."""
+        while (wait := self.endpoints.wait_s()) > 0:
             await asyncio.sleep(wait)
 
 

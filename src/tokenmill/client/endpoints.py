@@ -33,7 +33,7 @@ class Endpoint:
     failures_in_row: int = 0  # failed requests since the last success
     ejections_in_row: int = 0
     ejected_until: float = 0.0
-    busy_until: float = 0.0  # it answered 429: others first until then
+    busy_until: float = 0.0  # it answered 429 or 503 with its Retry-After: others first until then
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
@@ -114,6 +114,15 @@ class EndpointSet:
             endpoint.failures_in_row = 0
             endpoint.ejected_until = self._clock() + seconds
             logger.warning("endpoint %s ejected for %.1f s after failures", endpoint.url, seconds)
+
+    def wait_s(self) -> float:
+        """Seconds until an endpoint not ejected stops being busy (it answered 429 or 503): 0 when
+        one is ready now, or when every one is ejected (``pick`` then takes the one back first)."""
+        now = self._clock()
+        healthy = [e for e in self.endpoints if not e.ejected(now)]
+        if not healthy or any(not e.busy(now) for e in healthy):
+            return 0.0
+        return min(e.busy_until for e in healthy) - now
 
     def healthy_count(self) -> int:
         now = self._clock()

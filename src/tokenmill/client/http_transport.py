@@ -271,7 +271,11 @@ class HTTPTransport:
         head = [f"{method.upper()} {self._prefix}{path} HTTP/1.1\r\n", fields]
         body = b""
         if json is not None:
-            body = jsonlib.dumps(json, separators=(",", ":"), ensure_ascii=False).encode()
+            text = jsonlib.dumps(json, separators=(",", ":"), ensure_ascii=False)
+            try:
+                body = text.encode()
+            except UnicodeEncodeError:  # a lone surrogate: sent as JSON's escape, for the server to judge
+                body = jsonlib.dumps(json, separators=(",", ":")).encode()
             if not (headers and any(name.lower() == "content-type" for name in headers)):
                 head.append("content-type: application/json\r\n")
         elif content is not None:

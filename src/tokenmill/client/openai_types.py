@@ -25,11 +25,16 @@ class CompletionUsage:
             return None
         details = usage.get("prompt_tokens_details")
         cached = details.get("cached_tokens") if isinstance(details, dict) else None
-        prompt = int(usage.get("prompt_tokens") or 0)
-        completion = int(usage.get("completion_tokens") or 0)
-        return cls(
-            prompt, completion, int(usage.get("total_tokens") or prompt + completion), int(cached or 0)
-        )
+        prompt = _count(usage.get("prompt_tokens"))
+        completion = _count(usage.get("completion_tokens"))
+        total = _count(usage.get("total_tokens")) or prompt + completion
+        return cls(prompt, completion, total, _count(cached))
+
+
+def _count(value: Any) -> int:
+    """A token count as a server sent it; anything but a whole number >= 0 (a string, NaN) counts 0,
+    so a server's odd usage cannot fail the answer it came with."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +92,7 @@ class ChatCompletion:
             message = c.get("message") or {}
             choices.append(
                 ChatChoice(
-                    int(c.get("index", 0)),
+                    _count(c.get("index", 0)),
                     ChatMessage(str(message.get("role", "assistant")), message.get("content")),
                     c.get("finish_reason"),
                     c.get("logprobs"),
@@ -113,7 +118,7 @@ class ChatCompletionChunk:
             delta = c.get("delta") or {}
             choices.append(
                 ChatChunkChoice(
-                    int(c.get("index", 0)),
+                    _count(c.get("index", 0)),
                     ChatDelta(delta.get("role"), delta.get("content")),
                     c.get("finish_reason"),
                     c.get("logprobs"),
@@ -146,7 +151,7 @@ class Completion:
     def parse(cls, body: dict[str, Any], worker: str | None) -> Completion:
         choices = [
             CompletionChoice(
-                int(c.get("index", 0)), str(c.get("text") or ""), c.get("finish_reason"), c.get("logprobs")
+                _count(c.get("index", 0)), str(c.get("text") or ""), c.get("finish_reason"), c.get("logprobs")
             )
             for c in body.get("choices") or []
         ]
@@ -165,4 +170,7 @@ CompletionChunk = Completion
 
 
 def _envelope(body: dict[str, Any]) -> tuple[str, str, int]:
-    return str(body.get("id", "")), str(body.get("model", "")), int(body.get("created") or 0)
+    created = body.get("created")
+    if isinstance(created, float) and created == created and abs(created) < 2**53:  # (not NaN, inf)
+        created = int(created)  # a server that writes its Unix time as a float
+    return str(body.get("id", "")), str(body.get("model", "")), _count(created)
