@@ -59,6 +59,31 @@ def test_a_bad_trace_line_is_named(tmp_path):
         read_trace(str(path))
 
 
+@pytest.mark.parametrize("stamp", ["NaN", "Infinity", '"nan"', "true"])
+def test_a_trace_time_that_is_no_finite_number_is_refused(tmp_path, stamp):
+    # A NaN time made every latency NaN and wrote "intended": NaN (not JSON) into the event log.
+    path = tmp_path / "trace.jsonl"
+    path.write_text(f'{{"timestamp": 0}}\n{{"timestamp": {stamp}}}\n{{"timestamp": 0.2}}\n')
+    with pytest.raises(ValueError, match=r"trace.jsonl:2: \"timestamp\" must be a finite number"):
+        read_trace(str(path))
+
+
+def test_a_trace_that_is_no_text_or_a_folder_is_named(tmp_path):
+    binary = tmp_path / "trace.bin"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match=r"trace\.bin is not UTF-8 text"):
+        read_trace(str(binary))
+    with pytest.raises(ValueError, match="is a folder"):
+        read_trace(str(tmp_path))
+
+
+def test_a_bool_length_in_a_trace_is_refused(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    path.write_text('{"timestamp": 0, "output_tokens": true}\n')
+    with pytest.raises(ValueError, match="output_tokens must be an integer >= 1, got True"):
+        read_trace(str(path))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -67,6 +92,7 @@ def test_a_bad_trace_line_is_named(tmp_path):
         ({"kind": "constant", "rate": 0.0}, "rate"),
         ({"kind": "concurrency", "concurrency": 0}, "concurrency"),
         ({"kind": "gamma", "rate": 1.0, "burstiness": 0.0}, "burstiness"),
+        ({"kind": "constant", "rate": float("inf")}, "rate"),
         ({"kind": "poisson", "rate": 1.0, "max_concurrency": 0}, "max_concurrency"),
     ],
 )

@@ -89,7 +89,9 @@ def test_distribution_percentiles_interpolate_like_numpy():
     assert Distribution.of([]) is None
 
 
-@pytest.mark.parametrize("text", ["", "ttft", "ttft=abc", "latency=1", "ttft=-1"])
+@pytest.mark.parametrize(
+    "text", ["", "ttft", "ttft=abc", "latency=1", "ttft=-1", "ttft=inf", "ttft=nan", "ttft=1,ttft=2"]
+)
 def test_bad_slos_name_the_problem(text):
     with pytest.raises(ValueError, match="--slo"):
         SLO.parse(text)

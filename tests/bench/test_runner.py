@@ -327,3 +327,27 @@ def test_multi_turn_on_completions_sends_the_conversation_as_the_prompt():
     )
     # Turn k carries k earlier turns of 3 words and k replies of 4: 3 + 7k words, as on chat.
     assert [r.prompt_tokens for r in records] == [3, 10, 17]
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_tokens_streamed_without_text_count_from_the_usage_and_raise_no_warning(continuous):
+    # Every 3rd of 16 tokens streams with empty text (a UTF-8 character cut in two): 5 of them.
+    # The usage counts all 16; the content messages, which time TTFT and ITL, stay the 11 with text.
+    records, _ = asyncio.run(
+        measure(
+            MockConfig(ttft=0.0, itl=0.001, empty_every=3),
+            LoadProfile("concurrency", concurrency=2),
+            specs=SPECS[:4],
+            continuous_usage=continuous,
+            max_tokens=16,
+        )
+    )
+    assert all(r.ok and r.output_tokens == 16 and r.counted_output_tokens == 16 for r in records)
+    assert all(len(r.content) == 11 and sum(n for _, n in r.content) == 11 for r in records)
+    assert summarize(records).token_mismatches == 0
+
+
+def test_a_stream_with_more_content_messages_than_its_usage_is_a_mismatch():
+    three_words = [ROLE, word("one "), word("two "), word("three "), USAGE, b"[DONE]"]
+    records = asyncio.run(sse_server(three_words)(SPECS[:1]))  # usage says 2 tokens
+    assert records[0].counted_output_tokens == 3 and summarize(records).token_mismatches == 1

@@ -84,7 +84,7 @@ def test_a_sweep_runs_every_point_in_order():
     assert [(p.summary.index, p.summary.concurrency) for p in points] == [(0, 1), (1, 4), (2, 16)]
 
 
-@pytest.mark.parametrize("text", ["", "a", "1,,x", "0", "4,-1"])
+@pytest.mark.parametrize("text", ["", "a", "1,,x", "0", "4,-1", "1,,2", "inf", "nan", "1e400"])
 def test_bad_value_lists_name_the_option(text):
     with pytest.raises(ValueError, match="--rate"):
         parse_values(text, "--rate")

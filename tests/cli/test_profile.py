@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -88,3 +89,18 @@ def test_profile_into_a_missing_folder_fails_before_profiling(tmp_path, monkeypa
     result = CliRunner().invoke(app, ["profile", "--quick", "-o", str(out)])
     assert result.exit_code == 2
     assert "does not exist" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("where", ["folder", "proc"])
+def test_profile_into_a_folder_or_an_unwritable_place_fails_before_profiling(tmp_path, monkeypatch, where):
+    from tokenmill.engine import profiler
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("profiled although the output cannot be written")
+
+    monkeypatch.setattr(profiler, "profile_engine", must_not_run)
+    out = tmp_path if where == "folder" else Path("/proc/p.json")
+    result = CliRunner().invoke(app, ["profile", "--quick", "-o", str(out)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert ("is a folder" if where == "folder" else "cannot write in /proc") in said

@@ -48,10 +48,31 @@ class Run:
         info, records = read_log(events)
         gpus, per_m = 1, None
         if summary_path.exists():
-            saved = json.loads(summary_path.read_text(encoding="utf-8"))
+            try:
+                saved = json.loads(summary_path.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise ValueError(f"{summary_path}: not a run's JSON summary ({e})") from None
             cost = saved.get("cost") or {}
             gpus, per_m = int(cost.get("gpus", 1)), cost.get("per_million_output_tokens")
         return cls(label or stem, info, summarize(records), records, gpus, per_m)
+
+
+def mismatches(runs: list[Run]) -> list[str]:
+    """What makes runs measure different things (model, data, endpoint): said, not refused,
+    since comparing two models or two lengths is sometimes the point."""
+    warnings = []
+    base = runs[0]
+    for run in runs[1:]:
+        for key in ("model", "endpoint", "data"):
+            if base.info.get(key) != run.info.get(key):
+                theirs, ours = base.info.get(key), run.info.get(key)
+                warnings.append(
+                    f"{run.label} has {key} {ours!r}, {base.label} {theirs!r}: not the same workload"
+                )
+    for run in runs:
+        if run.summary.succeeded == 0:
+            warnings.append(f"{run.label}: no request succeeded, its latencies show as -")
+    return warnings
 
 
 def _per_request(records: list[RequestRecord]) -> dict[str, np.ndarray]:

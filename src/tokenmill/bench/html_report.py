@@ -45,8 +45,9 @@ output {{ "%.1f" % p.summary.output_tok_s }} tok/s, input {{ "%.1f" % p.summary.
 {{ "%.1f" % (100 * p.summary.good_fraction) }}% good{% endif %}{% if p.cost %}; {{ p.cost }}{% endif %}</p>
 <table><tr><th>ms</th><th>mean</th><th>median</th><th>p90</th><th>p95</th><th>p99</th><th>max</th></tr>
 {% for row in p.latency %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
-{% if p.summary.errors %}<p>errors:
-{% for k, v in p.summary.errors.items() %}{{ k }} {{ v }}; {% endfor %}</p>{% endif %}
+{% if p.summary.errors %}<p>errors:</p><ul>
+{% for k, v in p.summary.errors.items() %}<li>{{ k }} {{ v }}{% if p.summary.error_samples[k] %}, e.g.
+<code>{{ p.summary.error_samples[k] }}</code>{% endif %}</li>{% endfor %}</ul>{% endif %}
 {% if p.summary.workers %}<p>workers (max/mean: requests {{ "%.2f" % p.summary.worker_imbalance }},
 tokens {{ "%.2f" % (p.summary.worker_token_imbalance or 0) }}):
 {% for w, v in p.summary.workers.items() %}{{ w }} {{ v.requests }} requests,
@@ -148,6 +149,14 @@ def _pair(d: Any) -> str:
     return "-" if d is None else f"{d.median * 1000:.1f} / {d.p99 * 1000:.1f}"
 
 
+def check_html_path(path: Path) -> None:
+    """Before the work: a report path that is a folder, or in a folder that does not exist."""
+    if path.is_dir():
+        raise ValueError(f"--html {path} is a folder: give a file such as {path / 'compare.html'}")
+    if not path.parent.is_dir():
+        raise ValueError(f"--html {path}: folder {path.parent} does not exist")
+
+
 def write_compare_html(path: Path, runs: list[Any], table: dict[str, Any]) -> None:
     """``tokenmill bench compare --html``: the differences table and the Pareto plots."""
     import html as html_lib
@@ -178,7 +187,7 @@ def write_compare_html(path: Path, runs: list[Any], table: dict[str, Any]) -> No
 
 def _difference(d: Any) -> str:
     value = "-" if d.value != d.value else f"{d.value:.2f}"  # NaN: no request to measure
-    if d.delta is None:
+    if d.delta is None or d.delta != d.delta:  # the baseline, or NaN: no request to measure
         return value
     if d.low is None or d.high is None:
         return f"{value} ({d.delta:+.2f})"

@@ -14,6 +14,7 @@ and a late send is measured as schedule lag rather than shifting the schedule.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -34,11 +35,11 @@ class LoadProfile:
         if self.kind == "concurrency":
             if self.concurrency is None or self.concurrency < 1:
                 raise ValueError(f"concurrency must be a whole number >= 1, got {self.concurrency}")
-        elif self.kind != "trace" and (self.rate is None or not self.rate > 0):
+        elif self.kind != "trace" and (self.rate is None or not 0 < self.rate < math.inf):
             raise ValueError(
                 f"rate must be a number of requests/s > 0 for --profile {self.kind}, got {self.rate}"
             )
-        if not self.burstiness > 0:
+        if not 0 < self.burstiness < math.inf:
             raise ValueError(f"burstiness must be > 0, got {self.burstiness}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
@@ -87,21 +88,34 @@ def read_trace(path: str) -> list[dict[str, float]]:
     import json
 
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                t = float(row["timestamp"])
-            except (ValueError, KeyError, TypeError):
-                raise ValueError(f'{path}:{lineno}: each line needs "timestamp" (seconds)') from None
-            for key in ("input_tokens", "output_tokens"):
-                if key in row and (not isinstance(row[key], int) or row[key] < 1):
-                    raise ValueError(f"{path}:{lineno}: {key} must be an integer >= 1, got {row[key]!r}")
-            rows.append(
-                {"timestamp": t, **{k: row[k] for k in ("input_tokens", "output_tokens") if k in row}}
+    for lineno, line in enumerate(_text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            t = float(row["timestamp"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f'{path}:{lineno}: each line needs "timestamp" (seconds)') from None
+        if not math.isfinite(t) or isinstance(row["timestamp"], bool):
+            # NaN would leave every latency NaN and the event log invalid JSON
+            stamp = row["timestamp"]
+            raise ValueError(
+                f'{path}:{lineno}: "timestamp" must be a finite number of seconds, got {stamp!r}'
             )
+        for key in ("input_tokens", "output_tokens"):
+            if key in row and (type(row[key]) is not int or row[key] < 1):  # a bool is no length
+                raise ValueError(f"{path}:{lineno}: {key} must be an integer >= 1, got {row[key]!r}")
+        rows.append({"timestamp": t, **{k: row[k] for k in ("input_tokens", "output_tokens") if k in row}})
     if not rows:
         raise ValueError(f"{path} holds no requests")
     return sorted(rows, key=lambda r: r["timestamp"])
+
+
+def _text_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}): a trace is JSONL") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a trace file") from None

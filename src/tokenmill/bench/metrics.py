@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -92,12 +92,14 @@ class SLO:
                 raise ValueError(
                     f"--slo takes name=seconds with names {', '.join(SLO_METRICS)}, got {part!r}"
                 )
+            if name in values:
+                raise ValueError(f"--slo gives {name} twice: give each target once")
             try:
                 values[name] = float(value[:-2]) / 1000 if value.endswith("ms") else float(value.rstrip("s"))
             except ValueError:
                 raise ValueError(f"--slo {name} must be a number of seconds, got {value!r}") from None
-            if not values[name] > 0:
-                raise ValueError(f"--slo {name} must be > 0, got {value!r}")
+            if not 0 < values[name] < float("inf"):
+                raise ValueError(f"--slo {name} must be a finite number of seconds > 0, got {value!r}")
         if not values:
             raise ValueError("--slo needs at least one target, e.g. ttft=0.3,tpot=0.05")
         return cls(**values)
@@ -150,6 +152,8 @@ class Summary:
     queued: int = 0  # requests that waited for a slot
     retokenized: int = 0  # replies whose text was counted again by a tokenizer
     retokenized_mismatches: int = 0  # ... and whose count differs from the server's usage
+    # error kind -> the first such failure's message (with its HTTP status): why, not only how many
+    error_samples: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -197,6 +201,7 @@ def summarize(
         succeeded=len(ok),
         failed=len(records) - len(ok),
         errors=dict(Counter(r.error_kind for r in records if r.error_kind)),
+        error_samples=_error_samples(records),
         duration_s=duration,
         request_tput=per_s(len(ok)),
         input_tok_s=per_s(input_tokens),
@@ -223,6 +228,15 @@ def summarize(
         invalid_reason=reason,
         **goodness,
     )
+
+
+def _error_samples(records: list[RequestRecord]) -> dict[str, str]:
+    samples: dict[str, str] = {}
+    for r in records:
+        if r.error_kind and r.error_kind not in samples:
+            status = f"{r.status}: " if r.status and r.status != 200 else ""
+            samples[r.error_kind] = status + (r.error or "no message")
+    return samples
 
 
 def _rate(times: list[float]) -> float | None:

@@ -13,6 +13,11 @@ Faults on purpose, for testing what a client reports: ``--fail-every N`` answers
 every Nth request with a 500, ``--cut-every N`` closes every Nth stream halfway,
 ``--crash-after N`` dies once it has answered N requests (stops listening and
 drops every connection, cutting the responses in flight, as a killed server does).
+``--empty-every N`` sends every Nth token with empty text (as a server does for a
+token that ends inside a UTF-8 character): the usage counts it, the text does not.
+Refusals, as a real server gives them: ``--api-key KEY`` answers 401 to a
+request without ``Authorization: Bearer KEY``; ``--strict-model`` answers 404
+``model_not_found`` to a request naming another model than ``--model``.
 
 Built on asyncio and httptools rather than a web framework: with ``--ttft 0
 --itl 0`` it is the "instant server" a client's ceiling is measured against,
@@ -39,6 +44,7 @@ logger = logging.getLogger(__name__)
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
     500: "Internal Server Error",
@@ -55,12 +61,15 @@ class MockConfig:
     fail_every: int = 0  # every Nth completion request gets a 500 (0: never)
     cut_every: int = 0  # every Nth stream is cut halfway (0: never)
     crash_after: int = 0  # die once this many completion requests were answered (0: never)
+    empty_every: int = 0  # every Nth token streams with empty text (0: never)
+    api_key: str | None = None  # refuse (401) requests without Authorization: Bearer api_key
+    strict_model: bool = False  # refuse (404) requests naming another model
 
     def __post_init__(self) -> None:
         for name in ("ttft", "itl"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {getattr(self, name)}")
-        for name in ("output_tokens", "fail_every", "cut_every", "crash_after"):
+        for name in ("output_tokens", "fail_every", "cut_every", "crash_after", "empty_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -122,8 +131,14 @@ class MockServer:
 
     # -- requests -----------------------------------------------------------------------
 
-    async def handle(self, method: str, path: str, body: bytes, respond: _Responder) -> None:
+    async def handle(
+        self, method: str, path: str, body: bytes, respond: _Responder, authorization: str = ""
+    ) -> None:
         route = path.split("?", 1)[0]
+        key = self.config.api_key
+        if key is not None and route not in ("/health", "/ready") and authorization != f"Bearer {key}":
+            respond.json(401, {"error": {"message": "invalid API key", "type": "authentication_error"}})
+            return
         if route in ("/health", "/ready"):
             respond.json(200, {"status": "ok"})
         elif route == "/v1/models":
@@ -138,6 +153,12 @@ class MockServer:
                     raise ValueError("the body must be a JSON object")
             except ValueError as e:
                 respond.error(400, f"the body is not valid JSON: {e}", None)
+                return
+            model = req.get("model")
+            if self.config.strict_model and route != "/detokenize" and model != self.config.model:
+                message = f"model {model!r} does not exist: this worker serves {self.config.model!r}"
+                error = {"message": message, "type": "invalid_request_error", "param": "model"}
+                respond.json(404, {"error": {**error, "code": "model_not_found"}})
                 return
             if route == "/tokenize":
                 self._tokenize(req, respond)
@@ -214,7 +235,8 @@ class MockServer:
                 return False
             if respond.closed:
                 return False
-            respond.event(reply.chunk(i, self._words[i % len(WORDS)] + " "))
+            empty = cfg.empty_every and (i + 1) % cfg.empty_every == 0
+            respond.event(reply.chunk(i, "" if empty else self._words[i % len(WORDS)] + " "))
         if reply.include_usage:
             respond.event(reply.usage_chunk())
         respond.event_raw(b"[DONE]")
@@ -340,7 +362,8 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._url = b""
         self._body: list[bytes] = []
-        self._queue: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
+        self._authorization = ""
+        self._queue: asyncio.Queue[tuple[str, str, bytes, str]] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._responder: _Responder | None = None
 
@@ -367,21 +390,26 @@ class _Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"authorization":
+            self._authorization = value.decode("latin-1")
+
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
 
     def on_message_complete(self) -> None:
         method = self._parser.get_method().decode()
-        self._queue.put_nowait((method, self._url.decode("latin-1"), b"".join(self._body)))
-        self._url, self._body = b"", []
+        request = (method, self._url.decode("latin-1"), b"".join(self._body), self._authorization)
+        self._queue.put_nowait(request)
+        self._url, self._body, self._authorization = b"", [], ""
 
     async def _answer_in_order(self) -> None:
         handle: Callable[..., Any] = self.server.handle
         while True:
-            method, path, body = await self._queue.get()
+            method, path, body, authorization = await self._queue.get()
             self._responder = _Responder(self)
             try:
-                await handle(method, path, body, self._responder)
+                await handle(method, path, body, self._responder, authorization)
             except Exception:
                 logger.exception("mock server failed on %s %s", method, path)
                 self.close()

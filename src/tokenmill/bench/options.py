@@ -8,9 +8,11 @@ than none.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tokenmill.bench.load import LoadProfile
+from tokenmill.bench.metrics import SLO
 from tokenmill.bench.sweep import parse_values
 
 SEARCHABLE = ("poisson", "constant", "gamma")  # profiles with a rate for --find-max-goodput to vary
@@ -64,11 +66,20 @@ class LoadOptions:
             raise ValueError("--profile trace needs --trace FILE")
         if kind != "gamma" and self.burstiness is not None:
             raise ValueError("--burstiness goes with --profile gamma")
+        if self.burstiness is not None and not 0 < self.burstiness < math.inf:
+            raise ValueError(f"--burstiness must be a finite number > 0, got {self.burstiness:g}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
+        if kind in SEARCHABLE and self.rate is None and not self.search:
+            raise ValueError(f"--profile {kind} needs --rate (requests/s), e.g. --rate 4")
+        if self.search and self.rate is not None and len(parse_values(self.rate, "--rate")) > 1:
+            raise ValueError(f"--find-max-goodput starts from one --rate, got {self.rate!r}")
 
     def profiles(self) -> list[LoadProfile]:
         """One profile per point: one for a run, several for a sweep; a search's first probe."""
         self.check()
-        kind, cap, shape = self.kind, self.max_concurrency, self.burstiness or 1.0
+        kind, cap = self.kind, self.max_concurrency
+        shape = 1.0 if self.burstiness is None else self.burstiness
         if self.search:  # the search varies this profile's rate, from --rate (default 1)
             start = parse_values(self.rate, "--rate")[0] if self.rate else 1.0
             return [LoadProfile(kind, rate=start, burstiness=shape, max_concurrency=cap)]
@@ -95,6 +106,8 @@ def check_run_options(
     turns: int | None,
     think_time: float | None,
     check_tokens: int,
+    max_lag_p99: float = 0.010,
+    read_timeout: float = 300.0,
 ) -> None:
     """The options beyond the load's: each that needs another names it."""
     if goodput_target is not None and not search:
@@ -103,15 +116,43 @@ def check_run_options(
         raise ValueError(f"--goodput-target must be a fraction in (0, 1], got {goodput_target:g}")
     if search and not slo:
         raise ValueError("--find-max-goodput needs --slo, e.g. --slo ttft=0.3,tpot=0.05")
-    if gpus is not None and gpu_cost_per_hour is None:
-        raise ValueError("--gpus goes with --gpu-cost-per-hour (it only scales the cost)")
-    if gpu_cost_per_hour is not None and not gpu_cost_per_hour > 0:
-        raise ValueError(f"--gpu-cost-per-hour must be > 0, got {gpu_cost_per_hour:g}")
+    check_cost(gpu_cost_per_hour, gpus)
     if duration is not None and not duration > 0:
         raise ValueError(f"--duration must be a number of seconds > 0, got {duration:g}")
     if continuous_usage and not stream:
         raise ValueError("--continuous-usage asks for usage on every chunk: it needs --stream")
     if data != "multi-turn" and (turns is not None or think_time is not None):
         raise ValueError("--turns and --think-time go with --data multi-turn")
+    if turns is not None and turns < 1:
+        raise ValueError(f"--turns must be >= 1, got {turns}")
+    if think_time is not None and not 0 <= think_time < math.inf:
+        raise ValueError(f"--think-time must be a finite number of seconds >= 0, got {think_time:g}")
+    check_max_lag(max_lag_p99)
+    if not 0 < read_timeout < math.inf:
+        raise ValueError(f"--read-timeout must be a finite number of seconds > 0, got {read_timeout:g}")
+    if slo and not stream:
+        unmeasured = [name for name in ("tpot", "itl") if getattr(SLO.parse(slo), name) is not None]
+        if unmeasured:
+            raise ValueError(
+                f"--slo {','.join(unmeasured)} needs the tokens' times, which --no-stream does not see: "
+                "drop them or stream"
+            )
     if check_tokens < 0:
         raise ValueError(f"--check-tokens must be >= 0, got {check_tokens}")
+
+
+def check_max_lag(max_lag_p99: float) -> None:
+    """--max-lag-p99 of run, report and calibrate: NaN would turn the check off, a negative
+    bound would fail every open-loop run."""
+    if not 0 < max_lag_p99 < math.inf:
+        raise ValueError(f"--max-lag-p99 must be a finite number of seconds > 0, got {max_lag_p99:g}")
+
+
+def check_cost(gpu_cost_per_hour: float | None, gpus: int | None) -> None:
+    """--gpu-cost-per-hour and --gpus of run and report (inf would write Infinity, not JSON)."""
+    if gpus is not None and gpu_cost_per_hour is None:
+        raise ValueError("--gpus goes with --gpu-cost-per-hour (it only scales the cost)")
+    if gpus is not None and gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {gpus}")
+    if gpu_cost_per_hour is not None and not 0 < gpu_cost_per_hour < math.inf:
+        raise ValueError(f"--gpu-cost-per-hour must be a finite number > 0, got {gpu_cost_per_hour:g}")

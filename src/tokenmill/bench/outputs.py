@@ -7,6 +7,7 @@ stays in memory: the files carry its label.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,28 @@ def sweep_axis(points: list[tuple[dict[str, Any], Any, list[Any]]]) -> tuple[str
     if all(p.rate is not None for p in profiles):
         return "offered req/s", [float(p.rate) for p in profiles]
     return None
+
+
+def check_prefix(output: Path, numbered: bool) -> None:
+    """Refuse, before anything is measured, a prefix whose files could not be written: a
+    measurement whose results are lost at the end is worse than an error at the start."""
+    if not output.name or str(output).endswith(("/", os.sep)) or output.is_dir():
+        raise ValueError(
+            f"-o {str(output)!r} must be a file prefix such as runs/c8 (the files are PREFIX.json, ...), "
+            "not a folder"
+        )
+    stems = [output.name + ".0", output.name] if numbered else [output.name]
+    for stem in stems:
+        for ext in (".events.jsonl", ".json", ".csv", ".html", ".search.json"):
+            if output.with_name(stem + ext).is_dir():
+                raise ValueError(f"-o {output}: {output.with_name(stem + ext)} is a folder")
+    probe = output.with_name(f".{output.name}.{os.getpid()}.probe")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"-o {output}: cannot write in {output.parent}: {e.strerror or e}") from None
 
 
 def write_files(
@@ -48,8 +71,13 @@ def write_files(
         write_json(output.with_name(stem + ".json"), info, summary, cost)
     write_csv(output.with_name(output.name + ".csv"), [csv_row(info, s, cost) for info, s, _ in saved])
     write_html(output.with_name(output.name + ".html"), saved, cost, axis, search)
-    what = f"{len(points)} point{'s' if len(points) > 1 else ''}" if many else "the run"
-    wrote = f"wrote {what} to {output}*.events.jsonl, .json, {output}.csv and {output}.html"
+    if many:
+        last = len(points) - 1
+        per_point = f"{output}.N.events.jsonl and .N.json (N = 0{f'..{last}' if last else ''})"
+        wrote = f"wrote {len(points)} point{'s' if len(points) > 1 else ''} to {per_point}, "
+        wrote += f"{output}.csv and {output}.html"
+    else:
+        wrote = f"wrote the run to {output}.events.jsonl, .json, .csv and .html"
     if search is not None:
         path = output.with_name(output.name + ".search.json")
         path.write_text(json.dumps(search, indent=2) + "\n", encoding="utf-8")

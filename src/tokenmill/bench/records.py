@@ -9,7 +9,7 @@ machine compares with itself, never with wall clocks elsewhere.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -35,7 +35,9 @@ class RequestRecord:
     output_tokens: int | None = None  # from the server's usage
     expected_prompt_tokens: int | None = None  # what the data source built
     expected_output_tokens: int | None = None  # max_tokens asked for
-    counted_output_tokens: int = 0  # summed over messages (a check on the usage)
+    # What the stream accounts for, a check on the usage: the usage deltas with continuous usage
+    # (tokens without text included), else the final usage or, if more, the content messages.
+    counted_output_tokens: int = 0
     error_kind: str | None = None  # see ERROR_KINDS
     error: str | None = None
     worker: str | None = None  # x-tokenmill-worker, when the server sends it
@@ -123,17 +125,33 @@ def write_record(f: IO[str], record: RequestRecord) -> None:
 
 
 def read_log(path: Path) -> tuple[dict[str, Any], list[RequestRecord]]:
-    """The header and the records of a log written by ``write_log``."""
-    lines = _lines(path)
+    """The header and the records of a log written by ``write_log``; a run's ``PREFIX.json``
+    stands for the log beside it. Errors name the file and the line."""
+    path = log_path(path)
     try:
-        header = json.loads(next(lines))
-    except StopIteration:
-        raise ValueError(f"{path} is empty, not a tokenmill bench log") from None
-    if header.get("tokenmill_bench_log") != LOG_VERSION:
-        raise ValueError(f"{path} is not a tokenmill bench log (version {LOG_VERSION})")
-    return header, [RequestRecord.from_json(json.loads(line)) for line in lines if line.strip()]
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text, not a tokenmill bench log") from None
+    if not lines:
+        raise ValueError(f"{path} is empty, not a tokenmill bench log")
+    try:
+        header = json.loads(lines[0])
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("tokenmill_bench_log") != LOG_VERSION:
+        raise ValueError(f"{path} is not a tokenmill bench log (version {LOG_VERSION}): line 1 is no header")
+    records = []
+    for lineno, line in enumerate(lines[1:], 2):
+        if line.strip():
+            try:
+                records.append(RequestRecord.from_json(json.loads(line)))
+            except (ValueError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path}:{lineno}: not a request record ({e})") from None
+    return header, records
 
 
-def _lines(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        yield from f
+def log_path(path: Path) -> Path:
+    """A run's event log: ``path`` itself, or the ``PREFIX.events.jsonl`` beside a ``PREFIX.json``."""
+    if path.name.endswith(".json"):
+        return path.with_name(path.name.removesuffix(".json") + ".events.jsonl")
+    return path

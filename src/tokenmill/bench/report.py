@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tokenmill.bench.metrics import FORMULAS, HEADER, Distribution, Summary
@@ -66,6 +67,7 @@ def print_summary(console: Console, run: dict[str, Any], s: Summary, cost: Cost 
     lines = [
         f"requests: {s.succeeded} ok, {s.failed} failed of {s.requests} in {s.duration_s:.2f} s"
         + (f" ({', '.join(f'{k} {v}' for k, v in sorted(s.errors.items()))})" if s.errors else ""),
+        *(f"  {kind}: {escape(sample)}" for kind, sample in sorted(s.error_samples.items())),
         f"throughput: {s.request_tput:.2f} req/s, output {s.output_tok_s:.1f} tok/s, "
         f"input {s.input_tok_s:.1f} tok/s, total {s.total_tok_s:.1f} tok/s",
         f"send rate: achieved {s.achieved_rate:.2f} req/s"

@@ -3,8 +3,11 @@
 Streams: every SSE event becomes a message (its arrival time and its tokens:
 the usage delta with continuous usage, else one; 0 for an event without
 content, such as the role-only chunk, the usage chunk and ``[DONE]``); the
-final usage gives the counts. Whole responses: one message at the end
-carrying every token. Failures are recorded by kind (``records.ERROR_KINDS``).
+usage gives the counts: a token may stream without text (vLLM sends a chunk
+with empty content for a token that ends inside a UTF-8 character, or none at
+all), so the content messages are only a floor on the output tokens. Whole
+responses: one message at the end carrying every token. Failures are recorded
+by kind (``records.ERROR_KINDS``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ async def read_stream(
     stops before it was cut short, even if the connection closed cleanly."""
     pieces: list[str] = []
     seen_tokens = 0  # completion tokens of the last usage seen (continuous usage)
+    running = False  # a chunk with choices carried usage: the server gives continuous usage
     finished = False
     async for event in response.events():
         at, data = event.time - started, event.data
@@ -53,6 +57,15 @@ async def read_stream(
             pieces.append(text)
             record.messages[-1] = (at, max(tokens, 1))
             record.counted_output_tokens += max(tokens, 1)
+        running = running or bool(continuous and usage and chunk.get("choices"))
+        if not text and continuous and usage and tokens > 0 and chunk.get("choices"):
+            # A token without text (a UTF-8 character cut in two, say): the usage counts it, so
+            # does the check; it shows the reader nothing, so it times no content message.
+            record.counted_output_tokens += tokens
+    if not running and record.output_tokens is not None:
+        # One token per content message is only a floor: a token may stream without text, or
+        # several in one message. The final usage is the count, unless the stream held more.
+        record.counted_output_tokens = max(record.counted_output_tokens, record.output_tokens)
     record.end = time.perf_counter() - started
     if record.error_kind is None and record.first_token is None:
         fail(record, "no_output", "the stream ended without a token", record.end)

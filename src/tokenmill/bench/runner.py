@@ -69,6 +69,16 @@ class RunSettings:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.think_time < 0:
             raise ValueError(f"think_time must be >= 0 s, got {self.think_time}")
+        check_url(self.url)
+
+
+def check_url(url: str) -> None:
+    """The transport's own checks of a base URL, now rather than once the run has started."""
+    try:
+        HTTPTransport(url, max_connections=1)
+    except ValueError as e:  # urlsplit's "Port out of range" does not say which URL
+        why = "" if "base_url" in str(e) else f" ({e})"
+        raise ValueError(f"URL must look like http://host:port or https://host, got {url!r}{why}") from None
 
 
 class LoadRunner:
@@ -86,9 +96,9 @@ class LoadRunner:
             return self.model
         response = await http.request("GET", "/v1/models")
         if response.status != 200:
-            raise ValueError(
-                f"GET /v1/models answered {response.status}: {response.text[:200]}; pass --model"
-            )
+            fix = "check --api-key" if response.status in (401, 403) else "pass --model"
+            message = error_message(response.text)[:200]
+            raise ValueError(f"GET /v1/models answered {response.status}: {message}; {fix}")
         models = response.json().get("data") or []
         if not models:
             raise ValueError("the server lists no model at /v1/models; pass --model")

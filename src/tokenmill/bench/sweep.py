@@ -11,6 +11,7 @@ it, or the search says it found no upper bound.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,15 +27,18 @@ class Point:
 
 
 def parse_values(text: str, name: str, cast: type = float) -> list[float]:
-    """``"8"`` or ``"1,4,16"``; every value > 0."""
+    """``"8"`` or ``"1,4,16"``; every value a finite number > 0."""
+    parts = [v.strip() for v in text.split(",")]
     try:
-        values = [cast(v) for v in text.split(",") if v.strip()]
+        if not all(parts):
+            raise ValueError
+        values = [cast(v) for v in parts]
     except ValueError:
         raise ValueError(
             f"{name} must be a number or a comma-separated list of numbers, got {text!r}"
         ) from None
-    if not values or any(not v > 0 for v in values):
-        raise ValueError(f"{name} values must be > 0, got {text!r}")
+    if any(not (math.isfinite(v) and v > 0) for v in values):
+        raise ValueError(f"{name} values must be finite numbers > 0, got {text!r}")
     return values
 
 

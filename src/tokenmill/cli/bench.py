@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 if TYPE_CHECKING:  # the bench modules load with the command that needs them, not with every CLI call
@@ -124,7 +125,8 @@ def run(
     seed: Annotated[int, typer.Option(help="Seed of the data and the schedule.")] = 0,
     read_timeout: Annotated[float, typer.Option(help="Longest silence within a response (s).")] = 300.0,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="File prefix for .events.jsonl, .json and .csv.")
+        Path | None,
+        typer.Option("--output", "-o", help="File prefix for .events.jsonl, .json, .csv and .html."),
     ] = None,
 ) -> None:
     """Run one load against URL and report latency, throughput, goodput and cost."""
@@ -150,6 +152,8 @@ def run(
             turns=turns,
             think_time=think_time,
             check_tokens=check_tokens,
+            max_lag_p99=max_lag_p99,
+            read_timeout=read_timeout,
         )
         load = LoadOptions(
             profile, concurrency, rate, burstiness, max_concurrency, find_max_goodput, trace is not None
@@ -185,7 +189,7 @@ def run(
             groups=prefix_groups,
             prefix_tokens=Length.parse(prefix_tokens, "--prefix-tokens"),
             trace=trace_rows,
-            turns=turns or 3,
+            turns=3 if turns is None else turns,
         )
         if metrics_url:
             from tokenmill.bench.scrape import MetricsScraper
@@ -201,6 +205,10 @@ def run(
             metrics_url or [],
             check_tokens,
         )
+        if output is not None:
+            from tokenmill.bench.outputs import check_prefix
+
+            check_prefix(output, numbered=find_max_goodput or len(profiles) > 1)
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
@@ -223,6 +231,20 @@ class Plan:
 
 
 async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, output: Path | None) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Ctrl-C: stop, then report what was measured. The handler stays until the files are
+    # written: a Ctrl-C then must not cut them short (it only makes the exit code 130).
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    try:
+        return await _measure(settings, source, n, plan, output, stop)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+async def _measure(
+    settings: RunSettings, source: DataSource, n: int, plan: Plan, output: Path | None, stop: asyncio.Event
+) -> int:
     from tokenmill.bench.metrics import summarize
     from tokenmill.bench.report import print_summary, print_sweep
     from tokenmill.bench.runner import LoadRunner
@@ -232,90 +254,86 @@ async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, ou
     from tokenmill.client import TransportError
 
     runner = LoadRunner(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, stop.set)  # Ctrl-C: stop, then report what was measured
     points: list[tuple[dict[str, Any], Any, list[Any]]] = []
     found: GoodputSearch | None = None
     gone: str | None = None  # why the server is taken to have gone away
-    try:
-        async with runner.transport(plan.profiles) as http:
+    async with runner.transport(plan.profiles) as http:
+        try:
+            await runner.resolve_model(http)
+            first = n if source.kind == "jsonl" else 1  # a file is cheap to read whole: check it all
+            check_endpoint(
+                await build_specs(http, runner.model or "", source, first, settings.seed),
+                settings.endpoint,
+            )
+        except (TransportError, ValueError) as e:
+            err.print(f"[red]error:[/red] {e}")
+            return 2
+
+        async def measure(i: int, profile: LoadProfile) -> Summary:
+            if stop.is_set():
+                raise _Stopped()
             try:
-                await runner.resolve_model(http)
-                first = n if source.kind == "jsonl" else 1  # a file is cheap to read whole: check it all
-                check_endpoint(
-                    await build_specs(http, runner.model or "", source, first, settings.seed),
-                    settings.endpoint,
-                )
-            except (TransportError, ValueError) as e:
-                err.print(f"[red]error:[/red] {e}")
-                return 2
-
-            async def measure(i: int, profile: LoadProfile) -> Summary:
-                if stop.is_set():
-                    raise _Stopped()
-                try:
-                    with err.status(f"building requests for {profile.label}..."):
-                        specs = await build_specs(http, runner.model or "", source, n, settings.seed + i)
-                except TransportError as e:
-                    raise _ServerGone(f"building the requests of {profile.label} failed: {e}") from None
-                point_runner = LoadRunner(replace(settings, profile=profile))
-                point_runner.model = runner.model
-                point_runner.keep_replies = plan.check_tokens
-                scraper = MetricsScraper(plan.metrics_urls) if plan.metrics_urls else None
-                if scraper is not None:
-                    scraper.start(time.perf_counter())
-                try:
-                    records = await _with_progress(point_runner, specs, stop, http, profile.label)
-                finally:
-                    if scraper is not None:
-                        await scraper.stop()
-                info = _info(settings, runner.model, profile, source, len(specs), stop.is_set())
-                if not stop.is_set():
-                    replies = point_runner.replies
-                    note = await retokenize(http, runner.model or "", source, replies, records)
-                    info["notes"] = [note] if note else []
-                summary = summarize(records, plan.slo, plan.max_lag)
-                lost = await runner.unreachable() if summary.errors.get("connect") else None
-                if lost:
-                    info.setdefault("notes", []).append(
-                        f"the server stopped answering during this run: {lost}"
-                    )
-                if scraper is not None:
-                    info["server_metrics"] = {
-                        "summary": scraper.summary(),
-                        "errors": scraper.errors,
-                        "samples": [asdict(sample) for sample in scraper.samples],
-                    }
-                print_summary(out, info, summary, plan.cost)
-                points.append(({**info, "load": profile}, summary, records))
-                if lost:
-                    raise _ServerGone(lost)
-                return summary
-
-            async def probe(i: int, profile: LoadProfile) -> Summary:
-                summary = await measure(i, profile)
-                verdict = goodput_verdict(summary, plan.target)
-                points[-1][0]["search_probe"] = verdict
-                out.print(f"[bold]probe {profile.label}:[/bold] {VERDICTS[verdict]}", highlight=False)
-                return summary
-
+                with err.status(f"building requests for {profile.label}..."):
+                    specs = await build_specs(http, runner.model or "", source, n, settings.seed + i)
+            except TransportError as e:
+                raise _ServerGone(f"building the requests of {profile.label} failed: {e}") from None
+            point_runner = LoadRunner(replace(settings, profile=profile))
+            point_runner.model = runner.model
+            point_runner.keep_replies = plan.check_tokens
+            scraper = MetricsScraper(plan.metrics_urls) if plan.metrics_urls else None
+            if scraper is not None:
+                scraper.start(time.perf_counter())
             try:
-                if plan.search:
-                    found = await find_max_goodput(probe, plan.profiles[0], plan.target)
-                    if found.best is not None and found.bounded:
-                        points[found.probes.index(found.best)][0]["search_probe"] = "best"
-                    answer = found.verdict()
-                    out.print(f"[bold]max goodput rate[/bold] ({plan.slo}, {plan.target:.0%} good): {answer}")
-                else:
-                    for i, profile in enumerate(plan.profiles):
-                        await measure(i, profile)
-            except _Stopped:
-                pass
-            except _ServerGone as e:
-                gone = str(e)
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
+                records = await _with_progress(point_runner, specs, stop, http, profile.label)
+            finally:
+                if scraper is not None:
+                    await scraper.stop()
+            info = _info(settings, runner.model, profile, source, len(specs), stop.is_set())
+            if plan.cost is not None:  # in the log's header too, for bench report
+                info["cost"] = asdict(plan.cost)
+            if not stop.is_set():
+                replies = point_runner.replies
+                note = await retokenize(http, runner.model or "", source, replies, records)
+                info["notes"] = [note] if note else []
+            summary = summarize(records, plan.slo, plan.max_lag)
+            lost = await runner.unreachable() if summary.errors.get("connect") else None
+            if lost:
+                info.setdefault("notes", []).append(f"the server stopped answering during this run: {lost}")
+            if scraper is not None:
+                info["server_metrics"] = {
+                    "summary": scraper.summary(),
+                    "errors": scraper.errors,
+                    "samples": [asdict(sample) for sample in scraper.samples],
+                }
+            print_summary(out, info, summary, plan.cost)
+            points.append(({**info, "load": profile}, summary, records))
+            if lost:
+                raise _ServerGone(lost)
+            if summary.succeeded == 0 and set(summary.errors) == {"http_4xx"}:
+                raise _Refused()  # no other load or rate would change the server's mind
+            return summary
+
+        async def probe(i: int, profile: LoadProfile) -> Summary:
+            summary = await measure(i, profile)
+            verdict = goodput_verdict(summary, plan.target)
+            points[-1][0]["search_probe"] = verdict
+            out.print(f"[bold]probe {profile.label}:[/bold] {VERDICTS[verdict]}", highlight=False)
+            return summary
+
+        try:
+            if plan.search:
+                found = await find_max_goodput(probe, plan.profiles[0], plan.target)
+                if found.best is not None and found.bounded:
+                    points[found.probes.index(found.best)][0]["search_probe"] = "best"
+                answer = found.verdict()
+                out.print(f"[bold]max goodput rate[/bold] ({plan.slo}, {plan.target:.0%} good): {answer}")
+            else:
+                for i, profile in enumerate(plan.profiles):
+                    await measure(i, profile)
+        except (_Stopped, _Refused):
+            pass
+        except _ServerGone as e:
+            gone = str(e)
     if len(points) > 1:
         print_sweep(out, [(info["profile"], summary) for info, summary, _ in points], plan.cost)
     if output is not None and points:
@@ -329,9 +347,17 @@ async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, ou
         what = "the run" if len(plan.profiles) == 1 and not plan.search else what
         err.print(f"[red]the server went away ({gone}); the report covers {what}[/red]")
         return 1
+    failed = [
+        (info["profile"], s) for info, s, _ in points if s.succeeded == 0 and set(s.errors) - {"cancelled"}
+    ]
+    for label, s in failed:
+        why = "; ".join(f"{kind}: {sample}" for kind, sample in sorted(s.error_samples.items()))
+        err.print(f"[red]no request succeeded ({label}): {escape(why)}[/red]", highlight=False)
     if stop.is_set():
         err.print("[yellow]stopped early: the report covers what was measured[/yellow]")
         return 130
+    if failed:  # a run that measured nothing is no measurement, whatever else it says
+        return 1
     if found is not None:  # an invalid probe is part of searching: only a search without an answer fails
         return 0 if found.bounded else 1
     return 0 if all(summary.valid for _, summary, _ in points) else 1
@@ -339,6 +365,11 @@ async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, ou
 
 class _Stopped(Exception):
     """Ctrl-C between the points of a sweep."""
+
+
+class _Refused(Exception):
+    """Every request of a point was refused (4xx): a wrong key, model or request, which no
+    other load fixes, so a sweep or search stops there."""
 
 
 class _ServerGone(Exception):

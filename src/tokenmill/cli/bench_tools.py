@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import signal
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
 from tokenmill.cli.bench import app, err, out
 
@@ -19,28 +21,42 @@ if TYPE_CHECKING:
     from tokenmill.bench.load import LoadProfile
     from tokenmill.bench.metrics import Summary
     from tokenmill.bench.runner import RunSettings
+    from tokenmill.bench.sweep import Point
 
 
 @app.command()
 def report(
-    events: Annotated[Path, typer.Argument(help="A run's .events.jsonl.")],
+    events: Annotated[Path, typer.Argument(help="A run's .events.jsonl (or its PREFIX.json).")],
     slo: Annotated[str | None, typer.Option(help="Goodput targets, e.g. ttft=0.3,tpot=0.05.")] = None,
     max_lag_p99: Annotated[
         float, typer.Option(help="Schedule lag p99 (s) past which a run is invalid.")
     ] = 0.010,
+    gpu_cost_per_hour: Annotated[
+        float | None,
+        typer.Option(help="$ per GPU-hour, for $ per million tokens (default: the run's, if it had one)."),
+    ] = None,
+    gpus: Annotated[
+        int | None, typer.Option(help="GPUs behind the endpoint, with --gpu-cost-per-hour (default 1).")
+    ] = None,
 ) -> None:
-    """Recompute a run's report from its event log (other SLOs, say)."""
+    """Recompute a run's report from its event log (other SLOs or costs, say)."""
     from tokenmill.bench.metrics import SLO, summarize
+    from tokenmill.bench.options import check_cost, check_max_lag
     from tokenmill.bench.records import read_log
-    from tokenmill.bench.report import print_summary
+    from tokenmill.bench.report import Cost, print_summary
 
     try:
-        header, records = read_log(events)
+        check_max_lag(max_lag_p99)
+        check_cost(gpu_cost_per_hour, gpus)
         goals = SLO.parse(slo) if slo else None
+        header, records = read_log(events)
     except (OSError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
-    print_summary(out, header, summarize(records, goals, max_lag_p99))
+    saved = header.get("cost") or {}
+    per_hour = gpu_cost_per_hour if gpu_cost_per_hour is not None else saved.get("gpu_cost_per_hour")
+    cost = Cost(per_hour, gpus or int(saved.get("gpus", 1))) if per_hour is not None else None
+    print_summary(out, header, summarize(records, goals, max_lag_p99), cost)
 
 
 @app.command("compare")
@@ -56,25 +72,35 @@ def compare_runs(
     from rich.markup import escape
     from rich.table import Table
 
-    from tokenmill.bench.compare import NO_INTERVAL_WHY, STATISTICS, Run, compare
+    from tokenmill.bench.compare import NO_INTERVAL_WHY, STATISTICS, Run, compare, mismatches
+    from tokenmill.bench.html_report import check_html_path
 
-    names = labels.split(",") if labels else [None] * len(runs)
+    names: list[str | None] = [n.strip() for n in labels.split(",")] if labels else [None] * len(runs)
     try:
         if len(runs) < 2:
             raise ValueError("compare needs at least two runs")
         if len(names) != len(runs):
             raise ValueError(f"--labels names {len(names)} runs, {len(runs)} were given")
+        if labels and (not all(names) or len(set(names)) != len(names)):
+            raise ValueError(f"--labels must give each run its own non-empty name, got {labels!r}")
+        if seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {seed}")
+        if html is not None:
+            check_html_path(html)
         loaded = [Run.load(p, n) for p, n in zip(runs, names, strict=True)]
     except (OSError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
+    for warning in mismatches(loaded):
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     table = compare(loaded, seed)
     rows = []
     for key, label, _, _, higher_better in STATISTICS:
         cells = [label]
         for d in table[key]:
-            if d.delta is None or d.low is None or d.high is None:  # the baseline, or no interval
-                delta = "" if d.delta is None else f" ({d.delta:+.2f})"
+            if d.delta is None or d.low is None or d.high is None or math.isnan(d.delta):
+                # the baseline, no interval, or a run with nothing to measure (NaN)
+                delta = "" if d.delta is None or math.isnan(d.delta) else f" ({d.delta:+.2f})"
                 cells.append(("-" if math.isnan(d.value) else f"{d.value:.2f}") + delta)
                 continue
             better = (d.delta > 0) == higher_better
@@ -121,9 +147,21 @@ def calibrate(
     --ttft 0 --itl 0` for the client alone): a benchmark above this rate measures
     the client, not the server."""
     from tokenmill.bench.load import LoadProfile
+    from tokenmill.bench.options import check_max_lag
     from tokenmill.bench.runner import RunSettings
 
     try:
+        if not 0 < start_rate < math.inf:
+            raise ValueError(f"--start-rate must be a finite number of requests/s > 0, got {start_rate:g}")
+        if not 0 < seconds < math.inf:
+            raise ValueError(f"--seconds must be a finite number > 0, got {seconds:g}")
+        if start_rate * seconds < MIN_PROBE_REQUESTS:
+            raise ValueError(
+                f"--start-rate {start_rate:g} for --seconds {seconds:g} sends "
+                f"{start_rate * seconds:.3g} requests a probe: raise either to give at least "
+                f"{MIN_PROBE_REQUESTS}"
+            )
+        check_max_lag(max_lag_p99)
         settings = RunSettings(
             url.rstrip("/").removesuffix("/v1"),
             LoadProfile("constant", rate=start_rate),
@@ -132,46 +170,105 @@ def calibrate(
             max_tokens=output_tokens,
             api_key=api_key,
         )
-        if not seconds > 0:
-            raise ValueError(f"--seconds must be > 0, got {seconds}")
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     raise typer.Exit(asyncio.run(_calibrate(settings, seconds, max_lag_p99)))
 
 
+# A probe sends rate x seconds requests, at least 2 (a rate needs two sends); the first probe
+# at least this many, so the search's lowest rate (the start / 16) still ends within ~2x seconds.
+MIN_PROBE_REQUESTS = 10
+REFUSALS = {400, 401, 403, 404}  # statuses no rate can fix: a wrong request, key or model
+
+
 async def _calibrate(settings: RunSettings, seconds: float, max_lag: float) -> int:
-    from rich.table import Table
 
     from tokenmill.bench.data import RequestSpec
     from tokenmill.bench.metrics import summarize
     from tokenmill.bench.runner import LoadRunner
-    from tokenmill.bench.sweep import CLIENT_BEHIND, PASS, search_max_rate
+    from tokenmill.bench.sweep import CLIENT_BEHIND, PASS, Point, search_max_rate
     from tokenmill.client import TransportError
 
     runner = LoadRunner(settings)
-    async with runner.transport() as http:
-        try:
-            await runner.resolve_model(http)
-        except (TransportError, ValueError) as e:
-            err.print(f"[red]error:[/red] {e}")
-            return 2
+    probes: list[Point] = []  # kept here too, so a Ctrl-C still shows the probes measured
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    refused: str | None = None
+    found = None
+    try:
+        async with runner.transport() as http:
+            try:
+                await runner.resolve_model(http)
+            except (TransportError, ValueError) as e:
+                err.print(f"[red]error:[/red] {e}")
+                return 2
 
-        async def probe(i: int, profile: LoadProfile) -> Summary:
-            n = max(int((profile.rate or 1.0) * seconds), 10)
-            specs = [RequestSpec(prompt=f"calibration request {i} {j}") for j in range(n)]
-            point = LoadRunner(replace(settings, profile=profile))
-            point.model = runner.model
-            with err.status(f"probing {profile.rate:.0f} req/s..."):
-                return summarize(await point.run(specs, http=http), max_lag_p99=max_lag)
+            async def probe(i: int, profile: LoadProfile) -> Summary:
+                if stop.is_set():
+                    raise _Interrupted()
+                n = max(int((profile.rate or 1.0) * seconds), 2)
+                specs = [RequestSpec(prompt=f"calibration request {i} {j}") for j in range(n)]
+                point = LoadRunner(replace(settings, profile=profile))
+                point.model = runner.model
+                with err.status(f"probing {_rate(profile.rate or 0.0)} req/s..."):
+                    records = await point.run(specs, http=http, stop=stop)
+                if stop.is_set():
+                    raise _Interrupted()
+                bad = next((r for r in records if r.status in REFUSALS), None)
+                if bad is not None:
+                    raise _Interrupted(f"the server refused a request ({bad.status}): {bad.error}")
+                summary = summarize(records, max_lag_p99=max_lag)
+                probes.append(Point(profile, summary))
+                return summary
 
-        def on_schedule(s: Summary) -> bool:
-            return s.valid and s.failed == 0 and s.achieved_rate >= 0.95 * (s.offered_rate or 0.0)
+            def judge(s: Summary) -> str:
+                return PASS if _on_schedule(s) else CLIENT_BEHIND
 
-        def judge(s: Summary) -> str:
-            return PASS if on_schedule(s) else CLIENT_BEHIND
+            try:
+                found = await search_max_rate(probe, settings.profile, judge, 4, 16)
+            except _Interrupted as e:
+                refused = e.args[0] if e.args else None
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    if probes:
+        _print_probes(probes)
+    if refused is not None:
+        err.print(f"[red]error:[/red] {escape(refused)}; no rate fixes that", highlight=False)
+        return 2
+    if found is None:
+        err.print("[yellow]stopped early: the table shows the probes measured[/yellow]")
+        return 130
+    if found.best is None:
+        lowest = _rate(found.probes[-1].profile.rate or 0.0)
+        out.print(f"[red]even {lowest} req/s ran behind schedule or failed[/red]")
+        return 1
+    s = found.best.summary
+    rate = found.best.profile.rate or 0.0
+    lag99 = s.schedule_lag.p99 * 1000 if s.schedule_lag else float("nan")
+    out.print(
+        f"[bold]this client drives {settings.url} at up to {rate:.0f} req/s[/bold] "
+        f"(schedule lag p99 {lag99:.2f} ms); measure below that rate, or the client is what you measure."
+    )
+    return 0
 
-        found = await search_max_rate(probe, settings.profile, judge, 4, 16)
+
+class _Interrupted(Exception):
+    """Calibration stops: Ctrl-C (no message), or a refusal no rate fixes (its message)."""
+
+
+def _on_schedule(s: Summary) -> bool:
+    return s.valid and s.failed == 0 and s.achieved_rate >= 0.95 * (s.offered_rate or 0.0)
+
+
+def _rate(rate: float) -> str:
+    return f"{rate:.0f}" if rate >= 10 else f"{rate:.3g}"
+
+
+def _print_probes(probes: list[Point]) -> None:
+    from rich.table import Table
+
     table = Table(title="calibration probes (constant rate)")
     for col in (
         "asked req/s",
@@ -182,26 +279,15 @@ async def _calibrate(settings: RunSettings, seconds: float, max_lag: float) -> i
         "on schedule",
     ):
         table.add_column(col, justify="right")
-    for p in found.probes:
+    for p in probes:
         s = p.summary
         lag = (
             f"{s.schedule_lag.median * 1000:.2f} / {s.schedule_lag.p99 * 1000:.2f}" if s.schedule_lag else "-"
         )
         ttft = f"{s.ttft.median * 1000:.2f} / {s.ttft.p99 * 1000:.2f}" if s.ttft else "-"
-        ok = "yes" if on_schedule(s) else "no"
-        table.add_row(f"{p.profile.rate:.0f}", f"{s.achieved_rate:.1f}", lag, ttft, str(s.failed), ok)
+        ok = "yes" if _on_schedule(s) else "no"
+        table.add_row(_rate(p.profile.rate or 0.0), f"{s.achieved_rate:.1f}", lag, ttft, str(s.failed), ok)
     out.print(table)
-    if found.best is None:
-        out.print(f"[red]even {found.probes[-1].profile.rate:.1f} req/s ran behind schedule or failed[/red]")
-        return 1
-    s = found.best.summary
-    rate = found.best.profile.rate or 0.0
-    lag99 = s.schedule_lag.p99 * 1000 if s.schedule_lag else float("nan")
-    out.print(
-        f"[bold]this client drives {settings.url} at up to {rate:.0f} req/s[/bold] "
-        f"(schedule lag p99 {lag99:.2f} ms); measure below that rate, or the client is what you measure."
-    )
-    return 0
 
 
 @app.command("mock-server")
@@ -220,12 +306,35 @@ def mock_server(
     crash_after: Annotated[
         int, typer.Option(help="Die once N requests were answered: drop every connection (0: never).")
     ] = 0,
+    empty_every: Annotated[
+        int, typer.Option(help="Stream every Nth token with empty text, as for a split UTF-8 character.")
+    ] = 0,
+    api_key: Annotated[
+        str | None, typer.Option(help="Answer 401 to requests without Authorization: Bearer KEY.")
+    ] = None,
+    strict_model: Annotated[
+        bool, typer.Option(help="Answer 404 model_not_found to requests naming another model.")
+    ] = False,
 ) -> None:
     """An OpenAI-compatible server with exact timings (TTFT, ITL, length)."""
     from tokenmill.bench.mock_server import MockConfig, MockServer
 
     try:
-        config = MockConfig(ttft, itl, output_tokens, model, worker_id, fail_every, cut_every, crash_after)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"--port must be in 0..65535 (0: any free port), got {port}")
+        config = MockConfig(
+            ttft,
+            itl,
+            output_tokens,
+            model,
+            worker_id,
+            fail_every,
+            cut_every,
+            crash_after,
+            empty_every,
+            api_key,
+            strict_model,
+        )
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None

@@ -171,6 +171,16 @@ def profile(
     if not output.parent.is_dir():  # say so now, not after minutes of profiling
         err.print(f"[red]error:[/red] --output {output}: folder {output.parent} does not exist")
         raise typer.Exit(2)
+    if output.is_dir():
+        err.print(f"[red]error:[/red] --output {output} is a folder: give a file such as {output / 'p.json'}")
+        raise typer.Exit(2)
+    probe = output.with_name(f".{output.name}.probe")
+    try:  # a folder it cannot write in (read-only, /proc) fails now too
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        err.print(f"[red]error:[/red] --output {output}: cannot write in {output.parent}: {e.strerror or e}")
+        raise typer.Exit(2) from None
     try:
         with Progress(console=err, transient=True) as bar:
             task = bar.add_task("profiling", total=None)
