@@ -160,6 +160,10 @@ def test_report_reads_a_prefix_json_keeps_the_cost_and_names_a_bad_line(tmp_path
     with mock_server("--ttft", "0", "--itl", "0") as url:
         done = bench("run", url, *SMALL, "--gpu-cost-per-hour", "2", "-o", str(prefix))
     assert done.returncode == 0, done.stderr
+    assert "replacing" not in done.stderr
+    with mock_server("--ttft", "0", "--itl", "0") as url:
+        twice = bench("run", url, *SMALL, "--gpu-cost-per-hour", "2", "-o", str(prefix))
+    assert "(replacing an earlier run's files)" in " ".join(twice.stderr.split())
     again = bench("report", str(prefix) + ".json")
     assert again.returncode == 0 and "per million output tokens" in again.stdout, again.stderr
     log = tmp_path / "r.events.jsonl"
@@ -190,3 +194,18 @@ def test_compare_refuses_bad_labels_seeds_and_html_paths(tmp_path, args, message
     done = bench("compare", str(a), str(b), *args)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert message in " ".join(done.stderr.split())
+
+
+def test_compare_warns_when_runs_measure_different_workloads(tmp_path):
+    from tests.bench.test_compare import saved_run
+
+    a, b = saved_run(tmp_path, "a", 0.0), saved_run(tmp_path, "b", 0.0)
+    log = tmp_path / "b.events.jsonl"
+    lines = log.read_text().splitlines()
+    header = json.loads(lines[0])
+    log.write_text("\n".join([json.dumps({**header, "data": "synthetic 5 -> 64 tokens"}), *lines[1:]]) + "\n")
+    done = bench("compare", str(a), str(b))
+    assert done.returncode == 0, done.stderr
+    assert "b has data 'synthetic 5 -> 64 tokens', a None: not the same workload" in " ".join(
+        done.stderr.split()
+    )

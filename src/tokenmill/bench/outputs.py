@@ -64,6 +64,8 @@ def write_files(
     short after its first point still numbers it)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     many = len(points) > 1 if numbered is None else numbered
+    # An earlier run's files under the same prefix are replaced: said, so it is no surprise.
+    replaced = any(output.with_name(output.name + ext).exists() for ext in (".csv", ".html"))
     saved = [({k: v for k, v in info.items() if k != "load"}, s, r) for info, s, r in points]
     for i, (info, summary, records) in enumerate(saved):
         stem = f"{output.name}.{i}" if many else output.name
@@ -78,6 +80,8 @@ def write_files(
         wrote += f"{output}.csv and {output}.html"
     else:
         wrote = f"wrote the run to {output}.events.jsonl, .json, .csv and .html"
+    if replaced:
+        wrote += " (replacing an earlier run's files)"
     if search is not None:
         path = output.with_name(output.name + ".search.json")
         path.write_text(json.dumps(search, indent=2) + "\n", encoding="utf-8")
