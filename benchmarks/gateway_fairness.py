@@ -19,6 +19,16 @@ Reported per team: TTFT p50/p99 of served requests, served requests/s, the
 share of the standard band's served requests, and 429s (the queue's bound:
 requests that waited `max_wait_s` or found their band full).
 
+`--step-scale F` multiplies the simulated workers' step times (the demo CPU
+profile's) by F. With the demo profile the eight workers could serve far more
+than two cores can carry through the gateway, the load generators and the
+workers' own HTTP: the "capacity" measured is then the host's CPU, every
+process waits for a core, and premium's latency says more about that than
+about the gateway. Slower steps (a larger model on a GPU: F = 5 gives decode
+steps of about 35 ms at 8 running) make the fleet the bottleneck, as it is in
+production, with CPU to spare. The report gives the host's CPU busy share for
+each phase, so a reader can tell which one a run measured.
+
 By default all share every core; `--gateway-cores N` gives the gateway N
 cores of its own and the workers and load generators the rest
 (`bench_process.split_cores`). Not on two cores: eight workers and four load
@@ -46,6 +56,7 @@ from router_overhead import TOKENMILL, _free_port
 from sim_fleet import simulated_fleet
 
 DEMO = ROOT / "src" / "tokenmill" / "engine" / "demo_model"
+DEMO_PROFILE = ROOT / "src" / "tokenmill" / "engine" / "profiles" / "demo-cpu.json"
 WORKERS, SLOTS = 8, 8
 SHARES = {"premium": 0.10, "standard-a": 0.20, "standard-b": 0.20, "flood": 0.50}
 STANDARD = ("standard-a", "standard-b", "flood")
@@ -71,13 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     global GATEWAY_CPUS
     GATEWAY_CPUS = split_cores(args.gateway_cores)
     report["gateway_cpus"] = sorted(GATEWAY_CPUS) if GATEWAY_CPUS else None
-    with one_run_at_a_time(), simulated_fleet(WORKERS, ["--max-num-seqs", str(SLOTS)]) as workers:
+    options = ["--max-num-seqs", str(SLOTS)]
+    if args.step_scale != 1.0:
+        options += ["--timing-profile", str(_scaled_profile(args.step_scale, logs / "profile.json"))]
+    busy = report["host_cpu_busy"] = {}
+    with one_run_at_a_time(), simulated_fleet(WORKERS, options) as workers:
         with _gateway(workers, logs / "capacity", fair=True, max_wait_s=args.max_wait_s) as (url, keys):
             out = logs / "capacity" / "load"
             cmd = _bench_cmd(
                 url, keys["standard-a"], out, concurrency=WORKERS * SLOTS, requests=args.capacity_requests
             )
-            capacity = _start(cmd, out).result()["req_s"]
+            with _host_cpu(busy, "capacity"):
+                capacity = _start(cmd, out).result()["req_s"]
         report["capacity_req_s"] = capacity
         print(f"[bench] capacity {capacity:.1f} req/s; offering {args.load}x", flush=True)
         rates = {team: share * args.load * capacity for team, share in SHARES.items()}
@@ -85,15 +101,41 @@ def main(argv: list[str] | None = None) -> int:
         with _gateway(workers, logs / "idle", fair=True, max_wait_s=args.max_wait_s) as (url, keys):
             out = logs / "idle" / "premium"
             cmd = _bench_cmd(url, keys["premium"], out, rates["premium"], args.seconds)
-            report["premium_idle"] = _start(cmd, out).result()
+            with _host_cpu(busy, "premium alone"):
+                report["premium_idle"] = _start(cmd, out).result()
         for label, fair in (("gateway", True), ("no priority, first come first served", False)):
             print(f"[bench] {label}", flush=True)
-            with _gateway(workers, logs / label[:7], fair=fair, max_wait_s=args.max_wait_s) as (url, keys):
+            gateway = _gateway(workers, logs / label[:7], fair=fair, max_wait_s=args.max_wait_s)
+            with gateway as (url, keys), _host_cpu(busy, label):
                 report[label] = _all_teams(url, keys, rates, args.seconds, logs / label[:7])
     out = save_report(report)
     _print(report)
     print(f"\nresults: {out}")
     return 0
+
+
+def _scaled_profile(scale: float, path: Path) -> Path:
+    """The demo CPU profile with every step-time term ``scale`` times larger."""
+    profile = json.loads(DEMO_PROFILE.read_text())
+    for key in [k for k in profile if k.endswith("_s")]:
+        profile[key] *= scale
+    profile["model"] = f"demo, step times x{scale:g}"
+    path.write_text(json.dumps(profile, indent=2))
+    return path
+
+
+@contextlib.contextmanager
+def _host_cpu(busy: dict[str, float], phase: str) -> Iterator[None]:
+    """The share of the host's CPU time that was busy while the block ran (/proc/stat)."""
+
+    def times() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
+    total, idle = times()
+    yield
+    total2, idle2 = times()
+    busy[phase] = 1 - (idle2 - idle) / max(total2 - total, 1)
 
 
 @contextlib.contextmanager
@@ -232,7 +274,11 @@ def _print(report: dict[str, Any]) -> None:
     offered = sum(report["rates"].values())
     cpus = report.get("gateway_cpus")
     print(f"- gateway on core(s) {cpus}, workers and load on the rest" if cpus else "- all share every core")
-    print(f"- capacity {report['capacity_req_s']:.1f} req/s; offered {offered:.1f} req/s\n")
+    scale = report["options"].get("step_scale", 1.0)
+    print(f"- simulated step times: the demo CPU profile's x{scale:g}")
+    print(f"- capacity {report['capacity_req_s']:.1f} req/s; offered {offered:.1f} req/s")
+    busy = report.get("host_cpu_busy", {})
+    print("- host CPU busy: " + ", ".join(f"{phase} {share:.0%}" for phase, share in busy.items()) + "\n")
     idle = report["premium_idle"]["ttft_ms"]
     print(f"premium alone: TTFT p50 {idle['median']:.1f} ms, p99 {idle['p99']:.1f} ms\n")
     head = ["setup", "team", "offered req/s", "served req/s", "TTFT ms p50 / p99", "share of standard served"]
@@ -249,12 +295,25 @@ def _print(report: dict[str, Any]) -> None:
             )
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Gateway priority and fair queuing under overload.")
     p.add_argument("--load", type=float, default=1.5, help="offered load over measured capacity")
     p.add_argument("--seconds", type=float, default=60.0, help="length of each loaded run")
     p.add_argument("--max-wait-s", type=float, default=10.0, help="the admission queue's max wait")
     p.add_argument("--capacity-requests", type=int, default=800, help="requests of the capacity run")
+    p.add_argument(
+        "--step-scale",
+        type=_positive,
+        default=1.0,
+        help="the simulated workers' step times over the demo CPU profile's (5: fleet-bound, not CPU-bound)",
+    )
     p.add_argument(
         "--gateway-cores",
         type=int,
