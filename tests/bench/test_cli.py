@@ -251,6 +251,14 @@ def test_conversations_on_the_completions_endpoint_are_refused_before_sending(mo
     assert "request 2 of the data has only" in done.stderr and "use --endpoint chat" in done.stderr
 
 
+def test_a_data_file_shorter_than_requests_says_so(mock_url, tmp_path):
+    path = tmp_path / "two.jsonl"
+    path.write_text('{"prompt": "one", "output_tokens": 2}\n{"prompt": "two", "output_tokens": 2}\n')
+    done = bench("run", mock_url, "--data", "jsonl", "--data-file", str(path), "--requests", "5")
+    assert done.returncode == 0, done.stderr
+    assert "2 ok, 0 failed" in done.stdout and "holds 2 requests: 2 sent, not the 5 asked for" in done.stdout
+
+
 def test_no_stream_measures_whole_responses(mock_url):
     done = bench(
         "run", mock_url, "--no-stream", "--requests", "4", "--prompt-tokens", "5", "--output-tokens", "3"

@@ -91,6 +91,10 @@ def test_jsonl_prompts_and_conversations(tmp_path):
         ("not json", "p.jsonl:2: not JSON"),
         ('{"text": "x"}', 'p.jsonl:2: needs "prompt"'),
         ('{"prompt": "x", "output_tokens": 0}', "p.jsonl:2: output_tokens"),
+        ('{"prompt": "x", "output_tokens": true}', "p.jsonl:2: output_tokens must be an integer"),  # not 1
+        ('{"prompt": "x", "prompt_tokens": "many"}', "p.jsonl:2: prompt_tokens must be an integer"),
+        ('{"messages": [{"role": "user"}]}', 'p.jsonl:2: needs "prompt"'),  # no content: the server's 400
+        ('{"messages": [{"content": "hi"}]}', 'p.jsonl:2: needs "prompt"'),
     ],
 )
 def test_a_bad_jsonl_line_is_named_by_number(tmp_path, line, message):
@@ -98,6 +102,17 @@ def test_a_bad_jsonl_line_is_named_by_number(tmp_path, line, message):
     path.write_text('{"prompt": "fine"}\n' + line + "\n")
     with pytest.raises(ValueError, match=message):
         data.from_jsonl(path, None)
+
+
+def test_a_data_file_that_is_binary_or_a_folder_is_named(tmp_path):
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b'{"prompt": "fine"}\n' + bytes(range(128, 256)) * 64)
+    with pytest.raises(ValueError, match=r"model\.bin: not UTF-8 text"):
+        data.from_jsonl(binary, None)
+    with pytest.raises(ValueError, match=r"sg\.json: not UTF-8 text"):
+        asyncio.run(data.from_sharegpt(binary.rename(tmp_path / "sg.json"), 4, None, 0))
+    with pytest.raises(ValueError, match="is a folder"):
+        DataSource("jsonl", Length(5, 5), Length(2, 2), file=tmp_path)
 
 
 def test_sharegpt_takes_the_first_human_turn_and_the_reply_length(tmp_path):

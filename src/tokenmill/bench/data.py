@@ -152,38 +152,47 @@ async def multi_turn(
 
 def from_jsonl(path: Path, num: int | None) -> list[RequestSpec]:
     specs = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON: {e}") from None
-            if not isinstance(row, dict) or not (
-                isinstance(row.get("prompt"), str) or _is_chat(row.get("messages"))
-            ):
-                raise ValueError(
-                    f'{path}:{lineno}: needs "prompt" (a string) or "messages" (a list of messages)'
-                )
-            out = row.get("output_tokens")
-            if out is not None and (not isinstance(out, int) or out < 1):
-                raise ValueError(f"{path}:{lineno}: output_tokens must be an integer >= 1, got {out!r}")
-            specs.append(
-                RequestSpec(
-                    row.get("prompt"), row.get("messages"), row.get("prompt_tokens"), out, row.get("user")
-                )
-            )
-            if num is not None and len(specs) == num:
-                break
+    lineno = 0
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                specs.append(_jsonl_spec(line, f"{path}:{lineno}"))
+                if num is not None and len(specs) == num:
+                    break
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text after line {lineno} (is it the right file?)") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder: give the JSONL file in it") from None
     if not specs:
         raise ValueError(f"{path} has no requests")
     return specs
 
 
+def _jsonl_spec(line: str, where: str) -> RequestSpec:
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        raise ValueError(f"{where}: not JSON: {e}") from None
+    if not isinstance(row, dict) or not (isinstance(row.get("prompt"), str) or _is_chat(row.get("messages"))):
+        raise ValueError(
+            f'{where}: needs "prompt" (a string) or "messages" (a list of messages, each with a string '
+            '"role" and its "content")'
+        )
+    for name in ("output_tokens", "prompt_tokens"):
+        count = row.get(name)
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
+            raise ValueError(f"{where}: {name} must be an integer >= 1, got {count!r}")
+    prompt, messages, user = row.get("prompt"), row.get("messages"), row.get("user")
+    return RequestSpec(prompt, messages, row.get("prompt_tokens"), row.get("output_tokens"), user)
+
+
 async def from_sharegpt(path: Path, num: int, tok: TokenCounter | None, seed: int) -> list[RequestSpec]:
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text (is it the right file?)") from None
     except ValueError as e:
         raise ValueError(f"{path}: not ShareGPT JSON: {e}") from None
     if not isinstance(rows, list):
@@ -217,4 +226,14 @@ async def from_sharegpt(path: Path, num: int, tok: TokenCounter | None, seed: in
 
 
 def _is_chat(messages: Any) -> bool:
-    return isinstance(messages, list) and bool(messages) and all(isinstance(m, dict) for m in messages)
+    """Messages a server takes: a role each, and content (text, or parts) unless the assistant's."""
+    return (
+        isinstance(messages, list)
+        and bool(messages)
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and (isinstance(m.get("content"), str | list) or m.get("role") == "assistant")
+            for m in messages
+        )
+    )

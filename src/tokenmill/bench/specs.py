@@ -32,6 +32,8 @@ class DataSource:
             raise ValueError(f"--data {self.kind} needs --data-file FILE")
         if self.kind not in ("jsonl", "sharegpt") and self.file is not None:
             raise ValueError(f"--data-file goes with --data jsonl or sharegpt, not --data {self.kind}")
+        if self.file is not None and self.file.is_dir():
+            raise ValueError(f"--data-file {self.file} is a folder: give the {self.kind} file in it")
         if self.file is not None and not self.file.is_file():
             raise ValueError(f"--data-file {self.file}: no such file")
 

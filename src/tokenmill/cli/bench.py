@@ -295,6 +295,10 @@ async def _measure(
                 replies = point_runner.replies
                 note = await retokenize(http, runner.model or "", source, replies, records)
                 info["notes"] = [note] if note else []
+            if len(specs) < n:  # a data file holds fewer requests than --requests asked for
+                info.setdefault("notes", []).append(
+                    f"{source.file} holds {len(specs)} requests: {len(specs)} sent, not the {n} asked for"
+                )
             summary = summarize(records, plan.slo, plan.max_lag)
             lost = await runner.unreachable() if summary.errors.get("connect") else None
             if lost:
