@@ -90,7 +90,8 @@ def test_max_concurrency_caps_an_open_loop_as_queue_wait_not_client_lag():
     # The dispatcher itself was on time: the cap's wait is the server's backlog, not a client
     # falling behind, so the run stands and its achieved rate is the schedule's.
     assert s.schedule_lag.p99 < 0.05 and s.valid
-    assert s.achieved_rate > 0.8 * s.offered_rate
+    # The schedule's rate, not the cap's (2 at a time of 0.1 s: 20/s); a margin for a busy machine.
+    assert s.achieved_rate > 5 * 20.0
 
 
 def test_server_errors_and_cut_streams_are_counted_and_the_run_goes_on():

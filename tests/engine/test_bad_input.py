@@ -94,7 +94,7 @@ def test_bad_sampling_params_name_the_field(engine, tiny_llama, make_engine, fie
         ([], "prompt"),
         ([5, VOCAB_SIZE], "prompt_token_ids"),
         ([5, -1], "prompt_token_ids"),
-        ([5, True], "prompt"),
+        ([5, True], "prompt_token_ids"),  # the bad id is named
         ({"text": "hi"}, "prompt"),
         (None, "prompt"),
     ],

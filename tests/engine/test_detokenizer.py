@@ -108,6 +108,18 @@ def test_stop_string_spanning_tokens_is_found(tokenizer):
         assert detok.output_text == text[: text.index(stop)]
 
 
+def test_no_stop_string_ends_a_request_before_min_tokens(tokenizer):
+    text = "a. b. c. d. e. f. g."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > 6
+    detok = IncrementalDetokenizer(tokenizer, [0], SamplingParams(stop=["."], min_tokens=6))
+    for n, tid in enumerate(ids, 1):
+        if detok.update([tid]):
+            break
+    assert n > 6 and detok.stop_reason == "."  # the first "." after the sixth token, not the first
+    assert detok.output_text.count(".") >= 2 and not detok.output_text.endswith(".")
+
+
 # -- through the engine: output kinds -----------------------------------------------------------------------
 
 PROMPT = "The quick brown fox"

@@ -51,7 +51,8 @@ def served():
         }
         channels = {name: grpc.insecure_channel(address) for name, address in addresses.items()}
         stubs = {name: pb_grpc.GenerationStub(channel) for name, channel in channels.items()}
-        yield type("Served", (), {"engine": engine, "worker": worker, "recorder": recorder, "stubs": stubs})
+        fields = {"engine": engine, "worker": worker, "recorder": recorder, "stubs": stubs, "thread": thread}
+        yield type("Served", (), fields)
         for channel in channels.values():
             channel.close()
     finally:
@@ -269,6 +270,26 @@ def test_abort_from_another_call_ends_the_stream_and_frees_blocks(served, stub):
     wait_blocks_free(served.engine)
     assert not stub.Abort(pb.AbortRequest(request_id="to-abort"), timeout=5).aborted
     assert not stub.Abort(pb.AbortRequest(request_id="never-was"), timeout=5).aborted
+
+
+def test_abort_reaches_grpc_calls_only_not_the_http_fronts_requests(served, stub):
+    """HTTP and gRPC requests share the engine's ids; an id seen in an HTTP stream must not let a
+    gRPC client cut that request."""
+    tasks = []
+
+    async def as_http_would() -> None:
+        params = SamplingParams(max_tokens=LONG, ignore_eos=True, output_kind=OutputKind.DELTA)
+        stream = served.worker.engine.open(PROMPT, params, "cmpl-over-http")
+
+        async def read() -> None:
+            async for _ in stream:
+                pass
+
+        tasks.append(asyncio.ensure_future(read()))
+
+    served.thread.run(as_http_would)
+    assert not stub.Abort(pb.AbortRequest(request_id="cmpl-over-http"), timeout=5).aborted
+    assert served.recorder.wait("cmpl-over-http", timeout=30).outputs[0].finish_reason == "length"
 
 
 def test_deadline_aborts_the_request_and_frees_blocks(served, stub):

@@ -8,7 +8,10 @@ and keeps only the text after what that window decoded to before the new tokens
 incomplete character: nothing is emitted until it completes.
 
 Stop strings: text that could still become the start of a stop string is held
-back, so a stream never shows text that is later cut.
+back, so a stream never shows text that is later cut. Before ``min_tokens``
+output tokens no stop string ends a request, and text of those first tokens is
+searched only where a stop string straddles into the tokens after them, as
+vLLM does.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special = params.skip_special_tokens
         self.stop = params.stop
+        self.min_tokens = params.min_tokens
+        self._num_tokens = 0  # output tokens so far, special ones included, as min_tokens counts them
         self.include_stop = params.include_stop_str_in_output
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         self._special = tokenizer.special_token_ids if self.skip_special else frozenset()
@@ -37,12 +42,13 @@ class IncrementalDetokenizer:
     def update(self, new_token_ids: list[int]) -> str | None:
         """Add tokens; return the stop string if one was found (the text is cut there)."""
         searched = len(self.output_text)
+        self._num_tokens += len(new_token_ids)
         for tid in new_token_ids:
             if tid in self._special:
                 continue
             self.token_ids.append(tid)
             self.output_text += self._decode_next()
-        if self.stop:
+        if self.stop and self._num_tokens > self.min_tokens:
             return self._check_stop(max(0, searched - self._hold))
         return None
 

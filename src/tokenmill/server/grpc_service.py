@@ -81,6 +81,10 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.worker = worker
         self._defaults = worker.engine.engine.default_sampling_params()
         self._expected_auth = f"Bearer {worker.api_key}".encode() if worker.api_key is not None else None
+        # Ids of the Generate calls running here: Abort reaches only these, not the HTTP front's
+        # requests, whose ids share the engine's space (an id from an HTTP stream's chunk would
+        # otherwise let a gRPC client cut another client's request).
+        self._running: set[str] = set()
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
@@ -108,6 +112,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         logger.debug(
             "grpc generate %s tenant=%s priority=%d", request_id, metadata.get(TENANT_HEADER), priority
         )
+        self._running.add(request_id)
         # Honour the deadline here too: a client slow to cancel must not keep its blocks.
         deadline = asyncio.timeout(context.time_remaining())
         reported: set[int] = set()  # choices whose finish was sent (n > 1: others keep running)
@@ -130,6 +135,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 error = to_api_error(exc)
             await _abort(context, error)
         finally:
+            self._running.discard(request_id)
             stream.close()  # a no-op after the last output; otherwise it aborts the request
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
@@ -140,7 +146,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                 raise APIError.invalid_request(
                     "request_id is required: the id of a running request", "request_id"
                 )
-            aborted = await self.worker.engine.abort(request.request_id)
+            running = request.request_id in self._running
+            aborted = running and await self.worker.engine.abort(request.request_id)
         except Exception as exc:
             await _abort(context, to_api_error(exc))
         logger.debug("grpc abort %s: %s", request.request_id, "aborted" if aborted else "not running")
