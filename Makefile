@@ -1,9 +1,14 @@
 # Set-up and everyday commands. Every target creates the virtualenv itself, with
-# torch pinned to the CPU build that lies on this machine's disk (see PEERS.md):
-# any other spelling pulls a multi-GB CUDA build.
+# torch pinned first: a package that needs torch would otherwise pull whatever
+# build pip picks. PyPI's torch 2.13.0 for Linux is the CUDA build (several GB);
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU one. (Where
+# pip is configured with a local wheel folder, as on the project's CI machines,
+# the pin alone finds the CPU build there.) To change either in an existing
+# .venv: make clean first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
+TORCH_INDEX ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
@@ -12,7 +17,7 @@ export TRANSFORMERS_OFFLINE := 1
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q "$(TORCH_PIN)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m tokenmill.engine.native  # the C++ CPU kernels, built once for this machine
 	touch $@

@@ -108,6 +108,16 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
     )
 
 
+def test_a_rerun_of_a_job_with_lines_failed_for_good_still_exits_1(fleet, tmp_path):
+    src = tmp_path / "jobs.jsonl"
+    write_input(src, 3, ["{not json"])
+    first = run_cli(str(src), "--url", fleet[0].url)
+    assert first.returncode == 1 and "3 succeeded, 1 failed" in first.stderr, first.stderr
+    again = run_cli(str(src), "--url", fleet[0].url)  # nothing left to send: the job still has a failure
+    assert again.returncode == 1, again.stderr
+    assert "0 succeeded, 0 failed, 4 done before (1 of them failed)" in again.stderr
+
+
 def test_cli_runs_a_job_over_several_workers_and_reports_the_spread(fleet, tmp_path):
     src = tmp_path / "jobs.jsonl"
     write_input(src, 60)

@@ -113,10 +113,8 @@ def test_no_stop_string_ends_a_request_before_min_tokens(tokenizer):
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert len(ids) > 6
     detok = IncrementalDetokenizer(tokenizer, [0], SamplingParams(stop=["."], min_tokens=6))
-    for n, tid in enumerate(ids, 1):
-        if detok.update([tid]):
-            break
-    assert n > 6 and detok.stop_reason == "."  # the first "." after the sixth token, not the first
+    stopped_at = next(n for n, tid in enumerate(ids, 1) if detok.update([tid]))
+    assert stopped_at > 6 and detok.stop_reason == "."  # the first "." after the sixth token, not the first
     assert detok.output_text.count(".") >= 2 and not detok.output_text.endswith(".")
 
 

@@ -139,6 +139,20 @@ def test_a_rerun_grades_stored_answers_against_the_questions_as_they_are_now(two
     assert len((out / "answers.jsonl").read_text().splitlines()) == 4 + 2  # only the changed verdicts
 
 
+def test_answers_made_with_other_settings_are_asked_again_not_reused(two_models, tmp_path):
+    full, _ = two_models
+    questions, out = tmp_path / "q.jsonl", tmp_path / "out"
+    _write(questions, [{"id": "a", "question": "Name a city.", "answer": "zz", "grader": "contains"}])
+    args = [str(questions), "--endpoint", f"full={full.url}", "--out", str(out)]
+    assert run_eval(*args, "--max-tokens", "4").returncode == 0
+    assert run_eval(*args, "--max-tokens", "4").returncode == 0  # the same settings: resumed
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 1
+    assert run_eval(*args, "--max-tokens", "12").returncode == 0  # answers of 4 tokens do not stand in
+    records = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and records[0]["asked"] != records[1]["asked"]
+    assert records[0]["completion_tokens"] == 4 < records[1]["completion_tokens"]
+
+
 def test_a_judge_verdict_is_judged_again_when_the_rubric_changes(two_models, tmp_path):
     full, int8 = two_models
     questions, out = tmp_path / "q.jsonl", tmp_path / "out"

@@ -139,15 +139,16 @@ def run(
         kept = p.succeeded + p.skipped
         err.print(f"interrupted: {kept} results kept in {output}; run the same command to resume")
         raise typer.Exit(130) from None
+    before = f" ({summary.failed_before} of them failed)" if summary.failed_before else ""
     err.print(
-        f"{summary.succeeded} succeeded, {summary.failed} failed, {summary.skipped} done before; "
+        f"{summary.succeeded} succeeded, {summary.failed} failed, {summary.skipped} done before{before}; "
         f"{summary.completion_tokens} output tokens in {summary.seconds:.1f} s "
         f"({summary.completion_tokens / max(summary.seconds, 1e-9):.0f} tok/s)"
     )
     err.print(f"results: {output}\nerrors:  {errors}")
     if summary.stopped:
         _fail(f"stopped early: {summary.stopped}; run the same command again to resume")
-    if summary.failed:
+    if summary.failed or summary.failed_before:  # the job as a whole, earlier runs' lines included
         raise typer.Exit(1)
 
 

@@ -83,6 +83,7 @@ class BatchSummary:
     completion_tokens: int
     seconds: float
     stopped: str | None  # why the job stopped early, or None
+    failed_before: int = 0  # of ``skipped``: lines an earlier run failed for good (in the errors file)
 
 
 class BatchJob:
@@ -146,7 +147,7 @@ class BatchJob:
         self._report(on_progress)
         return BatchSummary(
             p.succeeded, p.failed, p.skipped, p.prompt_tokens, p.completion_tokens,
-            time.monotonic() - p.started, self._stop,
+            time.monotonic() - p.started, self._stop, state.failed,
         )  # fmt: skip
 
     def _admit(

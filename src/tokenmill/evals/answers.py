@@ -1,6 +1,10 @@
 """The answers file: one JSON record per (endpoint, question), appended as each is graded.
 
-Only model calls are worth resuming. Grading is cheap and deterministic, so a
+Only model calls are worth resuming, and only while the model would be asked
+the same: each answer keeps a key of what it was asked (the messages, with the
+system prompt and template applied, ``max_tokens``, temperature and model
+name; ``asked_key``), and a run with other settings asks again rather than
+reuse answers made for other ones. Grading is cheap and deterministic, so a
 stored answer is graded again against the question file as it is now on every
 run (``regrade``): a corrected ``answer``, grader or tolerance takes effect
 without asking the model again. A judge's verdict costs a model call; it is
@@ -35,6 +39,7 @@ class AnswerRecord:
     completion_tokens: int
     error: str | None = None
     judged: str | None = None  # judge questions: judge_key of what the judge saw
+    asked: str | None = None  # asked_key of what the model was asked (None: a file of older versions)
 
     @property
     def graded(self) -> bool:
@@ -45,6 +50,12 @@ class AnswerRecord:
 def judge_key(q: Question) -> str:
     """What a judge's verdict depends on besides the answer itself (which never changes once stored)."""
     seen = json.dumps([q.question, q.rubric, q.answer], ensure_ascii=False)
+    return hashlib.sha256(seen.encode()).hexdigest()[:16]
+
+
+def asked_key(request: dict[str, object]) -> str:
+    """What a model's answer depends on: the request as sent (messages, max_tokens, ...)."""
+    seen = json.dumps(request, ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(seen.encode()).hexdigest()[:16]
 
 

@@ -31,6 +31,7 @@ from tokenmill.evals.answers import (
     JUDGE_FAILED,
     AnswerRecord,
     append,
+    asked_key,
     awaiting_judge,
     load_answers,
     regrade,
@@ -72,7 +73,7 @@ async def run_eval(
         (name, q.id): regrade(stored[(name, q.id)], q)
         for name in endpoints
         for q in questions
-        if (name, q.id) in stored
+        if (name, q.id) in stored and stored[(name, q.id)].asked == asked_key(_request(q, settings))
     }
     needed = {name for name in endpoints for q in questions if (name, q.id) not in current}
     unjudged = [
@@ -155,25 +156,28 @@ async def _all_or_first_error(coroutines: list[Coroutine[Any, Any, None]]) -> No
             raise task.exception()  # type: ignore[misc]
 
 
-def _messages(q: Question, settings: EvalSettings) -> list[dict[str, str]]:
+def _request(q: Question, settings: EvalSettings) -> dict[str, Any]:
+    """What the model is asked for ``q``: the same for every endpoint."""
     messages = [{"role": "system", "content": settings.system}] if settings.system else []
-    return [*messages, {"role": "user", "content": settings.template.format(question=q.question)}]
+    messages.append({"role": "user", "content": settings.template.format(question=q.question)})
+    return {
+        "messages": messages,
+        "model": settings.model,
+        "max_tokens": settings.max_tokens,
+        "temperature": settings.temperature,
+    }
 
 
 async def _answer(client: AsyncClient, name: str, q: Question, settings: EvalSettings) -> AnswerRecord:
     """The model's answer, graded (a judge question: awaiting the judge); a failed call raises."""
+    request = _request(q, settings)
     started = time.perf_counter()
-    reply = await client.chat.completions.create(
-        messages=_messages(q, settings),
-        model=settings.model,
-        max_tokens=settings.max_tokens,
-        temperature=settings.temperature,
-    )
+    reply = await client.chat.completions.create(**request)
     latency = time.perf_counter() - started
     text = reply.choices[0].message.content or "" if reply.choices else ""
     usage = reply.usage
     prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-    record = AnswerRecord(name, q.id, text, None, "", latency, prompt, completion)
+    record = AnswerRecord(name, q.id, text, None, "", latency, prompt, completion, asked=asked_key(request))
     return regrade(record, q)
 
 
