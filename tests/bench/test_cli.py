@@ -235,6 +235,10 @@ def test_calibrate_against_nothing_is_a_clear_error():
             "--data-file /nonexistent/p.jsonl: no such",
         ),
         (["--trace", "/nonexistent/t.jsonl"], "--trace /nonexistent/t.jsonl: No such file"),
+        (
+            ["--data", "jsonl", "--data-file", "p.jsonl", "--prompt-tokens", "64"],
+            "--prompt-tokens sets generated prompts; --data jsonl sends the file's own",
+        ),
     ],
 )
 def test_options_the_profile_would_ignore_are_refused(mock_url, args, message):

@@ -80,7 +80,9 @@ def run(
         float | None, typer.Option(help="multi-turn: seconds from a reply to the next turn (default 0).")
     ] = None,
     data_file: Annotated[Path | None, typer.Option(help="The file for --data jsonl or sharegpt.")] = None,
-    prompt_tokens: Annotated[str, typer.Option(help="Prompt tokens: N or lo:hi (synthetic suffix).")] = "512",
+    prompt_tokens: Annotated[
+        str | None, typer.Option(help="Prompt tokens: N or lo:hi (synthetic suffix; default 512).")
+    ] = None,
     output_tokens: Annotated[str, typer.Option(help="Output tokens: N or lo:hi.")] = "128",
     prefix_groups: Annotated[int, typer.Option(help="shared-prefix: number of distinct prefixes.")] = 4,
     prefix_tokens: Annotated[
@@ -180,9 +182,11 @@ def run(
             think_time=think_time or 0.0,
             stream=stream,
         )
+        if prompt_tokens is not None and data in ("jsonl", "sharegpt"):
+            raise ValueError(f"--prompt-tokens sets generated prompts; --data {data} sends the file's own")
         source = DataSource(
             data,
-            Length.parse(prompt_tokens, "--prompt-tokens"),
+            Length.parse("512" if prompt_tokens is None else prompt_tokens, "--prompt-tokens"),
             Length.parse(output_tokens, "--output-tokens"),
             file=data_file,
             tokenizer=tokenizer,
