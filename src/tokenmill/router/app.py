@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +58,6 @@ if TYPE_CHECKING:
     from tokenmill.router.gateway import Admitted, Gateway
     from tokenmill.router.prompt_blocks import PromptHasher
 
-logger = logging.getLogger(__name__)
 
 ROUTED = ("/v1/chat/completions", "/v1/completions")
 _MODEL_FIELDS = ("id", "object", "created", "owned_by", "max_model_len")  # what a team's key sees
@@ -168,7 +166,7 @@ class RouterApp:
         if self._health_task is None:
             self._health_task = asyncio.create_task(self.keeper.run_forever())
         if self.gateway is not None and self._checkpoint_task is None:
-            self._checkpoint_task = asyncio.create_task(self._checkpoint_forever(self.gateway))
+            self._checkpoint_task = asyncio.create_task(self.gateway.checkpoint_forever())
 
     async def stop(self) -> None:
         for task in (self._health_task, self._checkpoint_task):
@@ -182,15 +180,6 @@ class RouterApp:
         self._transports.clear()
         if self.gateway is not None:
             self.gateway.ledger.commit()  # rows closed in the last turn of the loop
-
-    @staticmethod
-    async def _checkpoint_forever(gateway: Gateway) -> None:
-        while True:
-            await asyncio.sleep(gateway.config.usage_checkpoint_s)
-            try:
-                gateway.checkpoint()
-            except Exception:  # a ledger error is logged where the commit fails; keep checkpointing
-                logger.exception("the gateway could not checkpoint its running requests' usage")
 
     # -- routing ---------------------------------------------------------------------------
 

@@ -15,8 +15,10 @@ field goes to the worker unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import logging
 import os
 import secrets
 import time
@@ -40,6 +42,8 @@ from tokenmill.router.ledger import Ledger
 from tokenmill.router.limits import Limiter, Refusal, Reservation, tokens_to_reserve
 from tokenmill.router.usage_batch import Closing, UsageRow
 from tokenmill.router.usage_meter import Usage, ask_for_usage
+
+logger = logging.getLogger(__name__)
 
 KEY_HEADERS = ("authorization", "x-api-key")
 KEYS_REFRESH_S = 2.0  # keys created or revoked by another process (the CLI) take effect this fast
@@ -288,6 +292,15 @@ class Gateway:
                 a.checkpointed = done
                 updated += 1
         return updated
+
+    async def checkpoint_forever(self) -> None:
+        """``checkpoint`` every ``usage_checkpoint_s``, until cancelled."""
+        while True:
+            await asyncio.sleep(self.config.usage_checkpoint_s)
+            try:
+                self.checkpoint()
+            except Exception:  # a ledger error is logged where the commit fails; keep checkpointing
+                logger.exception("the gateway could not checkpoint its running requests' usage")
 
     # -- admission -------------------------------------------------------------------------
 
