@@ -28,6 +28,8 @@ def test_each_tenants_system_prompt_lands_where_its_blocks_are_and_hits_are_pred
         for tenant in ("legal", "support", "search"):
             system = f"{tenant.upper()} TEAM. Answer for us and cite the policy you rely on. " * 12
             landed = []
+            # A worker may already hold an earlier tenant's blocks: wait for this prompt's own.
+            known_before = {w["url"]: w["kv_blocks_known"] for w in router.status()["workers"]}
             for i in range(5):
                 messages = [{"role": "system", "content": system}, {"role": "user", "content": f"Case {i}"}]
                 r = httpx.post(
@@ -38,7 +40,7 @@ def test_each_tenants_system_prompt_lands_where_its_blocks_are_and_hits_are_pred
                 assert r.status_code == 200, r.text
                 landed.append(r.headers["x-tokenmill-worker"])
                 holder = next(w["url"] for w in router.status()["workers"] if w["name"] == landed[0])
-                wait_until(lambda h=holder: _known_blocks(router, h) > 0, "the holder's KV events")
+                wait_until(lambda h=holder: _known_blocks(router, h) > known_before[h], "the holder's KV events")
             assert len(set(landed)) == 1, f"{tenant}: {landed}"
         status = router.status()
         assert status["decisions"] == {"kv_miss": 3, "kv_hit": 12}
