@@ -5,10 +5,11 @@ seconds apart, more than most changes save. Here two routers, each run from its
 own source tree (``PYTHONPATH``), sit in front of the same two instant workers
 and take the same load at once: one client process, 32 connections, every other
 one to each router, so a slow spell of the machine hits both alike. Each round
-starts both afresh (in alternating order) and measures each one's CPU per
-request (its process tree's utime + stime, from /proc) and the median latency of
-its requests as the one client saw them; the ratio of each round is B's over A's,
-and the figures are the medians of the rounds' ratios. (The latency is mostly the
+starts both afresh (in alternating order) and measures, per request, each one's
+CPU (its process tree's utime + stime, from /proc), its main thread's CPU (the
+event loop's, which bounds a router's throughput whatever other threads it runs)
+and the median latency of its requests as the one client saw them; the ratio of
+each round is B's over A's, and the figures are the medians of the rounds' ratios. (The latency is mostly the
 client's and the workers' on a machine this small: it tells a change that makes
 requests wait, not a few percent of CPU.)
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = RESULTS / "logs" / f"router_ab-{time.strftime('%Y%m%d-%H%M%S')}"
     logs.mkdir(parents=True, exist_ok=True)
     cpu: dict[str, list[float]] = {name: [] for name in trees}
+    loop_cpu: dict[str, list[float]] = {name: [] for name in trees}  # the main thread's alone
     latency: dict[str, list[float]] = {name: [] for name in trees}  # median of each round, ms
     with one_run_at_a_time(), ro._workers(2, logs) as workers:
         for r in range(args.rounds):
@@ -98,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
                 urls = [routers[name][0] for name in trees]
                 asyncio.run(_drive(urls, 1000, args.stream))  # warm-up
                 before = {name: ro._tree_cpu_s(pid) for name, (_, pid) in routers.items()}
+                before_loop = {name: _main_thread_cpu_s(pid) for name, (_, pid) in routers.items()}
                 latencies = asyncio.run(_drive(urls, args.requests, args.stream))
                 for name, (url, pid) in routers.items():
                     cpu[name].append((ro._tree_cpu_s(pid) - before[name]) / len(latencies[url]) * 1e6)
+                    loop_s = _main_thread_cpu_s(pid) - before_loop[name]
+                    loop_cpu[name].append(loop_s / len(latencies[url]) * 1e6)
                     latency[name].append(statistics.median(latencies[url]) * 1e3)
             print(
                 f"[bench] round {r + 1}: "
@@ -115,11 +121,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- CPU a request, median: before {medians['before']:.0f} us, after {medians['after']:.0f} us")
     print(f"- after / before, median of the rounds' ratios: {statistics.median(ratios):.3f} "
           f"({sum(x < 1 for x in ratios)} of {len(ratios)} rounds below 1)")  # fmt: skip
+    loop = {name: statistics.median(values) for name, values in loop_cpu.items()}
+    loop_ratios = [a / b for a, b in zip(loop_cpu["after"], loop_cpu["before"], strict=True)]
+    print(f"- the event loop thread's CPU a request, median: before {loop['before']:.0f} us, after "
+          f"{loop['after']:.0f} us; after / before, median of the rounds' ratios: "
+          f"{statistics.median(loop_ratios):.3f}")  # fmt: skip
     lat = {name: statistics.median(values) for name, values in latency.items()}
     print(f"- latency a request (the client's, both routers' through the same client), median: "
           f"before {lat['before']:.2f} ms, after {lat['after']:.2f} ms; after / before, median of the "
           f"rounds' ratios: {statistics.median(latency_ratios):.3f}")  # fmt: skip
     return 0
+
+
+def _main_thread_cpu_s(pid: int | None) -> float:
+    """utime + stime of a process's main thread: a router's event loop, whose time bounds its
+    throughput whatever other threads it runs."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":
