@@ -28,27 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-import httptools
-
+from tokenmill.bench.mock_http import Connection, Responder
 from tokenmill.bench.vocabulary import WORDS
-
-logger = logging.getLogger(__name__)
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    500: "Internal Server Error",
-}
 
 
 @dataclass(frozen=True)
@@ -84,13 +70,13 @@ class MockServer:
         self.num_requests = 0  # completion requests seen
         self.num_answered = 0  # ... and answered in full
         self._server: asyncio.Server | None = None
-        self._connections: set[_Connection] = set()
+        self.connections: set[Connection] = set()
         self.url = ""
         self.worker_id = ""
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=4096)
+        self._server = await loop.create_server(lambda: Connection(self), host, port, backlog=4096)
         bound = self._server.sockets[0].getsockname()[1]
         self.url = f"http://{host}:{bound}"
         self.worker_id = self.config.worker_id or f"mock-{bound}"
@@ -104,7 +90,7 @@ class MockServer:
         (what was already written still goes out)."""
         if self._server is not None:
             self._server.close()
-        for connection in list(self._connections):
+        for connection in list(self.connections):
             connection.close()
 
     async def __aenter__(self) -> MockServer:
@@ -132,7 +118,7 @@ class MockServer:
     # -- requests -----------------------------------------------------------------------
 
     async def handle(
-        self, method: str, path: str, body: bytes, respond: _Responder, authorization: str = ""
+        self, method: str, path: str, body: bytes, respond: Responder, authorization: str = ""
     ) -> None:
         route = path.split("?", 1)[0]
         key = self.config.api_key
@@ -169,7 +155,7 @@ class MockServer:
         else:
             respond.error(404, f"no route {route}", None)
 
-    def _tokenize(self, req: dict[str, Any], respond: _Responder) -> None:
+    def _tokenize(self, req: dict[str, Any], respond: Responder) -> None:
         if "messages" in req:
             text = " ".join(str(m.get("content", "")) for m in req["messages"])
         else:
@@ -177,7 +163,7 @@ class MockServer:
         ids = self.encode(text)
         respond.json(200, {"tokens": ids, "count": len(ids), "max_model_len": 1 << 20})
 
-    async def _complete(self, req: dict[str, Any], chat: bool, respond: _Responder) -> None:
+    async def _complete(self, req: dict[str, Any], chat: bool, respond: Responder) -> None:
         arrived = asyncio.get_running_loop().time()
         self.num_requests += 1
         n = self.num_requests
@@ -224,7 +210,7 @@ class MockServer:
         if cfg.crash_after and self.num_answered == cfg.crash_after:
             self.crash()
 
-    async def _stream(self, reply: _Reply, arrived: float, respond: _Responder, cut_at: int | None) -> bool:
+    async def _stream(self, reply: _Reply, arrived: float, respond: Responder, cut_at: int | None) -> bool:
         """Stream the reply; False if it was cut (on purpose, or the client left)."""
         cfg = self.config
         respond.start_stream()
@@ -307,118 +293,3 @@ async def _sleep_until(when: float) -> None:
     delay = when - asyncio.get_running_loop().time()
     if delay > 0:
         await asyncio.sleep(delay)
-
-
-class _Responder:
-    """Writes one response on a connection: whole, or as a chunked event stream."""
-
-    def __init__(self, connection: _Connection) -> None:
-        self._connection = connection
-        self.closed = False
-
-    def json(self, status: int, payload: dict[str, Any]) -> None:
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        head = self._head(status, b"application/json") + b"content-length: %d\r\n\r\n" % len(body)
-        self._connection.write(head + body)
-
-    def error(self, status: int, message: str, param: str | None) -> None:
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        self.json(status, {"error": {"message": message, "type": kind, "param": param, "code": None}})
-
-    def start_stream(self) -> None:
-        self._connection.write(self._head(200, b"text/event-stream") + b"transfer-encoding: chunked\r\n\r\n")
-
-    def event(self, payload: dict[str, Any]) -> None:
-        self.event_raw(json.dumps(payload, separators=(",", ":")).encode())
-
-    def event_raw(self, data: bytes) -> None:
-        frame = b"data: " + data + b"\n\n"
-        self._connection.write(b"%x\r\n%s\r\n" % (len(frame), frame))
-
-    def end_stream(self) -> None:
-        self._connection.write(b"0\r\n\r\n")
-
-    def abort(self) -> None:
-        self.closed = True
-        self._connection.close()
-
-    def _head(self, status: int, content_type: bytes) -> bytes:
-        worker = self._connection.server.worker_id.encode()
-        reason = _REASONS.get(status, "Unknown").encode()
-        return b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\nx-tokenmill-worker: %s\r\n" % (
-            status,
-            reason,
-            content_type,
-            worker,
-        )
-
-
-class _Connection(asyncio.Protocol):
-    """One client connection: parses requests with httptools and answers them one at a time."""
-
-    def __init__(self, server: MockServer) -> None:
-        self.server = server
-        self._parser = httptools.HttpRequestParser(self)
-        self._transport: asyncio.Transport | None = None
-        self._url = b""
-        self._body: list[bytes] = []
-        self._authorization = ""
-        self._queue: asyncio.Queue[tuple[str, str, bytes, str]] = asyncio.Queue()
-        self._worker: asyncio.Task[None] | None = None
-        self._responder: _Responder | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Not an isinstance check: uvloop's transports do not subclass asyncio.Transport.
-        self._transport = cast(asyncio.Transport, transport)
-        self.server._connections.add(self)
-        self._worker = asyncio.get_running_loop().create_task(self._answer_in_order())
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError:
-            self.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self.server._connections.discard(self)
-        if self._responder is not None:
-            self._responder.closed = True
-        if self._worker is not None:
-            self._worker.cancel()
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"authorization":
-            self._authorization = value.decode("latin-1")
-
-    def on_body(self, body: bytes) -> None:
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        method = self._parser.get_method().decode()
-        request = (method, self._url.decode("latin-1"), b"".join(self._body), self._authorization)
-        self._queue.put_nowait(request)
-        self._url, self._body, self._authorization = b"", [], ""
-
-    async def _answer_in_order(self) -> None:
-        handle: Callable[..., Any] = self.server.handle
-        while True:
-            method, path, body, authorization = await self._queue.get()
-            self._responder = _Responder(self)
-            try:
-                await handle(method, path, body, self._responder, authorization)
-            except Exception:
-                logger.exception("mock server failed on %s %s", method, path)
-                self.close()
-                return
-
-    def write(self, data: bytes) -> None:
-        if self._transport is not None:
-            self._transport.write(data)
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()

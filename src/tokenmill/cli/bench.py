@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tokenmill.cli.bench_progress import with_progress
 
 if TYPE_CHECKING:  # the bench modules load with the command that needs them, not with every CLI call
     from tokenmill.bench.load import LoadProfile
@@ -288,7 +289,7 @@ async def _measure(
             if scraper is not None:
                 scraper.start(time.perf_counter())
             try:
-                records = await _with_progress(point_runner, specs, stop, http, profile.label)
+                records = await with_progress(point_runner, specs, stop, http, profile.label, err)
             finally:
                 if scraper is not None:
                     await scraper.stop()
@@ -398,33 +399,3 @@ def _info(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seed": settings.seed,
     }
-
-
-async def _with_progress(
-    runner: Any, specs: list[Any], stop: asyncio.Event, http: Any, label: str
-) -> list[Any]:
-    import numpy as np
-
-    ttfts: list[float] = []
-    shown = [0.0]  # when the status line was last recomputed
-    columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
-    with Progress(TextColumn("{task.description}"), *columns, console=err, transient=True) as bar:
-        task = bar.add_task(label, total=len(specs), status="")
-
-        def seen(record: Any) -> None:
-            if record.first_token is not None and record.anchor is not None:
-                ttfts.append(record.first_token - record.anchor)
-            now = time.perf_counter()
-            if (
-                now - shown[0] < 0.25
-            ):  # the client's CPU belongs to the load: percentiles a few times a second
-                bar.advance(task)
-                return
-            shown[0] = now
-            elapsed = max(now - runner.started, 1e-9)
-            done = bar.tasks[0].completed + 1
-            p50, p99 = np.percentile(ttfts, [50, 99]) * 1000 if ttfts else (float("nan"), float("nan"))
-            status = f"{done / elapsed:.1f} req/s, TTFT p50 {p50:.0f} ms, p99 {p99:.0f} ms"
-            bar.update(task, advance=1, status=status)
-
-        return await runner.run(specs, on_record=seen, stop=stop, http=http)
