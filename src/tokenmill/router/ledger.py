@@ -57,6 +57,7 @@ from typing import Any
 
 from tokenmill.router.api_keys import KeyRecord, hash_key, new_key, new_key_id
 from tokenmill.router.gateway_config import Budget, GatewayConfigError, Price, Team, parse_team
+from tokenmill.router.ledger_lock import lock_ledger
 from tokenmill.router.usage_batch import Closing, UsageBatch, UsageRow, day_of
 
 logger = logging.getLogger(__name__)
@@ -302,22 +303,7 @@ class Ledger:
         another holds it (a lock on ``<ledger>.lock``, let go when the process ends, however it
         ends). A gateway's recovery takes every row in flight for lost, and the usage totals are
         kept by one writer: two gateways on one ledger would count requests twice."""
-        try:
-            import fcntl
-        except ImportError:  # Windows: no flock; one gateway per ledger is then the operator's to keep
-            logger.warning("cannot lock %s on this platform: run one gateway per ledger", self.path)
-            return
-        lock = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ValueError(
-                f"the ledger {self.path} is in use by another running gateway (lock {lock}); "
-                "give each gateway its own ledger"
-            ) from None
-        self._lock_fd = fd  # held for the life of the process
+        self._lock_fd = lock_ledger(self.path)  # held for the life of the process
 
     def recover_interrupted(self) -> int:
         """Close the rows a dead gateway left in flight as interrupted, their prompts and the
