@@ -40,7 +40,8 @@ def test_each_tenants_system_prompt_lands_where_its_blocks_are_and_hits_are_pred
                 assert r.status_code == 200, r.text
                 landed.append(r.headers["x-tokenmill-worker"])
                 holder = next(w["url"] for w in router.status()["workers"] if w["name"] == landed[0])
-                wait_until(lambda h=holder: _known_blocks(router, h) > known_before[h], "the holder's KV events")
+                before = known_before[holder]
+                wait_until(lambda h=holder, b=before: _known_blocks(router, h) > b, "the holder's KV events")
             assert len(set(landed)) == 1, f"{tenant}: {landed}"
         status = router.status()
         assert status["decisions"] == {"kv_miss": 3, "kv_hit": 12}
