@@ -33,8 +33,9 @@ def run_quant_checks(
     from tests.tiny_models import build_tiny_model, build_tokenizer
 
     from tokenmill.engine import Engine, EngineConfig
+    from tokenmill.engine.fp8 import quantize_fp8_blocks
     from tokenmill.engine.models.quantized import Fp8Weights
-    from tokenmill.engine.quantization import QuantizedWeight, dequantize_weight, quantize_fp8_blocks
+    from tokenmill.engine.quantization import QuantizedWeight, dequantize_weight
     from tokenmill.engine.quantized_checkpoint_writer import save_quantized
     from tokenmill.engine.scoring import prompt_logits
 

@@ -10,18 +10,17 @@ from hypothesis import strategies as st
 
 from tokenmill.engine import SamplingParams
 from tokenmill.engine.errors import InvalidRequestError
+from tokenmill.engine.fp8 import fp8_linear, quantize_fp8
 from tokenmill.engine.models.layers import Linear
 from tokenmill.engine.models.quantized import Fp8Weights, Int4Weights, Int8Weights
 from tokenmill.engine.quantization import (
     dequantize_int4,
     dequantize_int8,
-    fp8_linear,
     int4_group_size,
     int4_linear,
     int8_linear,
     model_int4_group,
     pack_int4,
-    quantize_fp8,
     quantize_int4,
     quantize_int8,
     quantize_model,

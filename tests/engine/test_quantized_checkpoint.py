@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from tokenmill.engine.errors import InvalidRequestError, ModelLoadError
+from tokenmill.engine.fp8 import quantize_fp8_blocks
 from tokenmill.engine.models.quantized import Fp8Weights, Int4Weights, Int8Weights
 from tokenmill.engine.quantization import (
     QuantizedWeight,
     dequantize_weight,
-    quantize_fp8_blocks,
     quantize_weight,
 )
 from tokenmill.engine.quantized_checkpoint import (

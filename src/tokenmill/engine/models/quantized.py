@@ -16,14 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.engine import native
+from tokenmill.engine.fp8 import fp8_block_kernel_works, fp8_block_linear, fp8_linear, fp8_scaled_mm_supported
 from tokenmill.engine.native.int8 import int8_linear_blocks, pack_int8_blocks, unpack_int8_blocks
 from tokenmill.engine.quantization import (
     QuantizedWeight,
     dequantize_weight,
-    fp8_block_kernel_works,
-    fp8_block_linear,
-    fp8_linear,
-    fp8_scaled_mm_supported,
     int4_kernel_supported,
     int4_linear,
     int8_linear,
