@@ -13,7 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tokenmill.engine.async_engine import AsyncEngine, EngineListener, RequestStream
+    from tokenmill.engine.async_engine import AsyncEngine, EngineListener
     from tokenmill.engine.block_hash import hash_blocks
     from tokenmill.engine.config import EngineConfig, ModelConfig
     from tokenmill.engine.engine import Engine
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from tokenmill.engine.llm import LLM
     from tokenmill.engine.memory import KVCachePlan
     from tokenmill.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+    from tokenmill.engine.request_stream import RequestStream
     from tokenmill.engine.sampling_params import OutputKind, SamplingParams
     from tokenmill.engine.stats import EngineStats, StepRecord
     from tokenmill.engine.timing import TimingModel
@@ -60,7 +61,7 @@ _WHERE = {
     "PromptTooLongError": "tokenmill.engine.errors",
     "RequestMetrics": "tokenmill.engine.outputs",
     "RequestOutput": "tokenmill.engine.outputs",
-    "RequestStream": "tokenmill.engine.async_engine",
+    "RequestStream": "tokenmill.engine.request_stream",
     "SamplingParams": "tokenmill.engine.sampling_params",
     "StepRecord": "tokenmill.engine.stats",
     "TimingModel": "tokenmill.engine.timing",

@@ -25,15 +25,22 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.engine import Engine, Prompt
 from tokenmill.engine.errors import EngineDeadError, InvalidRequestError
-from tokenmill.engine.input_processor import PreparedRequest
 from tokenmill.engine.kv_events import CachedBlocks, KVEventBatch
 from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.request_stream import (
+    AbortRequest,
+    AddRequest,
+    RequestStream,
+    ResetPrefixCache,
+    StreamState,
+    SubscribeKV,
+)
 from tokenmill.engine.sampling_params import OutputKind, SamplingParams
 from tokenmill.engine.stats import EngineStats, StepRecord
 
@@ -50,73 +57,6 @@ class EngineListener(Protocol):
     def on_request_finished(self, output: RequestOutput) -> None: ...
 
 
-@dataclass
-class _Stream:
-    request_id: str
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException]
-    finished: bool = False
-
-
-@dataclass(frozen=True)
-class _Add:
-    prepared: PreparedRequest
-
-
-@dataclass(frozen=True)
-class _Abort:
-    request_id: str
-    loop: asyncio.AbstractEventLoop | None = None
-    done: asyncio.Future[bool] | None = None
-
-
-@dataclass(frozen=True)
-class _ResetPrefixCache:
-    pass
-
-
-@dataclass(frozen=True)
-class _SubscribeKV:
-    """Join the KV event subscribers, first receiving what is cached now, in one engine-thread move."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[KVEventBatch]
-    done: asyncio.Future[bool]
-
-
-class RequestStream:
-    """The outputs of one accepted request (see ``AsyncEngine.open``)."""
-
-    def __init__(self, engine: AsyncEngine, stream: _Stream):
-        self._engine = engine
-        self._stream = stream
-        self._done = False
-
-    @property
-    def request_id(self) -> str:
-        return self._stream.request_id
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        item = await self._stream.queue.get()
-        if isinstance(item, BaseException):
-            self.close()
-            raise item
-        if item.finished:
-            self.close()
-        return item
-
-    def close(self) -> None:
-        """Stop listening; a request that has not finished is aborted. Idempotent."""
-        if not self._done:
-            self._done = True
-            self._engine._release(self._stream)
-
-
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, engine: Engine | None = None):
         """Start the step loop; with no ``engine``, the loop's thread builds one from ``config``.
@@ -129,12 +69,12 @@ class AsyncEngine:
         ready ``engine`` only when its thread will run no more torch work.
         """
         self.engine: Engine
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, StreamState] = {}
         # Guards the streams, the pending count and the command queue against the loop
         # closing: a command is either queued while the loop still drains it, or refused.
         self._streams_lock = threading.Lock()
         self._closed = False
-        self._commands: deque[_Add | _Abort | _ResetPrefixCache | _SubscribeKV] = deque()
+        self._commands: deque[AddRequest | AbortRequest | ResetPrefixCache | SubscribeKV] = deque()
         self._num_pending_adds = 0  # requests in _commands, not yet in the scheduler
         self._wake = threading.Event()
         self._stopping = False
@@ -193,13 +133,13 @@ class AsyncEngine:
         stream, and ``close()`` the stream when done with it: closing before the
         request finished aborts it and frees its blocks.
         """
-        return RequestStream(self, self._open(prompt, params, request_id, priority, cache_salt))
+        return RequestStream(self._open(prompt, params, request_id, priority, cache_salt), self._release)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request; returns once its blocks are freed (False if it was unknown or done)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bool] = loop.create_future()
-        self._command(_Abort(request_id, loop, done))
+        self._command(AbortRequest(request_id, loop, done))
         return await done
 
     async def abort_all(self) -> int:
@@ -211,7 +151,7 @@ class AsyncEngine:
         return sum(aborted)
 
     async def reset_prefix_cache(self) -> None:
-        self._command(_ResetPrefixCache())
+        self._command(ResetPrefixCache())
 
     def stats(self) -> EngineStats:
         """The engine after its most recent step."""
@@ -229,7 +169,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[KVEventBatch] = asyncio.Queue()
         subscribed: asyncio.Future[bool] = loop.create_future()
-        self._command(_SubscribeKV(loop, queue, subscribed))
+        self._command(SubscribeKV(loop, queue, subscribed))
         entry = (loop, queue)
         try:
             if not await subscribed:
@@ -274,7 +214,7 @@ class AsyncEngine:
         request_id: str | None,
         priority: int,
         cache_salt: str | None,
-    ) -> _Stream:
+    ) -> StreamState:
         self._check_alive()
         if params is None:
             params = replace(self.engine.default_sampling_params(), output_kind=OutputKind.DELTA)
@@ -284,7 +224,7 @@ class AsyncEngine:
                 request_id = self._fresh_id()
             elif not isinstance(request_id, str) or request_id in self._streams:
                 raise InvalidRequestError("request_id", request_id, "a string not already in use")
-            stream = _Stream(request_id, loop, asyncio.Queue())
+            stream = StreamState(request_id, loop, asyncio.Queue())
             self._streams[request_id] = stream
         try:
             prepared = self.engine.prepare_request(request_id, prompt, params, priority, None, cache_salt)
@@ -292,7 +232,7 @@ class AsyncEngine:
                 self._check_alive()
                 self.engine.check_capacity(len(prepared.children), self._num_pending_adds)
                 self._num_pending_adds += len(prepared.children)
-                self._commands.append(_Add(prepared))
+                self._commands.append(AddRequest(prepared))
         except BaseException:
             with self._streams_lock:
                 del self._streams[request_id]
@@ -300,15 +240,15 @@ class AsyncEngine:
         self._wake.set()
         return stream
 
-    def _release(self, stream: _Stream) -> None:
+    def _release(self, stream: StreamState) -> None:
         with self._streams_lock:
             if not stream.finished and not self._closed:
-                self._commands.append(_Abort(stream.request_id))
+                self._commands.append(AbortRequest(stream.request_id))
                 self._wake.set()
             if self._streams.get(stream.request_id) is stream:
                 del self._streams[stream.request_id]
 
-    def _command(self, cmd: _Abort | _ResetPrefixCache | _SubscribeKV) -> None:
+    def _command(self, cmd: AbortRequest | ResetPrefixCache | SubscribeKV) -> None:
         with self._streams_lock:
             self._check_alive()
             self._commands.append(cmd)
@@ -368,7 +308,7 @@ class AsyncEngine:
             self._closed = True
             commands, self._commands = list(self._commands), deque()
         for cmd in commands:
-            if isinstance(cmd, _Abort):
+            if isinstance(cmd, AbortRequest):
                 freed = False
                 if self._dead is None:
                     try:
@@ -377,14 +317,14 @@ class AsyncEngine:
                         logger.exception("abort of %s failed while closing", cmd.request_id)
                 if cmd.loop is not None and cmd.done is not None:
                     _call_soon(cmd.loop, _resolve, cmd.done, freed)
-            elif isinstance(cmd, _SubscribeKV):
+            elif isinstance(cmd, SubscribeKV):
                 _call_soon(cmd.loop, _resolve, cmd.done, False)
             # Queued adds never reach the engine; their streams hear EngineDeadError.
 
     def _apply_commands(self) -> None:
         while self._commands:
             cmd = self._commands.popleft()
-            if isinstance(cmd, _Add):
+            if isinstance(cmd, AddRequest):
                 # Under the lock, so a request is always counted, pending or waiting, by
                 # the max_waiting_requests check of a concurrent caller.
                 with self._streams_lock:
@@ -393,13 +333,13 @@ class AsyncEngine:
                             self.engine.submit(cmd.prepared)
                     finally:
                         self._num_pending_adds -= len(cmd.prepared.children)
-            elif isinstance(cmd, _Abort):
+            elif isinstance(cmd, AbortRequest):
                 out = self.engine.abort_request(cmd.request_id)
                 if out is not None:
                     self._deliver([out])
                 if cmd.loop is not None and cmd.done is not None:
                     cmd.loop.call_soon_threadsafe(_resolve, cmd.done, out is not None)
-            elif isinstance(cmd, _SubscribeKV):
+            elif isinstance(cmd, SubscribeKV):
                 self._publish_kv_events()  # anything pending belongs to the subscribers already there
                 cached = CachedBlocks(self.engine.kv_cache.cached_block_hashes())
                 snapshot = KVEventBatch(time.time(), [cached])
@@ -429,7 +369,7 @@ class AsyncEngine:
                         listener.on_request_finished(out)
                     except Exception:
                         logger.exception("engine listener failed on request %s", out.request_id)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[StreamState, RequestOutput]]] = {}
         with self._streams_lock:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
@@ -460,7 +400,7 @@ class AsyncEngine:
             _call_soon(s.loop, s.queue.put_nowait, error)
 
 
-def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
+def _put_all(items: list[tuple[StreamState, RequestOutput]]) -> None:
     for stream, out in items:
         stream.queue.put_nowait(out)
 

@@ -8,9 +8,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tokenmill.engine.async_engine import RequestStream
 from tokenmill.engine.errors import EngineError, PromptTooLongError
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.engine.request_stream import RequestStream
 from tokenmill.protocol.chat import ChatCompletionRequest
 from tokenmill.protocol.errors import APIError
 from tokenmill.protocol.headers import PRIORITY_HEADER

@@ -11,9 +11,9 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from tokenmill.engine.async_engine import RequestStream
 from tokenmill.engine.input_processor import Prompt
 from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.request_stream import RequestStream
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.server.worker import Worker
 
