@@ -197,9 +197,7 @@ class EngineConfig:
     runner: str = "model"  # model | simulated
     timing_profile: str | None = None  # JSON from `tokenmill profile`; None: the shipped default
     kv_events: bool = False  # record BlockStored/BlockRemoved/AllCleared for KV-aware routing
-    quantization: str | None = (
-        None  # int8 (per output channel), int4 (per group) or fp8, at load: quantization.py
-    )
+    quantization: str | None = None  # int8 (per row), int4 (per group) or fp8, at load: quantization.py
     # Whether the LM head is quantized too; None: the method's default (int8: yes; int4, fp8: no).
     quantize_lm_head: bool | None = None
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8: e4m3 with a scale per slot and KV head
