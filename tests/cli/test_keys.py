@@ -96,6 +96,18 @@ def test_keys_create_refuses_a_label_the_api_would_refuse(tmp_path: Path):
     assert done.returncode == 2 and "--label must be a string of at most 256 characters" in done.stderr
 
 
+def test_keys_list_shows_an_old_labels_control_characters_as_escapes(tmp_path: Path):
+    import sqlite3
+
+    path = config(tmp_path, "ledger: usage.db\nteams: {search: {}}")
+    assert run("keys", "create", "--team", "search", "--config", str(path)).returncode == 0
+    with sqlite3.connect(tmp_path / "usage.db") as db:  # a label made before labels were checked
+        db.execute("UPDATE keys SET label = ?", ("\x1b[2Jcleared\x07",))
+    listed = run("keys", "list", "--config", str(path), columns=200)
+    assert listed.returncode == 0 and "\x1b" not in listed.stdout and "\x07" not in listed.stdout
+    assert "\\x1b[2Jcleared\\x07" in listed.stdout
+
+
 def test_route_status_sends_the_admin_key_a_gateway_requires(tmp_path: Path):
     path = config(tmp_path, "ledger: usage.db\nteams: {search: {}}")
     router = RouterProcess(

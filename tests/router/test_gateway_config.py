@@ -124,7 +124,7 @@ def _refused(yaml: str, tmp_path: Path) -> GatewayConfigError:
         ("teams: {a/b: {}}", "teams", "the team name 'a/b' must be 1-64 characters from A-Z a-z 0-9 - _ ."),
         ("teams: {..: {}}", "teams", "starting with a letter or digit"),
         ("teams: {" + "x" * 65 + ": {}}", "teams", "must be 1-64 characters"),
-        ("teams: {~: {}}", "teams", "the team name None must be"),
+        ("teams: {~: {}}", "teams", "the team name '~' must be"),  # (YAML's null, read as written)
         ('teams: {a: {models: ["m\\ud800"]}}', "teams.a.models", "unpaired"),
     ],
 )
@@ -175,7 +175,15 @@ def test_an_admin_body_names_bare_fields():
 
 @pytest.mark.parametrize(
     ("label", "named"),
-    [("x" * 257, "at most 256 characters, got 257 characters"), ("x\ud800", "unpaired"), (5, "got 5")],
+    [
+        ("x" * 257, "at most 256 characters, got 257 characters"),
+        ("x\ud800", "unpaired"),
+        (5, "got 5"),
+        # `tokenmill keys list` prints labels: an escape code would clear the screen, set its title
+        ("\x1b[2J\x1b[31mEVIL", "no control characters"),
+        ("two\nlines", "no control characters"),
+        ("nul\x00", "no control characters"),
+    ],
 )
 def test_a_key_label_is_short_text(label, named):
     with pytest.raises(GatewayConfigError, match=named) as refused:
@@ -198,3 +206,43 @@ def test_a_ledger_that_cannot_be_a_file_is_named(tmp_path: Path):
 def test_an_unreadable_config_is_named(tmp_path: Path):
     with pytest.raises(GatewayConfigError, match=r"cannot read the gateway config .*missing\.yaml"):
         load_gateway_config(tmp_path / "missing.yaml")
+
+
+def test_names_are_read_as_written_not_as_yaml_numbers_or_booleans(tmp_path: Path):
+    # YAML reads 007 as 7, 0x10 as 16, no as false, null as nothing: a team name changed unseen.
+    (tmp_path / "g.yaml").write_text(
+        "prices: {null: {prompt: 1}, 1.5: {prompt: 2}}\nteams: {007: {}, 0x10: {}, no: {}, 1_000: {}}\n"
+    )
+    config = load_gateway_config(tmp_path / "g.yaml")
+    assert set(config.teams) == {"007", "0x10", "no", "1_000"}
+    assert set(config.prices) == {"null", "1.5"}
+
+
+@pytest.mark.parametrize(
+    ("yaml", "named"),
+    [
+        ("teams: {a: {}}\nteams: {b: {}}\n", "the key 'teams' is given twice (first at line 1) at line 2"),
+        ("teams:\n  a: {priority: 1}\n  a: {priority: 2}\n", "the key 'a' is given twice (first at line 2)"),
+        ("teams: {a: {max_parallel: 1, max_parallel: 9}}\n", "the key 'max_parallel' is given twice"),
+    ],
+)
+def test_a_key_given_twice_is_refused_rather_than_the_last_one_kept(tmp_path: Path, yaml: str, named: str):
+    assert named in str(_refused(yaml, tmp_path))
+
+
+def test_a_merge_key_may_be_overridden(tmp_path: Path):
+    yaml = "teams:\n  a: &base {priority: 2, max_parallel: 4}\n  b:\n    <<: *base\n    priority: 1\n"
+    (tmp_path / "g.yaml").write_text(yaml)
+    b = load_gateway_config(tmp_path / "g.yaml").teams["b"]
+    assert (b.priority, b.max_parallel) == (1, 4)
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_position(tmp_path: Path):
+    message = str(_refused("teams: {a: {\n", tmp_path))
+    assert "\n" not in message and "not valid YAML" in message and "at line 2, column 1" in message
+
+
+def test_a_ledger_under_home_is_expanded(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "g.yaml").write_text("ledger: ~/usage.db\n")
+    assert load_gateway_config(tmp_path / "g.yaml").ledger == tmp_path / "home" / "usage.db"

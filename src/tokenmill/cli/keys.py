@@ -77,7 +77,8 @@ def list_keys(
     for col in ("team", "label", "created", "revoked"):
         table.add_column(col, overflow="fold")
     for k in keys:
-        cells = (k.id, k.team, k.label or "", _when(k.created), _when(k.revoked) if k.revoked else "")
+        label = _printable(k.label or "")  # (labels older than the check may hold escape codes)
+        cells = (k.id, k.team, label, _when(k.created), _when(k.revoked) if k.revoked else "")
         table.add_row(*(Text(c) for c in cells))
     out.print(table)
 
@@ -101,3 +102,8 @@ def _fail(message: str) -> NoReturn:
 
 def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _printable(text: str) -> str:
+    """Control characters shown as escapes (``\\x1b``), not sent to the terminal."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)

@@ -19,6 +19,7 @@ OpenAI's shape, with ``param`` naming the field where there is one.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 GROUP_BY = ("model", "day")
 USAGE_PARAMS = ("from", "to", "group_by", "team")
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 KEY_FIELDS = ("team", "label")
 
 # Path parts after /admin ("*": any one part) -> the methods the route takes.
@@ -82,7 +84,12 @@ def handle_admin(
     if parts == ["keys"]:
         if method == "POST":
             return _create_key(gateway, data)
-        return Answer(200, {"keys": [k.to_dict() for k in gateway.ledger.keys(args.get("team"))]})
+        team = args.get("team")
+        if team == "":  # (not "every team": an empty filter is a mistake, as it is for /v1/usage)
+            raise GatewayError(
+                400, "team must name a team (or be absent: every team)", "invalid_request_error", "team"
+            )
+        return Answer(200, {"keys": [k.to_dict() for k in gateway.ledger.keys(team)]})
     if parts[2] == "revoke":
         record = gateway.revoke_key(parts[1])
         if record is None:
@@ -266,6 +273,8 @@ def _day(value: str | None, field: str) -> date | None:
     if value is None:
         return None
     try:
+        if not _DAY.fullmatch(value):  # date.fromisoformat also takes 20261202 and 2026-W49
+            raise ValueError(value)
         return date.fromisoformat(value)
     except ValueError:
         raise GatewayError(

@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import contextlib
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tokenmill.protocol.headers import PRIORITY_MAX, PRIORITY_MIN
 from tokenmill.protocol.text import utf8_encodable
+from tokenmill.router.config_yaml import ConfigYAMLError, load_config_yaml
 
 PERIODS = ("day", "week", "month")
 POOLS = ("latency", "throughput")
@@ -122,16 +124,14 @@ class GatewayConfig:
 
 
 def load_gateway_config(path: Path) -> GatewayConfig:
-    import yaml
-
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         why = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason})"
         raise GatewayConfigError(f"cannot read the gateway config {path}: {why}") from None
     try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
+        raw = load_config_yaml(text) or {}
+    except ConfigYAMLError as e:
         raise GatewayConfigError(f"{path} is not valid YAML: {e}") from None
     config = parse_gateway_config(raw, path.parent)
     check_ledger_path(config.ledger)
@@ -152,13 +152,12 @@ def parse_gateway_config(raw: Any, base: Path) -> GatewayConfig:
     for model, p in _mapping(data.get("prices") or {}, "prices").items():
         p = _mapping(p, f"prices.{model}")
         _known(p, {"prompt", "completion"}, f"prices.{model}")
-        prices[str(model)] = Price(
+        prices[model] = Price(
             _number(p.get("prompt", 0.0), f"prices.{model}.prompt"),
             _number(p.get("completion", 0.0), f"prices.{model}.completion"),
         )
     teams = {}
     for name, t in _mapping(data.get("teams") or {}, "teams").items():
-        name = str(name) if isinstance(name, int) and not isinstance(name, bool) else name  # (`123:`)
         teams[name] = parse_team(name, t)
     admin_env = data.get("admin_key_env", "TOKENMILL_ADMIN_KEY")
     if not isinstance(admin_env, str) or not admin_env:
@@ -184,7 +183,7 @@ def parse_gateway_config(raw: Any, base: Path) -> GatewayConfig:
             f"usage_checkpoint_s must be > 0 (seconds, at most 3600), got {usage_checkpoint_s}",
             "usage_checkpoint_s",
         )
-    path = Path(ledger)
+    path = Path(ledger).expanduser()
     return GatewayConfig(
         path if path.is_absolute() else base / path,
         admin_env,
@@ -308,6 +307,10 @@ def parse_label(value: Any) -> str | None:
         got = f"{len(value)} characters" if isinstance(value, str) else repr(value)
         raise GatewayConfigError(
             f"label must be a string of at most {LABEL_MAX} characters, got {got}", "label"
+        )
+    if any(unicodedata.category(c) == "Cc" for c in value):  # tables print it: no escape codes
+        raise GatewayConfigError(
+            "label must be printable text: no control characters (newlines, tabs, escapes)", "label"
         )
     return _text(value, "label")
 
