@@ -198,3 +198,113 @@ def test_standard_requests_never_overflow():
         await asyncio.wait_for(waiter, 1)
 
     asyncio.run(go())
+
+
+def test_max_waiting_bounds_every_band_together_and_a_higher_priority_takes_the_lowest_place():
+    """The QA repro: 40 requests at priorities -100, -101, ... each made a band of its own, and
+    all 40 waited against max_waiting 2. Now 2 wait; a higher priority pushes out the lowest."""
+
+    async def go() -> None:
+        queue = AdmissionQueue(lambda: 1, QueuePolicy(max_waiting=2, max_wait_s=5, overflow=0))
+        await queue.acquire("x", 0, 1)
+        tasks = [asyncio.create_task(queue.acquire("lo", -100 - i, 1)) for i in range(40)]
+        await asyncio.sleep(0)
+        assert queue.waiting == 2 and queue.refused == 38
+        refused = [t for t in tasks if t.done()]
+        assert all(isinstance(t.exception(), QueueFull) for t in refused)
+        first, second = tasks[0], tasks[1]  # priorities -100 and -101 wait
+        assert not first.done() and not second.done()
+        with pytest.raises(QueueFull, match="queue is full") as full:
+            await queue.acquire("lo", -101, 1)  # no higher than the lowest waiting: refused
+        assert full.value.retry_after >= 1
+        high = asyncio.create_task(queue.acquire("hi", 5, 1))
+        await asyncio.wait({second}, timeout=1)
+        assert second.done() and "took the place" in str(second.exception())  # the lowest, out
+        assert second.exception().retry_after >= 1
+        assert queue.waiting == 2 and not high.done() and not first.done()
+        queue.release(0)
+        await asyncio.wait_for(high, 1)
+        queue.release(5)
+        await asyncio.wait_for(first, 1)
+        queue.release(-100)
+        assert (queue.waiting, queue.in_flight, queue._bands, queue._running) == (0, 0, {}, {})
+
+    asyncio.run(go())
+
+
+def test_a_band_is_dropped_once_nothing_waits_or_runs_in_it():
+    async def go() -> None:
+        queue = AdmissionQueue(lambda: 1, QueuePolicy(max_wait_s=0.05, overflow=0))
+        await queue.acquire("x", 0, 1)
+        for priority in range(-20, 0):  # each waits in a band of its own, then times out
+            with pytest.raises(QueueFull, match="waited"):
+                await queue.acquire("a", priority, 1)
+        assert queue._bands == {}
+        waiter = asyncio.create_task(queue.acquire("a", -7, 1))
+        await asyncio.sleep(0)
+        assert list(queue._bands) == [-7]
+        queue.release(0)
+        await asyncio.wait_for(waiter, 1)
+        assert list(queue._bands) == [-7]  # it runs there: the band's fair shares still apply
+        queue.release(-7)
+        assert queue._bands == {}
+
+    asyncio.run(go())
+
+
+async def settle() -> None:
+    """Let every task woken so far run (a refusal or admission takes a few turns to reach it)."""
+    for _ in range(8):
+        await asyncio.sleep(0)
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("acquire"), st.integers(-6, 6)),
+        st.tuples(st.just("release"), st.integers(0, 20)),
+        st.tuples(st.just("cancel"), st.integers(0, 20)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=_OPS, capacity=st.integers(1, 3), max_waiting=st.integers(1, 4))
+def test_any_mix_of_priorities_never_waits_past_max_waiting_or_leaves_a_band_behind(
+    ops, capacity, max_waiting
+):
+    async def go() -> None:
+        queue = AdmissionQueue(lambda: capacity, QueuePolicy(max_waiting=max_waiting, overflow=0))
+        pending: list[tuple[int, asyncio.Task]] = []  # (priority, acquire) in order
+        running: list[int] = []  # priorities admitted, not released
+        for op, value in ops:
+            if op == "acquire":
+                pending.append((value, asyncio.create_task(queue.acquire("t", value, 1))))
+            elif op == "release" and running:
+                queue.release(running.pop(value % len(running)))
+            elif op == "cancel" and pending:
+                pending[value % len(pending)][1].cancel()
+            await settle()
+            still = []
+            for priority, task in pending:
+                if not task.done():
+                    still.append((priority, task))
+                elif not task.cancelled() and task.exception() is None:
+                    running.append(priority)
+                elif not task.cancelled():
+                    assert isinstance(task.exception(), QueueFull)
+            pending = still
+            assert queue.waiting == len(pending) <= max_waiting
+            assert queue.in_flight == len(running)
+            live = {p for p, _ in pending} | set(running)
+            assert set(queue._bands) <= live  # no band without a request waiting or running
+            if pending:  # whoever waits, waits for a reason: no slot is free
+                assert queue.in_flight >= capacity
+        for _, task in pending:
+            task.cancel()
+        await asyncio.gather(*(t for _, t in pending), return_exceptions=True)
+        for priority in running:
+            queue.release(priority)
+        assert (queue.waiting, queue.in_flight, queue._bands) == (0, 0, {})
+
+    asyncio.run(go())

@@ -19,8 +19,14 @@ it has none, the request waits here:
   past full, into ``overflow`` (a share of the slots): the worker's scheduler
   preempts a lower-priority request to seat it, so premium traffic neither
   waits for a slot to free nor needs slots held back for it;
-- a band holds at most ``max_waiting`` requests and none waits longer than
-  ``max_wait_s``: past either, 429 with ``Retry-After``.
+- at most ``max_waiting`` requests wait, all bands together, and none waits
+  longer than ``max_wait_s``: past either, 429 with ``Retry-After``. When the
+  queue is full, a request that outranks the lowest waiting priority takes the
+  place of the last of that band (which gets the 429); any other is refused.
+  The bound is on the total, not per band: a client choosing a new priority
+  for each request would otherwise get ``max_waiting`` more places each time.
+  A band is dropped once nothing waits or runs in it, so priorities used once
+  cost nothing later.
 
 The queue knows slots, not workers: the router still picks which worker of
 the pool takes each admitted request.
@@ -37,7 +43,8 @@ from dataclasses import dataclass, field
 
 
 class QueueFull(Exception):
-    """The request cannot wait: its band is full, or it waited past ``max_wait_s``."""
+    """The request cannot wait: the queue is full (or a request of higher priority took its
+    place there), or it waited past ``max_wait_s``."""
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
@@ -46,7 +53,7 @@ class QueueFull(Exception):
 
 @dataclass(frozen=True)
 class QueuePolicy:
-    max_waiting: int = 1000  # per band
+    max_waiting: int = 1000  # all bands together
     max_wait_s: float = 30.0
     aging_s: float = 5.0  # a band's standing rises by one per this many seconds its oldest waits
     fair: bool = True  # weighted fair queuing between teams; False: first come, first served
@@ -88,27 +95,26 @@ class AdmissionQueue:
         self.clock = clock
         self.in_flight = 0
         self._running: dict[int, int] = {}  # priority -> requests in flight
-        self._bands: dict[int, _Band] = {}
+        self._bands: dict[int, _Band] = {}  # only those with requests waiting or running
+        self._waiting = 0  # in every band
         self._seq = itertools.count()
         self.admitted_by_team: dict[str, int] = {}
         self.refused = 0
 
     @property
     def waiting(self) -> int:
-        return sum(len(b.waiting) for b in self._bands.values())
+        return self._waiting
 
     async def acquire(self, team: str, priority: int, tokens: int) -> None:
         """Wait for a slot; raises QueueFull to refuse. Pair every return with ``release(priority)``."""
         if self._room_for(priority):
             self._admit(team, priority)
             return
-        band = self._bands.setdefault(priority, _Band(priority))
-        if len(band.waiting) >= self.policy.max_waiting:
-            self.refused += 1
-            raise QueueFull(
-                f"the priority {priority} queue is full ({self.policy.max_waiting} waiting)",
-                self._retry_after(),
-            )
+        if self._waiting >= self.policy.max_waiting:
+            self._make_room(priority)  # or raises QueueFull
+        band = self._bands.get(priority)
+        if band is None:
+            band = self._bands[priority] = _Band(priority)
         if self.policy.fair:
             start = max(band.virtual_time, band.finish.get(team, 0.0))
             band.finish[team] = start + tokens / max(self.weight(team), 1e-9)
@@ -117,11 +123,13 @@ class AdmissionQueue:
         future = asyncio.get_running_loop().create_future()
         ticket = _Ticket(start, next(self._seq), team, priority, tokens, self.clock(), future)
         _insort(band.waiting, ticket)
+        self._waiting += 1
         self._dispatch()  # a slot may have freed while nobody looked
         try:
             await asyncio.wait_for(asyncio.shield(ticket.future), self.policy.max_wait_s)
         except TimeoutError:
-            if ticket.future.done():  # admitted at the last moment: keep it
+            if ticket.future.done():  # admitted (or pushed out) at the last moment
+                ticket.future.result()  # (raises QueueFull if pushed out)
                 return
             self._drop(band, ticket)
             self.refused += 1
@@ -129,7 +137,8 @@ class AdmissionQueue:
                 f"waited {self.policy.max_wait_s:g} s in the priority {priority} queue", self._retry_after()
             ) from None
         except asyncio.CancelledError:  # the client left while waiting
-            if ticket.future.done() and not ticket.future.cancelled():
+            future = ticket.future
+            if future.done() and not future.cancelled() and future.exception() is None:
                 self.release(priority)  # admitted already: give the slot back
             else:
                 self._drop(band, ticket)
@@ -148,6 +157,7 @@ class AdmissionQueue:
             self._running[priority] = left
         else:
             self._running.pop(priority, None)
+            self._forget_if_idle(priority)
         self._dispatch()
 
     def _room_for(self, priority: int) -> bool:
@@ -156,7 +166,7 @@ class AdmissionQueue:
         room for it by preempting a lower-priority request (so premium traffic does not wait for
         a slot to free, and no slot is held back for it)."""
         capacity = self.capacity()
-        if self.in_flight < capacity and not self.waiting:
+        if self.in_flight < capacity and not self._waiting:
             return True
         waiting = [b.priority for b in self._bands.values() if b.waiting]
         outranks = (
@@ -175,6 +185,7 @@ class AdmissionQueue:
             if band is None:
                 return
             ticket = band.waiting.pop(0)
+            self._waiting -= 1
             band.virtual_time = max(band.virtual_time, ticket.start)
             self._admit(ticket.team, ticket.priority)
             ticket.future.set_result(None)
@@ -190,9 +201,42 @@ class AdmissionQueue:
                 best, standing = band, s
         return best
 
+    def _make_room(self, priority: int) -> None:
+        """The queue is full: push out the last request of the lowest band waiting if ``priority``
+        outranks it (it gets the 429 instead), else refuse this request."""
+        lowest = min((b for b in self._bands.values() if b.waiting), key=lambda b: b.priority, default=None)
+        if lowest is None or priority <= lowest.priority:
+            self.refused += 1
+            raise QueueFull(
+                f"the admission queue is full ({self.policy.max_waiting} waiting, none of a priority "
+                f"below {priority})",
+                self._retry_after(),
+            )
+        ticket = lowest.waiting[-1]  # the one it would admit last
+        self._drop(lowest, ticket)
+        self.refused += 1
+        ticket.future.set_exception(
+            QueueFull(
+                f"the admission queue is full ({self.policy.max_waiting} waiting) and a request of "
+                f"priority {priority} took the place of this priority {ticket.priority} one",
+                self._retry_after(),
+            )
+        )
+
     def _drop(self, band: _Band, ticket: _Ticket) -> None:
         if ticket in band.waiting:
             band.waiting.remove(ticket)
+            self._waiting -= 1
+        if not band.waiting:
+            self._forget_if_idle(band.priority)
+
+    def _forget_if_idle(self, priority: int) -> None:
+        """Drop the band of ``priority`` if nothing waits or runs in it: its fair-queuing state only
+        orders requests that wait together, and bands kept for every priority ever used would make
+        every admission walk them all."""
+        band = self._bands.get(priority)
+        if band is not None and not band.waiting and priority not in self._running:
+            del self._bands[priority]
 
     def _retry_after(self) -> int:
         return max(1, math.ceil(self.policy.max_wait_s / 4))
