@@ -323,3 +323,16 @@ def test_a_row_sqlite_cannot_take_fails_its_commit_alone(tmp_path: Path):
 
     asyncio.run(run())
     assert [r["request_id"] for r in ledger.rows("a")] == ["good"]
+
+
+def test_usage_reports_a_tiny_cost_as_it_is_not_rounded_to_nothing(tmp_path: Path):
+    """The QA repro: a row's cost of 1.42e-05 showed as 1.4e-05, and a light user of a cheap model
+    saw 0.0."""
+    ledger = Ledger(tmp_path / "u.db")
+    for cost in (1.42e-05, 3e-09, 1e-10):
+        row = ledger.open_request("r", "a", "k", "m", 0, 1)
+        ledger.close_request(row, Closing(1, 0, "ok", 200, "w", 0.1, cost))
+    row = ledger.open_request("r", "b", "k", "m", 0, 1)
+    ledger.close_request(row, Closing(1, 0, "ok", 200, "w", 0.1, 2e-08))  # 0.02 $/M, one token
+    costs = {r["team"]: r["cost"] for r in ledger.usage(None, None, None, "model")}
+    assert costs == {"a": pytest.approx(1.42031e-05, rel=1e-9), "b": pytest.approx(2e-08, rel=1e-9)}

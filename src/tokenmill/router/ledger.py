@@ -365,9 +365,11 @@ class Ledger:
             f"FROM totals WHERE {' AND '.join(where)} GROUP BY team, {key} ORDER BY team, {key}",
             args,
         )
+        # The cost to 1e-12 dollars: enough for a single token of the cheapest model (a light user of
+        # one saw 0.0 at 1e-6), while the float noise of summing many rows' costs is dropped.
         return [
             {"team": t, group_by: k, "requests": n, "prompt_tokens": p, "completion_tokens": c,
-             "total_tokens": p + c, "cost": round(cost, 6)}
+             "total_tokens": p + c, "cost": round(cost, 12)}
             for t, k, n, p, c, cost in rows
         ]  # fmt: skip
 
