@@ -26,18 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tokenmill.protocol.errors import APIError
-from tokenmill.protocol.headers import (
-    PRIORITY_HEADER,
-    PRIORITY_MAX,
-    PRIORITY_MIN,
-    TENANT_HEADER,
-    parse_priority,
-)
-from tokenmill.protocol.text import utf8_encodable
+from tokenmill.protocol.headers import PRIORITY_HEADER, TENANT_HEADER
 from tokenmill.router.admission import AdmissionQueue, QueuePolicy
 from tokenmill.router.api_keys import KeyRecord, hash_key
 from tokenmill.router.gateway_config import GatewayConfig, Price, Team
+from tokenmill.router.gateway_request import GatewayError, api_key, model_for, priority_for, with_priority
+from tokenmill.router.gateway_request import body_for as body_for  # (imported from here by the app)
 from tokenmill.router.ledger import Ledger
 from tokenmill.router.limits import Limiter, Refusal, Reservation, tokens_to_reserve
 from tokenmill.router.usage_batch import Closing, UsageRow
@@ -48,22 +42,6 @@ logger = logging.getLogger(__name__)
 KEY_HEADERS = ("authorization", "x-api-key")
 KEYS_REFRESH_S = 2.0  # keys created or revoked by another process (the CLI) take effect this fast
 _SEEN_KEYS_MAX = 10_000
-
-
-class GatewayError(Exception):
-    """A request the gateway answers itself, with OpenAI's error body."""
-
-    def __init__(
-        self, status: int, message: str, kind: str, param: str | None = None, retry_after: int | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.retry_after = (
-            status,
-            message,
-            kind,
-            param,
-            retry_after,
-        )
 
 
 @dataclass(eq=False)  # one per request, told apart by identity (Gateway._running)
@@ -116,7 +94,7 @@ class Gateway:
 
     def caller(self, headers: dict[str, str]) -> tuple[str, str] | None:
         """(key id, team) of the request's key; None without a valid one."""
-        key = _key(headers)
+        key = api_key(headers)
         if not key:
             return None
         if time.monotonic() - self._keys_read > KEYS_REFRESH_S:  # `tokenmill keys` may have changed them
@@ -139,7 +117,7 @@ class Gateway:
         return self._admin_hash is not None
 
     def is_admin(self, headers: dict[str, str]) -> bool:
-        key = _key(headers)
+        key = api_key(headers)
         return (
             bool(key)
             and self._admin_hash is not None
@@ -168,37 +146,8 @@ class Gateway:
         team = self.teams.get(team_name)
         if team is None:
             raise GatewayError(401, f"the key's team {team_name!r} no longer exists", "authentication_error")
-        model = request.get("model")
-        if model is None or model == "":
-            raise GatewayError(
-                400,
-                "model is required: the name of a model your team may use",
-                "invalid_request_error",
-                "model",
-            )
-        if not isinstance(model, str):
-            raise GatewayError(
-                400,
-                f"model must be a string, the name of a model your team may use; got {model!r:.60}",
-                "invalid_request_error",
-                "model",
-            )
-        if not utf8_encodable(model):
-            raise GatewayError(
-                400,
-                "model must be text a UTF-8 store can hold: it has an unpaired \\uD800-\\uDFFF escape",
-                "invalid_request_error",
-                "model",
-            )
-        if not team.allows(model):
-            allowed = ", ".join(team.models)
-            raise GatewayError(
-                403,
-                f"team {team.name} may not use model {model!r}; it may use: {allowed}",
-                "permission_error",
-                "model",
-            )
-        priority = _priority(request, headers, team)
+        model = model_for(request, team)
+        priority = priority_for(request, headers, team)
         rewritten = "metadata" in request or "priority" in request
         tags = request.pop("metadata", None)
         if tags is not None and not isinstance(tags, dict):
@@ -208,7 +157,7 @@ class Gateway:
         wants_usage = ask_for_usage(request)
         # The client's bytes can go as they are when adding the priority is the only change (a
         # stream that did not ask for usage exactly as the worker must see it gets it asked).
-        forward = _with_priority(body, priority) if wants_usage and not rewritten else None
+        forward = with_priority(body, priority) if wants_usage and not rewritten else None
         request["priority"] = priority
         for name in (*KEY_HEADERS, PRIORITY_HEADER):
             headers.pop(name, None)
@@ -352,47 +301,3 @@ class Gateway:
         key, record = self.create_key(old.team, old.label)
         self.revoke_key(key_id)
         return key, record
-
-
-def _key(headers: dict[str, str]) -> str | None:
-    auth = headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
-    return headers.get("x-api-key") or None
-
-
-def _priority(request: dict[str, Any], headers: dict[str, str], team: Team) -> int:
-    """The team's class, or lower if the request asks; never higher."""
-    asked: Any = request.get("priority")
-    if asked is None and PRIORITY_HEADER in headers:
-        try:
-            asked = parse_priority(headers[PRIORITY_HEADER])  # as workers read it
-        except APIError as e:
-            raise GatewayError(400, e.message, "invalid_request_error", "priority") from None
-    if asked is None:
-        return team.priority
-    if not isinstance(asked, int) or isinstance(asked, bool) or not PRIORITY_MIN <= asked <= PRIORITY_MAX:
-        raise GatewayError(
-            400,
-            f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, got {asked!r}",
-            "invalid_request_error",
-            "priority",
-        )
-    return min(asked, team.priority)
-
-
-def _with_priority(body: bytes, priority: int) -> bytes | None:
-    """``body`` with ``"priority"`` added as its last field, without re-encoding the rest; None if
-    it does not end like a JSON object with fields."""
-    end = body.rstrip()
-    if not end.endswith(b"}") or end[:-1].rstrip().endswith(b"{") or b"\x00" in body[:4]:
-        return None  # (a NUL among the first bytes: UTF-16 or UTF-32, which json.loads reads too)
-    return b'%s, "priority": %d}' % (end[:-1], priority)
-
-
-def body_for(engine: str | None, request: dict[str, Any], body: bytes) -> bytes:
-    """The gateway's body as a worker's engine reads it: vLLM runs the lowest priority value first
-    (with ``--scheduling-policy priority``), tokenmill the highest."""
-    if engine != "vllm" or not isinstance(request.get("priority"), int):
-        return body
-    return json.dumps({**request, "priority": -request["priority"]}).encode()

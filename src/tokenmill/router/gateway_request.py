@@ -1,0 +1,108 @@
+"""What the gateway reads from a request and writes into it for the worker: the caller's key, the
+priority it runs at, the body as each worker's engine reads it; and the error it answers a request
+with itself (``router/gateway.py`` admits)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tokenmill.protocol.errors import APIError
+from tokenmill.protocol.headers import PRIORITY_HEADER, PRIORITY_MAX, PRIORITY_MIN, parse_priority
+from tokenmill.protocol.text import utf8_encodable
+from tokenmill.router.gateway_config import Team
+
+
+class GatewayError(Exception):
+    """A request the gateway answers itself, with OpenAI's error body."""
+
+    def __init__(
+        self, status: int, message: str, kind: str, param: str | None = None, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.retry_after = (
+            status,
+            message,
+            kind,
+            param,
+            retry_after,
+        )
+
+
+def api_key(headers: dict[str, str]) -> str | None:
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return headers.get("x-api-key") or None
+
+
+def model_for(request: dict[str, Any], team: Team) -> str:
+    """The request's model, one ``team`` may use (400 or 403 naming ``model`` if not)."""
+    model = request.get("model")
+    if model is None or model == "":
+        raise GatewayError(
+            400,
+            "model is required: the name of a model your team may use",
+            "invalid_request_error",
+            "model",
+        )
+    if not isinstance(model, str):
+        raise GatewayError(
+            400,
+            f"model must be a string, the name of a model your team may use; got {model!r:.60}",
+            "invalid_request_error",
+            "model",
+        )
+    if not utf8_encodable(model):
+        raise GatewayError(
+            400,
+            "model must be text a UTF-8 store can hold: it has an unpaired \\uD800-\\uDFFF escape",
+            "invalid_request_error",
+            "model",
+        )
+    if not team.allows(model):
+        allowed = ", ".join(team.models)
+        raise GatewayError(
+            403,
+            f"team {team.name} may not use model {model!r}; it may use: {allowed}",
+            "permission_error",
+            "model",
+        )
+    return model
+
+
+def priority_for(request: dict[str, Any], headers: dict[str, str], team: Team) -> int:
+    """The team's class, or lower if the request asks; never higher."""
+    asked: Any = request.get("priority")
+    if asked is None and PRIORITY_HEADER in headers:
+        try:
+            asked = parse_priority(headers[PRIORITY_HEADER])  # as workers read it
+        except APIError as e:
+            raise GatewayError(400, e.message, "invalid_request_error", "priority") from None
+    if asked is None:
+        return team.priority
+    if not isinstance(asked, int) or isinstance(asked, bool) or not PRIORITY_MIN <= asked <= PRIORITY_MAX:
+        raise GatewayError(
+            400,
+            f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, got {asked!r}",
+            "invalid_request_error",
+            "priority",
+        )
+    return min(asked, team.priority)
+
+
+def with_priority(body: bytes, priority: int) -> bytes | None:
+    """``body`` with ``"priority"`` added as its last field, without re-encoding the rest; None if
+    it does not end like a JSON object with fields."""
+    end = body.rstrip()
+    if not end.endswith(b"}") or end[:-1].rstrip().endswith(b"{") or b"\x00" in body[:4]:
+        return None  # (a NUL among the first bytes: UTF-16 or UTF-32, which json.loads reads too)
+    return b'%s, "priority": %d}' % (end[:-1], priority)
+
+
+def body_for(engine: str | None, request: dict[str, Any], body: bytes) -> bytes:
+    """The gateway's body as a worker's engine reads it: vLLM runs the lowest priority value first
+    (with ``--scheduling-policy priority``), tokenmill the highest."""
+    if engine != "vllm" or not isinstance(request.get("priority"), int):
+        return body
+    return json.dumps({**request, "priority": -request["priority"]}).encode()
