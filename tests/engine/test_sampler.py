@@ -106,6 +106,27 @@ def test_support_is_restricted_as_specified(params, support):
     assert set(tokens[N:]) == set(range(6)), "rows without limits in the same batch keep the full support"
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"top_p": 1e-300},  # 0.0 in float32: "mass before < p" holds for no token, not even the first
+        {"top_p": 1e-46},  # below float32's smallest subnormal
+        {"top_p": 1e-300, "top_k": 1},
+        {"top_p": 1e-300, "min_p": 1.0},
+        {"min_p": 1.0},
+        {"top_k": 1},
+    ],
+)
+def test_the_most_likely_token_always_survives_the_restrictions(params):
+    """The favourite is the last token, so a mask that keeps nothing (all probabilities 0: argmax is 0)
+    cannot pass for a correct one. Unrestricted rows in the batch keep sampling."""
+    logits = list(reversed(LOGITS))
+    rows = [row(temperature=1.0, **params) for _ in range(200)] + [row(temperature=1.0) for _ in range(200)]
+    tokens, _ = sample(logits, rows)
+    assert set(tokens[:200]) == {5}
+    assert len(set(tokens[200:])) > 1
+
+
 def test_restricted_draws_follow_the_renormalised_distribution():
     """top_k 2 at temperature 1: token 0 with 0.4 / 0.65 = 0.615; at temperature 0.5 the probabilities are
     squared first: 0.16 / (0.16 + 0.0625) = 0.719. 4000 draws: standard error < 0.008."""

@@ -131,9 +131,13 @@ class Sampler:
             keep &= torch.arange(vocab, device=self.device).unsqueeze(0) < k.unsqueeze(1)
         if any(p < 1.0 for p in top_p):
             p = torch.tensor(top_p, device=self.device).unsqueeze(1)
-            # Keep a token if the mass before it is below top_p: the first always stays.
+            # Keep a token if the mass before it is below top_p.
             before = sorted_probs.cumsum(dim=-1) - sorted_probs
             keep &= before < p
+            # The most likely token always stays (as in vLLM): a top_p that rounds to 0 in
+            # float32 (1e-300) would otherwise keep nothing, and argmax of all zeros is token 0.
+            # top_k >= 1 keeps it anyway, and min_p <= 1 never drops the maximum.
+            keep[:, 0] = True
         sorted_probs = sorted_probs.masked_fill(~keep, 0.0)
         return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
 
