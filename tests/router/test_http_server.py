@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -150,6 +151,19 @@ def test_malformed_requests_and_failing_apps_get_an_error_and_a_closed_connectio
     async def check(port: int) -> None:
         data = await exchange(port, raw, read_s=5)  # read_s: the server must close, not the timeout
         assert data.startswith(b"HTTP/1.1 " + status) and b"connection: close" in data
+
+    run(check)
+
+
+def test_an_app_failing_before_its_answer_is_a_json_500_in_openais_error_shape():
+    async def check(port: int) -> None:
+        for path in (b"/fail", b"/head-only"):
+            data = await exchange(port, b"GET %s HTTP/1.1\r\nhost: x\r\n\r\n" % path, read_s=5)
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 500") and b"content-type: application/json" in head
+            error = json.loads(body)["error"]
+            assert set(error) == {"message", "type", "param", "code"}, error
+            assert error["type"] == "internal_error" and "RuntimeError" in error["message"]
 
     run(check)
 

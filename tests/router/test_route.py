@@ -37,14 +37,16 @@ class RouterProcess:
         env = {**os.environ, "COLUMNS": "300", **(env or {})}
         self.admin_key = env.get("TOKENMILL_ADMIN_KEY")  # behind a gateway, /router/workers needs it
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+        before = []  # warnings and log lines (a worker's first health check) may come first
         line = self.proc.stderr.readline()
-        while line.startswith("warning"):
+        while line and not _READY.search(line):
+            before.append(line)
             line = self.proc.stderr.readline()
-        self.ready_line = line
+        self.ready_line, self.log_before_ready = line, "".join(before)
         m = _READY.search(line)
         if not m:
             self.proc.kill()
-            raise RuntimeError(f"router did not start: {line}{self.proc.stderr.read()}")
+            raise RuntimeError(f"router did not start: {self.log_before_ready}{self.proc.stderr.read()}")
         self.url = m.group(1)
         threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # keep the pipe drained
 

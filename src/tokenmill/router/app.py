@@ -53,6 +53,7 @@ from tokenmill.router.policies import Router, RouteRequest
 from tokenmill.router.prefix_index import chunk_hashes, prompt_text
 from tokenmill.router.status import fleet_status
 from tokenmill.router.workers import Worker, WorkerPool
+from tokenmill.router.workers_admin import serve_workers_admin
 
 if TYPE_CHECKING:
     from tokenmill.router.gateway import Admitted, Gateway
@@ -143,7 +144,7 @@ class RouterApp:
             elif path == "/router/workers":
                 await send_json(send, 200, self.status())
             else:
-                await self._admin(receive, send)
+                await serve_workers_admin(self.pool, self.router, receive, send, self.status)
         elif self.gateway is not None and (
             path.startswith(("/admin/teams", "/admin/keys")) or path == "/v1/usage"
         ):
@@ -353,34 +354,6 @@ class RouterApp:
             if team.allows(str(m.get("id")))
         ]
         await send_json(send, 200, {"object": "list", "data": data})
-
-    async def _admin(self, receive: Receive, send: Send) -> None:
-        usage = 'POST /admin/workers takes {"url": ..., "action": "add" | "drain" | "remove"}'
-        try:
-            order = json_object(await read_body(receive))
-        except ValueError as e:
-            await send_error(send, 400, f"{usage}: {e}")
-            return
-        url, action = order.get("url"), order.get("action", "add")
-        if not isinstance(url, str) or not url:
-            why = f"url is required: the worker's base URL, e.g. http://10.0.0.5:8000, got {url!r:.60}"
-            await send_error(send, 400, f"{usage}: {why}", param="url")
-            return
-        if action not in ("add", "drain", "remove"):
-            why = f"action must be add, drain or remove, got {action!r:.60}"
-            await send_error(send, 400, f"{usage}: {why}", param="action")
-            return
-        try:
-            if action == "add":
-                self.pool.add(url)
-            elif action == "drain":
-                self.pool.drain(url)
-            else:
-                self.router.forget(self.pool.remove(url).url)
-        except (ValueError, KeyError) as e:  # a URL that is no worker's, or not one
-            await send_error(send, 400, f"{usage}: {e.args[0] if e.args else e}", param="url")
-            return
-        await send_json(send, 200, self.status())
 
     def status(self) -> dict[str, Any]:
         return fleet_status(self.router, self.pool, self.keeper, self.gateway, self.streams_cut)

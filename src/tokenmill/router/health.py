@@ -7,17 +7,23 @@ outage has lost its cache, so the router forgets what it held) and its
 ``router/calibration.py``); the workers file, when given, is re-read if it
 changed: new workers join, dropped ones drain and leave once idle. With the
 ``kv`` policy the keeper also keeps one KV event subscription per worker.
+
+Nothing one worker does may stop the loop that checks all of them: a check
+that fails in a way nobody foresaw is logged and counted as that worker's
+failed check, and the loop goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 from tokenmill.client import HTTPTransport, TransportError
-from tokenmill.router.calibration import parse_counters
+from tokenmill.router.calibration import WorkerCounters, parse_counters
 from tokenmill.router.kv_subscriber import KVSubscriptions
 from tokenmill.router.policies import Router
 from tokenmill.router.workers import Worker, WorkerPool, normalize, parse_worker
@@ -43,18 +49,38 @@ class FleetKeeper:
         self._file_stamp: float | None = workers_file.stat().st_mtime if workers_file else None
         self._leaving: set[str] = set()  # dropped from the file: drained, removed once idle
         self.kv_events = KVSubscriptions(router.kv, transport) if router.policy == "kv" else None
+        self._broken: set[str] = set()  # workers whose check raised: logged in full once, then briefly
+        self._not_finite: set[str] = set()  # workers whose /metrics had NaN or inf (warned once)
 
     async def run_forever(self) -> None:
         try:
             while True:
-                self.reload_workers_file()
-                if self.kv_events is not None:
-                    self.kv_events.sync(self.pool.workers)
-                await asyncio.gather(*(self.check(w) for w in self.pool.workers))
+                try:
+                    self.reload_workers_file()
+                    if self.kv_events is not None:
+                        self.kv_events.sync(self.pool.workers)
+                except Exception:  # the checks below must still run
+                    logger.exception("the router could not update its fleet; checking the workers it has")
+                await asyncio.gather(*(self.check_safely(w) for w in self.pool.workers))
                 await asyncio.sleep(self.interval)
         finally:
             if self.kv_events is not None:
                 await self.kv_events.close()
+
+    async def check_safely(self, w: Worker) -> None:
+        """``check``, with whatever it raises that nobody foresaw counted as a failed check of
+        ``w`` alone: one worker (a URL, its /metrics) must never stop the checks of the others."""
+        try:
+            await self.check(w)
+        except Exception as e:
+            if w.url in self._broken:
+                logger.debug("the health check of %s failed again: %r", w.url, e)
+            else:
+                self._broken.add(w.url)
+                logger.exception("the health check of %s failed; counted as a failed check", w.url)
+            self.pool.health(w, False)
+        else:
+            self._broken.discard(w.url)
 
     def reload_workers_file(self) -> None:
         """Workers new in the file join (on the ramp); workers gone from it drain, then leave."""
@@ -107,12 +133,31 @@ class FleetKeeper:
             response = await asyncio.wait_for(self.transport(w).request("GET", "/metrics"), timeout=2.0)
         except (TransportError, TimeoutError):
             return
-        if response.status == 200:
-            w.counters = parse_counters(response.text)
-            w.step_cost.observe(w.counters)
-            if w.counters.concurrency_limit:
-                self.pool.set_slots(w, int(w.counters.concurrency_limit))
-            w.engine = w.counters.engine or w.engine
+        if response.status != 200:
+            return
+        counters = parse_counters(response.text)
+        finite = _finite(counters)
+        if finite is not counters and w.url not in self._not_finite:
+            self._not_finite.add(w.url)
+            logger.warning("%s exports NaN or infinite values in /metrics; they are ignored", w.url)
+        w.counters = finite
+        if finite is counters:  # (a NaN step counter would poison the fit for its whole window)
+            w.step_cost.observe(counters)
+        limit = finite.concurrency_limit
+        if limit is not None and limit >= 1:
+            self.pool.set_slots(w, int(limit))
+        w.engine = finite.engine or w.engine
+
+
+def _finite(counters: WorkerCounters) -> WorkerCounters:
+    """``counters`` with every NaN or infinite value dropped (to its field's default), or the same
+    object when every value is finite."""
+    bad = {
+        f.name: f.default
+        for f in dataclasses.fields(counters)
+        if isinstance(value := getattr(counters, f.name), float) and not math.isfinite(value)
+    }
+    return dataclasses.replace(counters, **bad) if bad else counters
 
 
 def read_workers_file(path: Path) -> list[str]:

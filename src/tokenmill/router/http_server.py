@@ -18,8 +18,9 @@ What it does:
   length from the app the body is chunked;
 - writes wait while a slow client's socket buffer is full;
 - malformed requests get a 400 and bodies over 64 MiB a 413, and the
-  connection is closed; an upgrade request is answered as plain HTTP; an app that fails
-  before answering, a 500; one that fails mid-answer, a closed connection;
+  connection is closed; an upgrade request is answered as plain HTTP; an app
+  that fails before answering, a 500 in OpenAI's error shape (JSON, as the
+  router's other errors); one that fails mid-answer, a closed connection;
 - ``receive()`` after the body waits for the client to leave (or the response to
   end), as the app's disconnect watch expects;
 - an idle kept-alive connection is closed after ``keep_alive_s``; on SIGINT or

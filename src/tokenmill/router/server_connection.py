@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import http
+import json
 import logging
 import time
 from collections import deque
@@ -201,14 +202,16 @@ class ServerConnection(asyncio.Protocol):
         r.task = self.loop.create_task(self._run(r, scope))
 
     async def _run(self, r: _Request, scope: dict[str, Any]) -> None:
+        failure = "it never ended its answer"
         try:
             await self.app(scope, r.receive, r.send)
-        except Exception:
+        except Exception as e:
+            failure = type(e).__name__
             logger.exception("the router failed on %s %s", r.method, scope["path"])
         finally:
             if not r.finished:  # failed, or never ended its answer: the connection cannot be reused
                 if not r.started or r.head is not None:  # nothing reached the client yet
-                    self._write(_plain(500, b"Internal Server Error", keep_alive=False))
+                    self._write(_internal_error(failure))
                 self.close()
             r.wake()
 
@@ -369,6 +372,16 @@ def _plain(status: int, message: bytes, keep_alive: bool) -> bytes:
         len(message),
     )
     return head + (b"" if keep_alive else b"connection: close\r\n") + b"\r\n" + message
+
+
+def _internal_error(why: str) -> bytes:
+    """The 500 for an app that failed before answering: in OpenAI's error shape, as every other
+    error of the router, so clients (the OpenAI SDK among them) read it as an API error."""
+    message = f"the router failed on this request ({why}); its log has the details"
+    error = {"message": message, "type": "internal_error", "param": None, "code": "internal_error"}
+    body = json.dumps({"error": error})
+    head = b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+    return head + b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body.encode())
 
 
 def _address(value: Any) -> tuple[str, int] | None:

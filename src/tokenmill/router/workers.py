@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from tokenmill.router.calibration import StepCostFit, WorkerCounters
 
@@ -198,8 +199,21 @@ def parse_worker(spec: str) -> tuple[str, str | None]:
 
 
 def normalize(url: str) -> str:
+    """The worker's base URL as the router keys it; ValueError naming it if it cannot be reached as
+    written (scheme, host, port), so a typo is refused where it is given, not found later by the
+    health checks or by a request routed there."""
     url = url.strip().partition("#")[0].rstrip("/")
     url = url.removesuffix("/v1")
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"a worker URL looks like http://host:port, got {url!r}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # (parsed lazily: an out-of-range or non-numeric port raises here)
+    except ValueError as e:  # "Port out of range 0-65535", "Invalid IPv6 URL"
+        raise ValueError(f"a worker URL looks like http://host:port, got {url!r}: {e}") from None
+    host = parts.hostname
+    if not host or any(c.isspace() or not c.isprintable() for c in host):
+        raise ValueError(f"a worker URL looks like http://host:port, got {url!r}: no valid host")
+    if port == 0:
+        raise ValueError(f"a worker URL's port must be from 1 to 65535, got {url!r}")
     return url
