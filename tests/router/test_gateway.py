@@ -410,16 +410,24 @@ def test_tokens_per_minute_and_budgets_through_http(gateway):
     [
         # Only the priority to add: appended to the client's bytes as they are.
         (b'{"model": "demo", "max_tokens": 4}\n', b'{"model": "demo", "max_tokens": 4, "priority": 5}'),
-        # A field the gateway strips, a usage chunk to ask for, a priority to lower: re-encoded.
-        (b'{"model": "demo", "metadata": {"a": "b"}}', {"model": "demo", "priority": 5}),
+        # A field the gateway strips, a usage chunk to ask for, a priority to lower, a max_tokens to
+        # hold the request to what it reserved (alpha has no minute to fit: the default): re-encoded.
+        (b'{"model": "demo", "metadata": {"a": "b"}, "max_tokens": 4}',
+         {"model": "demo", "priority": 5, "max_tokens": 4}),
         (b'{"model": "demo", "stream": true}', {"model": "demo", "stream": True, "priority": 5,
-                                               "stream_options": {"include_usage": True}}),
-        (b'{"model": "demo", "priority": 2}', {"model": "demo", "priority": 2}),
-        (b'{"model": "demo", "metadata": null}', {"model": "demo", "priority": 5}),
+                                               "stream_options": {"include_usage": True},
+                                               "max_tokens": 1024}),
+        (b'{"model": "demo", "priority": 2}', {"model": "demo", "priority": 2, "max_tokens": 1024}),
+        (b'{"model": "demo", "metadata": null}', {"model": "demo", "priority": 5, "max_tokens": 1024}),
+        (b'{"model": "demo", "max_tokens": null, "max_completion_tokens": null}',
+         {"model": "demo", "priority": 5, "max_tokens": 1024, "max_completion_tokens": None}),
+        (b'{"model": "demo", "messages": [], "max_completion_tokens": 7}',
+         {"model": "demo", "messages": [], "max_completion_tokens": 7, "priority": 5}),
         # "false" as a string: the worker must see a real boolean, so the usage chunk comes.
-        (b'{"model": "demo", "stream": true, "stream_options": {"include_usage": "false"}}',
-         {"model": "demo", "stream": True, "priority": 5, "stream_options": {"include_usage": True}}),
-        ('{"model": "demo"}'.encode("utf-16-be"), {"model": "demo", "priority": 5}),  # not spliced
+        (b'{"model": "demo", "stream": true, "stream_options": {"include_usage": "false"}, "max_tokens": 4}',
+         {"model": "demo", "stream": True, "priority": 5, "stream_options": {"include_usage": True},
+          "max_tokens": 4}),
+        ('{"model": "demo"}'.encode("utf-16-be"), {"model": "demo", "priority": 5, "max_tokens": 1024}),
     ],
 )  # fmt: skip
 def test_the_worker_gets_the_body_rewritten_only_where_it_must_be(tmp_path: Path, request_body, forwarded):

@@ -152,3 +152,17 @@ def test_setting_a_team_again_does_not_refill_its_limits(front):
     front.gateway.set_team(Team("capped", models=("demo",), requests_per_minute=2))  # re-POSTed, unchanged
     e = front.refused("capped", {"model": "demo", "prompt": "Hi"})
     assert (e.status, e.param) == (429, "requests_per_minute")
+
+
+def test_a_request_naming_no_max_tokens_is_forwarded_with_what_it_reserved_a_sequence(front):
+    """The QA repro: reserved 332 tokens a sequence, forwarded without max_tokens, one request of
+    n 3 generated 3,030 tokens against a 1,000-token minute. The worker now gets the reservation."""
+    chat = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "n": 3}
+    a = front.admit("small", chat)
+    each = (500 - a.prompt_tokens) // 3
+    assert json.loads(a.body)["max_tokens"] == each and a.reservation.tokens == a.prompt_tokens + 3 * each
+    batch = front.admit("open", {"model": "demo", "prompt": ["a", "b"], "n": 2})  # no minute: the default
+    assert json.loads(batch.body)["max_tokens"] == 1024
+    assert batch.reservation.tokens == batch.prompt_tokens + 4 * 1024
+    named = front.admit("open", {"model": "demo", "messages": [], "max_completion_tokens": 9})
+    assert "max_tokens" not in json.loads(named.body)  # it named its own: sent as it came

@@ -9,8 +9,11 @@ limit named, ``router/limits.py``); a usage row is opened as the request is
 forwarded (on disk before the client gets a byte), and closed with the tokens
 the worker reports when it ends, however it ends (``router/ledger.py``).
 Gateway-only fields are stripped before forwarding: the key headers, and
-``metadata`` (a JSON object of tags kept with the usage row); every other
-field goes to the worker unchanged.
+``metadata`` (a JSON object of tags kept with the usage row). A request that
+names no max_tokens (nor max_completion_tokens) is sent the max_tokens a
+sequence it reserved (``limits.default_output``): without one a worker would
+generate to the end of the context. Every other field goes to the worker
+unchanged.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from typing import Any
 from tokenmill.protocol.headers import PRIORITY_HEADER, TENANT_HEADER
 from tokenmill.router.admission import AdmissionQueue, QueuePolicy
 from tokenmill.router.api_keys import KeyRecord, hash_key
+from tokenmill.router.call import asked_output
 from tokenmill.router.gateway_config import GatewayConfig, Price, Team
 from tokenmill.router.gateway_request import GatewayError, api_key, model_for, priority_for, with_priority
 from tokenmill.router.gateway_request import body_for as body_for  # (imported from here by the app)
 from tokenmill.router.ledger import Ledger
-from tokenmill.router.limits import Limiter, Refusal, Reservation, tokens_to_reserve
+from tokenmill.router.limits import Limiter, Refusal, Reservation, default_output, tokens_to_reserve
 from tokenmill.router.usage_batch import Closing, UsageRow
 from tokenmill.router.usage_meter import Usage, ask_for_usage
 
@@ -154,6 +158,13 @@ class Gateway:
             raise GatewayError(
                 400, "metadata must be a JSON object of tags", "invalid_request_error", "metadata"
             )
+        if request.get("max_tokens") is None and request.get("max_completion_tokens") is None:
+            # Held to what it reserves: sent without one, the worker would generate each sequence up
+            # to the end of the context, far past the reservation and the team's limits.
+            request["max_tokens"] = default_output(
+                request, team, prompt_tokens, self.config.default_max_tokens
+            )
+            output_tokens, rewritten = asked_output(request), True
         wants_usage = ask_for_usage(request)
         # The client's bytes can go as they are when adding the priority is the only change (a
         # stream that did not ask for usage exactly as the worker must see it gets it asked).

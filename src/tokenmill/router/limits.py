@@ -89,22 +89,31 @@ def tokens_to_reserve(
     request: dict[str, Any], team: Team, prompt_tokens: int, asked: int | None, default_max_tokens: int
 ) -> int | Refusal:
     """Tokens a request reserves: its prompt and the most all its sequences may generate
-    (``asked``, ``call.asked_output``). One that names no max_tokens gets ``default_max_tokens`` a
-    sequence, lowered to what the team's tokens_per_minute leaves after the prompt, so that a team
-    with a small minute can still send it (what the worker reports settles the difference at the
-    end). One that could never fit a minute is refused (400) naming the request's field to change:
-    no wait would let it through."""
+    (``asked``, ``call.asked_output``); one that names no max_tokens, ``default_output`` a
+    sequence. One that could never fit a minute is refused (400) naming the request's field to
+    change: no wait would let it through."""
     tpm = team.tokens_per_minute
     if asked is None:
-        count = sequences(request)
-        each = default_max_tokens
-        if tpm is not None and tpm - prompt_tokens >= count:
-            each = min(each, (tpm - prompt_tokens) // count)
-        asked = min(each * count, MAX_OUTPUT_TOKENS)
+        asked = default_output(request, team, prompt_tokens, default_max_tokens) * sequences(request)
     tokens = prompt_tokens + asked
     if tpm is not None and tokens > tpm:
         return _never_fits(request, team.name, tpm, prompt_tokens, tokens)
     return tokens
+
+
+def default_output(request: dict[str, Any], team: Team, prompt_tokens: int, default_max_tokens: int) -> int:
+    """Output tokens a sequence of a request that names no max_tokens reserves, and is held to
+    (the gateway forwards it as the request's max_tokens: else the worker would generate up to the
+    end of its context, far past the reservation). ``default_max_tokens``, lowered to what the
+    team's tokens_per_minute leaves after the prompt, so that a team with a small minute can still
+    send it (what the worker reports settles the difference at the end); all sequences together
+    at most what a worker can be asked."""
+    count = sequences(request)
+    each = min(default_max_tokens, MAX_OUTPUT_TOKENS // count)
+    tpm = team.tokens_per_minute
+    if tpm is not None and tpm - prompt_tokens >= count:
+        each = min(each, (tpm - prompt_tokens) // count)
+    return each
 
 
 def _never_fits(request: dict[str, Any], team: str, tpm: int, prompt_tokens: int, tokens: int) -> Refusal:

@@ -1,0 +1,57 @@
+"""The gateway's limits and budgets through real HTTP on loopback, in front of a demo worker: what a
+request may use is what it reserved, whatever it names or leaves out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.router.test_gateway import ADMIN, create_key, start_gateway, usage_rows
+from tests.server.conftest import start_server
+
+CONFIG = """
+ledger: usage.db
+prices:
+  demo: {prompt: 1.0, completion: 2.0}
+teams:
+  nomax: {tokens_per_minute: 1000, budget: {tokens: 1000, period: day}}
+"""
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = start_server()
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def gateway(worker, tmp_path: Path):
+    config = tmp_path / "gateway.yaml"
+    config.write_text(CONFIG)
+    keys = {team: create_key(config, team) for team in ("nomax",)}
+    router = start_gateway(worker, config)
+    yield type("G", (), {"url": router.url, "router": router, "keys": keys, "config": config})
+    router.stop()
+
+
+def post(gateway, team: str, path: str, body: dict) -> httpx.Response:
+    headers = {"authorization": f"Bearer {gateway.keys[team]}"}
+    return httpx.post(f"{gateway.url}{path}", json={"model": "demo", **body}, headers=headers, timeout=60)
+
+
+def test_a_request_naming_no_max_tokens_uses_no_more_than_it_reserved(gateway):
+    """The QA repro: n 3 without max_tokens reserved 332 tokens a sequence of a 1,000-token minute
+    and day, and generated to the end of the context for each: 3,044 tokens."""
+    messages = [{"role": "user", "content": "Hi"}]
+    done = post(gateway, "nomax", "/v1/chat/completions", {"messages": messages, "n": 3, "ignore_eos": True})
+    assert done.status_code == 200, done.text
+    usage = done.json()["usage"]
+    assert usage["total_tokens"] <= 1000 and usage["completion_tokens"] % 3 == 0, usage
+    (row,) = usage_rows(gateway, "nomax")
+    assert row["prompt_tokens"] + row["completion_tokens"] <= 1000
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    (total,) = httpx.get(f"{gateway.url}/v1/usage?team=nomax", headers=headers, timeout=30).json()["data"]
+    assert total["total_tokens"] <= 1000
