@@ -144,6 +144,24 @@ def test_invalid_parameter_is_a_400_naming_the_field(address):
         assert "300" in info.value.message and str(MAX_MODEL_LEN) in info.value.message
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", float("inf")),
+        ("repetition_penalty", float("inf")),
+        ("repetition_penalty", 101.0),
+        ("temperature", 1e9),
+        ("top_p", float("nan")),
+    ],
+)
+def test_values_http_refuses_are_refused_over_grpc_too(address, field, value):
+    """The wire carries inf and NaN; the worker answers the 400 that HTTP gives, naming the field."""
+    with GenerationClient(address, timeout=10) as client, pytest.raises(APIError) as info:
+        list(client.generate(PROMPT, max_tokens=2, **{field: value}))
+    assert (info.value.status, info.value.param) == (400, field)
+    assert info.value.message.startswith(f"{field}=")
+
+
 def test_values_the_wire_cannot_carry_are_400s_before_sending():
     with pytest.raises(APIError) as info:
         build_request(PROMPT, None, None, {"max_tokens": 2**40})

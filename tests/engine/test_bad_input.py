@@ -35,6 +35,11 @@ BAD_PARAMS = [
     ("max_tokens", {"max_tokens": -3}),
     ("temperature", {"temperature": -0.1}),
     ("temperature", {"temperature": math.nan}),
+    ("temperature", {"temperature": math.inf}),
+    ("temperature", {"temperature": 101.0}),
+    ("min_p", {"min_p": -math.inf}),
+    ("repetition_penalty", {"repetition_penalty": math.inf}),
+    ("repetition_penalty", {"repetition_penalty": 100.5}),
     ("top_p", {"top_p": 0.0}),
     ("top_p", {"top_p": 1.01}),
     ("top_p", {"top_p": -0.5}),
@@ -137,7 +142,7 @@ def test_other_bad_arguments(engine):
 
 VALID = {
     "max_tokens": st.integers(1, 5),
-    "temperature": st.one_of(st.just(0.0), st.floats(1e-7, 5.0), st.just(math.inf)),
+    "temperature": st.one_of(st.just(0.0), st.floats(1e-7, 5.0), st.just(100.0)),
     "top_p": st.floats(1e-6, 1.0),
     "top_k": st.integers(-1, VOCAB_SIZE + 5),
     "min_p": st.floats(0.0, 1.0),
@@ -157,13 +162,15 @@ VALID = {
 }
 INVALID = {
     "max_tokens": st.integers(max_value=0),
-    "temperature": st.one_of(st.floats(max_value=-1e-9), st.just(math.nan)),
+    "temperature": st.one_of(
+        st.floats(max_value=-1e-9), st.floats(min_value=100.0, exclude_min=True), st.just(math.nan)
+    ),
     "top_p": st.one_of(
         st.floats(max_value=0.0), st.floats(min_value=1.0, exclude_min=True), st.just(math.nan)
     ),
     "top_k": st.integers(max_value=-2),
     "min_p": st.one_of(st.floats(max_value=-1e-9), st.floats(min_value=1.0, exclude_min=True)),
-    "repetition_penalty": st.floats(max_value=0.0),
+    "repetition_penalty": st.one_of(st.floats(max_value=0.0), st.floats(min_value=100.0, exclude_min=True)),
     "presence_penalty": st.one_of(
         st.floats(min_value=2.0, exclude_min=True), st.floats(max_value=-2.0, exclude_max=True)
     ),

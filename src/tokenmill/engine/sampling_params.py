@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from tokenmill.engine.errors import InvalidRequestError
 
 _GREEDY_EPS = 1e-5
+# The HTTP front's bounds (protocol/openai_common.py), applied here too so that gRPC and the
+# LLM API refuse what HTTP refuses: every front gets the same 400 naming the field.
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 100.0
 
 
 class OutputKind(enum.Enum):
@@ -70,8 +75,8 @@ class SamplingParams:
         _check(
             self.temperature,
             "temperature",
-            _num(self.temperature) and self.temperature >= 0,
-            "a number >= 0 (0 means greedy)",
+            _num(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
+            f"a number in [0, {MAX_TEMPERATURE:g}] (0 means greedy)",
         )
         _check(self.top_p, "top_p", _num(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]")
         _check(
@@ -85,8 +90,8 @@ class SamplingParams:
         _check(
             self.repetition_penalty,
             "repetition_penalty",
-            _num(self.repetition_penalty) and self.repetition_penalty > 0,
-            "a number > 0",
+            _num(self.repetition_penalty) and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
+            f"a number in (0, {MAX_REPETITION_PENALTY:g}] (1 means none)",
         )
         _check(
             self.presence_penalty,
@@ -130,7 +135,11 @@ class SamplingParams:
 
 
 def _num(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and x == x  # rejects NaN
+    # Finite only, whatever the field's range: inf passes a one-sided bound (temperature=inf
+    # samples uniformly). An int is finite however large (math.isfinite would overflow on it).
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return False
+    return isinstance(x, int) or math.isfinite(x)
 
 
 def _check(value: object, name: str, ok: bool, allowed: str) -> None:
