@@ -10,7 +10,9 @@ and a bad value is refused before it reaches the engine.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+import types
+from functools import cache
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -23,9 +25,60 @@ _LOGGED_UNKNOWN: set[str] = set()  # unknown request fields already logged
 _LOG_UNKNOWN_MAX = 64  # distinct names logged at most (a client sending random ones cannot flood the log)
 
 
+def _admits_none(annotation: Any) -> bool:
+    if annotation is None or annotation is type(None) or annotation is Any:
+        return True
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _admits_none(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return any(_admits_none(a) for a in get_args(annotation))
+    if origin is Literal:
+        return None in get_args(annotation)
+    return False
+
+
+@cache
+def _null_means_default(model: type[BaseModel]) -> frozenset[str]:
+    """The keys of ``model``'s fields that have a default and no meaning of their own for null."""
+    keys: set[str] = set()
+    for name, info in model.model_fields.items():
+        if not info.is_required() and not _admits_none(info.annotation):
+            keys.update(k for k in (name, info.alias) if k)
+    return frozenset(keys)
+
+
+def _nullable_in_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """The JSON schema says what the validator accepts: null on the fields where it means the default."""
+    properties = schema.get("properties", {})
+    for key in _null_means_default(model) & properties.keys():
+        prop = properties[key]
+        outer = {k: prop.pop(k) for k in ("title", "description", "default") if k in prop}
+        branches = prop.pop("anyOf") if set(prop) == {"anyOf"} else [prop]
+        properties[key] = {"anyOf": [*branches, {"type": "null"}], **outer}
+
+
 class StrictModel(BaseModel):
-    # Unknown fields are ignored (OpenAI adds fields often; clients send them), NaN/inf refused.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    """Base of every request model.
+
+    Unknown fields are ignored (OpenAI adds fields often; clients send them); NaN and inf are
+    refused. An explicit null means the field's default, as in OpenAI's API and vLLM's: SDKs,
+    proxies and serialisers send ``None`` for what a caller left unset (the official client's
+    ``n=None``). A field whose null means something else (``max_tokens``: no limit) keeps it.
+    """
+
+    model_config = ConfigDict(
+        extra="ignore", allow_inf_nan=False, populate_by_name=True, json_schema_extra=_nullable_in_schema
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            keys = _null_means_default(cls)
+            if any(data.get(k, 0) is None for k in keys):
+                data = {k: v for k, v in data.items() if v is not None or k not in keys}
+        return data
 
 
 class StreamOptions(StrictModel):
