@@ -98,3 +98,15 @@ def test_the_schema_says_null_is_accepted(http):
     n = schemas["ChatCompletionRequest"]["properties"]["n"]
     assert {"type": "null"} in n["anyOf"] and n["default"] == 1
     assert {"type": "null"} in schemas["CompletionRequest"]["properties"]["echo"]["anyOf"]
+
+
+# -- 2: response_format is refused on completions as on chat -----------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_response_format_other_than_text_is_refused(http, path):
+    body = COMPLETION if path == "/v1/completions" else CHAT
+    for kind in ("json_object", "json_schema"):
+        error = post(http, path, {**body, "response_format": {"type": kind}})
+        assert error["param"] == "response_format.type" and "'text'" in error["message"], error
+    assert http.post(path, json={**body, "response_format": {"type": "text"}}).status_code == 200

@@ -44,17 +44,12 @@ class ChatMessage(StrictModel):
         return out
 
 
-class ResponseFormat(StrictModel):
-    type: Literal["text"] = Field(description="Only plain text is supported.")
-
-
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI: max_completion_tokens.")
     max_completion_tokens: int | None = Field(None, ge=1, description="null: up to the context length.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported: must be empty.")
     tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True

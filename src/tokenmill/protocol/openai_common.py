@@ -86,6 +86,10 @@ class StreamOptions(StrictModel):
     continuous_usage_stats: bool = False  # usage so far on every chunk
 
 
+class ResponseFormat(StrictModel):
+    type: Literal["text"] = Field(description="Only plain text is supported.")
+
+
 class SamplingRequest(StrictModel):
     """The fields completions and chat share. A field it does not know is ignored, as vLLM does
     (clients send OpenAI's newer fields), and its name logged once, so a misspelt one is seen."""
@@ -112,6 +116,7 @@ class SamplingRequest(StrictModel):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     logit_bias: dict[str, float] | None = Field(None, description="Not supported: must be empty.")
+    response_format: ResponseFormat | None = None
     # tokenmill (and vLLM) extras
     priority: int | None = Field(
         None,
