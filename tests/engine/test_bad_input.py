@@ -48,6 +48,8 @@ BAD_PARAMS = [
     ("n", {"n": 0}),
     ("n", {"n": 129}),
     ("seed", {"seed": "7"}),
+    ("seed", {"seed": 2**63}),
+    ("seed", {"seed": -(2**63) - 1}),
     ("repetition_penalty", {"repetition_penalty": 0.0}),
     ("presence_penalty", {"presence_penalty": 2.5}),
     ("frequency_penalty", {"frequency_penalty": -3}),
@@ -146,7 +148,7 @@ VALID = {
     "top_p": st.floats(1e-6, 1.0),
     "top_k": st.integers(-1, VOCAB_SIZE + 5),
     "min_p": st.floats(0.0, 1.0),
-    "seed": st.one_of(st.none(), st.integers(-(2**70), 2**70)),
+    "seed": st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)),
     "repetition_penalty": st.floats(0.01, 5.0),
     "presence_penalty": st.floats(-2.0, 2.0),
     "frequency_penalty": st.floats(-2.0, 2.0),
@@ -178,6 +180,7 @@ INVALID = {
     "stop_token_ids": st.lists(st.integers(VOCAB_SIZE, 10**9), min_size=1, max_size=2),
     "logprobs": st.one_of(st.integers(max_value=-1), st.integers(min_value=21)),
     "n": st.one_of(st.integers(max_value=0), st.integers(min_value=129)),
+    "seed": st.one_of(st.integers(min_value=2**63), st.integers(max_value=-(2**63) - 1)),
 }
 ONE_BAD_FIELD = st.one_of(
     st.just({}), st.sampled_from(sorted(INVALID)).flatmap(lambda k: INVALID[k].map(lambda v: {k: v}))

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from tokenmill.engine.sampler import Sampler, SamplingRow
+from tokenmill.engine.sampler import Sampler, SamplingRow, row_seed
 from tokenmill.engine.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -56,6 +56,17 @@ def test_seeded_row_reproduces_whatever_batch_it_lands_in():
     assert len(set(alone)) > 3, "the draw must depend on the output position"
     other_seed = [sample(logits, [row(output=[7] * p, temperature=1.0, seed=4321)])[0][0] for p in range(20)]
     assert other_seed != alone
+
+
+def test_every_int64_seed_has_its_own_generator_seed_and_non_negative_ones_keep_theirs():
+    """Reduced mod 2**63 alone, -1 and 2**63 - 1 seeded the same generator (on CUDA, which keeps 64 bits)."""
+    edges = [0, 1, 2**62, 2**63 - 1, -1, -2, -(2**62), -(2**63)]
+    for position in (0, 1, 1000):
+        seeds = {row_seed(s, position) for s in edges}
+        assert len(seeds) == len(edges) and all(0 <= x < 2**64 for x in seeds)
+        for s in edges[:4]:  # what non-negative seeds drew before, they still draw
+            assert row_seed(s, position) == (s * 1_000_003 + position) % 2**63
+    assert row_seed(-1, 0) != row_seed(2**63 - 1, 0)
 
 
 def test_unseeded_rows_follow_the_engine_seed():

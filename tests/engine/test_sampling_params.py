@@ -71,3 +71,16 @@ def test_the_engine_and_http_agree_on_every_float_value(field, value):
     except ValidationError:
         http_ok = False
     assert (refused(**{field: value}) is None) == http_ok
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**64, 2**100, -(2**63) - 1, True, 7.0, "7"])
+def test_a_seed_outside_int64_is_refused_not_aliased(seed):
+    """The sampler works in 64 bits: 2**64 would draw as 0 does. vLLM and the gRPC wire bound seeds alike."""
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(seed=seed).validate()
+    assert e.value.field == "seed" and "int64" in str(e.value)
+
+
+@pytest.mark.parametrize("seed", [None, 0, -1, 2**63 - 1, -(2**63)])
+def test_every_int64_seed_is_accepted(seed):
+    assert refused(seed=seed) is None

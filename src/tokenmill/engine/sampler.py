@@ -111,9 +111,7 @@ class Sampler:
         q = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, r in enumerate(rows):
             if r.params.seed is not None and not greedy[i]:
-                self._row_generator.manual_seed(
-                    (r.params.seed * _SEED_STRIDE + r.num_output_tokens) % (2**63)
-                )
+                self._row_generator.manual_seed(row_seed(r.params.seed, r.num_output_tokens))
                 q[i].exponential_(generator=self._row_generator)
         sampled = (probs / q).argmax(dim=-1)
         return torch.where(torch.tensor(greedy, device=self.device), greedy_tokens, sampled)
@@ -161,6 +159,19 @@ class Sampler:
                 top = dict(zip(ids.tolist(), vals.tolist(), strict=True))
             result.append(TokenLogprob(tokens[i], float(chosen), rank, top))
         return result
+
+
+def row_seed(seed: int, position: int) -> int:
+    """The generator seed for a seeded row's draw at output ``position``: one to one over int64
+    seeds (SamplingParams refuses wider ones) at any position.
+
+    An odd stride is a bijection mod 2**63, so non-negative seeds fill [0, 2**63) and draw as they
+    always have; negative seeds take the upper half (reduced mod 2**63 alone, -1 drew as 2**63 - 1
+    does). torch's CPU generator keeps only the low 32 bits of a seed, so on CPU seeds equal
+    mod 2**32 still draw alike; CUDA's keeps all 64.
+    """
+    mixed = (seed * _SEED_STRIDE + position) % 2**63
+    return mixed if seed >= 0 else mixed + 2**63
 
 
 def _has_penalty(p: SamplingParams) -> bool:

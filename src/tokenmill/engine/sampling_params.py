@@ -13,6 +13,9 @@ _GREEDY_EPS = 1e-5
 # LLM API refuse what HTTP refuses: every front gets the same 400 naming the field.
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
+# Seeds are int64, as in vLLM and on the gRPC wire: the sampler maps int64 one to one onto its
+# generator seeds, so a wider seed could only alias another (2**64 would draw as 0 does).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 class OutputKind(enum.Enum):
@@ -86,7 +89,12 @@ class SamplingParams:
             "an integer >= 0 (0 or -1 disables top-k)",
         )
         _check(self.min_p, "min_p", _num(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]")
-        _check(self.seed, "seed", self.seed is None or isinstance(self.seed, int), "an integer or null")
+        _check(
+            self.seed,
+            "seed",
+            self.seed is None or (_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
+            f"an integer in [{SEED_MIN}, {SEED_MAX}] (int64) or null",
+        )
         _check(
             self.repetition_penalty,
             "repetition_penalty",
@@ -140,6 +148,10 @@ def _num(x: object) -> bool:
     if isinstance(x, bool) or not isinstance(x, int | float):
         return False
     return isinstance(x, int) or math.isfinite(x)
+
+
+def _int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _check(value: object, name: str, ok: bool, allowed: str) -> None:
