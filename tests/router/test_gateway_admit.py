@@ -22,6 +22,7 @@ prices:
 teams:
   batch: {models: [demo], tokens_per_minute: 2000, budget: {tokens: 2000, period: day}}
   dollars: {models: [demo], budget: {dollars: 0.01, period: day}}
+  daily: {models: [demo], budget: {tokens: 1000, period: day}}
   small: {models: [demo], tokens_per_minute: 500}
   open: {models: [demo], priority: 5}
   capped: {models: [demo], requests_per_minute: 2}
@@ -81,11 +82,18 @@ def test_a_batch_with_n_reserves_every_prompt_and_choice(front):
 
 
 def test_a_dollar_budget_is_checked_against_every_sequence(front):
-    # A sequence's 100 tokens cost $0.0002: one fits $0.01, 20 prompts × n 6 ($0.024) do not.
+    # A sequence's 100 tokens cost $0.0002: one fits $0.01, 20 prompts × n 6 ($0.024) never do:
+    # a 400 saying what fits, not a 429 to retry tomorrow in vain.
     one = front.admit("dollars", {"model": "demo", "prompt": PROMPTS[0], "max_tokens": 100})
     front.gateway.finish(one, Usage(), "error", 500, "w")
     e = front.refused("dollars", {"model": "demo", "prompt": PROMPTS, "max_tokens": 100, "n": 6})
-    assert (e.status, e.param) == (429, "budget")
+    assert (e.status, e.param, e.retry_after) == (400, "max_tokens", None)
+    assert "day budget of $0.01" in e.message and "120 sequences" in e.message
+    fits = int(e.message.split("lower max_tokens to ")[1].split()[0])
+    a = front.admit("dollars", {"model": "demo", "prompt": PROMPTS, "max_tokens": fits, "n": 6})
+    front.finish(a, a.prompt_tokens, 120 * fits)  # it used all it could: about $0.01
+    spent = front.refused("dollars", {"model": "demo", "prompt": "Hi", "max_tokens": 100})
+    assert (spent.status, spent.param) == (429, "budget") and spent.retry_after > 0  # fits a fresh day
 
 
 def test_a_silly_max_tokens_is_refused_or_reserved_at_most_what_a_worker_can_be_asked(front):
@@ -166,3 +174,27 @@ def test_a_request_naming_no_max_tokens_is_forwarded_with_what_it_reserved_a_seq
     assert batch.reservation.tokens == batch.prompt_tokens + 4 * 1024
     named = front.admit("open", {"model": "demo", "messages": [], "max_completion_tokens": 9})
     assert "max_tokens" not in json.loads(named.body)  # it named its own: sent as it came
+
+
+@pytest.mark.parametrize(
+    ("team", "body", "param", "says"),
+    [
+        # The QA repro: 5,002 tokens against a 1,000-token day was a 429 with Retry-After ~a day.
+        ("daily", {"prompt": "hello", "max_tokens": 5000}, "max_tokens", "day budget of 1000 tokens"),
+        ("daily", {"messages": [{"role": "user", "content": "x" * 4000}]}, "messages", "shorten"),
+        ("daily", {"prompt": "hello", "max_tokens": 400, "n": 3}, "max_tokens", "3 sequences"),
+        ("dollars", {"prompt": "Hi", "max_tokens": 10_000}, "max_tokens", "day budget of $0.01"),
+        ("dollars", {"prompt": "x" * 40_004, "max_tokens": 1}, "prompt", "shorten the prompt"),
+    ],
+)
+def test_a_request_over_a_whole_budget_is_a_400_naming_the_field_to_change(front, team, body, param, says):
+    e = front.refused(team, {"model": "demo", **body})
+    assert (e.status, e.kind, e.param, e.retry_after) == (400, "invalid_request_error", param, None)
+    assert says in e.message
+
+
+def test_a_request_naming_no_max_tokens_fits_a_small_budget(front):
+    a = front.admit("daily", {"model": "demo", "prompt": "hello"})  # default_max_tokens 1024 > 1000
+    assert a.reservation.tokens == 1000 and json.loads(a.body)["max_tokens"] == 1000 - a.prompt_tokens
+    d = front.admit("dollars", {"model": "demo", "prompt": "Hi"})  # $0.01: 4,999 completion tokens
+    assert json.loads(d.body)["max_tokens"] == 1024

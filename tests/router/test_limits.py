@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tokenmill.router.gateway_config import Budget, Team
+from tokenmill.router.gateway_config import Budget, Price, Team
 from tokenmill.router.limits import Limiter, Refusal, Reservation, tokens_to_reserve
 
 
@@ -164,3 +164,44 @@ def test_in_flight_is_always_counted_and_the_bucket_never_overfills(ops):
         assert state.parallel == len(held) <= 5
         assert state.held_tokens == sum(r.tokens for r in held)
         assert state.tokens is not None and state.tokens.level <= state.tokens.capacity
+
+
+def test_a_request_over_a_whole_budget_period_is_a_400_not_a_429_for_tomorrow():
+    """The QA repro: 5,002 tokens against a 1,000-token day got a 429 with Retry-After ~23 h."""
+    team = Team("a", budget=Budget("day", tokens=1000))
+    refused = tokens_to_reserve({"max_tokens": 5000}, team, 2, 5000, 1024)
+    assert isinstance(refused, Refusal) and (refused.status, refused.limit, refused.param) == (
+        400,
+        "budget",
+        "max_tokens",
+    )
+    assert "day budget of 1000 tokens" in refused.message and "lower max_tokens to 998" in refused.message
+    assert tokens_to_reserve({"max_tokens": 998}, team, 2, 998, 1024) == 1000
+    tight = Team("a", tokens_per_minute=500, budget=Budget("day", tokens=1000))  # the lower one says
+    assert tokens_to_reserve({"max_tokens": 600}, tight, 2, 600, 1024).limit == "tokens_per_minute"
+    assert tokens_to_reserve({}, Team("a", budget=Budget("week", tokens=300)), 20, None, 1024) == 300
+
+
+@given(
+    dollars=st.floats(1e-6, 100),
+    prompt_price=st.floats(0, 50),
+    completion_price=st.floats(1e-3, 50),
+    prompt=st.integers(1, 100_000),
+)
+def test_what_a_dollar_budget_fits_is_exactly_what_the_limiter_lets_through(
+    dollars, prompt_price, completion_price, prompt
+):
+    price = Price(prompt_price, completion_price)
+    team = Team("a", budget=Budget("day", dollars=dollars))
+    refused = tokens_to_reserve({"max_tokens": 10**12}, team, prompt, 10**12, 1024, price)
+    assert isinstance(refused, Refusal) and refused.status == 400
+    if refused.param == "prompt":  # with the prompt, not one output token is paid for
+        assert price.cost(prompt, 1) > dollars
+        return
+    fits = int(refused.message.split("lower max_tokens to ")[1].split()[0])
+    tokens = tokens_to_reserve({"max_tokens": fits}, team, prompt, fits, 1024, price)
+    assert tokens == prompt + fits
+    lim, _, _ = limiter(team)
+    assert isinstance(lim.admit("a", tokens, price.cost(prompt, fits)), Reservation)
+    more = tokens_to_reserve({"max_tokens": fits + 1}, team, prompt, fits + 1, 1024, price)
+    assert isinstance(more, Refusal) and more.status == 400

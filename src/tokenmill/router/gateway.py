@@ -158,11 +158,12 @@ class Gateway:
             raise GatewayError(
                 400, "metadata must be a JSON object of tags", "invalid_request_error", "metadata"
             )
+        price = self.config.price(model)
         if request.get("max_tokens") is None and request.get("max_completion_tokens") is None:
             # Held to what it reserves: sent without one, the worker would generate each sequence up
             # to the end of the context, far past the reservation and the team's limits.
             request["max_tokens"] = default_output(
-                request, team, prompt_tokens, self.config.default_max_tokens
+                request, team, prompt_tokens, self.config.default_max_tokens, price
             )
             output_tokens, rewritten = asked_output(request), True
         wants_usage = ask_for_usage(request)
@@ -173,9 +174,8 @@ class Gateway:
         for name in (*KEY_HEADERS, PRIORITY_HEADER):
             headers.pop(name, None)
         headers[TENANT_HEADER] = team.name  # the worker's logs and metrics can tell teams apart
-        price = self.config.price(model)
         tokens = tokens_to_reserve(
-            request, team, prompt_tokens, output_tokens, self.config.default_max_tokens
+            request, team, prompt_tokens, output_tokens, self.config.default_max_tokens, price
         )
         if isinstance(tokens, Refusal):
             verdict: Reservation | Refusal = tokens

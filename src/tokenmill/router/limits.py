@@ -14,6 +14,9 @@ checked against the ledger's totals for the period plus what is in flight.
 
 A refusal names the limit and says when to retry (``Retry-After``): when the
 bucket will hold enough, a slot frees up (1 s), or the budget's period ends.
+A request that could never be let through, more than a whole minute's tokens
+or a whole budget period (tokens, or dollars at the model's price), is a 400
+naming the request's field to change instead: no wait would help.
 Changing a team's limits keeps its buckets' levels (clamped to a smaller
 capacity), so a reconfigure never refills them.
 """
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.router.call import MAX_OUTPUT_TOKENS, choices, output_field, sequences
-from tokenmill.router.gateway_config import Team
+from tokenmill.router.gateway_config import Price, Team
 from tokenmill.router.ledger import period_start
 
 
@@ -86,40 +89,105 @@ class _TeamState:
 
 
 def tokens_to_reserve(
-    request: dict[str, Any], team: Team, prompt_tokens: int, asked: int | None, default_max_tokens: int
+    request: dict[str, Any],
+    team: Team,
+    prompt_tokens: int,
+    asked: int | None,
+    default_max_tokens: int,
+    price: Price | None = None,
 ) -> int | Refusal:
     """Tokens a request reserves: its prompt and the most all its sequences may generate
     (``asked``, ``call.asked_output``); one that names no max_tokens, ``default_output`` a
-    sequence. One that could never fit a minute is refused (400) naming the request's field to
-    change: no wait would let it through."""
-    tpm = team.tokens_per_minute
+    sequence. One that could never be let through, over the team's whole minute or whole budget
+    (tokens, or dollars at the model's ``price``), is refused (400) naming the request's field to
+    change: no wait would let it through, and a 429 would have its client retry in vain."""
     if asked is None:
-        asked = default_output(request, team, prompt_tokens, default_max_tokens) * sequences(request)
+        asked = default_output(request, team, prompt_tokens, default_max_tokens, price) * sequences(request)
     tokens = prompt_tokens + asked
-    if tpm is not None and tokens > tpm:
-        return _never_fits(request, team.name, tpm, prompt_tokens, tokens)
+    if team.tokens_per_minute is None and team.budget is None:
+        return tokens
+    ceiling = _ceiling(team, prompt_tokens, price)
+    if ceiling is not None and tokens > ceiling.tokens:
+        return _never_fits(request, team.name, ceiling, prompt_tokens, tokens)
     return tokens
 
 
-def default_output(request: dict[str, Any], team: Team, prompt_tokens: int, default_max_tokens: int) -> int:
+def default_output(
+    request: dict[str, Any],
+    team: Team,
+    prompt_tokens: int,
+    default_max_tokens: int,
+    price: Price | None = None,
+) -> int:
     """Output tokens a sequence of a request that names no max_tokens reserves, and is held to
     (the gateway forwards it as the request's max_tokens: else the worker would generate up to the
     end of its context, far past the reservation). ``default_max_tokens``, lowered to what the
-    team's tokens_per_minute leaves after the prompt, so that a team with a small minute can still
-    send it (what the worker reports settles the difference at the end); all sequences together
-    at most what a worker can be asked."""
+    team's tokens_per_minute or whole budget leaves after the prompt, so that a team with a small
+    minute or budget can still send it (what the worker reports settles the difference at the
+    end); all sequences together at most what a worker can be asked."""
     count = sequences(request)
     each = min(default_max_tokens, MAX_OUTPUT_TOKENS // count)
-    tpm = team.tokens_per_minute
-    if tpm is not None and tpm - prompt_tokens >= count:
-        each = min(each, (tpm - prompt_tokens) // count)
+    if team.tokens_per_minute is None and team.budget is None:
+        return each
+    ceiling = _ceiling(team, prompt_tokens, price)
+    if ceiling is not None and ceiling.tokens - prompt_tokens >= count:
+        each = min(each, (ceiling.tokens - prompt_tokens) // count)
     return each
 
 
-def _never_fits(request: dict[str, Any], team: str, tpm: int, prompt_tokens: int, tokens: int) -> Refusal:
+@dataclass(frozen=True)
+class _Ceiling:
+    """The most tokens, prompt and output, one request may reserve under a team's limit."""
+
+    tokens: int
+    limit: str  # tokens_per_minute or budget (the Refusal's)
+    what: str  # the limit, for the message
+
+
+def _ceiling(team: Team, prompt_tokens: int, price: Price | None) -> _Ceiling | None:
+    """The lowest of the team's ceilings: a whole minute, a whole budget period (its tokens, or
+    its dollars at the model's price, for this prompt); None without either."""
+    found = None
+    if team.tokens_per_minute is not None:
+        tpm = team.tokens_per_minute
+        found = _Ceiling(tpm, "tokens_per_minute", f"tokens_per_minute limit of {tpm}")
+    b = team.budget
+    if b is not None:
+        tokens, what = None, f"{b.period} budget of {b.tokens} tokens"
+        if b.tokens is not None:
+            tokens = b.tokens
+        elif b.dollars is not None and price is not None:
+            tokens = _affordable(b.dollars, price, prompt_tokens)
+            what = (
+                f"{b.period} budget of ${b.dollars:g} ({tokens} tokens with this prompt, at "
+                f"${price.prompt:g} and ${price.completion:g} per million prompt and completion tokens)"
+            )
+        if tokens is not None and (found is None or tokens < found.tokens):
+            found = _Ceiling(tokens, "budget", what)
+    return found
+
+
+def _affordable(dollars: float, price: Price, prompt_tokens: int) -> int | None:
+    """The prompt and the most output tokens ``dollars`` pay for at ``price`` (less than the prompt
+    when the prompt alone costs more); None when the output is free."""
+    left = dollars - price.cost(prompt_tokens, 0)
+    if left < 0:
+        return prompt_tokens - 1
+    if price.completion <= 0:
+        return None
+    ratio = left * 1e6 / price.completion
+    output = MAX_OUTPUT_TOKENS if ratio >= MAX_OUTPUT_TOKENS else math.floor(ratio)
+    while output > 0 and price.cost(prompt_tokens, output) > dollars:  # (float rounding: a step or two)
+        output -= 1
+    return prompt_tokens + output
+
+
+def _never_fits(
+    request: dict[str, Any], team: str, ceiling: _Ceiling, prompt_tokens: int, tokens: int
+) -> Refusal:
     count = sequences(request)
     prompt_field = "messages" if request.get("messages") is not None else "prompt"
-    room = tpm - prompt_tokens
+    room = ceiling.tokens - prompt_tokens
     if room <= 0:
         param, fix = prompt_field, f"shorten the {prompt_field}"
     elif room >= count:
@@ -132,9 +200,9 @@ def _never_fits(request: dict[str, Any], team: str, tpm: int, prompt_tokens: int
         fix = f"ask for fewer than {count} sequences (prompts × n): {room} tokens are left after the prompt"
     each = f"{count} × max_tokens" if count > 1 else "max_tokens"
     return Refusal(
-        "tokens_per_minute",
+        ceiling.limit,
         f"this request may use {tokens} tokens (prompt about {prompt_tokens} + {each}), "
-        f"more than team {team}'s tokens_per_minute limit of {tpm}: {fix}",
+        f"more than team {team}'s {ceiling.what}: {fix}",
         0,
         status=400,
         param=param,
