@@ -20,6 +20,9 @@ from tokenmill.engine.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
 
+_MASK64 = 2**64 - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment
+
 
 @dataclass(frozen=True)
 class PreparedRequest:
@@ -69,7 +72,8 @@ class InputProcessor:
         for i in range(params.n):
             child_params = params
             if params.n > 1:
-                child_params = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+                seed = None if params.seed is None else sample_seed(params.seed, i)
+                child_params = replace(params, n=1, seed=seed)
             child = Request(
                 # Internal ids end in a number unique to this engine, so no user id,
                 # however spelled, can collide with another request's sample.
@@ -110,3 +114,25 @@ class InputProcessor:
         if len(token_ids) >= self.max_model_len:
             raise PromptTooLongError(len(token_ids), self.max_model_len)
         return text, token_ids
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` of a request seeded with ``seed`` (an int64; so is the result).
+
+    Sample 0 keeps ``seed``, so an n=1 request draws what it always did. The others take the
+    index-th output of a splitmix64 generator started from a hash of ``seed``: with ``seed + i``,
+    seed 5 with n=3 and seed 6 with n=2 shared two samples, so an eval drawing n samples at seeds
+    1..k got mostly duplicates. Pure integer arithmetic: the same on every run and platform.
+    """
+    if index == 0:
+        return seed
+    mixed = _splitmix64((_splitmix64(seed & _MASK64) + index * _GOLDEN_GAMMA) & _MASK64)
+    return mixed - 2**64 if mixed >= 2**63 else mixed
+
+
+def _splitmix64(z: int) -> int:
+    # splitmix64's output function (Steele, Lea, Flood 2014): a bijection on 64 bits whose every
+    # output bit depends on every input bit, so nearby inputs give unrelated outputs.
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
