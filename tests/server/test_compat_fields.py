@@ -110,3 +110,58 @@ def test_a_response_format_other_than_text_is_refused(http, path):
         error = post(http, path, {**body, "response_format": {"type": kind}})
         assert error["param"] == "response_format.type" and "'text'" in error["message"], error
     assert http.post(path, json={**body, "response_format": {"type": "text"}}).status_code == 200
+
+
+# -- 3: vLLM's structured output and OpenAI's legacy fields are refused, not ignored -----------
+
+STRUCTURED = {
+    "guided_json": {"type": "object"},
+    "guided_regex": "yes|no",
+    "guided_choice": ["yes", "no"],
+    "guided_grammar": 'root ::= "yes"',
+    "guided_decoding_backend": "xgrammar",
+    "guided_whitespace_pattern": " *",
+    "structured_outputs": {"choice": ["yes", "no"]},
+    "prompt_logprobs": 0,
+}
+CHAT_ONLY = {
+    "functions": [{"name": "f", "parameters": {}}],
+    "function_call": {"name": "f"},
+    "chat_template": "{{ 'ROMEO:' }}",
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [("/v1/completions", k, v) for k, v in STRUCTURED.items()]
+    + [("/v1/chat/completions", k, v) for k, v in {**STRUCTURED, **CHAT_ONLY}.items()],
+)
+def test_a_field_tokenmill_cannot_honour_is_a_400_naming_it(http, path, field, value):
+    body = COMPLETION if path == "/v1/completions" else CHAT
+    error = post(http, path, {**body, field: value})
+    assert error["param"] == field and "not supported by tokenmill" in error["message"], error
+
+
+@pytest.mark.parametrize("empty", [None, "", [], {}])
+def test_those_fields_null_or_empty_are_accepted(http, empty):
+    fields = dict.fromkeys([*STRUCTURED, *CHAT_ONLY], empty)
+    assert http.post("/v1/chat/completions", json={**CHAT, **fields}).status_code == 200
+    assert http.post("/v1/completions", json={**COMPLETION, **fields}).status_code == 200
+
+
+def test_function_call_none_or_auto_without_functions_is_accepted(http):
+    for value in ("none", "auto"):
+        assert http.post("/v1/chat/completions", json={**CHAT, "function_call": value}).status_code == 200
+
+
+@pytest.mark.parametrize("field", ["tool_calls", "function_call"])
+def test_assistant_tool_calls_in_the_history_are_refused(http, field):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    value = [call] if field == "tool_calls" else call["function"]
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": None, field: value},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    error = post(http, "/v1/chat/completions", {**CHAT, "messages": messages})
+    assert error["param"] == f"messages[1].{field}" and "not supported" in error["message"], error

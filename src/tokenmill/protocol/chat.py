@@ -6,7 +6,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field, model_validator
 
-from tokenmill.protocol.openai_common import SamplingRequest, StrictModel, Usage
+from tokenmill.protocol.openai_common import SamplingRequest, StrictModel, Usage, unsupported
 
 
 class TextPart(StrictModel):
@@ -23,6 +23,9 @@ class ChatMessage(StrictModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    # An assistant's calls: the template would drop them, so a history that has some is refused.
+    tool_calls: Any = unsupported("tool calls")
+    function_call: Any = unsupported("function calling")
 
     @model_validator(mode="after")
     def _content_unless_assistant(self) -> ChatMessage:
@@ -52,6 +55,9 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported: must be empty.")
     tool_choice: str | dict[str, Any] | None = None
+    functions: Any = unsupported("OpenAI's legacy function calling")
+    function_call: Any = unsupported("OpenAI's legacy function calling; 'none' and 'auto' are accepted")
+    chat_template: Any = unsupported("a chat template per request: the model's own is used")
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 

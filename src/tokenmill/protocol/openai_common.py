@@ -86,6 +86,11 @@ class StreamOptions(StrictModel):
     continuous_usage_stats: bool = False  # usage so far on every chunk
 
 
+def unsupported(what: str) -> Any:
+    """A field tokenmill knows and refuses unless it is null or empty."""
+    return Field(None, description=f"Not supported ({what}): omit it, or send null or empty.")
+
+
 class ResponseFormat(StrictModel):
     type: Literal["text"] = Field(description="Only plain text is supported.")
 
@@ -133,6 +138,16 @@ class SamplingRequest(StrictModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM fields tokenmill cannot honour: declared so that a request setting one gets a 400 naming
+    # it (server/sampling.py), not text that looks right and ignored the constraint.
+    guided_json: Any = unsupported("vLLM structured output")
+    guided_regex: Any = unsupported("vLLM structured output")
+    guided_choice: Any = unsupported("vLLM structured output")
+    guided_grammar: Any = unsupported("vLLM structured output")
+    guided_decoding_backend: Any = unsupported("vLLM structured output")
+    guided_whitespace_pattern: Any = unsupported("vLLM structured output")
+    structured_outputs: Any = unsupported("vLLM structured output")
+    prompt_logprobs: Any = unsupported("prompt logprobs")
 
 
 class PromptTokensDetails(BaseModel):

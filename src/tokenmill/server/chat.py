@@ -8,12 +8,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tokenmill.engine.errors import EngineError, PromptTooLongError
+from tokenmill.engine.errors import PromptTooLongError
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
 from tokenmill.engine.request_stream import RequestStream
 from tokenmill.protocol.chat import ChatCompletionRequest
 from tokenmill.protocol.errors import APIError
 from tokenmill.protocol.headers import PRIORITY_HEADER
+from tokenmill.server.chat_prompt import chat_prompt
 from tokenmill.server.errors import to_api_error
 from tokenmill.server.openai_shared import (
     DONE,
@@ -45,21 +46,13 @@ class ChatHandler(OpenAIHandler):
         params = to_sampling_params(req, self.defaults, max_tokens, logprobs, req.stream)
         priority = request_priority(req, request.headers.get(PRIORITY_HEADER))
         rid = new_id("chatcmpl")
+        prompt = chat_prompt(
+            self.tokenizer, req.messages, req.add_generation_prompt, req.chat_template_kwargs
+        )
         try:
-            prompt = self.tokenizer.encode_chat(
-                [m.template_dict() for m in req.messages],
-                add_generation_prompt=req.add_generation_prompt,
-                **(req.chat_template_kwargs or {}),
-            )
             streams = open_streams(self.worker, [prompt], params, rid, priority, req.cache_salt)
         except PromptTooLongError as e:
             raise to_api_error(e, prompt_field="messages") from None
-        except EngineError as e:
-            raise to_api_error(e) from None
-        except TypeError as e:  # chat_template_kwargs that clash with the template's own arguments
-            raise APIError.invalid_request(
-                f"chat_template_kwargs is invalid: {e}", "chat_template_kwargs"
-            ) from None
         if req.stream:
             return SSEResponse(self._stream(req, streams, rid, model))
         try:

@@ -16,6 +16,39 @@ from tokenmill.protocol.openai_common import SamplingRequest
 
 MAX_STOP_STRINGS = 16
 
+# Fields tokenmill knows and cannot honour (vLLM's and OpenAI's legacy ones), with what they ask for.
+# The request models declare them (a field they do not declare is ignored, as OpenAI's newer ones
+# are): a caller relying on one learns at once, instead of getting unconstrained text.
+UNSUPPORTED = {
+    "guided_json": "vLLM's structured output",
+    "guided_regex": "vLLM's structured output",
+    "guided_choice": "vLLM's structured output",
+    "guided_grammar": "vLLM's structured output",
+    "guided_decoding_backend": "vLLM's structured output",
+    "guided_whitespace_pattern": "vLLM's structured output",
+    "structured_outputs": "vLLM's structured output",
+    "prompt_logprobs": "prompt logprobs",
+    "functions": "OpenAI's legacy function calling",
+    "function_call": "OpenAI's legacy function calling",
+    "chat_template": "a chat template per request; the model's own is used",
+}
+_HARMLESS = {"function_call": ("none", "auto")}  # as tool_choice: no function is called either way
+
+
+def is_given(value: Any) -> bool:
+    """A value that asks for something: not null and not empty ("", [], {})."""
+    return value is not None and not (isinstance(value, str | list | dict) and not value)
+
+
+def refuse_unsupported(req: SamplingRequest) -> None:
+    """Raise APIError 400 naming the first field of ``UNSUPPORTED`` that ``req`` sets."""
+    for name, what in UNSUPPORTED.items():
+        value = getattr(req, name, None)
+        if is_given(value) and value not in _HARMLESS.get(name, ()):
+            raise APIError.invalid_request(
+                f"{name} is not supported by tokenmill ({what}): omit it or send null", name
+            )
+
 
 def api_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
     """Defaults for fields a request omits: the model's generation config over OpenAI's."""
@@ -41,6 +74,7 @@ def to_sampling_params(
     stream: bool,
 ) -> SamplingParams:
     """The engine's parameters for ``req``; raises APIError 400 for what cannot be served."""
+    refuse_unsupported(req)
     if req.logit_bias:
         raise APIError.invalid_request("logit_bias is not supported: omit it or send {}", "logit_bias")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
