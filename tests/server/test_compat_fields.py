@@ -165,3 +165,19 @@ def test_assistant_tool_calls_in_the_history_are_refused(http, field):
     ]
     error = post(http, "/v1/chat/completions", {**CHAT, "messages": messages})
     assert error["param"] == f"messages[1].{field}" and "not supported" in error["message"], error
+
+
+# -- 8: echo with logprobs would need the prompt's logprobs: refused, not half answered ----------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_is_refused(http, stream):
+    error = post(http, "/v1/completions", {**COMPLETION, "echo": True, "logprobs": 0, "stream": stream})
+    assert error["param"] == "logprobs" and "prompt logprobs are not supported" in error["message"], error
+
+
+def test_echo_without_logprobs_and_logprobs_without_echo_still_work(http):
+    echoed = http.post("/v1/completions", json={**COMPLETION, "echo": True}).json()["choices"][0]
+    assert echoed["text"].startswith("ROMEO:") and echoed["logprobs"] is None
+    scored = http.post("/v1/completions", json={**COMPLETION, "logprobs": 1}).json()["choices"][0]
+    assert len(scored["logprobs"]["tokens"]) == 2 and scored["logprobs"]["text_offset"][0] == 0
