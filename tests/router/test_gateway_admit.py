@@ -198,3 +198,13 @@ def test_a_request_naming_no_max_tokens_fits_a_small_budget(front):
     assert a.reservation.tokens == 1000 and json.loads(a.body)["max_tokens"] == 1000 - a.prompt_tokens
     d = front.admit("dollars", {"model": "demo", "prompt": "Hi"})  # $0.01: 4,999 completion tokens
     assert json.loads(d.body)["max_tokens"] == 1024
+
+
+def test_concurrent_non_ascii_prompts_cannot_overshoot_a_budget(front):
+    """The QA repro: five requests of 300 "€" at once (75 tokens each by the old estimate, 901 on
+    the demo tokenizer) all passed a 1,000-token budget and used 4,555 tokens."""
+    body = {"model": "demo", "prompt": "€" * 300, "max_tokens": 10}
+    first = front.admit("daily", body)
+    assert first.prompt_tokens >= 901
+    e = front.refused("daily", body)
+    assert (e.status, e.param) == (429, "budget")
