@@ -34,8 +34,16 @@ from tokenmill.router.admission import AdmissionQueue, QueuePolicy
 from tokenmill.router.api_keys import KeyRecord, hash_key
 from tokenmill.router.call import asked_output
 from tokenmill.router.gateway_config import GatewayConfig, Price, Team
-from tokenmill.router.gateway_request import GatewayError, api_key, model_for, priority_for, with_priority
+from tokenmill.router.gateway_request import (
+    GatewayError,
+    api_key,
+    check_priced,
+    model_for,
+    priority_for,
+    with_priority,
+)
 from tokenmill.router.gateway_request import body_for as body_for  # (imported from here by the app)
+from tokenmill.router.gateway_start import warn_unpriced
 from tokenmill.router.ledger import Ledger
 from tokenmill.router.limits import Limiter, Refusal, Reservation, default_output, tokens_to_reserve
 from tokenmill.router.usage_batch import Closing, UsageRow
@@ -74,6 +82,7 @@ class Gateway:
         for team in config.teams.values():  # the file wins for the teams it names
             self.ledger.save_team(team)
         self.teams = self.ledger.teams()
+        warn_unpriced(self.teams.values(), config.prices)
         self._keys = self.ledger.active_key_hashes()
         self._keys_read = time.monotonic()
         # Keys seen since the hashes were last read (in memory only), so a client's key is hashed
@@ -151,6 +160,8 @@ class Gateway:
         if team is None:
             raise GatewayError(401, f"the key's team {team_name!r} no longer exists", "authentication_error")
         model = model_for(request, team)
+        price = self.config.price(model)
+        check_priced(model, team, price, self.config.prices)
         priority = priority_for(request, headers, team)
         rewritten = "metadata" in request or "priority" in request
         tags = request.pop("metadata", None)
@@ -158,7 +169,6 @@ class Gateway:
             raise GatewayError(
                 400, "metadata must be a JSON object of tags", "invalid_request_error", "metadata"
             )
-        price = self.config.price(model)
         if request.get("max_tokens") is None and request.get("max_completion_tokens") is None:
             # Held to what it reserves: sent without one, the worker would generate each sequence up
             # to the end of the context, far past the reservation and the team's limits.
@@ -280,6 +290,7 @@ class Gateway:
     # -- administration --------------------------------------------------------------------
 
     def set_team(self, team: Team) -> None:
+        warn_unpriced([team], self.config.prices)
         self.ledger.save_team(team)
         self.teams[team.name] = team
         self.limiter.configure(team)

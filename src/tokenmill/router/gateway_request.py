@@ -10,7 +10,7 @@ from typing import Any
 from tokenmill.protocol.errors import APIError
 from tokenmill.protocol.headers import PRIORITY_HEADER, PRIORITY_MAX, PRIORITY_MIN, parse_priority
 from tokenmill.protocol.text import utf8_encodable
-from tokenmill.router.gateway_config import Team
+from tokenmill.router.gateway_config import Price, Team
 
 
 class GatewayError(Exception):
@@ -69,6 +69,23 @@ def model_for(request: dict[str, Any], team: Team) -> str:
             "model",
         )
     return model
+
+
+def check_priced(model: str, team: Team, price: Price | None, prices: dict[str, Price]) -> None:
+    """A team with a dollar budget may use only models with a price (``price``: the model's, or the
+    ``"*"`` one): what it spent on any other could not be counted against its budget, which would
+    then not hold. 403 naming ``model`` otherwise."""
+    b = team.budget
+    if price is None and b is not None and b.dollars is not None:
+        usable = ", ".join(m for m in prices if team.allows(m)) or "none"
+        raise GatewayError(
+            403,
+            f"model {model!r} has no price in the gateway config, so team {team.name}'s dollar budget "
+            f"could not be kept: use a model with a price (of yours: {usable}), or ask an operator "
+            f'to add prices.{model} (or a "*" price) to the gateway config',
+            "permission_error",
+            "model",
+        )
 
 
 def priority_for(request: dict[str, Any], headers: dict[str, str], team: Team) -> int:
