@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenmill.router.admission import AdmissionQueue, QueueFull, QueuePolicy
+from tokenmill.router.admission import AdmissionQueue, NoCapacity, QueueFull, QueuePolicy
 
 
 class Clock:
@@ -306,5 +306,37 @@ def test_any_mix_of_priorities_never_waits_past_max_waiting_or_leaves_a_band_beh
         for priority in running:
             queue.release(priority)
         assert (queue.waiting, queue.in_flight, queue._bands) == (0, 0, {})
+
+    asyncio.run(go())
+
+
+def test_a_pool_without_any_slot_refuses_at_once_and_its_last_worker_leaving_refuses_the_waiting():
+    """No capacity at all is NoCapacity (the router's 503 with Retry-After: 1), at once, not a
+    wait of max_wait_s ending in a queue's 429; dispatch() after the workers change seats the
+    waiting when capacity grows and refuses them when it falls to none."""
+
+    async def go() -> None:
+        slots = [0]
+        queue = AdmissionQueue(lambda: slots[0], QueuePolicy(max_wait_s=30, overflow=0))
+        with pytest.raises(NoCapacity):
+            await asyncio.wait_for(queue.acquire("a", 10, 1), 1)  # at once, whatever the priority
+        assert (queue.in_flight, queue.waiting) == (0, 0)
+        slots[0] = 1
+        await queue.acquire("x", 0, 1)  # takes the only slot
+        waiters = [asyncio.create_task(queue.acquire(team, 0, 1)) for team in ("a", "b", "c")]
+        await asyncio.sleep(0)
+        assert queue.waiting == 3
+        slots[0] = 2  # a worker joined: one of them is seated without waiting for a release
+        queue.dispatch()
+        await asyncio.sleep(0)
+        assert (queue.in_flight, queue.waiting) == (2, 2)
+        slots[0] = 0  # every worker went away
+        queue.dispatch()
+        done = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 1)
+        assert sorted(type(r).__name__ for r in done) == ["NoCapacity", "NoCapacity", "NoneType"]
+        assert queue.waiting == 0
+        queue.release(0)
+        queue.release(0)
+        assert queue.in_flight == 0
 
     asyncio.run(go())

@@ -26,7 +26,11 @@ it has none, the request waits here:
   The bound is on the total, not per band: a client choosing a new priority
   for each request would otherwise get ``max_waiting`` more places each time.
   A band is dropped once nothing waits or runs in it, so priorities used once
-  cost nothing later.
+  cost nothing later;
+- a pool with no slot at all (no worker up, in it or to fall back on) has
+  nothing to wait for: ``NoCapacity`` at once (the router's 503), and the
+  requests waiting when its last worker goes get it too (``dispatch()``,
+  called when the workers change), not a 429 after ``max_wait_s``.
 
 The queue knows slots, not workers: the router still picks which worker of
 the pool takes each admitted request.
@@ -49,6 +53,12 @@ class QueueFull(Exception):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class NoCapacity(Exception):
+    """The pool has no slot at all (no worker of it, nor any to fall back on, is available): a
+    request has nothing to wait for, so it is refused at once, as unavailable (503), not as a
+    full queue (429), which would send its client to look at its team's limits."""
 
 
 @dataclass(frozen=True)
@@ -106,10 +116,13 @@ class AdmissionQueue:
         return self._waiting
 
     async def acquire(self, team: str, priority: int, tokens: int) -> None:
-        """Wait for a slot; raises QueueFull to refuse. Pair every return with ``release(priority)``."""
+        """Wait for a slot; raises QueueFull to refuse, NoCapacity when the pool has no slot at
+        all (now, or while it waits). Pair every return with ``release(priority)``."""
         if self._room_for(priority):
             self._admit(team, priority)
             return
+        if self.capacity() == 0:
+            raise NoCapacity("no worker is available")
         if self._waiting >= self.policy.max_waiting:
             self._make_room(priority)  # or raises QueueFull
         band = self._bands.get(priority)
@@ -129,7 +142,7 @@ class AdmissionQueue:
             await asyncio.wait_for(asyncio.shield(ticket.future), self.policy.max_wait_s)
         except TimeoutError:
             if ticket.future.done():  # admitted (or pushed out) at the last moment
-                ticket.future.result()  # (raises QueueFull if pushed out)
+                ticket.future.result()  # (raises QueueFull if pushed out, NoCapacity if refused)
                 return
             self._drop(band, ticket)
             self.refused += 1
@@ -179,8 +192,18 @@ class AdmissionQueue:
         self._running[priority] = self._running.get(priority, 0) + 1
         self.admitted_by_team[team] = self.admitted_by_team.get(team, 0) + 1
 
+    def dispatch(self) -> None:
+        """Admit what the pool's capacity now allows, or refuse everything waiting with NoCapacity
+        if it has none left: called when the workers change (a worker that joins seats waiting
+        requests at once; when the last one goes, they do not wait out ``max_wait_s`` for it)."""
+        self._dispatch()
+
     def _dispatch(self) -> None:
-        while self.in_flight < self.capacity():
+        capacity = self.capacity()
+        if capacity == 0 and self._waiting:
+            self._refuse_waiting()
+            return
+        while self.in_flight < capacity:
             band = self._next_band()
             if band is None:
                 return
@@ -222,6 +245,12 @@ class AdmissionQueue:
                 self._retry_after(),
             )
         )
+
+    def _refuse_waiting(self) -> None:
+        for band in list(self._bands.values()):
+            for ticket in list(band.waiting):
+                self._drop(band, ticket)
+                ticket.future.set_exception(NoCapacity("the last worker went away while it waited"))
 
     def _drop(self, band: _Band, ticket: _Ticket) -> None:
         if ticket in band.waiting:

@@ -90,7 +90,9 @@ class RouterApp:
         self._transports: dict[str, HTTPTransport] = {}
         self._health_task: asyncio.Task[None] | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None  # the gateway's running streams' rows
-        self.keeper = FleetKeeper(pool, router, self._transport, health_interval, workers_file)
+        self.keeper = FleetKeeper(
+            pool, router, self._transport, health_interval, workers_file, self._workers_changed
+        )
         self.forwarder = Forwarder(pool, self._transport, gateway.ledger if gateway is not None else None)
 
     # -- ASGI ------------------------------------------------------------------------------
@@ -145,6 +147,7 @@ class RouterApp:
                 await send_json(send, 200, self.status())
             else:
                 await serve_workers_admin(self.pool, self.router, receive, send, self.status)
+                self._workers_changed()
         elif self.gateway is not None and (
             path.startswith(("/admin/teams", "/admin/keys")) or path == "/v1/usage"
         ):
@@ -229,7 +232,7 @@ class RouterApp:
 
     async def _admit_and_route(self, call: Call, admitted: Admitted) -> None:
         """Through the pool's admission queue (priority bands, fair shares), then routed."""
-        from tokenmill.router.admission import QueueFull
+        from tokenmill.router.admission import NoCapacity, QueueFull
 
         pool = admitted.team.pool
         queue = self.gateway.queue(pool, lambda: self._slots(pool))
@@ -241,10 +244,20 @@ class RouterApp:
                 call.send, 429, str(e), kind="rate_limit_error", retry_after=e.retry_after, param="queue"
             )
             return
+        except NoCapacity as e:  # no worker at all: nothing to wait for
+            call.outcome.status, call.outcome.state = 503, "unavailable"
+            await send_error(call.send, 503, f"{e}; retry shortly", kind="service_unavailable", retry_after=1)
+            return
         try:
             await self._route(call, pool, queue.outranks_running(admitted.priority))
         finally:
             queue.release(admitted.priority)
+
+    def _workers_changed(self) -> None:
+        """After a health round or an admin order: the admission queues seat what new capacity
+        allows, or, with no worker left, refuse what waits (503 now, not a 429 after max_wait_s)."""
+        for queue in self.gateway.queues.values() if self.gateway is not None else ():
+            queue.dispatch()
 
     def _slots(self, pool: str) -> int:
         """The pool's capacity, for the gateway's admission queue."""

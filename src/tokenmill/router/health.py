@@ -40,8 +40,11 @@ class FleetKeeper:
         transport: Callable[[Worker], HTTPTransport],
         interval: float,
         workers_file: Path | None = None,
+        after_round: Callable[[], None] | None = None,
     ) -> None:
+        """``after_round``: called after every round of checks (the workers may have changed)."""
         self.pool = pool
+        self.after_round = after_round
         self.router = router
         self.transport = transport
         self.interval = interval
@@ -62,6 +65,11 @@ class FleetKeeper:
                 except Exception:  # the checks below must still run
                     logger.exception("the router could not update its fleet; checking the workers it has")
                 await asyncio.gather(*(self.check_safely(w) for w in self.pool.workers))
+                if self.after_round is not None:
+                    try:
+                        self.after_round()
+                    except Exception:
+                        logger.exception("the router failed to act on its fleet's health")
                 await asyncio.sleep(self.interval)
         finally:
             if self.kv_events is not None:
