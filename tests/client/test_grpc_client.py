@@ -162,6 +162,18 @@ def test_values_http_refuses_are_refused_over_grpc_too(address, field, value):
     assert info.value.message.startswith(f"{field}=")
 
 
+def test_chat_content_parts_reach_the_model_as_their_text(address):
+    """QA's repro: the parts' repr was 37 prompt tokens where the text is 14."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "H"}, {"type": "text", "text": "i"}]}]
+    plain = [{"role": "user", "content": "Hi"}]
+    with GenerationClient(address, timeout=10) as client:
+        got, want = (
+            list(client.generate(messages, max_tokens=4, temperature=0.0, ignore_eos=True))
+            for messages in (parts, plain)
+        )
+    assert got[-1].usage == want[-1].usage and "".join(c.text for c in got) == "".join(c.text for c in want)
+
+
 def test_values_the_wire_cannot_carry_are_400s_before_sending():
     with pytest.raises(APIError) as info:
         build_request(PROMPT, None, None, {"max_tokens": 2**40})

@@ -121,11 +121,7 @@ def build_request(
     if isinstance(prompt, str):
         fields["text"] = prompt
     elif prompt and all(isinstance(m, Mapping) for m in prompt):
-        try:
-            messages = [{"role": str(m["role"]), "content": str(m.get("content") or "")} for m in prompt]  # type: ignore[call-overload,union-attr]
-        except KeyError:
-            raise APIError.invalid_request("every chat message needs a role", "messages") from None
-        fields["chat"] = {"messages": messages}
+        fields["chat"] = {"messages": [_chat_message(i, m) for i, m in enumerate(prompt)]}  # type: ignore[arg-type]
     else:
         fields["token_ids"] = {"ids": prompt}
     try:
@@ -140,6 +136,46 @@ def build_request(
                 shown = shown if len(shown) <= 80 else shown[:77] + "..."
                 raise APIError.invalid_request(f"{field}={shown} is invalid: {exc}", field) from exc
         raise APIError.invalid_request(f"invalid request: {exc}") from exc
+
+
+def _chat_message(i: int, message: Mapping[str, Any]) -> dict[str, str]:
+    """One message as the wire carries it (content as one string), refused as HTTP chat refuses it:
+    text parts are joined, other parts (images, audio) cannot be served, and only an assistant's
+    message may come without content. Checked here, so nothing reaches the worker as a repr."""
+    if "role" not in message:
+        raise APIError.invalid_request(f"messages[{i}].role is required", f"messages[{i}].role")
+    role = str(message["role"])
+    content = message.get("content")
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    param = f"messages[{i}].content"
+    if content is None:
+        if role == "assistant":  # OpenAI: an assistant message that called tools has none
+            return {"role": role, "content": ""}
+        raise APIError.invalid_request(
+            f"{param} is required for a {role} message: allowed a string or a list of text parts", param
+        )
+    if not isinstance(content, list | tuple):
+        raise APIError.invalid_request(
+            f"{param} is invalid: allowed a string or a list of text parts, got {type(content).__name__}",
+            param,
+        )
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+        if kind != "text":  # images, audio: the worker serves text models only
+            raise APIError.invalid_request(
+                f"{param}[{j}] is invalid: allowed text parts ({{'type': 'text', 'text': '...'}}) only,"
+                f" got {kind!r}",
+                param,
+            )
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise APIError.invalid_request(
+                f"{param}[{j}].text is invalid: allowed a string, got {type(text).__name__}", param
+            )
+        texts.append(text)
+    return {"role": role, "content": "".join(texts)}
 
 
 def to_chunk(message: pb.GenerateResponse) -> GenerationChunk:
