@@ -55,9 +55,9 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tokenmill.router.api_keys import KeyRecord, hash_key, new_key, new_key_id
-from tokenmill.router.gateway_config import Budget, GatewayConfigError, Price, Team, parse_team
+from tokenmill.router.gateway_config import Budget, Price
 from tokenmill.router.ledger_lock import lock_ledger
+from tokenmill.router.ledger_teams import TEAMS_SCHEMA, TeamsAndKeys
 from tokenmill.router.usage_batch import Closing, UsageBatch, UsageRow, day_of
 
 logger = logging.getLogger(__name__)
@@ -66,11 +66,6 @@ COMMIT_INTERVAL_S = 0.002  # under load, commits nobody waits for are at least t
 PACED_FROM = 8  # requests in flight (rows opened, not closed) from which commits are paced
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS teams (name TEXT PRIMARY KEY, config TEXT NOT NULL, updated REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS keys (
-    id TEXT PRIMARY KEY, team TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, label TEXT,
-    created REAL NOT NULL, revoked REAL
-);
 CREATE TABLE IF NOT EXISTS usage (
     id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, team TEXT NOT NULL,
     key_id TEXT NOT NULL, model TEXT NOT NULL, worker TEXT, priority INTEGER,
@@ -86,7 +81,7 @@ CREATE TABLE IF NOT EXISTS totals (
 """
 
 
-class Ledger:
+class Ledger(TeamsAndKeys):
     def __init__(self, path: Path, price: Callable[[str], Price | None] | None = None) -> None:
         """``price(model)``: the gateway's price of a model, which recovery charges interrupted
         rows' prompts at (no price: they cost nothing)."""
@@ -96,7 +91,7 @@ class Ledger:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(TEAMS_SCHEMA + _SCHEMA)
         self._batch = UsageBatch()  # usage writes not committed yet
         self._commit: asyncio.Handle | None = None  # the commit scheduled in the loop, if any
         self._commit_at_once = False  # ... and it is at the end of this turn, not paced
@@ -191,67 +186,6 @@ class Ledger:
             self._commit = loop.call_soon(self._scheduled_commit)
         else:
             self._commit = loop.call_later(wait, self._scheduled_commit)
-
-    # -- teams -------------------------------------------------------------------------------
-
-    def save_team(self, team: Team) -> None:
-        self._db.execute(
-            "INSERT INTO teams (name, config, updated) VALUES (?, ?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET config = excluded.config, updated = excluded.updated",
-            (team.name, json.dumps(team.to_dict()), time.time()),
-        )
-
-    def delete_team(self, name: str) -> bool:
-        with self._transaction():
-            gone = self._db.execute("DELETE FROM teams WHERE name = ?", (name,)).rowcount > 0
-            self._db.execute(
-                "UPDATE keys SET revoked = ? WHERE team = ? AND revoked IS NULL", (time.time(), name)
-            )
-        return gone
-
-    def teams(self) -> dict[str, Team]:
-        out = {}
-        for name, config in self._db.execute("SELECT name, config FROM teams"):
-            data = json.loads(config)
-            data.pop("name", None)
-            try:
-                out[name] = parse_team(name, data)
-            except GatewayConfigError:  # written by a newer version: skip rather than fail to start
-                continue
-        return out
-
-    # -- keys --------------------------------------------------------------------------------
-
-    def create_key(self, team: str, label: str | None = None) -> tuple[str, KeyRecord]:
-        """A new key for ``team``: the key itself (shown once, never stored) and its record."""
-        key = new_key()
-        record = KeyRecord(new_key_id(), team, label, time.time(), None)
-        self._db.execute(
-            "INSERT INTO keys (id, team, hash, label, created) VALUES (?, ?, ?, ?, ?)",
-            (record.id, team, hash_key(key), label, record.created),
-        )
-        return key, record
-
-    def revoke_key(self, key_id: str) -> KeyRecord | None:
-        self._db.execute(
-            "UPDATE keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), key_id)
-        )
-        return self.key(key_id)
-
-    def key(self, key_id: str) -> KeyRecord | None:
-        row = self._db.execute("SELECT id, team, label, created, revoked FROM keys WHERE id = ?", (key_id,))
-        found = row.fetchone()
-        return KeyRecord(*found) if found else None
-
-    def keys(self, team: str | None = None) -> list[KeyRecord]:
-        query = "SELECT id, team, label, created, revoked FROM keys"
-        rows = self._db.execute(query + " WHERE team = ?", (team,)) if team else self._db.execute(query)
-        return [KeyRecord(*row) for row in rows]
-
-    def active_key_hashes(self) -> dict[str, tuple[str, str]]:
-        """hash -> (key id, team) of every key not revoked."""
-        rows = self._db.execute("SELECT hash, id, team FROM keys WHERE revoked IS NULL")
-        return {h: (key_id, team) for h, key_id, team in rows}
 
     # -- usage -------------------------------------------------------------------------------
 
