@@ -186,24 +186,6 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-class TokenizeCompletionRequest(StrictModel):
-    model: str | None = None
-    prompt: str
-    add_special_tokens: bool = True
-
-
-class TokenizeChatRequest(StrictModel):
-    model: str | None = None
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    add_generation_prompt: bool = True
-
-
-class TokenizeResponse(BaseModel):
-    tokens: list[int]
-    count: int
-    max_model_len: int
-
-
 class DetokenizeRequest(StrictModel):
     model: str | None = None
     tokens: list[int]

@@ -82,7 +82,8 @@ def build_app(worker: Worker) -> FastAPI:
 
     app.include_router(info_router(worker, auth))
     _install_error_handlers(app, _api_key_check(worker))
-    app.add_middleware(_WorkerHeader, worker=worker)
+    app.add_middleware(_InternalErrors)
+    app.add_middleware(_WorkerHeader, worker=worker)  # (added last: outermost, so 500s carry it too)
     return app
 
 
@@ -140,9 +141,35 @@ def _install_error_handlers(app: FastAPI, key_check: Callable[[Request], Awaitab
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error_response(APIError(exc.status_code, str(exc.detail), kind, None, None))
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        return _error_response(to_api_error(exc))
+
+class _InternalErrors:
+    """Answers an exception no handler took with OpenAI's 500 body, and keeps the connection open.
+
+    (Not ``app.exception_handler(Exception)``: Starlette runs that inside its ServerErrorMiddleware,
+    which re-raises after sending the answer; uvicorn then closes the connection, and a client's
+    next request on it fails.)
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            error = to_api_error(exc)  # (logs the traceback)
+            if not started:  # else the status line is gone: uvicorn ends the half-sent response
+                await _error_response(error)(scope, receive, send)
 
 
 class _WorkerHeader:

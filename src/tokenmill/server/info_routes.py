@@ -19,13 +19,13 @@ from tokenmill.protocol.openai_common import (
     DetokenizeRequest,
     DetokenizeResponse,
     ModelList,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
-    TokenizeResponse,
     VersionResponse,
 )
+from tokenmill.protocol.tokenize import TokenizeRequest, TokenizeResponse
+from tokenmill.server.chat_prompt import chat_prompt
 from tokenmill.server.errors import to_api_error
 from tokenmill.server.openai_shared import sse
+from tokenmill.server.sampling import refuse_unsupported
 from tokenmill.server.streams import SSEResponse
 from tokenmill.server.worker import Worker
 
@@ -54,16 +54,21 @@ def info_router(worker: Worker, auth: Depends) -> APIRouter:
         )
 
     @router.post("/tokenize", dependencies=[auth])
-    async def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
-        """Token ids of a prompt, or of messages rendered with the chat template."""
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        """Token ids of a prompt, or of messages rendered with the chat template as chat does."""
         check_model(req.model)
-        try:
-            if isinstance(req, TokenizeChatRequest):
-                tokens = tokenizer.encode_chat(req.messages, req.add_generation_prompt)
-            else:
+        if req.messages is not None:
+            if req.prompt is not None:
+                raise APIError.invalid_request("send prompt or messages, not both", "messages")
+            refuse_unsupported(req)
+            tokens = chat_prompt(tokenizer, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        elif req.prompt is None:
+            raise APIError.invalid_request("one of prompt or messages is required", "prompt")
+        else:
+            try:
                 tokens = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        except PromptTooLongError as e:
-            raise to_api_error(e) from None
+            except PromptTooLongError as e:
+                raise to_api_error(e) from None
         return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=worker.max_model_len)
 
     @router.post("/detokenize", dependencies=[auth])

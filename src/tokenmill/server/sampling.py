@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from tokenmill.engine.sampling_params import OutputKind, SamplingParams
 from tokenmill.protocol.errors import APIError
 from tokenmill.protocol.headers import PRIORITY_HEADER, parse_priority
@@ -40,7 +42,7 @@ def is_given(value: Any) -> bool:
     return value is not None and not (isinstance(value, str | list | dict) and not value)
 
 
-def refuse_unsupported(req: SamplingRequest) -> None:
+def refuse_unsupported(req: BaseModel) -> None:
     """Raise APIError 400 naming the first field of ``UNSUPPORTED`` that ``req`` sets."""
     for name, what in UNSUPPORTED.items():
         value = getattr(req, name, None)

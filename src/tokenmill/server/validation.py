@@ -41,7 +41,8 @@ def validation_error(exc: RequestValidationError, content_type: str | None = Non
         return APIError.invalid_request("invalid request body")
     # Union fields report one error per branch; the first names the field all the same.
     first = errors[0]
-    if first.get("type") in ("json_invalid", "model_attributes_type") or not first.get("loc")[1:]:
+    # (A body that is not an object: no field named; a message in it that is not one names it.)
+    if first.get("type") == "json_invalid" or not field_path(first.get("loc") or ()):
         if content_type and "json" not in content_type.lower():
             # (FastAPI reads a body as JSON only when it is labelled so: curl -d sends a form's type)
             return APIError.invalid_request(
