@@ -52,7 +52,7 @@ def test_the_upper_bounds_http_applies_hold_here_too(field, value):
 def test_the_message_names_the_field_the_value_and_the_range():
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(temperature=math.inf).validate()
-    assert str(e.value) == "temperature=inf is invalid: allowed a number in [0, 100] (0 means greedy)"
+    assert str(e.value) == "temperature=inf is invalid: allowed a number >= 0 and <= 100 (0 means greedy)"
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(repetition_penalty=101).validate()
     assert str(e.value) == "repetition_penalty=101 is invalid: allowed a number in (0, 100] (1 means none)"

@@ -79,7 +79,7 @@ class SamplingParams:
             self.temperature,
             "temperature",
             _num(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
-            f"a number in [0, {MAX_TEMPERATURE:g}] (0 means greedy)",
+            f"a number >= 0 and <= {MAX_TEMPERATURE:g} (0 means greedy)",
         )
         _check(self.top_p, "top_p", _num(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]")
         _check(
