@@ -336,3 +336,26 @@ def test_usage_reports_a_tiny_cost_as_it_is_not_rounded_to_nothing(tmp_path: Pat
     ledger.close_request(row, Closing(1, 0, "ok", 200, "w", 0.1, 2e-08))  # 0.02 $/M, one token
     costs = {r["team"]: r["cost"] for r in ledger.usage(None, None, None, "model")}
     assert costs == {"a": pytest.approx(1.42031e-05, rel=1e-9), "b": pytest.approx(2e-08, rel=1e-9)}
+
+
+def test_a_ledger_from_before_team_sources_keeps_its_teams_and_the_file_takes_over_those_it_names(
+    tmp_path: Path,
+):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # the teams table as earlier versions made it
+        db.execute("CREATE TABLE teams (name TEXT PRIMARY KEY, config TEXT NOT NULL, updated REAL NOT NULL)")
+        for name in ("kept", "named"):
+            db.execute("INSERT INTO teams VALUES (?, ?, 0)", (name, '{"priority": 2}'))
+    db.close()
+    ledger = Ledger(path)
+    assert ledger.team_sources() == {"kept": "admin", "named": "admin"}  # kept, as they always were
+    assert Ledger(path).teams()["kept"] == Team("kept", priority=2)  # (a second opening: no error)
+    ledger.create_key("named")
+    ledger.save_team(Team("named", priority=3), source="config")  # the file names it: the file's now
+    ledger.save_team(Team("named", priority=4))  # the admin API changes it: still the file's
+    ledger.save_team(Team("api"))
+    assert ledger.team_sources() == {"kept": "admin", "named": "config", "api": "admin"}
+    assert ledger.remove_config_teams(["other"]) == ["named"]  # the file no longer names it
+    assert sorted(ledger.teams()) == ["api", "kept"] and ledger.active_key_hashes() == {}
+    with pytest.raises(ValueError, match="source must be one of config, admin"):
+        ledger.save_team(Team("x"), source="yaml")

@@ -43,7 +43,7 @@ from tokenmill.router.gateway_request import (
     with_priority,
 )
 from tokenmill.router.gateway_request import body_for as body_for  # (imported from here by the app)
-from tokenmill.router.gateway_start import warn_unpriced
+from tokenmill.router.gateway_start import apply_config_teams, warn_unpriced
 from tokenmill.router.ledger import Ledger
 from tokenmill.router.limits import Limiter, Refusal, Reservation, default_output, tokens_to_reserve
 from tokenmill.router.usage_batch import Closing, UsageRow
@@ -79,9 +79,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig, ledger: Ledger | None = None) -> None:
         self.config = config
         self.ledger = ledger or Ledger(config.ledger, config.price)  # (the price: for its recovery)
-        for team in config.teams.values():  # the file wins for the teams it names
-            self.ledger.save_team(team)
-        self.teams = self.ledger.teams()
+        self.teams = apply_config_teams(config, self.ledger)
         warn_unpriced(self.teams.values(), config.prices)
         self._keys = self.ledger.active_key_hashes()
         self._keys_read = time.monotonic()

@@ -1,14 +1,31 @@
-"""What a gateway makes of its config as it starts: warnings for what the file allows but the
-gateway cannot keep."""
+"""What a gateway makes of its config as it starts: the file's teams applied to the ledger, and
+warnings for what the file allows but the gateway cannot keep."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
 
-from tokenmill.router.gateway_config import Price, Team
+from tokenmill.router.gateway_config import GatewayConfig, Price, Team
+from tokenmill.router.ledger import Ledger
 
 logger = logging.getLogger(__name__)
+
+
+def apply_config_teams(config: GatewayConfig, ledger: Ledger) -> dict[str, Team]:
+    """Set the file's teams in the ledger (the file wins for the teams it names), remove those that
+    came from the file and are no longer in it (keys revoked: an operator removes a team from the
+    file to cut its access), and return every team, the admin API's included."""
+    for team in config.teams.values():
+        ledger.save_team(team, source="config")
+    removed = ledger.remove_config_teams(config.teams)
+    if removed:
+        logger.warning(
+            "gateway: removed teams %s, and revoked their keys: they came from the gateway config and "
+            "are no longer in it",
+            ", ".join(removed),
+        )
+    return ledger.teams()
 
 
 def warn_unpriced(teams: Iterable[Team], prices: dict[str, Price]) -> None:

@@ -2,6 +2,12 @@
 
 ``Ledger`` (``router/ledger.py``) has these methods; they are here so that each file keeps one job.
 Keys are stored only as their hashes (``router/api_keys.py``).
+
+Each team records where it came from (``source``): ``config``, the gateway's YAML file, which is
+applied at every start (its teams set from it, and those it no longer names removed), or
+``admin``, the admin API (``POST /admin/teams``), kept until deleted there. A team the file names
+is the file's from then on; one the API changes keeps its source. Ledgers made before sources
+were kept get the column at their next opening, every team ``admin``: kept, as they always were.
 """
 
 from __future__ import annotations
@@ -10,12 +16,17 @@ import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterable
 
 from tokenmill.router.api_keys import KeyRecord, hash_key, new_key, new_key_id
 from tokenmill.router.gateway_config import GatewayConfigError, Team, parse_team
 
+CONFIG, ADMIN = "config", "admin"  # where a team came from: the gateway's file, or the admin API
+SOURCES = (CONFIG, ADMIN)
 TEAMS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS teams (name TEXT PRIMARY KEY, config TEXT NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS teams (
+    name TEXT PRIMARY KEY, config TEXT NOT NULL, updated REAL NOT NULL, source TEXT NOT NULL DEFAULT 'admin'
+);
 CREATE TABLE IF NOT EXISTS keys (
     id TEXT PRIMARY KEY, team TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, label TEXT,
     created REAL NOT NULL, revoked REAL
@@ -31,14 +42,48 @@ class TeamsAndKeys:
     def _transaction(self) -> contextlib.AbstractContextManager[None]:
         raise NotImplementedError  # Ledger's
 
+    def _add_team_sources(self) -> None:
+        """A ledger made before teams had a ``source``: add the column (every team ``admin``)."""
+        if any(column[1] == "source" for column in self._db.execute("PRAGMA table_info(teams)")):
+            return
+        try:
+            self._db.execute(f"ALTER TABLE teams ADD COLUMN source TEXT NOT NULL DEFAULT '{ADMIN}'")
+        except sqlite3.OperationalError as e:  # another process opening it added it first
+            if "duplicate column" not in str(e):
+                raise
+
     # -- teams -------------------------------------------------------------------------------
 
-    def save_team(self, team: Team) -> None:
+    def save_team(self, team: Team, source: str = "admin") -> None:
+        """Set ``team``; ``source``: ``config`` (the gateway's file, which takes the team over) or
+        ``admin`` (the admin API: an existing team keeps its source)."""
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
         self._db.execute(
-            "INSERT INTO teams (name, config, updated) VALUES (?, ?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET config = excluded.config, updated = excluded.updated",
-            (team.name, json.dumps(team.to_dict()), time.time()),
+            "INSERT INTO teams (name, config, updated, source) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET config = excluded.config, updated = excluded.updated, "
+            f"source = CASE WHEN excluded.source = '{CONFIG}' THEN '{CONFIG}' ELSE teams.source END",
+            (team.name, json.dumps(team.to_dict()), time.time(), source),
         )
+
+    def remove_config_teams(self, keep: Iterable[str]) -> list[str]:
+        """Delete the teams that came from the gateway's file and are not in ``keep`` (the file's
+        teams now), revoking their keys as ``delete_team`` does; their names, sorted."""
+        keep = set(keep)
+        with self._transaction():
+            rows = self._db.execute("SELECT name FROM teams WHERE source = ?", (CONFIG,))
+            gone = sorted(name for (name,) in rows if name not in keep)
+            now = time.time()
+            for name in gone:
+                self._db.execute("DELETE FROM teams WHERE name = ?", (name,))
+                self._db.execute(
+                    "UPDATE keys SET revoked = ? WHERE team = ? AND revoked IS NULL", (now, name)
+                )
+        return gone
+
+    def team_sources(self) -> dict[str, str]:
+        """Team name -> where it came from: ``config`` or ``admin``."""
+        return dict(self._db.execute("SELECT name, source FROM teams"))
 
     def delete_team(self, name: str) -> bool:
         with self._transaction():
