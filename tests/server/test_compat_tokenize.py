@@ -49,7 +49,11 @@ def test_messages_with_content_parts_are_the_tokens_chat_is_served_with(http):
         ({"prompt": "Hi", "messages": PARTS}, "messages", "not both"),
         ({}, "prompt", "one of prompt or messages is required"),
         ({"messages": PARTS, "chat_template": "{{ 'x' }}"}, "chat_template", "not supported"),
-        ({"messages": PARTS, "chat_template_kwargs": {"bos_token": "x"}}, "chat_template_kwargs", ""),
+        (
+            {"messages": PARTS, "chat_template_kwargs": {"bos_token": "x"}},
+            "chat_template_kwargs.bos_token",
+            "template variables other than",
+        ),
     ],
 )
 def test_a_bad_tokenize_body_is_a_400_naming_the_field(http, body, param, says):

@@ -138,18 +138,35 @@ class Tokenizer:
                 "send a plain prompt, or pass chat_template)",
             )
         _check_messages(messages)
-        try:
-            return _compile(template).render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-                pad_token=self.pad_token or "",
-                **kwargs,
+        variables = {
+            "messages": messages,
+            "add_generation_prompt": add_generation_prompt,
+            "bos_token": self.bos_token or "",
+            "eos_token": self.eos_token or "",
+            "pad_token": self.pad_token or "",
+        }
+        clash = sorted(variables.keys() & kwargs.keys())
+        if clash:  # (set here, from the call and the tokenizer)
+            raise InvalidRequestError(
+                f"chat_template_kwargs.{clash[0]}",
+                kwargs[clash[0]],
+                f"template variables other than {', '.join(variables)}",
             )
-        except jinja2.TemplateError as e:
+        try:
+            return _compile(template).render(**variables, **kwargs)
+        except jinja2.TemplateError as e:  # raise_exception, and the sandbox's SecurityError
             raise InvalidRequestError(
                 "messages", "<chat>", f"messages the chat template accepts ({e})"
+            ) from e
+        except Exception as e:
+            # The sandbox's limits (OverflowError: a range over 100,000) and the template's own
+            # errors on values it did not expect: what the caller sent, not a fault of the server.
+            field = "chat_template_kwargs" if kwargs else "messages"
+            raise InvalidRequestError(
+                field,
+                "<chat>",
+                "",
+                message=f"the chat template failed on these {field}: {type(e).__name__}: {str(e)[:200]}",
             ) from e
 
     def encode_chat(

@@ -11,6 +11,47 @@ from tokenmill.protocol.errors import APIError
 from tokenmill.server.errors import to_api_error
 from tokenmill.server.sampling import is_given
 
+# Arguments of the rendering call (transformers' apply_chat_template), not variables of the
+# template. In chat_template_kwargs they would let any caller replace the server's template
+# (chat_template), or change the call (tools would slip past the refusal of the tools field).
+RENDER_ARGUMENTS = frozenset(
+    {
+        "chat_template",
+        "tokenize",
+        "conversation",
+        "messages",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tools",
+        "documents",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
+TOP_LEVEL = ("messages", "add_generation_prompt", "continue_final_message")  # request fields
+
+
+def check_template_kwargs(kwargs: dict[str, Any]) -> None:
+    """Raise APIError 400 naming the first key of ``kwargs`` that is not a template variable."""
+    bad = sorted(RENDER_ARGUMENTS & kwargs.keys())
+    if bad:
+        key = bad[0]
+        hint = ""
+        if key in TOP_LEVEL:
+            hint = f"; send {key} as a request field"
+        elif key == "chat_template":
+            hint = "; the model's chat template cannot be replaced by a request"
+        raise APIError.invalid_request(
+            f"chat_template_kwargs.{key} is not allowed: chat_template_kwargs holds variables of the "
+            f"chat template, and {key} is an argument of its rendering{hint}",
+            f"chat_template_kwargs.{key}",
+        )
+
 
 def chat_prompt(
     tokenizer: Tokenizer,
@@ -28,6 +69,7 @@ def chat_prompt(
                     f"messages[{i}].{name} is not supported by tokenmill (tool calls): omit it",
                     f"messages[{i}].{name}",
                 )
+    check_template_kwargs(chat_template_kwargs or {})
     try:
         return tokenizer.encode_chat(
             [m.template_dict() for m in messages],
@@ -38,7 +80,3 @@ def chat_prompt(
         raise to_api_error(e, prompt_field="messages") from None
     except EngineError as e:
         raise to_api_error(e) from None
-    except TypeError as e:  # chat_template_kwargs that clash with the template's own arguments
-        raise APIError.invalid_request(
-            f"chat_template_kwargs is invalid: {e}", "chat_template_kwargs"
-        ) from None
