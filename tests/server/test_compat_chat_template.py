@@ -33,7 +33,11 @@ def looping_server(tmp_path_factory):
     shutil.copytree(DEMO_MODEL, folder)
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    config["chat_template"] = LOOP_AND_POKE + config["chat_template"]
+    # (and a variable that makes it write contents in capitals: such a final message cannot be found)
+    template = config["chat_template"].replace(
+        "message['content']", "(message['content'] | upper if shout else message['content'])"
+    )
+    config["chat_template"] = LOOP_AND_POKE + template
     config_path.write_text(json.dumps(config))
     s = start_server(str(folder), "--grpc-port", "-1", "--served-model-name", "demo")
     yield s
@@ -84,3 +88,52 @@ def test_a_template_that_trips_the_sandbox_is_a_400(looping_server, path, kwargs
         error = refused(http, path, {"messages": HI, "max_tokens": 1, "chat_template_kwargs": kwargs})
         assert http.get("/health").status_code == 200
     assert error["param"] == param and says in error["message"], error
+
+
+# -- 6: continue_final_message leaves the final assistant message open -------------------------
+
+PREFILL = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The King"}]
+CONTINUE = {"messages": PREFILL, "add_generation_prompt": False, "continue_final_message": True}
+
+
+def test_the_final_assistant_message_is_continued(http):
+    closed = http.post("/tokenize", json={"messages": PREFILL, "add_generation_prompt": False}).json()
+    opened = http.post("/tokenize", json=CONTINUE).json()
+    text = http.post("/detokenize", json={"tokens": opened["tokens"]}).json()["prompt"]
+    assert text.endswith("<|im_start|>assistant\nThe King")  # no end of turn after it
+    assert opened["tokens"] == closed["tokens"][: opened["count"]] and opened["count"] < closed["count"]
+    chat = http.post("/v1/chat/completions", json={**CONTINUE, "max_tokens": 4, "temperature": 0}).json()
+    assert chat["usage"]["prompt_tokens"] == opened["count"]
+    # the same continuation as completing the open prompt itself
+    same = http.post(
+        "/v1/completions", json={"prompt": opened["tokens"], "max_tokens": 4, "temperature": 0}
+    ).json()
+    assert chat["choices"][0]["message"]["content"] == same["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+@pytest.mark.parametrize(
+    ("change", "param", "says"),
+    [
+        ({"add_generation_prompt": True}, "continue_final_message", "add_generation_prompt false"),
+        ({"add_generation_prompt": None}, "continue_final_message", "add_generation_prompt false"),
+        ({"messages": HI}, "continue_final_message", "the assistant's"),
+        (
+            {"messages": [*HI, {"role": "assistant", "content": " "}]},
+            "messages[1].content",
+            "text to continue",
+        ),
+    ],
+)
+def test_continue_final_message_needs_an_assistant_message_to_continue(http, path, change, param, says):
+    error = refused(http, path, {**CONTINUE, **change, "max_tokens": 1})
+    assert error["param"] == param and says in error["message"], error
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_a_final_message_the_template_changes_cannot_be_continued(looping_server, path):
+    body = {**CONTINUE, "max_tokens": 1, "chat_template_kwargs": {"shout": True}}
+    with looping_server.client() as http:
+        error = refused(http, path, body)
+        assert http.post(path, json={**body, "chat_template_kwargs": {}}).status_code == 200
+    assert error["param"] == "messages" and "cannot be continued" in error["message"], error

@@ -126,9 +126,14 @@ class Tokenizer:
         messages: list[ChatMessage],
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> str:
-        """Render messages to the prompt text the model was trained on."""
+        """Render messages to the prompt text the model was trained on.
+
+        ``continue_final_message``: leave the final (assistant) message open, without its end of
+        turn, so the model continues it (a prefill), as transformers and vLLM do.
+        """
         template = chat_template or self.chat_template
         if template is None:
             raise InvalidRequestError(
@@ -138,6 +143,8 @@ class Tokenizer:
                 "send a plain prompt, or pass chat_template)",
             )
         _check_messages(messages)
+        if continue_final_message:
+            _check_continuable(messages, add_generation_prompt)
         variables = {
             "messages": messages,
             "add_generation_prompt": add_generation_prompt,
@@ -153,7 +160,7 @@ class Tokenizer:
                 f"template variables other than {', '.join(variables)}",
             )
         try:
-            return _compile(template).render(**variables, **kwargs)
+            text = _compile(template).render(**variables, **kwargs)
         except jinja2.TemplateError as e:  # raise_exception, and the sandbox's SecurityError
             raise InvalidRequestError(
                 "messages", "<chat>", f"messages the chat template accepts ({e})"
@@ -168,6 +175,7 @@ class Tokenizer:
                 "",
                 message=f"the chat template failed on these {field}: {type(e).__name__}: {str(e)[:200]}",
             ) from e
+        return _cut_after_final(text, messages[-1]["content"]) if continue_final_message else text
 
     def encode_chat(
         self, messages: list[ChatMessage], add_generation_prompt: bool = True, **kwargs: Any
@@ -199,6 +207,43 @@ def _check_messages(messages: Any) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise InvalidRequestError(f"messages[{i}]", m, "an object with a string 'role'")
+
+
+def _check_continuable(messages: list[ChatMessage], add_generation_prompt: bool) -> None:
+    if add_generation_prompt:
+        raise InvalidRequestError(
+            "continue_final_message",
+            True,
+            "true only with add_generation_prompt false (the final message goes on; no new one starts)",
+        )
+    final = messages[-1]
+    if final.get("role") != "assistant":
+        raise InvalidRequestError(
+            "continue_final_message", True, "true only when the final message is the assistant's"
+        )
+    content = final.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise InvalidRequestError(
+            f"messages[{len(messages) - 1}].content", content, "text to continue (continue_final_message)"
+        )
+
+
+def _cut_after_final(text: str, content: str) -> str:
+    """``text`` up to the end of the final message's content (transformers' way: templates write
+    the end of turn right after it; one that trims spaces around it is allowed for)."""
+    stripped = content.strip()
+    at = text.rfind(stripped)
+    if at < 0:
+        raise InvalidRequestError(
+            "messages",
+            "<chat>",
+            "",
+            message="continue_final_message: the chat template does not write the final message's "
+            "content as given (it changes or drops it), so it cannot be continued",
+        )
+    kept = content.lstrip()
+    end = at + len(kept) if text[at : at + len(kept)] == kept else at + len(stripped)
+    return text[:end]
 
 
 def _raise(message: str) -> None:

@@ -59,6 +59,11 @@ class ChatCompletionRequest(SamplingRequest):
     function_call: Any = unsupported("OpenAI's legacy function calling; 'none' and 'auto' are accepted")
     chat_template: Any = unsupported("a chat template per request: the model's own is used")
     add_generation_prompt: bool = True
+    continue_final_message: bool = Field(
+        False,
+        description="Leave the final assistant message open for the model to continue; "
+        "needs add_generation_prompt false.",
+    )
     chat_template_kwargs: dict[str, Any] | None = None
 
 

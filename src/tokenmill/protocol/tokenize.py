@@ -19,6 +19,11 @@ class TokenizeRequest(StrictModel):
     add_special_tokens: bool = Field(True, description="With prompt: add the model's BOS token.")
     messages: list[ChatMessage] | None = Field(None, min_length=1, description="Or send prompt.")
     add_generation_prompt: bool = True
+    continue_final_message: bool = Field(
+        False,
+        description="Leave the final assistant message open for the model to continue; "
+        "needs add_generation_prompt false.",
+    )
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: Any = unsupported("a chat template per request: the model's own is used")
 

@@ -47,7 +47,11 @@ class ChatHandler(OpenAIHandler):
         priority = request_priority(req, request.headers.get(PRIORITY_HEADER))
         rid = new_id("chatcmpl")
         prompt = chat_prompt(
-            self.tokenizer, req.messages, req.add_generation_prompt, req.chat_template_kwargs
+            self.tokenizer,
+            req.messages,
+            req.add_generation_prompt,
+            req.continue_final_message,
+            req.chat_template_kwargs,
         )
         try:
             streams = open_streams(self.worker, [prompt], params, rid, priority, req.cache_salt)

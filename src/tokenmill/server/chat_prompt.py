@@ -57,6 +57,7 @@ def chat_prompt(
     tokenizer: Tokenizer,
     messages: list[ChatMessage],
     add_generation_prompt: bool,
+    continue_final_message: bool,
     chat_template_kwargs: dict[str, Any] | None,
 ) -> list[int]:
     """The prompt's token ids; raises APIError 400 naming the field a caller got wrong."""
@@ -74,6 +75,7 @@ def chat_prompt(
         return tokenizer.encode_chat(
             [m.template_dict() for m in messages],
             add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
             **(chat_template_kwargs or {}),
         )
     except PromptTooLongError as e:

@@ -61,7 +61,13 @@ def info_router(worker: Worker, auth: Depends) -> APIRouter:
             if req.prompt is not None:
                 raise APIError.invalid_request("send prompt or messages, not both", "messages")
             refuse_unsupported(req)
-            tokens = chat_prompt(tokenizer, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+            tokens = chat_prompt(
+                tokenizer,
+                req.messages,
+                req.add_generation_prompt,
+                req.continue_final_message,
+                req.chat_template_kwargs,
+            )
         elif req.prompt is None:
             raise APIError.invalid_request("one of prompt or messages is required", "prompt")
         else:
