@@ -181,3 +181,15 @@ def test_echo_without_logprobs_and_logprobs_without_echo_still_work(http):
     assert echoed["text"].startswith("ROMEO:") and echoed["logprobs"] is None
     scored = http.post("/v1/completions", json={**COMPLETION, "logprobs": 1}).json()["choices"][0]
     assert len(scored["logprobs"]["tokens"]) == 2 and scored["logprobs"]["text_offset"][0] == 0
+
+
+# -- 13: best_of on chat is checked as on completions --------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_best_of_must_equal_n(http, path):
+    body = COMPLETION if path == "/v1/completions" else CHAT
+    error = post(http, path, {**body, "best_of": 2})
+    assert error["param"] == "best_of" and "allowed null or n (1)" in error["message"], error
+    same = http.post(path, json={**body, "n": 2, "best_of": 2, "temperature": 1})
+    assert same.status_code == 200 and len(same.json()["choices"]) == 2

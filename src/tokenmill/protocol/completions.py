@@ -16,7 +16,6 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(16, ge=1, description="null: up to the context length.")
     logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives per token, beside it.")
     echo: bool = False
-    best_of: int | None = Field(None, ge=1, le=128, description="Must equal n when given.")
     suffix: str | None = Field(None, description="Not supported: must be null.")
 
 

@@ -111,6 +111,7 @@ class SamplingRequest(StrictModel):
 
     model: str | None = Field(None, description="The served model name; omitted means this worker's model.")
     n: int = Field(1, ge=1, le=128)
+    best_of: int | None = Field(None, ge=1, le=128, description="Must equal n when given.")
     temperature: float | None = Field(None, ge=0, le=100, description="0 is greedy; default: the model's.")
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = Field(None, description="Up to 16 strings that end generation.")

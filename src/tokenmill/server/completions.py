@@ -44,8 +44,6 @@ class CompletionsHandler(OpenAIHandler):
         model = self.check_model(req)
         if req.suffix is not None:
             raise APIError.invalid_request("suffix is not supported: omit it or send null", "suffix")
-        if req.best_of is not None and req.best_of != req.n:
-            raise APIError.invalid_request(f"best_of={req.best_of} is invalid: allowed null or n", "best_of")
         if req.echo and req.logprobs is not None:
             # OpenAI and vLLM give the echoed prompt's logprobs too; tokenmill computes none, and
             # logprobs of the completion alone would pass for the whole text's.

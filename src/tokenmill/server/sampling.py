@@ -77,6 +77,10 @@ def to_sampling_params(
 ) -> SamplingParams:
     """The engine's parameters for ``req``; raises APIError 400 for what cannot be served."""
     refuse_unsupported(req)
+    if req.best_of is not None and req.best_of != req.n:  # (more samples to pick from: not supported)
+        raise APIError.invalid_request(
+            f"best_of={req.best_of} is invalid: allowed null or n ({req.n})", "best_of"
+        )
     if req.logit_bias:
         raise APIError.invalid_request("logit_bias is not supported: omit it or send {}", "logit_bias")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
