@@ -193,3 +193,19 @@ def test_best_of_must_equal_n(http, path):
     assert error["param"] == "best_of" and "allowed null or n (1)" in error["message"], error
     same = http.post(path, json={**body, "n": 2, "best_of": 2, "temperature": 1})
     assert same.status_code == 200 and len(same.json()["choices"]) == 2
+
+
+# -- 14: seed is an int64, as in vLLM and over gRPC ------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("seed", [2**63, 2**64, 2**100, -(2**63) - 1])
+def test_a_seed_outside_int64_is_refused(http, path, seed):
+    body = COMPLETION if path == "/v1/completions" else CHAT
+    error = post(http, path, {**body, "seed": seed})
+    assert error["param"] == "seed", error
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, -(2**63), 0])
+def test_a_seed_at_the_int64_bounds_is_accepted(http, seed):
+    assert http.post("/v1/completions", json={**COMPLETION, "seed": seed}).status_code == 200

@@ -115,7 +115,9 @@ class SamplingRequest(StrictModel):
     temperature: float | None = Field(None, ge=0, le=100, description="0 is greedy; default: the model's.")
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = Field(None, description="Up to 16 strings that end generation.")
-    seed: int | None = None
+    seed: int | None = Field(
+        None, ge=-(2**63), le=2**63 - 1, description="An int64; the same seed and request give the same text."
+    )
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
