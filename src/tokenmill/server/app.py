@@ -139,7 +139,9 @@ def _install_error_handlers(app: FastAPI, key_check: Callable[[Request], Awaitab
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(APIError(exc.status_code, str(exc.detail), kind, None, None))
+        response = _error_response(APIError(exc.status_code, str(exc.detail), kind, None, None))
+        response.headers.update(exc.headers or {})  # a 405's Allow (RFC 9110 requires it)
+        return response
 
 
 class _InternalErrors:
