@@ -304,6 +304,7 @@ def test_a_killed_gateway_leaves_no_request_unrecorded(gateway):
         assert "1 requests a stopped gateway left in flight" in restarted.ready_line
         (row,) = usage_rows(gateway, "beta")
         assert row["status"] == "interrupted" and row["prompt_tokens"] > 0
+        assert row["worker"] and gateway.worker.url.split(":")[-1] in row["worker"]  # it names its worker
         # What the client was sent up to the last checkpoint is charged too, not the prompt alone.
         assert 0 < row["completion_tokens"] < 900 and received > 1
         expected = (row["prompt_tokens"] * 1.0 + row["completion_tokens"] * 2.0) / 1e6  # demo's prices

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenmill.router.call import MAX_OUTPUT_TOKENS, asked_output, estimate_tokens
+from tokenmill.router.call import MAX_OUTPUT_TOKENS, Outcome, asked_output, estimate_tokens
 from tokenmill.router.gateway import Admitted, Gateway, GatewayError
 from tokenmill.router.gateway_config import Team, load_gateway_config
 from tokenmill.router.prefix_index import prompt_text
@@ -208,3 +208,32 @@ def test_concurrent_non_ascii_prompts_cannot_overshoot_a_budget(front):
     assert first.prompt_tokens >= 901
     e = front.refused("daily", body)
     assert (e.status, e.param) == (429, "budget")
+
+
+def test_a_checkpoint_writes_the_worker_of_a_row_written_before_it_was_chosen(front):
+    """A request that waited in the admission queue has its row on disk before its worker is
+    chosen: the next checkpoint names the worker, so a dead gateway's row still does."""
+    a = front.admit("open", {"model": "demo", "prompt": "Hi", "max_tokens": 4})  # (no loop: written now)
+    outcome = Outcome(a)
+    front.gateway.follow(a, outcome.completion_so_far)
+    assert front.gateway.checkpoint() == 0  # no worker yet, nothing sent: nothing to write
+    outcome.worker = "w1"  # the router chose it (forward.py)
+    assert front.gateway.checkpoint() == 1 and front.gateway.checkpoint() == 0
+    (row,) = front.gateway.ledger.rows("open")
+    assert (row["status"], row["worker"]) == ("in_flight", "w1")
+
+
+def test_a_request_whose_worker_failed_without_answering_is_charged_its_prompt(front):
+    """The QA repro: a worker killed during a non-streamed request (503 "every worker failed this
+    request", row unavailable) was charged nothing, though it had read the prompt."""
+    body = {"model": "demo", "prompt": "Tell me a story", "max_tokens": 4}
+    failed = front.admit("dollars", body)
+    front.gateway.finish(failed, Usage(), "unavailable", 503, "w1")
+    nowhere = front.admit("dollars", body)
+    front.gateway.finish(nowhere, Usage(), "unavailable", 503, None)  # no worker had it: free
+    rows = front.gateway.ledger.rows("dollars")
+    assert [(r["worker"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
+        ("w1", failed.prompt_tokens, 0),
+        (None, 0, 0),
+    ]
+    assert rows[0]["cost"] == pytest.approx(failed.prompt_tokens * 1.0 / 1e6)  # demo's prompt price

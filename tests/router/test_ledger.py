@@ -359,3 +359,28 @@ def test_a_ledger_from_before_team_sources_keeps_its_teams_and_the_file_takes_ov
     assert sorted(ledger.teams()) == ["api", "kept"] and ledger.active_key_hashes() == {}
     with pytest.raises(ValueError, match="source must be one of config, admin"):
         ledger.save_team(Team("x"), source="yaml")
+
+
+def test_a_row_left_in_flight_names_its_worker_whenever_it_was_chosen(tmp_path: Path):
+    """The QA repro: rows closed as interrupted at recovery had no worker (it was written only with
+    the closing). It goes with the row's insert when chosen in the same turn, else with the next
+    checkpoint (``progress``): no statement more."""
+    path = tmp_path / "u.db"
+    code = (
+        "import asyncio, os; from pathlib import Path; from tokenmill.router.ledger import Ledger\n"
+        f"l = Ledger(Path({str(path)!r}))\n"
+        "async def main():\n"
+        "    r = l.open_request('early', 'a', 'k', 'm', 0, 300); r.worker = 'w1'\n"
+        "    await l.durable(r)\n"
+        "    q = l.open_request('queued', 'a', 'k', 'm', 0, 50)\n"
+        "    await l.durable(q)\n"
+        "    q.worker = 'w2'; assert q.worker_written is None and r.worker_written == 'w1'\n"
+        "    l.progress(q, 0); l.progress(r, 7); await l.durable()\n"
+        "asyncio.run(main()); os._exit(9)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 9
+    ledger = Ledger(path)
+    assert ledger.recover_interrupted() == 2
+    rows = {r["request_id"]: r for r in ledger.rows("a")}
+    assert (rows["early"]["worker"], rows["early"]["completion_tokens"]) == ("w1", 7)
+    assert (rows["queued"]["worker"], rows["queued"]["status"]) == ("w2", "interrupted")

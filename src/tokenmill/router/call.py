@@ -44,15 +44,26 @@ class Call:
 class Outcome:
     """How a request through the gateway ended, for its usage row."""
 
-    __slots__ = ("admitted", "meter", "state", "status", "worker")
+    __slots__ = ("_worker", "admitted", "meter", "state", "status")
 
     def __init__(self, admitted: Admitted | None) -> None:
         self.admitted = admitted
         self.status: int | None = None
         # ok, error (the worker's 4xx/5xx), cut, cancelled, unavailable, ledger_error
         self.state = "unavailable"
-        self.worker: str | None = None
+        self._worker: str | None = None
         self.meter: UsageMeter | None = None
+
+    @property
+    def worker(self) -> str | None:
+        """The worker that has the request (the last one tried)."""
+        return self._worker
+
+    @worker.setter
+    def worker(self, name: str | None) -> None:
+        self._worker = name
+        if self.admitted is not None:  # its usage row names it while it runs (UsageRow.worker)
+            self.admitted.row.worker = name
 
     def meter_for(self, sse: bool) -> UsageMeter | None:
         if self.admitted is None:

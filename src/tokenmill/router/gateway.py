@@ -233,9 +233,11 @@ class Gateway:
             prompt, completion = usage.prompt_tokens, usage.completion_tokens
         elif http_status is not None and http_status < 400:
             prompt, completion = a.prompt_tokens, chunks  # cut short: what the worker must have done
-        elif status == "cancelled" and worker is not None:
-            # The client left before any answer, while a worker had the request: it read the prompt
-            # at least (what it generated before its connection closed is not known).
+        elif status in ("cancelled", "unavailable") and worker is not None:
+            # No answer, while a worker had the request: the client left, or the worker failed (died
+            # mid-request) and so did any other tried. It read the prompt at least (what it made
+            # before its connection closed is not known); a worker that refused the connection read
+            # nothing, but cannot be told apart here: erring high, as the estimate does.
             prompt, completion = a.prompt_tokens, 0
         else:
             prompt, completion = 0, 0  # refused by the worker or never reached one
@@ -252,11 +254,13 @@ class Gateway:
     def checkpoint(self) -> int:
         """Write each running request's completion tokens so far to its row, so that a gateway
         killed mid-stream leaves the row charged with what its client was sent up to here, not
-        with its prompt alone. Returns the rows brought up to date."""
+        with its prompt alone; and its worker, if chosen after the row was written. Returns the
+        rows brought up to date."""
         updated = 0
         for a, so_far in self._running.items():
             done = so_far()
-            if done > a.checkpointed and self.ledger.progress(a.row, done):
+            moved = a.row.worker != a.row.worker_written
+            if (done > a.checkpointed or moved) and self.ledger.progress(a.row, done):
                 a.checkpointed = done
                 updated += 1
         return updated

@@ -30,13 +30,14 @@ _UPDATE = (
     "UPDATE usage SET prompt_tokens = ?, completion_tokens = ?, status = ?, http_status = ?, worker = ?, "
     "latency_s = ?, cost = ?, finished = ? WHERE id = ?"
 )
-_PROGRESS = "UPDATE usage SET completion_tokens = ? WHERE id = ?"  # a running stream's checkpoint
+# A running request's checkpoint: its completion so far, and its worker if the row was written
+# before the worker was chosen (a request that waited in the admission queue).
+_PROGRESS = "UPDATE usage SET completion_tokens = ?, worker = COALESCE(?, worker) WHERE id = ?"
 _ADD_TOTALS = (
     "INSERT INTO totals VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (team, day, model) DO UPDATE SET "
     "requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
     "completion_tokens = completion_tokens + excluded.completion_tokens, cost = cost + excluded.cost"
 )
-_IN_FLIGHT = ("in_flight", 0, None, None, None, 0.0, None)  # status .. finished of an open row
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,11 @@ class UsageRow:
     id: int | None = None
     day: str = field(init=False)
     closed: tuple[Any, ...] | None = None  # status .. finished, when closed before it was written
+    # The worker that has the request, once chosen (``call.Outcome`` sets it): written with the row
+    # if known by then, else with its next checkpoint, so that a row a dead gateway left in flight
+    # names its worker. ``worker_written``: the one its row on disk (or the batch) holds.
+    worker: str | None = None
+    worker_written: str | None = None
 
     def __post_init__(self) -> None:
         self.day = day_of(self.started)
@@ -75,7 +81,7 @@ class UsageRow:
 @dataclass
 class UsageBatch:
     opened: list[UsageRow] = field(default_factory=list)
-    progressed: list[tuple[int, int]] = field(default_factory=list)  # _PROGRESS's parameters
+    progressed: list[tuple[int, str | None, int]] = field(default_factory=list)  # _PROGRESS's parameters
     closed: list[tuple[Any, ...]] = field(default_factory=list)  # _UPDATE's parameters
     totals: dict[tuple[str, str, str], list[Any]] = field(default_factory=dict)  # requests, tokens, cost
 
@@ -98,9 +104,11 @@ class UsageBatch:
         self.add_totals(row.team, row.day, row.model, c.prompt_tokens, c.completion_tokens, c.cost)
 
     def progress(self, row: UsageRow, completion_tokens: int) -> None:
-        """A row written and still open: its completion so far (written before any closing)."""
+        """A row written and still open: its completion so far and its worker (written before any
+        closing)."""
         assert row.id is not None
-        self.progressed.append((completion_tokens, row.id))
+        self.progressed.append((completion_tokens, row.worker, row.id))
+        row.worker_written = row.worker
 
     def add_totals(self, team: str, day: str, model: str, prompt: int, completion: int, cost: float) -> None:
         t = self.totals.get((team, day, model))
@@ -131,7 +139,8 @@ class UsageBatch:
                 _INSERT,
                 [
                     (first + i, row.request_id, row.team, row.key_id, row.model, row.priority,
-                     row.prompt_tokens, row.started, row.tags, *(row.closed or _IN_FLIGHT))
+                     row.prompt_tokens, row.started, row.tags,
+                     *(row.closed or ("in_flight", 0, None, row.worker, None, 0.0, None)))
                     for i, row in enumerate(self.opened)
                 ],
             )  # fmt: skip
@@ -148,6 +157,7 @@ class UsageBatch:
         (Until then, a failed commit leaves everything here for the next one.)"""
         for i, row in enumerate(self.opened):
             row.id = first + i
+            row.worker_written = row.worker
         self.opened, self.progressed, self.closed, self.totals = [], [], [], {}
 
 
