@@ -209,3 +209,23 @@ def test_a_seed_outside_int64_is_refused(http, path, seed):
 @pytest.mark.parametrize("seed", [2**63 - 1, -(2**63), 0])
 def test_a_seed_at_the_int64_bounds_is_accepted(http, seed):
     assert http.post("/v1/completions", json={**COMPLETION, "seed": seed}).status_code == 200
+
+
+# -- 16: stream_options needs stream, and its keys are checked ----------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("stream", [False, None])
+def test_stream_options_without_stream_is_refused(http, path, stream):
+    body = COMPLETION if path == "/v1/completions" else CHAT
+    error = post(http, path, {**body, "stream": stream, "stream_options": {"include_usage": True}})
+    assert error["param"] == "stream_options" and "stream=true" in error["message"], error
+    for empty in (None, {}):  # nothing asked: as vLLM, accepted
+        assert http.post(path, json={**body, "stream_options": empty}).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_an_unknown_stream_option_is_refused(http, path):
+    body = COMPLETION if path == "/v1/completions" else CHAT
+    error = post(http, path, {**body, "stream": True, "stream_options": {"include_usag": True}})
+    assert error["param"] == "stream_options.include_usag", error

@@ -82,6 +82,9 @@ class StrictModel(BaseModel):
 
 
 class StreamOptions(StrictModel):
+    # A misspelt option would silently give no usage: refused (it names the key), unlike top-level fields.
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False  # a last chunk with usage and no choices
     continuous_usage_stats: bool = False  # usage so far on every chunk
 

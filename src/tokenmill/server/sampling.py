@@ -77,6 +77,8 @@ def to_sampling_params(
 ) -> SamplingParams:
     """The engine's parameters for ``req``; raises APIError 400 for what cannot be served."""
     refuse_unsupported(req)
+    if req.stream_options is not None and req.stream_options.model_fields_set and not stream:
+        raise APIError.invalid_request("stream_options is only allowed with stream=true", "stream_options")
     if req.best_of is not None and req.best_of != req.n:  # (more samples to pick from: not supported)
         raise APIError.invalid_request(
             f"best_of={req.best_of} is invalid: allowed null or n ({req.n})", "best_of"
