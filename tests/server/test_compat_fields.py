@@ -229,3 +229,13 @@ def test_an_unknown_stream_option_is_refused(http, path):
     body = COMPLETION if path == "/v1/completions" else CHAT
     error = post(http, path, {**body, "stream": True, "stream_options": {"include_usag": True}})
     assert error["param"] == "stream_options.include_usag", error
+
+
+# -- 19: a bad token id names prompt, the API's field --------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", [[99999], [[5, 6], [7, -1]]])
+def test_a_bad_token_id_names_prompt(http, prompt):
+    error = post(http, "/v1/completions", {**COMPLETION, "prompt": prompt})
+    assert error["param"] == "prompt" and "token id" in error["message"], error
+    assert "prompt_token_ids" not in error["message"], error

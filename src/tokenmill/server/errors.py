@@ -19,12 +19,17 @@ def to_api_error(exc: BaseException, prompt_field: str = "prompt") -> APIError:
     """The API error for an exception raised while serving a request.
 
     ``prompt_field`` names the prompt in this API (``messages`` for chat), for
-    prompts over the context length.
+    prompts over the context length and bad token ids.
     """
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, PromptTooLongError):
         return APIError.invalid_request(str(exc), param=prompt_field, code="context_length_exceeded")
+    if isinstance(exc, InvalidRequestError) and exc.field == "prompt_token_ids":
+        # The engine's name for a prompt given as token ids: the API calls it prompt.
+        return APIError.invalid_request(
+            f"{prompt_field} holds the token id {exc.value!r}: allowed {exc.allowed}", param=prompt_field
+        )
     if isinstance(exc, InvalidRequestError):
         return APIError.invalid_request(str(exc), param=exc.field)
     if isinstance(exc, EngineOverloadedError):
