@@ -11,6 +11,10 @@ next worker); one that fails mid-stream ends the client's stream with an SSE
 error event and ``data: [DONE]``, never leaving it hanging; a client that goes
 away closes the worker connection, so the worker aborts the request
 (``router/forward.py``). No available worker: 503 with ``Retry-After``.
+A request naming a ``model`` goes only to workers that serve it (their
+``/v1/models``, read by the health checks; a worker whose list is not known
+takes any model); if no available worker serves it, 404 ``model_not_found``
+naming the models they serve.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (routed),
 ``GET /v1/models`` (the union of the workers'), ``GET /health``, ``GET /ready``
@@ -35,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import Receive, Scope, Send
 
-from tokenmill.client import HTTPTransport, TransportError
+from tokenmill.client import HTTPTransport
 from tokenmill.router.admin import send_not_allowed, serve_gateway_api
 from tokenmill.router.asgi import (
     forwarded_headers,
@@ -49,6 +53,7 @@ from tokenmill.router.call import Call, Outcome, Prefill, asked_output, choices,
 from tokenmill.router.forward import Forwarder
 from tokenmill.router.gateway import body_for
 from tokenmill.router.health import FleetKeeper
+from tokenmill.router.models_api import send_model_not_found, serve_models
 from tokenmill.router.policies import Router, RouteRequest
 from tokenmill.router.prefix_index import chunk_hashes, prompt_text
 from tokenmill.router.status import fleet_status
@@ -61,7 +66,6 @@ if TYPE_CHECKING:
 
 
 ROUTED = ("/v1/chat/completions", "/v1/completions")
-_MODEL_FIELDS = ("id", "object", "created", "owned_by", "max_model_len")  # what a team's key sees
 SESSION_HEADER = "x-session-id"
 _BLOCK_SIZE = 16  # until a worker's KV events say otherwise
 
@@ -112,10 +116,8 @@ class RouterApp:
         elif path == "/v1/models":
             if method != "GET":
                 await send_not_allowed(send, f"{path} takes GET, not {method}", ("GET",))
-            elif self.gateway is None:
-                await send_json(send, 200, await self._models())
             else:
-                await self._models_for_caller(scope, send)
+                await serve_models(self.pool, self._transport, self.gateway, scope, send)
         elif path == "/health":
             await send_json(send, 200, {"status": "ok"})
         elif path == "/ready":
@@ -235,6 +237,11 @@ class RouterApp:
         from tokenmill.router.admission import NoCapacity, QueueFull
 
         pool = admitted.team.pool
+        model = _str_or_none(call.request.get("model"))
+        if model is not None and self.pool.serves(model) is False:  # a set lookup, before it waits
+            call.outcome.status, call.outcome.state = 404, "error"
+            await send_model_not_found(call.send, self.pool, model)
+            return
         queue = self.gateway.queue(pool, lambda: self._slots(pool))
         try:
             await queue.acquire(admitted.team.name, admitted.priority, admitted.reservation.tokens)
@@ -290,11 +297,16 @@ class RouterApp:
             sequences(request),
             choices(request),
         )
+        model = _str_or_none(request.get("model"))  # only workers that serve it (None: any)
         tried: set[str] = set()
         while True:
-            candidates = [w for w in self.pool.available(pool) if w.url not in tried]
+            candidates = [w for w in self.pool.available(pool, model) if w.url not in tried]
             worker = self.router.choose(route, candidates)
             if worker is None:
+                if not tried and model is not None and self.pool.available(pool):
+                    outcome.status, outcome.state = 404, "error"
+                    await send_model_not_found(send, self.pool, model)
+                    return
                 why = "every worker failed this request" if tried else "no worker is available"
                 outcome.status, outcome.state = 503, "unavailable"
                 await send_error(
@@ -325,48 +337,6 @@ class RouterApp:
             )
             self._transports[worker.url] = t
         return t
-
-    # -- the rest of the API -------------------------------------------------------------
-
-    async def _models(self) -> dict[str, Any]:
-        async def one(w: Worker) -> list[dict[str, Any]]:
-            try:
-                response = await self._transport(w).request("GET", "/v1/models")
-                return list(response.json().get("data") or []) if response.status == 200 else []
-            except (TransportError, ValueError):
-                return []
-
-        seen: dict[str, dict[str, Any]] = {}
-        for models in await asyncio.gather(*(one(w) for w in self.pool.available())):
-            for m in models:
-                seen.setdefault(str(m.get("id")), m)
-        return {"object": "list", "data": list(seen.values())}
-
-    async def _models_for_caller(self, scope: Scope, send: Send) -> None:
-        """Behind the gateway: every model for the admin key; for a team's key, the models the team
-        may use, with only the fields a client needs (a worker's ``root`` is a path on its disk)."""
-        assert self.gateway is not None
-        headers = forwarded_headers(scope["headers"])
-        if self.gateway.is_admin(headers):
-            await send_json(send, 200, await self._models())
-            return
-        who = self.gateway.caller(headers)
-        team = self.gateway.teams.get(who[1]) if who is not None else None
-        if team is None:
-            await send_error(
-                send,
-                401,
-                "a valid API key is required (Authorization: Bearer ...)",
-                kind="authentication_error",
-            )
-            return
-        listing = await self._models()
-        data = [
-            {k: m[k] for k in _MODEL_FIELDS if k in m}
-            for m in listing["data"]
-            if team.allows(str(m.get("id")))
-        ]
-        await send_json(send, 200, {"object": "list", "data": data})
 
     def status(self) -> dict[str, Any]:
         return fleet_status(self.router, self.pool, self.keeper, self.gateway, self.streams_cut)

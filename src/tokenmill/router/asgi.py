@@ -90,11 +90,12 @@ async def send_error(
     kind: str = "invalid_request_error",
     retry_after: int | None = None,
     param: str | None = None,
+    code: str | None = None,
 ) -> None:
     extra = [(b"retry-after", str(retry_after).encode())] if retry_after is not None else []
-    await send_json(send, status, error_body(message, kind, param), extra)
+    await send_json(send, status, error_body(message, kind, param, code), extra)
 
 
-def error_body(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape, as workers send it."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

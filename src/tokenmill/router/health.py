@@ -2,9 +2,11 @@
 
 Every ``interval`` seconds each worker's ``/health`` is checked (the pool
 ejects after repeated failures and re-admits on a ramp; a worker back from an
-outage has lost its cache, so the router forgets what it held) and its
+outage has lost its cache, so the router forgets what it held), its
 ``/metrics`` read (its prefill speed and measured cache hits,
-``router/calibration.py``); the workers file, when given, is re-read if it
+``router/calibration.py``) and its ``/v1/models`` (the models it serves, so
+requests naming another go elsewhere: read every round, since a worker may
+restart with another model between two checks); the workers file, when given, is re-read if it
 changed: new workers join, dropped ones drain and leave once idle. With the
 ``kv`` policy the keeper also keeps one KV event subscription per worker.
 
@@ -21,6 +23,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tokenmill.client import HTTPTransport, TransportError
 from tokenmill.router.calibration import WorkerCounters, parse_counters
@@ -133,7 +136,7 @@ class FleetKeeper:
             self.router.forget(w.url)
             w.step_cost.reset()
         if ok:
-            await self.scrape(w)
+            await asyncio.gather(self.scrape(w), self.learn_models(w))
 
     async def scrape(self, w: Worker) -> None:
         """The worker's step and cache counters, if it exports them."""
@@ -155,6 +158,26 @@ class FleetKeeper:
         if limit is not None and limit >= 1:
             self.pool.set_slots(w, int(limit))
         w.engine = finite.engine or w.engine
+
+    async def learn_models(self, w: Worker) -> None:
+        """The model ids the worker's /v1/models lists; not known (any model goes there) if it
+        lists none or answers something else; as they were if it cannot be reached just now."""
+        try:
+            response = await asyncio.wait_for(self.transport(w).request("GET", "/v1/models"), timeout=2.0)
+        except (TransportError, TimeoutError):
+            return
+        try:
+            listing = response.json() if response.status == 200 else None
+        except (ValueError, RecursionError):  # not JSON (or absurdly nested)
+            listing = None
+        self.pool.set_models(w, _model_ids(listing))
+
+
+def _model_ids(listing: Any) -> frozenset[str] | None:
+    """The ids of an OpenAI model list (``{"data": [{"id": ...}, ...]}``); None if it is none."""
+    data = listing.get("data") if isinstance(listing, dict) else None
+    ids = frozenset(m["id"] for m in data or () if isinstance(m, dict) and isinstance(m.get("id"), str))
+    return ids if isinstance(data, list) and ids else None
 
 
 def _finite(counters: WorkerCounters) -> WorkerCounters:

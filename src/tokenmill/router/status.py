@@ -35,6 +35,7 @@ def fleet_status(
                 "name": w.name,
                 "pool": w.pool,
                 "slots": w.slots,
+                "models": sorted(w.models) if w.models is not None else None,  # None: not known yet
                 "healthy": w.healthy,
                 "draining": w.draining,
                 "in_flight": w.in_flight,

@@ -7,6 +7,11 @@ connection error or a 5xx). A worker that fails ``EJECT_AFTER`` times in a row
 is ejected; once healthy again it is re-admitted with a slow ramp, its share
 of new requests growing over ``RAMP_S`` seconds so a restored worker is not
 flooded at once.
+
+Models: each worker's served model ids (its ``/v1/models``, read by the health
+checks) keep a request naming a model off the workers that do not serve it.
+A worker whose models are not known yet (or that does not list them) takes any
+model, as before the router knew.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class Worker:
     counters: WorkerCounters | None = None  # the last scrape of its /metrics (measured cache hits)
     slots: int | None = None  # requests it runs at once, as its /metrics reports (gateway admission)
     engine: str | None = None  # tokenmill, vllm or sglang, as its /metrics names show
+    models: frozenset[str] | None = None  # the model ids its /v1/models lists; None: not known (any)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.url
@@ -50,6 +56,10 @@ class Worker:
     @property
     def available(self) -> bool:
         return self.healthy and not self.draining
+
+    def serves(self, model: str | None) -> bool:
+        """Whether it may take a request naming ``model`` (None: a request naming none)."""
+        return model is None or self.models is None or model in self.models
 
     @property
     def measured_hit_rate(self) -> float | None:
@@ -74,6 +84,8 @@ class WorkerPool:
         # is derived from them (the gateway's capacity) is recomputed only then.
         self.version = 0
         self._slots: dict[tuple[str | None, int], tuple[int, int]] = {}  # (pool, default) -> (version, slots)
+        # (version, any available, any of those with models unknown, the models the others list)
+        self._served: tuple[int, bool, bool, frozenset[str]] | None = None
         for url in urls:
             self.add(url, ramp=False)
 
@@ -115,14 +127,34 @@ class WorkerPool:
     def workers(self) -> list[Worker]:
         return list(self._workers.values())
 
-    def available(self, pool: str | None = None) -> list[Worker]:
-        """Workers taking requests; with ``pool``, those of that pool (or of none), or, when the
-        pool has none up, the others: a pool falls back to the rest only while it is down."""
-        up = [w for w in self._workers.values() if w.available]
+    def available(self, pool: str | None = None, model: str | None = None) -> list[Worker]:
+        """Workers taking requests (with ``model``, those that serve it); with ``pool``, those of
+        that pool (or of none), or, when the pool has none up, the others: a pool falls back to the
+        rest only while it is down (or, for a model, while none of it serves that model)."""
+        if model is None:
+            up = [w for w in self._workers.values() if w.available]
+        else:
+            up = [w for w in self._workers.values() if w.available and w.serves(model)]
         if pool is None:
             return up
         mine = [w for w in up if w.pool in (pool, None)]
         return mine or up
+
+    def serves(self, model: str) -> bool | None:
+        """Whether an available worker may take ``model`` (one that lists it, or one whose models
+        are not known); None when no worker is available at all. Asked per request behind the
+        gateway (before it waits in a queue), so a set lookup, recomputed only when workers change."""
+        served = self._served
+        if served is None or served[0] != self.version:
+            avail = [w for w in self._workers.values() if w.available]
+            known = frozenset().union(*(w.models for w in avail if w.models is not None))
+            served = self._served = (self.version, bool(avail), any(w.models is None for w in avail), known)
+        _, some, unknown, known = served
+        return (unknown or model in known) if some else None
+
+    def served_models(self) -> list[str]:
+        """The models the available workers list, for an error naming them."""
+        return sorted({m for w in self.available() for m in w.models or ()})
 
     # -- what requests report ---------------------------------------------------------------
 
@@ -171,6 +203,12 @@ class WorkerPool:
         total = sum(w.slots or default for w in self.available(pool))
         self._slots[(pool, default)] = (self.version, total)
         return total
+
+    def set_models(self, w: Worker, models: frozenset[str] | None) -> None:
+        """The models ``w`` serves, as its /v1/models lists them (None: not known)."""
+        if w.models != models:
+            w.models = models
+            self.version += 1
 
     def set_slots(self, w: Worker, slots: int) -> None:
         """The requests ``w`` runs at once, as its metrics report."""
