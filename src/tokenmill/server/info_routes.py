@@ -18,6 +18,8 @@ from tokenmill.protocol.errors import APIError
 from tokenmill.protocol.openai_common import (
     DetokenizeRequest,
     DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
     ModelList,
     VersionResponse,
 )
@@ -38,20 +40,26 @@ def info_router(worker: Worker, auth: Depends) -> APIRouter:
         if model not in (None, "", worker.model_name):
             raise APIError.model_not_found(model, [worker.model_name])
 
+    def model_card() -> ModelCard:
+        path = worker.engine.engine.model_config.path
+        return ModelCard(
+            id=worker.model_name,
+            created=int(worker.started_at),
+            root=str(path) if path else None,
+            max_model_len=worker.max_model_len,
+        )
+
     @router.get("/v1/models", dependencies=[auth])
     async def list_models() -> ModelList:
         """The model this worker serves."""
-        path = worker.engine.engine.model_config.path
-        return ModelList(
-            data=[
-                {
-                    "id": worker.model_name,
-                    "created": int(worker.started_at),
-                    "root": str(path) if path else None,
-                    "max_model_len": worker.max_model_len,
-                }
-            ]
-        )
+        return ModelList(data=[model_card()])
+
+    @router.get("/v1/models/{model:path}", dependencies=[auth], responses={404: {"model": ErrorResponse}})
+    async def retrieve_model(model: str) -> ModelCard:
+        """The model, as in the list (the OpenAI SDK's models.retrieve); 404 model_not_found otherwise."""
+        if model != worker.model_name:
+            raise APIError.model_not_found(model, [worker.model_name])
+        return model_card()
 
     @router.post("/tokenize", dependencies=[auth])
     async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
