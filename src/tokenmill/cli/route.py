@@ -238,23 +238,44 @@ def status(
         why = "is not a tokenmill router's worker list"
         err.print(f"[red]error:[/red] {escape(where)} {why}", soft_wrap=True)
         raise typer.Exit(2)
-    table = Table(
-        title=f"policy {data['policy']}; imbalance (max/mean in-flight tokens) {data['imbalance']:.2f}"
-    )
-    columns = ["worker", "state", "in flight", "in-flight tokens", "routed", "routed tokens", "failed"]
-    columns += ["predicted cached tokens", "cache hit rate (worker's)", "prefill tok/s"]
+    title = f"policy {data['policy']}; imbalance (max/mean in-flight tokens) {data['imbalance']:.2f}"
+    fields = [
+        ("state", lambda w: "draining" if w["draining"] else ("healthy" if w["healthy"] else "ejected")),
+        ("in flight", lambda w: str(w["in_flight"])),
+        ("tokens in flight", lambda w: str(w["in_flight_tokens"])),
+        ("routed", lambda w: str(w["routed"])),
+        ("tokens routed", lambda w: str(w["routed_tokens"])),
+        ("failed", lambda w: str(w["failed"])),
+        ("cached tokens predicted", lambda w: str(w["predicted_hit_tokens"])),
+        ("hit rate (worker's)", lambda w: _share(w.get("measured_hit_rate"))),
+        (
+            "prefill tok/s",
+            lambda w: f"{w['prefill_tokens_per_s']:,.0f}" if w.get("prefill_tokens_per_s") else "-",
+        ),
+    ]
     if data["policy"] == "kv":
-        columns.append("KV blocks known")
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("worker", "state") else "right")
-    counts = ("in_flight", "in_flight_tokens", "routed", "routed_tokens", "failed", "predicted_hit_tokens")
-    for w in data["workers"]:
-        state = "draining" if w["draining"] else ("healthy" if w["healthy"] else "ejected")
-        row = [w["name"], state, *(str(w[k]) for k in counts)]
-        hit, rate = w.get("measured_hit_rate"), w.get("prefill_tokens_per_s")
-        row += [f"{hit:.1%}" if hit is not None else "-", f"{rate:,.0f}" if rate else "-"]
-        if data["policy"] == "kv":
-            row.append(str(w.get("kv_blocks_known", 0)))
-        table.add_row(*row)
+        fields.append(("KV blocks known", lambda w: str(w.get("kv_blocks_known", 0))))
+    fields.append(("models", lambda w: ", ".join(w["models"]) if w.get("models") is not None else "?"))
+    workers = data["workers"]
+    names = [str(w["name"]) for w in workers]
+    table = Table(title=title)
+    # A row per worker needs about 140 columns; in fewer (80, a pipe) its headers were cut to
+    # "work…": there a worker is a column and a figure a row, while the workers fit.
+    if out.width < 140 and 24 + sum(len(n) + 3 for n in names) <= out.width:
+        table.add_column("", no_wrap=True)
+        for name in names:
+            table.add_column(name, justify="right", no_wrap=True)
+        for label, value in fields:
+            table.add_row(label, *(value(w) for w in workers))
+    else:
+        table.add_column("worker", no_wrap=True, min_width=max(map(len, names), default=6))
+        for label, _ in fields:
+            table.add_column(label, justify="left" if label == "state" else "right", overflow="fold")
+        for w in workers:
+            table.add_row(str(w["name"]), *(value(w) for _, value in fields))
     out.print(table)
     out.print(f"decisions: {data['decisions']}; streams cut by a failing worker: {data['streams_cut']}")
+
+
+def _share(value: float | None) -> str:
+    return f"{value:.1%}" if value is not None else "-"
