@@ -27,10 +27,11 @@ largest the limiter's buckets (floats) and JSON readers hold exactly;
 priorities are int32, as workers (gRPC) and the ledger keep them.
 
 Teams created or changed through ``/admin/teams`` are kept in the ledger and
-survive restarts; a team named in this file is set from it at every start
-(the file wins for the teams it names: one deleted through the API returns at
-the next start unless it is removed here). Every error names the field and
-what it allows (``GatewayConfigError.field``, the admin API's ``param``).
+survive restarts; this file is applied at every start: a team it names is set
+from it (the file wins: one deleted through the API returns at the next start
+unless it is removed here), and a team it named before and no longer does is
+removed, its keys revoked. Every error names the field and what it allows
+(``GatewayConfigError.field``, the admin API's ``param``).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class GatewayConfig:
     admin_key_env: str = "TOKENMILL_ADMIN_KEY"
     default_max_tokens: int = 1024  # reserved for a request that names no max_tokens
     worker_slots: int = 64  # requests a worker runs at once, when its /metrics does not say
-    max_waiting: int = 1000  # per priority band of the admission queue
+    max_waiting: int = 1000  # waiting in the admission queue, every priority band together
     max_wait_s: float = 30.0  # in the admission queue, then 429
     aging_s: float = 5.0  # a waiting band's standing rises by one per this many seconds
     fair_queuing: bool = True  # between teams of one band; false: first come, first served
