@@ -35,7 +35,9 @@ def eval_command(
     system: Annotated[
         str, typer.Option(help="System prompt ('' for none).")
     ] = "Answer the question. Be concise.",
-    template: Annotated[str, typer.Option(help="User message; {question} is replaced.")] = "{question}",
+    template: Annotated[
+        str, typer.Option(help="User message; {question} is replaced (other braces are kept as written).")
+    ] = "{question}",
     model: Annotated[str | None, typer.Option(help="Model name sent to every endpoint.")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key. Default: $TOKENMILL_API_KEY.")] = None,
     bench: Annotated[

@@ -159,7 +159,8 @@ async def _all_or_first_error(coroutines: list[Coroutine[Any, Any, None]]) -> No
 def _request(q: Question, settings: EvalSettings) -> dict[str, Any]:
     """What the model is asked for ``q``: the same for every endpoint."""
     messages = [{"role": "system", "content": settings.system}] if settings.system else []
-    messages.append({"role": "user", "content": settings.template.format(question=q.question)})
+    # Only {question} is replaced: a template may hold other braces, e.g. 'Reply as JSON like {"a": 1}'.
+    messages.append({"role": "user", "content": settings.template.replace("{question}", q.question)})
     return {
         "messages": messages,
         "model": settings.model,
