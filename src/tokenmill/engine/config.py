@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tokenmill.engine.errors import InvalidRequestError, ModelLoadError
+from tokenmill.engine.errors import InvalidRequestError, ModelLoadError, UnsupportedArchitectureError
 
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -76,13 +76,18 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], path: Path | None = None) -> ModelConfig:
+        """Raises UnsupportedArchitectureError for an architecture no model implements, before any
+        field is read: another family names its fields otherwise (GPT-2's n_embd), and "lacks the
+        field 'hidden_size'" would hide that the model itself is what is refused."""
         archs = raw.get("architectures") or []
         model_type = raw.get("model_type", "")
+        architecture = archs[0] if archs else model_type
+        check_architecture(architecture)
         try:
             hidden = int(raw["hidden_size"])
             num_heads = int(raw["num_attention_heads"])
             cfg = cls(
-                architecture=archs[0] if archs else model_type,
+                architecture=architecture,
                 model_type=model_type,
                 vocab_size=int(raw["vocab_size"]),
                 hidden_size=hidden,
@@ -120,6 +125,19 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ModelLoadError(f"{file} is not valid JSON: {e}") from e
         return cls.from_dict(raw, folder)
+
+
+def check_architecture(architecture: str) -> None:
+    """Raises UnsupportedArchitectureError, listing the supported ones, unless a model implements
+    ``architecture`` (config.json's ``architectures[0]``)."""
+    # Imported here: the models import this module.
+    from tokenmill.engine.models import MODEL_REGISTRY
+
+    if architecture not in MODEL_REGISTRY:
+        raise UnsupportedArchitectureError(
+            f"architecture {architecture!r} is not supported: supported are "
+            + ", ".join(sorted(MODEL_REGISTRY))
+        )
 
 
 def _config_dtype(raw: dict[str, Any]) -> torch.dtype:
