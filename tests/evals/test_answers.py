@@ -8,6 +8,7 @@ from dataclasses import asdict, replace
 from tokenmill.evals.answers import (
     AWAITING_JUDGE,
     AnswerRecord,
+    append,
     judge_key,
     load_answers,
     regrade,
@@ -57,3 +58,12 @@ def test_failed_calls_are_asked_again_and_failed_judging_only_judged_again(tmp_p
     assert done[("full", "q1")].correct is True
     q3 = Question("q3", "Why?", "", "judge", rubric="says why")
     assert regrade(done[("full", "q3")], q3).detail == AWAITING_JUDGE
+
+
+def test_an_answer_appended_after_a_torn_line_is_read_back(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    path.write_text(json.dumps(asdict(_record(id="q0"))) + '\n{"endpoint": "full", "id": "q1", "ans')
+    append(path, _record())
+    assert set(load_answers(path)) == {("full", "q0"), ("full", "q1")}
+    append(path, _record(id="q2"))  # a file that ends well gets no blank line
+    assert path.read_text().count("\n\n") == 0 and ("full", "q2") in load_answers(path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -92,5 +93,11 @@ def awaiting_judge(record: AnswerRecord) -> AnswerRecord:
 
 
 def append(out_path: Path, record: AnswerRecord) -> None:
-    with out_path.open("a", encoding="utf-8") as out:
-        out.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+    line = (json.dumps(asdict(record), ensure_ascii=False) + "\n").encode()
+    with out_path.open("a+b") as out:  # appends whatever the position; "+": to read the last byte
+        if out.seek(0, os.SEEK_END) > 0:
+            out.seek(-1, os.SEEK_END)
+            if out.read(1) != b"\n":
+                # A line cut short by a crash: start a new one, or this record joins it and is lost.
+                line = b"\n" + line
+        out.write(line)
