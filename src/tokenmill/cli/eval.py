@@ -83,7 +83,7 @@ def eval_command(
             "some questions use grader 'judge': name the endpoint that grades them with --judge NAME "
             f"(one of {', '.join(endpoints)})"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    _make_folder(out)
     settings = EvalSettings(system or None, template, max_tokens, temperature, model)
     done, failed = [0], [0]
     total = len(qs) * len(endpoints)
@@ -114,6 +114,15 @@ def eval_command(
             f"comparison; the first failed with: {first}); run again to retry them[/yellow]"
         )
         raise typer.Exit(1)
+
+
+def _make_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file: allowed a folder (made if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # under a file, in /proc, no permission
+        _fail(f"--out {out} cannot be created as a folder: {e.strerror or e}")
 
 
 def _fail(message: str) -> None:
