@@ -30,6 +30,18 @@ from tokenmill.evals.graders import grade
         ("choice", "I cannot tell", "A", False),
         ("choice", "A good question; the answer is C", "C", True),
         ("choice", "A good question", "A", False),
+        ("numeric", "The war lasted 1939-1945", "1945", True),
+        ("numeric", "between 10-20 items", "20", True),
+        ("numeric", "it fell from 5 to -3", "-3", True),
+        ("numeric", "x = -2.5e-3", "-0.0025", True),
+        ("choice", "**B**", "B", True),
+        ("choice", "The answer is **C**.", "C", True),
+        ("choice", "Option B", "B", True),
+        ("choice", "I would pick option (d).", "D", True),
+        ("choice", "Macbeth (B)", "B", True),
+        ("choice", "Either (A) or (C)", "A", False),
+        ("choice", "Either (A) or (C)", "C", False),
+        ("choice", "Both options fit", "S", False),
     ],
 )
 def test_grader_verdicts(grader, answer, expected, correct):

@@ -16,9 +16,11 @@ import unicodedata
 from dataclasses import dataclass
 
 GRADERS = ("exact", "contains", "regex", "numeric", "choice")
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?%?")
+# A sign only where no digit comes right before it: "1939-1945" and "10-20" are ranges, not -1945.
+_NUMBER = re.compile(r"(?:(?<!\d)[-+])?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?%?")
 _LEADING_CHOICE = re.compile(r"(?:\(([A-Za-z])\)|([A-Za-z])(?:[.):]|$))")
 _STATED_CHOICE = re.compile(r"answer\s*(?:is|:)\s*\(?([A-Za-z])\)?(?![A-Za-z])", re.IGNORECASE)
+_NAMED_CHOICE = re.compile(r"\(([A-Za-z])\)|\boption\b\s*\(?([A-Za-z])\)?(?![A-Za-z])", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +75,18 @@ def _choice(answer: str, expected: str) -> Grade:
     want = expected.strip().strip("()").upper()
     if len(want) != 1 or not want.isalpha():
         raise ValueError(f"answer={expected!r} is invalid for grader 'choice': allowed one letter, e.g. B")
-    # The letter after the last "answer is" / "answer:"; else a leading "B", "(B) Paris", "B. Paris"
-    # (a leading word such as "A good..." or "I think..." is not a choice).
-    stated = _STATED_CHOICE.findall(answer)
-    leading = _LEADING_CHOICE.match(answer.strip())
-    got = (stated[-1] if stated else (leading.group(1) or leading.group(2)) if leading else "").upper()
+    # Markdown emphasis is dropped first ("**B**" is "B"). Then, in this order: the letter after the
+    # last "answer is" / "answer:"; a leading "B", "(B) Paris", "B. Paris" (a leading word such as
+    # "A good..." or "I think..." is not a choice); a letter named as "(B)" or "Option B" anywhere
+    # ("Macbeth (B)"), only if every such mention names the same letter ("(A) or (C)" is no choice).
+    text = answer.replace("*", "").strip()
+    stated = _STATED_CHOICE.findall(text)
+    leading = _LEADING_CHOICE.match(text)
+    named = {(a or b).upper() for a, b in _NAMED_CHOICE.findall(text)}
+    if stated:
+        got = stated[-1].upper()
+    elif leading:
+        got = (leading.group(1) or leading.group(2)).upper()
+    else:
+        got = named.pop() if len(named) == 1 else ""
     return Grade(got == want, f"chose {got or 'nothing'}, expected {want}")
