@@ -38,9 +38,9 @@ def quantize(
 ) -> None:
     """Quantize every linear layer but the LM head and save the model as a compressed-tensors checkpoint."""
     # Imported here: the engine brings torch, which the CLI's other commands (route, bench) never load.
-    from tokenmill.engine.config import ModelConfig, parse_dtype
+    from tokenmill.engine.config import parse_dtype
     from tokenmill.engine.errors import EngineError
-    from tokenmill.engine.loader import resolve_model_path
+    from tokenmill.engine.loader import check_model_folder, resolve_model_path
     from tokenmill.engine.quantization import QUANTIZATION_METHODS
     from tokenmill.engine.quantized_checkpoint_writer import save_quantized
 
@@ -56,7 +56,7 @@ def quantize(
         raise typer.Exit(2)
     src = resolve_model_path(model)
     try:
-        config = ModelConfig.from_pretrained(src)
+        config = check_model_folder(src)  # what serve would refuse is refused now, before any work
         source_dtype = config.dtype if dtype == "auto" else parse_dtype(dtype)
     except (EngineError, ValueError) as e:
         err.print(f"[red]error:[/] {e}")

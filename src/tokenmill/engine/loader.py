@@ -20,7 +20,9 @@ from torch import nn
 from tokenmill.engine.config import ModelConfig
 from tokenmill.engine.models import model_class
 from tokenmill.engine.models.cpu_packing import pack_linear_layers, packing_supported
+from tokenmill.engine.models.layers import rope_inv_freq
 from tokenmill.engine.quantized_checkpoint import iter_quantized_checkpoint, read_checkpoint_quantization
+from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.engine.weights import iter_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,16 @@ DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 def resolve_model_path(model: str | Path | None) -> Path:
     """``None`` is the demo model shipped in the package."""
     return DEMO_MODEL_DIR if model is None else Path(model).expanduser()
+
+
+def check_model_folder(folder: Path) -> ModelConfig:
+    """The checks loading makes before it reads a weight: config.json (the architecture first), the
+    tokenizer, the rope scaling. Raises ModelLoadError with loading's own messages. ``tokenmill
+    quantize`` runs them before its work, so it never writes a folder that serve then refuses."""
+    config = ModelConfig.from_pretrained(folder)
+    Tokenizer(folder)
+    rope_inv_freq(config.head_dim, config.rope)
+    return config
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:

@@ -1,0 +1,54 @@
+"""`tokenmill quantize` refuses, before any work and in one line with exit 2, what loading would refuse
+afterwards: it never prints "serve it with" for a folder that serve cannot load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tokenmill.cli.main import app
+from tokenmill.engine import ModelLoadError
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "400"})
+    return result.exit_code, " ".join(result.output.split())
+
+
+def _copy(src: Path, folder: Path, **config_changes) -> Path:
+    shutil.copytree(src, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(config_changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _load_error(make_engine, folder: Path) -> str:
+    with pytest.raises(ModelLoadError) as e:
+        make_engine(folder)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("broken", ["architecture", "tokenizer", "rope"])
+def test_what_loading_refuses_is_refused_before_any_work(tiny_llama, tmp_path, make_engine, broken):
+    if broken == "architecture":
+        folder = _copy(tiny_llama, tmp_path / "foo", architectures=["FooForCausalLM"], model_type="foo")
+        expected = "architecture 'FooForCausalLM' is not supported: supported are LlamaForCausalLM"
+    elif broken == "tokenizer":
+        folder = _copy(tiny_llama, tmp_path / "notok")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).unlink()
+        expected = f"model folder '{folder}' has no tokenizer.json"
+    else:
+        folder = _copy(tiny_llama, tmp_path / "yarn", rope_parameters={"rope_type": "yarn", "factor": 4.0})
+        expected = "rope_type='yarn' is not supported"
+    message = _load_error(make_engine, folder)  # what serve and generate say
+    assert expected in message
+    code, output = _run("quantize", str(folder), "--out", str(tmp_path / "out"))
+    assert code == 2, output
+    assert output == f"error: {message}"
+    assert not (tmp_path / "out").exists()
