@@ -98,7 +98,7 @@ def test_eval_joins_bench_runs_into_a_quality_speed_cost_table(two_models, tmp_p
     bad = run_eval(*args, "--out", str(out), "--bench", f"nobody={bench}")
     assert bad.returncode == 2 and "NAME one of full, int8" in bad.stderr
     bad = run_eval(*args, "--out", str(out), "--bench", f"full={tmp_path / 'nothing.json'}")
-    assert bad.returncode == 2 and "not the JSON of a `tokenmill bench run`" in bad.stderr
+    assert bad.returncode == 2 and "nothing.json does not exist" in bad.stderr
 
 
 def _write(path: Path, rows: list[dict]) -> None:

@@ -69,6 +69,14 @@ def eval_command(
             figures[name] = load_bench(Path(path))
         except ValueError as e:
             _fail(str(e))
+        if figures[name].measured_elsewhere(endpoints[name]):
+            # Joined all the same (the URL may differ only by a proxy's name); but a swapped pair of
+            # files would put one model's speed beside the other's accuracy, so say so.
+            err.print(
+                f"[yellow]warning: --bench {escape(item)} measured {escape(str(figures[name].url))}, "
+                f"not --endpoint {escape(name)}={escape(endpoints[name])}[/yellow]",
+                soft_wrap=True,
+            )
     if "{question}" not in template:
         _fail("--template must contain {question}")
     try:

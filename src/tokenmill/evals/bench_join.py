@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,9 +21,16 @@ class BenchFigures:
     output_tok_s: float | None
     usd_per_m_output: float | None  # None: the run had no --gpu-cost-per-hour
     source: str
+    url: str | None = None  # the endpoint the run measured (its run.url)
+
+    def measured_elsewhere(self, url: str) -> bool:
+        """The run measured another endpoint than ``url`` (unknown: no)."""
+        return self.url is not None and _normalized(self.url) != _normalized(url)
 
 
 def load_bench(path: Path) -> BenchFigures:
+    if not path.is_file():
+        raise ValueError(f"--bench {path} does not exist: allowed the PREFIX.json of a `tokenmill bench run`")
     try:
         data = json.loads(path.read_text())
         summary = data["summary"]
@@ -34,13 +42,28 @@ def load_bench(path: Path) -> BenchFigures:
         return value.get("median") if isinstance(value, dict) else None
 
     cost: Any = data.get("cost") or {}
+    run: Any = data.get("run") or {}
+    url = run.get("url") if isinstance(run, dict) else None
     return BenchFigures(
         median("ttft"),
         median("tpot"),
         summary.get("output_tok_s"),
         cost.get("per_million_output_tokens"),
         path.name,
+        url if isinstance(url, str) else None,
     )
+
+
+def _normalized(url: str) -> tuple[str, str, int | None, str]:
+    """What makes two URLs the same endpoint: http://LocalHost:8000/v1/ is http://127.0.0.1:8000."""
+    parts = urlsplit(url.strip())
+    host = (parts.hostname or "").lower()
+    host = "127.0.0.1" if host in ("localhost", "::1") else host
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:  # a port that is not a number: compare the text
+        port = None
+    return parts.scheme.lower(), host, port, parts.path.rstrip("/").removesuffix("/v1")
 
 
 def quality_table(accuracy: dict[str, float | None], bench: dict[str, BenchFigures]) -> list[str]:
