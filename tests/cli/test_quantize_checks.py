@@ -52,3 +52,19 @@ def test_what_loading_refuses_is_refused_before_any_work(tiny_llama, tmp_path, m
     assert code == 2, output
     assert output == f"error: {message}"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cut", ["header", "data"])
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_cut_short_weights_file_is_named_in_one_line(tiny_llama, tmp_path, make_engine, cut, method):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_llama, folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:1000] if cut == "header" else data[:-100])
+    message = _load_error(make_engine, folder)  # what serve and generate say
+    assert message.startswith(f"cannot read {weights}: ") and message.endswith("(is the file complete?)")
+    code, output = _run("quantize", str(folder), "--method", method, "--out", str(tmp_path / "new" / "out"))
+    assert code == 2, output
+    assert output == f"error: {message}"
+    assert not (tmp_path / "new").exists()

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tokenmill.engine.errors import ModelLoadError
@@ -24,7 +23,7 @@ from tokenmill.engine.quantization import (
     quantize_weight,
 )
 from tokenmill.engine.quantized_checkpoint import pack_int32, read_checkpoint_quantization
-from tokenmill.engine.weights import INDEX_FILE, safetensors_files
+from tokenmill.engine.weights import INDEX_FILE, read_tensors, safetensors_files, tensor_shapes
 
 SHARD_BYTES = 4 << 30
 
@@ -58,20 +57,18 @@ def save_quantized(src: Path, out: Path, method: str, dtype: torch.dtype) -> Sav
     writer = _ShardWriter(out)
     quantized, plain, before = 0, [], 0
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118
-                tensor = f.get_tensor(name)
-                before += tensor.numel() * tensor.element_size()
-                qw = quantize_weight(tensor.to(dtype), method, group) if _LINEAR_WEIGHT.search(name) else None
-                if qw is None:
-                    if _LINEAR_WEIGHT.search(name):
-                        plain.append(name.removesuffix(".weight"))
-                    writer.add(name, tensor)
-                    continue
-                module = name.removesuffix(".weight")
-                for local, t in encode(qw).items():
-                    writer.add(f"{module}.{local}", t)
-                quantized += 1
+        for name, tensor in read_tensors(file):
+            before += tensor.numel() * tensor.element_size()
+            qw = quantize_weight(tensor.to(dtype), method, group) if _LINEAR_WEIGHT.search(name) else None
+            if qw is None:
+                if _LINEAR_WEIGHT.search(name):
+                    plain.append(name.removesuffix(".weight"))
+                writer.add(name, tensor)
+                continue
+            module = name.removesuffix(".weight")
+            for local, t in encode(qw).items():
+                writer.add(f"{module}.{local}", t)
+            quantized += 1
     after = writer.close()
     _copy_other_files(src, out)
     config = json.loads((src / "config.json").read_text())
@@ -81,13 +78,8 @@ def save_quantized(src: Path, out: Path, method: str, dtype: torch.dtype) -> Sav
 
 
 def _linear_in_features(files: list[Path]) -> list[int]:
-    sizes = []
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118
-                if _LINEAR_WEIGHT.search(name):
-                    sizes.append(int(f.get_slice(name).get_shape()[1]))
-    return sizes
+    shapes = [tensor_shapes(file) for file in files]
+    return [int(shape[1]) for found in shapes for name, shape in found.items() if _LINEAR_WEIGHT.search(name)]
 
 
 def encode(qw: QuantizedWeight) -> dict[str, torch.Tensor]:

@@ -41,11 +41,30 @@ def iter_checkpoint(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) for every tensor, cast to ``dtype`` on ``device``."""
     for file in safetensors_files(folder):
-        try:
-            # Reading straight onto the device skips a host copy of every tensor.
-            with safe_open(str(file), framework="pt", device=str(device)) as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    tensor = f.get_tensor(name)
-                    yield name, tensor.to(device=device, dtype=dtype)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise ModelLoadError(f"cannot read {file}: {e} (is the file complete?)") from e
+        # Reading straight onto the device skips a host copy of every tensor.
+        for name, tensor in read_tensors(file, str(device)):
+            yield name, tensor.to(device=device, dtype=dtype)
+
+
+def read_tensors(file: Path, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) of one safetensors file, as stored. A file that cannot be read (cut short,
+    not safetensors) raises ModelLoadError naming it; the caller's own errors pass through untouched."""
+    try:
+        with safe_open(str(file), framework="pt", device=device) as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise unreadable(file, e) from e
+
+
+def tensor_shapes(file: Path) -> dict[str, list[int]]:
+    """Every tensor's shape, from the file's header alone (no data is read)."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise unreadable(file, e) from e
+
+
+def unreadable(file: Path, e: Exception) -> ModelLoadError:
+    return ModelLoadError(f"cannot read {file}: {e} (is the file complete?)")
