@@ -68,3 +68,18 @@ def test_a_cut_short_weights_file_is_named_in_one_line(tiny_llama, tmp_path, mak
     assert code == 2, output
     assert output == f"error: {message}"
     assert not (tmp_path / "new").exists()
+
+
+def test_int4_with_no_layer_it_fits_is_refused(tokenizer_dir, tmp_path):
+    from tests.tiny_models import build_tiny_model
+
+    # 80 and 200 inputs: no int4 group (32, 64, 128) divides either, so every layer would stay plain.
+    folder = build_tiny_model(tmp_path / "h80", "llama", tokenizer_dir, hidden_size=80, intermediate_size=200)
+    code, output = _run("quantize", str(folder), "--method", "int4", "--out", str(tmp_path / "out"))
+    assert code == 2, output
+    assert output == (
+        f"error: method int4 would leave {folder} plain: no linear layer's input size is divisible by "
+        "32, 64 or 128 (int4's group sizes); use int8 or fp8"
+    )
+    assert not (tmp_path / "out").exists()
+    assert _run("quantize", str(folder), "--method", "int8", "--out", str(tmp_path / "int8"))[0] == 0

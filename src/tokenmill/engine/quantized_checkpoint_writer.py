@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from tokenmill.engine.errors import ModelLoadError
+from tokenmill.engine.errors import InvalidRequestError, ModelLoadError
 from tokenmill.engine.quantization import (
     QUANTIZATION_METHODS,
     QuantizedWeight,
@@ -43,7 +43,8 @@ class SaveReport:
 def save_quantized(src: Path, out: Path, method: str, dtype: torch.dtype) -> SaveReport:
     """Quantize ``src``'s linear layers (all but the LM head, as at load) and write a compressed-tensors
     checkpoint to ``out``, with the other files copied. Raises ModelLoadError for a checkpoint already
-    quantized, ValueError for an unknown method."""
+    quantized, ValueError for an unknown method, InvalidRequestError for int4 on a model it cannot
+    quantize at all."""
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"method={method!r} is invalid: allowed {', '.join(QUANTIZATION_METHODS)}")
     existing = read_checkpoint_quantization(src)
@@ -53,6 +54,16 @@ def save_quantized(src: Path, out: Path, method: str, dtype: torch.dtype) -> Sav
         )
     files = safetensors_files(src)
     group = model_int4_group(_linear_in_features(files)) if method == "int4" else None
+    if method == "int4" and group is None:
+        # Refused rather than written: every layer would stay plain, and compressed-tensors has no
+        # group_size to state for a model without one (the config would not load).
+        raise InvalidRequestError(
+            "method",
+            method,
+            "int8 or fp8",
+            message=f"method int4 would leave {src} plain: no linear layer's input size is divisible by "
+            "32, 64 or 128 (int4's group sizes); use int8 or fp8",
+        )
     out.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(out)
     quantized, plain, before = 0, [], 0
