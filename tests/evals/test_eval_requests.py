@@ -21,3 +21,13 @@ def test_a_template_with_other_braces_replaces_only_the_question(tmp_path):
     assert records[0].graded
     sent = [r["messages"][0]["content"] for r in fake.requests if r["max_tokens"] != 1]
     assert sent == ['Reply as JSON like {"answer": "..."}; keep {x} as it is. Q: Question 0?']
+
+
+def test_latency_is_the_endpoints_from_sending_not_the_wait_in_the_clients_queue(tmp_path):
+    # The client lets 4 requests into flight at first: with 24 questions at once most wait their
+    # turn, and a clock started before the queue read 1.0, 1.5, 2.0 s for an endpoint taking 0.5 s.
+    with fake_endpoint(delay_s=0.5) as fake:
+        records = asyncio.run(run_eval(_questions(24), {"f": fake.url}, EvalSettings(), tmp_path / "a.jsonl"))
+    latencies = sorted(r.latency_s for r in records)
+    assert all(r.graded for r in records)
+    assert latencies[0] >= 0.5 and latencies[-1] < 0.9, latencies

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tokenmill.client.async_client import AsyncClient
 from tokenmill.evals.answers import AnswerRecord, judge_key
 from tokenmill.evals.questions import Question
+from tokenmill.evals.timed_client import TimedClient
 
 JUDGE_PROMPT = (
     "You grade answers. Question:\n{question}\n\nWhat a correct answer must do (rubric):\n{rubric}\n\n"
@@ -20,14 +20,13 @@ JUDGE_PROMPT = (
 )
 
 
-async def judge(client: AsyncClient, q: Question, record: AnswerRecord, model: str | None) -> AnswerRecord:
+async def judge(client: TimedClient, q: Question, record: AnswerRecord, model: str | None) -> AnswerRecord:
     """``record`` with the judge's verdict; a failed call raises (APIError, TransportError)."""
     prompt = JUDGE_PROMPT.format(
         question=q.question, rubric=q.rubric, reference=q.answer, answer=record.answer
     )
-    reply = await client.chat.completions.create(
-        messages=[{"role": "user", "content": prompt}], model=model, max_tokens=8, temperature=0.0
-    )
+    messages = [{"role": "user", "content": prompt}]
+    reply, _ = await client.chat({"messages": messages, "model": model, "max_tokens": 8, "temperature": 0.0})
     verdict = (reply.choices[0].message.content or "").strip().upper() if reply.choices else ""
     key = judge_key(q)
     if verdict.startswith("PASS"):

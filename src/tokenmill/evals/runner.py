@@ -25,7 +25,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tokenmill.client.async_client import AsyncClient
 from tokenmill.client.http_errors import TransportError
 from tokenmill.evals.answers import (
     JUDGE_FAILED,
@@ -40,6 +39,7 @@ from tokenmill.evals.endpoint_check import EndpointUnusable, check_endpoints, en
 from tokenmill.evals.graders import grade
 from tokenmill.evals.judge import judge as ask_judge
 from tokenmill.evals.questions import Question
+from tokenmill.evals.timed_client import TimedClient
 from tokenmill.protocol.errors import APIError
 
 __all__ = ["AnswerRecord", "EndpointUnusable", "EvalSettings", "run_eval"]
@@ -85,7 +85,7 @@ async def run_eval(
         needed.add(judge)
     await check_endpoints({n: endpoints[n] for n in endpoints if n in needed}, settings.model, api_key)
 
-    clients = {name: AsyncClient(url, api_key=api_key) for name, url in endpoints.items() if name in needed}
+    clients = {name: TimedClient(url, api_key) for name, url in endpoints.items() if name in needed}
     results: dict[tuple[str, str], AnswerRecord] = {}
 
     async def one(name: str, q: Question) -> None:
@@ -169,12 +169,12 @@ def _request(q: Question, settings: EvalSettings) -> dict[str, Any]:
     }
 
 
-async def _answer(client: AsyncClient, name: str, q: Question, settings: EvalSettings) -> AnswerRecord:
-    """The model's answer, graded (a judge question: awaiting the judge); a failed call raises."""
+async def _answer(client: TimedClient, name: str, q: Question, settings: EvalSettings) -> AnswerRecord:
+    """The model's answer, graded (a judge question: awaiting the judge); a failed call raises.
+
+    Its latency is the endpoint's, from sending (not from joining the client's queue)."""
     request = _request(q, settings)
-    started = time.perf_counter()
-    reply = await client.chat.completions.create(**request)
-    latency = time.perf_counter() - started
+    reply, latency = await client.chat(request)
     text = reply.choices[0].message.content or "" if reply.choices else ""
     usage = reply.usage
     prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
