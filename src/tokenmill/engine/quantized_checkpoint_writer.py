@@ -74,7 +74,9 @@ def save_quantized(src: Path, out: Path, method: str, dtype: torch.dtype) -> Sav
             if qw is None:
                 if _LINEAR_WEIGHT.search(name):
                     plain.append(name.removesuffix(".weight"))
-                writer.add(name, tensor)
+                # In the dtype quantized from, which config.json states: served as it is, the folder
+                # computes in it, as --quantization METHOD --dtype DTYPE does on the original.
+                writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
                 continue
             module = name.removesuffix(".weight")
             for local, t in encode(qw).items():
@@ -84,8 +86,17 @@ def save_quantized(src: Path, out: Path, method: str, dtype: torch.dtype) -> Sav
     _copy_other_files(src, out)
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = compressed_tensors_config(method, group, ["lm_head", *plain])
+    _record_dtype(config, dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return SaveReport(method, quantized, plain, before, after, out)
+
+
+def _record_dtype(config: dict[str, Any], dtype: torch.dtype) -> None:
+    """State ``dtype`` in config.json under the spellings it already has (transformers 4.x writes
+    ``torch_dtype``, 5.x ``dtype``), or as ``torch_dtype``, which both read."""
+    name = str(dtype).removeprefix("torch.")
+    for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:
+        config[key] = name
 
 
 def _linear_in_features(files: list[Path]) -> list[int]:
@@ -94,7 +105,9 @@ def _linear_in_features(files: list[Path]) -> list[int]:
 
 
 def encode(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """A layer's compressed-tensors tensors (local names)."""
+    """A layer's compressed-tensors tensors (local names). Scales stay float32 whatever the model
+    dtype: quantizing at load keeps them so, and a bfloat16 copy would round them (vLLM casts them to
+    its own dtype as it reads them)."""
     rows, cols = qw.shape
     if qw.method == "fp8":
         return {"weight": qw.q.contiguous(), "weight_scale": qw.scales.float().reshape(rows, 1).contiguous()}
