@@ -29,8 +29,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 # What the KV cache stores: auto, the model's (compute) dtype; fp8, float8 e4m3 with scales
-# (attention/kv_cache.py).
-KV_CACHE_DTYPES = ("auto", "fp8")
+# (attention/kv_cache.py). fp8_e4m3 is vLLM's name for the same; validate() turns it into fp8, so the
+# rest of the engine knows one name. vLLM's fp8_e5m2 has no kernel here, and is refused by name.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,8 @@ class EngineConfig:
     quantization: str | None = None  # int8 (per row), int4 (per group) or fp8, at load: quantization.py
     # Whether the LM head is quantized too; None: the method's default (int8: yes; int4, fp8: no).
     quantize_lm_head: bool | None = None
-    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8: e4m3 with a scale per slot and KV head
+    # auto: the model's dtype; fp8 (or vLLM's fp8_e4m3): e4m3 with a scale per slot and KV head.
+    kv_cache_dtype: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -315,6 +318,15 @@ class EngineConfig:
                 "an integer from -2^63 to 2^64-1 (what a torch generator takes)",
             ),
         ]
+        if self.kv_cache_dtype == "fp8_e5m2":
+            raise InvalidRequestError(
+                "kv_cache_dtype",
+                self.kv_cache_dtype,
+                ", ".join(KV_CACHE_DTYPES),
+                message="kv_cache_dtype='fp8_e5m2' is not supported: the fp8 KV cache stores float8 e4m3 "
+                "only (fp8, or vLLM's fp8_e4m3)",
+            )
         for name, value, ok, allowed in checks:
             if not ok:
                 raise InvalidRequestError(name, value, allowed)
+        self.kv_cache_dtype = KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
