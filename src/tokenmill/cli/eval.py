@@ -6,15 +6,22 @@ tokenmill eval examples/questions.jsonl --endpoint full=http://127.0.0.1:8000 --
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+if TYPE_CHECKING:
+    from tokenmill.evals.progress import Progress
+
 err = Console(stderr=True)
+PROGRESS_EVERY_S = 10.0  # a line on stderr this often while a run asks, so a slow one is not silent
 
 
 def eval_command(
@@ -44,12 +51,23 @@ def eval_command(
         list[str] | None,
         typer.Option(help="NAME=PREFIX.json of a `tokenmill bench run` of that endpoint (repeatable)."),
     ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="Most seconds one request may take, from sending to its last byte; an endpoint that "
+            "cannot answer a 1-token request in that time stops the run."
+        ),
+    ] = 300.0,
 ) -> None:
     """Ask every endpoint every question; answers are kept, so running it again resumes."""
     from tokenmill.evals.bench_join import load_bench
+    from tokenmill.evals.progress import Progress
     from tokenmill.evals.questions import QuestionError, load_questions
     from tokenmill.evals.report import build_report, to_html, to_markdown
-    from tokenmill.evals.runner import AnswerRecord, EndpointUnusable, EvalSettings, run_eval
+    from tokenmill.evals.runner import EndpointUnusable, EvalSettings, run_eval
+
+    if not (math.isfinite(timeout) and timeout > 0):
+        _fail(f"--timeout {timeout:g} is invalid: allowed a number of seconds above 0")
 
     endpoints = {}
     for item in endpoint:
@@ -92,22 +110,15 @@ def eval_command(
             f"(one of {', '.join(endpoints)})"
         )
     _make_folder(out)
-    settings = EvalSettings(system or None, template, max_tokens, temperature, model)
-    done, failed = [0], [0]
-    total = len(qs) * len(endpoints)
-
-    def progress(record: AnswerRecord) -> None:
-        done[0] += 1
-        failed[0] += not record.graded
-        if done[0] % 10 == 0 or done[0] == total:
-            failures = f", {failed[0]} not answered" if failed[0] else ""
-            err.print(f"[dim]{done[0]}/{total} asked{failures}[/dim]")
-
+    settings = EvalSettings(system or None, template, max_tokens, temperature, model, timeout)
     key = api_key if api_key is not None else os.environ.get("TOKENMILL_API_KEY")
+    progress = Progress()
+    run = run_eval(qs, endpoints, settings, out / "answers.jsonl", judge, key, progress)
     try:
-        records = asyncio.run(run_eval(qs, endpoints, settings, out / "answers.jsonl", judge, key, progress))
+        records = asyncio.run(_with_progress(run, progress))
     except (ValueError, EndpointUnusable) as e:
         _fail(str(e))
+    err.print(f"[dim]{escape(progress.line())}[/dim]")
     report = build_report(qs, records, list(endpoints))
     markdown = to_markdown(report, figures)
     (out / "report.md").write_text(f"# tokenmill eval: {questions.name}\n\n{markdown}")
@@ -122,6 +133,17 @@ def eval_command(
             f"comparison; the first failed with: {first}); run again to retry them[/yellow]"
         )
         raise typer.Exit(1)
+
+
+async def _with_progress(run: Coroutine[Any, Any, Any], progress: Progress) -> Any:
+    """``run``'s result; meanwhile, every ``PROGRESS_EVERY_S``, how far it is (``progress.line()``)."""
+    task = asyncio.ensure_future(run)
+    started = time.monotonic()
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=PROGRESS_EVERY_S)
+        if done:
+            return task.result()
+        err.print(f"[dim]{escape(progress.line())} ({time.monotonic() - started:.0f} s)[/dim]")
 
 
 def _make_folder(out: Path) -> None:

@@ -1,12 +1,16 @@
 """Is an endpoint usable at all? Checked once before the run, and on any failure during it.
 
-Three failures are the endpoint's, not a question's, and no retry mends them:
-it cannot be reached, it refuses the key (401/403), or it does not serve the
-model (404). Asking every question anyway would only fill the answers file
-with the same error and grade the model 0; so each endpoint the run needs
-gets one 1-token chat request first, and the run stops with one line that
-names the endpoint and the cause. Anything else (429, 5xx, a slow or cut
-response) is a question's bad luck: it is recorded and retried on the next run.
+Four failures are the endpoint's, not a question's, and no retry mends them:
+it cannot be reached, it refuses the key (401/403), it does not serve the
+model (404), or it takes requests and never answers them. Asking every
+question anyway would only fill the answers file with the same error and
+grade the model 0 (or wait ``--timeout`` per question, in silence); so each
+endpoint the run needs gets one 1-token chat request first, within the
+timeout, and the run stops with one line that names the endpoint and the
+cause. A question that times out later gets the endpoint the same request
+again: no answer to it either stops the run the same way. Anything else
+(429, 5xx, a cut response, a slow answer from an endpoint that still answers)
+is a question's bad luck: it is recorded and retried on the next run.
 """
 
 from __future__ import annotations
@@ -27,21 +31,34 @@ class EndpointUnusable(Exception):
     """An endpoint no question can get an answer from; the message names it and the cause."""
 
 
-async def check_endpoints(endpoints: Mapping[str, str], model: str | None, api_key: str | None) -> None:
-    """Raise ``EndpointUnusable`` for the first endpoint (in the order given) that cannot be used."""
-    found = await asyncio.gather(*(_check(name, url, model, api_key) for name, url in endpoints.items()))
+async def check_endpoints(
+    endpoints: Mapping[str, str], model: str | None, api_key: str | None, timeout_s: float = 300.0
+) -> None:
+    """Raise ``EndpointUnusable`` for the first endpoint (in the order given) that cannot be used;
+    one that gives no answer to a 1-token request within ``timeout_s`` cannot."""
+    checks = (_check(name, url, model, api_key, timeout_s) for name, url in endpoints.items())
+    found = await asyncio.gather(*checks)
     for problem in found:
         if problem is not None:
             raise problem
 
 
 async def endpoint_problem(
-    name: str, url: str, error: BaseException, model: str | None, api_key: str | None
+    name: str,
+    url: str,
+    error: BaseException,
+    model: str | None,
+    api_key: str | None,
+    timeout_s: float = 300.0,
 ) -> EndpointUnusable | None:
     """The endpoint-wide cause behind a failed request, or None if the failure is the request's own."""
     where = f"--endpoint {name}={url}"
     if isinstance(error, ConnectError):
         return EndpointUnusable(f"{where} cannot be reached: {_connect_reason(error, url)}")
+    if isinstance(error, TimeoutError):
+        # A long answer may take longer than a short one: the endpoint is stuck only if it cannot
+        # give even one token in that time.
+        return await _check(name, url, model, api_key, timeout_s)
     if not isinstance(error, APIError):
         return None
     if error.status in (401, 403):
@@ -74,13 +91,19 @@ async def served_models(url: str, api_key: str | None) -> list[str]:
         return []
 
 
-async def _check(name: str, url: str, model: str | None, api_key: str | None) -> EndpointUnusable | None:
+async def _check(
+    name: str, url: str, model: str | None, api_key: str | None, timeout_s: float
+) -> EndpointUnusable | None:
     body: dict[str, object] = {"messages": CHECK_MESSAGES, "max_tokens": 1, "temperature": 0.0}
     if model is not None:
         body["model"] = model
     try:
-        async with _transport(url, api_key) as http:
+        async with asyncio.timeout(timeout_s), _transport(url, api_key, timeout_s) as http:
             response = await http.request("POST", "/v1/chat/completions", json=body)
+    except TimeoutError:  # the transport's ReadTimeout is one too
+        return EndpointUnusable(
+            f"--endpoint {name}={url} gave no answer to a 1-token request within --timeout {timeout_s:g} s"
+        )
     except TransportError as e:
         return await endpoint_problem(name, url, e, model, api_key)
     if response.status < 400:
@@ -98,10 +121,9 @@ def _connect_reason(error: ConnectError, url: str) -> str:
     return str(error).removeprefix(f"cannot connect to {_base(url)}: ")
 
 
-def _transport(url: str, api_key: str | None) -> HTTPTransport:
+def _transport(url: str, api_key: str | None, timeout_s: float = 60.0) -> HTTPTransport:
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    # A cold server may take a while for its first token; a check that times out lets the run go on.
-    return HTTPTransport(_base(url), headers=headers, max_connections=2, read_timeout=60.0)
+    return HTTPTransport(_base(url), headers=headers, max_connections=2, read_timeout=timeout_s)
 
 
 def _base(url: str) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from tokenmill.evals.answers import (
 from tokenmill.evals.endpoint_check import EndpointUnusable, check_endpoints, endpoint_problem
 from tokenmill.evals.graders import grade
 from tokenmill.evals.judge import judge as ask_judge
+from tokenmill.evals.progress import Progress
 from tokenmill.evals.questions import Question
 from tokenmill.evals.timed_client import TimedClient
 from tokenmill.protocol.errors import APIError
@@ -52,6 +53,8 @@ class EvalSettings:
     max_tokens: int = 256
     temperature: float = 0.0
     model: str | None = None  # sent as "model"; None: whatever each endpoint serves
+    # Not part of what is asked: the most one request may take, from sending to its last byte.
+    timeout_s: float = 300.0
 
 
 async def run_eval(
@@ -61,7 +64,7 @@ async def run_eval(
     answers_path: Path,
     judge: str | None = None,
     api_key: str | None = None,
-    on_answer: Callable[[AnswerRecord], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[AnswerRecord]:
     """Every (endpoint, question) answered and graded; the answers of earlier runs are reused.
 
@@ -76,22 +79,30 @@ async def run_eval(
         if (name, q.id) in stored and stored[(name, q.id)].asked == asked_key(_request(q, settings))
     }
     needed = {name for name in endpoints for q in questions if (name, q.id) not in current}
-    unjudged = [
+    unjudged = {
         key
         for key in ((n, q.id) for n in endpoints for q in questions if q.grader == "judge")
         if key not in current or not current[key].graded
-    ]
+    }
     if judge is not None and unjudged:
         needed.add(judge)
-    await check_endpoints({n: endpoints[n] for n in endpoints if n in needed}, settings.model, api_key)
+    progress = progress or Progress()
+    to_ask = {n: sum((n, q.id) not in current or (n, q.id) in unjudged for q in questions) for n in endpoints}
+    progress.start(to_ask, len(questions) * len(endpoints) - sum(to_ask.values()))
+    timeout = settings.timeout_s
+    await check_endpoints(
+        {n: endpoints[n] for n in endpoints if n in needed}, settings.model, api_key, timeout
+    )
+    progress.checking = False
 
-    clients = {name: TimedClient(url, api_key) for name, url in endpoints.items() if name in needed}
+    clients = {name: TimedClient(url, api_key, timeout) for name, url in endpoints.items() if name in needed}
     results: dict[tuple[str, str], AnswerRecord] = {}
 
     async def one(name: str, q: Question) -> None:
         key = (name, q.id)
         record = current.get(key)
         asking, started, fresh = name, time.perf_counter(), record is None
+        calls = fresh or (q.grader == "judge" and not record.graded)  # else graded by rule, or kept
 
         def keep_unjudged() -> None:
             # The run stops while the judge is asked: keep the model's answer, for the next run to judge.
@@ -105,11 +116,13 @@ async def run_eval(
                 assert judge is not None
                 asking = judge
                 record = await ask_judge(clients[judge], q, awaiting_judge(record), settings.model)
-        except (APIError, TransportError) as e:
-            problem = await endpoint_problem(asking, endpoints[asking], e, settings.model, api_key)
+        except (APIError, TransportError, TimeoutError) as e:
+            problem = await endpoint_problem(asking, endpoints[asking], e, settings.model, api_key, timeout)
             if problem is not None:
                 keep_unjudged()
                 raise EndpointUnusable(f"{problem} (the answers so far are kept: {answers_path})") from None
+            if isinstance(e, TimeoutError):
+                e = TimeoutError(f"no answer within --timeout {timeout:g} s")
             record = _failed(name, q, record, e, time.perf_counter() - started)
         except asyncio.CancelledError:
             keep_unjudged()
@@ -117,8 +130,8 @@ async def run_eval(
         if record != stored.get(key):
             append(answers_path, record)
         results[key] = record
-        if on_answer is not None:
-            on_answer(record)
+        if calls:
+            progress.done(name, record.graded)
 
     try:
         await _all_or_first_error([one(name, q) for name in endpoints for q in questions])

@@ -1,4 +1,4 @@
-"""One endpoint's client for eval: chat calls timed from when they are sent.
+"""One endpoint's client for eval: chat calls timed from when they are sent, within a timeout.
 
 Eval puts every question to an endpoint at once, and tokenmill's client holds
 most of them in its own queue (its adaptive limit starts at 4 in flight). A
@@ -21,18 +21,20 @@ from tokenmill.client.openai_types import ChatCompletion
 
 
 class TimedClient:
-    def __init__(self, url: str, api_key: str | None):
-        self._client = AsyncClient(url, api_key=api_key)
+    def __init__(self, url: str, api_key: str | None, timeout_s: float):
+        """``timeout_s``: the most one call may take, from sending to its last byte (retries included)."""
+        self.timeout_s = timeout_s
+        self._client = AsyncClient(url, api_key=api_key, timeout=timeout_s)
         # Read afresh at every acquire and release, so eval follows the client's limit as it learns.
         self._slots = ConcurrencyGate(lambda: self._client.concurrency_limit)
 
     async def chat(self, request: dict[str, Any]) -> tuple[ChatCompletion, float]:
         """The reply to a chat request and the seconds it took from sending; a failed call raises
-        ``APIError`` or ``TransportError``."""
+        ``APIError``, ``TransportError`` or ``TimeoutError`` (past ``timeout_s``)."""
         await self._slots.acquire()
         try:
             started = time.perf_counter()
-            reply = await self._client.chat.completions.create(**request)
+            reply = await self._client.chat.completions.create(**request, timeout=self.timeout_s)
             return reply, time.perf_counter() - started  # type: ignore[return-value]  # not a stream
         finally:
             self._slots.release()
