@@ -28,15 +28,26 @@ def quantize(
         Path | None, typer.Argument(help="Hugging Face model folder. Default: the embedded demo model.")
     ] = None,
     method: Annotated[
-        str, typer.Option(help="int8, int4 or fp8 (the same schemes as serve --quantization).")
+        str,
+        typer.Option(
+            help="int8, int4 or fp8 (the same schemes as serve --quantization). int4 needs layers whose "
+            "input size divides by 32, 64 or 128; the others stay plain."
+        ),
     ] = "int8",
     out: Annotated[Path | None, typer.Option(help="Folder to write; must be empty or absent.")] = None,
     dtype: Annotated[
         str,
-        typer.Option(help="Quantize from this dtype: auto (the checkpoint's), bfloat16, float16, float32."),
+        typer.Option(
+            help="Quantize from this dtype, which the folder then loads in: auto (the checkpoint's), "
+            "bfloat16, float16, float32."
+        ),
     ] = "auto",
 ) -> None:
-    """Quantize every linear layer but the LM head and save the model as a compressed-tensors checkpoint."""
+    """Quantize a model's linear layers and save it as a compressed-tensors checkpoint.
+
+    The LM head stays plain in the file. Served, an int8 folder quantizes it as it loads, as
+    --quantization int8 does; int4 and fp8 leave it plain (serve's --quantize-lm-head changes either).
+    """
     # Imported here: the engine brings torch, which the CLI's other commands (route, bench) never load.
     from tokenmill.engine.config import parse_dtype
     from tokenmill.engine.errors import EngineError
