@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tokenmill.engine.config import ModelConfig
-from tokenmill.engine.errors import UnsupportedArchitectureError
+from tokenmill.engine.config import ModelConfig, check_architecture
 from tokenmill.engine.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -17,13 +16,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 
 
 def model_class(cfg: ModelConfig) -> type[nn.Module]:
-    try:
-        return MODEL_REGISTRY[cfg.architecture]
-    except KeyError:
-        raise UnsupportedArchitectureError(
-            f"architecture {cfg.architecture!r} is not supported: supported are "
-            + ", ".join(sorted(MODEL_REGISTRY))
-        ) from None
+    check_architecture(cfg.architecture)  # (one message for every path that refuses it)
+    return MODEL_REGISTRY[cfg.architecture]
 
 
 __all__ = ["MODEL_REGISTRY", "LlamaForCausalLM", "model_class"]
