@@ -66,6 +66,11 @@ def eval_command(
     from tokenmill.evals.report import build_report, to_html, to_markdown
     from tokenmill.evals.runner import EndpointUnusable, EvalSettings, run_eval
 
+    # Checked before any call: an endpoint's 400 for them would read as a question it cannot take.
+    if max_tokens < 1:
+        _fail(f"--max-tokens {max_tokens} is invalid: allowed an integer >= 1")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        _fail(f"--temperature {temperature:g} is invalid: allowed a number >= 0 (0: greedy)")
     if not (math.isfinite(timeout) and timeout > 0):
         _fail(f"--timeout {timeout:g} is invalid: allowed a number of seconds above 0")
 
@@ -125,14 +130,25 @@ def eval_command(
     (out / "report.html").write_text(to_html(report, f"tokenmill eval: {questions.name}", figures))
     Console().print(markdown)
     err.print(f"answers: {out / 'answers.jsonl'}; report: {out / 'report.md'}, {out / 'report.html'}")
+    refused = [r for r in records if r.refused is not None]
+    if refused:
+        first = escape(f"{refused[0].endpoint} {refused[0].id}: {refused[0].refused}")
+        err.print(
+            f"[yellow]{_questions(len(refused))} refused by an endpoint, graded wrong: it cannot take "
+            f"them (the first: {first})[/yellow]"
+        )
     missing = [r for r in records if not r.graded]
     if missing:
         first = escape(missing[0].error or "no verdict")
         err.print(
-            f"[yellow]{len(missing)} questions not answered (left out of the accuracy and the paired "
+            f"[yellow]{_questions(len(missing))} not answered (left out of the accuracy and the paired "
             f"comparison; the first failed with: {first}); run again to retry them[/yellow]"
         )
         raise typer.Exit(1)
+
+
+def _questions(n: int) -> str:
+    return "1 question" if n == 1 else f"{n} questions"
 
 
 async def _with_progress(run: Coroutine[Any, Any, Any], progress: Progress) -> Any:

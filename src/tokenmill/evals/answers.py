@@ -10,7 +10,9 @@ run (``regrade``): a corrected ``answer``, grader or tolerance takes effect
 without asking the model again. A judge's verdict costs a model call; it is
 kept while the judge would see the same question, rubric and reference
 (``judge_key``, stored with the verdict) and asked again when any of them
-changed.
+changed. A question the endpoint refused (``refused``: a 400, 413 or 422, such
+as a prompt longer than its context) is kept as well, graded wrong: asking it
+again would get the same refusal.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class AnswerRecord:
     error: str | None = None
     judged: str | None = None  # judge questions: judge_key of what the judge saw
     asked: str | None = None  # asked_key of what the model was asked (None: a file of older versions)
+    refused: str | None = None  # the endpoint cannot take the question: its status and message
 
     @property
     def graded(self) -> bool:
@@ -80,6 +83,10 @@ def load_answers(path: Path) -> dict[tuple[str, str], AnswerRecord]:
 
 def regrade(record: AnswerRecord, q: Question) -> AnswerRecord:
     """A stored answer graded against the question as the file has it now."""
+    if record.refused is not None:  # no answer to grade, nor to judge: a model that cannot take it
+        return replace(
+            record, correct=False, detail=f"cannot take it: {record.refused}", error=None, judged=None
+        )
     if q.grader != "judge":
         verdict = grade(q.grader, record.answer, q.answer, q.tolerance)
         return replace(record, correct=verdict.correct, detail=verdict.detail, error=None, judged=None)

@@ -10,7 +10,8 @@ timeout, and the run stops with one line that names the endpoint and the
 cause. A question that times out later gets the endpoint the same request
 again: no answer to it either stops the run the same way. Anything else
 (429, 5xx, a cut response, a slow answer from an endpoint that still answers)
-is a question's bad luck: it is recorded and retried on the next run.
+is a question's bad luck: it is recorded and retried on the next run, except
+a refusal of the question itself (``cannot_take``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from tokenmill.client.wire import status_error
 from tokenmill.protocol.errors import APIError
 
 CHECK_MESSAGES = [{"role": "user", "content": "Reply OK."}]
+# What a server answers, every time, to a request it will not take: 400 (a prompt longer than its
+# context, a value out of its range), 413 (too large), 422 (fields it cannot process). 401, 403 and
+# 404 are the endpoint's (no question gets through); 408 and 429 pass.
+REFUSED = frozenset({400, 413, 422})
 
 
 class EndpointUnusable(Exception):
@@ -32,15 +37,25 @@ class EndpointUnusable(Exception):
 
 
 async def check_endpoints(
-    endpoints: Mapping[str, str], model: str | None, api_key: str | None, timeout_s: float = 300.0
+    endpoints: Mapping[str, str],
+    model: str | None,
+    api_key: str | None,
+    timeout_s: float = 300.0,
+    temperature: float = 0.0,
 ) -> None:
     """Raise ``EndpointUnusable`` for the first endpoint (in the order given) that cannot be used;
-    one that gives no answer to a 1-token request within ``timeout_s`` cannot."""
-    checks = (_check(name, url, model, api_key, timeout_s) for name, url in endpoints.items())
+    one that gives no answer to a 1-token request within ``timeout_s`` cannot, nor one that refuses
+    it (400, 413, 422) with the run's ``temperature``: every question would be refused alike."""
+    checks = (_check(name, url, model, api_key, timeout_s, temperature) for name, url in endpoints.items())
     found = await asyncio.gather(*checks)
     for problem in found:
         if problem is not None:
             raise problem
+
+
+def cannot_take(error: BaseException) -> bool:
+    """The endpoint refused the request itself: asking again gets the same refusal."""
+    return isinstance(error, APIError) and error.status in REFUSED
 
 
 async def endpoint_problem(
@@ -92,9 +107,9 @@ async def served_models(url: str, api_key: str | None) -> list[str]:
 
 
 async def _check(
-    name: str, url: str, model: str | None, api_key: str | None, timeout_s: float
+    name: str, url: str, model: str | None, api_key: str | None, timeout_s: float, temperature: float = 0.0
 ) -> EndpointUnusable | None:
-    body: dict[str, object] = {"messages": CHECK_MESSAGES, "max_tokens": 1, "temperature": 0.0}
+    body: dict[str, object] = {"messages": CHECK_MESSAGES, "max_tokens": 1, "temperature": temperature}
     if model is not None:
         body["model"] = model
     try:
@@ -109,6 +124,11 @@ async def _check(
     if response.status < 400:
         return None
     error = status_error(response.status, response.content, response.headers)
+    if cannot_take(error):
+        return EndpointUnusable(
+            f"--endpoint {name}={url} refused a 1-token request with the run's settings "
+            f"({error.status}): {error.message}"
+        )
     return await endpoint_problem(name, url, error, model, api_key)
 
 

@@ -3,9 +3,12 @@
 Only graded answers count. A question that got no answer (the request failed,
 or its judging did) says nothing about the model, so it is left out of the
 accuracy and of every paired comparison, and shown as "not answered" instead
-of being graded wrong. Each pair of models gets McNemar's exact test on the
-questions both answered; the per-question table lists only the questions on
-which the models' verdicts differ, since those decide every comparison.
+of being graded wrong. A question the endpoint refused (400, 413, 422: longer
+than its context, say) does say something: that model cannot take it. It is
+graded wrong, counted under "cannot take", and left out of the latency only.
+Each pair of models gets McNemar's exact test on the questions both answered;
+the per-question table lists only the questions on which the models' verdicts
+differ, since those decide every comparison.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class ModelSummary:
     high: float
     latency_p50_s: float | None
     completion_tokens: int
+    refused: int = 0  # graded wrong: the endpoint cannot take these questions (counted in answered)
 
     @property
     def accuracy(self) -> float | None:
@@ -53,11 +57,12 @@ def build_report(questions: list[Question], records: list[AnswerRecord], endpoin
         rows = [r for r in asked if r.graded]
         correct = sum(bool(r.correct) for r in rows)
         low, high = wilson_interval(correct, len(rows)) if rows else (0.0, 0.0)
-        latencies = [r.latency_s for r in rows]
+        latencies = [r.latency_s for r in rows if r.refused is None]  # a refusal is no answer's time
         models.append(
             ModelSummary(
                 name, correct, len(rows), len(asked) - len(rows), low, high,
                 statistics.median(latencies) if latencies else None, sum(r.completion_tokens for r in asked),
+                sum(r.refused is not None for r in rows),
             )
         )  # fmt: skip
     pairs = []
@@ -79,9 +84,10 @@ def to_markdown(report: EvalReport, bench: dict[str, BenchFigures] | None = None
     lines = [
         "## Accuracy",
         "",
-        "| model | correct | accuracy | 95% interval | not answered | latency p50 s | output tokens |",
+        "| model | correct | accuracy | 95% interval | not answered | cannot take | latency p50 s "
+        "| output tokens |",
     ]
-    lines.append("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    lines.append("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for m in report.models:
         latency = f"{m.latency_p50_s:.2f}" if m.latency_p50_s is not None else "-"
         accuracy, interval = (
@@ -89,13 +95,21 @@ def to_markdown(report: EvalReport, bench: dict[str, BenchFigures] | None = None
         )
         lines.append(
             f"| {m.name} | {m.correct}/{m.answered} | {accuracy} | {interval} | {m.not_answered} "
-            f"| {latency} | {m.completion_tokens} |"
+            f"| {m.refused} | {latency} | {m.completion_tokens} |"
         )
     if any(m.not_answered for m in report.models):
         lines += [
             "",
             "Questions not answered (the request or its judging failed) are left out of the accuracy "
             "and of the paired comparison; run again to ask them again.",
+        ]
+    if any(m.refused for m in report.models):
+        lines += [
+            "",
+            "Questions an endpoint cannot take (it refused them with 400, 413 or 422: longer than its "
+            "context, say) are graded wrong, in the accuracy and the paired comparison: a model that "
+            "cannot take a question cannot answer it. They are asked again only when the question "
+            "or the settings change.",
         ]
     if report.pairs:  # one model: nothing to pair
         lines += _paired(report)
@@ -156,6 +170,8 @@ def to_html(report: EvalReport, title: str, bench: dict[str, BenchFigures] | Non
 
 
 def _cell(r: AnswerRecord) -> str:
+    if r.refused is not None:
+        return f"cannot take: {_short(r.refused)}"
     mark = "not answered" if not r.graded else ("right" if r.correct else "wrong")
     return f"{mark}: {_short(r.answer)}"
 

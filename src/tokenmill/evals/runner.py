@@ -12,13 +12,16 @@ Before any question, each endpoint the run needs is checked once
 (``endpoint_check``): one that cannot be reached, refuses the key or does not
 serve the model stops the run with ``EndpointUnusable``, as it does if that
 happens midway; a single question's failure is recorded and asked again on the
-next run. A ``judge`` question is graded by the endpoint named as judge
-(``judge.py``).
+next run. A question the endpoint refuses (400, 413, 422: longer than its
+context, say) is graded wrong and not asked again while it is asked the same:
+leaving it out would favour the model that cannot take it. A ``judge``
+question is graded by the endpoint named as judge (``judge.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, replace
@@ -35,7 +38,7 @@ from tokenmill.evals.answers import (
     load_answers,
     regrade,
 )
-from tokenmill.evals.endpoint_check import EndpointUnusable, check_endpoints, endpoint_problem
+from tokenmill.evals.endpoint_check import EndpointUnusable, cannot_take, check_endpoints, endpoint_problem
 from tokenmill.evals.graders import grade
 from tokenmill.evals.judge import judge as ask_judge
 from tokenmill.evals.progress import Progress
@@ -55,6 +58,17 @@ class EvalSettings:
     model: str | None = None  # sent as "model"; None: whatever each endpoint serves
     # Not part of what is asked: the most one request may take, from sending to its last byte.
     timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        # Checked here, not left to each endpoint: its 400 would be taken for a question it cannot take.
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens!r} is invalid: allowed an integer >= 1")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(
+                f"temperature={self.temperature!r} is invalid: allowed a number >= 0 (0: greedy)"
+            )
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"timeout_s={self.timeout_s!r} is invalid: allowed a number of seconds above 0")
 
 
 async def run_eval(
@@ -90,9 +104,8 @@ async def run_eval(
     to_ask = {n: sum((n, q.id) not in current or (n, q.id) in unjudged for q in questions) for n in endpoints}
     progress.start(to_ask, len(questions) * len(endpoints) - sum(to_ask.values()))
     timeout = settings.timeout_s
-    await check_endpoints(
-        {n: endpoints[n] for n in endpoints if n in needed}, settings.model, api_key, timeout
-    )
+    checked = {n: endpoints[n] for n in endpoints if n in needed}
+    await check_endpoints(checked, settings.model, api_key, timeout, settings.temperature)
     progress.checking = False
 
     clients = {name: TimedClient(url, api_key, timeout) for name, url in endpoints.items() if name in needed}
@@ -123,7 +136,12 @@ async def run_eval(
                 raise EndpointUnusable(f"{problem} (the answers so far are kept: {answers_path})") from None
             if isinstance(e, TimeoutError):
                 e = TimeoutError(f"no answer within --timeout {timeout:g} s")
-            record = _failed(name, q, record, e, time.perf_counter() - started)
+            if (
+                record is None and isinstance(e, APIError) and cannot_take(e)
+            ):  # the model's call, not the judge's
+                record = _refused(name, q, settings, e, time.perf_counter() - started)
+            else:
+                record = _failed(name, q, record, e, time.perf_counter() - started)
         except asyncio.CancelledError:
             keep_unjudged()
             raise
@@ -193,6 +211,13 @@ async def _answer(client: TimedClient, name: str, q: Question, settings: EvalSet
     prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
     record = AnswerRecord(name, q.id, text, None, "", latency, prompt, completion, asked=asked_key(request))
     return regrade(record, q)
+
+
+def _refused(name: str, q: Question, settings: EvalSettings, error: APIError, seconds: float) -> AnswerRecord:
+    """The endpoint cannot take ``q``: graded wrong, and kept while the model would be asked the same."""
+    why = f"{error.status}{f' {error.code}' if error.code else ''}: {error.message}"
+    asked = asked_key(_request(q, settings))
+    return regrade(AnswerRecord(name, q.id, "", None, "", seconds, 0, 0, asked=asked, refused=why), q)
 
 
 def _failed(
