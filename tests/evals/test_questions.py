@@ -83,3 +83,31 @@ def test_xlsx_loads_the_first_sheet_with_its_header(tmp_path):
     broken.write_bytes(b"not a zip")
     with pytest.raises(QuestionError, match=r"not a readable \.xlsx workbook"):
         load_questions(broken)
+
+
+@pytest.mark.parametrize(
+    ("answer", "grader", "says"),
+    [("[", "regex", r"q\.jsonl line 2: answer='\[' is not a valid regex"),
+     ("seven", "numeric", r"q\.jsonl line 2: answer='seven' has no number"),
+     ("AB", "choice", r"q\.jsonl line 2: answer='AB' is invalid for grader 'choice'")],
+)  # fmt: skip
+def test_an_answer_its_grader_cannot_use_names_the_line(tmp_path, answer, grader, says):
+    f = tmp_path / "q.jsonl"
+    rows = [
+        {"id": "a", "question": "q", "answer": "x"},
+        {"id": "b", "question": "q", "answer": answer, "grader": grader},
+    ]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(QuestionError, match=says):
+        load_questions(f)
+
+
+def test_a_csv_whose_header_has_no_question_column_says_so(tmp_path):
+    f = tmp_path / "q.csv"
+    f.write_text("id;question;answer\n1;Hi;x\n")
+    with pytest.raises(
+        QuestionError, match=r"q\.csv line 1: the header names no 'question' column .*separated by ','"
+    ):
+        load_questions(f)
+    f.write_text("ID,Question,Answer\n1,Hi,x\n")  # capitals, as in a spreadsheet's export
+    assert [(q.id, q.question, q.answer) for q in load_questions(f)] == [("1", "Hi", "x")]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenmill.evals.graders import GRADERS
+from tokenmill.evals.graders import GRADERS, grade
 
 ALL_GRADERS = (*GRADERS, "judge")
 
@@ -40,7 +40,18 @@ def load_questions(path: Path) -> list[Question]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = [(n, row) for n, row in enumerate(csv.DictReader(f), start=2)]
+            reader = csv.DictReader(f)
+            header = [(c or "").strip().lower() for c in reader.fieldnames or ()]
+            if header and "question" not in header:  # a file of ';'-separated columns reads as one column
+                hint = "; the columns must be separated by ','" if any(";" in c for c in header) else ""
+                raise QuestionError(
+                    f"{path.name} line 1: the header names no 'question' column "
+                    f"(allowed id, question, answer, grader, rubric, tags){hint}"
+                )
+            rows = [
+                (n, {k.strip().lower(): v for k, v in row.items() if k})
+                for n, row in enumerate(reader, start=2)
+            ]
     elif suffix in (".jsonl", ".json"):
         rows = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -117,6 +128,11 @@ def _question(name: str, line: int, row: dict[str, Any]) -> Question:
     if isinstance(tags, str):
         tags = [t.strip() for t in tags.split(",") if t.strip()]
     answer = cell("answer", required=grader != "judge")
+    if grader != "judge":
+        try:  # a bad regex, a numeric answer with no number, a choice that is not one letter
+            grade(grader, "", answer, tolerance)
+        except ValueError as e:
+            raise QuestionError(f"{name} line {line}: {e}") from None
     return Question(
         cell("id", True), cell("question", True), answer, grader, tolerance, cell("rubric"), tuple(tags)
     )
