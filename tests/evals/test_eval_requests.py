@@ -31,3 +31,11 @@ def test_latency_is_the_endpoints_from_sending_not_the_wait_in_the_clients_queue
     latencies = sorted(r.latency_s for r in records)
     assert all(r.graded for r in records)
     assert latencies[0] >= 0.5 and latencies[-1] < 0.9, latencies
+
+
+def test_a_reply_with_no_choices_is_not_answered_rather_than_graded_empty(tmp_path):
+    with fake_endpoint(no_choices=True) as fake:
+        questions = [Question("q", "Anything?", "^", "regex")]  # an empty answer would match
+        records = asyncio.run(run_eval(questions, {"f": fake.url}, EvalSettings(), tmp_path / "a.jsonl"))
+    assert not records[0].graded and records[0].correct is None
+    assert records[0].error == "the reply has no choices"

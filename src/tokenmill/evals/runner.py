@@ -206,7 +206,9 @@ async def _answer(client: TimedClient, name: str, q: Question, settings: EvalSet
     Its latency is the endpoint's, from sending (not from joining the client's queue)."""
     request = _request(q, settings)
     reply, latency = await client.chat(request)
-    text = reply.choices[0].message.content or "" if reply.choices else ""
+    if not reply.choices:  # no answer at all, which grading as an empty one would count wrong
+        raise APIError(502, "the reply has no choices", "api_error")
+    text = reply.choices[0].message.content or ""
     usage = reply.usage
     prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
     record = AnswerRecord(name, q.id, text, None, "", latency, prompt, completion, asked=asked_key(request))
