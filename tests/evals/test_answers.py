@@ -12,6 +12,7 @@ from tokenmill.evals.answers import (
     judge_key,
     load_answers,
     regrade,
+    rewrite,
 )
 from tokenmill.evals.questions import Question
 
@@ -67,3 +68,24 @@ def test_an_answer_appended_after_a_torn_line_is_read_back(tmp_path):
     assert set(load_answers(path)) == {("full", "q0"), ("full", "q1")}
     append(path, _record(id="q2"))  # a file that ends well gets no blank line
     assert path.read_text().count("\n\n") == 0 and ("full", "q2") in load_answers(path)
+
+
+def test_rewrite_keeps_what_a_run_can_use_graded_as_now(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    failed = {"correct": None, "detail": "", "error": "HTTP 500"}
+    rows = [
+        _record(asked="old settings"),
+        _record(asked="now"),  # the one q1 resumes from: replaces the line above
+        replace(_record("", id="q2"), **failed),  # failed, no answer before it: kept, so it shows
+        _record(id="q3"),
+        replace(_record("", id="q3"), **failed),  # a failure after an answer: both kept
+        _record(endpoint="other"),  # not in this run: kept as it is
+    ]
+    path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rows) + '{"endpoint": "fu')
+    before = load_answers(path)
+    regraded = replace(rows[1], correct=True, detail="contains 'Verona'")
+    rewrite(path, {("full", "q1"): regraded, ("full", "q3"): rows[3]})
+    lines = [AnswerRecord(**json.loads(line)) for line in path.read_text().splitlines()]
+    assert lines == [regraded, rows[2], rows[3], rows[4], rows[5]]
+    assert load_answers(path) == {**before, ("full", "q1"): regraded}
+    assert not (tmp_path / "answers.jsonl.tmp").exists()

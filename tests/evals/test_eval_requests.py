@@ -39,3 +39,15 @@ def test_a_reply_with_no_choices_is_not_answered_rather_than_graded_empty(tmp_pa
         records = asyncio.run(run_eval(questions, {"f": fake.url}, EvalSettings(), tmp_path / "a.jsonl"))
     assert not records[0].graded and records[0].correct is None
     assert records[0].error == "the reply has no choices"
+
+
+def test_a_rerun_grades_again_without_growing_the_answers_file(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    with fake_endpoint() as fake:
+        asyncio.run(run_eval(_questions(3, answer="15"), {"f": fake.url}, EvalSettings(), path))
+        assert len(path.read_text().splitlines()) == 3
+        for _ in range(2):  # the expected answer corrected, then the same again
+            records = asyncio.run(run_eval(_questions(3), {"f": fake.url}, EvalSettings(), path))
+            assert all(r.correct for r in records) and len(path.read_text().splitlines()) == 3
+        assert len([r for r in fake.requests if r["max_tokens"] != 1]) == 3  # graded again, not asked
+    assert all('"correct": true' in line for line in path.read_text().splitlines())

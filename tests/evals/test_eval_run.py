@@ -136,7 +136,7 @@ def test_a_rerun_grades_stored_answers_against_the_questions_as_they_are_now(two
         # graded again, not asked again: the same answer of the same call
         assert after[(name, "a")]["latency_s"] == before[(name, "a")]["latency_s"]
         assert after[(name, "b")] == before[(name, "b")]
-    assert len((out / "answers.jsonl").read_text().splitlines()) == 4 + 2  # only the changed verdicts
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 4  # graded again in place, not appended
 
 
 def test_answers_made_with_other_settings_are_asked_again_not_reused(two_models, tmp_path):
@@ -147,10 +147,11 @@ def test_answers_made_with_other_settings_are_asked_again_not_reused(two_models,
     assert run_eval(*args, "--max-tokens", "4").returncode == 0
     assert run_eval(*args, "--max-tokens", "4").returncode == 0  # the same settings: resumed
     assert len((out / "answers.jsonl").read_text().splitlines()) == 1
+    first = json.loads((out / "answers.jsonl").read_text())
     assert run_eval(*args, "--max-tokens", "12").returncode == 0  # answers of 4 tokens do not stand in
     records = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
-    assert len(records) == 2 and records[0]["asked"] != records[1]["asked"]
-    assert records[0]["completion_tokens"] == 4 < records[1]["completion_tokens"]
+    assert len(records) == 1 and records[0]["asked"] != first["asked"]  # the answer it replaced is gone
+    assert first["completion_tokens"] == 4 < records[0]["completion_tokens"]
 
 
 def test_a_judge_verdict_is_judged_again_when_the_rubric_changes(two_models, tmp_path):
@@ -169,7 +170,7 @@ def test_a_judge_verdict_is_judged_again_when_the_rubric_changes(two_models, tmp
     result = run_eval(*args)
     assert result.returncode == 0, result.stderr
     again = _latest(out)
-    assert len((out / "answers.jsonl").read_text().splitlines()) == 2 + 2
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 2  # the new verdicts replace the old
     for key, record in again.items():
         assert record["judged"] != first[key]["judged"] and isinstance(record["correct"], bool)
         assert (record["answer"], record["latency_s"]) == (first[key]["answer"], first[key]["latency_s"])

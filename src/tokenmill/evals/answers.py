@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -68,17 +69,50 @@ def load_answers(path: Path) -> dict[tuple[str, str], AnswerRecord]:
 
     A failed model call is left out, so it is asked again; an answer whose
     judging failed is kept, so only the judge is asked again."""
-    done: dict[tuple[str, str], AnswerRecord] = {}
+    return {(r.endpoint, r.id): r for r in _records(path) if _usable(r)}
+
+
+def rewrite(path: Path, current: Mapping[tuple[str, str], AnswerRecord]) -> None:
+    """The file again, with per (endpoint, question) only what a run can still use: the answer
+    ``load_answers`` gives (as ``current`` grades it, when there) and the last failed call after it.
+
+    Every run grades the stored answers again, so appending each new grade would add a copy of
+    every record per run. Written to a new file renamed over the old: a crash leaves one of them,
+    whole. Records of endpoints and questions this run did not have are kept as they were."""
+    kept: dict[tuple[str, str], list[AnswerRecord]] = {}
+    for r in _records(path):
+        before = [x for x in kept.get((r.endpoint, r.id), []) if _usable(x)]
+        kept[(r.endpoint, r.id)] = [r] if _usable(r) else [*before, r]
+    for key, r in current.items():
+        if _usable(r):  # a new grade of the answer kept, or the answer itself (appended last)
+            kept[key] = [r, *(x for x in kept.get(key, []) if not _usable(x))]
+    text = "".join(_line(r) for records in kept.values() for r in records)
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(text, encoding="utf-8")
+    os.replace(staged, path)
+
+
+def _records(path: Path) -> list[AnswerRecord]:
     if not path.exists():
-        return done
+        return []
+    records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            record = AnswerRecord(**json.loads(line))
+            records.append(AnswerRecord(**json.loads(line)))
         except (ValueError, TypeError):
             continue  # a line cut short by a crash
-        if record.error is None or record.error.startswith(JUDGE_FAILED):
-            done[(record.endpoint, record.id)] = record
-    return done
+    return records
+
+
+def _usable(record: AnswerRecord) -> bool:
+    """Worth resuming from: an answer (its judging may have failed), not a failed model call."""
+    return record.error is None or record.error.startswith(JUDGE_FAILED)
+
+
+def _line(record: AnswerRecord) -> str:
+    return json.dumps(asdict(record), ensure_ascii=False) + "\n"
 
 
 def regrade(record: AnswerRecord, q: Question) -> AnswerRecord:
@@ -100,7 +134,7 @@ def awaiting_judge(record: AnswerRecord) -> AnswerRecord:
 
 
 def append(out_path: Path, record: AnswerRecord) -> None:
-    line = (json.dumps(asdict(record), ensure_ascii=False) + "\n").encode()
+    line = _line(record).encode()
     with out_path.open("a+b") as out:  # appends whatever the position; "+": to read the last byte
         if out.seek(0, os.SEEK_END) > 0:
             out.seek(-1, os.SEEK_END)

@@ -6,7 +6,8 @@ client, so a fleet is neither idle nor flooded. Each answer is appended to the
 answers file (JSONL) the moment it is graded: a run that stops is resumed by
 running it again, and only the missing (endpoint, question) pairs are asked;
 stored answers are graded again against the question file as it is now
-(``answers.regrade``).
+(``answers.regrade``), and a run that ends rewrites the file with them so
+graded (``answers.rewrite``), rather than append a copy of each.
 
 Before any question, each endpoint the run needs is checked once
 (``endpoint_check``): one that cannot be reached, refuses the key or does not
@@ -37,6 +38,7 @@ from tokenmill.evals.answers import (
     awaiting_judge,
     load_answers,
     regrade,
+    rewrite,
 )
 from tokenmill.evals.endpoint_check import EndpointUnusable, cannot_take, check_endpoints, endpoint_problem
 from tokenmill.evals.graders import grade
@@ -136,16 +138,15 @@ async def run_eval(
                 raise EndpointUnusable(f"{problem} (the answers so far are kept: {answers_path})") from None
             if isinstance(e, TimeoutError):
                 e = TimeoutError(f"no answer within --timeout {timeout:g} s")
-            if (
-                record is None and isinstance(e, APIError) and cannot_take(e)
-            ):  # the model's call, not the judge's
+            # A refusal of the model's own call (not the judge's) is a question it cannot take.
+            if record is None and isinstance(e, APIError) and cannot_take(e):
                 record = _refused(name, q, settings, e, time.perf_counter() - started)
             else:
                 record = _failed(name, q, record, e, time.perf_counter() - started)
         except asyncio.CancelledError:
             keep_unjudged()
             raise
-        if record != stored.get(key):
+        if calls:  # what cost a call is kept at once; a new grade of a kept answer, at the end
             append(answers_path, record)
         results[key] = record
         if calls:
@@ -156,6 +157,7 @@ async def run_eval(
     finally:
         for client in clients.values():
             await client.aclose()
+    rewrite(answers_path, results)
     return [results[(name, q.id)] for name in endpoints for q in questions]
 
 
