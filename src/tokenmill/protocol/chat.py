@@ -47,7 +47,20 @@ class ChatMessage(StrictModel):
         return out
 
 
-class ChatCompletionRequest(SamplingRequest):
+class ChatRendering(StrictModel):
+    """How messages become the prompt: the fields chat and /tokenize share, so both render alike."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = Field(
+        False,
+        description="Leave the final assistant message open for the model to continue; "
+        "needs add_generation_prompt false.",
+    )
+    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: Any = unsupported("a chat template per request: the model's own is used")
+
+
+class ChatCompletionRequest(SamplingRequest, ChatRendering):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI: max_completion_tokens.")
     max_completion_tokens: int | None = Field(None, ge=1, description="null: up to the context length.")
@@ -57,14 +70,6 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: str | dict[str, Any] | None = None
     functions: Any = unsupported("OpenAI's legacy function calling")
     function_call: Any = unsupported("OpenAI's legacy function calling; 'none' and 'auto' are accepted")
-    chat_template: Any = unsupported("a chat template per request: the model's own is used")
-    add_generation_prompt: bool = True
-    continue_final_message: bool = Field(
-        False,
-        description="Leave the final assistant message open for the model to continue; "
-        "needs add_generation_prompt false.",
-    )
-    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class TopLogprob(BaseModel):
