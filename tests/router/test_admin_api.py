@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.conftest import start_server
 from tokenmill.router.app import RouterApp
 from tokenmill.router.gateway import Gateway
 from tokenmill.router.gateway_config import parse_gateway_config
@@ -249,13 +248,6 @@ def test_the_fleet_view_needs_the_admin_key_behind_a_gateway(app, gateway):
 def test_without_a_gateway_the_fleet_view_stays_open(gateway):
     app = RouterApp(WorkerPool(["http://127.0.0.1:9"]), Router("least_load"))
     assert asyncio.run(call(app, "GET", "/router/workers")).status == 200
-
-
-@pytest.fixture(scope="module")
-def worker():
-    w = start_server()
-    yield w
-    w.stop()
 
 
 def test_models_need_a_key_and_list_only_the_teams_without_paths(worker, gateway):

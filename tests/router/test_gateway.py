@@ -38,13 +38,6 @@ teams:
 """
 
 
-@pytest.fixture(scope="module")
-def worker():
-    w = start_server()
-    yield w
-    w.stop()
-
-
 @pytest.fixture
 def gateway(worker, tmp_path: Path):
     config = tmp_path / "gateway.yaml"

@@ -9,7 +9,6 @@ import httpx
 import pytest
 
 from tests.router.test_gateway import ADMIN, create_key, start_gateway, usage_rows
-from tests.server.conftest import start_server
 
 CONFIG = """
 ledger: usage.db
@@ -21,13 +20,6 @@ teams:
   listed: {models: [demo, foo], budget: {dollars: 5, period: day}}
   unbudgeted: {models: ["*"]}
 """
-
-
-@pytest.fixture(scope="module")
-def worker():
-    w = start_server()
-    yield w
-    w.stop()
 
 
 @pytest.fixture
