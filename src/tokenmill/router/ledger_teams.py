@@ -16,7 +16,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from tokenmill.router.api_keys import KeyRecord, hash_key, new_key, new_key_id
 from tokenmill.router.gateway_config import GatewayConfigError, Team, parse_team
@@ -38,9 +38,7 @@ class TeamsAndKeys:
     """The teams and keys tables, for ``Ledger`` (which opens ``_db`` and gives ``_transaction``)."""
 
     _db: sqlite3.Connection
-
-    def _transaction(self) -> contextlib.AbstractContextManager[None]:
-        raise NotImplementedError  # Ledger's
+    _transaction: Callable[[], contextlib.AbstractContextManager[None]]  # Ledger's
 
     def _add_team_sources(self) -> None:
         """A ledger made before teams had a ``source``: add the column (every team ``admin``)."""
