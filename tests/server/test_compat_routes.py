@@ -23,6 +23,7 @@ def test_a_405_names_the_allowed_methods(http, method, path, allow):
     resp = http.request(method, path)
     assert resp.status_code == 405 and resp.headers["allow"] == allow, resp.headers
     assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert resp.json()["error"]["message"] == f"{path} takes {allow}, not {method}"
 
 
 # -- 22: GET /v1/models/{model} ----------------------------------------------------------------

@@ -139,7 +139,11 @@ def _install_error_handlers(app: FastAPI, key_check: Callable[[Request], Awaitab
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        response = _error_response(APIError(exc.status_code, str(exc.detail), kind, None, None))
+        message = str(exc.detail)
+        allow = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+        if exc.status_code == 405 and allow:  # say which methods, as the router does
+            message = f"{request.url.path} takes {' or '.join(allow.split(', '))}, not {request.method}"
+        response = _error_response(APIError(exc.status_code, message, kind, None, None))
         response.headers.update(exc.headers or {})  # a 405's Allow (RFC 9110 requires it)
         return response
 
