@@ -46,3 +46,19 @@ def test_one_model_has_no_paired_comparison():
     assert report.pairs == [] and "Paired comparison" not in text and "p-value" not in text
     two = build_report(QUESTIONS, [_row(n, q.id, True) for n in ("a", "b") for q in QUESTIONS], ["a", "b"])
     assert "Paired comparison" in to_markdown(two)
+
+
+def test_a_pipe_in_a_cell_reads_as_written_in_markdown_and_html():
+    from tokenmill.evals.report import to_html
+
+    questions = [Question("q|1", "Which: A or B?", "A|B", "regex")]
+    records = [
+        AnswerRecord("a", "q|1", "A", True, "", 0.5, 3, 1),
+        AnswerRecord("b", "q|1", "C|D", False, "", 0.5, 3, 1),
+    ]
+    report = build_report(questions, records, ["a", "b"])
+    text = to_markdown(report)
+    row = next(line for line in text.splitlines() if line.startswith("| q"))
+    assert row == "| q\\|1 | Which: A or B? | A\\|B | right: A | wrong: C\\|D |"  # (was "A/B")
+    page = to_html(report, "eval")
+    assert "<td>q|1</td><td>Which: A or B?</td><td>A|B</td><td>right: A</td><td>wrong: C|D</td>" in page

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import itertools
+import re
 import statistics
 from dataclasses import dataclass
 
@@ -123,7 +124,9 @@ def to_markdown(report: EvalReport, bench: dict[str, BenchFigures] | None = None
         for q, answers in report.disagreements:
             cells = [_cell(answers[n]) if n in answers else "-" for n in names]
             lines.append(
-                f"| {q.id} | {_short(q.question)} | {_short(q.answer)} | " + " | ".join(cells) + " |"
+                f"| {_escaped(q.id)} | {_short(q.question)} | {_short(q.answer)} | "
+                + " | ".join(cells)
+                + " |"
             )
     if bench:
         accuracy = {m.name: m.accuracy for m in report.models}
@@ -153,7 +156,10 @@ def to_html(report: EvalReport, title: str, bench: dict[str, BenchFigures] | Non
     for block in to_markdown(report, bench).split("\n\n"):
         rows = [r for r in block.splitlines() if r.startswith("|") and not r.startswith("| ---")]
         if rows:
-            cells = [[html.escape(c.strip()) for c in r.strip("|").split("|")] for r in rows]
+            cells = [
+                [html.escape(c.strip().replace("\\|", "|")) for c in _CELL_EDGE.split(r.strip()[1:-1])]
+                for r in rows
+            ]
             head = "".join(f"<th>{c}</th>" for c in cells[0])
             rest = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
             body.append(f"<table><tr>{head}</tr>{rest}</table>")
@@ -177,5 +183,15 @@ def _cell(r: AnswerRecord) -> str:
 
 
 def _short(text: str, n: int = 60) -> str:
-    flat = " ".join(text.split()).replace("|", "/")
-    return flat if len(flat) <= n else flat[: n - 1] + "…"
+    """A table cell: one line, at most ``n`` characters, its pipes escaped (a regex answer A|B
+    reads as written, in Markdown and in the HTML made from it)."""
+    flat = " ".join(text.split())
+    flat = flat if len(flat) <= n else flat[: n - 1] + "…"
+    return _escaped(flat)
+
+
+def _escaped(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+_CELL_EDGE = re.compile(r"(?<!\\)\|")  # a pipe that is not escaped
