@@ -134,8 +134,8 @@ def estimate_tokens(request: dict[str, Any], text: str) -> tuple[int, int]:
         if isinstance(first, list):  # a batch of token-id prompts: their JSON says little of their length
             return sum(len(p) if isinstance(p, list) else _text_tokens(str(p)) for p in prompt), output
         if isinstance(first, str) and not all(p.isascii() for p in prompt if isinstance(p, str)):
-            # a batch of texts, not all ASCII: each itself (``text``, their JSON, has \uXXXX for each
-            # non-ASCII character, six ASCII characters where _text_tokens counts its UTF-8 bytes)
+            # a batch of texts, not all ASCII: each itself (``text``, their JSON, spells each non-ASCII
+            # character as a six-character \u escape, where _text_tokens counts its UTF-8 bytes)
             return sum(_text_tokens(p if isinstance(p, str) else str(p)) for p in prompt), output
     prompt_tokens = _text_tokens(text)
     if isinstance(messages, list):
