@@ -410,18 +410,23 @@ def test_tokens_per_minute_and_budgets_through_http(gateway):
          {"model": "demo", "priority": 5, "max_tokens": 4}),
         (b'{"model": "demo", "stream": true}', {"model": "demo", "stream": True, "priority": 5,
                                                "stream_options": {"include_usage": True},
-                                               "max_tokens": 1024}),
-        (b'{"model": "demo", "priority": 2}', {"model": "demo", "priority": 2, "max_tokens": 1024}),
-        (b'{"model": "demo", "metadata": null}', {"model": "demo", "priority": 5, "max_tokens": 1024}),
+                                               "max_tokens": 1024,
+         "truncate_max_tokens": True}),
+        (b'{"model": "demo", "priority": 2}', {"model": "demo", "priority": 2, "max_tokens": 1024,
+         "truncate_max_tokens": True}),
+        (b'{"model": "demo", "metadata": null}', {"model": "demo", "priority": 5, "max_tokens": 1024,
+         "truncate_max_tokens": True}),
         (b'{"model": "demo", "max_tokens": null, "max_completion_tokens": null}',
-         {"model": "demo", "priority": 5, "max_tokens": 1024, "max_completion_tokens": None}),
+         {"model": "demo", "priority": 5, "max_tokens": 1024, "max_completion_tokens": None,
+         "truncate_max_tokens": True}),
         (b'{"model": "demo", "messages": [], "max_completion_tokens": 7}',
          {"model": "demo", "messages": [], "max_completion_tokens": 7, "priority": 5}),
         # "false" as a string: the worker must see a real boolean, so the usage chunk comes.
         (b'{"model": "demo", "stream": true, "stream_options": {"include_usage": "false"}, "max_tokens": 4}',
          {"model": "demo", "stream": True, "priority": 5, "stream_options": {"include_usage": True},
           "max_tokens": 4}),
-        ('{"model": "demo"}'.encode("utf-16-be"), {"model": "demo", "priority": 5, "max_tokens": 1024}),
+        ('{"model": "demo"}'.encode("utf-16-be"), {"model": "demo", "priority": 5, "max_tokens": 1024,
+         "truncate_max_tokens": True}),
     ],
 )  # fmt: skip
 def test_the_worker_gets_the_body_rewritten_only_where_it_must_be(tmp_path: Path, request_body, forwarded):
@@ -441,6 +446,23 @@ def test_the_worker_gets_the_body_rewritten_only_where_it_must_be(tmp_path: Path
         assert json.loads(body) == forwarded
     assert "authorization" not in headers and headers["x-tokenmill-tenant"] == "alpha"
     gateway.ledger.close()
+
+
+def test_a_request_naming_no_max_tokens_is_answered_to_the_end_of_the_context(gateway):
+    """The gateway sends its default max_tokens (1024); the demo worker's context (1024 tokens)
+    leaves less after this prompt. The client named no limit, so it gets the answer cut at the
+    context's end, not the 400 that a max_tokens of its own past the context gets."""
+    content = "ROMEO " * 330
+    r = chat(
+        gateway.url, gateway.keys["alpha"], messages=[{"role": "user", "content": content}], max_tokens=None
+    )
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] <= 1024
+    r = chat(
+        gateway.url, gateway.keys["alpha"], messages=[{"role": "user", "content": content}], max_tokens=1000
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
 def test_the_keys_cli_on_a_running_gateway_leaves_its_requests_in_flight_alone(gateway):

@@ -235,6 +235,16 @@ def test_prompt_over_max_model_len_names_both_lengths(stub):
     assert trailing(error)["x-tokenmill-error-code"] == "context_length_exceeded"
 
 
+def test_max_tokens_past_the_context_is_refused_and_none_means_up_to_it(stub):
+    ids = pb.TokenIds(ids=[5] * 250)
+    error = rpc_error(lambda: generate(stub, text=None, token_ids=ids, max_tokens=7))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"maximum context length is {MAX_MODEL_LEN} tokens" in error.details()
+    assert trailing(error)["x-tokenmill-error-param"] == "max_tokens"
+    tokens = joined(generate(stub, text=None, token_ids=ids, ignore_eos=True))[1]
+    assert len(tokens) == MAX_MODEL_LEN - 250
+
+
 def test_unknown_model_is_not_found_and_the_served_one_works(stub):
     error = rpc_error(lambda: generate(stub, model="gpt-17"))
     assert error.code() == grpc.StatusCode.NOT_FOUND

@@ -233,6 +233,29 @@ def test_prompt_over_the_context_length_is_a_400_with_both_numbers(client, refer
     assert e.value.body["param"] == "messages" and "1024" in e.value.body["message"]
 
 
+def test_max_tokens_past_the_context_is_a_400_as_vllm_words_it(client, reference):
+    prompt = "ROMEO " * 300
+    n = len(reference.engine.tokenizer.encode(prompt))
+    room = 1024 - n
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="demo", prompt=prompt, max_tokens=room + 1)
+    body = e.value.body
+    assert body["param"] == "max_tokens" and body["code"] == "context_length_exceeded"
+    assert body["message"].startswith(f"'max_tokens' is too large: {room + 1}. ")
+    assert f"maximum context length is 1024 tokens and your request has {n} input tokens" in body["message"]
+    messages = [{"role": "user", "content": prompt}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="demo", messages=messages, max_completion_tokens=5000)
+    assert e.value.body["param"] == "max_completion_tokens"
+    assert e.value.body["message"].startswith("'max_completion_tokens' is too large: 5000. ")
+    # What fits is served; so is a max_tokens cut to fit when the request asks for that.
+    assert client.completions.create(model="demo", prompt=prompt, max_tokens=room).choices
+    cut = client.completions.create(
+        model="demo", prompt=prompt, max_tokens=room + 50, extra_body={"truncate_max_tokens": True}
+    )
+    assert cut.usage.prompt_tokens == n and cut.usage.completion_tokens <= room
+
+
 def test_unknown_model_is_a_404(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-5", prompt=PROMPT)

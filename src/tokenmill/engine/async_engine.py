@@ -124,6 +124,7 @@ class AsyncEngine:
         request_id: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        truncate_max_tokens: bool = True,
     ) -> RequestStream:
         """Accept a request now and return its outputs as an async iterator.
 
@@ -131,9 +132,11 @@ class AsyncEngine:
         are raised by this call itself, so a server can answer 400 or 429 before
         it starts a response. Call from the event loop that will read the
         stream, and ``close()`` the stream when done with it: closing before the
-        request finished aborts it and frees its blocks.
+        request finished aborts it and frees its blocks. ``truncate_max_tokens=False``: a max_tokens
+        past what the context leaves after the prompt is refused (MaxTokensTooLargeError), not cut.
         """
-        return RequestStream(self._open(prompt, params, request_id, priority, cache_salt), self._release)
+        state = self._open(prompt, params, request_id, priority, cache_salt, truncate_max_tokens)
+        return RequestStream(state, self._release)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request; returns once its blocks are freed (False if it was unknown or done)."""
@@ -214,6 +217,7 @@ class AsyncEngine:
         request_id: str | None,
         priority: int,
         cache_salt: str | None,
+        truncate_max_tokens: bool = True,
     ) -> StreamState:
         self._check_alive()
         if params is None:
@@ -227,7 +231,9 @@ class AsyncEngine:
             stream = StreamState(request_id, loop, asyncio.Queue())
             self._streams[request_id] = stream
         try:
-            prepared = self.engine.prepare_request(request_id, prompt, params, priority, None, cache_salt)
+            prepared = self.engine.prepare_request(
+                request_id, prompt, params, priority, None, cache_salt, truncate_max_tokens
+            )
             with self._streams_lock:
                 self._check_alive()
                 self.engine.check_capacity(len(prepared.children), self._num_pending_adds)

@@ -213,13 +213,17 @@ class Engine:
         priority: int = 0,
         arrival_time: float | None = None,
         cache_salt: str | None = None,
+        truncate_max_tokens: bool = True,
     ) -> PreparedRequest:
-        """Validate and tokenize without touching the engine's state (safe from another thread)."""
+        """Validate and tokenize without touching the engine's state (safe from another thread).
+        ``truncate_max_tokens``: see ``InputProcessor.prepare``."""
         if request_id is None:
             request_id = self._fresh_request_id()
         params = params if params is not None else self.default_sampling_params()
         arrival = arrival_time if arrival_time is not None else self.clock.now()
-        return self.input_processor.prepare(request_id, prompt, params, priority, arrival, cache_salt)
+        return self.input_processor.prepare(
+            request_id, prompt, params, priority, arrival, cache_salt, truncate_max_tokens
+        )
 
     def add_request(
         self,

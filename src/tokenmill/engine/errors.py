@@ -47,6 +47,33 @@ class PromptTooLongError(InvalidRequestError):
         self.max_model_len = max_model_len
 
 
+class MaxTokensTooLargeError(InvalidRequestError):
+    """A max_tokens that the context cannot hold after the prompt, from a caller that asked for a
+    refusal rather than the cut to fit (``truncate_max_tokens=False``: an API server, as vLLM's
+    OpenAI server refuses it)."""
+
+    def __init__(self, max_tokens: int, num_prompt_tokens: int, max_model_len: int):
+        self.max_tokens = max_tokens
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_model_len = max_model_len
+        super().__init__(
+            "max_tokens",
+            max_tokens,
+            f"at most {max_model_len - num_prompt_tokens} (max_model_len={max_model_len} less the "
+            f"prompt's {num_prompt_tokens} tokens)",
+            message=self.message_for("max_tokens"),
+        )
+
+    def message_for(self, field: str) -> str:
+        """The message naming ``field`` as the API calls it. vLLM's wording, numbers and all:
+        agents and SDKs read the limit out of it to retry with a max_tokens that fits."""
+        n, p, mt = self.max_model_len, self.num_prompt_tokens, self.max_tokens
+        return (
+            f"'{field}' is too large: {mt}. This model's maximum context length is {n} tokens and "
+            f"your request has {p} input tokens ({mt} > {n} - {p})"
+        )
+
+
 class ModelLoadError(EngineError):
     """The model folder is missing, incomplete or corrupt."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tokenmill.engine.config import ModelConfig
-from tokenmill.engine.errors import InvalidRequestError, PromptTooLongError
+from tokenmill.engine.errors import InvalidRequestError, MaxTokensTooLargeError, PromptTooLongError
 from tokenmill.engine.request import Request
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.engine.tokenizer import Tokenizer
@@ -56,8 +56,13 @@ class InputProcessor:
         priority: int = 0,
         arrival_time: float | None = None,
         cache_salt: str | None = None,
+        truncate_max_tokens: bool = True,
     ) -> PreparedRequest:
-        """Raise InvalidRequestError on bad input; otherwise the requests to schedule."""
+        """Raise InvalidRequestError on bad input; otherwise the requests to schedule.
+
+        ``truncate_max_tokens``: a ``max_tokens`` past what the context leaves after the prompt is
+        cut to fit (the answer then ends with finish reason ``length``), as vLLM's ``LLM`` does;
+        False: refused with MaxTokensTooLargeError, as vLLM's OpenAI server does."""
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id", request_id, "a non-empty string")
         if not isinstance(params, SamplingParams):
@@ -68,6 +73,9 @@ class InputProcessor:
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise InvalidRequestError("cache_salt", cache_salt, "a non-empty string or None")
         text, token_ids = self._tokenize(prompt)
+        room = self.max_model_len - len(token_ids)
+        if not truncate_max_tokens and params.max_tokens is not None and params.max_tokens > room:
+            raise MaxTokensTooLargeError(params.max_tokens, len(token_ids), self.max_model_len)
         children = []
         for i in range(params.n):
             child_params = params
@@ -81,7 +89,7 @@ class InputProcessor:
                 prompt_token_ids=token_ids,
                 sampling_params=child_params,
                 eos_token_ids=self.eos_token_ids,
-                max_tokens=min(params.max_tokens or self.max_model_len, self.max_model_len - len(token_ids)),
+                max_tokens=min(params.max_tokens or self.max_model_len, room),
                 priority=priority,
                 cache_salt=cache_salt,
             )

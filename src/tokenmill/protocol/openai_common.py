@@ -144,6 +144,11 @@ class SamplingRequest(StrictModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    truncate_max_tokens: bool = Field(
+        False,
+        description="true: a max_tokens past what the context leaves after the prompt is cut to fit "
+        "(the answer ends with finish_reason length) instead of refused with a 400.",
+    )
     # vLLM fields tokenmill cannot honour: declared so that a request setting one gets a 400 naming
     # it (server/sampling.py), not text that looks right and ignored the constraint.
     guided_json: Any = unsupported("vLLM structured output")

@@ -12,8 +12,10 @@ Gateway-only fields are stripped before forwarding: the key headers, and
 ``metadata`` (a JSON object of tags kept with the usage row). A request that
 names no max_tokens (nor max_completion_tokens) is sent the max_tokens a
 sequence it reserved (``limits.default_output``): without one a worker would
-generate to the end of the context. Every other field goes to the worker
-unchanged.
+generate to the end of the context. It is sent with ``truncate_max_tokens``, so
+that a prompt leaving less room is answered up to the context's end, as the
+client asked, not refused for a limit it did not set. Every other field goes to
+the worker unchanged.
 """
 
 from __future__ import annotations
@@ -173,6 +175,9 @@ class Gateway:
             request["max_tokens"] = default_output(
                 request, team, prompt_tokens, self.config.default_max_tokens, price
             )
+            # The client named none, so it expects the answer cut at the end of the context, not a 400
+            # for a limit it did not set: tokenmill workers cut this one to fit (vLLM ignores it).
+            request["truncate_max_tokens"] = True
             output_tokens, rewritten = asked_output(request), True
         wants_usage = ask_for_usage(request)
         # The client's bytes can go as they are when adding the priority is the only change (a

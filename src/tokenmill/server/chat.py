@@ -8,7 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tokenmill.engine.errors import PromptTooLongError
+from tokenmill.engine.errors import MaxTokensTooLargeError, PromptTooLongError
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
 from tokenmill.engine.request_stream import RequestStream
 from tokenmill.protocol.chat import ChatCompletionRequest
@@ -53,10 +53,14 @@ class ChatHandler(OpenAIHandler):
             req.continue_final_message,
             req.chat_template_kwargs,
         )
+        # A max_tokens the client named is refused past the context, as vLLM's server does; the
+        # server's default (none named) is cut to fit.
+        truncate = max_tokens is None or req.truncate_max_tokens
         try:
-            streams = open_streams(self.worker, [prompt], params, rid, priority, req.cache_salt)
-        except PromptTooLongError as e:
-            raise to_api_error(e, prompt_field="messages") from None
+            streams = open_streams(self.worker, [prompt], params, rid, priority, req.cache_salt, truncate)
+        except (PromptTooLongError, MaxTokensTooLargeError) as e:
+            field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+            raise to_api_error(e, prompt_field="messages", max_tokens_field=field) from None
         if req.stream:
             return SSEResponse(self._stream(req, streams, rid, model))
         try:

@@ -62,7 +62,8 @@ class CompletionsHandler(OpenAIHandler):
         params = to_sampling_params(req, self.defaults, req.max_tokens, req.logprobs, req.stream)
         priority = request_priority(req, request.headers.get(PRIORITY_HEADER))
         rid = new_id("cmpl")
-        streams = open_streams(self.worker, prompts, params, rid, priority, req.cache_salt)
+        truncate = req.max_tokens is None or req.truncate_max_tokens  # (see chat)
+        streams = open_streams(self.worker, prompts, params, rid, priority, req.cache_salt, truncate)
         if req.stream:
             return SSEResponse(self._stream(req, streams, rid, model))
         try:

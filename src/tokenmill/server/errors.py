@@ -8,6 +8,7 @@ from tokenmill.engine.errors import (
     EngineDeadError,
     EngineOverloadedError,
     InvalidRequestError,
+    MaxTokensTooLargeError,
     PromptTooLongError,
 )
 from tokenmill.protocol.errors import APIError
@@ -15,14 +16,21 @@ from tokenmill.protocol.errors import APIError
 logger = logging.getLogger(__name__)
 
 
-def to_api_error(exc: BaseException, prompt_field: str = "prompt") -> APIError:
+def to_api_error(
+    exc: BaseException, prompt_field: str = "prompt", max_tokens_field: str = "max_tokens"
+) -> APIError:
     """The API error for an exception raised while serving a request.
 
     ``prompt_field`` names the prompt in this API (``messages`` for chat), for
-    prompts over the context length and bad token ids.
+    prompts over the context length and bad token ids; ``max_tokens_field`` the
+    output limit the request named (chat's ``max_completion_tokens``).
     """
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, MaxTokensTooLargeError):
+        return APIError.invalid_request(
+            exc.message_for(max_tokens_field), param=max_tokens_field, code="context_length_exceeded"
+        )
     if isinstance(exc, PromptTooLongError):
         return APIError.invalid_request(str(exc), param=prompt_field, code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError) and exc.field == "prompt_token_ids":

@@ -105,6 +105,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 request_id,
                 priority,
                 request.cache_salt or None,
+                truncate_max_tokens=not request.HasField("max_tokens"),  # (as over HTTP)
             )
         except Exception as exc:
             prompt_field = "chat.messages" if request.WhichOneof("prompt") == "chat" else "prompt"

@@ -31,14 +31,16 @@ def open_streams(
     request_id: str,
     priority: int,
     cache_salt: str | None,
+    truncate_max_tokens: bool = True,
 ) -> list[RequestStream]:
-    """Accept one engine request per prompt, or none: a bad prompt closes the ones already open."""
+    """Accept one engine request per prompt, or none: a bad prompt closes the ones already open.
+    ``truncate_max_tokens=False``: a prompt leaving less room than ``params.max_tokens`` is refused."""
     worker.check_accepting()
     streams: list[RequestStream] = []
     try:
         for i, prompt in enumerate(prompts):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            streams.append(worker.engine.open(prompt, params, rid, priority, cache_salt))
+            streams.append(worker.engine.open(prompt, params, rid, priority, cache_salt, truncate_max_tokens))
     except BaseException:
         close_all(streams)
         raise
