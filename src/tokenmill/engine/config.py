@@ -9,7 +9,10 @@ user chooses; every field has a default that works.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ DTYPES: dict[str, torch.dtype] = {
 # rest of the engine knows one name. vLLM's fp8_e5m2 has no kernel here, and is refused by name.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,15 @@ def _as_tuple(value: Any) -> tuple[int, ...]:
     return (int(value),)
 
 
+def _int(x: object) -> bool:
+    # A bool is an int to Python; as a count or a size it is a mistake, never what was meant.
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _finite(x: object) -> bool:
+    return _int(x) or (isinstance(x, float) and math.isfinite(x))
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
@@ -229,13 +242,13 @@ class EngineConfig:
             (
                 "max_num_seqs",
                 self.max_num_seqs,
-                isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
+                _int(self.max_num_seqs) and self.max_num_seqs >= 1,
                 "an integer >= 1",
             ),
             (
                 "block_size",
                 self.block_size,
-                self.block_size in (8, 16, 32, 64, 128),
+                _int(self.block_size) and self.block_size in (8, 16, 32, 64, 128),
                 "one of 8, 16, 32, 64, 128",
             ),
             (
@@ -248,7 +261,8 @@ class EngineConfig:
             (
                 "max_num_batched_tokens",
                 self.max_num_batched_tokens,
-                self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+                self.max_num_batched_tokens is None
+                or (_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1),
                 "an integer >= 1 or None",
             ),
             (
@@ -305,10 +319,29 @@ class EngineConfig:
             (
                 "max_itl",
                 self.max_itl,
-                self.max_itl is None or (isinstance(self.max_itl, int | float) and self.max_itl > 0),
-                "seconds > 0 or None",
+                self.max_itl is None or (_finite(self.max_itl) and self.max_itl > 0),
+                "a finite number of seconds > 0, or None",
             ),
             ("runner", self.runner, self.runner in ("model", "simulated"), "model or simulated"),
+            (
+                "model",
+                self.model,
+                self.model is None or (isinstance(self.model, str | PathLike) and str(self.model) != ""),
+                "a model folder (a non-empty path), or None for the embedded demo model",
+            ),
+            (
+                "device",
+                self.device,
+                isinstance(self.device, str) and DEVICE_PATTERN.fullmatch(self.device) is not None,
+                "auto, cpu, cuda or cuda:N",
+            ),
+            (
+                "enable_prefix_caching",
+                self.enable_prefix_caching,
+                isinstance(self.enable_prefix_caching, bool),
+                "true or false",
+            ),
+            ("kv_events", self.kv_events, isinstance(self.kv_events, bool), "true or false"),
             (
                 "seed",
                 self.seed,

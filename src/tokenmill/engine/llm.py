@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from tokenmill.engine.config import EngineConfig
@@ -103,8 +103,7 @@ class LLM:
         """
         batch = _as_prompt_list(prompts)
         params = self._params_list(sampling_params, len(batch))
-        priorities = [priority] * len(batch) if isinstance(priority, int) else list(priority)
-        return self._run(batch, params, priorities)
+        return self._run(batch, params, _priority_list(priority, len(batch)))
 
     def chat(
         self,
@@ -179,10 +178,26 @@ class LLM:
 def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:
     if isinstance(prompts, str | dict):
         return [prompts]
+    if not isinstance(prompts, Iterable):
+        allowed = "a string, a list of token ids, a dict, or a list of these"
+        raise InvalidRequestError("prompts", type(prompts).__name__, allowed)
     items = list(prompts)
     if items and all(isinstance(t, int) for t in items):
         return [items]  # one prompt given as token ids
     return items
+
+
+def _priority_list(priority: int | Sequence[int], n: int) -> list[int]:
+    """One priority per prompt. Each value is checked where every request's is (add_request)."""
+    if isinstance(priority, Sequence) and not isinstance(priority, str):
+        if len(priority) != n:
+            raise InvalidRequestError(
+                "priority", f"<{len(priority)} items>", f"one integer, or {n} (one per prompt)"
+            )
+        return list(priority)
+    if isinstance(priority, int) and not isinstance(priority, bool):
+        return [priority] * n
+    raise InvalidRequestError("priority", priority, f"an integer, or a list of {n} (one per prompt)")
 
 
 def _unwrap(prompt: PromptInput) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from tokenmill.engine.errors import InvalidRequestError
@@ -57,8 +58,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = _as_list(self.stop, "stop", "a string or a list of non-empty strings")
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of token ids")
         if self.top_k == -1:
             self.top_k = 0
         if not isinstance(self.output_kind, OutputKind):
@@ -74,7 +75,7 @@ class SamplingParams:
 
     def validate(self, vocab_size: int | None = None, max_logprobs: int = 20) -> None:
         """Raise InvalidRequestError naming the first out-of-range field."""
-        _check(self.n, "n", isinstance(self.n, int) and 1 <= self.n <= 128, "an integer in [1, 128]")
+        _check(self.n, "n", _int(self.n) and 1 <= self.n <= 128, "an integer in [1, 128]")
         _check(
             self.temperature,
             "temperature",
@@ -85,7 +86,7 @@ class SamplingParams:
         _check(
             self.top_k,
             "top_k",
-            isinstance(self.top_k, int) and self.top_k >= -1,
+            _int(self.top_k) and self.top_k >= -1,
             "an integer >= 0 (0 or -1 disables top-k)",
         )
         _check(self.min_p, "min_p", _num(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]")
@@ -116,13 +117,13 @@ class SamplingParams:
         _check(
             self.max_tokens,
             "max_tokens",
-            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            self.max_tokens is None or (_int(self.max_tokens) and self.max_tokens >= 1),
             "an integer >= 1, or null for up to max_model_len",
         )
         _check(
             self.min_tokens,
             "min_tokens",
-            isinstance(self.min_tokens, int)
+            _int(self.min_tokens)
             and self.min_tokens >= 0
             and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
             "an integer in [0, max_tokens]",
@@ -132,14 +133,16 @@ class SamplingParams:
         )
         top = vocab_size if vocab_size is not None else None
         for tid in self.stop_token_ids:
-            ok = isinstance(tid, int) and tid >= 0 and (top is None or tid < top)
+            ok = _int(tid) and tid >= 0 and (top is None or tid < top)
             _check(tid, "stop_token_ids", ok, f"token ids in [0, {top})" if top else "non-negative token ids")
         _check(
             self.logprobs,
             "logprobs",
-            self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= max_logprobs),
+            self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= max_logprobs),
             f"an integer in [0, {max_logprobs}] or null",
         )
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            _check(getattr(self, name), name, isinstance(getattr(self, name), bool), "true or false")
 
 
 def _num(x: object) -> bool:
@@ -151,7 +154,18 @@ def _num(x: object) -> bool:
 
 
 def _int(x: object) -> bool:
+    # A bool is an int to Python, but True as a count is a mistake: logprobs=True reached torch's
+    # topk, which refuses a bool, and stopped the engine loop for every request.
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _as_list(value: object, name: str, allowed: str) -> list:
+    # list(5) would raise a bare TypeError, and list("abc") would split a string into characters.
+    if value is None:
+        return []
+    if isinstance(value, Iterable) and not isinstance(value, str | bytes | Mapping):
+        return list(value)
+    raise InvalidRequestError(name, value, allowed)
 
 
 def _check(value: object, name: str, ok: bool, allowed: str) -> None:

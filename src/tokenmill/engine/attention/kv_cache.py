@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.engine.attention.backend import AttentionSpec
+from tokenmill.engine.errors import InvalidRequestError
 
 FP8_DTYPE = torch.float8_e4m3fn
 SCALE_DTYPE = torch.float32
@@ -97,9 +98,23 @@ def _allocate(shape: tuple[int, ...], dtype: torch.dtype, spec: AttentionSpec) -
     zeroed on CPU too, so every page is touched now, in one sequential pass: left to fault in
     block by block as requests first write them, the pool ended up on small pages and decode
     steps ran 1.6x slower until the whole pool had been written once."""
-    if spec.device.type == "cpu":
-        return torch.zeros(shape, dtype=dtype, device=spec.device)
-    cache = torch.empty(shape, dtype=dtype, device=spec.device)
+    try:
+        if spec.device.type == "cpu":
+            return torch.zeros(shape, dtype=dtype, device=spec.device)
+        cache = torch.empty(shape, dtype=dtype, device=spec.device)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError | torch.OutOfMemoryError) and "alloc" not in str(e):
+            raise
+        # Not a traceback at start-up: the pool's size is the user's kv_cache_memory.
+        nbytes = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+        raise InvalidRequestError(
+            "kv_cache_memory",
+            None,
+            "bytes the device can allocate",
+            message=f"cannot allocate the KV cache on {spec.device}: one layer's {nbytes / 2**30:.2f} GiB "
+            f"failed ({str(e).splitlines()[0][:200]}); lower kv_cache_memory (bytes, or a fraction of "
+            "the free memory)",
+        ) from None
     cache[:, : spec.block_size].zero_()
     return cache
 
