@@ -144,11 +144,11 @@ def test_breaking_out_of_an_async_stream_aborts_it_and_frees_its_slot(demo):
     async def run() -> None:
         async with AsyncClient(demo.url, max_concurrency=1) as client:
             stream = await client.completions.create(
-                prompt="ROMEO:", max_tokens=2000, ignore_eos=True, stream=True
+                prompt="ROMEO:", max_tokens=1000, ignore_eos=True, stream=True
             )
             async for _ in stream:
                 break
-            # The only slot comes back: this one is sent within seconds, not after 2000 tokens.
+            # The only slot comes back: this one is sent within seconds, not after 1000 tokens.
             reply = await asyncio.wait_for(client.completions.create(prompt="ROMEO:", max_tokens=2), 5)
             assert reply.usage is not None and reply.usage.completion_tokens == 2
             assert client.dispatcher.gate.in_flight == 0

@@ -13,7 +13,7 @@ from tests.router.test_gateway import CONFIG, create_key, start_gateway, usage_r
 from tests.router.test_route import RouterProcess
 from tests.server.conftest import start_server
 
-LONG = b'{"model": "demo", "prompt": "ROMEO:", "max_tokens": 2000, "ignore_eos": true}'
+LONG = b'{"model": "demo", "prompt": "ROMEO:", "max_tokens": 1000, "ignore_eos": true}'
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_the_gateway_records_a_whole_request_whose_client_left_as_cancelled(work
             time.sleep(0.05)
         (row,) = rows
         assert row["status"] == "cancelled" and row["worker"], row
-        # Its prompt is charged (the worker read it); not the 2,000 tokens it asked for.
+        # Its prompt is charged (the worker read it); not the 1,000 tokens it asked for.
         assert row["prompt_tokens"] > 0 and row["completion_tokens"] == 0 and row["cost"] > 0
     finally:
         router.stop()

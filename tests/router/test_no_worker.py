@@ -26,7 +26,7 @@ def test_no_worker_left_is_a_503_at_once_for_new_and_waiting_requests(tmp_path: 
             single.url, extra=("--gateway-config", str(config)), env={"TOKENMILL_ADMIN_KEY": ADMIN}
         )
         wait_until(lambda: router.status()["workers"][0]["slots"] == 1, "the worker's slot from its metrics")
-        body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2000,
+        body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1000,
                 "ignore_eos": True, "stream": True}  # fmt: skip
         headers = {"authorization": f"Bearer {key}"}
         with httpx.stream(
