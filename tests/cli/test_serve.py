@@ -43,6 +43,18 @@ def test_a_bad_engine_option_names_the_field():
     assert "scheduling_policy='lottery' is invalid: allowed priority or fcfs" in done.stderr
 
 
+def test_the_engine_options_of_the_guide_are_flags_and_are_checked():
+    """--attention-backend, --preemption-priority-gap and --kv-watermark were EngineConfig fields
+    that serve could not set."""
+    for flag, value, says in (
+        ("--attention-backend", "warp", "attention_backend='warp' is invalid: allowed one of auto,"),
+        ("--kv-watermark", "0.7", "kv_watermark=0.7 is invalid"),
+        ("--preemption-priority-gap", "0", "preemption_priority_gap=0 is invalid"),
+    ):
+        done = subprocess.run([*SERVE, flag, value], capture_output=True, text=True, env=ENV, timeout=120)
+        assert done.returncode == 2 and says in done.stderr, done.stderr
+
+
 def test_a_simulated_worker_serves_the_api_with_modeled_step_times():
     import httpx
 

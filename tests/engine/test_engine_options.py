@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from tokenmill.engine import LLM, EngineConfig, InvalidRequestError, SamplingParams
 
@@ -69,12 +70,16 @@ def test_the_message_says_what_is_allowed():
     assert str(e.value) == "device='meta' is invalid: allowed auto, cpu, cuda or cuda:N"
 
 
-def test_a_kv_pool_the_device_cannot_allocate_is_a_typed_error(tiny_llama):
-    # 10 PB: past any machine's address space, so the allocation fails at once, never lazily.
+@pytest.mark.parametrize("past_free", [1 << 30, 10**16])
+def test_a_kv_pool_in_bytes_past_what_is_free_is_refused_before_it_is_allocated(tiny_llama, past_free):
+    """A GiB past MemAvailable would be allocated (overcommit) and zeroed page by page until the
+    kernel killed the process; 10 PB is past any address space."""
+    from tokenmill.engine.memory import available_memory
+
     with pytest.raises(InvalidRequestError) as e:
-        LLM(str(tiny_llama), device="cpu", kv_cache_memory=10**16)
+        LLM(str(tiny_llama), device="cpu", kv_cache_memory=available_memory(torch.device("cpu")) + past_free)
     assert e.value.field == "kv_cache_memory"
-    assert "cannot allocate the KV cache on cpu" in str(e.value)
+    assert "GiB free on cpu after the weights" in str(e.value)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from tokenmill.cli.batch import app as batch_app
 from tokenmill.cli.bench import app as bench_app
 from tokenmill.cli.eval import eval_command
 from tokenmill.cli.keys import app as keys_app
+from tokenmill.cli.kv_memory import KVCacheMemory
 from tokenmill.cli.quantize import quantize
 from tokenmill.cli.route import app as route_app
 from tokenmill.cli.serve import KVCacheDtype, QuantizeLmHead, serve
@@ -77,9 +78,7 @@ def generate(
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     max_model_len: Annotated[int | None, typer.Option(help="Longest sequence (prompt + output).")] = None,
-    kv_cache_memory: Annotated[
-        float | None, typer.Option(help="KV pool: bytes, or a fraction (0, 1] of free memory.")
-    ] = None,
+    kv_cache_memory: KVCacheMemory = None,
     quantization: Annotated[
         str | None, typer.Option(help="int8, int4 or fp8: weights quantized at load. Default: none.")
     ] = None,
@@ -93,9 +92,7 @@ def generate(
     from tokenmill.cli.generate import stdout_write, stream_generate
     from tokenmill.engine import Engine, EngineConfig, EngineError, SamplingParams
 
-    kv: float | int | None = kv_cache_memory
-    if kv is not None and kv > 1:
-        kv = int(kv)
+    kv: float | int | None = kv_cache_memory  # (parsed by its option's callback)
     given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
     sampling = {name: value for name, value in given.items() if value is not None}
     try:

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from tokenmill.cli.event_loop import run_fast
+from tokenmill.cli.kv_memory import KVCacheMemory
 
 err = Console(stderr=True)
 
@@ -58,9 +59,7 @@ def serve(
     max_waiting_requests: Annotated[
         int | None, typer.Option(help="Past this many waiting requests, answer 429. Default: unbounded.")
     ] = None,
-    kv_cache_memory: Annotated[
-        float | None, typer.Option(help="KV pool: bytes, or a fraction (0, 1] of free memory.")
-    ] = None,
+    kv_cache_memory: KVCacheMemory = None,
     block_size: Annotated[int, typer.Option(help="Tokens per KV block.")] = 16,
     enable_prefix_caching: Annotated[bool, typer.Option(help="Reuse KV of shared prompt prefixes.")] = True,
     scheduling_policy: Annotated[str, typer.Option(help="priority or fcfs.")] = "priority",
@@ -86,6 +85,18 @@ def serve(
             "(~2x tokens). e5m2 is not supported."
         ),
     ] = "auto",
+    attention_backend: Annotated[
+        str,
+        typer.Option(
+            help="auto, cpu (tokenmill's paged decode kernel) or reference (PyTorch SDPA; any device)."
+        ),
+    ] = "auto",
+    preemption_priority_gap: Annotated[
+        int, typer.Option(help="A waiting request preempts running ones at least this many levels below it.")
+    ] = 1,
+    kv_watermark: Annotated[
+        float, typer.Option(help="Share of KV blocks admission leaves free, in [0, 0.5).")
+    ] = 0.01,
 ) -> None:
     """Serve a model over OpenAI-compatible HTTP (with SSE) and gRPC, with Prometheus metrics.
 
@@ -103,9 +114,7 @@ def serve(
             err.print(f"[red]error:[/red] {option} must be from {allowed}, got {value}")
             raise typer.Exit(2)
 
-    kv: float | int | None = kv_cache_memory
-    if kv is not None and kv > 1:
-        kv = int(kv)
+    kv: float | int | None = kv_cache_memory  # (parsed by its option's callback)
     config = EngineConfig(
         model=str(model) if model else None,
         dtype=dtype,
@@ -126,6 +135,9 @@ def serve(
         quantization=quantization,
         quantize_lm_head=quantize_lm_head,
         kv_cache_dtype=kv_cache_dtype,
+        attention_backend=attention_backend,
+        preemption_priority_gap=preemption_priority_gap,
+        kv_watermark=kv_watermark,
     )
     options = ServeOptions(
         host=host,

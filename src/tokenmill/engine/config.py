@@ -205,7 +205,7 @@ class EngineConfig:
     """What the user chooses when starting an engine.
 
     ``kv_cache_memory`` is bytes for the KV pool, or a fraction (0, 1] of the
-    device memory left free after the weights load (GPU only). ``None`` means
+    device memory left free after the weights load (on CPU, of MemAvailable). ``None`` means
     0.9 of free memory on GPU and 1 GiB on CPU.
     """
 

@@ -30,7 +30,7 @@ from tokenmill.engine.loader import (
     resolve_model_path,
     weight_bytes,
 )
-from tokenmill.engine.memory import KVCachePlan, plan_kv_cache
+from tokenmill.engine.memory import KVCachePlan, check_pool_fits, plan_kv_cache
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import RequestOutput
@@ -153,6 +153,7 @@ class Engine:
             weight_bytes(self.model, self.dtype, self.device),
             config.kv_cache_dtype,
         )
+        check_pool_fits(config.kv_cache_memory, self.kv_plan, self.device)
         pack_for_device(self.model, self.dtype, self.device)
         spec = AttentionSpec(
             num_heads=self.model_config.num_heads,

@@ -14,7 +14,7 @@ import torch
 
 from tokenmill.engine.attention.kv_cache import FP8_DTYPE, SCALE_DTYPE
 from tokenmill.engine.config import ModelConfig
-from tokenmill.engine.errors import InsufficientKVCacheError
+from tokenmill.engine.errors import InsufficientKVCacheError, InvalidRequestError
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
 DEFAULT_GPU_FRACTION = 0.9
@@ -146,3 +146,20 @@ def plan_kv_cache(
             f"{need} bytes{shorter}"
         )
     return plan
+
+
+def check_pool_fits(kv_cache_memory: float | int | None, plan: KVCachePlan, device: torch.device) -> None:
+    """A pool given in bytes must fit in what the device has free after the weights. On CPU the
+    allocation would succeed (memory is overcommitted) and zeroing it touch every page, so the
+    kernel would kill this process, or a neighbour, instead of the user getting an error."""
+    if not isinstance(kv_cache_memory, int) or isinstance(kv_cache_memory, bool):
+        return  # a fraction of what is free, or the default: fits by construction
+    pool = plan.num_blocks * plan.bytes_per_block
+    free = available_memory(device)
+    if pool > free:
+        raise InvalidRequestError(
+            "kv_cache_memory",
+            kv_cache_memory,
+            f"at most {free} bytes ({free / 2**30:.2f} GiB free on {device} after the weights), or a "
+            "fraction in (0, 1] of what is free",
+        )
