@@ -45,6 +45,8 @@ def refused(**fields) -> str | None:
         ("model", ""),
         ("enable_prefix_caching", "no"),
         ("kv_events", 1),
+        ("timing_profile", "/nonexistent/profile.json"),  # (read only with max_itl or simulated)
+        ("timing_profile", 5),
     ],
 )
 def test_wrong_types_are_refused_naming_the_option(field, value):

@@ -343,6 +343,15 @@ class EngineConfig:
             ),
             ("kv_events", self.kv_events, isinstance(self.kv_events, bool), "true or false"),
             (
+                "timing_profile",
+                self.timing_profile,
+                # Checked here: the engine reads it only for max_itl or the simulated runner, and a
+                # misspelt path must not pass unnoticed until one of those is turned on.
+                self.timing_profile is None
+                or (isinstance(self.timing_profile, str | PathLike) and Path(self.timing_profile).is_file()),
+                "an existing JSON file written by `tokenmill profile`, or None",
+            ),
+            (
                 "seed",
                 self.seed,
                 isinstance(self.seed, int)
