@@ -237,3 +237,25 @@ def test_a_request_whose_worker_failed_without_answering_is_charged_its_prompt(f
         (None, 0, 0),
     ]
     assert rows[0]["cost"] == pytest.approx(failed.prompt_tokens * 1.0 / 1e6)  # demo's prompt price
+
+
+def test_a_restarted_gateway_starts_the_minute_limits_from_the_ledgers_last_minute(front, tmp_path):
+    """The buckets lived in memory: a restart handed every team a fresh minute on top of the one
+    it had just used."""
+    for _ in range(2):  # capped: 2 requests a minute
+        front.finish(front.admit("capped", {"model": "demo", "prompt": "Hi", "max_tokens": 5}), 3, 5)
+    a = front.admit(
+        "small", {"model": "demo", "prompt": "Hi", "max_tokens": 400}
+    )  # small: 500 tokens a minute
+    front.finish(a, 3, 400)
+    front.gateway.ledger.close()
+    restarted = Front(Gateway(load_gateway_config(tmp_path / "gateway.yaml")), front.keys)
+    assert restarted.refused("capped", {"model": "demo", "prompt": "Hi", "max_tokens": 5}).param == (
+        "requests_per_minute"
+    )
+    assert restarted.refused("small", {"model": "demo", "prompt": "Hi", "max_tokens": 200}).param == (
+        "tokens_per_minute"
+    )
+    assert restarted.admit("small", {"model": "demo", "prompt": "Hi", "max_tokens": 50})  # what is left
+    assert restarted.admit("open", {"model": "demo", "prompt": "Hi"})  # no minute limit: untouched
+    restarted.gateway.ledger.close()

@@ -96,6 +96,9 @@ class Gateway:
         self.limiter = Limiter(self._spent)
         for team in self.teams.values():
             self.limiter.configure(team)
+        # A restart must not refill the minute: the buckets start from the ledger's last minute.
+        for name, recent in self.ledger.recent_usage(60.0).items():
+            self.limiter.resume(name, recent)
         admin = os.environ.get(config.admin_key_env)
         self._admin_hash = hash_key(admin) if admin else None
 

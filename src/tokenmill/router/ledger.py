@@ -268,6 +268,23 @@ class Ledger(TeamsAndKeys):
         self.recovered += len(rows)
         return len(rows)
 
+    def recent_usage(self, seconds: float, now: float | None = None) -> dict[str, list[tuple[float, int]]]:
+        """Per team, each request of the last ``seconds``: (seconds ago, prompt and completion
+        tokens). Read from the log's end back (ids follow the start times, give or take a commit),
+        so a gateway's start reads a minute of rows, not the log."""
+        now = time.time() if now is None else now
+        recent: dict[str, list[tuple[float, int]]] = {}
+        cursor = self._db.execute(
+            "SELECT team, started, prompt_tokens + COALESCE(completion_tokens, 0) FROM usage ORDER BY id DESC"
+        )
+        for team, started, tokens in cursor:
+            age = now - started
+            if age > seconds + 10:  # (the slack: rows of one commit may start out of order)
+                break
+            if age <= seconds:
+                recent.setdefault(team, []).append((max(age, 0.0), int(tokens or 0)))
+        return recent
+
     def spent(self, team: str, budget: Budget, now: float | None = None) -> tuple[int, float]:
         """Tokens and dollars the team has spent in the budget's current period."""
         start = period_start(budget.period, now).isoformat()

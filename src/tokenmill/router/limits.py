@@ -8,7 +8,9 @@ proved longer than estimated is charged: the bucket may go below zero, and
 the team waits it off). So a burst of
 requests, or long streams still running, can never take a team past its
 limit: what is in flight is already counted. Requests and tokens per minute
-are token buckets holding a minute's allowance and refilling continuously.
+are token buckets holding a minute's allowance and refilling continuously; a
+gateway that starts takes its teams' last minute from the ledger (``resume``),
+so a restart does not hand out a fresh minute.
 Budgets run over UTC calendar periods (day, week from Monday, month) and are
 checked against the ledger's totals for the period plus what is in flight.
 
@@ -245,6 +247,19 @@ class Limiter:
 
     def forget(self, name: str) -> None:
         self._teams.pop(name, None)
+
+    def resume(self, team: str, recent: list[tuple[float, int]]) -> None:
+        """Start ``team``'s minute buckets from its last minute of usage, ``(seconds ago, tokens)``
+        per request (the ledger's, as a gateway starts): else a restart would hand every team a
+        full minute on top of the one it just used. Each request's share is taken as refilled
+        evenly over the minute after it, which is the bucket's own rate while it is not full."""
+        s = self._teams.get(team)
+        if s is None:
+            return
+        for bucket, amount in ((s.requests, lambda _tokens: 1), (s.tokens, lambda tokens: tokens)):
+            if bucket is not None:
+                owed = sum(amount(tokens) * max(0.0, 1.0 - age / 60.0) for age, tokens in recent)
+                bucket.level = min(bucket.level, bucket.capacity - owed)
 
     def admit(self, team: str, tokens: int, dollars: float) -> Reservation | Refusal:
         """Reserve ``tokens`` (the prompt's and the most it may generate) and ``dollars`` for a
