@@ -4,7 +4,9 @@ writing. Each exits with a one-line reason, and never loses what was measured.""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -209,3 +211,40 @@ def test_compare_warns_when_runs_measure_different_workloads(tmp_path):
     assert "b has data 'synthetic 5 -> 64 tokens', a None: not the same workload" in " ".join(
         done.stderr.split()
     )
+
+
+def test_brackets_in_names_and_urls_print_as_is_and_the_run_is_written(tmp_path):
+    """Before: --model "[/x]" (or a server's model, worker or message holding one) ended the
+    run in a MarkupError traceback with nothing written; a URL holding one, at the error."""
+    prefix = tmp_path / "[red]run"
+    local = ["--tokenizer", "src/tokenmill/engine/demo_model/tokenizer.json"]
+    with mock_server("--ttft", "0", "--itl", "0") as url:
+        done = bench("run", url, "--model", "[/x]", *local, *SMALL, "-o", str(prefix))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "model '[/x]'" in done.stdout
+    assert f"wrote the run to {prefix}.events.jsonl" in " ".join(done.stderr.split())
+    assert (tmp_path / "[red]run.json").exists()
+    bad = bench("run", "http://[/x]", *SMALL)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert "got 'http://[/x]'" in bad.stderr
+
+
+def test_ctrl_c_while_the_prompts_are_built_ends_at_once_and_keeps_an_earlier_run(tmp_path):
+    """Before: the build of every prompt went on to its end (minutes for a large run), then an
+    empty run of 0 requests replaced the earlier files under the same prefix."""
+    prefix = tmp_path / "run"
+    (tmp_path / "run.json").write_text('{"an": "earlier run"}')
+    load = ["--requests", "20000", "--prompt-tokens", "2000", "--output-tokens", "2"]
+    with mock_server("--ttft", "0", "--itl", "0") as url:
+        cmd = [*TOKENMILL, "bench", "run", url, *load, "-o", str(prefix)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        time.sleep(4.0)  # start-up ~1.5 s; building 20,000 prompts of 2,000 tokens takes far longer
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=15)
+        finally:
+            proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "stopped early: nothing was sent, no file written" in err
+    assert (tmp_path / "run.json").read_text() == '{"an": "earlier run"}'
+    assert not (tmp_path / "run.events.jsonl").exists()

@@ -98,3 +98,13 @@ def test_a_run_without_successes_has_zero_throughput_not_nan(tmp_path):
     assert table["output_tok_s"][1].value == 0.0
     assert table["output_tok_s"][1].delta == pytest.approx(-table["output_tok_s"][0].value)
     assert math.isnan(table["ttft_p50"][1].value)  # no request to time: unknown, not zero
+
+
+def test_a_log_under_another_name_is_compared_as_bench_report_reads_it(tmp_path):
+    """Before: a log copied to a.jsonl was refused ("no event log a.jsonl.events.jsonl beside
+    it"), though bench report read it."""
+    base = saved_run(tmp_path, "base", 0.02)
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text((tmp_path / "base.events.jsonl").read_text())
+    runs = [Run.load(base), Run.load(copy)]
+    assert runs[1].label == "copy.jsonl" and compare(runs)["ttft_p50"][1].delta == 0.0

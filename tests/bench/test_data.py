@@ -164,3 +164,9 @@ def test_conversations_cannot_go_to_the_completions_endpoint():
     check_endpoint(specs, "chat")
     with pytest.raises(ValueError, match='request 2 of the data has only "messages": use --endpoint chat'):
         check_endpoint(specs, "completions")
+
+
+def test_no_prefix_groups_names_the_option():
+    """Before: "groups must be >= 1", an option nobody typed."""
+    with pytest.raises(ValueError, match=r"^--prefix-groups must be >= 1, got 0"):
+        asyncio.run(data.shared_prefix(None, 1, 0, Length(1, 1), Length(1, 1), Length(1, 1), seed=0))  # type: ignore[arg-type]

@@ -49,7 +49,11 @@ def test_defaults_pick_the_profile_from_the_other_options():
         ({"profile": "poisson"}, "--profile poisson needs --rate"),
         ({"profile": "poisson", "rate": "inf"}, "--rate values must be finite numbers > 0"),
         ({"profile": "constant", "rate": "1e400"}, "--rate values must be finite numbers > 0"),
-        ({"concurrency": "1,,2"}, "--concurrency must be a number or a comma-separated list"),
+        ({"concurrency": "1,,2"}, "--concurrency must be an integer or a comma-separated list of them"),
+        (
+            {"concurrency": "2.5"},
+            "--concurrency must be an integer or a comma-separated list",
+        ),  # not "a number"
         ({"search": True, "rate": "1,2"}, "--find-max-goodput starts from one --rate, got '1,2'"),
     ],
 )

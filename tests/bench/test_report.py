@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 from rich.console import Console
 
 from tokenmill.bench.metrics import summarize
-from tokenmill.bench.records import RequestRecord
+from tokenmill.bench.records import RequestRecord, read_log, write_log
 from tokenmill.bench.report import Cost, csv_row, print_summary, print_sweep, write_csv
 
 RUN = {"url": "http://x", "model": "m", "endpoint": "chat", "profile": "concurrency 2", "data": "d"}
@@ -69,3 +70,29 @@ def test_the_html_sweep_table_gives_both_costs(tmp_path):
     write_html(tmp_path / "sweep.html", points, Cost(3.6), ("concurrency", [1.0, 2.0]))
     html = (tmp_path / "sweep.html").read_text()
     assert "<th>$ / M output tokens</th><th>$ / M tokens</th>" in html and "2.500" in html
+
+
+def test_text_from_the_user_or_the_server_prints_as_is_not_as_markup():
+    """Before: a model, worker or note holding "[/x]" ended the run in rich's MarkupError,
+    before its files were written; "[red]" in a name vanished from the report."""
+    run = {**RUN, "model": "[/x]", "data": "jsonl runs/[red]q.jsonl", "notes": ["server said [/b]"]}
+    s = summarize(records({"w[/0]": [10, 10]}))
+    text = printed(lambda c: print_summary(c, run, s))
+    assert "model '[/x]'" in text and "runs/[red]q.jsonl" in text
+    assert "w[/0] 2 req" in text and "server said [/b]" in text
+    assert "[/x]" in printed(lambda c: print_sweep(c, [("trace [/x]", s)]))
+
+
+def test_a_log_that_is_not_there_is_named_with_where_to_look(tmp_path):
+    """Before: raw "[Errno 2] No such file or directory" naming a file not given, and
+    "[Errno 21] Is a directory"; a sweep's PREFIX.json, which does not exist, got no hint."""
+    write_log(tmp_path / "sw.0.events.jsonl", {}, [])
+    with pytest.raises(ValueError, match=r"sw.json: no such file; sw is a sweep: give one of its points"):
+        read_log(tmp_path / "sw.json")
+    with pytest.raises(ValueError, match=r"^\S*nothing.events.jsonl: no such file$"):
+        read_log(tmp_path / "nothing.events.jsonl")
+    (tmp_path / "lonely.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"lonely.json: no event log lonely.events.jsonl beside it"):
+        read_log(tmp_path / "lonely.json")
+    with pytest.raises(ValueError, match=r"is a folder: give a run's PREFIX.events.jsonl or PREFIX.json"):
+        read_log(tmp_path)

@@ -114,7 +114,7 @@ async def shared_prefix(
     seed: int,
 ) -> list[RequestSpec]:
     if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
+        raise ValueError(f"--prefix-groups must be >= 1, got {groups}")
     rng = random.Random(seed)
     prefixes = [await exact_text(tok, prefix_tokens.draw(rng), rng) for _ in range(groups)]
     specs = []

@@ -127,11 +127,15 @@ def write_record(f: IO[str], record: RequestRecord) -> None:
 def read_log(path: Path) -> tuple[dict[str, Any], list[RequestRecord]]:
     """The header and the records of a log written by ``write_log``; a run's ``PREFIX.json``
     stands for the log beside it. Errors name the file and the line."""
-    path = log_path(path)
+    given, path = path, log_path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text, not a tokenmill bench log") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder: give a run's PREFIX.events.jsonl or PREFIX.json") from None
+    except FileNotFoundError:
+        raise ValueError(_missing(given, path)) from None
     if not lines:
         raise ValueError(f"{path} is empty, not a tokenmill bench log")
     try:
@@ -148,6 +152,19 @@ def read_log(path: Path) -> tuple[dict[str, Any], list[RequestRecord]]:
             except (ValueError, TypeError, AttributeError) as e:
                 raise ValueError(f"{path}:{lineno}: not a request record ({e})") from None
     return header, records
+
+
+def _missing(given: Path, path: Path) -> str:
+    """Why there is no log to read, and where it may be: a sweep writes no PREFIX.json, only
+    PREFIX.N.json per point."""
+    if given != path and given.exists():
+        why = f"{given}: no event log {path.name} beside it (written by tokenmill bench run -o)"
+    else:
+        why = f"{given}: no such file"
+    stem = path.name.removesuffix(".events.jsonl")
+    if path.with_name(f"{stem}.0.events.jsonl").exists():
+        why += f"; {stem} is a sweep: give one of its points, such as {path.with_name(stem + '.0.json')}"
+    return why
 
 
 def log_path(path: Path) -> Path:

@@ -43,8 +43,11 @@ class Cost:
 
 
 def print_summary(console: Console, run: dict[str, Any], s: Summary, cost: Cost | None = None) -> None:
-    what = f"model {run['model']!r}, {run['endpoint']}, {run['profile']}, {run['data']}"
-    console.print(f"[bold]{run['url']}[/bold] {what}")
+    # Every text below that came from the user or the server (model, file names, worker names,
+    # its messages) is escaped: a "[/x]" in one must print as such, not end the run in a
+    # markup error before its files are written.
+    what = escape(f"model {run['model']!r}, {run['endpoint']}, {run['profile']}, {run['data']}")
+    console.print(f"[bold]{escape(str(run['url']))}[/bold] {what}")
     console.print(f"[dim]{HEADER}[/dim]", highlight=False)
     table = Table(title="latency (ms)", title_justify="left")
     table.add_column("metric")
@@ -91,7 +94,8 @@ def print_summary(console: Console, run: dict[str, Any], s: Summary, cost: Cost 
             )
     if s.workers:
         spread = ", ".join(
-            f"{w} {v['requests']} req / {v['output_tokens']} tok" for w, v in sorted(s.workers.items())
+            f"{escape(w)} {v['requests']} req / {v['output_tokens']} tok"
+            for w, v in sorted(s.workers.items())
         )
         lines.append(f"workers: {spread} (max/mean: {_imbalance(s)})")
     if s.token_mismatches:
@@ -109,15 +113,15 @@ def print_summary(console: Console, run: dict[str, Any], s: Summary, cost: Cost 
     for url, g in (server.get("summary") or {}).items():
         gauges = [k for k in ("running", "waiting", "kv_usage", "busy") if k + "_mean" in g]
         parts = [f"{k} mean {g[k + '_mean']:.2f} max {g[k + '_max']:.2f}" for k in gauges]
-        lines.append(f"server {url}: " + "; ".join(parts))
+        lines.append(f"server {escape(url)}: " + "; ".join(parts))
     for url, error in (server.get("errors") or {}).items():
-        lines.append(f"[yellow]server metrics from {url} failed: {error}[/yellow]")
+        lines.append(f"[yellow]server metrics from {escape(url)} failed: {escape(str(error))}[/yellow]")
     for note in run.get("notes") or ():
-        lines.append(f"[yellow]{note}[/yellow]")
+        lines.append(f"[yellow]{escape(note)}[/yellow]")
     for line in lines:
         console.print(line, highlight=False)
     if not s.valid:
-        console.print(f"[bold red]invalid run:[/bold red] {s.invalid_reason}")
+        console.print(f"[bold red]invalid run:[/bold red] {escape(s.invalid_reason or '')}")
 
 
 def print_sweep(console: Console, points: list[tuple[str, Summary]], cost: Cost | None = None) -> None:
@@ -129,7 +133,13 @@ def print_sweep(console: Console, points: list[tuple[str, Summary]], cost: Cost 
         table.add_column("$ / M output tokens", justify="right")
         table.add_column("$ / M tokens", justify="right")
     for label, s in points:
-        row = [label, f"{s.request_tput:.2f}", f"{s.output_tok_s:.1f}", _p50_p99(s.ttft), _p50_p99(s.tpot)]
+        row = [
+            escape(label),
+            f"{s.request_tput:.2f}",
+            f"{s.output_tok_s:.1f}",
+            _p50_p99(s.ttft),
+            _p50_p99(s.tpot),
+        ]
         row.append(f"{s.goodput:.2f}" if s.goodput is not None else "-")
         if cost is not None:
             row += cost_cells(cost, s)

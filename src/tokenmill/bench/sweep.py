@@ -34,11 +34,11 @@ def parse_values(text: str, name: str, cast: type = float) -> list[float]:
             raise ValueError
         values = [cast(v) for v in parts]
     except ValueError:
-        raise ValueError(
-            f"{name} must be a number or a comma-separated list of numbers, got {text!r}"
-        ) from None
+        kind = "an integer" if cast is int else "a number"
+        raise ValueError(f"{name} must be {kind} or a comma-separated list of them, got {text!r}") from None
     if any(not (math.isfinite(v) and v > 0) for v in values):
-        raise ValueError(f"{name} values must be finite numbers > 0, got {text!r}")
+        kind = "integers" if cast is int else "finite numbers"
+        raise ValueError(f"{name} values must be {kind} > 0, got {text!r}")
     return values
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -137,7 +139,9 @@ def run(
     except KeyboardInterrupt:
         p = job.progress
         kept = p.succeeded + p.skipped
-        err.print(f"interrupted: {kept} results kept in {output}; run the same command to resume")
+        err.print(
+            f"interrupted: {kept} results kept in {escape(str(output))}; run the same command to resume"
+        )
         raise typer.Exit(130) from None
     before = f" ({summary.failed_before} of them failed)" if summary.failed_before else ""
     err.print(
@@ -145,7 +149,7 @@ def run(
         f"{summary.completion_tokens} output tokens in {summary.seconds:.1f} s "
         f"({summary.completion_tokens / max(summary.seconds, 1e-9):.0f} tok/s)"
     )
-    err.print(f"results: {output}\nerrors:  {errors}")
+    err.print(escape(f"results: {output}\nerrors:  {errors}"))
     if summary.stopped:
         _fail(f"stopped early: {summary.stopped}; run the same command again to resume")
     if summary.failed or summary.failed_before:  # the job as a whole, earlier runs' lines included
@@ -181,9 +185,15 @@ async def _run(job: BatchJob, client: AsyncClient) -> BatchSummary:
             report = client.report()
             await client.aclose()
             if len(report.workers) > 1 or report.warnings:
-                err.print(report.table())
+                err.print(escape(report.table()), highlight=False)
 
 
 def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {escape(_as_options(message))}", highlight=False)
     raise typer.Exit(2)
+
+
+def _as_options(message: str) -> str:
+    """The client names its arguments (``max_retries=-1 is invalid``); here they are options."""
+    name = re.match(r"[a-z_]+(?==| is invalid)", message)
+    return f"--{name[0].replace('_', '-')}{message[name.end() :]}" if name else message

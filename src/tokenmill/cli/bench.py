@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tokenmill.cli.bench_progress import with_progress
+from tokenmill.cli.bench_progress import unless_stopped, with_progress
 
 if TYPE_CHECKING:  # the bench modules load with the command that needs them, not with every CLI call
     from tokenmill.bench.load import LoadProfile
@@ -215,7 +215,7 @@ def run(
 
             check_prefix(output, numbered=find_max_goodput or len(profiles) > 1)
     except ValueError as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
     n = min(requests, len(trace_rows)) if trace_rows else requests
     raise typer.Exit(asyncio.run(_run(settings, source, n, plan, output)))
@@ -271,7 +271,7 @@ async def _measure(
                 settings.endpoint,
             )
         except (TransportError, ValueError) as e:
-            err.print(f"[red]error:[/red] {e}")
+            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
             return 2
 
         async def measure(i: int, profile: LoadProfile) -> Summary:
@@ -279,9 +279,12 @@ async def _measure(
                 raise _Stopped()
             try:
                 with err.status(f"building requests for {profile.label}..."):
-                    specs = await build_specs(http, runner.model or "", source, n, settings.seed + i)
+                    built = build_specs(http, runner.model or "", source, n, settings.seed + i)
+                    specs = await unless_stopped(built, stop)
             except TransportError as e:
                 raise _ServerGone(f"building the requests of {profile.label} failed: {e}") from None
+            if specs is None:  # Ctrl-C before anything was sent: no point to report
+                raise _Stopped()
             point_runner = LoadRunner(replace(settings, profile=profile))
             point_runner.model = runner.model
             point_runner.keep_replies = plan.check_tokens
@@ -314,8 +317,8 @@ async def _measure(
                     "errors": scraper.errors,
                     "samples": [asdict(sample) for sample in scraper.samples],
                 }
+            points.append(({**info, "load": profile}, summary, records))  # kept, whatever printing does
             print_summary(out, info, summary, plan.cost)
-            points.append(({**info, "load": profile}, summary, records))
             if lost:
                 raise _ServerGone(lost)
             if summary.succeeded == 0 and set(summary.errors) == {"http_4xx"}:
@@ -350,11 +353,11 @@ async def _measure(
 
         search = None if found is None else {"slo": str(plan.slo), "target": plan.target, **found.to_json()}
         numbered = plan.search or len(plan.profiles) > 1
-        err.print(write_files(output, points, plan.cost, sweep_axis(points), search, numbered))
+        err.print(escape(write_files(output, points, plan.cost, sweep_axis(points), search, numbered)))
     if gone is not None:
         what = f"{len(points)} probes" if plan.search else f"{len(points)} of {len(plan.profiles)} points"
         what = "the run" if len(plan.profiles) == 1 and not plan.search else what
-        err.print(f"[red]the server went away ({gone}); the report covers {what}[/red]")
+        err.print(f"[red]the server went away ({escape(gone)}); the report covers {what}[/red]")
         return 1
     failed = [
         (info["profile"], s) for info, s, _ in points if s.succeeded == 0 and set(s.errors) - {"cancelled"}
@@ -363,7 +366,8 @@ async def _measure(
         why = "; ".join(f"{kind}: {sample}" for kind, sample in sorted(s.error_samples.items()))
         err.print(f"[red]no request succeeded ({label}): {escape(why)}[/red]", highlight=False)
     if stop.is_set():
-        err.print("[yellow]stopped early: the report covers what was measured[/yellow]")
+        said = "the report covers what was measured" if points else "nothing was sent, no file written"
+        err.print(f"[yellow]stopped early: {said}[/yellow]")
         return 130
     if failed:  # a run that measured nothing is no measurement, whatever else it says
         return 1

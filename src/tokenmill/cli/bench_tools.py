@@ -121,7 +121,7 @@ def compare_runs(
         from tokenmill.bench.html_report import write_compare_html
 
         write_compare_html(html, loaded, table)
-        err.print(f"wrote {html}")
+        err.print(f"wrote {escape(str(html))}", highlight=False)
 
 
 @app.command()
@@ -171,7 +171,7 @@ def calibrate(
             api_key=api_key,
         )
     except ValueError as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
     raise typer.Exit(asyncio.run(_calibrate(settings, seconds, max_lag_p99)))
 
@@ -202,7 +202,7 @@ async def _calibrate(settings: RunSettings, seconds: float, max_lag: float) -> i
             try:
                 await runner.resolve_model(http)
             except (TransportError, ValueError) as e:
-                err.print(f"[red]error:[/red] {e}")
+                err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
                 return 2
 
             async def probe(i: int, profile: LoadProfile) -> Summary:
@@ -248,7 +248,7 @@ async def _calibrate(settings: RunSettings, seconds: float, max_lag: float) -> i
     rate = found.best.profile.rate or 0.0
     lag99 = s.schedule_lag.p99 * 1000 if s.schedule_lag else float("nan")
     out.print(
-        f"[bold]this client drives {settings.url} at up to {rate:.0f} req/s[/bold] "
+        f"[bold]this client drives {escape(settings.url)} at up to {rate:.0f} req/s[/bold] "
         f"(schedule lag p99 {lag99:.2f} ms); measure below that rate, or the client is what you measure."
     )
     return 0
@@ -336,7 +336,7 @@ def mock_server(
             strict_model,
         )
     except ValueError as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
 
     async def serve() -> None:

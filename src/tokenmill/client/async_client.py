@@ -153,6 +153,9 @@ class AsyncClient:
                 raise ValueError(allowed)
             concurrency = max_concurrency
         key = api_key if api_key is not None else os.environ.get("TOKENMILL_API_KEY")
+        _check_api_key(key, "api_key" if api_key is not None else "$TOKENMILL_API_KEY")
+        if not isinstance(no_burst, bool):
+            raise TypeError(f"no_burst={no_burst!r:.80} is invalid: allowed True or False")
         self._headers = {k.lower(): v for k, v in (headers or {}).items()}
         if key:
             self._headers["authorization"] = f"Bearer {key}"
@@ -377,6 +380,15 @@ def _check_session(session_id: object) -> None:
     if not isinstance(session_id, str):
         raise TypeError(allowed)
     if not session_id or not session_id.isprintable() or max(session_id) > "\xff":  # an HTTP header's value
+        raise ValueError(allowed)
+
+
+def _check_api_key(key: object, name: str) -> None:
+    # The key is never echoed: error messages end up in logs.
+    allowed = f"{name} is invalid: allowed one line of latin-1 text (sent as an HTTP header), or None"
+    if key is not None and not isinstance(key, str):
+        raise TypeError(f"{allowed}; got a {type(key).__name__}")
+    if key and (not key.isprintable() or max(key) > "\xff"):
         raise ValueError(allowed)
 
 

@@ -131,13 +131,15 @@ class EndpointSet:
 
 def check_url(url: str, option: str = "base_url") -> None:
     """Raise ValueError naming ``option`` unless ``url`` is http(s)://host[:port] or grpc://host:port."""
-    parts = urlsplit(url)
     allowed = "allowed http://host:port, https://host or grpc://host:port (port 1 to 65535)"
     try:
-        port = parts.port  # (raises for a port that is not a number or past 65535)
+        # urlsplit raises for brackets that are no IPv6 address ("http://[x]"), .port for a port
+        # that is not a number or past 65535
+        parts = urlsplit(url)
+        scheme, hostname, port = parts.scheme, parts.hostname, parts.port
     except ValueError:
-        port = 0
-    if parts.scheme not in ("http", "https", "grpc") or not parts.hostname or port == 0:
+        scheme, hostname, port = "", None, 0
+    if scheme not in ("http", "https", "grpc") or not hostname or port == 0:
         raise ValueError(f"{option} {url!r} is invalid: {allowed}")
 
 

@@ -65,11 +65,11 @@ class GRPCWire:
             try:
                 initial = await rpc.initial_metadata()
             except grpc.RpcError as exc:
-                raise _error(exc) from exc
+                raise _error(exc, self.url) from exc
             # Every tokenmill worker names itself first thing; no name means nobody answered
             # (the call's error comes with the first read).
             worker = dict(initial or ()).get(WORKER_HEADER)
-            yield GRPCExchange(rpc, chat, stream, str(body.get("model") or ""), worker)
+            yield GRPCExchange(rpc, chat, stream, str(body.get("model") or ""), worker, self.url)
         finally:
             rpc.cancel()  # a no-op once the stream ended; otherwise the worker aborts the request
 
@@ -86,12 +86,13 @@ class GRPCWire:
 
 
 class GRPCExchange:
-    def __init__(self, rpc: Any, chat: bool, stream: bool, model: str, worker: str | None):
+    def __init__(self, rpc: Any, chat: bool, stream: bool, model: str, worker: str | None, url: str):
         self._rpc = rpc
         self._chat = chat
         self._stream = stream
         self._model = model
         self.worker = worker
+        self.url = url
         self._created = int(time.time())
 
     async def messages(self) -> AsyncIterator[Message]:
@@ -107,7 +108,7 @@ class GRPCExchange:
                     texts.setdefault(c.index, []).append(c.text)
                     finish[c.index] = c.finish_reason or finish.get(c.index)
         except grpc.RpcError as exc:
-            raise _error(exc) from exc
+            raise _error(exc, self.url) from exc
         if not self._stream:
             yield Message(self._whole(chunk, texts, finish), time.perf_counter())
 
@@ -192,9 +193,9 @@ def _usage(chunk: GenerationChunk) -> dict[str, Any] | None:
     }
 
 
-def _error(exc: grpc.RpcError) -> Exception:
+def _error(exc: grpc.RpcError, url: str) -> Exception:
     trailing = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
     if exc.code() == grpc.StatusCode.UNAVAILABLE and ERROR_TYPE_METADATA not in trailing:  # type: ignore[attr-defined]
         # Not a worker's own 503 (draining): nobody answered at that address.
-        return ConnectError(f"cannot connect to {exc.details()}")  # type: ignore[attr-defined]
+        return ConnectError(f"cannot connect to {url}: {exc.details()}")  # type: ignore[attr-defined]
     return to_api_error(exc)
