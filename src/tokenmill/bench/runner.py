@@ -105,6 +105,20 @@ class LoadRunner:
         self.model = str(models[0]["id"])
         return self.model
 
+    async def max_model_len(self, http: HTTPTransport) -> int | None:
+        """The served model's context as its /v1/models card gives it (tokenmill and vLLM do), or
+        None when the server does not say: then nothing is checked against it."""
+        try:
+            response = await http.request("GET", "/v1/models")
+            cards = response.json().get("data") or [] if response.status == 200 else []
+        except (TransportError, ValueError, AttributeError):
+            return None
+        for card in cards:
+            if isinstance(card, dict) and card.get("id") == self.model:
+                limit = card.get("max_model_len")
+                return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+        return None
+
     async def unreachable(self) -> str | None:
         """None if the server still answers, else why not. On a fresh connection: after a server
         went away, the pool's connections are dead even if it is back."""

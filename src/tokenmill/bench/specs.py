@@ -37,6 +37,32 @@ class DataSource:
         if self.file is not None and not self.file.is_file():
             raise ValueError(f"--data-file {self.file}: no such file")
 
+    def check_context(self, max_model_len: int | None) -> None:
+        """Raise ValueError when the longest request these options make cannot fit the model's
+        context (``max_model_len`` from the server's /v1/models; None: not known, not checked):
+        the server would refuse every such request, and building a prompt of a million tokens
+        would take minutes and gigabytes first. (A chat template's few tokens are not counted.)"""
+        if max_model_len is None or self.kind in ("jsonl", "sharegpt"):
+            return
+        p, o = self.prompt_tokens.hi, self.output_tokens.hi
+        lengths = f"--prompt-tokens {self.prompt_tokens} + --output-tokens {self.output_tokens}"
+        if self.trace and self.kind == "synthetic":
+            longest = max(r.get("input_tokens", p) + r.get("output_tokens", o) for r in self.trace)
+            what = f"the trace's longest request, {longest} tokens,"
+        elif self.kind == "shared-prefix":
+            longest = self.prefix_tokens.hi + p + o
+            what = f"--prefix-tokens {self.prefix_tokens} + {lengths}"
+        elif self.kind == "multi-turn":  # the last turn carries the whole session before it
+            longest = self.turns * (p + o)
+            what = f"{self.turns} turns of {lengths}"
+        else:
+            longest, what = p + o, lengths
+        if longest > max_model_len:
+            raise ValueError(
+                f"{what} (up to {longest} tokens) is past the model's context of {max_model_len} tokens "
+                "(max_model_len at /v1/models): the server would refuse those requests; shorten them"
+            )
+
     def describe(self) -> str:
         p, o = self.prompt_tokens, self.output_tokens
         if self.trace and self.kind == "synthetic":

@@ -265,6 +265,7 @@ async def _measure(
     async with runner.transport(plan.profiles) as http:
         try:
             await runner.resolve_model(http)
+            source.check_context(await runner.max_model_len(http))
             first = n if source.kind == "jsonl" else 1  # a file is cheap to read whole: check it all
             check_endpoint(
                 await build_specs(http, runner.model or "", source, first, settings.seed),
