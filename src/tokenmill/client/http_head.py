@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 
 TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 field names and methods
+_SECRET = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"})
 
 
 def lowered(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -39,7 +40,9 @@ def head_line(name: str, value: str) -> str:
     if not TOKEN.match(name):
         raise ValueError(f"header name {name!r} is not a valid HTTP field name")
     if not isinstance(value, str) or "\r" in value or "\n" in value or not _is_latin1(value):
-        raise ValueError(f"header {name!r} must be a one-line latin-1 string, got {value!r}")
+        # A credential is not echoed: error messages end up in logs.
+        shown = f"a {type(value).__name__} (not shown)" if name.lower() in _SECRET else f"{value!r:.200}"
+        raise ValueError(f"header {name!r} must be a one-line latin-1 string, got {shown}")
     return f"{name}: {value}\r\n"
 
 
