@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -19,12 +19,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from tokenmill.cli.bench_plan import Plan, Refused, ServerGone, Stopped, run_info
 from tokenmill.cli.bench_progress import unless_stopped, with_progress
 
 if TYPE_CHECKING:  # the bench modules load with the command that needs them, not with every CLI call
     from tokenmill.bench.load import LoadProfile
-    from tokenmill.bench.metrics import SLO, Summary
-    from tokenmill.bench.report import Cost
+    from tokenmill.bench.metrics import Summary
     from tokenmill.bench.runner import RunSettings
     from tokenmill.bench.specs import DataSource
 
@@ -221,20 +221,6 @@ def run(
     raise typer.Exit(asyncio.run(_run(settings, source, n, plan, output)))
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What to run and how to judge it."""
-
-    profiles: list[LoadProfile]  # one: a run; several: a sweep
-    search: bool  # --find-max-goodput
-    target: float
-    slo: SLO | None
-    max_lag: float
-    cost: Cost | None
-    metrics_urls: list[str]
-    check_tokens: int  # replies re-tokenized per point
-
-
 async def _run(settings: RunSettings, source: DataSource, n: int, plan: Plan, output: Path | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -277,15 +263,15 @@ async def _measure(
 
         async def measure(i: int, profile: LoadProfile) -> Summary:
             if stop.is_set():
-                raise _Stopped()
+                raise Stopped()
             try:
                 with err.status(f"building requests for {profile.label}..."):
                     built = build_specs(http, runner.model or "", source, n, settings.seed + i)
                     specs = await unless_stopped(built, stop)
             except TransportError as e:
-                raise _ServerGone(f"building the requests of {profile.label} failed: {e}") from None
+                raise ServerGone(f"building the requests of {profile.label} failed: {e}") from None
             if specs is None:  # Ctrl-C before anything was sent: no point to report
-                raise _Stopped()
+                raise Stopped()
             point_runner = LoadRunner(replace(settings, profile=profile))
             point_runner.model = runner.model
             point_runner.keep_replies = plan.check_tokens
@@ -297,7 +283,7 @@ async def _measure(
             finally:
                 if scraper is not None:
                     await scraper.stop()
-            info = _info(settings, runner.model, profile, source, len(specs), stop.is_set())
+            info = run_info(settings, runner.model, profile, source, len(specs), stop.is_set())
             if plan.cost is not None:  # in the log's header too, for bench report
                 info["cost"] = asdict(plan.cost)
             if not stop.is_set():
@@ -321,9 +307,9 @@ async def _measure(
             points.append(({**info, "load": profile}, summary, records))  # kept, whatever printing does
             print_summary(out, info, summary, plan.cost)
             if lost:
-                raise _ServerGone(lost)
+                raise ServerGone(lost)
             if summary.succeeded == 0 and set(summary.errors) == {"http_4xx"}:
-                raise _Refused()  # no other load or rate would change the server's mind
+                raise Refused()  # no other load or rate would change the server's mind
             return summary
 
         async def probe(i: int, profile: LoadProfile) -> Summary:
@@ -343,9 +329,9 @@ async def _measure(
             else:
                 for i, profile in enumerate(plan.profiles):
                     await measure(i, profile)
-        except (_Stopped, _Refused):
+        except (Stopped, Refused):
             pass
-        except _ServerGone as e:
+        except ServerGone as e:
             gone = str(e)
     if len(points) > 1:
         print_sweep(out, [(info["profile"], summary) for info, summary, _ in points], plan.cost)
@@ -375,32 +361,3 @@ async def _measure(
     if found is not None:  # an invalid probe is part of searching: only a search without an answer fails
         return 0 if found.bounded else 1
     return 0 if all(summary.valid for _, summary, _ in points) else 1
-
-
-class _Stopped(Exception):
-    """Ctrl-C between the points of a sweep."""
-
-
-class _Refused(Exception):
-    """Every request of a point was refused (4xx): a wrong key, model or request, which no
-    other load fixes, so a sweep or search stops there."""
-
-
-class _ServerGone(Exception):
-    """The server stopped answering: a sweep or search stops after writing what it has."""
-
-
-def _info(
-    settings: RunSettings, model: str | None, profile: LoadProfile, source: DataSource, n: int, stopped: bool
-) -> dict[str, Any]:
-    return {
-        "url": settings.url,
-        "model": model,
-        "endpoint": settings.endpoint,
-        "profile": profile.label,
-        "data": source.describe(),
-        "requests": n,
-        "stopped_early": stopped,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "seed": settings.seed,
-    }
