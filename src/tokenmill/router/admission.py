@@ -78,6 +78,7 @@ class _Ticket:
     priority: int = field(compare=False)
     tokens: int = field(compare=False)
     arrived: float = field(compare=False)
+    charge: float = field(compare=False)  # what it added to its team's virtual finish
     future: asyncio.Future[None] = field(compare=False, repr=False)
 
 
@@ -130,11 +131,12 @@ class AdmissionQueue:
             band = self._bands[priority] = _Band(priority)
         if self.policy.fair:
             start = max(band.virtual_time, band.finish.get(team, 0.0))
-            band.finish[team] = start + tokens / max(self.weight(team), 1e-9)
+            charge = tokens / max(self.weight(team), 1e-9)
+            band.finish[team] = start + charge
         else:
-            start = float(next(self._seq))  # arrival order
+            start, charge = float(next(self._seq)), 0.0  # arrival order
         future = asyncio.get_running_loop().create_future()
-        ticket = _Ticket(start, next(self._seq), team, priority, tokens, self.clock(), future)
+        ticket = _Ticket(start, next(self._seq), team, priority, tokens, self.clock(), charge, future)
         _insort(band.waiting, ticket)
         self._waiting += 1
         self._dispatch()  # a slot may have freed while nobody looked
@@ -253,9 +255,18 @@ class AdmissionQueue:
                 ticket.future.set_exception(NoCapacity("the last worker went away while it waited"))
 
     def _drop(self, band: _Band, ticket: _Ticket) -> None:
+        """``ticket`` leaves unserved (its client left, it waited too long, it was pushed out)."""
         if ticket in band.waiting:
             band.waiting.remove(ticket)
             self._waiting -= 1
+            # It was never served: its team's virtual finish gives back what it charged, else a
+            # team whose requests are given up in a busy band would fall behind the others for it.
+            finish = band.finish.get(ticket.team)
+            if finish is not None and ticket.charge:
+                if finish - ticket.charge > band.virtual_time:
+                    band.finish[ticket.team] = finish - ticket.charge
+                else:  # nothing owed: the next one starts at the band's virtual time anyway
+                    del band.finish[ticket.team]
         if not band.waiting:
             self._forget_if_idle(band.priority)
 

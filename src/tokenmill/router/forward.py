@@ -149,8 +149,10 @@ class Forwarder:
             if sse:  # the client sees why its stream ended, then the end
                 error = json.dumps(error_body(f"the worker failed mid-stream: {e}", "server_error"))
                 tail = f"data: {error}\n\ndata: [DONE]\n\n".encode()
-                await send({"type": "http.response.body", "body": tail, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+            # A whole answer is left unended: the server then closes the connection, the one way
+            # to tell the client it is cut (an end would pass half a JSON body off as complete,
+            # or leave the client waiting for the rest of a content-length on a kept-alive one).
             raise
         finally:
             if gone is not None:

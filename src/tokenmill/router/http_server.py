@@ -23,6 +23,10 @@ What it does:
   router's other errors); one that fails mid-answer, a closed connection;
 - ``receive()`` after the body waits for the client to leave (or the response to
   end), as the app's disconnect watch expects;
+- a head over 64 KiB, even one header line that never ends, is a 431; a
+  request that stops arriving for ``keep_alive_s`` a 408; a client that reads
+  nothing of its answer for ``keep_alive_s`` is cut off (its request ends, and
+  gives back what it held);
 - an idle kept-alive connection is closed after ``keep_alive_s``; on SIGINT or
   SIGTERM the server stops accepting, closes idle connections, lets running
   requests finish, then runs the app's lifespan shutdown.

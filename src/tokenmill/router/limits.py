@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.router.call import MAX_OUTPUT_TOKENS, choices, output_field, sequences
@@ -51,6 +51,9 @@ class Reservation:
     tokens: int
     dollars: float
     released: bool = False
+    # The team's state it was taken from: given back there, not to a team of the same name made
+    # after this one was deleted (which would then count fewer requests in flight than run).
+    state: _TeamState | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -232,18 +235,13 @@ class Limiter:
         now = self._clock()
         old = self._teams.get(team.name)
         rpm, tpm = team.requests_per_minute, team.tokens_per_minute
-        state = _TeamState(
-            team,
-            _carried(old.requests if old else None, rpm, now),
-            _carried(old.tokens if old else None, tpm, now),
-        )
-        if old is not None:
-            state.parallel, state.held_tokens, state.held_dollars = (
-                old.parallel,
-                old.held_tokens,
-                old.held_dollars,
-            )
-        self._teams[team.name] = state
+        requests = _carried(old.requests if old else None, rpm, now)
+        tokens = _carried(old.tokens if old else None, tpm, now)
+        if old is None:
+            self._teams[team.name] = _TeamState(team, requests, tokens)
+        else:  # changed in place: the reservations of what runs point at it (Reservation.state)
+            old.team, old.requests, old.tokens = team, requests, tokens
+            old.period = ""  # (the budget may have changed: re-read from the ledger)
 
     def forget(self, name: str) -> None:
         self._teams.pop(name, None)
@@ -297,14 +295,14 @@ class Limiter:
         s.parallel += 1
         s.held_tokens += tokens
         s.held_dollars += dollars
-        return Reservation(team, tokens, dollars)
+        return Reservation(team, tokens, dollars, state=s)
 
     def release(self, r: Reservation, used_tokens: int, used_dollars: float) -> None:
         """The request ended having used this much: refund the rest of what it reserved."""
         if r.released:
             return
         r.released = True
-        s = self._teams.get(r.team)
+        s = r.state if r.state is not None else self._teams.get(r.team)
         if s is None:
             return
         s.parallel -= 1

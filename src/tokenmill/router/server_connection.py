@@ -10,42 +10,24 @@ connection aborts the request there, and the gateway records it as cancelled).
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import http
 import json
 import logging
-import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import httptools
 
+from tokenmill.router.server_request import REASONS, Request
+
 if TYPE_CHECKING:
     from tokenmill.router.http_server import HTTPServer
 
 logger = logging.getLogger(__name__)
 
-_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
-_NO_BODY = (204, 304)
 _PIPELINE_DEPTH = 8  # parsed requests a connection holds before it stops reading
 MAX_BODY_BYTES = 64 << 20  # a request body past this is refused (413) before it fills memory
 MAX_HEAD_BYTES = 64 << 10  # request line and headers past this are refused (431), as nginx's and uvicorn's
-
-
-class _Date:
-    """The Date header, formatted once a second."""
-
-    second = -1
-    value = b""
-
-    @classmethod
-    def now(cls) -> bytes:
-        second = int(time.time())
-        if second != cls.second:
-            cls.second = second
-            cls.value = email.utils.formatdate(second, usegmt=True).encode()
-        return cls.value
 
 
 class ServerConnection(asyncio.Protocol):
@@ -57,9 +39,9 @@ class ServerConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.parsing: _Request | None = None
-        self.current: _Request | None = None  # the request being answered
-        self.pending: deque[_Request] = deque()  # parsed, waiting their turn
+        self.parsing: Request | None = None
+        self.current: Request | None = None  # the request being answered
+        self.pending: deque[Request] = deque()  # parsed, waiting their turn
         self.closed = False
         self.closing = False  # close once the current response ends
         self.reading_paused = False
@@ -68,6 +50,9 @@ class ServerConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.reads = 0  # data_received calls, so the timer can tell a request that stopped arriving
         self.reads_at_timer = 0
+        # The drain waited on when the timer last fired: the same one still waited on at the next
+        # is a client that read nothing of its answer for a whole interval.
+        self.drain_at_timer: asyncio.Future[None] | None = None
         self.client: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
 
@@ -108,6 +93,14 @@ class ServerConnection(asyncio.Protocol):
                 self.close()
         except httptools.HttpParserError as e:
             self._refuse(400, f"invalid HTTP request: {e}".encode())
+        r = self.parsing
+        if r is not None and 0 < r.head_at < self.reads:
+            # This whole read went into a head that began in an earlier one and has not ended. The
+            # parser keeps an unfinished header's value to itself (on_header sees it only whole), so
+            # a header line that never ends is bounded here: by the limit plus two reads.
+            r.head_read += len(data)
+            if r.head_read > MAX_HEAD_BYTES:
+                self._head_too_big()
 
     def pause_writing(self) -> None:
         self.drain = self.loop.create_future()
@@ -120,7 +113,7 @@ class ServerConnection(asyncio.Protocol):
     # -- httptools callbacks (inside feed_data) -----------------------------------------
 
     def on_message_begin(self) -> None:
-        self.parsing = _Request(self)
+        self.parsing = Request(self)
 
     def on_url(self, url: bytes) -> None:
         r = self.parsing
@@ -133,7 +126,10 @@ class ServerConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         r = self.parsing
         assert r is not None
-        r.headers.append((name.lower(), value))
+        name = name.lower()
+        if name == b"expect":  # its value is case-insensitive: as on_headers_complete looks for it
+            value = value.strip().lower()
+        r.headers.append((name, value))
         r.size += len(name) + len(value)
         if r.size > MAX_HEAD_BYTES:
             self._head_too_big()
@@ -146,10 +142,17 @@ class ServerConnection(asyncio.Protocol):
         r = self.parsing
         assert r is not None
         r.size = 0  # from here, the body's bytes
+        r.head_at = 0
         r.method = self.parser.get_method().decode("ascii")
         r.http_version = self.parser.get_http_version()
         r.keep_alive = self.parser.should_keep_alive()
         if (b"expect", b"100-continue") in r.headers and self.current is None and not self.pending:
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _continue(self, r: Request) -> None:
+        """``100 Continue`` to a request whose head (all of it in, none of its body) asks for it,
+        once it is its turn: its client may hold the body back until then."""
+        if r.head_at == 0 and r.size == 0 and (b"expect", b"100-continue") in r.headers:
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -177,7 +180,7 @@ class ServerConnection(asyncio.Protocol):
 
     # -- requests ---------------------------------------------------------------------------
 
-    def _start(self, r: _Request) -> None:
+    def _start(self, r: Request) -> None:
         try:
             parsed = httptools.parse_url(r.url)
         except httptools.HttpParserInvalidURLError:
@@ -201,7 +204,7 @@ class ServerConnection(asyncio.Protocol):
         }
         r.task = self.loop.create_task(self._run(r, scope))
 
-    async def _run(self, r: _Request, scope: dict[str, Any]) -> None:
+    async def _run(self, r: Request, scope: dict[str, Any]) -> None:
         failure = "it never ended its answer"
         try:
             await self.app(scope, r.receive, r.send)
@@ -215,7 +218,7 @@ class ServerConnection(asyncio.Protocol):
                 self.close()
             r.wake()
 
-    def response_done(self, r: _Request) -> None:
+    def response_done(self, r: Request) -> None:
         """``r``'s last bytes are written: the next request may be answered."""
         self.current = None
         self.last_active = self.loop.time()
@@ -224,6 +227,8 @@ class ServerConnection(asyncio.Protocol):
             return
         if self.pending:
             self._start(self.pending.popleft())
+        elif self.parsing is not None:  # its head came while this answer ran: 100 Continue now
+            self._continue(self.parsing)
         if self.reading_paused and len(self.pending) < _PIPELINE_DEPTH and self.transport is not None:
             self.reading_paused = False
             self.transport.resume_reading()
@@ -237,6 +242,12 @@ class ServerConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.close()
+        self.closed = True
+
+    def abort(self) -> None:
+        """Close now, dropping what is still buffered (``connection_lost`` follows, as for a close)."""
+        if self.transport is not None:
+            self.transport.abort()
         self.closed = True
 
     def _write(self, data: bytes) -> None:
@@ -256,6 +267,13 @@ class ServerConnection(asyncio.Protocol):
         self.timer = None
         if self.closed:
             return
+        if self.drain is not None and self.drain is self.drain_at_timer:
+            # Its socket buffer stayed full for a whole interval: a client that stopped reading (but
+            # keeps the connection) would hold the request, and what it holds, forever. Aborted, not
+            # closed: a close waits for the buffer to drain.
+            self.abort()
+            return
+        self.drain_at_timer = self.drain
         idle = self.current is None and not self.pending and self.parsing is None
         if idle and self.loop.time() - self.last_active >= self.server.keep_alive_s:
             self.close()
@@ -271,104 +289,10 @@ class ServerConnection(asyncio.Protocol):
         self._arm_timer()
 
 
-class _Request:
-    __slots__ = (
-        "body", "body_read", "chunked", "connection", "finished", "head", "headers", "http_version",
-        "keep_alive", "method", "size", "started", "task", "url", "waiter",
-    )  # fmt: skip
-
-    def __init__(self, connection: ServerConnection) -> None:
-        self.connection = connection
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
-        self.size = 0  # body bytes received
-        self.method = "GET"
-        self.http_version = "1.1"
-        self.keep_alive = True
-        self.body_read = False
-        self.started = False
-        self.finished = False
-        self.chunked = False
-        self.head: bytes | None = None
-        self.waiter: asyncio.Future[None] | None = None
-        self.task: asyncio.Task[None] | None = None
-
-    def wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def receive(self) -> dict[str, Any]:
-        if not self.body_read:
-            self.body_read = True
-            body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-            self.body = []
-            return {"type": "http.request", "body": body, "more_body": False}
-        # The body was read: what comes now is the client leaving (or the response ending).
-        if not self.connection.closed and not self.finished:
-            self.waiter = asyncio.get_running_loop().create_future()
-            await self.waiter
-        return {"type": "http.disconnect"}
-
-    async def send(self, message: dict[str, Any]) -> None:
-        connection = self.connection
-        kind = message["type"]
-        if kind == "http.response.start":
-            if self.started:
-                raise RuntimeError("http.response.start sent twice")
-            self.started = True
-            self.head = self._head(message["status"], message.get("headers") or [])
-            return
-        if kind != "http.response.body" or not self.started or self.finished:
-            raise RuntimeError(f"unexpected ASGI message {kind!r} at this point of the response")
-        body = message.get("body", b"")
-        more = message.get("more_body", False)
-        if self.method == "HEAD":
-            body = b""
-        elif self.chunked:
-            body = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + (b"" if more else b"0\r\n\r\n")
-        if self.head is not None:
-            body, self.head = self.head + body, None
-        if connection.closed:
-            self.finished = not more
-            return  # the client left: nothing to write to (the app learns it from receive())
-        if body:
-            connection._write(body)
-        if not more:
-            self.finished = True
-            self.wake()
-            connection.response_done(self)
-        elif connection.drain is not None:
-            await connection.drain  # a slow client: wait for its socket buffer to drain
-
-    def _head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"")), b"date: ", _Date.now(), b"\r\n"]
-        length = close = False
-        for name, value in headers:
-            lowered = name.lower()
-            if lowered == b"content-length":
-                length = True
-            elif lowered == b"transfer-encoding":
-                length = True  # the app frames its body itself
-            elif lowered == b"connection" and b"close" in value.lower():
-                self.keep_alive = False
-                close = True
-            lines += (name, b": ", value, b"\r\n")
-        if not length and status not in _NO_BODY and self.method != "HEAD":
-            self.chunked = True
-            lines.append(b"transfer-encoding: chunked\r\n")
-        if not self.keep_alive and not close:
-            lines.append(b"connection: close\r\n")
-        elif self.http_version == "1.0":
-            lines.append(b"connection: keep-alive\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
-
-
 def _plain(status: int, message: bytes, keep_alive: bool) -> bytes:
     head = b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n" % (
         status,
-        _REASONS.get(status, b""),
+        REASONS.get(status, b""),
         len(message),
     )
     return head + (b"" if keep_alive else b"connection: close\r\n") + b"\r\n" + message
