@@ -187,3 +187,39 @@ def test_a_client_that_stops_reading_a_stream_gives_back_what_its_request_held(t
             client.close()
 
     asyncio.run(serving(tmp_path, reply, check, keep_alive_s=0.3))
+
+
+# -- a client that leaves while its worker is silent --------------------------------------------
+
+
+def test_a_stream_whose_client_leaves_while_the_worker_is_silent_ends_at_once(tmp_path: Path):
+    """A worker that sent its head and then nothing (a long prefill, a queue): the client, which
+    has seen nothing yet (the router sends the head with the first bytes of the body), leaves.
+    The router noticed only at the worker's next chunk, so the request kept its team's parallel
+    slot, its admission slot and its worker's request for as long as the worker stayed silent.
+    Now the read is given up at once: the worker's connection closes (a tokenmill worker aborts
+    the request) and the request is recorded as cancelled."""
+    worker_has_it = asyncio.Event()
+
+    async def reply(writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        await writer.drain()
+        worker_has_it.set()
+        await asyncio.sleep(30)  # silent
+        writer.close()
+
+    async def check(port: int, gateway: Gateway, key: str) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post(key, {**CHAT, "stream": True}))
+        await asyncio.wait_for(worker_has_it.wait(), 5)
+        await asyncio.sleep(0.2)  # the worker's head has reached the router
+        assert gateway.limiter.in_flight("search") == 1
+        writer.close()
+        await settled(gateway, seconds=3.0)
+        assert gateway.limiter.in_flight("search") == 0, "held until the silent worker's next chunk"
+        assert gateway.queues["throughput"].in_flight == 0
+        assert [r["status"] for r in gateway.ledger.rows("search")] == ["cancelled"]
+
+    asyncio.run(serving(tmp_path, reply, check))

@@ -110,6 +110,11 @@ class HTTPConnection(asyncio.Protocol):
         self._stop_timer()
         self.closed = True
 
+    def abandon(self, reason: str) -> None:
+        """The reader gives up on this response (``StreamingResponse.abandon``)."""
+        self._fail(RemoteProtocolError(reason))
+        self.close()
+
     def finish(self) -> None:
         """The reader is done with this response (read to the end or abandoned)."""
         self._active = False

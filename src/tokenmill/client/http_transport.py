@@ -100,6 +100,11 @@ class StreamingResponse:
         response, without an async generator's bookkeeping each time."""
         return await self._connection.read_chunk(coalesce)
 
+    def abandon(self, reason: str) -> None:
+        """Stop reading now: a read waiting for the server raises RemoteProtocolError(``reason``),
+        and the connection closes (a tokenmill worker aborts the request when it sees that)."""
+        self._connection.abandon(reason)
+
     async def events(self) -> AsyncIterator[SSEEvent]:
         """The body as server-sent events; ends when the body does.
 

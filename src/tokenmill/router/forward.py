@@ -129,7 +129,13 @@ class Forwarder:
         stops (closing the worker's stream, which aborts the request there) if the client goes
         away."""
         # Only a stream needs watching: a whole response comes in one piece right after its head.
-        gone = asyncio.ensure_future(wait_for_disconnect(receive)) if sse else None
+        gone = None
+        if sse:
+            gone = asyncio.ensure_future(wait_for_disconnect(receive))
+            # A client that leaves while the worker is silent (queued, a long prefill) is acted on
+            # at once, not at the worker's next chunk: the read waiting for it is given up, which
+            # frees the request's slots and aborts it on the worker.
+            gone.add_done_callback(lambda f: f.cancelled() or response.abandon("the client went away"))
         try:
             while (item := await response.read_chunk(coalesce=True)) is not None:
                 data = item[0]
@@ -145,6 +151,9 @@ class Forwarder:
             if meter is not None:
                 meter.finish()
         except TransportError as e:
+            if gone is not None and gone.done() and not gone.cancelled():
+                outcome.state = "cancelled"  # (the read given up above): nobody to tell
+                return
             self.streams_cut += 1
             if sse:  # the client sees why its stream ended, then the end
                 error = json.dumps(error_body(f"the worker failed mid-stream: {e}", "server_error"))
