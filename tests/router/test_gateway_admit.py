@@ -259,3 +259,27 @@ def test_a_restarted_gateway_starts_the_minute_limits_from_the_ledgers_last_minu
     assert restarted.admit("small", {"model": "demo", "prompt": "Hi", "max_tokens": 50})  # what is left
     assert restarted.admit("open", {"model": "demo", "prompt": "Hi"})  # no minute limit: untouched
     restarted.gateway.ledger.close()
+
+
+def test_a_whole_answer_without_usage_is_charged_what_it_reserved(front):
+    """A worker that reports no usage: a stream is charged its content chunks, a whole answer
+    (no chunks to count) what it reserved. It was charged the prompt alone, so n=4 with 100
+    tokens each passed for free."""
+    a = front.admit("open", {"model": "demo", "prompt": "Hi", "max_tokens": 100, "n": 4})
+    front.gateway.finish(a, Usage(), "ok", 200, "w", None)
+    (row,) = [r for r in front.gateway.ledger.rows("open") if r["request_id"] == a.request_id]
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (a.prompt_tokens, 400)
+    s = front.admit("open", {"model": "demo", "prompt": "Hi", "max_tokens": 100, "stream": True})
+    front.gateway.finish(s, Usage(), "ok", 200, "w", 7)
+    (row,) = [r for r in front.gateway.ledger.rows("open") if r["request_id"] == s.request_id]
+    assert row["completion_tokens"] == 7
+
+
+def test_a_request_whose_usage_could_not_be_recorded_is_still_charged_its_prompt(front):
+    """The ledger failed after the worker's head (a 503 to the client): the worker read the prompt
+    (and, for a whole answer, generated it all). It was charged nothing, so retries through a
+    failing ledger got compute nobody counted."""
+    a = front.admit("small", {"model": "demo", "prompt": "Hi", "max_tokens": 100})
+    front.gateway.finish(a, Usage(), "ledger_error", 503, "w", None)
+    (row,) = [r for r in front.gateway.ledger.rows("small") if r["request_id"] == a.request_id]
+    assert row["prompt_tokens"] == a.prompt_tokens > 0

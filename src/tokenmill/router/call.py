@@ -78,8 +78,11 @@ class Outcome:
 
         return self.meter.usage if self.meter is not None else Usage()
 
-    def chunks(self) -> int:
-        return self.meter.events if self.meter is not None else 0
+    def chunks(self) -> int | None:
+        """Content chunks the client was sent; None for a whole answer (counted by its usage)."""
+        if self.meter is None:
+            return 0
+        return self.meter.events if self.meter.sse else None
 
     def completion_so_far(self) -> int:
         """Completion tokens sent to the client so far: the worker's count when its chunks carry

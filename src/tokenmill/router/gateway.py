@@ -232,20 +232,26 @@ class Gateway:
         status: str,
         http_status: int | None,
         worker: str | None,
-        chunks: int = 0,
+        chunks: int | None = 0,
     ) -> None:
         """The request ended: release its reservation, close its usage row. ``chunks``: content
-        chunks seen, the completion estimate when the worker never reported usage."""
+        chunks seen, the completion estimate when the worker never reported usage (None: a whole
+        answer, which has no chunks to count)."""
         self._running.pop(a, None)
         if usage.seen:
             prompt, completion = usage.prompt_tokens, usage.completion_tokens
         elif http_status is not None and http_status < 400:
-            prompt, completion = a.prompt_tokens, chunks  # cut short: what the worker must have done
-        elif status in ("cancelled", "unavailable") and worker is not None:
-            # No answer, while a worker had the request: the client left, or the worker failed (died
-            # mid-request) and so did any other tried. It read the prompt at least (what it made
-            # before its connection closed is not known); a worker that refused the connection read
-            # nothing, but cannot be told apart here: erring high, as the estimate does.
+            # Cut short, or a worker that reports no usage: what it must have done. For a whole
+            # answer that is all it reserved (erring high, as the estimates do): 0 let n=4 and
+            # 1,000 tokens pass for the prompt alone.
+            completion = chunks if chunks is not None else a.reservation.tokens - a.prompt_tokens
+            prompt = a.prompt_tokens
+        elif status in ("cancelled", "unavailable", "ledger_error") and worker is not None:
+            # No answer, while a worker had the request: the client left, the worker failed (died
+            # mid-request) and so did any other tried, or the ledger failed (a 503 after the
+            # worker's head; else retries got compute nobody counted). It read the prompt at least
+            # (what it made before its connection closed is not known); a worker that refused the
+            # connection read nothing, but cannot be told apart here: erring high, as the estimate does.
             prompt, completion = a.prompt_tokens, 0
         else:
             prompt, completion = 0, 0  # refused by the worker or never reached one
