@@ -129,9 +129,9 @@ def workers():
     b.stop()
 
 
-def chat(url: str, **extra) -> httpx.Response:
+def chat(url: str, headers: dict[str, str] | None = None, **extra) -> httpx.Response:
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **extra}
-    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30, headers=extra.pop("headers", None))
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30, headers=headers)
 
 
 def test_round_robin_alternates_and_every_response_names_its_worker(workers):
@@ -183,6 +183,13 @@ def test_a_session_sticks_to_one_worker(workers):
     try:
         names = {chat(router.url, user="alice").headers["x-tokenmill-worker"] for _ in range(4)}
         assert len(names) == 1
+        # The header routers read, and the one tokenmill's Client(session_id=...) sends (which the
+        # router ignored: a client's session was spread over every worker).
+        for name in ("x-session-id", "x-tokenmill-session"):
+            names = {
+                chat(router.url, headers={name: f"s-{name}"}).headers["x-tokenmill-worker"] for _ in range(4)
+            }
+            assert len(names) == 1, name
     finally:
         router.stop()
 

@@ -40,10 +40,10 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import Receive, Scope, Send
 
 from tokenmill.client import HTTPTransport
+from tokenmill.protocol.headers import SESSION_HEADER
 from tokenmill.router.admin import send_not_allowed, serve_gateway_api
 from tokenmill.router.asgi import (
     forwarded_headers,
-    header,
     json_object,
     read_body,
     send_error,
@@ -66,7 +66,6 @@ if TYPE_CHECKING:
 
 
 ROUTED = ("/v1/chat/completions", "/v1/completions")
-SESSION_HEADER = "x-session-id"
 _BLOCK_SIZE = 16  # until a worker's KV events say otherwise
 
 
@@ -197,7 +196,10 @@ class RouterApp:
             await send_error(send, 400, str(e))
             return
         headers = forwarded_headers(scope["headers"])
-        session = header(scope["headers"], SESSION_HEADER) or _str_or_none(request.get("user"))
+        # A session: the header routers use, or the one tokenmill's client sends, or the body's user.
+        session = (
+            headers.get("x-session-id") or headers.get(SESSION_HEADER) or _str_or_none(request.get("user"))
+        )
         text = prompt_text(request)
         prompt_tokens, output_tokens = estimate_tokens(request, text)
         admitted = None

@@ -28,7 +28,7 @@
   "follow the cache unless the imbalance passes a threshold" switch). All
   over the worker's ramp.
 
-Requests of one session (``x-session-id`` or the body's ``user``) stick to the
+Requests of one session (``x-session-id``, ``x-tokenmill-session`` or the body's ``user``) stick to the
 worker that served the session before, while it is available and not
 overloaded: its in-flight tokens at most ``STICKY_OVERLOAD`` x the least
 loaded other worker's, plus the request itself.
