@@ -248,3 +248,14 @@ def test_ctrl_c_while_the_prompts_are_built_ends_at_once_and_keeps_an_earlier_ru
     assert "stopped early: nothing was sent, no file written" in err
     assert (tmp_path / "run.json").read_text() == '{"an": "earlier run"}'
     assert not (tmp_path / "run.events.jsonl").exists()
+
+
+def test_the_key_comes_from_tokenmill_api_key_as_for_every_other_command(keyed_url, tmp_path):
+    """bench read only $OPENAI_API_KEY, so a user with $TOKENMILL_API_KEY set (as the client and
+    eval docs say) got a 401 before the run."""
+    cmd = [*TOKENMILL, "bench", "run", keyed_url, *SMALL, "-o", str(tmp_path / "keyed")]
+    env = {k: v for k, v in ENV.items() if k != "OPENAI_API_KEY"}
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env={**env, "TOKENMILL_API_KEY": "sekret"}, timeout=120
+    )
+    assert done.returncode == 0, done.stderr

@@ -93,5 +93,23 @@ def test_a_worker_with_an_fp8_kv_cache_names_it_at_start_up():
     try:
         ready = next(line for line in server.log if " ready: " in line)
         assert "KV cache 0.02 GiB in float8_e4m3fn + float32 scales = " in ready
+        assert "API key" not in ready and "model 'demo';" in ready
+    finally:
+        server.stop()
+
+
+def test_the_ready_line_says_the_weights_method_and_that_a_key_is_required():
+    """A worker given $TOKENMILL_API_KEY by the environment (set for a client in the same shell)
+    refused every request with nothing at start to say why; a quantized one looked like bf16."""
+    from tests.server.conftest import start_server
+
+    os.environ["TOKENMILL_API_KEY"] = "from-the-shell"
+    try:
+        server = start_server("--quantization", "int8", "--grpc-port", "-1")
+    finally:
+        del os.environ["TOKENMILL_API_KEY"]
+    try:
+        ready = next(line for line in server.log if " ready: " in line)
+        assert "model 'demo' (int8);" in ready and ready.rstrip().endswith("; API key required"), ready
     finally:
         server.stop()

@@ -64,7 +64,9 @@ def run(
     tokens_per_minute: Annotated[
         float | None, typer.Option(help="Token quota (prompt + max_tokens).")
     ] = None,
-    no_burst: Annotated[bool, typer.Option(help="Space requests evenly within the quotas.")] = False,
+    no_burst: Annotated[
+        bool, typer.Option("--no-burst", help="Space requests evenly within the quotas.")
+    ] = False,
     priority: Annotated[
         int | None,
         typer.Option(

@@ -116,7 +116,10 @@ def run(
         typer.Option(help="GPUs behind the endpoint, with --gpu-cost-per-hour (default 1).", min=1),
     ] = None,
     api_key: Annotated[
-        str | None, typer.Option(help="Sent as Authorization: Bearer KEY.", envvar="OPENAI_API_KEY")
+        str | None,
+        typer.Option(
+            help="Sent as Authorization: Bearer KEY.", envvar=["TOKENMILL_API_KEY", "OPENAI_API_KEY"]
+        ),
     ] = None,
     metrics_url: Annotated[
         list[str] | None,

@@ -138,7 +138,10 @@ def calibrate(
     endpoint: Annotated[str, typer.Option(help="chat or completions.")] = "chat",
     model: Annotated[str | None, typer.Option(help="Model name. Default: the first at /v1/models.")] = None,
     api_key: Annotated[
-        str | None, typer.Option(help="Sent as Authorization: Bearer KEY.", envvar="OPENAI_API_KEY")
+        str | None,
+        typer.Option(
+            help="Sent as Authorization: Bearer KEY.", envvar=["TOKENMILL_API_KEY", "OPENAI_API_KEY"]
+        ),
     ] = None,
 ) -> None:
     """How fast this client can drive URL: the highest constant rate it sends on schedule.

@@ -26,9 +26,9 @@ from rich.logging import RichHandler
 from tokenmill.cli import bench_tools  # noqa: F401  (registers report, compare, calibrate, mock-server)
 from tokenmill.cli.batch import app as batch_app
 from tokenmill.cli.bench import app as bench_app
+from tokenmill.cli.engine_options import KVCacheMemory, MaxModelLen
 from tokenmill.cli.eval import eval_command
 from tokenmill.cli.keys import app as keys_app
-from tokenmill.cli.kv_memory import KVCacheMemory
 from tokenmill.cli.quantize import quantize
 from tokenmill.cli.route import app as route_app
 from tokenmill.cli.serve import KVCacheDtype, QuantizeLmHead, serve
@@ -77,7 +77,7 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Send each prompt as a user message (chat template).")] = False,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    max_model_len: Annotated[int | None, typer.Option(help="Longest sequence (prompt + output).")] = None,
+    max_model_len: MaxModelLen = None,
     kv_cache_memory: KVCacheMemory = None,
     quantization: Annotated[
         str | None, typer.Option(help="int8, int4 or fp8: weights quantized at load. Default: none.")
@@ -149,7 +149,7 @@ def profile(
     ] = None,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    max_model_len: Annotated[int | None, typer.Option(help="Longest sequence (prompt + output).")] = None,
+    max_model_len: MaxModelLen = None,
     repeats: Annotated[int, typer.Option(help="Runs of each workload.", min=1)] = 2,
     quick: Annotated[bool, typer.Option(help="Fewer, smaller workloads (seconds, rougher fit).")] = False,
 ) -> None:

@@ -34,7 +34,9 @@ def quantize(
             "input size divides by 32, 64 or 128; the others stay plain."
         ),
     ] = "int8",
-    out: Annotated[Path | None, typer.Option(help="Folder to write; must be empty or absent.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder to write (required); must be empty or absent.")
+    ] = None,
     dtype: Annotated[
         str,
         typer.Option(

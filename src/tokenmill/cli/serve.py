@@ -8,8 +8,8 @@ from typing import Annotated, Literal
 import typer
 from rich.console import Console
 
+from tokenmill.cli.engine_options import KVCacheMemory, MaxModelLen
 from tokenmill.cli.event_loop import run_fast
-from tokenmill.cli.kv_memory import KVCacheMemory
 
 err = Console(stderr=True)
 
@@ -51,7 +51,7 @@ def serve(
     ] = None,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    max_model_len: Annotated[int | None, typer.Option(help="Longest sequence (prompt + output).")] = None,
+    max_model_len: MaxModelLen = None,
     max_num_seqs: Annotated[int, typer.Option(help="Most requests running at once.")] = 256,
     max_num_batched_tokens: Annotated[
         int | None, typer.Option(help="Token budget per step. Default: max(2048, max_model_len).")

@@ -75,6 +75,7 @@ class Engine:
         self.eos_token_ids = self._eos_token_ids()
 
         self.dtype = self.model_config.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
+        self.quantization: str | None = None  # the weights' method, once loaded (_model_runner)
         if config.runner == "simulated":
             self.device = torch.device("cpu")
             self.runner: ModelRunner | SimulatedRunner = self._simulated_runner()
@@ -136,6 +137,7 @@ class Engine:
         # A checkpoint quantized beforehand runs as its method at load would: with the same head.
         loaded = self.model.checkpoint_quantization
         method = config.quantization or (loaded.method if loaded is not None else None)
+        self.quantization = method
         if method is None and config.quantize_lm_head:
             raise InvalidRequestError(
                 "quantize_lm_head", True, "false or None: the model is not quantized (set quantization)"

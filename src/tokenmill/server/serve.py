@@ -56,12 +56,16 @@ class ReadyInfo:
     worker_id: str
     max_num_seqs: int
     kv_summary: str
+    quantization: str | None = None  # the weights' method, if quantized
+    api_key: bool = False  # requests need one (--api-key, or $TOKENMILL_API_KEY in the environment)
 
     def line(self) -> str:
         grpc = f", gRPC {self.grpc_target}" if self.grpc_target else ""
+        model = f"{self.model_name!r}" + (f" ({self.quantization})" if self.quantization else "")
+        key = "; API key required" if self.api_key else ""
         return (
-            f"tokenmill worker {self.worker_id} ready: {self.http_url}/v1{grpc}; model {self.model_name!r}; "
-            f"concurrency limit {self.max_num_seqs} requests ({self.kv_summary})"
+            f"tokenmill worker {self.worker_id} ready: {self.http_url}/v1{grpc}; model {model}; "
+            f"concurrency limit {self.max_num_seqs} requests ({self.kv_summary}){key}"
         )
 
 
@@ -128,7 +132,8 @@ async def serve(worker: Worker, options: ServeOptions, on_ready: Callable[[Ready
                 grpc_server = await start_grpc_server(worker, options.host, options.grpc_port)
             except RuntimeError as e:  # grpc reports a taken port this way
                 raise ServeError(
-                    f"cannot listen on {options.host}:{options.grpc_port} for gRPC: {e}"
+                    f"cannot listen on {options.host}:{options.grpc_port} for gRPC: {e} "
+                    "(--grpc-port 0 takes any free port, -1 serves no gRPC)"
                 ) from None
         http_task = asyncio.create_task(http.serve(sockets=[listener]))
         while not http.started:
@@ -147,6 +152,8 @@ async def serve(worker: Worker, options: ServeOptions, on_ready: Callable[[Ready
                 worker_id=worker.worker_id,
                 max_num_seqs=worker.engine.engine.config.max_num_seqs,
                 kv_summary=worker.engine.engine.kv_plan.summary(),
+                quantization=worker.engine.engine.quantization,
+                api_key=bool(options.api_key),
             )
         )
         drain_waiter = asyncio.create_task(drain_started.wait())

@@ -1,6 +1,6 @@
-"""``--kv-cache-memory``: the KV pool as bytes (``4GiB``, ``512MB``, ``2147483648``) or as a fraction
-of the memory free after the weights (``0.5``), read the same way by every command that loads a
-model."""
+"""Options every command that loads a model shares, read the same way by each: ``--kv-cache-memory``
+(the KV pool as bytes, ``4GiB``, ``512MB``, ``2147483648``, or a fraction of the memory free after the
+weights, ``0.5``) and ``--max-model-len``."""
 
 from __future__ import annotations
 
@@ -37,8 +37,14 @@ def parse_kv_cache_memory(text: str | None) -> float | int | None:
 KVCacheMemory = Annotated[
     str | None,
     typer.Option(
-        help="KV pool: bytes (a whole number, or 4GiB, 512MB) or a fraction (0, 1] of free memory.",
+        help="KV pool: bytes (a whole number, or 4GiB, 512MB) or a fraction (0, 1] of the memory free "
+        "after the weights. Default: 0.9 of a GPU's free memory; 1GiB on CPU.",
         callback=parse_kv_cache_memory,
         metavar="SIZE|FRACTION",
     ),
+]
+
+MaxModelLen = Annotated[
+    int | None,
+    typer.Option(help="Longest sequence (prompt + output). Default: the model's max_position_embeddings."),
 ]

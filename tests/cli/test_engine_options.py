@@ -8,7 +8,7 @@ import sys
 import pytest
 import typer
 
-from tokenmill.cli.kv_memory import parse_kv_cache_memory
+from tokenmill.cli.engine_options import parse_kv_cache_memory
 
 
 @pytest.mark.parametrize(
