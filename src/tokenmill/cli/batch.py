@@ -75,7 +75,7 @@ def run(
     ] = None,
     api_key: Annotated[str | None, typer.Option(help="API key. Default: $TOKENMILL_API_KEY.")] = None,
     max_retries: Annotated[
-        int, typer.Option(help="Tries after the first, on 429, 5xx and lost connections.")
+        int, typer.Option(help="Tries after the first, on 408, 409, 429, 500, 502-504 and lost connections.")
     ] = 3,
     timeout: Annotated[float, typer.Option(help="Longest silence within a response, seconds.")] = 600.0,
 ) -> None:

@@ -7,7 +7,7 @@ fewest requests in flight. Its slot is held until its last byte.
 
 Retries are safe only while nothing reached the caller: a request is retried
 (after a jittered, growing backoff, or the server's ``Retry-After``) on a
-connection failure, a timeout, 408, 409, 429 or a 5xx, and only until its first
+connection failure, a timeout, 408, 409, 429, 500, 502, 503 or 504, and only until its first
 chunk has been handed over; after that, a failure is the caller's to see.
 """
 
