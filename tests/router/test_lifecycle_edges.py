@@ -223,3 +223,33 @@ def test_a_stream_whose_client_leaves_while_the_worker_is_silent_ends_at_once(tm
         assert [r["status"] for r in gateway.ledger.rows("search")] == ["cancelled"]
 
     asyncio.run(serving(tmp_path, reply, check))
+
+
+def test_a_stream_sent_with_a_content_length_goes_out_whole_after_the_usage_chunk_is_dropped(tmp_path: Path):
+    """A worker that frames its stream by content-length: the gateway drops the usage chunk it
+    asked for on the client's behalf, so the body came out shorter than the length the router
+    passed on, and a kept-alive client waited for bytes that never came. Streams go out chunked."""
+    events = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+
+    async def reply(writer: asyncio.StreamWriter) -> None:
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n"
+        writer.write(head % len(events) + events)
+        await writer.drain()
+
+    async def check(port: int, gateway: Gateway, key: str) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post(key, {**CHAT, "stream": True}))
+        data, _ = await read_all(reader, quiet_s=1.0)
+        writer.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert b"content-length" not in head.lower() and b"transfer-encoding: chunked" in head.lower(), head
+        assert body.endswith(b"0\r\n\r\n") and b"[DONE]" in body and b'"usage"' not in body
+        await settled(gateway)
+        (row,) = gateway.ledger.rows("search")
+        assert (row["status"], row["completion_tokens"]) == ("ok", 1)
+
+    asyncio.run(serving(tmp_path, reply, check))

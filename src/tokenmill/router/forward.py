@@ -74,11 +74,11 @@ class Forwarder:
                         worker.name = response.headers[WORKER_HEADER]
                 if outcome.admitted is not None and not await self._usage_recorded(outcome, send):
                     return True  # leaving closes the worker's stream: it stops generating
-                await send(_start(response.status, response.headers, worker))
+                sse = response.headers.get("content-type", "").startswith("text/event-stream")
+                await send(_start(response.status, response.headers, worker, sse))
                 started = True
                 outcome.status, outcome.worker = response.status, worker.name
                 outcome.state = "ok" if response.status < 400 else "error"
-                sse = response.headers.get("content-type", "").startswith("text/event-stream")
                 meter = outcome.meter_for(sse)
                 await self._relay(response, sse, receive, send, prefill, meter, outcome)
             return True
@@ -173,10 +173,12 @@ class Forwarder:
 _SERVER_HEADERS = HOP_BY_HOP | {"date", "server"}
 
 
-def _start(status: int, headers: dict[str, str], worker: Worker) -> Message:
+def _start(status: int, headers: dict[str, str], worker: Worker, sse: bool) -> Message:
     out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items() if k not in _SERVER_HEADERS]
     if WORKER_HEADER not in headers:
         out.append((WORKER_HEADER.encode(), worker.name.encode("latin-1")))
-    if "content-length" in headers:
+    # A stream's length is not kept: the gateway's meter may drop its usage chunk, and a body short
+    # of its stated length leaves a kept-alive client waiting (streams go out chunked instead).
+    if "content-length" in headers and not sse:
         out.append((b"content-length", headers["content-length"].encode()))
     return {"type": "http.response.start", "status": status, "headers": out}
