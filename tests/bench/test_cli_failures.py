@@ -100,6 +100,7 @@ def test_calibrate_stops_at_once_on_a_refusal_naming_the_server_message(keyed_ur
         (["calibrate", "http://127.0.0.1:9", "--start-rate", "inf"], "--start-rate must be a finite number"),
         (["calibrate", "http://127.0.0.1:9", "--start-rate", "0.001"], "at least 10"),
         (["calibrate", "http://127.0.0.1:9", "--max-lag-p99", "-1"], "--max-lag-p99 must be"),
+        (["run", "http://127.0.0.1:0"], "got 'http://127.0.0.1:0' (port 0)"),  # (was a run of failures)
         (["mock-server", "--port", "70000"], "--port must be in 0..65535"),
         (["mock-server", "--port", "-1"], "--port must be in 0..65535"),
     ],

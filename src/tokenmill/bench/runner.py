@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from tokenmill.bench.data import RequestSpec
 from tokenmill.bench.load import LoadProfile, intended_times
@@ -76,9 +77,12 @@ def check_url(url: str) -> None:
     """The transport's own checks of a base URL, now rather than once the run has started."""
     try:
         HTTPTransport(url, max_connections=1)
+        port = urlsplit(url).port
     except ValueError as e:  # urlsplit's "Port out of range" does not say which URL
         why = "" if "base_url" in str(e) else f" ({e})"
         raise ValueError(f"URL must look like http://host:port or https://host, got {url!r}{why}") from None
+    if port == 0:  # nothing listens on port 0: every request would fail to connect
+        raise ValueError(f"URL must look like http://host:port or https://host, got {url!r} (port 0)")
 
 
 class LoadRunner:
