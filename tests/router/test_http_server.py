@@ -53,9 +53,17 @@ events: list[str] = []
 
 
 async def serving(check: Callable[[int], Awaitable[None]], keep_alive_s: float = 30.0) -> HTTPServer:
+    return await serve_app(app, check, keep_alive_s)
+
+
+async def serve_app(
+    the_app: Any, check: Callable[[int], Awaitable[None]], keep_alive_s: float = 30.0, cut_off: bool = False
+) -> HTTPServer:
+    """``the_app`` behind an HTTPServer on a free loopback port while ``check(port)`` runs; then it
+    exits (``cut_off``: a second time, so whatever still runs is cut off)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = HTTPServer(app, keep_alive_s=keep_alive_s)
+    server = HTTPServer(the_app, keep_alive_s=keep_alive_s)
     task = asyncio.create_task(server.serve(sock))
     while not server.started:
         await asyncio.sleep(0.01)
@@ -63,6 +71,8 @@ async def serving(check: Callable[[int], Awaitable[None]], keep_alive_s: float =
         await check(sock.getsockname()[1])
     finally:
         server.exit()
+        if cut_off:
+            server.exit()
         await asyncio.wait_for(task, 10)
     return server
 

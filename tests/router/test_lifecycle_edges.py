@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
+from tests.router.test_http_server import serve_app
 from tokenmill.router.app import RouterApp
 from tokenmill.router.gateway import Gateway
 from tokenmill.router.gateway_config import parse_gateway_config
-from tokenmill.router.http_server import HTTPServer
 from tokenmill.router.policies import Router
 from tokenmill.router.workers import WorkerPool
 
@@ -62,18 +62,9 @@ async def serving(
     gateway = Gateway(parse_gateway_config(CONFIG, tmp_path))
     key, _ = gateway.create_key("search")
     app = RouterApp(WorkerPool([url]), Router("least_load"), health_interval=0.2, gateway=gateway)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = HTTPServer(app, keep_alive_s=keep_alive_s)
-    task = asyncio.create_task(server.serve(sock))
-    while not server.started:
-        await asyncio.sleep(0.01)
     try:
-        await check(sock.getsockname()[1], gateway, key)
+        await serve_app(app, lambda port: check(port, gateway, key), keep_alive_s, cut_off=True)
     finally:
-        server.exit()
-        server.exit()  # (a second time: whatever still runs is cut off)
-        await asyncio.wait_for(task, 10)
         worker.close()
         gateway.ledger.close()
 
