@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any
 
 from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.engine import Engine, Prompt
@@ -36,25 +36,21 @@ from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.request_stream import (
     AbortRequest,
     AddRequest,
+    EngineListener,
     RequestStream,
     ResetPrefixCache,
     StreamState,
     SubscribeKV,
+    call_soon,
+    put_all,
+    resolve,
 )
 from tokenmill.engine.sampling_params import OutputKind, SamplingParams
-from tokenmill.engine.stats import EngineStats, StepRecord
+from tokenmill.engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 1.0  # the loop re-checks for shutdown this often when idle
-
-
-class EngineListener(Protocol):
-    """Sees every step and every finished request, in the engine's thread: keep it cheap."""
-
-    def on_step(self, record: StepRecord, stats: EngineStats) -> None: ...
-
-    def on_request_finished(self, output: RequestOutput) -> None: ...
 
 
 class AsyncEngine:
@@ -322,9 +318,9 @@ class AsyncEngine:
                     except Exception:
                         logger.exception("abort of %s failed while closing", cmd.request_id)
                 if cmd.loop is not None and cmd.done is not None:
-                    _call_soon(cmd.loop, _resolve, cmd.done, freed)
+                    call_soon(cmd.loop, resolve, cmd.done, freed)
             elif isinstance(cmd, SubscribeKV):
-                _call_soon(cmd.loop, _resolve, cmd.done, False)
+                call_soon(cmd.loop, resolve, cmd.done, False)
             # Queued adds never reach the engine; their streams hear EngineDeadError.
 
     def _apply_commands(self) -> None:
@@ -344,14 +340,14 @@ class AsyncEngine:
                 if out is not None:
                     self._deliver([out])
                 if cmd.loop is not None and cmd.done is not None:
-                    cmd.loop.call_soon_threadsafe(_resolve, cmd.done, out is not None)
+                    cmd.loop.call_soon_threadsafe(resolve, cmd.done, out is not None)
             elif isinstance(cmd, SubscribeKV):
                 self._publish_kv_events()  # anything pending belongs to the subscribers already there
                 cached = CachedBlocks(self.engine.kv_cache.cached_block_hashes())
                 snapshot = KVEventBatch(time.time(), [cached])
                 cmd.loop.call_soon_threadsafe(cmd.queue.put_nowait, snapshot)
                 self._kv_subscribers.append((cmd.loop, cmd.queue))
-                cmd.loop.call_soon_threadsafe(_resolve, cmd.done, True)
+                cmd.loop.call_soon_threadsafe(resolve, cmd.done, True)
             else:
                 self.engine.reset_prefix_cache()
                 self._publish_kv_events()
@@ -385,12 +381,12 @@ class AsyncEngine:
                     stream.finished = True
                 by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, items in by_loop.items():
-            _call_soon(loop, _put_all, items)
+            call_soon(loop, put_all, items)
 
     def _publish_kv_events(self) -> None:
         for batch in self.engine.take_kv_events():
             for loop, queue in list(self._kv_subscribers):
-                _call_soon(loop, queue.put_nowait, batch)
+                call_soon(loop, queue.put_nowait, batch)
 
     def _abort_all(self) -> None:
         with self._streams_lock:
@@ -403,20 +399,4 @@ class AsyncEngine:
         with self._streams_lock:
             streams = [s for s in self._streams.values() if not s.finished]
         for s in streams:
-            _call_soon(s.loop, s.queue.put_nowait, error)
-
-
-def _put_all(items: list[tuple[StreamState, RequestOutput]]) -> None:
-    for stream, out in items:
-        stream.queue.put_nowait(out)
-
-
-def _resolve(future: asyncio.Future[bool], value: bool) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
-    # A closed event loop raises RuntimeError: that caller is gone, nobody is listening.
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(fn, *args)
+            call_soon(s.loop, s.queue.put_nowait, error)

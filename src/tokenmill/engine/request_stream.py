@@ -1,15 +1,27 @@
 """What passes between a caller's event loop and the engine thread (``async_engine.py``): the
-commands the step loop applies between steps, and the stream of one request's outputs."""
+commands the step loop applies between steps, the stream of one request's outputs and the
+hand-over of a step's outputs to the callers' loops, and what a listener of every step sees."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from tokenmill.engine.input_processor import PreparedRequest
 from tokenmill.engine.kv_events import KVEventBatch
 from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.stats import EngineStats, StepRecord
+
+
+class EngineListener(Protocol):
+    """Sees every step and every finished request, in the engine's thread: keep it cheap."""
+
+    def on_step(self, record: StepRecord, stats: EngineStats) -> None: ...
+
+    def on_request_finished(self, output: RequestOutput) -> None: ...
 
 
 @dataclass
@@ -85,3 +97,20 @@ class RequestStream:
         if not self._done:
             self._done = True
             self._release(self._stream)
+
+
+def put_all(items: list[tuple[StreamState, RequestOutput]]) -> None:
+    """A step's outputs into their streams' queues (in the callers' loop)."""
+    for stream, out in items:
+        stream.queue.put_nowait(out)
+
+
+def resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    # A closed event loop raises RuntimeError: that caller is gone, nobody is listening.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
