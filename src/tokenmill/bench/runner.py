@@ -92,6 +92,7 @@ class LoadRunner:
         self.started = 0.0  # time.perf_counter() at the run's start: every record time is relative to it
         self.keep_replies = 0  # keep the text of this many successful replies (a re-tokenization check)
         self.replies: dict[int, str] = {}  # record index -> reply text
+        self._cards: list[Any] | None = None  # /v1/models' data, once read
 
     async def resolve_model(self, http: HTTPTransport) -> str:
         """The model to name in requests; asks the server when none was given. Raises
@@ -103,7 +104,7 @@ class LoadRunner:
             fix = "check --api-key" if response.status in (401, 403) else "pass --model"
             message = error_message(response.text)[:200]
             raise ValueError(f"GET /v1/models answered {response.status}: {message}; {fix}")
-        models = response.json().get("data") or []
+        models = self._cards = response.json().get("data") or []
         if not models:
             raise ValueError("the server lists no model at /v1/models; pass --model")
         self.model = str(models[0]["id"])
@@ -112,11 +113,13 @@ class LoadRunner:
     async def max_model_len(self, http: HTTPTransport) -> int | None:
         """The served model's context as its /v1/models card gives it (tokenmill and vLLM do), or
         None when the server does not say: then nothing is checked against it."""
-        try:
-            response = await http.request("GET", "/v1/models")
-            cards = response.json().get("data") or [] if response.status == 200 else []
-        except (TransportError, ValueError, AttributeError):
-            return None
+        cards = self._cards
+        if cards is None:  # --model was given: the list was not read for it
+            try:
+                response = await http.request("GET", "/v1/models")
+                cards = response.json().get("data") or [] if response.status == 200 else []
+            except (TransportError, ValueError, AttributeError):
+                return None
         for card in cards:
             if isinstance(card, dict) and card.get("id") == self.model:
                 limit = card.get("max_model_len")

@@ -50,10 +50,10 @@ class Reservation:
     team: str
     tokens: int
     dollars: float
-    released: bool = False
     # The team's state it was taken from: given back there, not to a team of the same name made
     # after this one was deleted (which would then count fewer requests in flight than run).
-    state: _TeamState | None = field(default=None, repr=False, compare=False)
+    state: _TeamState = field(repr=False, compare=False)
+    released: bool = False
 
 
 @dataclass
@@ -254,9 +254,11 @@ class Limiter:
         s = self._teams.get(team)
         if s is None:
             return
-        for bucket, amount in ((s.requests, lambda _tokens: 1), (s.tokens, lambda tokens: tokens)):
+        unrefilled = [(max(0.0, 1.0 - age / 60.0), tokens) for age, tokens in recent]
+        owed_requests = sum(share for share, _ in unrefilled)
+        owed_tokens = sum(share * tokens for share, tokens in unrefilled)
+        for bucket, owed in ((s.requests, owed_requests), (s.tokens, owed_tokens)):
             if bucket is not None:
-                owed = sum(amount(tokens) * max(0.0, 1.0 - age / 60.0) for age, tokens in recent)
                 bucket.level = min(bucket.level, bucket.capacity - owed)
 
     def admit(self, team: str, tokens: int, dollars: float) -> Reservation | Refusal:
@@ -295,16 +297,14 @@ class Limiter:
         s.parallel += 1
         s.held_tokens += tokens
         s.held_dollars += dollars
-        return Reservation(team, tokens, dollars, state=s)
+        return Reservation(team, tokens, dollars, s)
 
     def release(self, r: Reservation, used_tokens: int, used_dollars: float) -> None:
         """The request ended having used this much: refund the rest of what it reserved."""
         if r.released:
             return
         r.released = True
-        s = r.state if r.state is not None else self._teams.get(r.team)
-        if s is None:
-            return
+        s = r.state
         s.parallel -= 1
         s.held_tokens -= r.tokens
         s.held_dollars -= r.dollars
