@@ -1,12 +1,16 @@
 """The router's HTTP/1.1 server against clients that misbehave, over real sockets: a header that
-never ends, an ``Expect`` spelled in capitals, a client that stops reading its answer."""
+never ends, a head sent a byte at a time, a pipelined request past a limit while an answer runs, an
+``Expect`` spelled in capitals, a client that stops reading its answer."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+import time
 from typing import Any
+
+import pytest
 
 from tests.router.test_http_server import exchange, run
 from tokenmill.router.http_server import HTTPServer
@@ -36,6 +40,62 @@ def test_a_header_that_never_ends_is_refused_before_it_fills_memory():
         writer.close()
         assert answer.startswith(b"HTTP/1.1 431"), (sent, answer[:80])
         assert sent <= 10 * MAX_HEAD_BYTES, sent
+
+    run(check)
+
+
+def test_a_head_sent_a_byte_at_a_time_is_refused_within_two_intervals():
+    """A client trickling its head (a byte every so often, each read resetting any stall check)
+    would hold its connection without end: the head must be whole within two keep-alive intervals
+    of the timer first seeing it, or the answer is a 408 and the connection ends."""
+
+    async def check(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /echo HTTP/1.1\r\nhost: x\r\nx-slow: ")
+        began, answer = time.monotonic(), b""
+        with contextlib.suppress(ConnectionError):
+            while not answer and time.monotonic() - began < 5.0:
+                writer.write(b"a")
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    answer = await asyncio.wait_for(reader.read(65536), 0.05)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+        assert b"head did not arrive" in answer
+        assert time.monotonic() - began < 1.5  # three intervals of 0.3 s, and the test's own slack
+
+    run(check, keep_alive_s=0.3)
+
+
+@pytest.mark.parametrize("limit", ["MAX_HEAD_BYTES", "MAX_BODY_BYTES"])
+def test_a_pipelined_request_past_a_limit_is_refused_after_the_running_answer(
+    monkeypatch: pytest.MonkeyPatch, limit: str
+):
+    """Requests pipelined behind a long answer: one past the head or body limit is refused once
+    the answers before it have ended, not by cutting the running answer short; the requests
+    parsed before it are answered, those after it are not (the connection ends with its refusal)."""
+    import tokenmill.router.server_connection as server_connection
+
+    monkeypatch.setattr(server_connection, "MAX_BODY_BYTES", 10)
+    monkeypatch.setattr(server_connection, "MAX_HEAD_BYTES", 200)
+
+    async def check(port: int) -> None:
+        running = b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n"
+        before = b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\n\r\nbefore"
+        if limit == "MAX_HEAD_BYTES":
+            refused = b"GET /echo HTTP/1.1\r\nhost: x\r\nx-big: " + b"h" * 300 + b"\r\n\r\n"
+            status = b"HTTP/1.1 431"
+        else:
+            refused = b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 11\r\n\r\n" + b"x" * 11
+            status = b"HTTP/1.1 413"
+        after = b"GET /after HTTP/1.1\r\nhost: x\r\n\r\n"
+        data = await exchange(port, running + before + refused + after, read_s=2.0)
+        stream_end = data.find(b"2\r\nab\r\n1\r\nc\r\n0\r\n\r\n")
+        assert stream_end > 0, data  # the running answer whole
+        assert data.find(b"POST /echo |before") > stream_end, data
+        assert data.rfind(status) > data.find(b"POST /echo |before"), data
+        assert b"connection: close" in data[data.rfind(status) :]
+        assert b"/after" not in data  # read after the refusal: not answered
 
     run(check)
 

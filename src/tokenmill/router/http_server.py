@@ -18,13 +18,15 @@ What it does:
   length from the app the body is chunked;
 - writes wait while a slow client's socket buffer is full;
 - malformed requests get a 400 and bodies over 64 MiB a 413, and the
-  connection is closed; an upgrade request is answered as plain HTTP; an app
-  that fails before answering, a 500 in OpenAI's error shape (JSON, as the
-  router's other errors); one that fails mid-answer, a closed connection;
+  connection is closed (a pipelined one's, after the answers before it); an
+  upgrade request is answered as plain HTTP; an app that fails before
+  answering, a 500 in OpenAI's error shape (JSON, as the router's other
+  errors); one that fails mid-answer, a closed connection;
 - ``receive()`` after the body waits for the client to leave (or the response to
   end), as the app's disconnect watch expects;
 - a head over 64 KiB, even one header line that never ends, is a 431; a
-  request that stops arriving for ``keep_alive_s`` a 408; a client that reads
+  request that stops arriving for ``keep_alive_s``, or whose head is not whole
+  within two of them (however slowly it trickles), a 408; a client that reads
   nothing of its answer for ``keep_alive_s`` is cut off (its request ends, and
   gives back what it held);
 - an idle kept-alive connection is closed after ``keep_alive_s``; on SIGINT or

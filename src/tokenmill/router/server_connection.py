@@ -53,6 +53,12 @@ class ServerConnection(asyncio.Protocol):
         # The drain waited on when the timer last fired: the same one still waited on at the next
         # is a client that read nothing of its answer for a whole interval.
         self.drain_at_timer: asyncio.Future[None] | None = None
+        # The request whose head was still arriving when the timer last fired: still the one at the
+        # next is a head trickled in for a whole interval (a byte at a time resets nothing).
+        self.head_at_timer: Request | None = None
+        # A refusal (413, 431, 400) of a pipelined request that came while an answer ran: sent once
+        # that answer, and those of the requests parsed before it, have ended; nothing more is read.
+        self.refusal: bytes | None = None
         self.client: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
 
@@ -83,6 +89,8 @@ class ServerConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reads += 1
+        if self.refusal is not None:  # (the parser is stopped mid-request: nothing after it is read)
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -113,11 +121,13 @@ class ServerConnection(asyncio.Protocol):
     # -- httptools callbacks (inside feed_data) -----------------------------------------
 
     def on_message_begin(self) -> None:
-        self.parsing = Request(self)
+        if self.refusal is None:  # (after a refusal, nothing more is answered)
+            self.parsing = Request(self)
 
     def on_url(self, url: bytes) -> None:
         r = self.parsing
-        assert r is not None
+        if r is None:  # (refused: the parser runs to the end of the read it was in)
+            return
         r.url += url
         r.size += len(url)  # (the head's bytes until the body starts; then the body's)
         if r.size > MAX_HEAD_BYTES:
@@ -125,7 +135,8 @@ class ServerConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         r = self.parsing
-        assert r is not None
+        if r is None:
+            return
         name = name.lower()
         if name == b"expect":  # its value is case-insensitive: as on_headers_complete looks for it
             value = value.strip().lower()
@@ -135,12 +146,13 @@ class ServerConnection(asyncio.Protocol):
             self._head_too_big()
 
     def _head_too_big(self) -> None:
-        if not self.closed:
+        if not self.closed and self.refusal is None:
             self._refuse(431, b"request line and headers over %d bytes" % MAX_HEAD_BYTES)
 
     def on_headers_complete(self) -> None:
         r = self.parsing
-        assert r is not None
+        if r is None:
+            return
         r.size = 0  # from here, the body's bytes
         r.head_at = 0
         r.method = self.parser.get_method().decode("ascii")
@@ -157,18 +169,18 @@ class ServerConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         r = self.parsing
-        assert r is not None
+        if r is None:
+            return
         r.size += len(body)
         if r.size > MAX_BODY_BYTES:
-            if not self.closed:
+            if not self.closed and self.refusal is None:
                 self._refuse(413, b"request body over %d bytes" % MAX_BODY_BYTES)
             return
         r.body.append(body)
 
     def on_message_complete(self) -> None:
         r, self.parsing = self.parsing, None
-        assert r is not None
-        if self.closed:  # refused while parsing (or the client left): nothing to answer
+        if r is None or self.closed:  # refused while parsing (or the client left): nothing to answer
             return
         if self.current is None:
             self._start(r)
@@ -227,9 +239,14 @@ class ServerConnection(asyncio.Protocol):
             return
         if self.pending:
             self._start(self.pending.popleft())
+        elif self.refusal is not None:  # every request before the refused one is answered
+            self._write(self.refusal)
+            self.close()
+            return
         elif self.parsing is not None:  # its head came while this answer ran: 100 Continue now
             self._continue(self.parsing)
-        if self.reading_paused and len(self.pending) < _PIPELINE_DEPTH and self.transport is not None:
+        resume = self.reading_paused and self.refusal is None and len(self.pending) < _PIPELINE_DEPTH
+        if resume and self.transport is not None:
             self.reading_paused = False
             self.transport.resume_reading()
 
@@ -255,9 +272,18 @@ class ServerConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def _refuse(self, status: int, message: bytes) -> None:
-        if self.current is None:  # (mid-response, the only honest answer is to hang up)
+        """Answer ``status`` to the request being parsed and close. While an earlier request's answer
+        runs (a pipelining client), that answer, and those of requests parsed whole before, end
+        first; until then nothing more is read."""
+        if self.current is None:
             self._write(_plain(status, message, keep_alive=False))
-        self.close()
+            self.close()
+            return
+        self.refusal = _plain(status, message, keep_alive=False)
+        self.parsing = None
+        if self.transport is not None and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
 
     # One timer per connection, re-armed only when it fires: a request costs a timestamp.
     def _arm_timer(self) -> None:
@@ -283,6 +309,14 @@ class ServerConnection(asyncio.Protocol):
             # content-length, a client that stalled): without this it would hold the connection forever.
             self._refuse(408, b"the request stopped arriving before its end")
             return
+        r = self.parsing
+        if r is not None and r.head_at and r is self.head_at_timer and self.current is None:
+            # A head still arriving a whole interval after the last tick saw it arriving: a client
+            # sending a byte now and then would otherwise hold the connection without end (a head
+            # has at most two intervals to arrive; a body, which may be large, only must not stall).
+            self._refuse(408, b"the request's head did not arrive in time")
+            return
+        self.head_at_timer = r if r is not None and r.head_at else None
         self.reads_at_timer = self.reads
         if not idle:
             self.last_active = self.loop.time()
