@@ -90,6 +90,8 @@ FINE = dict(
         ({"stream": False, "continuous_usage": True}, "needs --stream"),
         ({"turns": 2}, "--turns and --think-time go with --data multi-turn"),
         ({"check_tokens": -1}, "--check-tokens must be >= 0"),
+        ({"temperature": -0.5}, r"--temperature must be a number >= 0 \(0: greedy\), got -0.5"),
+        ({"temperature": float("nan")}, "--temperature must be a number >= 0"),
     ],
 )
 def test_other_options_name_what_they_need(given, message):

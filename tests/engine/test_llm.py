@@ -131,6 +131,24 @@ def test_chat_renders_the_template(llm):
     assert custom[0].prompt_token_ids == llm.tokenizer.encode("Be brief.Hi", add_special_tokens=False)
 
 
+def test_chat_takes_priorities_as_generate_does(llm, monkeypatch):
+    seen: list[int] = []
+    add = llm.engine.add_request
+
+    def recording(*args, priority=0, **kw):
+        seen.append(priority)
+        return add(*args, priority=priority, **kw)
+
+    monkeypatch.setattr(llm.engine, "add_request", recording)
+    conversations = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Other"}]]
+    assert all(o.finished for o in llm.chat(conversations, GREEDY, priority=[0, 5]))
+    assert seen == [0, 5]
+    llm.chat(conversations[0], GREEDY, priority=3)
+    assert seen[-1] == 3
+    with pytest.raises(InvalidRequestError, match="priority"):
+        llm.chat(conversations, GREEDY, priority=[1, 2, 3])
+
+
 def test_properties(llm):
     assert llm.kv_plan.block_size == 16 and llm.kv_plan.max_model_len == 128
     assert llm.kv_plan.max_full_length_sequences >= 1

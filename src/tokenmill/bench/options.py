@@ -108,8 +108,12 @@ def check_run_options(
     check_tokens: int,
     max_lag_p99: float = 0.010,
     read_timeout: float = 300.0,
+    temperature: float | None = None,
 ) -> None:
     """The options beyond the load's: each that needs another names it."""
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        # (every request would be refused by the server: a run of nothing but errors)
+        raise ValueError(f"--temperature must be a number >= 0 (0: greedy), got {temperature:g}")
     if goodput_target is not None and not search:
         raise ValueError("--goodput-target goes with --find-max-goodput")
     if goodput_target is not None and not 0 < goodput_target <= 1:

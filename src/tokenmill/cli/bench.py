@@ -160,6 +160,7 @@ def run(
             check_tokens=check_tokens,
             max_lag_p99=max_lag_p99,
             read_timeout=read_timeout,
+            temperature=temperature,
         )
         load = LoadOptions(
             profile, concurrency, rate, burstiness, max_concurrency, find_max_goodput, trace is not None

@@ -104,15 +104,16 @@ def serve(
     curl http://127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json'
     -d '{"model": "demo", "messages": [{"role": "user", "content": "Hello"}]}'
     """
-    from tokenmill.engine import EngineConfig, EngineError
-    from tokenmill.server.serve import ReadyInfo, ServeError, ServeOptions, build_worker
-    from tokenmill.server.serve import serve as run_worker
-
     for option, value, least in (("--port", port, 0), ("--grpc-port", grpc_port, -1)):
-        if not least <= value <= 65535:  # checked before the model loads, not at bind() after it
+        # Checked before the model loads, not at bind() after it; and before torch is imported (3 s).
+        if not least <= value <= 65535:
             allowed = "0 to 65535 (0: any free port)" if least == 0 else "-1 to 65535 (-1: no gRPC)"
             err.print(f"[red]error:[/red] {option} must be from {allowed}, got {value}")
             raise typer.Exit(2)
+
+    from tokenmill.engine import EngineConfig, EngineError
+    from tokenmill.server.serve import ReadyInfo, ServeError, ServeOptions, build_worker
+    from tokenmill.server.serve import serve as run_worker
 
     kv: float | int | None = kv_cache_memory  # (parsed by its option's callback)
     config = EngineConfig(

@@ -112,8 +112,10 @@ class LLM:
         *,
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        priority: int | Sequence[int] = 0,
     ) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, via the model's chat template."""
+        """Generate replies to one conversation or a list of them, via the model's chat template;
+        ``priority`` as for ``generate``."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         if not (
             isinstance(conversations, list)
@@ -127,7 +129,7 @@ class LLM:
             for conv in conversations
         ]
         params = self._params_list(sampling_params, len(prompts))
-        return self._run(prompts, params, [0] * len(prompts))
+        return self._run(prompts, params, _priority_list(priority, len(prompts)))
 
     def _params_list(
         self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
