@@ -206,8 +206,10 @@ print("products match")
 @pytest.mark.skipif(not CAN_BUILD, reason=f"no native kernels here: {disabled_reason()}")
 def test_the_avx2_form_builds_and_matches_on_any_cpu_that_builds_one(tmp_path):
     """Whichever ISA this CPU has, the AVX2 form (every AVX-512 CPU runs it too) is built and checked,
-    and an ISA the CPU lacks, or none at all, is a reason that names what is allowed."""
-    env = {**os.environ, "TOKENMILL_CACHE_DIR": str(tmp_path), "TOKENMILL_NATIVE_ISA": "avx2"}
+    and an ISA the CPU lacks, or none at all, is a reason that names what is allowed. The form is
+    built into the user's cache, as a user asking for it gets it: on an AVX2 CPU it is the build
+    ``make venv`` made (compiling it again cost a minute of the suite), on an AVX-512 CPU a new one."""
+    env = {**os.environ, "TOKENMILL_NATIVE_ISA": "avx2"}
     done = subprocess.run(
         [sys.executable, "-c", _AVX2_PRODUCTS], env=env, capture_output=True, text=True, timeout=300
     )

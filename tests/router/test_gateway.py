@@ -20,6 +20,8 @@ import pytest
 
 from tests.router.test_route import RouterProcess, wait_until
 from tests.server.conftest import start_server
+from tokenmill.cli.route import open_gateway
+from tokenmill.router.gateway_config import load_gateway_config
 from tokenmill.router.ledger import Ledger
 
 ADMIN = "admin-secret-for-tests"
@@ -60,19 +62,14 @@ def start_gateway(worker, config: Path) -> RouterProcess:
 
 
 def create_key(config: Path, team: str) -> str:
-    cmd = [
-        sys.executable,
-        "-m",
-        "tokenmill.cli.main",
-        "keys",
-        "create",
-        "--team",
-        team,
-        "--config",
-        str(config),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
-    return done.stdout.strip()
+    """A new key for ``team`` in ``config``'s ledger, made as ``tokenmill keys create`` makes it, in
+    this process (a CLI process per key cost a second each; the command's own tests are in
+    tests/cli/test_keys.py)."""
+    gateway = open_gateway(load_gateway_config(config))
+    try:
+        return gateway.create_key(team)[0]
+    finally:
+        gateway.ledger.close()
 
 
 def chat(url: str, key: str | None, **body) -> httpx.Response:
