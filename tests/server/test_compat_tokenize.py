@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 
 from tests.grpc_worker import demo_engine, make_worker
+from tests.server.in_thread import serving_in_thread
 from tokenmill.server.app import build_app
 
 PARTS = [{"role": "user", "content": [{"type": "text", "text": "Hi, "}, {"type": "text", "text": "Romeo"}]}]
@@ -72,18 +69,8 @@ def failing_app_url() -> Iterator[str]:
         raise RuntimeError("a bug")
 
     app.add_api_route("/boom", boom)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="critical"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
+    with serving_in_thread(app) as (url, _):
+        yield url
     engine.shutdown()
 
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         PromptTooLongError,
         UnsupportedArchitectureError,
     )
+    from tokenmill.engine.input_processor import TokenizedPrompt
     from tokenmill.engine.kv_events import AllCleared, BlockRemoved, BlockStored, CachedBlocks, KVEventBatch
     from tokenmill.engine.llm import LLM
     from tokenmill.engine.memory import KVCachePlan
@@ -68,6 +69,7 @@ _WHERE = {
     "StepRecord": "tokenmill.engine.stats",
     "TimingModel": "tokenmill.engine.timing",
     "TokenLogprob": "tokenmill.engine.outputs",
+    "TokenizedPrompt": "tokenmill.engine.input_processor",
     "UnsupportedArchitectureError": "tokenmill.engine.errors",
     "hash_blocks": "tokenmill.engine.block_hash",
 }
@@ -103,6 +105,7 @@ __all__ = [
     "StepRecord",
     "TimingModel",
     "TokenLogprob",
+    "TokenizedPrompt",
     "UnsupportedArchitectureError",
     "hash_blocks",
 ]

@@ -18,7 +18,17 @@ from tokenmill.engine.request import Request
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.engine.tokenizer import Tokenizer
 
-Prompt = str | Sequence[int]
+
+@dataclass(frozen=True, slots=True)
+class TokenizedPrompt:
+    """A text prompt with the token ids the engine's tokenizer gave it, encoded by the caller (a
+    server does so for long texts on a thread, off its event loop); the text is kept for echo."""
+
+    text: str
+    token_ids: Sequence[int]
+
+
+Prompt = str | Sequence[int] | TokenizedPrompt
 
 _MASK64 = 2**64 - 1
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment
@@ -100,6 +110,9 @@ class InputProcessor:
 
     def _tokenize(self, prompt: Any) -> tuple[str | None, list[int]]:
         vocab = self.model_config.vocab_size
+        if isinstance(prompt, TokenizedPrompt):
+            _, token_ids = self._tokenize(prompt.token_ids)  # (checked as any ids are)
+            return prompt.text, token_ids
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt", prompt, "a non-empty string or list of token ids")

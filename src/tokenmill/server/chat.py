@@ -46,7 +46,7 @@ class ChatHandler(OpenAIHandler):
         params = to_sampling_params(req, self.defaults, max_tokens, logprobs, req.stream)
         priority = request_priority(req, request.headers.get(PRIORITY_HEADER))
         rid = new_id("chatcmpl")
-        prompt = chat_prompt(
+        prompt = await chat_prompt(
             self.tokenizer,
             req.messages,
             req.add_generation_prompt,

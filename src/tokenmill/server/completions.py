@@ -25,6 +25,7 @@ from tokenmill.server.openai_shared import (
     sse,
     sse_error,
 )
+from tokenmill.server.prompt_tokens import tokenized
 from tokenmill.server.sampling import request_priority, to_sampling_params
 from tokenmill.server.streams import (
     SSEResponse,
@@ -63,6 +64,7 @@ class CompletionsHandler(OpenAIHandler):
         priority = request_priority(req, request.headers.get(PRIORITY_HEADER))
         rid = new_id("cmpl")
         truncate = req.max_tokens is None or req.truncate_max_tokens  # (see chat)
+        prompts = await tokenized(self.tokenizer, prompts)
         streams = open_streams(self.worker, prompts, params, rid, priority, req.cache_salt, truncate)
         if req.stream:
             return SSEResponse(self._stream(req, streams, rid, model))

@@ -25,6 +25,7 @@ from typing import NoReturn
 
 import grpc
 
+from tokenmill.engine.input_processor import Prompt
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
 from tokenmill.engine.sampling_params import OutputKind, SamplingParams
 from tokenmill.protocol import generation_pb2 as pb
@@ -42,6 +43,7 @@ from tokenmill.protocol.headers import (
     parse_priority,
 )
 from tokenmill.server.errors import to_api_error
+from tokenmill.server.prompt_tokens import encode, tokenized
 from tokenmill.server.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, worker: Worker):
         self.worker = worker
         self._defaults = worker.engine.engine.default_sampling_params()
+        self._tokenizer = worker.engine.engine.tokenizer
         self._expected_auth = f"Bearer {worker.api_key}".encode() if worker.api_key is not None else None
         # Ids of the Generate calls running here: Abort reaches only these, not the HTTP front's
         # requests, whose ids share the engine's space (an id from an HTTP stream's chunk would
@@ -100,7 +103,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             )
             # open() raises bad input and overload here, before the response starts.
             stream = self.worker.engine.open(
-                self._prompt(request),
+                await self._prompt(request),
                 self._sampling_params(request),
                 request_id,
                 priority,
@@ -188,10 +191,10 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     # -- checks ------------------------------------------------------------------
 
-    def _prompt(self, request: pb.GenerateRequest) -> str | list[int]:
+    async def _prompt(self, request: pb.GenerateRequest) -> Prompt:
         which = request.WhichOneof("prompt")
         if which == "text":
-            return request.text
+            return (await tokenized(self._tokenizer, [request.text]))[0]
         if which == "token_ids":
             return list(request.token_ids.ids)
         if which == "chat":
@@ -210,7 +213,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                 request.chat.add_generation_prompt if request.chat.HasField("add_generation_prompt") else True
             )
             # Rendered here, as the HTTP chat endpoint does, so both fronts build the same prompt.
-            return self.worker.engine.engine.tokenizer.encode_chat(messages, add_generation_prompt=add)
+            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=add)
+            return await encode(self._tokenizer, text, add_special_tokens=False, field="messages")
         raise APIError.invalid_request("prompt is required: set text, token_ids or chat", "prompt")
 
     async def _start(self, context: grpc.aio.ServicerContext) -> None:

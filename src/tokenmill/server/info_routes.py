@@ -27,6 +27,7 @@ from tokenmill.protocol.tokenize import TokenizeRequest, TokenizeResponse
 from tokenmill.server.chat_prompt import chat_prompt
 from tokenmill.server.errors import to_api_error
 from tokenmill.server.openai_shared import sse
+from tokenmill.server.prompt_tokens import encode
 from tokenmill.server.sampling import refuse_unsupported
 from tokenmill.server.streams import SSEResponse
 from tokenmill.server.worker import Worker
@@ -69,7 +70,7 @@ def info_router(worker: Worker, auth: Depends) -> APIRouter:
             if req.prompt is not None:
                 raise APIError.invalid_request("send prompt or messages, not both", "messages")
             refuse_unsupported(req)
-            tokens = chat_prompt(
+            tokens = await chat_prompt(
                 tokenizer,
                 req.messages,
                 req.add_generation_prompt,
@@ -80,7 +81,7 @@ def info_router(worker: Worker, auth: Depends) -> APIRouter:
             raise APIError.invalid_request("one of prompt or messages is required", "prompt")
         else:
             try:
-                tokens = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+                tokens = await encode(tokenizer, req.prompt, add_special_tokens=req.add_special_tokens)
             except PromptTooLongError as e:
                 raise to_api_error(e) from None
         return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=worker.max_model_len)
