@@ -40,3 +40,20 @@ def test_a_worker_named_with_brackets_shows_in_the_spread_table(tmp_path):
         result = run_cli(str(src), "--url", a, "--url", b, timeout=60)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "[/w]" in result.stderr
+
+
+def test_an_input_with_no_requests_is_refused_not_run(tmp_path):
+    """Before: an empty (or blank) INPUT ran, printed "0 succeeded" and exited 0, so a wrong or
+    truncated file passed for a finished job."""
+    from typer.testing import CliRunner
+
+    from tokenmill.cli.main import app
+
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n  \n\t\n")):
+        src = tmp_path / name
+        src.write_text(text)
+        result = CliRunner().invoke(app, ["batch", "run", str(src), "--url", "http://127.0.0.1:9"],
+                                    env={"COLUMNS": "300"})  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert f"{name} holds no requests: it is empty or blank" in result.output.replace("\n", "")
+        assert not (tmp_path / name).with_suffix(".output.jsonl").exists()

@@ -110,6 +110,9 @@ def run(
         )
     if not input_path.is_file():
         _fail(f"INPUT {input_path} does not exist or is not a file")
+    total = count_lines(input_path)
+    if total == 0:  # (a wrong or truncated file would otherwise "succeed" doing nothing)
+        _fail(f"INPUT {input_path} holds no requests: it is empty or blank (one JSON request a line)")
     output = output or input_path.with_suffix(".output.jsonl")
     errors = errors or input_path.with_suffix(".errors.jsonl")
     for option, path in (("--output", output), ("--errors", errors)):
@@ -134,7 +137,6 @@ def run(
         )
     except ValueError as e:
         _fail(str(e))
-    total = count_lines(input_path)
     job = BatchJob(client, input_path, output, errors, total_lines=total)
     try:
         summary = asyncio.run(_run(job, client))
