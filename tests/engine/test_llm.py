@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.tiny_models import drain, hf_greedy, random_prompts
-from tokenmill.engine import LLM, InvalidRequestError, OutputKind, SamplingParams
+from tokenmill.engine import LLM, InvalidRequestError, OutputKind, SamplingParams, TokenizedPrompt
 from tokenmill.engine.loader import DEMO_MODEL_DIR
 
 GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
@@ -147,6 +147,15 @@ def test_chat_takes_priorities_as_generate_does(llm, monkeypatch):
     assert seen[-1] == 3
     with pytest.raises(InvalidRequestError, match="priority"):
         llm.chat(conversations, GREEDY, priority=[1, 2, 3])
+
+
+def test_a_prompt_tokenized_by_the_caller_runs_as_its_text_does(llm):
+    ids = llm.tokenizer.encode("Hello there")
+    tokenized = llm.generate(TokenizedPrompt("Hello there", ids), GREEDY)[0]
+    assert tokenized.prompt == "Hello there" and tokenized.prompt_token_ids == ids
+    assert tokenized.outputs[0].token_ids == llm.generate("Hello there", GREEDY)[0].outputs[0].token_ids
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        llm.generate([TokenizedPrompt("x", [])], GREEDY)
 
 
 def test_properties(llm):

@@ -8,12 +8,13 @@ from typing import Any
 from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.engine import Engine
 from tokenmill.engine.errors import InvalidRequestError
+from tokenmill.engine.input_processor import TokenizedPrompt
 from tokenmill.engine.memory import KVCachePlan
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.sampling_params import OutputKind, SamplingParams
 from tokenmill.engine.tokenizer import ChatMessage, Tokenizer
 
-PromptInput = str | Sequence[int] | dict[str, Any]
+PromptInput = str | Sequence[int] | dict[str, Any] | TokenizedPrompt
 
 
 class LLM:
@@ -97,7 +98,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in prompt order.
 
-        A prompt is a string, a list of token ids, or ``{"prompt": ...}`` /
+        A prompt is a string, a list of token ids, a ``TokenizedPrompt`` (a text with the ids this
+        model's tokenizer gave it), or ``{"prompt": ...}`` /
         ``{"prompt_token_ids": [...]}``. One SamplingParams applies to all, or
         give one per prompt. Invalid input raises before any work is queued.
         """
@@ -178,10 +180,10 @@ class LLM:
 
 
 def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:
-    if isinstance(prompts, str | dict):
+    if isinstance(prompts, str | dict | TokenizedPrompt):
         return [prompts]
     if not isinstance(prompts, Iterable):
-        allowed = "a string, a list of token ids, a dict, or a list of these"
+        allowed = "a string, a list of token ids, a dict, a TokenizedPrompt, or a list of these"
         raise InvalidRequestError("prompts", type(prompts).__name__, allowed)
     items = list(prompts)
     if items and all(isinstance(t, int) for t in items):
