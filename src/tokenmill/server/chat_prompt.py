@@ -9,7 +9,7 @@ from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.protocol.chat import ChatMessage
 from tokenmill.protocol.errors import APIError
 from tokenmill.server.errors import to_api_error
-from tokenmill.server.prompt_tokens import encode
+from tokenmill.server.prompt_tokens import encode_chat
 from tokenmill.server.sampling import is_given
 
 # Arguments of the rendering call (transformers' apply_chat_template), not variables of the
@@ -73,15 +73,13 @@ async def chat_prompt(
                 )
     check_template_kwargs(chat_template_kwargs or {})
     try:
-        # As Tokenizer.encode_chat, with a long prompt encoded off the event loop (prompt_tokens.py).
-        text = tokenizer.apply_chat_template(
+        return await encode_chat(  # (a long prompt is encoded off the event loop)
+            tokenizer,
             [m.template_dict() for m in messages],
             add_generation_prompt,
             continue_final_message=continue_final_message,
             **(chat_template_kwargs or {}),
         )
-        # The template already writes the BOS text; adding specials again would double it.
-        return await encode(tokenizer, text, add_special_tokens=False, field="messages")
     except PromptTooLongError as e:
         raise to_api_error(e, prompt_field="messages") from None
     except EngineError as e:

@@ -43,7 +43,7 @@ from tokenmill.protocol.headers import (
     parse_priority,
 )
 from tokenmill.server.errors import to_api_error
-from tokenmill.server.prompt_tokens import encode, tokenized
+from tokenmill.server.prompt_tokens import encode_chat, tokenized
 from tokenmill.server.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -213,8 +213,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 request.chat.add_generation_prompt if request.chat.HasField("add_generation_prompt") else True
             )
             # Rendered here, as the HTTP chat endpoint does, so both fronts build the same prompt.
-            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=add)
-            return await encode(self._tokenizer, text, add_special_tokens=False, field="messages")
+            return await encode_chat(self._tokenizer, messages, add_generation_prompt=add)
         raise APIError.invalid_request("prompt is required: set text, token_ids or chat", "prompt")
 
     async def _start(self, context: grpc.aio.ServicerContext) -> None:

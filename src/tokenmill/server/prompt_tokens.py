@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from tokenmill.engine.input_processor import Prompt, TokenizedPrompt
-from tokenmill.engine.tokenizer import Tokenizer
+from tokenmill.engine.tokenizer import ChatMessage, Tokenizer
 
 OFF_LOOP_CHARS = 8192  # about 8 ms of tokenizing here; a thread's hand-off costs about 0.1 ms
 
@@ -29,6 +30,16 @@ async def encode(
     if len(text) < OFF_LOOP_CHARS:
         return tokenizer.encode(text, add_special_tokens, field)
     return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens, field)
+
+
+async def encode_chat(
+    tokenizer: Tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True, **kwargs: Any
+) -> list[int]:
+    """``tokenizer.encode_chat``, with a long prompt encoded on a thread: the template renders here
+    (string joins, quick), and its text is encoded as ``encode`` does."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt, **kwargs)
+    # The template already writes the BOS text; adding specials again would double it.
+    return await encode(tokenizer, text, add_special_tokens=False, field="messages")
 
 
 async def tokenized(tokenizer: Tokenizer, prompts: Sequence[Prompt]) -> list[Prompt]:
