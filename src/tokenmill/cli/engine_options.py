@@ -1,6 +1,6 @@
 """Options every command that loads a model shares, read the same way by each: ``--kv-cache-memory``
 (the KV pool as bytes, ``4GiB``, ``512MB``, ``2147483648``, or a fraction of the memory free after the
-weights, ``0.5``) and ``--max-model-len``."""
+weights, ``0.5``), ``--max-model-len``, ``--block-size`` and ``--attention-backend``."""
 
 from __future__ import annotations
 
@@ -47,4 +47,11 @@ KVCacheMemory = Annotated[
 MaxModelLen = Annotated[
     int | None,
     typer.Option(help="Longest sequence (prompt + output). Default: the model's max_position_embeddings."),
+]
+
+BlockSize = Annotated[int, typer.Option(help="Tokens per KV block.")]
+
+AttentionBackend = Annotated[  # checked by EngineConfig, which names the allowed values
+    str,
+    typer.Option(help="auto, cpu (tokenmill's paged decode kernel) or reference (PyTorch SDPA; any device)."),
 ]

@@ -26,7 +26,7 @@ from rich.logging import RichHandler
 from tokenmill.cli import bench_tools  # noqa: F401  (registers report, compare, calibrate, mock-server)
 from tokenmill.cli.batch import app as batch_app
 from tokenmill.cli.bench import app as bench_app
-from tokenmill.cli.engine_options import KVCacheMemory, MaxModelLen
+from tokenmill.cli.engine_options import AttentionBackend, BlockSize, KVCacheMemory, MaxModelLen
 from tokenmill.cli.eval import eval_command
 from tokenmill.cli.keys import app as keys_app
 from tokenmill.cli.quantize import quantize
@@ -87,6 +87,8 @@ def generate(
         KVCacheDtype,
         typer.Option(help="auto (the model's dtype) or fp8: K, V in float8 e4m3 with scales (~2x tokens)."),
     ] = "auto",
+    block_size: BlockSize = 16,
+    attention_backend: AttentionBackend = "auto",
 ) -> None:
     """Generate text and stream it to the terminal."""
     from tokenmill.cli.generate import stdout_write, stream_generate
@@ -109,6 +111,8 @@ def generate(
                     quantization=quantization,
                     quantize_lm_head=quantize_lm_head,
                     kv_cache_dtype=kv_cache_dtype,
+                    block_size=block_size,
+                    attention_backend=attention_backend,
                 )
             )
         err.print(

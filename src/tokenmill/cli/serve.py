@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 from rich.console import Console
 
-from tokenmill.cli.engine_options import KVCacheMemory, MaxModelLen
+from tokenmill.cli.engine_options import AttentionBackend, BlockSize, KVCacheMemory, MaxModelLen
 from tokenmill.cli.event_loop import run_fast
 
 err = Console(stderr=True)
@@ -60,7 +60,7 @@ def serve(
         int | None, typer.Option(help="Past this many waiting requests, answer 429. Default: unbounded.")
     ] = None,
     kv_cache_memory: KVCacheMemory = None,
-    block_size: Annotated[int, typer.Option(help="Tokens per KV block.")] = 16,
+    block_size: BlockSize = 16,
     enable_prefix_caching: Annotated[bool, typer.Option(help="Reuse KV of shared prompt prefixes.")] = True,
     scheduling_policy: Annotated[str, typer.Option(help="priority or fcfs.")] = "priority",
     max_itl: Annotated[
@@ -85,12 +85,7 @@ def serve(
             "(~2x tokens). e5m2 is not supported."
         ),
     ] = "auto",
-    attention_backend: Annotated[
-        str,
-        typer.Option(
-            help="auto, cpu (tokenmill's paged decode kernel) or reference (PyTorch SDPA; any device)."
-        ),
-    ] = "auto",
+    attention_backend: AttentionBackend = "auto",
     preemption_priority_gap: Annotated[
         int, typer.Option(help="A waiting request preempts running ones at least this many levels below it.")
     ] = 1,
