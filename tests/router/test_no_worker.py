@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.router.test_gateway import ADMIN, admin, chat, create_key
 from tests.router.test_route import RouterProcess, wait_until
@@ -63,3 +64,41 @@ def test_no_worker_left_is_a_503_at_once_for_new_and_waiting_requests(tmp_path: 
         if router is not None:
             router.stop()
         single.stop()
+
+
+def test_a_worker_ejected_by_passive_health_reaches_every_admission_queue_at_once(tmp_path: Path):
+    """A release dispatches only its own pool's queue. A pool whose requests fall back on another
+    pool, or that has no worker left at all, learned of a passive ejection only at the next health
+    round (here a minute away): its waiting requests sat there meanwhile, instead of being refused
+    (or seated) at once."""
+    import asyncio
+
+    from tokenmill.router.admission import NoCapacity
+    from tokenmill.router.app import RouterApp
+    from tokenmill.router.gateway import Gateway
+    from tokenmill.router.gateway_config import parse_gateway_config
+    from tokenmill.router.policies import Router
+    from tokenmill.router.workers import EJECT_AFTER, WorkerPool
+
+    async def go() -> None:
+        config = {"ledger": "usage.db", "worker_slots": 1, "teams": {"bulk": {"pool": "throughput"}}}
+        gateway = Gateway(parse_gateway_config(config, tmp_path))
+        pool = WorkerPool(["http://127.0.0.1:9#latency"])  # the throughput pool has none: bulk falls back
+        app = RouterApp(pool, Router("round_robin"), health_interval=60, gateway=gateway)
+        try:
+            queue = gateway.queue("throughput", lambda: app._slots("throughput"))
+            await queue.acquire("bulk", 0, 1)  # the one slot the fallback gives
+            waiting = asyncio.create_task(queue.acquire("bulk", 0, 1))
+            await asyncio.sleep(0)
+            assert queue.waiting == 1
+            (worker,) = pool.available()
+            for _ in range(EJECT_AFTER):  # a request of another pool's failing on it, say
+                pool.failed(worker)
+            assert not worker.healthy
+            with pytest.raises(NoCapacity):  # at once: no worker is left for bulk to fall back on
+                await asyncio.wait_for(waiting, 1)
+            queue.release(0)
+        finally:
+            gateway.ledger.close()
+
+    asyncio.run(go())

@@ -84,6 +84,7 @@ class RouterApp:
         if router.policy == "kv" and hasher is None:
             raise ValueError("the kv policy needs the model's tokenizer (a PromptHasher)")
         self.pool = pool
+        pool.on_eject = self._workers_changed
         self.router = router
         self.hasher = hasher
         self.gateway = gateway

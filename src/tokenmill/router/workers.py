@@ -17,6 +17,7 @@ model, as before the router knew.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -86,6 +87,11 @@ class WorkerPool:
         self._slots: dict[tuple[str | None, int], tuple[int, int]] = {}  # (pool, default) -> (version, slots)
         # (version, any available, any of those with models unknown, the models the others list)
         self._served: tuple[int, bool, bool, frozenset[str]] | None = None
+        # Told when passive health ejects a worker (the router's app: the gateway's admission queues
+        # take the capacity change at once). A release dispatches only its own pool's queue, so a
+        # queue falling back on this pool, or left with no worker at all, would otherwise wait for
+        # the next health round.
+        self.on_eject: Callable[[], None] | None = None
         for url in urls:
             self.add(url, ramp=False)
 
@@ -181,6 +187,8 @@ class WorkerPool:
         if w.failures >= EJECT_AFTER and w.healthy:
             w.healthy = False
             self.version += 1
+            if self.on_eject is not None:
+                self.on_eject()
 
     def health(self, w: Worker, ok: bool) -> None:
         """An active check's result."""
