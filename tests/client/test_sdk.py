@@ -414,6 +414,24 @@ def test_grpc_transport_gives_the_same_answers_as_http(demo):
     asyncio.run(run())
 
 
+def test_streamed_samples_come_one_choice_a_chunk_over_either_transport(demo):
+    """As OpenAI and vLLM send them: the HTTP API and the SDK's gRPC wire alike."""
+
+    async def run() -> None:
+        async with AsyncClient(demo.url) as http, AsyncClient(demo.grpc_target, transport="grpc") as grpc_:
+            for client in (http, grpc_):
+                stream = await client.chat.completions.create(
+                    messages=HI, max_tokens=5, n=2, temperature=1.0, seed=7, stream=True,
+                    stream_options={"include_usage": True},
+                )  # fmt: skip
+                chunks = [c async for c in stream]
+                assert all(len(c.choices) <= 1 for c in chunks)
+                assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+                assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
+
+    asyncio.run(run())
+
+
 def test_grpc_transport_ejects_an_address_nobody_answers(demo):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -128,6 +128,37 @@ def test_streamed_n_samples_each_start_with_their_role(client):
         assert seen[0] == "assistant" and set(seen[1:]) <= {None}
 
 
+def test_streamed_n_samples_come_one_choice_a_chunk_and_join_to_the_whole_answers(client):
+    """OpenAI and vLLM send each choice in a chunk of its own; tools read choices[0] of a chunk."""
+    kwargs = dict(model="demo", max_tokens=6, n=2, temperature=1.0, seed=5)
+    whole = client.completions.create(prompt=PROMPT, **kwargs)
+    texts = {0: "", 1: ""}
+    for chunk in client.completions.create(prompt=PROMPT, stream=True, **kwargs):
+        assert len(chunk.choices) == 1
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert [texts[0], texts[1]] == [c.text for c in whole.choices]
+    messages = [{"role": "user", "content": "Hi"}]
+    whole_chat = client.chat.completions.create(messages=messages, **kwargs)
+    contents = {0: "", 1: ""}
+    for chunk in client.chat.completions.create(messages=messages, stream=True, **kwargs):
+        assert len(chunk.choices) == 1
+        contents[chunk.choices[0].index] += chunk.choices[0].delta.content or ""
+    assert [contents[0], contents[1]] == [c.message.content for c in whole_chat.choices]
+
+
+def test_streamed_logprob_offsets_are_the_whole_answers_with_a_stop_string(client):
+    """Text held back while it might begin a stop string comes out after its tokens; the offsets
+    of a stream counted the text sent, and fell out of step with the tokens."""
+    kwargs = dict(model="demo", prompt="ROMEO:", max_tokens=8, temperature=0, stop="zzz", logprobs=0)
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    tokens, offsets = [], []
+    for chunk in client.completions.create(stream=True, **kwargs):
+        tokens += chunk.choices[0].logprobs.tokens
+        offsets += chunk.choices[0].logprobs.text_offset
+    assert (tokens, offsets) == (whole.tokens, whole.text_offset)
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+
+
 def test_completion_logprobs(client, reference):
     resp = client.completions.create(model="demo", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
     lp = resp.choices[0].logprobs

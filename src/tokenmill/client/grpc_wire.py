@@ -103,7 +103,9 @@ class GRPCExchange:
             async for response in self._rpc:
                 chunk = to_chunk(response)
                 if self._stream:
-                    yield Message(self._chunk(chunk, texts), time.perf_counter())
+                    arrived = time.perf_counter()
+                    for piece in self._chunks(chunk, texts):
+                        yield Message(piece, arrived)
                 for c in chunk.choices:
                     texts.setdefault(c.index, []).append(c.text)
                     finish[c.index] = c.finish_reason or finish.get(c.index)
@@ -115,7 +117,9 @@ class GRPCExchange:
     def _envelope(self, request_id: str, kind: str) -> dict[str, Any]:
         return {"id": request_id, "object": kind, "created": self._created, "model": self._model}
 
-    def _chunk(self, chunk: GenerationChunk, seen: Mapping[int, list[str]]) -> dict[str, Any]:
+    def _chunks(self, chunk: GenerationChunk, seen: Mapping[int, list[str]]) -> list[dict[str, Any]]:
+        """The HTTP API's chunks for one gRPC message: one a choice (as OpenAI sends them), the
+        message's usage on the last."""
         choices = []
         for c in chunk.choices:
             if self._chat:
@@ -128,7 +132,12 @@ class GRPCExchange:
                     {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
                 )
         kind = "chat.completion.chunk" if self._chat else "text_completion"
-        return {**self._envelope(chunk.request_id, kind), "choices": choices, "usage": _usage(chunk)}
+        envelope = self._envelope(chunk.request_id, kind)
+        pieces = [{**envelope, "choices": [choice], "usage": None} for choice in choices]
+        if not pieces:
+            pieces = [{**envelope, "choices": [], "usage": None}]
+        pieces[-1]["usage"] = _usage(chunk)
+        return pieces
 
     def _whole(
         self, last: GenerationChunk | None, texts: Mapping[int, list[str]], finish: Mapping[int, str | None]

@@ -41,6 +41,13 @@ class ChatHandler(OpenAIHandler):
             )
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError.invalid_request("top_logprobs needs logprobs=true", "top_logprobs")
+        if req.echo and req.logprobs:
+            # As on /v1/completions: the echoed message's logprobs would be prompt logprobs.
+            raise APIError.invalid_request(
+                "logprobs with echo=true is not supported: prompt logprobs are not supported; "
+                "send echo without logprobs, or logprobs without echo",
+                "logprobs",
+            )
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = to_sampling_params(req, self.defaults, max_tokens, logprobs, req.stream)
@@ -61,24 +68,27 @@ class ChatHandler(OpenAIHandler):
         except (PromptTooLongError, MaxTokensTooLargeError) as e:
             field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
             raise to_api_error(e, prompt_field="messages", max_tokens_field=field) from None
+        echoed = _echoed(req)
         if req.stream:
-            return SSEResponse(self._stream(req, streams, rid, model))
+            return SSEResponse(self._stream(req, streams, rid, model, echoed))
         try:
             outputs = await cancel_on_disconnect(request, final_outputs(streams))
         finally:
             close_all(streams)
-        return JSONResponse(self._response(req, outputs[0], rid, model))
+        return JSONResponse(self._response(req, outputs[0], rid, model, echoed))
 
     def _logprobs(self, req: ChatCompletionRequest, c: CompletionOutput) -> dict | None:
         if not req.logprobs or c.logprobs is None:
             return None
         return self.logprobs.chat(c.logprobs, req.top_logprobs or 0)
 
-    def _response(self, req: ChatCompletionRequest, out: RequestOutput, rid: str, model: str) -> dict:
+    def _response(
+        self, req: ChatCompletionRequest, out: RequestOutput, rid: str, model: str, echoed: str
+    ) -> dict:
         choices = [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": {"role": "assistant", "content": echoed + c.text},
                 "logprobs": self._logprobs(req, c),
                 "finish_reason": c.finish_reason,
                 "stop_reason": c.stop_reason,
@@ -95,7 +105,7 @@ class ChatHandler(OpenAIHandler):
         }
 
     async def _stream(
-        self, req: ChatCompletionRequest, streams: list[RequestStream], rid: str, model: str
+        self, req: ChatCompletionRequest, streams: list[RequestStream], rid: str, model: str, echoed: str
     ) -> AsyncIterator[str]:
         created = now()
         opts = req.stream_options
@@ -107,7 +117,7 @@ class ChatHandler(OpenAIHandler):
         try:
             async for out in stream:
                 usage.add_prompt(0, out)
-                choices = []
+                # One chunk per choice, as OpenAI and vLLM send them: clients read choices[0].
                 for c in out.outputs:
                     if not c.token_ids and not c.finished:
                         continue
@@ -115,28 +125,24 @@ class ChatHandler(OpenAIHandler):
                     if c.index not in started:
                         # The role travels with the first token, so every client times TTFT alike.
                         started.add(c.index)
-                        delta = {"role": "assistant", "content": c.text}
+                        delta = {"role": "assistant", "content": echoed + c.text}
                     usage.completion_tokens += len(c.token_ids)
-                    choices.append(
-                        {
-                            "index": c.index,
-                            "delta": delta,
-                            "logprobs": self._logprobs(req, c),
-                            "finish_reason": c.finish_reason,
-                        }
-                    )
-                if not choices:
-                    continue
-                chunk: dict[str, Any] = {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "choices": choices,
-                }
-                if continuous:
-                    chunk["usage"] = usage.to_dict()
-                yield sse(chunk)
+                    choice = {
+                        "index": c.index,
+                        "delta": delta,
+                        "logprobs": self._logprobs(req, c),
+                        "finish_reason": c.finish_reason,
+                    }
+                    chunk: dict[str, Any] = {
+                        "id": rid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [choice],
+                    }
+                    if continuous:
+                        chunk["usage"] = usage.to_dict()
+                    yield sse(chunk)
             if include_usage:
                 yield sse(
                     {
@@ -154,3 +160,12 @@ class ChatHandler(OpenAIHandler):
             yield DONE
         finally:
             close_all(streams)
+
+
+def _echoed(req: ChatCompletionRequest) -> str:
+    """What ``echo`` puts before the reply: the last message's content when it is the assistant's
+    (the reply's role), as vLLM does; nothing otherwise."""
+    last = req.messages[-1]
+    if not req.echo or last.role != "assistant":
+        return ""
+    return str(last.template_dict()["content"])

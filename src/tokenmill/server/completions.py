@@ -122,7 +122,7 @@ class CompletionsHandler(OpenAIHandler):
         try:
             async for i, out in merge(streams):
                 usage.add_prompt(i, out)
-                choices = []
+                # One chunk per choice, as OpenAI and vLLM send them: clients read choices[0].
                 for c in out.outputs:
                     if not c.token_ids and not c.finished:
                         continue  # this sample had nothing new this step
@@ -135,20 +135,20 @@ class CompletionsHandler(OpenAIHandler):
                             text = echoed + text
                             offsets[index] = len(echoed)
                     usage.completion_tokens += len(c.token_ids)
-                    choices.append(self._choice(req, index, c, text, offsets[index]))
-                    offsets[index] += len(c.text)
-                if not choices:
-                    continue
-                chunk: dict[str, Any] = {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model,
-                    "choices": choices,
-                }
-                if continuous:
-                    chunk["usage"] = usage.to_dict()
-                yield sse(chunk)
+                    choice = self._choice(req, index, c, text, offsets[index])
+                    # Offsets count the tokens' own texts, as the whole answer's do: text held back
+                    # while it might begin a stop string comes out later than its tokens.
+                    offsets[index] = _end_offset(choice["logprobs"], offsets[index])
+                    chunk: dict[str, Any] = {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [choice],
+                    }
+                    if continuous:
+                        chunk["usage"] = usage.to_dict()
+                    yield sse(chunk)
             if include_usage:
                 yield sse(
                     {
@@ -166,6 +166,13 @@ class CompletionsHandler(OpenAIHandler):
             yield DONE
         finally:
             close_all(streams)
+
+
+def _end_offset(logprobs: dict[str, Any] | None, start: int) -> int:
+    """Where the next chunk's tokens start in the choice's text (``start``: where this one's did)."""
+    if not logprobs or not logprobs["tokens"]:
+        return start
+    return logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
 
 
 def _prompts(prompt: Any) -> list[Prompt]:
