@@ -66,7 +66,7 @@ SHARED_NULLS = [
 @pytest.mark.parametrize(
     ("path", "body", "fields"),
     [
-        ("/v1/chat/completions", CHAT, [*SHARED_NULLS, "logprobs", "add_generation_prompt"]),
+        ("/v1/chat/completions", CHAT, [*SHARED_NULLS, "logprobs", "add_generation_prompt", "echo"]),
         ("/v1/completions", COMPLETION, [*SHARED_NULLS, "echo", "logprobs", "best_of"]),
         ("/tokenize", {"prompt": "ROMEO:"}, ["add_special_tokens"]),
         ("/tokenize", {"messages": CHAT["messages"]}, ["add_generation_prompt"]),
@@ -173,6 +173,35 @@ def test_assistant_tool_calls_in_the_history_are_refused(http, field):
 @pytest.mark.parametrize("stream", [False, True])
 def test_echo_with_logprobs_is_refused(http, stream):
     error = post(http, "/v1/completions", {**COMPLETION, "echo": True, "logprobs": 0, "stream": stream})
+    assert error["param"] == "logprobs" and "prompt logprobs are not supported" in error["message"], error
+
+
+def test_chat_echo_puts_the_assistants_last_message_before_the_reply(client):
+    """vLLM's chat ``echo``: it was taken for an unknown field, logged and ignored."""
+    continued = [
+        {"role": "user", "content": "Tell me a story"},
+        {"role": "assistant", "content": "Once upon"},
+    ]
+    kwargs = dict(model="demo", max_tokens=4, temperature=0)
+    extra = {"continue_final_message": True, "add_generation_prompt": False}
+    plain = client.chat.completions.create(messages=continued, extra_body=extra, **kwargs)
+    echoed = client.chat.completions.create(messages=continued, extra_body={**extra, "echo": True}, **kwargs)
+    assert echoed.choices[0].message.content == "Once upon" + plain.choices[0].message.content
+    streamed = client.chat.completions.create(
+        messages=continued, extra_body={**extra, "echo": True}, stream=True, **kwargs
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == echoed.choices[0].message.content
+    # The last message is the user's: the reply's role is not its role, nothing is put before it.
+    asked = [{"role": "user", "content": "Hi"}]
+    assert (
+        client.chat.completions.create(messages=asked, extra_body={"echo": True}, **kwargs).choices[0].message
+        == client.chat.completions.create(messages=asked, **kwargs).choices[0].message
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_echo_with_logprobs_is_refused(http, stream):
+    error = post(http, "/v1/chat/completions", {**CHAT, "echo": True, "logprobs": True, "stream": stream})
     assert error["param"] == "logprobs" and "prompt logprobs are not supported" in error["message"], error
 
 

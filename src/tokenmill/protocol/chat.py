@@ -66,6 +66,11 @@ class ChatCompletionRequest(SamplingRequest, ChatRendering):
     max_completion_tokens: int | None = Field(None, ge=1, description="null: up to the context length.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = Field(
+        False,
+        description="vLLM's: when the last message is the assistant's (continue_final_message), the "
+        "reply starts with its content.",
+    )
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported: must be empty.")
     tool_choice: str | dict[str, Any] | None = None
     functions: Any = unsupported("OpenAI's legacy function calling")
