@@ -59,8 +59,10 @@ def test_a_body_not_sent_as_json_is_a_400_naming_the_content_type(server):
         form = http.post("/v1/completions", content=body, headers={"content-type": "text/plain"})
         json_type = {"content-type": "application/json"}
         plain = http.post("/v1/completions", content=b"{not json", headers=json_type)
+        untyped = http.post("/v1/completions", content=body)  # requests.post(url, data=...) sends no type
     assert form.status_code == 400 and "content-type: application/json" in form.json()["error"]["message"]
     assert "'text/plain'" in form.json()["error"]["message"]
+    assert untyped.status_code == 400 and "came without a content-type" in untyped.json()["error"]["message"]
     assert plain.status_code == 400 and "not a valid JSON object" in plain.json()["error"]["message"]
 
 

@@ -87,7 +87,7 @@ class SamplingParams:
             self.top_k,
             "top_k",
             _int(self.top_k) and self.top_k >= -1,
-            "an integer >= 0 (0 or -1 disables top-k)",
+            "an integer >= -1 (0 or -1 disables top-k)",
         )
         _check(self.min_p, "min_p", _num(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]")
         _check(

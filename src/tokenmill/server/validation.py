@@ -43,11 +43,12 @@ def validation_error(exc: RequestValidationError, content_type: str | None = Non
     first = errors[0]
     # (A body that is not an object: no field named; a message in it that is not one names it.)
     if first.get("type") == "json_invalid" or not field_path(first.get("loc") or ()):
-        if content_type and "json" not in content_type.lower():
-            # (FastAPI reads a body as JSON only when it is labelled so: curl -d sends a form's type)
+        if not content_type or "json" not in content_type.lower():
+            # (FastAPI reads a body as JSON only when it is labelled so: curl -d sends a form's type,
+            # and requests.post(url, data=...) sends none)
+            came = f"it came as {content_type!r}" if content_type else "it came without a content-type"
             return APIError.invalid_request(
-                f"the request body must be a JSON object sent with content-type: application/json; "
-                f"it came as {content_type!r}"
+                f"the request body must be a JSON object sent with content-type: application/json; {came}"
             )
         return APIError.invalid_request(f"the request body is not a valid JSON object: {first.get('msg')}")
     param = field_path(first["loc"]) or None
