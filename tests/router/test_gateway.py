@@ -396,6 +396,24 @@ def test_tokens_per_minute_and_budgets_through_http(gateway):
     assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows) <= 70
 
 
+def test_chat_only_fields_do_not_lower_what_a_completion_reserves(gateway):
+    """/v1/completions generates max_tokens and ignores chat's max_completion_tokens; the gateway
+    reserved the latter, so max_completion_tokens: 1 let a team run past its minute's tokens."""
+    headers = {"authorization": f"Bearer {gateway.keys['metered']}"}
+    body = {"model": "demo", "prompt": "ROMEO:", "max_tokens": 120, "ignore_eos": True}
+    for extra in ({}, {"max_completion_tokens": 1}, {"max_completion_tokens": 1, "messages": []}):
+        r = httpx.post(f"{gateway.url}/v1/completions", json={**body, **extra}, headers=headers, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", (extra, r.text)
+    # Sent with chat's field alone, a completion reserves what a request naming no max_tokens does.
+    r = httpx.post(
+        f"{gateway.url}/v1/completions",
+        json={"model": "demo", "prompt": "ROMEO:", "max_completion_tokens": 1},
+        headers=headers,
+        timeout=30,
+    )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 1
+
+
 @pytest.mark.parametrize(
     ("request_body", "forwarded"),
     [

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenmill.router.call import MAX_OUTPUT_TOKENS, Outcome, asked_output, estimate_tokens
+from tokenmill.router.call import MAX_OUTPUT_TOKENS, Outcome, as_read_at, asked_output, estimate_tokens
 from tokenmill.router.gateway import Admitted, Gateway, GatewayError
 from tokenmill.router.gateway_config import Team, load_gateway_config
 from tokenmill.router.prefix_index import prompt_text
@@ -39,7 +39,8 @@ class Front:
     def admit(self, team: str, body: dict, headers: dict | None = None) -> Admitted:
         """As the router's app admits a request: its estimates first, then the gateway."""
         raw = json.dumps(body).encode()
-        request = json.loads(raw)
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        request = as_read_at(path, json.loads(raw))
         prompt, _ = estimate_tokens(request, prompt_text(request))
         headers = {"authorization": f"Bearer {self.keys[team]}", **(headers or {})}
         return self.gateway.admit(request, raw, headers, prompt, asked_output(request))

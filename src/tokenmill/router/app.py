@@ -49,7 +49,16 @@ from tokenmill.router.asgi import (
     send_error,
     send_json,
 )
-from tokenmill.router.call import Call, Outcome, Prefill, asked_output, choices, estimate_tokens, sequences
+from tokenmill.router.call import (
+    Call,
+    Outcome,
+    Prefill,
+    as_read_at,
+    asked_output,
+    choices,
+    estimate_tokens,
+    sequences,
+)
 from tokenmill.router.forward import Forwarder
 from tokenmill.router.gateway import body_for
 from tokenmill.router.health import FleetKeeper
@@ -192,7 +201,7 @@ class RouterApp:
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await read_body(receive)
         try:
-            request = json_object(body)
+            request = as_read_at(scope["path"], json_object(body))
         except ValueError as e:
             await send_error(send, 400, str(e))
             return

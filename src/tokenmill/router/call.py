@@ -115,6 +115,20 @@ class Prefill:
                 self._kv.settle(self._worker.url, self._blocks.hashes)
 
 
+_CHAT_ONLY = ("messages", "max_completion_tokens")
+
+
+def as_read_at(path: str, request: dict[str, Any]) -> dict[str, Any]:
+    """``request`` as the worker's endpoint reads it, for the estimates and the gateway's limits.
+    ``/v1/completions`` reads ``prompt`` and ``max_tokens``: chat's ``messages`` and
+    ``max_completion_tokens`` mean nothing there (OpenAI refuses them; vLLM and tokenmill ignore
+    them), so counting them let ``max_completion_tokens: 1`` reserve one token a sequence while the
+    worker generated ``max_tokens``. The body forwarded keeps them, as it keeps any field."""
+    if path == "/v1/completions" and ("max_completion_tokens" in request or "messages" in request):
+        return {k: v for k, v in request.items() if k not in _CHAT_ONLY}
+    return request
+
+
 def estimate_tokens(request: dict[str, Any], text: str) -> tuple[int, int]:
     """Prompt and output tokens, for load accounting and the gateway's reservations.
 
