@@ -218,6 +218,20 @@ def test_names_are_read_as_written_not_as_yaml_numbers_or_booleans(tmp_path: Pat
     assert set(config.prices) == {"null", "1.5"}
 
 
+def test_numbers_with_an_exponent_and_no_dot_are_numbers(tmp_path: Path):
+    """YAML 1.1 reads 1e-7 as text: the natural way to write a price a token was refused as not a
+    number, with an error that printed the limit as 1e+15, itself refused."""
+    (tmp_path / "g.yaml").write_text(
+        "prices: {demo: {prompt: 1e-7, completion: 4E-7}}\n"
+        "teams: {a: {tokens_per_minute: 1e6, budget: {dollars: 1e3, period: day}}, 1e3: {}}\n"
+    )
+    config = load_gateway_config(tmp_path / "g.yaml")
+    assert config.prices["demo"] == Price(1e-7, 4e-7)
+    assert config.teams["a"].tokens_per_minute == 1_000_000
+    assert config.teams["a"].budget == Budget("day", None, 1000.0)
+    assert set(config.teams) == {"a", "1e3"}  # a name stays as written
+
+
 @pytest.mark.parametrize(
     ("yaml", "named"),
     [

@@ -4,10 +4,14 @@
   and YAML would read the team ``007:`` as the number 7, ``0x10:`` as 16, ``no:`` as false;
 - a key given twice in one mapping is an error (PyYAML keeps the last one silently: a team's limit
   written twice would be whichever came last);
+- a number with an exponent but no dot (``1e6``, ``1e-7``) is a number, as in YAML 1.2 and JSON
+  (YAML 1.1 reads it as text, so ``prompt: 1e-7``, the natural way to write a price a token, was
+  refused as not a number);
 - a syntax error is one line, with its position."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -32,6 +36,9 @@ def load_config_yaml(text: str) -> Any:
 _LOADER: Any = None
 _MERGE = "tag:yaml.org,2002:merge"
 _STR = "tag:yaml.org,2002:str"
+_FLOAT = "tag:yaml.org,2002:float"
+# What YAML 1.1's float pattern misses and YAML 1.2's takes: an exponent without a dot, or unsigned.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 
 
 def _loader() -> Any:
@@ -65,5 +72,7 @@ def _loader() -> Any:
             return loader.construct_mapping(node, deep=True)
 
         Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+        # (Tried after YAML 1.1's own resolvers, so it changes only what they read as text.)
+        Loader.add_implicit_resolver(_FLOAT, _EXPONENT_FLOAT, list("-+0123456789."))
         _LOADER = Loader
     return _LOADER
