@@ -172,6 +172,16 @@ def test_a_key_request_the_gateway_would_not_keep_as_sent_is_a_400(app, gateway,
     assert gateway.ledger.keys() == []
 
 
+@pytest.mark.parametrize("action", ["revoke", "rotate"])
+def test_revoke_and_rotate_take_no_fields_and_keep_the_key_when_sent_one(app, gateway, action):
+    """A field sent to revoke or rotate was ignored (a 200), unlike every other admin body."""
+    key_id = admin(app, "POST", "/admin/keys", {"team": "premium"}).json()["id"]
+    refused = admin(app, "POST", f"/admin/keys/{key_id}/{action}", {"grace_s": 60})
+    assert_refused(refused, 400, "grace_s", "unknown fields ['grace_s']")
+    assert [k.id for k in gateway.ledger.keys("premium") if k.revoked is None] == [key_id]  # nothing done
+    assert admin(app, "POST", f"/admin/keys/{key_id}/{action}").status == 200  # no body: done
+
+
 def test_a_key_with_a_label_of_256_characters_is_made(app):
     made = admin(app, "POST", "/admin/keys", {"team": "premium", "label": "é" * 256})
     assert made.status == 200 and made.json()["label"] == "é" * 256 and made.json()["key"].startswith("tm-")
@@ -277,3 +287,31 @@ def test_models_need_a_key_and_list_only_the_teams_without_paths(worker, gateway
     assert "root" not in mine.json()["data"][0] and "max_model_len" in mine.json()["data"][0]
     assert none_allowed.status == 200 and none_allowed.json()["data"] == []
     assert everything.json()["data"][0]["root"] is not None  # the admin sees what the workers say
+
+
+@pytest.mark.parametrize(
+    ("env", "configured", "warning"),
+    [
+        ("   ", False, "is not set (or blank): the admin API is closed"),
+        ("short", True, "is shorter than 16 characters"),
+        (f"  {ADMIN}  ", True, None),
+    ],
+)
+def test_the_admin_key_is_stripped_and_a_blank_or_short_one_is_warned_about(
+    tmp_path, monkeypatch, capsys, env, configured, warning
+):
+    """A blank admin key closed the admin API without a word, and one with spaces around it could
+    never match (a request's key is stripped); a one-character key was taken silently."""
+    from tokenmill.cli.route import _gateway
+
+    (tmp_path / "g.yaml").write_text(f"ledger: {tmp_path / 'usage.db'}\nteams: {{a: {{}}}}\n")
+    monkeypatch.setenv("TOKENMILL_ADMIN_KEY", env)
+    gateway = _gateway(tmp_path / "g.yaml")
+    try:
+        assert gateway.is_configured_admin is configured
+        if configured:
+            assert gateway.is_admin({"authorization": f"Bearer {env.strip()}"})
+        said = " ".join(capsys.readouterr().err.split())
+        assert (warning in said) if warning else "warning" not in said, said
+    finally:
+        gateway.ledger.close()

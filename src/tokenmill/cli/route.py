@@ -9,6 +9,7 @@ tokenmill route status http://127.0.0.1:9000   # behind a gateway: sends $TOKENM
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sqlite3
 from pathlib import Path
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from tokenmill.router.workers import WorkerPool
 
 err = Console(stderr=True)
+ADMIN_KEY_MIN = 16  # characters; shorter admin keys are warned about at start
 out = Console()
 app = typer.Typer(help="Route requests across workers (OpenAI API in, workers behind).")
 
@@ -127,8 +129,13 @@ def _gateway(path: Path) -> Gateway:
         raise ValueError(f"ledger {config.ledger}: {getattr(e, 'strerror', None) or e}") from None
     if not gateway.is_configured_admin:
         err.print(
-            f"[yellow]warning:[/yellow] ${config.admin_key_env} is not set: the admin API is closed "
-            "(manage keys with `tokenmill keys`)"
+            f"[yellow]warning:[/yellow] ${config.admin_key_env} is not set (or blank): the admin API is "
+            "closed (manage keys with `tokenmill keys`)"
+        )
+    elif len(os.environ[config.admin_key_env].strip()) < ADMIN_KEY_MIN:
+        err.print(
+            f"[yellow]warning:[/yellow] ${config.admin_key_env} is shorter than {ADMIN_KEY_MIN} characters: "
+            "an admin key that short can be guessed (use e.g. `openssl rand -hex 32`)"
         )
     return gateway
 
@@ -211,8 +218,6 @@ def status(
     ] = "TOKENMILL_ADMIN_KEY",
 ) -> None:
     """The live distribution of requests over the router's workers."""
-    import os
-
     import httpx
     from rich.table import Table
 

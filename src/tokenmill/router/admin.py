@@ -90,6 +90,7 @@ def handle_admin(
                 400, "team must name a team (or be absent: every team)", "invalid_request_error", "team"
             )
         return Answer(200, {"keys": [k.to_dict() for k in gateway.ledger.keys(team)]})
+    _only(data, set())  # revoke and rotate take no body: a field sent is a mistake, not ignored
     if parts[2] == "revoke":
         record = gateway.revoke_key(parts[1])
         if record is None:

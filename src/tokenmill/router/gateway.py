@@ -99,7 +99,8 @@ class Gateway:
         # A restart must not refill the minute: the buckets start from the ledger's last minute.
         for name, recent in self.ledger.recent_usage(60.0).items():
             self.limiter.resume(name, recent)
-        admin = os.environ.get(config.admin_key_env)
+        # Stripped as a request's key is (``api_key``): " k " could never be matched.
+        admin = (os.environ.get(config.admin_key_env) or "").strip()
         self._admin_hash = hash_key(admin) if admin else None
 
     def _spent(self, team: Team) -> tuple[int, float]:
