@@ -260,3 +260,10 @@ def test_a_ledger_under_home_is_expanded(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "g.yaml").write_text("ledger: ~/usage.db\n")
     assert load_gateway_config(tmp_path / "g.yaml").ledger == tmp_path / "home" / "usage.db"
+
+
+def test_a_whole_priority_written_as_a_float_is_taken_as_the_limits_are(tmp_path: Path):
+    (tmp_path / "g.yaml").write_text("teams: {a: {priority: 10.0, requests_per_minute: 10.0}}\n")
+    a = load_gateway_config(tmp_path / "g.yaml").teams["a"]
+    assert (a.priority, a.requests_per_minute) == (10, 10) and isinstance(a.priority, int)
+    assert "teams.b.priority must be an integer" in str(_refused("teams: {b: {priority: 1.5}}", tmp_path))

@@ -265,6 +265,8 @@ def parse_team(name: str, raw: Any, where: str | None = None) -> Team:
     for m in models:
         _text(m, _at(where, "models"))
     priority = t.get("priority", 0)
+    if isinstance(priority, float) and priority.is_integer():  # (10.0, as the limits take it)
+        priority = int(priority)
     if (
         not isinstance(priority, int)
         or isinstance(priority, bool)
