@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from tokenmill.router.workers import WorkerPool
 
 err = Console(stderr=True)
-ADMIN_KEY_MIN = 16  # characters; shorter admin keys are warned about at start
 out = Console()
+ADMIN_KEY_MIN = 16  # characters; shorter admin keys are warned about at start
 app = typer.Typer(help="Route requests across workers (OpenAI API in, workers behind).")
 
 

@@ -20,6 +20,7 @@ from tokenmill.server.openai_shared import (
     DONE,
     OpenAIHandler,
     UsageCounter,
+    echo_with_logprobs,
     final_usage,
     new_id,
     now,
@@ -42,12 +43,7 @@ class ChatHandler(OpenAIHandler):
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError.invalid_request("top_logprobs needs logprobs=true", "top_logprobs")
         if req.echo and req.logprobs:
-            # As on /v1/completions: the echoed message's logprobs would be prompt logprobs.
-            raise APIError.invalid_request(
-                "logprobs with echo=true is not supported: prompt logprobs are not supported; "
-                "send echo without logprobs, or logprobs without echo",
-                "logprobs",
-            )
+            raise echo_with_logprobs()
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = to_sampling_params(req, self.defaults, max_tokens, logprobs, req.stream)

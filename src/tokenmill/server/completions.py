@@ -19,6 +19,7 @@ from tokenmill.server.openai_shared import (
     DONE,
     OpenAIHandler,
     UsageCounter,
+    echo_with_logprobs,
     final_usage,
     new_id,
     now,
@@ -46,13 +47,7 @@ class CompletionsHandler(OpenAIHandler):
         if req.suffix is not None:
             raise APIError.invalid_request("suffix is not supported: omit it or send null", "suffix")
         if req.echo and req.logprobs is not None:
-            # OpenAI and vLLM give the echoed prompt's logprobs too; tokenmill computes none, and
-            # logprobs of the completion alone would pass for the whole text's.
-            raise APIError.invalid_request(
-                "logprobs with echo=true is not supported: prompt logprobs are not supported; "
-                "send echo without logprobs, or logprobs without echo",
-                "logprobs",
-            )
+            raise echo_with_logprobs()
         prompts = _prompts(req.prompt)
         if len(prompts) * req.n > MAX_SEQUENCES_PER_REQUEST:
             raise APIError.invalid_request(

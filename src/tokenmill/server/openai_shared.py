@@ -34,6 +34,17 @@ class OpenAIHandler:
         return self.worker.model_name
 
 
+def echo_with_logprobs() -> APIError:
+    """``echo`` with ``logprobs``, on either endpoint: OpenAI and vLLM give the echoed text's
+    logprobs too; tokenmill computes no prompt logprobs, and the reply's alone would pass for the
+    whole text's."""
+    return APIError.invalid_request(
+        "logprobs with echo=true is not supported: prompt logprobs are not supported; "
+        "send echo without logprobs, or logprobs without echo",
+        "logprobs",
+    )
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
