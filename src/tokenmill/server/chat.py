@@ -24,7 +24,7 @@ from tokenmill.server.openai_shared import (
     final_usage,
     new_id,
     now,
-    sse,
+    sse_chunk,
     sse_error,
 )
 from tokenmill.server.sampling import request_priority, to_sampling_params
@@ -129,27 +129,10 @@ class ChatHandler(OpenAIHandler):
                         "logprobs": self._logprobs(req, c),
                         "finish_reason": c.finish_reason,
                     }
-                    chunk: dict[str, Any] = {
-                        "id": rid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model,
-                        "choices": [choice],
-                    }
-                    if continuous:
-                        chunk["usage"] = usage.to_dict()
-                    yield sse(chunk)
+                    running = usage.to_dict() if continuous else None
+                    yield sse_chunk(rid, "chat.completion.chunk", created, model, [choice], running)
             if include_usage:
-                yield sse(
-                    {
-                        "id": rid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": usage.to_dict(),
-                    }
-                )
+                yield sse_chunk(rid, "chat.completion.chunk", created, model, [], usage.to_dict())
             yield DONE
         except Exception as e:
             yield sse_error(to_api_error(e))

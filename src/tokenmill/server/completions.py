@@ -23,7 +23,7 @@ from tokenmill.server.openai_shared import (
     final_usage,
     new_id,
     now,
-    sse,
+    sse_chunk,
     sse_error,
 )
 from tokenmill.server.prompt_tokens import tokenized
@@ -134,27 +134,10 @@ class CompletionsHandler(OpenAIHandler):
                     # Offsets count the tokens' own texts, as the whole answer's do: text held back
                     # while it might begin a stop string comes out later than its tokens.
                     offsets[index] = _end_offset(choice["logprobs"], offsets[index])
-                    chunk: dict[str, Any] = {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": model,
-                        "choices": [choice],
-                    }
-                    if continuous:
-                        chunk["usage"] = usage.to_dict()
-                    yield sse(chunk)
+                    running = usage.to_dict() if continuous else None
+                    yield sse_chunk(rid, "text_completion", created, model, [choice], running)
             if include_usage:
-                yield sse(
-                    {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": usage.to_dict(),
-                    }
-                )
+                yield sse_chunk(rid, "text_completion", created, model, [], usage.to_dict())
             yield DONE
         except Exception as e:  # the status line is gone already: report inline, then end the stream
             yield sse_error(to_api_error(e))

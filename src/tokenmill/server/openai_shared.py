@@ -57,6 +57,22 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def sse_chunk(
+    rid: str, kind: str, created: int, model: str, choices: list[dict[str, Any]], usage: dict | None = None
+) -> str:
+    """One chunk of a streamed answer; ``usage`` where the client asked for it in this chunk."""
+    chunk: dict[str, Any] = {
+        "id": rid,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if usage is not None:
+        chunk["usage"] = usage
+    return sse(chunk)
+
+
 def sse_error(error: APIError) -> str:
     """An error that happens after the stream started: the status is already sent, so it goes inline."""
     return sse(error.to_body())
