@@ -106,4 +106,8 @@ class _RouterCollector:
 def render(app: RouterApp) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_RouterCollector(app))  # type: ignore[arg-type]
+    if app.gateway is not None:
+        from tokenmill.router.gateway_metrics import GatewayCollector
+
+        registry.register(GatewayCollector(app.gateway))  # type: ignore[arg-type]
     return generate_latest(registry)
