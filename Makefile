@@ -11,6 +11,11 @@ TORCH_PIN ?= torch==2.13.0
 TORCH_INDEX ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# Test processes (pytest-xdist): most tests wait on a server they started, so two keep two
+# cores busy. Each module stays in one process (its servers are started once).
+# PYTEST_WORKERS=0 runs the suite in this process alone.
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: venv run test test-fast lint bench proto clean
 
@@ -31,11 +36,11 @@ run: venv
 ## test: lint, then the whole test suite
 test: venv
 	$(VENV)/bin/ruff check src tests benchmarks scripts
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 ## test-fast: the suite without tests marked slow
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks scripts

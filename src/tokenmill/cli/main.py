@@ -22,6 +22,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from tokenmill.cli import bench_tools  # noqa: F401  (registers report, compare, calibrate, mock-server)
 from tokenmill.cli.batch import app as batch_app
@@ -40,6 +41,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
+
+
+def _error(message: str) -> None:
+    """One line however narrow the terminal (a path in it stays whole, to copy), never read as markup."""
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+
+
 app.command()(serve)
 app.add_typer(bench_app, name="bench")
 app.add_typer(batch_app, name="batch")
@@ -139,7 +147,7 @@ def generate(
         stream_generate(engine, inputs, params, stdout_write, header)
         stdout_write("\n")
     except EngineError as e:
-        err.print(f"[red]error:[/red] {e}")
+        _error(str(e))
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -170,17 +178,17 @@ def profile(
         model=str(model) if model else None, dtype=dtype, device=device, max_model_len=max_model_len
     )
     if not output.parent.is_dir():  # say so now, not after minutes of profiling
-        err.print(f"[red]error:[/red] --output {output}: folder {output.parent} does not exist")
+        _error(f"--output {output}: folder {output.parent} does not exist")
         raise typer.Exit(2)
     if output.is_dir():
-        err.print(f"[red]error:[/red] --output {output} is a folder: give a file such as {output / 'p.json'}")
+        _error(f"--output {output} is a folder: give a file such as {output / 'p.json'}")
         raise typer.Exit(2)
     probe = output.with_name(f".{output.name}.probe")
     try:  # a folder it cannot write in (read-only, /proc) fails now too
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        err.print(f"[red]error:[/red] --output {output}: cannot write in {output.parent}: {e.strerror or e}")
+        _error(f"--output {output}: cannot write in {output.parent}: {e.strerror or e}")
         raise typer.Exit(2) from None
     try:
         with Progress(console=err, transient=True) as bar:
@@ -189,7 +197,7 @@ def profile(
                 config, quick=quick, repeats=repeats, progress=lambda s: bar.update(task, description=s)
             )
     except EngineError as e:
-        err.print(f"[red]error:[/red] {e}")
+        _error(str(e))
         raise typer.Exit(2) from None
     output.write_text(timing.to_json())
     if timing.fit["median_relative_error"] > 0.25:
