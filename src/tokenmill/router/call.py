@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import Receive, Scope, Send
 
 from tokenmill.router.kv_index import KVIndex
+from tokenmill.router.usage_meter import Usage, UsageMeter
 from tokenmill.router.workers import Worker
 
 if TYPE_CHECKING:
     from tokenmill.router.gateway import Admitted
     from tokenmill.router.prompt_blocks import PromptBlocks
-    from tokenmill.router.usage_meter import UsageMeter
 
 _DEFAULT_OUTPUT_TOKENS = 256  # for the load estimate when a request names no max_tokens
 _CHARS_PER_TOKEN = 4  # the load estimate's tokenizer (the kv policy counts exactly)
@@ -68,14 +68,10 @@ class Outcome:
     def meter_for(self, sse: bool) -> UsageMeter | None:
         if self.admitted is None:
             return None
-        from tokenmill.router.usage_meter import UsageMeter
-
         self.meter = UsageMeter(sse, self.admitted.client_wants_usage)
         return self.meter
 
-    def usage(self) -> Any:
-        from tokenmill.router.usage_meter import Usage
-
+    def usage(self) -> Usage:
         return self.meter.usage if self.meter is not None else Usage()
 
     def chunks(self) -> int | None:
