@@ -90,6 +90,23 @@ def test_keys_list_never_cuts_an_id_in_80_columns(tmp_path: Path):
     assert run("keys", "revoke", key_id, "--config", str(path)).returncode == 0
 
 
+def test_keys_rotate_prints_the_new_key_once_and_the_old_one_works_through_its_grace(tmp_path: Path):
+    path = config(tmp_path, "ledger: usage.db\nteams:\n  search: {}\n")
+    made = run("keys", "create", "--team", "search", "--label", "nightly", "--config", str(path))
+    old_id = re.search(r"key (key_\w+) for team", made.stderr).group(1)
+    rotated = run("keys", "rotate", old_id, "--grace-s", "3600", "--config", str(path))
+    assert rotated.returncode == 0, rotated.stderr
+    assert rotated.stdout.startswith("tm-") and len(rotated.stdout.split()) == 1  # the key alone on stdout
+    assert f"replaces {old_id}, which stops working in 3600 s" in rotated.stderr
+    listed = run("keys", "list", "--config", str(path), columns=200)
+    assert "(rotated: works until then)" in listed.stdout and listed.stdout.count("nightly") == 2
+    again = run("keys", "rotate", old_id, "--config", str(path))
+    assert again.returncode == 2 and f"no active key '{old_id}'" in again.stderr
+    for bad in ("-1", "2592001", "soon"):
+        refused = run("keys", "rotate", old_id, "--grace-s", bad, "--config", str(path))
+        assert refused.returncode == 2 and "--grace-s" in refused.stderr, refused.stderr
+
+
 def test_keys_create_refuses_a_label_the_api_would_refuse(tmp_path: Path):
     path = config(tmp_path, "teams: {search: {}}")
     done = run("keys", "create", "--team", "search", "--label", "x" * 257, "--config", str(path))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -172,14 +173,57 @@ def test_a_key_request_the_gateway_would_not_keep_as_sent_is_a_400(app, gateway,
     assert gateway.ledger.keys() == []
 
 
-@pytest.mark.parametrize("action", ["revoke", "rotate"])
-def test_revoke_and_rotate_take_no_fields_and_keep_the_key_when_sent_one(app, gateway, action):
+@pytest.mark.parametrize(
+    ("action", "field"), [("revoke", "grace_s"), ("revoke", "grace"), ("rotate", "grace")]
+)
+def test_revoke_and_rotate_refuse_fields_they_do_not_take_and_keep_the_key(app, gateway, action, field):
     """A field sent to revoke or rotate was ignored (a 200), unlike every other admin body."""
     key_id = admin(app, "POST", "/admin/keys", {"team": "premium"}).json()["id"]
-    refused = admin(app, "POST", f"/admin/keys/{key_id}/{action}", {"grace_s": 60})
-    assert_refused(refused, 400, "grace_s", "unknown fields ['grace_s']")
+    refused = admin(app, "POST", f"/admin/keys/{key_id}/{action}", {field: 60})
+    assert_refused(refused, 400, field, f"unknown fields ['{field}']")
     assert [k.id for k in gateway.ledger.keys("premium") if k.revoked is None] == [key_id]  # nothing done
     assert admin(app, "POST", f"/admin/keys/{key_id}/{action}").status == 200  # no body: done
+
+
+def test_a_rotated_key_works_through_its_grace_period_then_stops(app, gateway, monkeypatch):
+    monkeypatch.setattr("tokenmill.router.gateway.KEYS_REFRESH_S", 0.0)  # (keys re-read at every request)
+    old, record = gateway.create_key("premium")
+    rotated = admin(app, "POST", f"/admin/keys/{record.id}/rotate", {"grace_s": 0.5})
+    assert rotated.status == 200 and rotated.json()["replaces"] == record.id
+    new = rotated.json()["key"]
+    assert gateway.caller({"authorization": f"Bearer {old}"}) == (record.id, "premium")
+    assert gateway.caller({"authorization": f"Bearer {new}"}) == (rotated.json()["id"], "premium")
+    listed = {k["id"]: k for k in admin(app, "GET", "/admin/keys").json()["keys"]}
+    assert listed[record.id]["active"] is True and listed[record.id]["revoked"] is not None
+    again = admin(app, "POST", f"/admin/keys/{record.id}/rotate")  # a key on its way out: rotated already
+    assert_refused(again, 404, None, "rotated or revoked already")
+    time.sleep(0.6)
+    assert gateway.caller({"authorization": f"Bearer {old}"}) is None
+    assert gateway.caller({"authorization": f"Bearer {new}"}) is not None
+    listed = {k["id"]: k for k in admin(app, "GET", "/admin/keys").json()["keys"]}
+    assert listed[record.id]["active"] is False
+
+
+@pytest.mark.parametrize("end", ["revoke", "delete the team"])
+def test_a_key_in_its_grace_period_stops_at_once_when_revoked_or_its_team_deleted(app, gateway, end):
+    old, record = gateway.create_key("premium")
+    assert admin(app, "POST", f"/admin/keys/{record.id}/rotate", {"grace_s": 3600}).status == 200
+    assert gateway.caller({"authorization": f"Bearer {old}"}) is not None
+    if end == "revoke":
+        assert admin(app, "POST", f"/admin/keys/{record.id}/revoke").json()["active"] is False
+    else:
+        assert admin(app, "DELETE", "/admin/teams/premium").status == 200
+    assert gateway.caller({"authorization": f"Bearer {old}"}) is None
+    assert gateway.ledger.key(record.id).revoked <= time.time()
+
+
+@pytest.mark.parametrize("grace", [-1, "60", True, None, 30 * 86400 + 1, 1e300])
+def test_a_grace_period_the_gateway_cannot_keep_is_a_400_and_the_key_stays(app, gateway, grace):
+    _, record = gateway.create_key("premium")
+    refused = admin(app, "POST", f"/admin/keys/{record.id}/rotate", {"grace_s": grace})
+    assert_refused(refused, 400, "grace_s", "grace_s must be seconds from 0 to 2592000 (30 days)")
+    assert [k.id for k in gateway.ledger.keys("premium")] == [record.id]  # no new key either
+    assert gateway.ledger.key(record.id).revoked is None
 
 
 def test_a_key_with_a_label_of_256_characters_is_made(app):
@@ -248,9 +292,14 @@ def test_an_unknown_admin_query_parameter_is_a_400(app):
 
 def test_the_fleet_view_needs_the_admin_key_behind_a_gateway(app, gateway):
     key, _ = gateway.create_key("premium")
-    for headers in ({}, {"authorization": f"Bearer {key}"}):
+    for headers in ({}, {"authorization": "Bearer tm-not-a-key"}):
         answer = asyncio.run(call(app, "GET", "/router/workers", headers=headers))
         assert_refused(answer, 401, None, "the admin key is required")
+        assert answer.error["type"] == "authentication_error"
+    for path in ("/router/workers", "/admin/teams"):  # a team's key is known, and not allowed: 403
+        answer = asyncio.run(call(app, "GET", path, headers={"authorization": f"Bearer {key}"}))
+        assert_refused(answer, 403, None, "a key of team premium cannot use this route")
+        assert answer.error["type"] == "permission_error"
     assert admin(app, "GET", "/router/workers").json()["queues"] == {}
     assert asyncio.run(call(app, "GET", "/metrics")).status == 200  # Prometheus scrapes without keys
 

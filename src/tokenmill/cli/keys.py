@@ -3,6 +3,7 @@
 tokenmill keys create --team search --config gateway.yaml     # prints the key, once
 tokenmill keys list --config gateway.yaml [--team search]
 tokenmill keys revoke key_0123456789ab --config gateway.yaml
+tokenmill keys rotate key_0123456789ab --config gateway.yaml --grace-s 3600   # prints the new key
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from tokenmill.router.api_keys import MAX_GRACE_S
+
 if TYPE_CHECKING:
     from tokenmill.router.gateway import Gateway
 
 err = Console(stderr=True)
 out = Console()
-app = typer.Typer(help="Create, list and revoke the gateway's API keys.")
+app = typer.Typer(help="Create, list, revoke and rotate the gateway's API keys.")
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", help="The gateway's YAML config (it names the ledger).")
@@ -78,7 +81,10 @@ def list_keys(
         table.add_column(col, overflow="fold")
     for k in keys:
         label = _printable(k.label or "")  # (labels older than the check may hold escape codes)
-        cells = (k.id, k.team, label, _when(k.created), _when(k.revoked) if k.revoked else "")
+        revoked = "" if k.revoked is None else _when(k.revoked)
+        if k.revoked is not None and k.active():
+            revoked += " (rotated: works until then)"
+        cells = (k.id, k.team, label, _when(k.created), revoked)
         table.add_row(*(Text(c) for c in cells))
     out.print(table)
 
@@ -92,6 +98,38 @@ def revoke(
     if record is None:
         _fail(f"no key {key_id!r}")
     err.print(f"key {key_id} of team {record.team} revoked", highlight=False, markup=False)
+
+
+@app.command()
+def rotate(
+    key_id: Annotated[str, typer.Argument(help="The key's id (key_...).")],
+    config: ConfigOption,
+    grace_s: Annotated[
+        float,
+        typer.Option(
+            "--grace-s",
+            min=0,
+            max=MAX_GRACE_S,
+            help="Seconds the old key keeps working, so its clients move to the new one without a "
+            "refused request (at most 30 days; 0: it stops now).",
+        ),
+    ] = 0.0,
+) -> None:
+    """A new key for the key's team and label, printed once; the old one stops working now, or
+    after --grace-s (a running gateway notices within two seconds)."""
+    rotated = _gateway(config).rotate_key(key_id, grace_s)
+    if rotated is None:
+        _fail(f"no active key {key_id!r} (a key rotated or revoked already is not)")
+    key, record = rotated
+    until = f"in {grace_s:g} s" if grace_s > 0 else "now"
+    err.print(
+        f"key {record.id} for team {record.team} replaces {key_id}, which stops working {until} "
+        "(the new key is shown once; keep it secret):",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+    print(key)
 
 
 def _fail(message: str) -> NoReturn:

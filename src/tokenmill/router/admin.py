@@ -6,7 +6,8 @@
 - ``GET /admin/keys[?team=T]``; ``POST /admin/keys`` with ``{"team": T, "label": ...}``
   (a label: at most 256 characters) returns the new key, the only time it is shown;
   ``POST /admin/keys/{id}/revoke``; ``POST /admin/keys/{id}/rotate`` (a new key, the
-  old one revoked).
+  old one revoked; with ``{"grace_s": S}``, the old one works S seconds more, up to
+  30 days, so its clients move over without a refused request).
 - ``GET /v1/usage?from=YYYY-MM-DD&to=YYYY-MM-DD&group_by=model|day``: totals for
   the caller's team; with the admin key, every team (``team=T`` narrows).
 
@@ -27,6 +28,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import Receive, Scope, Send
 
+from tokenmill.router.api_keys import MAX_GRACE_S
 from tokenmill.router.asgi import error_body, forwarded_headers, json_object, read_body, send_error, send_json
 from tokenmill.router.gateway import Gateway, GatewayError
 from tokenmill.router.gateway_config import TEAM_FIELDS, GatewayConfigError, parse_label, parse_team
@@ -66,9 +68,7 @@ def handle_admin(
     gateway: Gateway, method: str, path: str, query: str, body: bytes, headers: dict[str, str]
 ) -> Answer:
     if not gateway.is_admin(headers):
-        raise GatewayError(
-            401, "the admin key is required (Authorization: Bearer ...)", "authentication_error"
-        )
+        raise gateway.admin_refusal(headers)
     parts = [p for p in path.split("/") if p][1:]  # after "admin"
     allowed = _allowed(parts)
     if allowed is None:
@@ -90,17 +90,36 @@ def handle_admin(
                 400, "team must name a team (or be absent: every team)", "invalid_request_error", "team"
             )
         return Answer(200, {"keys": [k.to_dict() for k in gateway.ledger.keys(team)]})
-    _only(data, set())  # revoke and rotate take no body: a field sent is a mistake, not ignored
+    # Revoke takes no body, rotate only its grace: a field sent is a mistake, not ignored.
+    _only(data, set() if parts[2] == "revoke" else {"grace_s"})
     if parts[2] == "revoke":
         record = gateway.revoke_key(parts[1])
         if record is None:
             raise GatewayError(404, f"no key {parts[1]!r}", "not_found_error")
         return Answer(200, record.to_dict())
-    rotated = gateway.rotate_key(parts[1])
+    rotated = gateway.rotate_key(parts[1], _grace_s(data.get("grace_s", 0)))
     if rotated is None:
-        raise GatewayError(404, f"no active key {parts[1]!r}", "not_found_error")
+        raise GatewayError(
+            404, f"no active key {parts[1]!r} (a key rotated or revoked already is not)", "not_found_error"
+        )
     key, record = rotated
     return Answer(200, {**record.to_dict(), "key": key, "replaces": parts[1]})
+
+
+def _grace_s(value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= MAX_GRACE_S  # (NaN fails this too)
+    ):
+        raise GatewayError(
+            400,
+            f"grace_s must be seconds from 0 to {MAX_GRACE_S} (30 days) that the old key keeps working, "
+            f"got {value!r:.40}",
+            "invalid_request_error",
+            "grace_s",
+        )
+    return float(value)
 
 
 def _list_teams(gateway: Gateway) -> Answer:

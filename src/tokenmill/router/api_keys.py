@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
+
+MAX_GRACE_S = 30 * 86400  # how long a rotated key may keep working, at most
 
 
 @dataclass(frozen=True)
@@ -20,11 +23,14 @@ class KeyRecord:
     team: str
     label: str | None
     created: float
-    revoked: float | None
+    revoked: float | None  # when it stops (stopped) working: ahead of now in a rotation's grace period
+
+    def active(self, now: float | None = None) -> bool:
+        return self.revoked is None or self.revoked > (time.time() if now is None else now)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "team": self.team, "label": self.label, "created": self.created,
-                "revoked": self.revoked}  # fmt: skip
+                "revoked": self.revoked, "active": self.active()}  # fmt: skip
 
 
 def hash_key(key: str) -> str:

@@ -42,6 +42,7 @@ from starlette.types import Receive, Scope, Send
 from tokenmill.client import HTTPTransport
 from tokenmill.protocol.headers import SESSION_HEADER
 from tokenmill.router.admin import send_not_allowed, serve_gateway_api
+from tokenmill.router.admission import NoCapacity, QueueFull
 from tokenmill.router.asgi import (
     forwarded_headers,
     json_object,
@@ -61,6 +62,7 @@ from tokenmill.router.call import (
 )
 from tokenmill.router.forward import Forwarder
 from tokenmill.router.gateway import body_for
+from tokenmill.router.gateway_request import GatewayError
 from tokenmill.router.health import FleetKeeper
 from tokenmill.router.models_api import send_model_not_found, serve_models
 from tokenmill.router.policies import Router, RouteRequest
@@ -145,13 +147,10 @@ class RouterApp:
             # Behind the gateway both show every team's name and load, and one changes the fleet:
             # the admin key's only. (/metrics stays open: Prometheus scrapes without keys.)
             allowed = "GET" if path == "/router/workers" else "POST"
-            if self.gateway is not None and not self.gateway.is_admin(forwarded_headers(scope["headers"])):
-                await send_error(
-                    send,
-                    401,
-                    "the admin key is required (Authorization: Bearer ...)",
-                    kind="authentication_error",
-                )
+            headers = forwarded_headers(scope["headers"]) if self.gateway is not None else {}
+            if self.gateway is not None and not self.gateway.is_admin(headers):
+                refusal = self.gateway.admin_refusal(headers)
+                await send_error(send, refusal.status, refusal.message, kind=refusal.kind)
             elif method != allowed:
                 await send_not_allowed(send, f"{path} takes {allowed}, not {method}", (allowed,))
             elif path == "/router/workers":
@@ -214,8 +213,6 @@ class RouterApp:
         prompt_tokens, output_tokens = estimate_tokens(request, text)
         admitted = None
         if self.gateway is not None:
-            from tokenmill.router.gateway import GatewayError
-
             try:
                 admitted = self.gateway.admit(request, body, headers, prompt_tokens, asked_output(request))
             except GatewayError as e:
@@ -246,8 +243,6 @@ class RouterApp:
 
     async def _admit_and_route(self, call: Call, admitted: Admitted) -> None:
         """Through the pool's admission queue (priority bands, fair shares), then routed."""
-        from tokenmill.router.admission import NoCapacity, QueueFull
-
         pool = admitted.team.pool
         model = _str_or_none(call.request.get("model"))
         if model is not None and self.pool.serves(model) is False:  # a set lookup, before it waits

@@ -141,6 +141,20 @@ class Gateway:
             and secrets.compare_digest(hash_key(key), self._admin_hash)
         )
 
+    def admin_refusal(self, headers: dict[str, str]) -> GatewayError:
+        """The answer to a request without the admin key on an admin route: 403 for a team's key
+        (valid, but not for this), 401 for none or an unknown one."""
+        who = self.caller(headers)
+        if who is not None:
+            return GatewayError(
+                403,
+                f"a key of team {who[1]} cannot use this route: it needs the admin key",
+                "permission_error",
+            )
+        return GatewayError(
+            401, "the admin key is required (Authorization: Bearer ...)", "authentication_error"
+        )
+
     # -- a request -------------------------------------------------------------------------
 
     def admit(
@@ -327,16 +341,19 @@ class Gateway:
         self._seen.pop(key, None)  # a miss remembered for this very key must not hide it
         return key, record
 
-    def revoke_key(self, key_id: str) -> KeyRecord | None:
-        record = self.ledger.revoke_key(key_id)
+    def revoke_key(self, key_id: str, after_s: float = 0.0) -> KeyRecord | None:
+        """Stop the key working, now or ``after_s`` from now."""
+        record = self.ledger.revoke_key(key_id, time.time() + after_s if after_s > 0 else None)
         self._set_keys(self.ledger.active_key_hashes())
         return record
 
-    def rotate_key(self, key_id: str) -> tuple[str, KeyRecord] | None:
-        """A new key for the same team and label; the old one stops working now."""
+    def rotate_key(self, key_id: str, grace_s: float = 0.0) -> tuple[str, KeyRecord] | None:
+        """A new key for the same team and label; the old one stops working now, or ``grace_s``
+        from now, so that its clients can move to the new one without a refused request. None if
+        ``key_id`` names no key that works now (a key in its grace period was rotated already)."""
         old = self.ledger.key(key_id)
         if old is None or old.revoked is not None:
             return None
         key, record = self.create_key(old.team, old.label)
-        self.revoke_key(key_id)
+        self.revoke_key(key_id, grace_s)
         return key, record

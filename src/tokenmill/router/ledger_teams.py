@@ -74,9 +74,7 @@ class TeamsAndKeys:
             now = time.time()
             for name in gone:
                 self._db.execute("DELETE FROM teams WHERE name = ?", (name,))
-                self._db.execute(
-                    "UPDATE keys SET revoked = ? WHERE team = ? AND revoked IS NULL", (now, name)
-                )
+                self._revoke_team_keys(name, now)
         return gone
 
     def team_sources(self) -> dict[str, str]:
@@ -86,9 +84,7 @@ class TeamsAndKeys:
     def delete_team(self, name: str) -> bool:
         with self._transaction():
             gone = self._db.execute("DELETE FROM teams WHERE name = ?", (name,)).rowcount > 0
-            self._db.execute(
-                "UPDATE keys SET revoked = ? WHERE team = ? AND revoked IS NULL", (time.time(), name)
-            )
+            self._revoke_team_keys(name, time.time())
         return gone
 
     def teams(self) -> dict[str, Team]:
@@ -114,11 +110,21 @@ class TeamsAndKeys:
         )
         return key, record
 
-    def revoke_key(self, key_id: str) -> KeyRecord | None:
+    def revoke_key(self, key_id: str, at: float | None = None) -> KeyRecord | None:
+        """Stop the key working at ``at`` (a time.time(); now by default, later at the end of a
+        rotation's grace period). A key already set to stop stops at the earlier of the two."""
+        at = time.time() if at is None else at
         self._db.execute(
-            "UPDATE keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), key_id)
+            "UPDATE keys SET revoked = ? WHERE id = ? AND (revoked IS NULL OR revoked > ?)", (at, key_id, at)
         )
         return self.key(key_id)
+
+    def _revoke_team_keys(self, team: str, now: float) -> None:
+        """Every key of a team gone stops now, those in a grace period too."""
+        self._db.execute(
+            "UPDATE keys SET revoked = ? WHERE team = ? AND (revoked IS NULL OR revoked > ?)",
+            (now, team, now),
+        )
 
     def key(self, key_id: str) -> KeyRecord | None:
         row = self._db.execute("SELECT id, team, label, created, revoked FROM keys WHERE id = ?", (key_id,))
@@ -131,6 +137,9 @@ class TeamsAndKeys:
         return [KeyRecord(*row) for row in rows]
 
     def active_key_hashes(self) -> dict[str, tuple[str, str]]:
-        """hash -> (key id, team) of every key not revoked."""
-        rows = self._db.execute("SELECT hash, id, team FROM keys WHERE revoked IS NULL")
+        """hash -> (key id, team) of every key that works now: not revoked, or rotated and in its
+        grace period (``revoked`` still ahead)."""
+        rows = self._db.execute(
+            "SELECT hash, id, team FROM keys WHERE revoked IS NULL OR revoked > ?", (time.time(),)
+        )
         return {h: (key_id, team) for h, key_id, team in rows}
