@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.protocol.errors import APIError
 from tokenmill.server.metrics import ServingMetrics
 
 
@@ -34,8 +35,6 @@ class Worker:
 
     def check_accepting(self) -> None:
         """Raise APIError 503 when this worker takes no new requests."""
-        from tokenmill.protocol.errors import APIError
-
         if self.draining:
             raise APIError.unavailable("this worker is shutting down; send the request elsewhere", 1.0)
         if not self.engine.is_running:
