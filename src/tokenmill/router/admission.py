@@ -201,6 +201,8 @@ class AdmissionQueue:
         self._dispatch()
 
     def _dispatch(self) -> None:
+        if not self._waiting:  # (every release asks: nearly always nothing to seat)
+            return
         capacity = self.capacity()
         if capacity == 0 and self._waiting:
             self._refuse_waiting()
