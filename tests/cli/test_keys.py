@@ -101,10 +101,28 @@ def test_keys_rotate_prints_the_new_key_once_and_the_old_one_works_through_its_g
     listed = run("keys", "list", "--config", str(path), columns=200)
     assert "(rotated: works until then)" in listed.stdout and listed.stdout.count("nightly") == 2
     again = run("keys", "rotate", old_id, "--config", str(path))
-    assert again.returncode == 2 and f"no active key '{old_id}'" in again.stderr
+    assert again.returncode == 2 and f"key {old_id} was rotated or revoked already" in again.stderr
     for bad in ("-1", "2592001", "soon"):
         refused = run("keys", "rotate", old_id, "--grace-s", bad, "--config", str(path))
         assert refused.returncode == 2 and "--grace-s" in refused.stderr, refused.stderr
+
+
+def test_keys_commands_change_no_team_even_with_a_config_that_dropped_one(tmp_path: Path):
+    """`keys list` with an edited config revoked the keys of the team it no longer named, before
+    any gateway restart."""
+    both = config(tmp_path, "ledger: usage.db\nteams:\n  search: {}\n  ads: {}\n")
+    made = run("keys", "create", "--team", "ads", "--config", str(both))
+    key_id = re.search(r"key (key_\w+) for team", made.stderr).group(1)
+    from tokenmill.router.gateway import Gateway
+    from tokenmill.router.gateway_config import load_gateway_config
+
+    Gateway(load_gateway_config(both)).ledger.close()  # a gateway's start: the file's teams in the ledger
+    fewer = tmp_path / "fewer.yaml"
+    fewer.write_text("ledger: usage.db\nteams:\n  search: {}\n")
+    listed = run("keys", "list", "--config", str(fewer), columns=200)
+    assert listed.returncode == 0 and "removed teams" not in listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if key_id in line)
+    assert "UTC" in row and row.count("UTC") == 1  # created only: not revoked
 
 
 def test_keys_create_refuses_a_label_the_api_would_refuse(tmp_path: Path):

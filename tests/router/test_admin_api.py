@@ -188,15 +188,18 @@ def test_revoke_and_rotate_refuse_fields_they_do_not_take_and_keep_the_key(app, 
 def test_a_rotated_key_works_through_its_grace_period_then_stops(app, gateway, monkeypatch):
     monkeypatch.setattr("tokenmill.router.gateway.KEYS_REFRESH_S", 0.0)  # (keys re-read at every request)
     old, record = gateway.create_key("premium")
+    asked = time.time()
     rotated = admin(app, "POST", f"/admin/keys/{record.id}/rotate", {"grace_s": 0.5})
     assert rotated.status == 200 and rotated.json()["replaces"] == record.id
+    assert asked + 0.5 <= rotated.json()["replaces_until"] <= time.time() + 0.5
     new = rotated.json()["key"]
     assert gateway.caller({"authorization": f"Bearer {old}"}) == (record.id, "premium")
     assert gateway.caller({"authorization": f"Bearer {new}"}) == (rotated.json()["id"], "premium")
     listed = {k["id"]: k for k in admin(app, "GET", "/admin/keys").json()["keys"]}
     assert listed[record.id]["active"] is True and listed[record.id]["revoked"] is not None
     again = admin(app, "POST", f"/admin/keys/{record.id}/rotate")  # a key on its way out: rotated already
-    assert_refused(again, 404, None, "rotated or revoked already")
+    assert_refused(again, 409, None, f"key {record.id} was rotated or revoked already: it stops working at")
+    assert_refused(admin(app, "POST", "/admin/keys/key_000000000000/rotate"), 404, None, "no key")
     time.sleep(0.6)
     assert gateway.caller({"authorization": f"Bearer {old}"}) is None
     assert gateway.caller({"authorization": f"Bearer {new}"}) is not None
@@ -215,6 +218,53 @@ def test_a_key_in_its_grace_period_stops_at_once_when_revoked_or_its_team_delete
         assert admin(app, "DELETE", "/admin/teams/premium").status == 200
     assert gateway.caller({"authorization": f"Bearer {old}"}) is None
     assert gateway.ledger.key(record.id).revoked <= time.time()
+
+
+def test_a_key_of_a_team_this_gateway_no_longer_has_is_refused_everywhere_and_not_rotated(app, gateway):
+    """A team deleted through the API while ``tokenmill keys`` (another process) made a key for it:
+    the key was a 500 on rotate, a 200 on /v1/usage and a 403 on admin routes."""
+    del gateway.teams["elsewhere"]  # as the API's delete leaves it, with the key made since
+    key, record = gateway.ledger.create_key("elsewhere")
+    bearer = {"authorization": f"Bearer {key}"}
+    assert_refused(admin(app, "POST", f"/admin/keys/{record.id}/rotate"), 409, None, "no longer exists")
+    assert [k.id for k in gateway.ledger.keys("elsewhere")] == [record.id]  # nothing made
+    for path in ("/v1/usage", "/admin/teams"):
+        assert_refused(asyncio.run(call(app, "GET", path, headers=bearer)), 401, None, "key is required")
+
+
+def test_two_rotations_of_one_key_at_once_make_one_new_key(tmp_path: Path):
+    """Each through its own connection (two `tokenmill keys rotate` at once): one wins."""
+    import threading
+
+    from tokenmill.router.ledger import Ledger
+
+    Ledger(tmp_path / "u.db").create_key("premium")
+    (old,) = Ledger(tmp_path / "u.db").keys()
+    ledgers = [Ledger(tmp_path / "u.db") for _ in range(6)]
+    start, results = threading.Barrier(len(ledgers)), []
+
+    def rotate(ledger: Ledger) -> None:
+        start.wait()
+        results.append(ledger.rotate_key(old.id, time.time() + 60))
+
+    threads = [threading.Thread(target=rotate, args=(ledger,)) for ledger in ledgers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r is not None for r in results) == 1
+    assert len(ledgers[0].keys("premium")) == 2
+
+
+def test_the_admin_api_of_a_gateway_without_an_admin_key_says_it_is_off(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("TOKENMILL_ADMIN_KEY", raising=False)
+    gateway = Gateway(parse_gateway_config(CONFIG, tmp_path))
+    app = RouterApp(WorkerPool(["http://127.0.0.1:9"]), Router("least_load"), gateway=gateway)
+    key, _ = gateway.create_key("premium")
+    for headers in ({}, {"authorization": f"Bearer {key}"}):
+        answer = asyncio.run(call(app, "GET", "/admin/keys", headers=headers))
+        assert_refused(answer, 403, None, "the admin API is off on this gateway", "$TOKENMILL_ADMIN_KEY")
+    gateway.ledger.close()
 
 
 @pytest.mark.parametrize("grace", [-1, "60", True, None, 30 * 86400 + 1, 1e300])

@@ -35,7 +35,7 @@ def _gateway(config: Path) -> Gateway:
     from tokenmill.router.gateway_config import load_gateway_config
 
     try:
-        return open_gateway(load_gateway_config(config))
+        return open_gateway(load_gateway_config(config), starting=False)  # (changes no team)
     except (OSError, ValueError) as e:  # (GatewayConfigError is a ValueError)
         _fail(str(e))
 
@@ -115,12 +115,16 @@ def rotate(
         ),
     ] = 0.0,
 ) -> None:
-    """A new key for the key's team and label, printed once; the old one stops working now, or
-    after --grace-s (a running gateway notices within two seconds)."""
-    rotated = _gateway(config).rotate_key(key_id, grace_s)
-    if rotated is None:
-        _fail(f"no active key {key_id!r} (a key rotated or revoked already is not)")
-    key, record = rotated
+    """A new key in place of an old one, which stops working now or after --grace-s.
+
+    The new key has the old one's team and label, and is printed once. A running gateway notices
+    within two seconds."""
+    from tokenmill.router.gateway_request import GatewayError
+
+    try:
+        key, record, _ = _gateway(config).rotate_key(key_id, grace_s)
+    except GatewayError as e:
+        _fail(e.message)
     until = f"in {grace_s:g} s" if grace_s > 0 else "now"
     err.print(
         f"key {record.id} for team {record.team} replaces {key_id}, which stops working {until} "

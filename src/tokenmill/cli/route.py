@@ -140,13 +140,14 @@ def _gateway(path: Path) -> Gateway:
     return gateway
 
 
-def open_gateway(config: GatewayConfig) -> Gateway:
-    """A gateway on the config's ledger; ValueError naming ``ledger`` when SQLite cannot open it
-    (not a database, no permission, a disk error), for a one-line error instead of a traceback."""
+def open_gateway(config: GatewayConfig, starting: bool = True) -> Gateway:
+    """A gateway on the config's ledger (``starting``: see ``Gateway``); ValueError naming
+    ``ledger`` when SQLite cannot open it (not a database, no permission, a disk error), for a
+    one-line error instead of a traceback."""
     from tokenmill.router.gateway import Gateway
 
     try:
-        return Gateway(config)
+        return Gateway(config, starting=starting)
     except (OSError, sqlite3.Error) as e:
         why = getattr(e, "strerror", None) or str(e)
         raise ValueError(

@@ -97,13 +97,8 @@ def handle_admin(
         if record is None:
             raise GatewayError(404, f"no key {parts[1]!r}", "not_found_error")
         return Answer(200, record.to_dict())
-    rotated = gateway.rotate_key(parts[1], _grace_s(data.get("grace_s", 0)))
-    if rotated is None:
-        raise GatewayError(
-            404, f"no active key {parts[1]!r} (a key rotated or revoked already is not)", "not_found_error"
-        )
-    key, record = rotated
-    return Answer(200, {**record.to_dict(), "key": key, "replaces": parts[1]})
+    key, record, stops = gateway.rotate_key(parts[1], _grace_s(data.get("grace_s", 0)))
+    return Answer(200, {**record.to_dict(), "key": key, "replaces": parts[1], "replaces_until": stops})
 
 
 def _grace_s(value: Any) -> float:
@@ -184,12 +179,12 @@ def handle_usage(gateway: Gateway, query: str, headers: dict[str, str]) -> Answe
                 400, "team must name a team (or be absent: every team)", "invalid_request_error", "team"
             )
     else:
-        who = gateway.caller(headers)
-        if who is None:
+        caller = gateway.team_of(headers)
+        if caller is None:
             raise GatewayError(
                 401, "a valid API key is required (Authorization: Bearer ...)", "authentication_error"
             )
-        team = who[1]  # a team sees its own usage only
+        team = caller.name  # a team sees its own usage only
         asked = args.get("team")
         if asked is not None and asked != team:
             raise GatewayError(

@@ -78,10 +78,16 @@ class Admitted:
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, ledger: Ledger | None = None) -> None:
+    def __init__(self, config: GatewayConfig, ledger: Ledger | None = None, starting: bool = True) -> None:
+        """``starting``: the gateway that serves, which applies the config's teams to the ledger;
+        False for ``tokenmill keys``, which changes no team (its teams: the ledger's, and those the
+        config names that the ledger has not yet, for keys made before the first start)."""
         self.config = config
         self.ledger = ledger or Ledger(config.ledger, config.price)  # (the price: for its recovery)
-        self.teams = apply_config_teams(config, self.ledger)
+        if starting:
+            self.teams = apply_config_teams(config, self.ledger)
+        else:
+            self.teams = {**config.teams, **self.ledger.teams()}
         warn_unpriced(self.teams.values(), config.prices)
         self._keys = self.ledger.active_key_hashes()
         self._keys_read = time.monotonic()
@@ -144,16 +150,30 @@ class Gateway:
     def admin_refusal(self, headers: dict[str, str]) -> GatewayError:
         """The answer to a request without the admin key on an admin route: 403 for a team's key
         (valid, but not for this), 401 for none or an unknown one."""
-        who = self.caller(headers)
-        if who is not None:
+        if self._admin_hash is None:
             return GatewayError(
                 403,
-                f"a key of team {who[1]} cannot use this route: it needs the admin key",
+                f"the admin API is off on this gateway: it is on when ${self.config.admin_key_env} "
+                "holds the admin key as the gateway starts",
+                "permission_error",
+            )
+        team = self.team_of(headers)
+        if team is not None:
+            return GatewayError(
+                403,
+                f"a key of team {team.name} cannot use this route: it needs the admin key",
                 "permission_error",
             )
         return GatewayError(
             401, "the admin key is required (Authorization: Bearer ...)", "authentication_error"
         )
+
+    def team_of(self, headers: dict[str, str]) -> Team | None:
+        """The team of the request's key; None without a valid key, or for a key whose team was
+        deleted (its keys are revoked with it, but one made since by ``tokenmill keys`` is not
+        known to this gateway until it restarts)."""
+        who = self.caller(headers)
+        return self.teams.get(who[1]) if who is not None else None
 
     # -- a request -------------------------------------------------------------------------
 
@@ -347,13 +367,32 @@ class Gateway:
         self._set_keys(self.ledger.active_key_hashes())
         return record
 
-    def rotate_key(self, key_id: str, grace_s: float = 0.0) -> tuple[str, KeyRecord] | None:
-        """A new key for the same team and label; the old one stops working now, or ``grace_s``
-        from now, so that its clients can move to the new one without a refused request. None if
-        ``key_id`` names no key that works now (a key in its grace period was rotated already)."""
+    def rotate_key(self, key_id: str, grace_s: float = 0.0) -> tuple[str, KeyRecord, float]:
+        """A new key for the same team and label, and when the old one stops working: now, or
+        ``grace_s`` from now, so that its clients can move to the new one without a refused
+        request. GatewayError (404, 409) if ``key_id`` names no key, one rotated or revoked
+        already, or one of a team that no longer exists."""
         old = self.ledger.key(key_id)
-        if old is None or old.revoked is not None:
-            return None
-        key, record = self.create_key(old.team, old.label)
-        self.revoke_key(key_id, grace_s)
-        return key, record
+        if old is None:
+            raise GatewayError(404, f"no key {key_id!r}", "not_found_error")
+        if old.revoked is not None:
+            when = "stops" if old.active() else "stopped"
+            raise GatewayError(
+                409,
+                f"key {key_id} was rotated or revoked already: it {when} working at "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(old.revoked))}",
+                "invalid_request_error",
+            )
+        if old.team not in self.teams:
+            raise GatewayError(
+                409,
+                f"key {key_id}'s team {old.team} no longer exists: there is no team to rotate it for",
+                "invalid_request_error",
+            )
+        stops = time.time() + grace_s
+        rotated = self.ledger.rotate_key(key_id, stops)
+        if rotated is None:  # rotated by another process between the two looks
+            raise GatewayError(409, f"key {key_id} was rotated or revoked already", "invalid_request_error")
+        key, record = rotated
+        self._set_keys(self.ledger.active_key_hashes())
+        return key, record, stops

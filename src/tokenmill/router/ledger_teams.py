@@ -119,6 +119,18 @@ class TeamsAndKeys:
         )
         return self.key(key_id)
 
+    def rotate_key(self, key_id: str, stop_at: float) -> tuple[str, KeyRecord] | None:
+        """A new key for the team and label of ``key_id``, which is set to stop at ``stop_at``; in
+        one transaction, so that of two rotations of one key at once (two processes) one wins. None
+        if ``key_id`` names no key, or one rotated or revoked already."""
+        with self._transaction():
+            old = self.key(key_id)
+            if old is None or old.revoked is not None:
+                return None
+            key, record = self.create_key(old.team, old.label)
+            self.revoke_key(key_id, stop_at)
+        return key, record
+
     def _revoke_team_keys(self, team: str, now: float) -> None:
         """Every key of a team gone stops now, those in a grace period too."""
         self._db.execute(
