@@ -204,7 +204,7 @@ class AdmissionQueue:
         if not self._waiting:  # (every release asks: nearly always nothing to seat)
             return
         capacity = self.capacity()
-        if capacity == 0 and self._waiting:
+        if capacity == 0:
             self._refuse_waiting()
             return
         while self.in_flight < capacity:

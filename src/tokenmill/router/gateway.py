@@ -361,9 +361,9 @@ class Gateway:
         self._seen.pop(key, None)  # a miss remembered for this very key must not hide it
         return key, record
 
-    def revoke_key(self, key_id: str, after_s: float = 0.0) -> KeyRecord | None:
-        """Stop the key working, now or ``after_s`` from now."""
-        record = self.ledger.revoke_key(key_id, time.time() + after_s if after_s > 0 else None)
+    def revoke_key(self, key_id: str) -> KeyRecord | None:
+        """Stop the key working now (in a rotation's grace period too)."""
+        record = self.ledger.revoke_key(key_id)
         self._set_keys(self.ledger.active_key_hashes())
         return record
 
