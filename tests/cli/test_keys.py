@@ -125,6 +125,18 @@ def test_keys_commands_change_no_team_even_with_a_config_that_dropped_one(tmp_pa
     assert "UTC" in row and row.count("UTC") == 1  # created only: not revoked
 
 
+def test_keys_create_makes_a_key_that_expires_and_list_shows_when(tmp_path: Path):
+    path = config(tmp_path, "ledger: usage.db\nteams:\n  search: {}\n")
+    made = run("keys", "create", "--team", "search", "--expires-in-s", "86400", "--config", str(path))
+    assert made.returncode == 0 and made.stdout.startswith("tm-"), made.stderr
+    assert re.search(r"key key_\w+ for team search, expires \d{4}-\d\d-\d\d", made.stderr)
+    listed = run("keys", "list", "--config", str(path), columns=200)
+    assert "expires" in listed.stdout and listed.stdout.count("UTC") == 2  # created, expires
+    for bad in ("0", "-5", "315360001", "soon"):
+        refused = run("keys", "create", "--team", "search", "--expires-in-s", bad, "--config", str(path))
+        assert refused.returncode == 2 and "--expires-in-s" in refused.stderr, refused.stderr
+
+
 def test_keys_create_refuses_a_label_the_api_would_refuse(tmp_path: Path):
     path = config(tmp_path, "teams: {search: {}}")
     done = run("keys", "create", "--team", "search", "--label", "x" * 257, "--config", str(path))

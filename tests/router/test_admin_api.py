@@ -160,7 +160,7 @@ def test_deleting_or_changing_a_team_of_the_config_file_says_the_file_wins_at_re
         (
             {"team": "premium", "lable": "typo"},
             "lable",
-            "unknown fields ['lable']: allowed ['label', 'team']",
+            "unknown fields ['lable']: allowed ['expires_in_s', 'label', 'team']",
         ),
         ({"team": "premium", "label": "x" * 5_000_000}, "label", "at most 256 characters"),
         (b'{"team": "premium", "label": "x\\ud800"}', "label", "unpaired"),
@@ -265,6 +265,55 @@ def test_the_admin_api_of_a_gateway_without_an_admin_key_says_it_is_off(tmp_path
         answer = asyncio.run(call(app, "GET", "/admin/keys", headers=headers))
         assert_refused(answer, 403, None, "the admin API is off on this gateway", "$TOKENMILL_ADMIN_KEY")
     gateway.ledger.close()
+
+
+def test_a_key_made_to_expire_works_until_then_and_its_rotation_keeps_the_expiry(app, gateway, monkeypatch):
+    monkeypatch.setattr("tokenmill.router.gateway.KEYS_REFRESH_S", 0.0)  # (keys re-read at every request)
+    made = admin(app, "POST", "/admin/keys", {"team": "premium", "expires_in_s": 0.8})
+    assert made.status == 200 and made.json()["active"] is True
+    assert made.json()["expires"] == pytest.approx(time.time() + 0.8, abs=0.5)
+    assert made.json()["revoked"] is None
+    rotated = admin(app, "POST", f"/admin/keys/{made.json()['id']}/rotate", {"grace_s": 60})
+    assert rotated.json()["expires"] == made.json()["expires"]  # the secret changes, not the policy
+    assert rotated.json()["replaces_until"] > made.json()["expires"]  # ... but the expiry comes first
+    keys = (made.json()["key"], rotated.json()["key"])
+    assert all(gateway.caller({"authorization": f"Bearer {k}"}) is not None for k in keys)
+    time.sleep(1.0)
+    assert all(gateway.caller({"authorization": f"Bearer {k}"}) is None for k in keys)
+    listed = {k["id"]: k for k in admin(app, "GET", "/admin/keys").json()["keys"]}
+    assert listed[rotated.json()["id"]]["active"] is False
+    again = admin(app, "POST", f"/admin/keys/{rotated.json()['id']}/rotate")
+    assert_refused(again, 409, None, "was expired already: it stopped working at")
+
+
+@pytest.mark.parametrize("expires", [0, -1, "60", True, 10 * 365 * 86400 + 1, 1e300])
+def test_an_expiry_the_gateway_cannot_keep_is_a_400_and_no_key_is_made(app, gateway, expires):
+    refused = admin(app, "POST", "/admin/keys", {"team": "premium", "expires_in_s": expires})
+    assert_refused(refused, 400, "expires_in_s", "expires_in_s must be seconds above 0 and at most 315360000")
+    assert gateway.ledger.keys() == []
+    unset = admin(app, "POST", "/admin/keys", {"team": "premium", "expires_in_s": None})
+    assert unset.status == 200 and unset.json()["expires"] is None  # null: until revoked
+
+
+def test_a_ledger_made_before_keys_expired_is_read_and_its_keys_never_expire(tmp_path: Path):
+    import sqlite3
+
+    from tokenmill.router.ledger import Ledger
+
+    old = sqlite3.connect(tmp_path / "u.db")
+    old.execute(
+        "CREATE TABLE keys (id TEXT PRIMARY KEY, team TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, "
+        "label TEXT, created REAL NOT NULL, revoked REAL)"
+    )
+    old.execute("INSERT INTO keys VALUES ('key_0', 'premium', 'h', NULL, 1.0, NULL)")
+    old.commit()
+    old.close()
+    ledger = Ledger(tmp_path / "u.db")
+    (record,) = ledger.keys()
+    assert record.expires is None and record.active()
+    assert ledger.active_key_hashes() == {"h": ("key_0", "premium")}
+    _, made = ledger.create_key("premium", None, time.time() + 60)
+    assert ledger.key(made.id).expires == made.expires
 
 
 @pytest.mark.parametrize("grace", [-1, "60", True, None, 30 * 86400 + 1, 1e300])

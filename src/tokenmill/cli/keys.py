@@ -1,6 +1,7 @@
 """``tokenmill keys``: the gateway's API keys, straight in its ledger (the gateway may be running).
 
 tokenmill keys create --team search --config gateway.yaml     # prints the key, once
+tokenmill keys create --team search --config gateway.yaml --expires-in-s 86400   # works for a day
 tokenmill keys list --config gateway.yaml [--team search]
 tokenmill keys revoke key_0123456789ab --config gateway.yaml
 tokenmill keys rotate key_0123456789ab --config gateway.yaml --grace-s 3600   # prints the new key
@@ -16,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tokenmill.router.api_keys import MAX_GRACE_S
+from tokenmill.router.api_keys import MAX_EXPIRES_IN_S, MAX_GRACE_S
 
 if TYPE_CHECKING:
     from tokenmill.router.gateway import Gateway
@@ -45,6 +46,15 @@ def create(
     team: Annotated[str, typer.Option(help="The team the key belongs to.")],
     config: ConfigOption,
     label: Annotated[str | None, typer.Option(help="A note: who or what uses the key.")] = None,
+    expires_in_s: Annotated[
+        float | None,
+        typer.Option(
+            "--expires-in-s",
+            min=0,
+            max=MAX_EXPIRES_IN_S,
+            help="Seconds the key works, at most 10 years (without: until revoked).",
+        ),
+    ] = None,
 ) -> None:
     """A new key for a team. It is shown this once: the ledger keeps only its hash."""
     from tokenmill.router.gateway_config import GatewayConfigError, parse_label
@@ -57,9 +67,14 @@ def create(
         label = parse_label(label)
     except GatewayConfigError as e:
         _fail(f"--{e}")
-    key, record = gateway.create_key(team, label)
+    if expires_in_s == 0:
+        _fail("--expires-in-s must be above 0 (without it, the key works until revoked)")
+    key, record = gateway.create_key(team, label, expires_in_s)
+    until = f", expires {_when(record.expires)}" if record.expires is not None else ""
     err.print(
-        f"key {record.id} for team {team} (shown once; keep it secret):", highlight=False, soft_wrap=True
+        f"key {record.id} for team {team}{until} (shown once; keep it secret):",
+        highlight=False,
+        soft_wrap=True,
     )
     print(key)
 
@@ -68,7 +83,7 @@ def create(
 def list_keys(
     config: ConfigOption, team: Annotated[str | None, typer.Option(help="Only this team's keys.")] = None
 ) -> None:
-    """Every key: id, team, label, created, revoked (never the key itself)."""
+    """Every key: id, team, label, created, revoked, expires (never the key itself)."""
     from rich.table import Table
     from rich.text import Text
 
@@ -77,14 +92,15 @@ def list_keys(
     # room, even in 80 columns or a pipe), and cells are text, never Rich markup (a label "[x]").
     table = Table()
     table.add_column("id", no_wrap=True, min_width=max((len(k.id) for k in keys), default=2))
-    for col in ("team", "label", "created", "revoked"):
+    for col in ("team", "label", "created", "revoked", "expires"):
         table.add_column(col, overflow="fold")
     for k in keys:
         label = _printable(k.label or "")  # (labels older than the check may hold escape codes)
         revoked = "" if k.revoked is None else _when(k.revoked)
         if k.revoked is not None and k.active():
             revoked += " (rotated: works until then)"
-        cells = (k.id, k.team, label, _when(k.created), revoked)
+        expires = "" if k.expires is None else _when(k.expires)
+        cells = (k.id, k.team, label, _when(k.created), revoked, expires)
         table.add_row(*(Text(c) for c in cells))
     out.print(table)
 

@@ -3,8 +3,9 @@
 - ``GET /admin/teams``; ``POST /admin/teams`` with a team's fields and ``name``
   (creates or replaces it); ``DELETE /admin/teams/{name}`` (its keys are revoked;
   a team the config file names returns at the next start, and the answer says so).
-- ``GET /admin/keys[?team=T]``; ``POST /admin/keys`` with ``{"team": T, "label": ...}``
-  (a label: at most 256 characters) returns the new key, the only time it is shown;
+- ``GET /admin/keys[?team=T]``; ``POST /admin/keys`` with ``{"team": T, "label": ...,
+  "expires_in_s": S}`` (a label: at most 256 characters; without ``expires_in_s``, the key
+  works until revoked) returns the new key, the only time it is shown;
   ``POST /admin/keys/{id}/revoke``; ``POST /admin/keys/{id}/rotate`` (a new key, the
   old one revoked; with ``{"grace_s": S}``, the old one works S seconds more, up to
   30 days, so its clients move over without a refused request).
@@ -28,7 +29,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import Receive, Scope, Send
 
-from tokenmill.router.api_keys import MAX_GRACE_S
+from tokenmill.router.api_keys import MAX_EXPIRES_IN_S, MAX_GRACE_S
 from tokenmill.router.asgi import error_body, forwarded_headers, json_object, read_body, send_error, send_json
 from tokenmill.router.gateway import Gateway, GatewayError
 from tokenmill.router.gateway_config import TEAM_FIELDS, GatewayConfigError, parse_label, parse_team
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 GROUP_BY = ("model", "day")
 USAGE_PARAMS = ("from", "to", "group_by", "team")
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-KEY_FIELDS = ("team", "label")
+KEY_FIELDS = ("team", "label", "expires_in_s")
 
 # Path parts after /admin ("*": any one part) -> the methods the route takes.
 _ROUTES: dict[tuple[str, ...], tuple[str, ...]] = {
@@ -97,22 +98,27 @@ def handle_admin(
         if record is None:
             raise GatewayError(404, f"no key {parts[1]!r}", "not_found_error")
         return Answer(200, record.to_dict())
-    key, record, stops = gateway.rotate_key(parts[1], _grace_s(data.get("grace_s", 0)))
+    grace_s = _seconds(data.get("grace_s", 0), "grace_s", MAX_GRACE_S, "30 days", "the old key keeps working")
+    key, record, stops = gateway.rotate_key(parts[1], grace_s)
     return Answer(200, {**record.to_dict(), "key": key, "replaces": parts[1], "replaces_until": stops})
 
 
-def _grace_s(value: Any) -> float:
+def _seconds(
+    value: Any, name: str, most: int, most_words: str, what: str, above: float | None = None
+) -> float:
+    """A JSON number of seconds from 0 (or above ``above``) to ``most``; else a 400 naming ``name``."""
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
-        or not 0 <= value <= MAX_GRACE_S  # (NaN fails this too)
+        or not (value > above if above is not None else value >= 0)  # (NaN fails both)
+        or value > most
     ):
+        least = f"above {above:g} and at most" if above is not None else "from 0 to"
         raise GatewayError(
             400,
-            f"grace_s must be seconds from 0 to {MAX_GRACE_S} (30 days) that the old key keeps working, "
-            f"got {value!r:.40}",
+            f"{name} must be seconds {least} {most} ({most_words}) that {what}, got {value!r:.40}",
             "invalid_request_error",
-            "grace_s",
+            name,
         )
     return float(value)
 
@@ -166,7 +172,12 @@ def _create_key(gateway: Gateway, data: dict[str, Any]) -> Answer:
         label = parse_label(data.get("label"))
     except GatewayConfigError as e:
         raise GatewayError(400, str(e), "invalid_request_error", e.field) from None
-    key, record = gateway.create_key(team, label)
+    expires_in_s = data.get("expires_in_s")
+    if expires_in_s is not None:  # (absent or null: the key works until revoked)
+        expires_in_s = _seconds(
+            expires_in_s, "expires_in_s", MAX_EXPIRES_IN_S, "10 years", "the key works", above=0
+        )
+    key, record = gateway.create_key(team, label, expires_in_s)
     return Answer(200, {**record.to_dict(), "key": key})
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_GRACE_S = 30 * 86400  # how long a rotated key may keep working, at most
+MAX_EXPIRES_IN_S = 10 * 365 * 86400  # how far ahead a key may expire, at most
 
 
 @dataclass(frozen=True)
@@ -24,13 +25,15 @@ class KeyRecord:
     label: str | None
     created: float
     revoked: float | None  # when it stops (stopped) working: ahead of now in a rotation's grace period
+    expires: float | None = None  # when it stops working by itself (set at creation; None: never)
 
     def active(self, now: float | None = None) -> bool:
-        return self.revoked is None or self.revoked > (time.time() if now is None else now)
+        now = time.time() if now is None else now
+        return (self.revoked is None or self.revoked > now) and (self.expires is None or self.expires > now)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "team": self.team, "label": self.label, "created": self.created,
-                "revoked": self.revoked, "active": self.active()}  # fmt: skip
+                "revoked": self.revoked, "expires": self.expires, "active": self.active()}  # fmt: skip
 
 
 def hash_key(key: str) -> str:

@@ -42,6 +42,7 @@ from tokenmill.router.gateway_request import (
     check_priced,
     model_for,
     priority_for,
+    rotation_refusal,
     with_priority,
 )
 from tokenmill.router.gateway_request import body_for as body_for  # (imported from here by the app)
@@ -353,10 +354,14 @@ class Gateway:
         self._set_keys(self.ledger.active_key_hashes())
         return gone
 
-    def create_key(self, team: str, label: str | None = None) -> tuple[str, KeyRecord]:
+    def create_key(
+        self, team: str, label: str | None = None, expires_in_s: float | None = None
+    ) -> tuple[str, KeyRecord]:
+        """A new key for ``team``, working until revoked, or for ``expires_in_s`` from now."""
         if team not in self.teams:
             raise KeyError(team)
-        key, record = self.ledger.create_key(team, label)
+        expires = time.time() + expires_in_s if expires_in_s is not None else None
+        key, record = self.ledger.create_key(team, label, expires)
         self._keys[hash_key(key)] = (record.id, team)
         self._seen.pop(key, None)  # a miss remembered for this very key must not hide it
         return key, record
@@ -368,27 +373,14 @@ class Gateway:
         return record
 
     def rotate_key(self, key_id: str, grace_s: float = 0.0) -> tuple[str, KeyRecord, float]:
-        """A new key for the same team and label, and when the old one stops working: now, or
-        ``grace_s`` from now, so that its clients can move to the new one without a refused
-        request. GatewayError (404, 409) if ``key_id`` names no key, one rotated or revoked
-        already, or one of a team that no longer exists."""
+        """A new key for the same team, label and expiry, and when the old one stops working: now,
+        or ``grace_s`` from now (its expiry, if sooner), so that its clients can move to the new one
+        without a refused request. GatewayError (404, 409) if ``key_id`` names no key, one rotated,
+        revoked or expired already, or one of a team that no longer exists."""
         old = self.ledger.key(key_id)
-        if old is None:
-            raise GatewayError(404, f"no key {key_id!r}", "not_found_error")
-        if old.revoked is not None:
-            when = "stops" if old.active() else "stopped"
-            raise GatewayError(
-                409,
-                f"key {key_id} was rotated or revoked already: it {when} working at "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(old.revoked))}",
-                "invalid_request_error",
-            )
-        if old.team not in self.teams:
-            raise GatewayError(
-                409,
-                f"key {key_id}'s team {old.team} no longer exists: there is no team to rotate it for",
-                "invalid_request_error",
-            )
+        refusal = rotation_refusal(key_id, old, self.teams)
+        if refusal is not None:
+            raise refusal
         stops = time.time() + grace_s
         rotated = self.ledger.rotate_key(key_id, stops)
         if rotated is None:  # rotated by another process between the two looks

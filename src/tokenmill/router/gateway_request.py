@@ -5,11 +5,13 @@ with itself (``router/gateway.py`` admits)."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from tokenmill.protocol.errors import APIError
 from tokenmill.protocol.headers import PRIORITY_HEADER, PRIORITY_MAX, PRIORITY_MIN, parse_priority
 from tokenmill.protocol.text import utf8_encodable
+from tokenmill.router.api_keys import KeyRecord
 from tokenmill.router.gateway_config import Price, Team
 
 
@@ -123,3 +125,27 @@ def body_for(engine: str | None, request: dict[str, Any], body: bytes) -> bytes:
     if engine != "vllm" or not isinstance(request.get("priority"), int):
         return body
     return json.dumps({**request, "priority": -request["priority"]}).encode()
+
+
+def rotation_refusal(key_id: str, old: KeyRecord | None, teams: dict[str, Team]) -> GatewayError | None:
+    """Why the key ``key_id`` (``old``, its record) cannot be rotated: no such key (404), one
+    rotated, revoked or expired already, or of a team that no longer exists (409); None if it can."""
+    if old is None:
+        return GatewayError(404, f"no key {key_id!r}", "not_found_error")
+    if old.revoked is not None or not old.active():
+        revoked = old.revoked is not None
+        what, at = ("rotated or revoked", old.revoked) if revoked else ("expired", old.expires)
+        assert at is not None
+        return GatewayError(
+            409,
+            f"key {key_id} was {what} already: it {'stops' if old.active() else 'stopped'} working at "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(at))}",
+            "invalid_request_error",
+        )
+    if old.team not in teams:
+        return GatewayError(
+            409,
+            f"key {key_id}'s team {old.team} no longer exists: there is no team to rotate it for",
+            "invalid_request_error",
+        )
+    return None

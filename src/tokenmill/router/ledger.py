@@ -92,7 +92,7 @@ class Ledger(TeamsAndKeys):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(TEAMS_SCHEMA + _SCHEMA)
-        self._add_team_sources()
+        self._add_columns()
         self._batch = UsageBatch()  # usage writes not committed yet
         self._commit: asyncio.Handle | None = None  # the commit scheduled in the loop, if any
         self._commit_at_once = False  # ... and it is at the end of this turn, not paced

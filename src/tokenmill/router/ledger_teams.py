@@ -29,9 +29,10 @@ CREATE TABLE IF NOT EXISTS teams (
 );
 CREATE TABLE IF NOT EXISTS keys (
     id TEXT PRIMARY KEY, team TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, label TEXT,
-    created REAL NOT NULL, revoked REAL
+    created REAL NOT NULL, revoked REAL, expires REAL
 );
 """
+_KEY_COLUMNS = "id, team, label, created, revoked, expires"  # KeyRecord's fields, in order
 
 
 class TeamsAndKeys:
@@ -40,12 +41,17 @@ class TeamsAndKeys:
     _db: sqlite3.Connection
     _transaction: Callable[[], contextlib.AbstractContextManager[None]]  # Ledger's
 
-    def _add_team_sources(self) -> None:
-        """A ledger made before teams had a ``source``: add the column (every team ``admin``)."""
-        if any(column[1] == "source" for column in self._db.execute("PRAGMA table_info(teams)")):
+    def _add_columns(self) -> None:
+        """A ledger made before teams had a ``source`` (every team ``admin``) or keys an ``expires``
+        (none expires): add the column."""
+        self._add_column("teams", "source", f"TEXT NOT NULL DEFAULT '{ADMIN}'")
+        self._add_column("keys", "expires", "REAL")
+
+    def _add_column(self, table: str, column: str, kind: str) -> None:
+        if any(c[1] == column for c in self._db.execute(f"PRAGMA table_info({table})")):
             return
         try:
-            self._db.execute(f"ALTER TABLE teams ADD COLUMN source TEXT NOT NULL DEFAULT '{ADMIN}'")
+            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         except sqlite3.OperationalError as e:  # another process opening it added it first
             if "duplicate column" not in str(e):
                 raise
@@ -100,13 +106,16 @@ class TeamsAndKeys:
 
     # -- keys --------------------------------------------------------------------------------
 
-    def create_key(self, team: str, label: str | None = None) -> tuple[str, KeyRecord]:
-        """A new key for ``team``: the key itself (shown once, never stored) and its record."""
+    def create_key(
+        self, team: str, label: str | None = None, expires: float | None = None
+    ) -> tuple[str, KeyRecord]:
+        """A new key for ``team``, working until ``expires`` (a time.time(); None: until revoked):
+        the key itself (shown once, never stored) and its record."""
         key = new_key()
-        record = KeyRecord(new_key_id(), team, label, time.time(), None)
+        record = KeyRecord(new_key_id(), team, label, time.time(), None, expires)
         self._db.execute(
-            "INSERT INTO keys (id, team, hash, label, created) VALUES (?, ?, ?, ?, ?)",
-            (record.id, team, hash_key(key), label, record.created),
+            "INSERT INTO keys (id, team, hash, label, created, expires) VALUES (?, ?, ?, ?, ?, ?)",
+            (record.id, team, hash_key(key), label, record.created, expires),
         )
         return key, record
 
@@ -120,14 +129,14 @@ class TeamsAndKeys:
         return self.key(key_id)
 
     def rotate_key(self, key_id: str, stop_at: float) -> tuple[str, KeyRecord] | None:
-        """A new key for the team and label of ``key_id``, which is set to stop at ``stop_at``; in
-        one transaction, so that of two rotations of one key at once (two processes) one wins. None
-        if ``key_id`` names no key, or one rotated or revoked already."""
+        """A new key for the team, label and expiry of ``key_id``, which is set to stop at
+        ``stop_at``; in one transaction, so that of two rotations of one key at once (two processes)
+        one wins. None if ``key_id`` names no key, or one rotated, revoked or expired already."""
         with self._transaction():
             old = self.key(key_id)
-            if old is None or old.revoked is not None:
+            if old is None or old.revoked is not None or not old.active():
                 return None
-            key, record = self.create_key(old.team, old.label)
+            key, record = self.create_key(old.team, old.label, old.expires)
             self.revoke_key(key_id, stop_at)
         return key, record
 
@@ -139,19 +148,22 @@ class TeamsAndKeys:
         )
 
     def key(self, key_id: str) -> KeyRecord | None:
-        row = self._db.execute("SELECT id, team, label, created, revoked FROM keys WHERE id = ?", (key_id,))
+        row = self._db.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,))
         found = row.fetchone()
         return KeyRecord(*found) if found else None
 
     def keys(self, team: str | None = None) -> list[KeyRecord]:
-        query = "SELECT id, team, label, created, revoked FROM keys"
+        query = f"SELECT {_KEY_COLUMNS} FROM keys"
         rows = self._db.execute(query + " WHERE team = ?", (team,)) if team else self._db.execute(query)
         return [KeyRecord(*row) for row in rows]
 
     def active_key_hashes(self) -> dict[str, tuple[str, str]]:
-        """hash -> (key id, team) of every key that works now: not revoked, or rotated and in its
-        grace period (``revoked`` still ahead)."""
+        """hash -> (key id, team) of every key that works now: not revoked (or rotated and in its
+        grace period: ``revoked`` still ahead), and not expired."""
+        now = time.time()
         rows = self._db.execute(
-            "SELECT hash, id, team FROM keys WHERE revoked IS NULL OR revoked > ?", (time.time(),)
+            "SELECT hash, id, team FROM keys WHERE (revoked IS NULL OR revoked > ?) "
+            "AND (expires IS NULL OR expires > ?)",
+            (now, now),
         )
         return {h: (key_id, team) for h, key_id, team in rows}
