@@ -122,7 +122,7 @@ def assert_refused(answer: Answer, status: int, param: str | None, *named: str) 
         (b'{"name": "a/b"}', "name", "1-64 characters from A-Z a-z 0-9 - _ . starting with a letter"),
         (b'{"name": ".."}', "name", "starting with a letter or digit"),
         (b'{"name": ""}', "name", "1-64 characters"),
-        (b'{"priority": 1}', "name", "got None"),
+        (b'{"priority": 1}', "name", "got null"),
         (b'{"name": "x", "prority": 1}', "prority", "unknown fields ['prority']: allowed ['budget',"),
     ],
 )
@@ -316,6 +316,13 @@ def test_a_ledger_made_before_keys_expired_is_read_and_its_keys_never_expire(tmp
     assert ledger.key(made.id).expires == made.expires
 
 
+def test_a_refused_value_is_quoted_back_as_json_spells_it(app):
+    refused = admin(app, "POST", "/admin/keys", {"team": "premium", "expires_in_s": True})
+    assert_refused(refused, 400, "expires_in_s", "got true")
+    digits = b'{"team": "premium", "expires_in_s": ' + b"9" * 80 + b"}"
+    assert_refused(admin(app, "POST", "/admin/keys", digits), 400, "expires_in_s", "9" * 59 + "…")
+
+
 @pytest.mark.parametrize("grace", [-1, "60", True, None, 30 * 86400 + 1, 1e300])
 def test_a_grace_period_the_gateway_cannot_keep_is_a_400_and_the_key_stays(app, gateway, grace):
     _, record = gateway.create_key("premium")
@@ -366,7 +373,7 @@ def test_an_unknown_admin_path_is_still_a_404(app):
     [
         ("from=2024-05-02&to=2024-05-01", "from", "from (2024-05-02) is after to (2024-05-01)"),
         ("start=2024-05-01", "start", "parameters ['start']; allowed: from, to, group_by, team"),
-        ("group_by=", "group_by", "group_by must be model or day, got ''"),
+        ("group_by=", "group_by", 'group_by must be model or day, got ""'),
         ("from=", "from", "from must be a date"),
         ("group_by=day&group_by=model", "group_by", "given 2 times"),
         ("team=", "team", "team must name a team"),

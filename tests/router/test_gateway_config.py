@@ -115,7 +115,7 @@ def _refused(yaml: str, tmp_path: Path) -> GatewayConfigError:
         ("usage_checkpoint_s: 86400", "usage_checkpoint_s", "from 0 to 3600"),
         # Absent, default_max_tokens is 1024 (not "no limit"); empty, it is a mistake.
         ("default_max_tokens: 0", "default_max_tokens", "(or absent: 1024), got 0"),
-        ("default_max_tokens:", "default_max_tokens", "(or absent: 1024), got 'nothing'"),
+        ("default_max_tokens:", "default_max_tokens", '(or absent: 1024), got "nothing"'),
         ("worker_slots:", "worker_slots", "(or absent: 64)"),
         ("queue: {max_waiting: -1}", "queue.max_waiting", "(or absent: 1000)"),
         ("ledger:", "ledger", "ledger must be the SQLite file's path"),  # (made a file named None)

@@ -29,6 +29,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import Receive, Scope, Send
 
+from tokenmill.protocol.shown import shown
 from tokenmill.router.api_keys import MAX_EXPIRES_IN_S, MAX_GRACE_S
 from tokenmill.router.asgi import error_body, forwarded_headers, json_object, read_body, send_error, send_json
 from tokenmill.router.gateway import Gateway, GatewayError
@@ -116,7 +117,7 @@ def _seconds(
         least = f"above {above:g} and at most" if above is not None else "from 0 to"
         raise GatewayError(
             400,
-            f"{name} must be seconds {least} {most} ({most_words}) that {what}, got {value!r:.40}",
+            f"{name} must be seconds {least} {most} ({most_words}) that {what}, got {shown(value)}",
             "invalid_request_error",
             name,
         )
@@ -164,7 +165,7 @@ def _create_key(gateway: Gateway, data: dict[str, Any]) -> Answer:
         known = ", ".join(sorted(gateway.teams)) or "none yet"
         raise GatewayError(
             400,
-            f"team must name an existing team ({known}), got {team!r:.80}",
+            f"team must name an existing team ({known}), got {shown(team, 80)}",
             "invalid_request_error",
             "team",
         )
@@ -200,7 +201,8 @@ def handle_usage(gateway: Gateway, query: str, headers: dict[str, str]) -> Answe
         if asked is not None and asked != team:
             raise GatewayError(
                 403,
-                f"a key of team {team} sees team {team}'s usage only; team={asked!r:.40} needs the admin key",
+                f"a key of team {team} sees team {team}'s usage only; team={shown(asked)} needs the "
+                "admin key",
                 "permission_error",
                 "team",
             )
@@ -208,7 +210,7 @@ def handle_usage(gateway: Gateway, query: str, headers: dict[str, str]) -> Answe
     if group_by not in GROUP_BY:
         raise GatewayError(
             400,
-            f"group_by must be {' or '.join(GROUP_BY)}, got {group_by!r:.40}",
+            f"group_by must be {' or '.join(GROUP_BY)}, got {shown(group_by)}",
             "invalid_request_error",
             "group_by",
         )
@@ -304,7 +306,7 @@ def _day(value: str | None, field: str) -> date | None:
         return date.fromisoformat(value)
     except ValueError:
         raise GatewayError(
-            400, f"{field} must be a date, YYYY-MM-DD, got {value!r:.40}", "invalid_request_error", field
+            400, f"{field} must be a date, YYYY-MM-DD, got {shown(value)}", "invalid_request_error", field
         ) from None
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.protocol.headers import PRIORITY_MAX, PRIORITY_MIN
+from tokenmill.protocol.shown import shown
 from tokenmill.protocol.text import utf8_encodable
 from tokenmill.router.config_yaml import ConfigYAMLError, load_config_yaml
 
@@ -146,7 +147,7 @@ def parse_gateway_config(raw: Any, base: Path) -> GatewayConfig:
     if not isinstance(ledger, str) or not ledger.strip() or "\x00" in ledger:
         raise GatewayConfigError(
             "ledger must be the SQLite file's path, e.g. usage.db (relative: beside the config; "
-            f"absent: tokenmill-gateway.db), got {ledger!r}",
+            f"absent: tokenmill-gateway.db), got {shown(ledger)}",
             "ledger",
         )
     prices = {}
@@ -163,7 +164,7 @@ def parse_gateway_config(raw: Any, base: Path) -> GatewayConfig:
     admin_env = data.get("admin_key_env", "TOKENMILL_ADMIN_KEY")
     if not isinstance(admin_env, str) or not admin_env:
         raise GatewayConfigError(
-            f"admin_key_env must be an environment variable's name, got {admin_env!r}", "admin_key_env"
+            f"admin_key_env must be an environment variable's name, got {shown(admin_env)}", "admin_key_env"
         )
     default_max_tokens = _count(data, "default_max_tokens", 1024)
     worker_slots = _count(data, "worker_slots", 64)
@@ -172,7 +173,7 @@ def parse_gateway_config(raw: Any, base: Path) -> GatewayConfig:
     overflow = _number(queue.get("overflow", 0.125), "queue.overflow", most=1.0)
     fair = queue.get("fair", True)
     if not isinstance(fair, bool):
-        raise GatewayConfigError(f"queue.fair must be true or false, got {fair!r}", "queue.fair")
+        raise GatewayConfigError(f"queue.fair must be true or false, got {shown(fair)}", "queue.fair")
     max_waiting = _count(queue, "max_waiting", 1000, "queue.")
     max_wait_s = _number(queue.get("max_wait_s", 30.0), "queue.max_wait_s")
     aging_s = _number(queue.get("aging_s", 5.0), "queue.aging_s")
@@ -249,7 +250,7 @@ def parse_team(name: str, raw: Any, where: str | None = None) -> Team:
     errors call its fields' parent (``teams.NAME`` by default; "" for an admin request's body)."""
     if not isinstance(name, str) or not TEAM_NAME.fullmatch(name):
         if where == "":
-            raise GatewayConfigError(f"name must be {TEAM_NAME_RULE}, got {name!r}", "name")
+            raise GatewayConfigError(f"name must be {TEAM_NAME_RULE}, got {shown(name)}", "name")
         raise GatewayConfigError(f"teams: the team name {name!r} must be {TEAM_NAME_RULE}", "teams")
     where = f"teams.{name}" if where is None else where
     t = _mapping(raw or {}, where or "the body")
@@ -259,7 +260,7 @@ def parse_team(name: str, raw: Any, where: str | None = None) -> Team:
         models = [models]
     if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
         raise GatewayConfigError(
-            f"{_at(where, 'models')} must be a list of model names (or ['*']), got {models!r}",
+            f"{_at(where, 'models')} must be a list of model names (or ['*']), got {shown(models)}",
             _at(where, "models"),
         )
     for m in models:
@@ -274,19 +275,19 @@ def parse_team(name: str, raw: Any, where: str | None = None) -> Team:
     ):
         raise GatewayConfigError(
             f"{_at(where, 'priority')} must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX} "
-            f"(higher first), got {priority!r}",
+            f"(higher first), got {shown(priority)}",
             _at(where, "priority"),
         )
     pool = t.get("pool", "throughput")
     if pool not in POOLS:
         raise GatewayConfigError(
-            f"{_at(where, 'pool')} must be one of {', '.join(POOLS)}, got {pool!r}", _at(where, "pool")
+            f"{_at(where, 'pool')} must be one of {', '.join(POOLS)}, got {shown(pool)}", _at(where, "pool")
         )
     weight = t.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight <= WEIGHT_MAX:
         raise GatewayConfigError(
             f"{_at(where, 'weight')} must be a number > 0 and <= {WEIGHT_MAX:.0f} (its fair share), "
-            f"got {weight!r}",
+            f"got {shown(weight)}",
             _at(where, "weight"),
         )
     return Team(
@@ -339,14 +340,14 @@ def _budget(raw: Any, where: str) -> Budget | None:
     period = b.get("period", "month")
     if period not in PERIODS:
         raise GatewayConfigError(
-            f"{where}.period must be one of {', '.join(PERIODS)}, got {period!r}", f"{where}.period"
+            f"{where}.period must be one of {', '.join(PERIODS)}, got {shown(period)}", f"{where}.period"
         )
     tokens = _limit(b.get("tokens"), f"{where}.tokens")
     dollars = b.get("dollars")
     if dollars is not None:
         dollars = _number(dollars, f"{where}.dollars")
     if (tokens is None) == (dollars is None):
-        raise GatewayConfigError(f"{where} takes one of tokens or dollars, got {raw!r}", where)
+        raise GatewayConfigError(f"{where} takes one of tokens or dollars, got {shown(raw)}", where)
     return Budget(period, tokens, dollars)
 
 
@@ -357,7 +358,7 @@ def _limit(value: Any, where: str, absent: str = "no limit") -> int | None:
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= COUNT_MAX:
         raise GatewayConfigError(
-            f"{where} must be a whole number from 1 to {COUNT_MAX} (or absent: {absent}), got {value!r}",
+            f"{where} must be a whole number from 1 to {COUNT_MAX} (or absent: {absent}), got {shown(value)}",
             where,
         )
     return value
@@ -377,7 +378,7 @@ def _number(value: Any, where: str, most: float = NUMBER_MAX) -> float:
         with contextlib.suppress(OverflowError):  # (an int past 1.8e308 does not convert)
             number = float(value)
     if number is None or not 0 <= number <= most:  # (False for NaN)
-        raise GatewayConfigError(f"{where} must be a number from 0 to {most:g}, got {value!r}", where)
+        raise GatewayConfigError(f"{where} must be a number from 0 to {most:g}, got {shown(value)}", where)
     return number
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from tokenmill.protocol.errors import APIError
 from tokenmill.protocol.headers import PRIORITY_HEADER, PRIORITY_MAX, PRIORITY_MIN, parse_priority
+from tokenmill.protocol.shown import shown
 from tokenmill.protocol.text import utf8_encodable
 from tokenmill.router.api_keys import KeyRecord
 from tokenmill.router.gateway_config import Price, Team
@@ -51,7 +52,7 @@ def model_for(request: dict[str, Any], team: Team) -> str:
     if not isinstance(model, str):
         raise GatewayError(
             400,
-            f"model must be a string, the name of a model your team may use; got {model!r:.60}",
+            f"model must be a string, the name of a model your team may use; got {shown(model)}",
             "invalid_request_error",
             "model",
         )
@@ -103,7 +104,7 @@ def priority_for(request: dict[str, Any], headers: dict[str, str], team: Team) -
     if not isinstance(asked, int) or isinstance(asked, bool) or not PRIORITY_MIN <= asked <= PRIORITY_MAX:
         raise GatewayError(
             400,
-            f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, got {asked!r}",
+            f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, got {shown(asked)}",
             "invalid_request_error",
             "priority",
         )

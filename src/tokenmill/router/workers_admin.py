@@ -13,6 +13,7 @@ from typing import Any
 
 from starlette.types import Receive, Send
 
+from tokenmill.protocol.shown import shown
 from tokenmill.router.asgi import json_object, read_body, send_error, send_json
 from tokenmill.router.policies import Router
 from tokenmill.router.workers import WorkerPool
@@ -38,7 +39,7 @@ async def serve_workers_admin(
         return
     url, action = order.get("url"), order.get("action", "add")
     if not isinstance(url, str) or not url:
-        why = f"url is required: the worker's base URL, e.g. http://10.0.0.5:8000, got {url!r:.60}"
+        why = f"url is required: the worker's base URL, e.g. http://10.0.0.5:8000, got {shown(url)}"
         await send_error(send, 400, f"{USAGE}: {why}", param="url")
         return
     if action not in ACTIONS:
