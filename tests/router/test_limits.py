@@ -65,6 +65,18 @@ def test_every_prompt_and_every_choice_is_reserved():
     assert tokens_to_reserve({**batch, "max_tokens": 15}, team, 200, 1800, 1024) == 2000
     crowded = tokens_to_reserve({"prompt": "p", "n": 128}, Team("a", tokens_per_minute=100), 10, None, 1024)
     assert isinstance(crowded, Refusal) and crowded.param == "n"  # 90 left: not one token a sequence
+    assert "(prompts × n)" in crowded.message
+
+
+def test_when_best_of_sets_the_sequences_the_refusal_names_it_not_n():
+    """The QA leftover: best_of 8 with n 2 is eight sequences a prompt, and the 400 said "prompts × n"."""
+    team = Team("a", tokens_per_minute=1000)
+    batch = {"prompt": ["p"] * 2, "max_tokens": 100, "n": 2, "best_of": 8}
+    refused = tokens_to_reserve(batch, team, 20, 1600, 1024)
+    assert isinstance(refused, Refusal) and "16 sequences, prompts × best_of" in refused.message
+    crowded = tokens_to_reserve({"prompt": "p", "n": 1, "best_of": 128}, team, 990, None, 1024)
+    assert isinstance(crowded, Refusal) and crowded.param == "best_of"
+    assert "(prompts × best_of)" in crowded.message
 
 
 def test_a_request_naming_no_max_tokens_reserves_what_the_minute_leaves_up_to_the_default():

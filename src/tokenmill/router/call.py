@@ -191,6 +191,11 @@ def choices(request: dict[str, Any]) -> int:
     return max(_count(request.get("n")), _count(request.get("best_of")))
 
 
+def choices_field(request: dict[str, Any]) -> str:
+    """The field that sets ``choices``, as an error names it: ``best_of`` when larger, else ``n``."""
+    return "best_of" if _count(request.get("best_of")) > _count(request.get("n")) else "n"
+
+
 def _asked(request: dict[str, Any], count: int) -> int | None:
     asked = request.get("max_completion_tokens")
     if asked is None:

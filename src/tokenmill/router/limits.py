@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill.router.call import MAX_OUTPUT_TOKENS, choices, output_field, sequences
+from tokenmill.router.call import MAX_OUTPUT_TOKENS, choices, choices_field, output_field, sequences
 from tokenmill.router.gateway_config import Price, Team
 from tokenmill.router.ledger import period_start
 
@@ -191,6 +191,7 @@ def _never_fits(
     request: dict[str, Any], team: str, ceiling: _Ceiling, prompt_tokens: int, tokens: int
 ) -> Refusal:
     count = sequences(request)
+    per = choices_field(request)  # what multiplies the prompts: n, or best_of when larger
     prompt_field = "messages" if request.get("messages") is not None else "prompt"
     room = ceiling.tokens - prompt_tokens
     if room <= 0:
@@ -199,10 +200,11 @@ def _never_fits(
         param = output_field(request)
         fix = f"lower {param} to {room // count} or less"
         if count > 1:
-            fix += f" (it is reserved for each of the request's {count} sequences, prompts × n)"
+            fix += f" (it is reserved for each of the request's {count} sequences, prompts × {per})"
     else:
-        param = "n" if choices(request) > 1 else prompt_field
-        fix = f"ask for fewer than {count} sequences (prompts × n): {room} tokens are left after the prompt"
+        param = per if choices(request) > 1 else prompt_field
+        fix = f"ask for fewer than {count} sequences (prompts × {per}): {room} tokens are left after "
+        fix += "the prompt"
     each = f"{count} × max_tokens" if count > 1 else "max_tokens"
     return Refusal(
         ceiling.limit,
