@@ -62,10 +62,12 @@ from serving_api_processes import (
     GUIDELLM,
     MODEL_NAME,
     Server,
+    cpu_per_token,
     guidellm_command,
     guidellm_env,
     parse_report,
     running_server,
+    thread_cpu_s,
 )
 from serving_api_tables import print_tables
 
@@ -223,11 +225,15 @@ def _turns(turns: list[str], model: Path, args: argparse.Namespace, stamp: str) 
             load = loads[batch]
             if turn == "offline":
                 return _offline(model, args, stamp, batch)
+            # gRPC takes token ids: the prompt the chat endpoint builds, made before the clock starts
+            ids = [tok.encode_chat(c) for c in load.conversations] if turn == "grpc" else []
+            server0, client0 = thread_cpu_s(server.pid), time.process_time()
             if turn == "http":
-                return asyncio.run(run_http(server.base_url, MODEL_NAME, load))
-            assert server.grpc_target is not None
-            ids = [tok.encode_chat(c) for c in load.conversations]  # the prompt the chat endpoint builds
-            return asyncio.run(run_grpc(server.grpc_target, ids, load))
+                result = asyncio.run(run_http(server.base_url, MODEL_NAME, load))
+            else:
+                assert server.grpc_target is not None
+                result = asyncio.run(run_grpc(server.grpc_target, ids, load))
+            return {**result, **cpu_per_token(server0, thread_cpu_s(server.pid), client0, result)}
 
         for front in fronts:
             run(front, 0)  # warm-up of each path (an offline run warms up in its own process)

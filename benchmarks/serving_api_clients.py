@@ -125,6 +125,9 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     warnings = [w for r in runs for w in r.get("warnings", [])]
     if warnings:
         result["warnings"] = list(dict.fromkeys(warnings))
+    cpu = [r["cpu_us_per_token"] for r in runs if "cpu_us_per_token" in r]
+    if cpu:  # each part's median over the runs (the throughput's median run need not be the CPU's)
+        result["cpu_us_per_token"] = {k: statistics.median(c[k] for c in cpu) for k in cpu[0]}
     if any("other_load_cores" in r for r in runs):
         result["other_load_cores"] = max(r.get("other_load_cores", 0.0) for r in runs)
     return result

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_process import VLLM_PYTHON, child_env, kill_group
+from tokenmill.engine.os_thread import ENGINE_THREAD  # the name of its step thread and OpenMP team
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDELLM = ROOT / ".peers" / "guidellm" / "bin" / "guidellm"
@@ -55,6 +56,42 @@ class Server:
     base_url: str  # http://127.0.0.1:PORT
     grpc_target: str | None  # 127.0.0.1:PORT (tokenmill only)
     startup_s: float  # from spawning the process to its first 200 on the readiness route
+    pid: int
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU-seconds a tokenmill server's threads have used: ``engine`` (its step thread and
+    OpenMP team) and ``front`` (everything else: the event loop with the HTTP and gRPC fronts,
+    gRPC's own threads, the tokenizer). Threads that ended are not counted (a server keeps its
+    threads)."""
+    used = {"engine": 0.0, "front": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        used["engine" if name == ENGINE_THREAD else "front"] += (int(fields[11]) + int(fields[12])) / _TICKS
+    return used
+
+
+def cpu_per_token(
+    server0: dict[str, float], server1: dict[str, float], client0: float, result: dict[str, Any]
+) -> dict[str, Any]:
+    """Microseconds of CPU per output token of a run, from ``thread_cpu_s`` before and after it
+    and this process's ``time.process_time()`` before it (the client runs here): the engine's,
+    the server's front's and the client's. The front's is what one API costs over another; the
+    client's shares the machine's cores with the server."""
+    tokens = result.get("output_tokens") or 0
+    if not tokens:
+        return {}
+    per = {part: (server1[part] - server0[part]) / tokens * 1e6 for part in ("engine", "front")}
+    per["client"] = (time.process_time() - client0) / tokens * 1e6
+    return {"cpu_us_per_token": {part: round(us, 1) for part, us in per.items()}}
 
 
 @contextlib.contextmanager
@@ -80,7 +117,7 @@ def running_server(
         base_url = f"http://127.0.0.1:{port}"
         _wait_ready(proc, base_url + ready, ready_timeout, log)
         grpc_target = f"127.0.0.1:{grpc_port}" if engine == "tokenmill" else None
-        yield Server(engine, base_url, grpc_target, round(time.monotonic() - t0, 1))
+        yield Server(engine, base_url, grpc_target, round(time.monotonic() - t0, 1), proc.pid)
     finally:
         _stop(proc)
 

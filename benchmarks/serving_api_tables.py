@@ -25,6 +25,7 @@ def print_tables(report: dict[str, Any]) -> None:
             "ratio",
             "TTFT ms median / p99",
             "ITL ms median / p99",
+            "CPU us/token: front / engine / client",
             "note",
         ]
         _markdown(head, [_part_row(name, report["parts"]) for name in report["parts"]])
@@ -47,7 +48,7 @@ def _part_row(name: str, parts: dict[str, Any]) -> list[str]:
     res = parts[name]
     label = {"offline": "offline", "http": "HTTP (SSE)", "grpc": "gRPC"}[name]
     if "error" in res:
-        return [label, "error", "", "", "", res["error"]]
+        return [label, "error", "", "", "", "", res["error"]]
     ratio = ""
     if name in TARGETS:
         ref_name, least = TARGETS[name]
@@ -64,8 +65,17 @@ def _part_row(name: str, parts: dict[str, Any]) -> list[str]:
         ratio,
         _pair(res["ttft_ms"]),
         _pair(res["itl_ms"]),
+        _cpu(res.get("cpu_us_per_token")),
         _note(res),
     ]
+
+
+def _cpu(per_token: dict[str, float] | None) -> str:
+    """The server's front, its engine and our client, in CPU microseconds per output token
+    (medians over the runs); the offline engine has no front."""
+    if not per_token:
+        return "-"
+    return " / ".join(f"{per_token[k]:.0f}" for k in ("front", "engine", "client"))
 
 
 def paired_ratios(res: dict[str, Any], ref: dict[str, Any]) -> list[float]:

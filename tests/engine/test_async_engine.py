@@ -7,8 +7,11 @@ instead of stalling the suite.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 import threading
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +32,7 @@ from tokenmill.engine import (
     SamplingParams,
     hash_blocks,
 )
+from tokenmill.engine.os_thread import ENGINE_THREAD
 
 PROMPT = "The quick brown fox"
 LONG = SamplingParams(max_tokens=200, ignore_eos=True)  # runs for a few hundred steps: still live when poked
@@ -617,3 +621,16 @@ def test_a_failing_listener_does_not_stop_serving(engine):
     engine.add_listener(Broken())
     outs = run(collect(engine.generate(PROMPT, delta(3))))
     assert outs[-1].finished and engine.is_running
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OS thread names are read from /proc")
+def test_the_step_thread_carries_the_engines_os_name(engine):
+    """``top -H`` and /proc tell the engine's threads from the server's (os_thread.py)."""
+    run(collect(engine.generate(PROMPT, delta(3))))  # kernels have run: torch's team exists
+    names = {}
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            names[int(task.name)] = (task / "comm").read_text().strip()
+    assert names[engine._thread.native_id] == ENGINE_THREAD
+    assert names[threading.main_thread().native_id] != ENGINE_THREAD  # the caller's keeps its own
+    assert threading.current_thread().name != ENGINE_THREAD and engine._thread.name == "tokenmill-engine-loop"

@@ -32,6 +32,7 @@ from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.engine import Engine, Prompt
 from tokenmill.engine.errors import EngineDeadError, InvalidRequestError
 from tokenmill.engine.kv_events import CachedBlocks, KVEventBatch
+from tokenmill.engine.os_thread import ENGINE_THREAD, name_this_thread
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.request_stream import (
     AbortRequest,
@@ -282,6 +283,7 @@ class AsyncEngine:
             self._built.set()
 
     def _run(self, config: EngineConfig | None, engine: Engine | None) -> None:
+        name_this_thread(ENGINE_THREAD)  # before any kernel: its OpenMP team takes the name too
         if not self._build(config, engine):
             return
         try:
