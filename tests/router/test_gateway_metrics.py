@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tokenmill.router.app import RouterApp
 from tokenmill.router.gateway import Gateway
 from tokenmill.router.gateway_config import parse_gateway_config
+from tokenmill.router.gateway_request import GatewayError
 from tokenmill.router.metrics import render
 from tokenmill.router.policies import Router
 from tokenmill.router.usage_meter import Usage
@@ -76,6 +77,45 @@ def test_usage_in_flight_and_queues_are_exported_by_team(tmp_path: Path):
         admitted_labels = (("pool", "latency"), ("team", "search"))
         assert last[("tokenmill_gateway_queue_admitted_total", admitted_labels)] == 2
         assert last[("tokenmill_gateway_queue_refused_total", (("pool", "latency"),))] == 0
+    finally:
+        gateway.ledger.close()
+
+
+def test_requests_refused_before_a_usage_row_are_counted_by_team_and_reason(tmp_path: Path):
+    teams = {"search": {"models": ["demo"], "requests_per_minute": 1}, "idle": {}}
+    gateway = Gateway(parse_gateway_config({**CONFIG, "teams": teams}, tmp_path))
+    app = RouterApp(WorkerPool(["http://127.0.0.1:9"]), Router("least_load"), gateway=gateway)
+    key, _ = gateway.create_key("search")
+    auth = {"authorization": f"Bearer {key}"}
+
+    def admit(body: dict, headers: dict[str, str]):
+        raw = json.dumps(body).encode()
+        return gateway.admit(json.loads(raw), raw, dict(headers), 3, 4)
+
+    def refused(body: dict, headers: dict[str, str]) -> int:
+        with pytest.raises(GatewayError) as e:
+            admit(body, headers)
+        return e.value.status
+
+    ask = {"model": "demo", "prompt": "ROMEO:", "max_tokens": 4}
+    try:
+        first = admit(ask, auth)  # the minute's one request
+        assert refused(ask, auth) == 429
+        assert refused({**ask, "model": "other"}, auth) == 403
+        assert refused({**ask, "metadata": ["not", "tags"]}, auth) == 400
+        assert refused(ask, {}) == 401
+        assert refused(ask, {"authorization": "Bearer made-up"}) == 401
+        gateway.finish(first, Usage(3, 4, seen=True), "ok", 200, "w")
+        seen = scrape(app)
+        name = "tokenmill_gateway_refused_requests_total"
+        assert {labels: n for (metric, labels), n in seen.items() if metric == name} == {
+            (("reason", "requests_per_minute"), ("team", "search")): 1,
+            (("reason", "model"), ("team", "search")): 1,
+            (("reason", "invalid_request"), ("team", "search")): 1,
+            (("reason", "key"), ("team", "")): 2,
+        }
+        # refused before a usage row: the ledger holds the one admitted request alone
+        assert seen[("tokenmill_gateway_requests_total", (("model", "demo"), ("team", "search")))] == 1
     finally:
         gateway.ledger.close()
 

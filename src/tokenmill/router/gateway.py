@@ -27,6 +27,7 @@ import logging
 import os
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ from tokenmill.router.gateway_request import (
     check_priced,
     model_for,
     priority_for,
+    refusal_reason,
     rotation_refusal,
     with_priority,
 )
@@ -50,7 +52,7 @@ from tokenmill.router.gateway_start import apply_config_teams, warn_unpriced
 from tokenmill.router.ledger import Ledger
 from tokenmill.router.limits import Limiter, Refusal, Reservation, default_output, tokens_to_reserve
 from tokenmill.router.usage_batch import Closing, UsageRow
-from tokenmill.router.usage_meter import Usage, ask_for_usage
+from tokenmill.router.usage_meter import Usage, ask_for_usage, charged
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +98,8 @@ class Gateway:
         # once, not per request; cleared with every read of the hashes, which drops revoked keys.
         self._seen: dict[str, tuple[str, str] | None] = {}
         self.queues: dict[str, AdmissionQueue] = {}  # one admission queue per pool
+        # (team, reason) -> requests refused before they had a usage row, since the start (metrics)
+        self.refused: Counter[tuple[str, str]] = Counter()
         self._running: dict[Admitted, Callable[[], int]] = {}  # forwarded, not finished: their progress
         # Request ids: a random prefix per gateway process and a counter (unique without a syscall each).
         self._id_prefix = "gw-" + secrets.token_hex(6) + "-"
@@ -191,13 +195,31 @@ class Gateway:
         headers from ``headers``. Raises GatewayError to refuse."""
         who = self.caller(headers)
         if who is None:
+            self.refused["", "key"] += 1
             raise GatewayError(
                 401, "a valid API key is required (Authorization: Bearer ...)", "authentication_error"
             )
         key_id, team_name = who
         team = self.teams.get(team_name)
         if team is None:
+            self.refused["", "key"] += 1
             raise GatewayError(401, f"the key's team {team_name!r} no longer exists", "authentication_error")
+        try:
+            return self._admit(team, key_id, request, body, headers, prompt_tokens, output_tokens)
+        except GatewayError as e:
+            self.refused[team.name, refusal_reason(e)] += 1
+            raise
+
+    def _admit(
+        self,
+        team: Team,
+        key_id: str,
+        request: dict[str, Any],
+        body: bytes,
+        headers: dict[str, str],
+        prompt_tokens: int,
+        output_tokens: int | None,
+    ) -> Admitted:
         model = model_for(request, team)
         price = self.config.price(model)
         check_priced(model, team, price, self.config.prices)
@@ -274,23 +296,9 @@ class Gateway:
         chunks seen, the completion estimate when the worker never reported usage (None: a whole
         answer, which has no chunks to count)."""
         self._running.pop(a, None)
-        if usage.seen:
-            prompt, completion = usage.prompt_tokens, usage.completion_tokens
-        elif http_status is not None and http_status < 400:
-            # Cut short, or a worker that reports no usage: what it must have done. For a whole
-            # answer that is all it reserved (erring high, as the estimates do): 0 let n=4 and
-            # 1,000 tokens pass for the prompt alone.
-            completion = chunks if chunks is not None else a.reservation.tokens - a.prompt_tokens
-            prompt = a.prompt_tokens
-        elif status in ("cancelled", "unavailable", "ledger_error") and worker is not None:
-            # No answer, while a worker had the request: the client left, the worker failed (died
-            # mid-request) and so did any other tried, or the ledger failed (a 503 after the
-            # worker's head; else retries got compute nobody counted). It read the prompt at least
-            # (what it made before its connection closed is not known); a worker that refused the
-            # connection read nothing, but cannot be told apart here: erring high, as the estimate does.
-            prompt, completion = a.prompt_tokens, 0
-        else:
-            prompt, completion = 0, 0  # refused by the worker or never reached one
+        prompt, completion = charged(
+            usage, a.prompt_tokens, a.reservation.tokens, status, http_status, worker, chunks
+        )
         cost = a.price.cost(prompt, completion) if a.price else 0.0
         self.limiter.release(a.reservation, prompt + completion, cost)
         latency = time.monotonic() - a.started

@@ -1,9 +1,10 @@
-"""The gateway's Prometheus metrics: who used what, read at scrape time (nothing is counted on a
-request's path, whose CPU bounds the gateway's latency).
+"""The gateway's Prometheus metrics: who used what, read at scrape time (nothing is counted on an
+admitted request's path, whose CPU bounds the gateway's latency; a refusal adds one to a tally).
 
 Per team and model, the requests, prompt and completion tokens and dollars of the ledger's totals:
 every request the ledger has a row for since it began, so the counters survive a restart, and
-agree with ``/v1/usage``. Per team, its requests in flight. Per pool, the admission queue's
+agree with ``/v1/usage``. Per team, its requests in flight, and those refused before they had a
+usage row (no valid key, a model it may not use, bad input, a limit). Per pool, the admission queue's
 waiting and admitted requests and those it refused, and per pool and team what it admitted since
 the gateway started.
 """
@@ -43,6 +44,15 @@ class GatewayCollector:
         for team in sorted(g.teams):
             in_flight.add_metric([team], float(g.limiter.in_flight(team)))
         yield in_flight
+        turned_away = CounterMetricFamily(
+            "tokenmill_gateway_refused_requests",
+            "Requests the gateway refused before they had a usage row, since it started: by team and "
+            'reason (key: no valid key, team ""; model; invalid_request; or the limit).',
+            labels=["team", "reason"],
+        )
+        for (team, reason), n in sorted(g.refused.items()):
+            turned_away.add_metric([team, reason], float(n))
+        yield turned_away
         waiting = GaugeMetricFamily(
             "tokenmill_gateway_queue_waiting_requests", "Requests waiting for a slot.", labels=["pool"]
         )

@@ -32,6 +32,15 @@ class GatewayError(Exception):
         )
 
 
+def refusal_reason(error: GatewayError) -> str:
+    """Why the gateway refused a request of a team, as its metrics count it: the limit a 429
+    names (requests_per_minute, tokens_per_minute, max_parallel, budget), ``model`` for one the
+    team may not use (403), ``invalid_request`` for what no worker would take (400)."""
+    if error.status == 429:
+        return error.param or "limit"
+    return "model" if error.status == 403 else "invalid_request"
+
+
 def api_key(headers: dict[str, str]) -> str | None:
     auth = headers.get("authorization", "")
     if auth[:7].lower() == "bearer ":

@@ -41,6 +41,36 @@ class Usage:
     seen: bool = False
 
 
+def charged(
+    usage: Usage,
+    prompt_estimate: int,
+    reserved: int,
+    status: str,
+    http_status: int | None,
+    worker: str | None,
+    chunks: int | None,
+) -> tuple[int, int]:
+    """The prompt and completion tokens a gateway request that ended is charged: what the worker
+    reported, else what it must have done. ``prompt_estimate``: the router's; ``reserved``: all the
+    request reserved; ``status``: how it ended (``router/call.py``'s Outcome); ``chunks``: content
+    chunks the client was sent (None for a whole answer, which has none to count)."""
+    if usage.seen:
+        return usage.prompt_tokens, usage.completion_tokens
+    if http_status is not None and http_status < 400:
+        # Cut short, or a worker that reports no usage: what it must have done. For a whole
+        # answer that is all it reserved (erring high, as the estimates do): 0 let n=4 and
+        # 1,000 tokens pass for the prompt alone.
+        return prompt_estimate, chunks if chunks is not None else reserved - prompt_estimate
+    if status in ("cancelled", "unavailable", "ledger_error") and worker is not None:
+        # No answer, while a worker had the request: the client left, the worker failed (died
+        # mid-request) and so did any other tried, or the ledger failed (a 503 after the
+        # worker's head; else retries got compute nobody counted). It read the prompt at least
+        # (what it made before its connection closed is not known); a worker that refused the
+        # connection read nothing, but cannot be told apart here: erring high, as the estimate does.
+        return prompt_estimate, 0
+    return 0, 0  # refused by the worker or never reached one
+
+
 class UsageMeter:
     """Fed the response body as it arrives; gives back the bytes to send the client."""
 
