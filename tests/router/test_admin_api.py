@@ -192,7 +192,7 @@ def test_a_rotated_key_works_through_its_grace_period_then_stops(app, gateway, m
     rotated = admin(app, "POST", f"/admin/keys/{record.id}/rotate", {"grace_s": 0.5})
     assert rotated.status == 200 and rotated.json()["replaces"] == record.id
     assert asked + 0.5 <= rotated.json()["replaces_until"] <= time.time() + 0.5
-    new = rotated.json()["key"]
+    new, new_id = rotated.json()["key"], rotated.json()["id"]
     assert gateway.caller({"authorization": f"Bearer {old}"}) == (record.id, "premium")
     assert gateway.caller({"authorization": f"Bearer {new}"}) == (rotated.json()["id"], "premium")
     listed = {k["id"]: k for k in admin(app, "GET", "/admin/keys").json()["keys"]}
@@ -204,7 +204,27 @@ def test_a_rotated_key_works_through_its_grace_period_then_stops(app, gateway, m
     assert gateway.caller({"authorization": f"Bearer {old}"}) is None
     assert gateway.caller({"authorization": f"Bearer {new}"}) is not None
     listed = {k["id"]: k for k in admin(app, "GET", "/admin/keys").json()["keys"]}
-    assert listed[record.id]["active"] is False
+    assert listed[record.id]["active"] is False  # ... and still names the key that took its place
+    assert listed[record.id]["replaced_by"] == rotated.json()["id"] and listed[new_id]["replaced_by"] is None
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/admin/keys/{key_id}/rotate", "grace_s"),
+        ("/admin/keys", "expires_in_s"),
+        ("/admin/teams", "priority"),
+    ],
+)
+def test_a_body_field_sent_in_the_query_is_refused_with_where_it_goes(app, gateway, path, field):
+    """`?grace_s=60` got "unknown query parameters", which did not say the body takes it."""
+    key_id = admin(app, "POST", "/admin/keys", {"team": "premium"}).json()["id"]
+    keys = gateway.ledger.keys  # (a method: every key)
+    before = [(k.id, k.revoked) for k in keys()]
+    refused = admin(app, "POST", path.format(key_id=key_id) + f"?{field}=60", {"team": "premium"})
+    assert_refused(refused, 400, field, f'{field} goes in the JSON body, not the query: {{"{field}": ...}}')
+    assert [(k.id, k.revoked) for k in keys()] == before  # nothing made, nothing rotated
+    assert_refused(admin(app, "GET", "/admin/keys?grace_s=1"), 400, "grace_s", "unknown query parameters")
 
 
 @pytest.mark.parametrize("end", ["revoke", "delete the team"])

@@ -384,3 +384,27 @@ def test_a_row_left_in_flight_names_its_worker_whenever_it_was_chosen(tmp_path: 
     rows = {r["request_id"]: r for r in ledger.rows("a")}
     assert (rows["early"]["worker"], rows["early"]["completion_tokens"]) == ("w1", 7)
     assert (rows["queued"]["worker"], rows["queued"]["status"]) == ("w2", "interrupted")
+
+
+def test_a_rotated_key_names_its_replacement_also_in_a_ledger_from_before_expiry_and_the_link(
+    tmp_path: Path,
+):
+    """After the grace period a rotated key used to look like a revoked one, with nothing to say
+    which key took its place."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # the keys table as versions before expiry made it
+        db.execute(
+            "CREATE TABLE keys (id TEXT PRIMARY KEY, team TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, "
+            "label TEXT, created REAL NOT NULL, revoked REAL)"
+        )
+        db.execute("INSERT INTO keys VALUES ('key_old', 'a', 'h', 'nightly', 1.0, NULL)")
+    db.close()
+    ledger = Ledger(path)
+    (old,) = ledger.keys()
+    assert (old.expires, old.replaced_by, old.active()) == (None, None, True)
+    _, new = ledger.rotate_key("key_old", time.time() - 1)  # no grace: stopped already
+    rotated = ledger.key("key_old")
+    assert rotated is not None and rotated.replaced_by == new.id and not rotated.active()
+    assert rotated.to_dict()["replaced_by"] == new.id and new.replaced_by is None
+    assert (new.team, new.label) == ("a", "nightly")
+    assert Ledger(path).key("key_old") == rotated  # (a second opening: the column is there once)

@@ -97,8 +97,12 @@ def list_keys(
     for k in keys:
         label = _printable(k.label or "")  # (labels older than the check may hold escape codes)
         revoked = "" if k.revoked is None else _when(k.revoked)
-        if k.revoked is not None and k.active():
-            revoked += " (rotated: works until then)"
+        if k.revoked is not None:
+            rotated = "rotated" if k.replaced_by is None else f"rotated to {k.replaced_by}"
+            if k.active():
+                revoked += f" ({rotated}: works until then)"
+            elif k.replaced_by is not None:
+                revoked += f" ({rotated})"
         expires = "" if k.expires is None else _when(k.expires)
         cells = (k.id, k.team, label, _when(k.created), revoked, expires)
         table.add_row(*(Text(c) for c in cells))

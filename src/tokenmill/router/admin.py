@@ -20,6 +20,7 @@ OpenAI's shape, with ``param`` naming the field where there is one.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -77,7 +78,8 @@ def handle_admin(
         raise GatewayError(404, f"no route {method} {path}", "not_found_error")
     if method not in allowed:
         raise MethodNotAllowed(method, path, allowed)
-    args = _query(query, ("team",) if parts == ["keys"] and method == "GET" else ())
+    in_query = ("team",) if parts == ["keys"] and method == "GET" else ()
+    args = _query(query, in_query, _body_fields(method, parts))
     data = _json(body) if method == "POST" else {}
     if parts == ["teams"]:
         return _teams(gateway, data) if method == "POST" else _list_teams(gateway)
@@ -276,11 +278,31 @@ def _only(data: dict[str, Any], allowed: set[str]) -> None:
         )
 
 
-def _query(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
+def _body_fields(method: str, parts: list[str]) -> tuple[str, ...]:
+    """What the admin route's JSON body takes (for the hint when one is sent in the query)."""
+    if method != "POST":
+        return ()
+    if parts == ["teams"]:
+        return ("name", *TEAM_FIELDS)
+    if parts == ["keys"]:
+        return KEY_FIELDS
+    return ("grace_s",) if parts[-1] == "rotate" else ()
+
+
+def _query(query: str, allowed: tuple[str, ...], body_fields: tuple[str, ...] = ()) -> dict[str, str]:
     """The query's parameters, each at most once, none but ``allowed`` (blank values kept, so
-    ``group_by=`` is refused rather than read as absent)."""
+    ``group_by=`` is refused rather than read as absent); one of ``body_fields`` is refused with
+    where it goes."""
     args = parse_qs(query, keep_blank_values=True)
     unknown = sorted(set(args) - set(allowed))
+    if misplaced := [name for name in unknown if name in body_fields]:
+        name = misplaced[0]
+        raise GatewayError(
+            400,
+            f"{name} goes in the JSON body, not the query: {{{json.dumps(name)}: ...}}",
+            "invalid_request_error",
+            name,
+        )
     if unknown:
         takes = f"allowed: {', '.join(allowed)}" if allowed else "it takes none"
         raise GatewayError(

@@ -26,6 +26,7 @@ class KeyRecord:
     created: float
     revoked: float | None  # when it stops (stopped) working: ahead of now in a rotation's grace period
     expires: float | None = None  # when it stops working by itself (set at creation; None: never)
+    replaced_by: str | None = None  # the id of the key a rotation made in its place
 
     def active(self, now: float | None = None) -> bool:
         now = time.time() if now is None else now
@@ -33,7 +34,8 @@ class KeyRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "team": self.team, "label": self.label, "created": self.created,
-                "revoked": self.revoked, "expires": self.expires, "active": self.active()}  # fmt: skip
+                "revoked": self.revoked, "expires": self.expires, "replaced_by": self.replaced_by,
+                "active": self.active()}  # fmt: skip
 
 
 def hash_key(key: str) -> str:

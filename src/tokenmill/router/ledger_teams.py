@@ -29,10 +29,10 @@ CREATE TABLE IF NOT EXISTS teams (
 );
 CREATE TABLE IF NOT EXISTS keys (
     id TEXT PRIMARY KEY, team TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, label TEXT,
-    created REAL NOT NULL, revoked REAL, expires REAL
+    created REAL NOT NULL, revoked REAL, expires REAL, replaced_by TEXT
 );
 """
-_KEY_COLUMNS = "id, team, label, created, revoked, expires"  # KeyRecord's fields, in order
+_KEY_COLUMNS = "id, team, label, created, revoked, expires, replaced_by"  # KeyRecord's fields, in order
 
 
 class TeamsAndKeys:
@@ -42,10 +42,11 @@ class TeamsAndKeys:
     _transaction: Callable[[], contextlib.AbstractContextManager[None]]  # Ledger's
 
     def _add_columns(self) -> None:
-        """A ledger made before teams had a ``source`` (every team ``admin``) or keys an ``expires``
-        (none expires): add the column."""
+        """A ledger made before teams had a ``source`` (every team ``admin``), or keys an ``expires``
+        (none expires) or a ``replaced_by`` (unknown for keys rotated before): add the column."""
         self._add_column("teams", "source", f"TEXT NOT NULL DEFAULT '{ADMIN}'")
         self._add_column("keys", "expires", "REAL")
+        self._add_column("keys", "replaced_by", "TEXT")
 
     def _add_column(self, table: str, column: str, kind: str) -> None:
         if any(c[1] == column for c in self._db.execute(f"PRAGMA table_info({table})")):
@@ -138,6 +139,7 @@ class TeamsAndKeys:
                 return None
             key, record = self.create_key(old.team, old.label, old.expires)
             self.revoke_key(key_id, stop_at)
+            self._db.execute("UPDATE keys SET replaced_by = ? WHERE id = ?", (record.id, key_id))
         return key, record
 
     def _revoke_team_keys(self, team: str, now: float) -> None:
