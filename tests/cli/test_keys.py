@@ -97,10 +97,13 @@ def test_keys_rotate_prints_the_new_key_once_and_the_old_one_works_through_its_g
     rotated = run("keys", "rotate", old_id, "--grace-s", "3600", "--config", str(path))
     assert rotated.returncode == 0, rotated.stderr
     assert rotated.stdout.startswith("tm-") and len(rotated.stdout.split()) == 1  # the key alone on stdout
-    assert f"replaces {old_id}, which stops working in 3600 s" in rotated.stderr
+    assert f"replaces {old_id}, which stops working in 3600 s (at " in rotated.stderr
     new_id = re.search(r"key (key_\w+) for team search replaces", rotated.stderr).group(1)
     listed = run("keys", "list", "--config", str(path), columns=200)
-    assert f"(rotated to {new_id}: works until then)" in listed.stdout and listed.stdout.count("nightly") == 2
+    assert "(rotated: works until then)" in listed.stdout and listed.stdout.count("nightly") == 2
+    narrow = run("keys", "list", "--config", str(path), columns=80).stdout  # ids whole, the new under the old
+    assert f"-> {new_id}" in narrow and old_id in narrow
+    assert narrow.index(old_id) < narrow.index(f"-> {new_id}") < narrow.rindex(new_id)
     again = run("keys", "rotate", old_id, "--config", str(path))
     assert again.returncode == 2 and f"key {old_id} was rotated or revoked already" in again.stderr
     for bad in ("-1", "2592001", "soon"):

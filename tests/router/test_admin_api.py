@@ -186,7 +186,7 @@ def test_revoke_and_rotate_refuse_fields_they_do_not_take_and_keep_the_key(app, 
 
 
 def test_a_rotated_key_works_through_its_grace_period_then_stops(app, gateway, monkeypatch):
-    monkeypatch.setattr("tokenmill.router.gateway.KEYS_REFRESH_S", 0.0)  # (keys re-read at every request)
+    monkeypatch.setattr("tokenmill.router.gateway_keys.KEYS_REFRESH_S", 0.0)  # (re-read every request)
     old, record = gateway.create_key("premium")
     asked = time.time()
     rotated = admin(app, "POST", f"/admin/keys/{record.id}/rotate", {"grace_s": 0.5})
@@ -288,14 +288,15 @@ def test_the_admin_api_of_a_gateway_without_an_admin_key_says_it_is_off(tmp_path
 
 
 def test_a_key_made_to_expire_works_until_then_and_its_rotation_keeps_the_expiry(app, gateway, monkeypatch):
-    monkeypatch.setattr("tokenmill.router.gateway.KEYS_REFRESH_S", 0.0)  # (keys re-read at every request)
+    monkeypatch.setattr("tokenmill.router.gateway_keys.KEYS_REFRESH_S", 0.0)  # (re-read every request)
     made = admin(app, "POST", "/admin/keys", {"team": "premium", "expires_in_s": 0.8})
     assert made.status == 200 and made.json()["active"] is True
     assert made.json()["expires"] == pytest.approx(time.time() + 0.8, abs=0.5)
     assert made.json()["revoked"] is None
     rotated = admin(app, "POST", f"/admin/keys/{made.json()['id']}/rotate", {"grace_s": 60})
     assert rotated.json()["expires"] == made.json()["expires"]  # the secret changes, not the policy
-    assert rotated.json()["replaces_until"] > made.json()["expires"]  # ... but the expiry comes first
+    assert rotated.json()["replaces_until"] == made.json()["expires"]  # the grace ends at the expiry
+    assert gateway.ledger.key(made.json()["id"]).revoked == made.json()["expires"]
     keys = (made.json()["key"], rotated.json()["key"])
     assert all(gateway.caller({"authorization": f"Bearer {k}"}) is not None for k in keys)
     time.sleep(1.0)
@@ -304,6 +305,39 @@ def test_a_key_made_to_expire_works_until_then_and_its_rotation_keeps_the_expiry
     assert listed[rotated.json()["id"]]["active"] is False
     again = admin(app, "POST", f"/admin/keys/{rotated.json()['id']}/rotate")
     assert_refused(again, 409, None, "was expired already: it stopped working at")
+
+
+@pytest.mark.parametrize("ends", ["expiry", "grace"])
+def test_a_key_stops_at_its_expiry_or_the_end_of_its_grace_not_at_the_next_read_of_the_keys(
+    app, gateway, monkeypatch, ends
+):
+    """Keys worked up to a second past their stop: expiry was applied when the gateway re-read
+    its keys (every two seconds)."""
+    monkeypatch.setattr("tokenmill.router.gateway_keys.KEYS_REFRESH_S", 3600.0)  # no re-read in this test
+    if ends == "expiry":
+        made = admin(app, "POST", "/admin/keys", {"team": "premium", "expires_in_s": 0.5}).json()
+        key, stops = made["key"], made["expires"]
+    else:
+        key, record = gateway.create_key("premium")
+        rotated = admin(app, "POST", f"/admin/keys/{record.id}/rotate", {"grace_s": 0.5}).json()
+        stops = rotated["replaces_until"]
+    auth = {"authorization": f"Bearer {key}"}
+    assert gateway.caller(auth) is not None
+    time.sleep(max(0.0, stops - time.time()) + 0.01)
+    assert gateway.caller(auth) is None
+
+
+def test_the_workers_admin_route_refuses_a_query_and_changes_nothing(app, gateway):
+    """`?url=` or `?action=` was ignored: the body's order was carried out with a 200."""
+    before = [w.url for w in app.pool.workers]
+    order = {"url": "http://127.0.0.1:2", "action": "add"}
+    for query, param, words in [
+        ("url=http://127.0.0.1:1", "url", "url goes in the JSON body, not the query"),
+        ("action=add", "action", "action goes in the JSON body, not the query"),
+        ("foo=1", "foo", 'it takes no query parameters, got "foo"'),
+    ]:
+        assert_refused(admin(app, "POST", f"/admin/workers?{query}", order), 400, param, words)
+    assert [w.url for w in app.pool.workers] == before
 
 
 @pytest.mark.parametrize("expires", [0, -1, "60", True, 10 * 365 * 86400 + 1, 1e300])

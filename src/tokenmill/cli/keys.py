@@ -9,6 +9,7 @@ tokenmill keys rotate key_0123456789ab --config gateway.yaml --grace-s 3600   # 
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -83,7 +84,8 @@ def create(
 def list_keys(
     config: ConfigOption, team: Annotated[str | None, typer.Option(help="Only this team's keys.")] = None
 ) -> None:
-    """Every key: id, team, label, created, revoked, expires (never the key itself)."""
+    """Every key: id (a rotated one's replacement under it), team, label, created, revoked, expires
+    (never the key itself)."""
     from rich.table import Table
     from rich.text import Text
 
@@ -91,20 +93,21 @@ def list_keys(
     # `keys revoke` takes the whole id: its column never shrinks or wraps (the others fold to make
     # room, even in 80 columns or a pipe), and cells are text, never Rich markup (a label "[x]").
     table = Table()
-    table.add_column("id", no_wrap=True, min_width=max((len(k.id) for k in keys), default=2))
+    # A rotated key's replacement goes under its id, whole, in the column that never wraps.
+    ids = [k.id if k.replaced_by is None else f"{k.id}\n-> {k.replaced_by}" for k in keys]
+    width = max((len(line) for i in ids for line in i.splitlines()), default=2)
+    table.add_column("id", no_wrap=True, min_width=width)
     for col in ("team", "label", "created", "revoked", "expires"):
         table.add_column(col, overflow="fold")
-    for k in keys:
+    for k, key_id in zip(keys, ids, strict=True):
         label = _printable(k.label or "")  # (labels older than the check may hold escape codes)
         revoked = "" if k.revoked is None else _when(k.revoked)
-        if k.revoked is not None:
-            rotated = "rotated" if k.replaced_by is None else f"rotated to {k.replaced_by}"
-            if k.active():
-                revoked += f" ({rotated}: works until then)"
-            elif k.replaced_by is not None:
-                revoked += f" ({rotated})"
+        if k.revoked is not None and k.active():
+            revoked += " (rotated: works until then)"
+        elif k.replaced_by is not None:
+            revoked += " (rotated)"
         expires = "" if k.expires is None else _when(k.expires)
-        cells = (k.id, k.team, label, _when(k.created), revoked, expires)
+        cells = (key_id, k.team, label, _when(k.created), revoked, expires)
         table.add_row(*(Text(c) for c in cells))
     out.print(table)
 
@@ -142,10 +145,11 @@ def rotate(
     from tokenmill.router.gateway_request import GatewayError
 
     try:
-        key, record, _ = _gateway(config).rotate_key(key_id, grace_s)
+        key, record, stops = _gateway(config).rotate_key(key_id, grace_s)
     except GatewayError as e:
         _fail(e.message)
-    until = f"in {grace_s:g} s" if grace_s > 0 else "now"
+    left = stops - time.time()  # the grace, or less where the key expires sooner
+    until = f"in {left:.0f} s (at {_when(stops)})" if left > 0.5 else "now"
     err.print(
         f"key {record.id} for team {record.team} replaces {key_id}, which stops working {until} "
         "(the new key is shown once; keep it secret):",

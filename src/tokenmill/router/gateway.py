@@ -24,7 +24,6 @@ import asyncio
 import itertools
 import json
 import logging
-import os
 import secrets
 import time
 from collections import Counter
@@ -34,17 +33,15 @@ from typing import Any
 
 from tokenmill.protocol.headers import PRIORITY_HEADER, TENANT_HEADER
 from tokenmill.router.admission import AdmissionQueue, QueuePolicy
-from tokenmill.router.api_keys import KeyRecord, hash_key
 from tokenmill.router.call import asked_output
 from tokenmill.router.gateway_config import GatewayConfig, Price, Team
+from tokenmill.router.gateway_keys import GatewayKeys
 from tokenmill.router.gateway_request import (
     GatewayError,
-    api_key,
     check_priced,
     model_for,
     priority_for,
     refusal_reason,
-    rotation_refusal,
     with_priority,
 )
 from tokenmill.router.gateway_request import body_for as body_for  # (imported from here by the app)
@@ -57,8 +54,6 @@ from tokenmill.router.usage_meter import Usage, ask_for_usage, charged
 logger = logging.getLogger(__name__)
 
 KEY_HEADERS = ("authorization", "x-api-key")
-KEYS_REFRESH_S = 2.0  # keys created or revoked by another process (the CLI) take effect this fast
-_SEEN_KEYS_MAX = 10_000
 
 
 @dataclass(eq=False)  # one per request, told apart by identity (Gateway._running)
@@ -80,7 +75,7 @@ class Admitted:
     checkpointed: int = 0  # completion tokens its row holds while it runs (Gateway.checkpoint)
 
 
-class Gateway:
+class Gateway(GatewayKeys):
     def __init__(self, config: GatewayConfig, ledger: Ledger | None = None, starting: bool = True) -> None:
         """``starting``: the gateway that serves, which applies the config's teams to the ledger;
         False for ``tokenmill keys``, which changes no team (its teams: the ledger's, and those the
@@ -92,11 +87,7 @@ class Gateway:
         else:
             self.teams = {**config.teams, **self.ledger.teams()}
         warn_unpriced(self.teams.values(), config.prices)
-        self._keys = self.ledger.active_key_hashes()
-        self._keys_read = time.monotonic()
-        # Keys seen since the hashes were last read (in memory only), so a client's key is hashed
-        # once, not per request; cleared with every read of the hashes, which drops revoked keys.
-        self._seen: dict[str, tuple[str, str] | None] = {}
+        self._init_keys()
         self.queues: dict[str, AdmissionQueue] = {}  # one admission queue per pool
         # (team, reason) -> requests refused before they had a usage row, since the start (metrics)
         self.refused: Counter[tuple[str, str]] = Counter()
@@ -110,75 +101,10 @@ class Gateway:
         # A restart must not refill the minute: the buckets start from the ledger's last minute.
         for name, recent in self.ledger.recent_usage(60.0).items():
             self.limiter.resume(name, recent)
-        # Stripped as a request's key is (``api_key``): " k " could never be matched.
-        admin = (os.environ.get(config.admin_key_env) or "").strip()
-        self._admin_hash = hash_key(admin) if admin else None
 
     def _spent(self, team: Team) -> tuple[int, float]:
         assert team.budget is not None
         return self.ledger.spent(team.name, team.budget)
-
-    # -- who is asking ---------------------------------------------------------------------
-
-    def caller(self, headers: dict[str, str]) -> tuple[str, str] | None:
-        """(key id, team) of the request's key; None without a valid one."""
-        key = api_key(headers)
-        if not key:
-            return None
-        if time.monotonic() - self._keys_read > KEYS_REFRESH_S:  # `tokenmill keys` may have changed them
-            self._set_keys(self.ledger.active_key_hashes())
-        try:
-            return self._seen[key]
-        except KeyError:
-            pass
-        who = self._keys.get(hash_key(key))
-        if len(self._seen) < _SEEN_KEYS_MAX:  # (a flood of made-up keys only ever misses)
-            self._seen[key] = who
-        return who
-
-    def _set_keys(self, keys: dict[str, tuple[str, str]]) -> None:
-        self._keys, self._seen = keys, {}
-        self._keys_read = time.monotonic()
-
-    @property
-    def is_configured_admin(self) -> bool:
-        return self._admin_hash is not None
-
-    def is_admin(self, headers: dict[str, str]) -> bool:
-        key = api_key(headers)
-        return (
-            bool(key)
-            and self._admin_hash is not None
-            and secrets.compare_digest(hash_key(key), self._admin_hash)
-        )
-
-    def admin_refusal(self, headers: dict[str, str]) -> GatewayError:
-        """The answer to a request without the admin key on an admin route: 403 for a team's key
-        (valid, but not for this), 401 for none or an unknown one."""
-        if self._admin_hash is None:
-            return GatewayError(
-                403,
-                f"the admin API is off on this gateway: it is on when ${self.config.admin_key_env} "
-                "holds the admin key as the gateway starts",
-                "permission_error",
-            )
-        team = self.team_of(headers)
-        if team is not None:
-            return GatewayError(
-                403,
-                f"a key of team {team.name} cannot use this route: it needs the admin key",
-                "permission_error",
-            )
-        return GatewayError(
-            401, "the admin key is required (Authorization: Bearer ...)", "authentication_error"
-        )
-
-    def team_of(self, headers: dict[str, str]) -> Team | None:
-        """The team of the request's key; None without a valid key, or for a key whose team was
-        deleted (its keys are revoked with it, but one made since by ``tokenmill keys`` is not
-        known to this gateway until it restarts)."""
-        who = self.caller(headers)
-        return self.teams.get(who[1]) if who is not None else None
 
     # -- a request -------------------------------------------------------------------------
 
@@ -193,22 +119,22 @@ class Gateway:
         """Check and reserve; rewrites ``request`` (parsed from ``body``) for the worker (priority,
         usage, no metadata), with the body to send in ``Admitted.body``, and strips the gateway's
         headers from ``headers``. Raises GatewayError to refuse."""
-        who = self.caller(headers)
-        if who is None:
-            self.refused["", "key"] += 1
-            raise GatewayError(
-                401, "a valid API key is required (Authorization: Bearer ...)", "authentication_error"
-            )
-        key_id, team_name = who
-        team = self.teams.get(team_name)
-        if team is None:
-            self.refused["", "key"] += 1
-            raise GatewayError(401, f"the key's team {team_name!r} no longer exists", "authentication_error")
+        key_id, team = self._key_and_team(headers)
         try:
             return self._admit(team, key_id, request, body, headers, prompt_tokens, output_tokens)
         except GatewayError as e:
             self.refused[team.name, refusal_reason(e)] += 1
             raise
+
+    def unreadable(self, headers: dict[str, str], message: str) -> GatewayError:
+        """The answer to a request whose body is not a JSON object: as to any request, a 401
+        without a valid key (the key is checked first), else a 400 saying why; counted."""
+        try:
+            _, team = self._key_and_team(headers)
+        except GatewayError as e:
+            return e
+        self.refused[team.name, "invalid_request"] += 1
+        return GatewayError(400, message, "invalid_request_error")
 
     def _admit(
         self,
@@ -359,40 +285,5 @@ class Gateway:
         gone = self.ledger.delete_team(name)
         self.teams.pop(name, None)
         self.limiter.forget(name)
-        self._set_keys(self.ledger.active_key_hashes())
+        self._read_keys()
         return gone
-
-    def create_key(
-        self, team: str, label: str | None = None, expires_in_s: float | None = None
-    ) -> tuple[str, KeyRecord]:
-        """A new key for ``team``, working until revoked, or for ``expires_in_s`` from now."""
-        if team not in self.teams:
-            raise KeyError(team)
-        expires = time.time() + expires_in_s if expires_in_s is not None else None
-        key, record = self.ledger.create_key(team, label, expires)
-        self._keys[hash_key(key)] = (record.id, team)
-        self._seen.pop(key, None)  # a miss remembered for this very key must not hide it
-        return key, record
-
-    def revoke_key(self, key_id: str) -> KeyRecord | None:
-        """Stop the key working now (in a rotation's grace period too)."""
-        record = self.ledger.revoke_key(key_id)
-        self._set_keys(self.ledger.active_key_hashes())
-        return record
-
-    def rotate_key(self, key_id: str, grace_s: float = 0.0) -> tuple[str, KeyRecord, float]:
-        """A new key for the same team, label and expiry, and when the old one stops working: now,
-        or ``grace_s`` from now (its expiry, if sooner), so that its clients can move to the new one
-        without a refused request. GatewayError (404, 409) if ``key_id`` names no key, one rotated,
-        revoked or expired already, or one of a team that no longer exists."""
-        old = self.ledger.key(key_id)
-        refusal = rotation_refusal(key_id, old, self.teams)
-        if refusal is not None:
-            raise refusal
-        stops = time.time() + grace_s
-        rotated = self.ledger.rotate_key(key_id, stops)
-        if rotated is None:  # rotated by another process between the two looks
-            raise GatewayError(409, f"key {key_id} was rotated or revoked already", "invalid_request_error")
-        key, record = rotated
-        self._set_keys(self.ledger.active_key_hashes())
-        return key, record, stops

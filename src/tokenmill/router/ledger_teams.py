@@ -162,10 +162,21 @@ class TeamsAndKeys:
     def active_key_hashes(self) -> dict[str, tuple[str, str]]:
         """hash -> (key id, team) of every key that works now: not revoked (or rotated and in its
         grace period: ``revoked`` still ahead), and not expired."""
+        return self.active_keys()[0]
+
+    def active_keys(self) -> tuple[dict[str, tuple[str, str]], dict[str, float]]:
+        """``active_key_hashes``, and key id -> when it stops working, of those that will stop by
+        themselves: at the expiry, or at the end of a rotation's grace, whichever is first (one
+        read, so that a key cannot slip between the two)."""
         now = time.time()
         rows = self._db.execute(
-            "SELECT hash, id, team FROM keys WHERE (revoked IS NULL OR revoked > ?) "
+            "SELECT hash, id, team, revoked, expires FROM keys WHERE (revoked IS NULL OR revoked > ?) "
             "AND (expires IS NULL OR expires > ?)",
             (now, now),
         )
-        return {h: (key_id, team) for h, key_id, team in rows}
+        hashes, stops = {}, {}
+        for h, key_id, team, revoked, expires in rows:
+            hashes[h] = (key_id, team)
+            if revoked is not None or expires is not None:
+                stops[key_id] = min(t for t in (revoked, expires) if t is not None)
+        return hashes, stops
