@@ -120,6 +120,49 @@ def test_requests_refused_before_a_usage_row_are_counted_by_team_and_reason(tmp_
         gateway.ledger.close()
 
 
+def posted(app: RouterApp, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    """POST /v1/chat/completions through the app's ASGI interface: the status and error answered."""
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    raw_headers = [(k.encode(), v.encode()) for k, v in headers.items()]
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "query_string": b"",
+        "headers": raw_headers,
+    }
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], json.loads(sent[1]["body"])["error"]
+
+
+def test_a_body_that_is_no_json_object_is_refused_after_the_key_and_counted(tmp_path: Path):
+    """Such a body got a 400 before the key was looked at (so to callers without one too), and
+    was counted nowhere."""
+    gateway = Gateway(parse_gateway_config(CONFIG, tmp_path))
+    app = RouterApp(WorkerPool(["http://127.0.0.1:9"]), Router("least_load"), gateway=gateway)
+    key, _ = gateway.create_key("search")
+    try:
+        for body in (b"{bad json", b"[1, 2]", b'"text"'):
+            status, error = posted(app, body, {})
+            assert (status, error["type"]) == (401, "authentication_error")
+            status, error = posted(app, body, {"authorization": f"Bearer {key}"})
+            assert (status, error["type"]) == (400, "invalid_request_error") and "JSON" in error["message"]
+        seen = scrape(app)
+        name = "tokenmill_gateway_refused_requests_total"
+        assert seen[(name, (("reason", "invalid_request"), ("team", "search")))] == 3
+        assert seen[(name, (("reason", "key"), ("team", "")))] == 3
+    finally:
+        gateway.ledger.close()
+
+
 def test_a_router_without_a_gateway_exports_no_gateway_metrics():
     app = RouterApp(WorkerPool(["http://127.0.0.1:9"]), Router("least_load"))
     assert not any(name.startswith("tokenmill_gateway") for name, _ in scrape(app))

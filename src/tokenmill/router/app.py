@@ -156,7 +156,8 @@ class RouterApp:
             elif path == "/router/workers":
                 await send_json(send, 200, self.status())
             else:
-                await serve_workers_admin(self.pool, self.router, receive, send, self.status)
+                query = scope.get("query_string", b"")
+                await serve_workers_admin(self.pool, self.router, query, receive, send, self.status)
                 self._workers_changed()
         elif self.gateway is not None and (
             path.startswith(("/admin/teams", "/admin/keys")) or path == "/v1/usage"
@@ -202,7 +203,11 @@ class RouterApp:
         try:
             request = as_read_at(scope["path"], json_object(body))
         except ValueError as e:
-            await send_error(send, 400, str(e))
+            if self.gateway is None:
+                await send_error(send, 400, str(e))
+            else:  # a caller without a valid key learns nothing of the body: 401, as for any request
+                refusal = self.gateway.unreadable(forwarded_headers(scope["headers"]), str(e))
+                await send_error(send, refusal.status, refusal.message, kind=refusal.kind)
             return
         headers = forwarded_headers(scope["headers"])
         # A session: the header routers use, or the one tokenmill's client sends, or the body's user.

@@ -46,8 +46,8 @@ class GatewayCollector:
         yield in_flight
         turned_away = CounterMetricFamily(
             "tokenmill_gateway_refused_requests",
-            "Requests the gateway refused before they had a usage row, since it started: by team and "
-            'reason (key: no valid key, team ""; model; invalid_request; or the limit).',
+            "Completion requests the gateway refused before they had a usage row, since it started: by "
+            'team and reason (key: no valid key, team ""; model; invalid_request; or the limit).',
             labels=["team", "reason"],
         )
         for (team, reason), n in sorted(g.refused.items()):

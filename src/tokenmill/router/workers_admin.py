@@ -1,15 +1,16 @@
 """``POST /admin/workers``: add, drain or remove a worker while the router runs.
 
 The order is ``{"url": ..., "action": "add" | "drain" | "remove"}``; anything
-else in it is refused with a 400 naming the field, as every admin endpoint
-does: a misspelt field would otherwise be silently ignored (``"acton":
-"drain"`` would add the worker it meant to drain).
+else in it, or any query parameter, is refused with a 400 naming the field, as
+every admin endpoint does: a misspelt field would otherwise be silently ignored
+(``"acton": "drain"`` would add the worker it meant to drain).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs
 
 from starlette.types import Receive, Send
 
@@ -24,9 +25,23 @@ ACTIONS = ("add", "drain", "remove")
 
 
 async def serve_workers_admin(
-    pool: WorkerPool, router: Router, receive: Receive, send: Send, status: Callable[[], dict[str, Any]]
+    pool: WorkerPool,
+    router: Router,
+    query: bytes,
+    receive: Receive,
+    send: Send,
+    status: Callable[[], dict[str, Any]],
 ) -> None:
     """Carry out one order; the answer is the fleet's ``status()`` after it, or a 400 naming the field."""
+    if query:  # the order is the body's: ?url= or ?action= was a mistake, not to be ignored
+        name = next(iter(parse_qs(query.decode("latin-1"), keep_blank_values=True)), "")
+        why = (
+            f"{name} goes in the JSON body, not the query"
+            if name in FIELDS
+            else f"it takes no query parameters, got {shown(name)}"
+        )
+        await send_error(send, 400, f"{USAGE}: {why}", param=name[:60] or None)
+        return
     try:
         order = json_object(await read_body(receive))
     except ValueError as e:
