@@ -33,6 +33,7 @@ async def serve_workers_admin(
     status: Callable[[], dict[str, Any]],
 ) -> None:
     """Carry out one order; the answer is the fleet's ``status()`` after it, or a 400 naming the field."""
+    body = await read_body(receive)  # (read whatever the answer: the connection stays usable)
     if query:  # the order is the body's: ?url= or ?action= was a mistake, not to be ignored
         name = next(iter(parse_qs(query.decode("latin-1"), keep_blank_values=True)), "")
         why = (
@@ -43,7 +44,7 @@ async def serve_workers_admin(
         await send_error(send, 400, f"{USAGE}: {why}", param=name[:60] or None)
         return
     try:
-        order = json_object(await read_body(receive))
+        order = json_object(body)
     except ValueError as e:
         await send_error(send, 400, f"{USAGE}: {e}")
         return
