@@ -365,7 +365,7 @@ def test_a_ledger_made_before_keys_expired_is_read_and_its_keys_never_expire(tmp
     ledger = Ledger(tmp_path / "u.db")
     (record,) = ledger.keys()
     assert record.expires is None and record.active()
-    assert ledger.active_key_hashes() == {"h": ("key_0", "premium")}
+    assert ledger.active_keys()[0] == {"h": ("key_0", "premium")}
     _, made = ledger.create_key("premium", None, time.time() + 60)
     assert ledger.key(made.id).expires == made.expires
 

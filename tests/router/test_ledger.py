@@ -123,10 +123,10 @@ def test_keys_are_stored_as_hashes_and_revoked(tmp_path: Path):
     ledger = Ledger(tmp_path / "u.db")
     key, record = ledger.create_key("a", "ci")
     assert key.startswith("tm-") and len(key) > 40
-    assert ledger.active_key_hashes() == {hash_key(key): (record.id, "a")}
+    assert ledger.active_keys()[0] == {hash_key(key): (record.id, "a")}
     assert key not in (tmp_path / "u.db").read_bytes().decode("latin-1")
     assert ledger.revoke_key(record.id).revoked is not None
-    assert ledger.active_key_hashes() == {}
+    assert ledger.active_keys()[0] == {}
 
 
 def test_teams_persist_and_deleting_one_revokes_its_keys(tmp_path: Path):
@@ -135,7 +135,7 @@ def test_teams_persist_and_deleting_one_revokes_its_keys(tmp_path: Path):
     ledger.create_key("a")
     assert Ledger(tmp_path / "u.db").teams()["a"] == Team("a", models=("m",), priority=3, max_parallel=2)
     assert ledger.delete_team("a") and not ledger.delete_team("a")
-    assert ledger.teams() == {} and ledger.active_key_hashes() == {}
+    assert ledger.teams() == {} and ledger.active_keys()[0] == {}
 
 
 def test_rows_of_one_loop_turn_share_a_commit_and_durable_waits_for_it(
@@ -356,7 +356,7 @@ def test_a_ledger_from_before_team_sources_keeps_its_teams_and_the_file_takes_ov
     ledger.save_team(Team("api"))
     assert ledger.team_sources() == {"kept": "admin", "named": "config", "api": "admin"}
     assert ledger.remove_config_teams(["other"]) == ["named"]  # the file no longer names it
-    assert sorted(ledger.teams()) == ["api", "kept"] and ledger.active_key_hashes() == {}
+    assert sorted(ledger.teams()) == ["api", "kept"] and ledger.active_keys()[0] == {}
     with pytest.raises(ValueError, match="source must be one of config, admin"):
         ledger.save_team(Team("x"), source="yaml")
 

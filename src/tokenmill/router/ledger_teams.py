@@ -159,15 +159,11 @@ class TeamsAndKeys:
         rows = self._db.execute(query + " WHERE team = ?", (team,)) if team else self._db.execute(query)
         return [KeyRecord(*row) for row in rows]
 
-    def active_key_hashes(self) -> dict[str, tuple[str, str]]:
-        """hash -> (key id, team) of every key that works now: not revoked (or rotated and in its
-        grace period: ``revoked`` still ahead), and not expired."""
-        return self.active_keys()[0]
-
     def active_keys(self) -> tuple[dict[str, tuple[str, str]], dict[str, float]]:
-        """``active_key_hashes``, and key id -> when it stops working, of those that will stop by
-        themselves: at the expiry, or at the end of a rotation's grace, whichever is first (one
-        read, so that a key cannot slip between the two)."""
+        """hash -> (key id, team) of every key that works now: not revoked (or rotated and in its
+        grace period: ``revoked`` still ahead), and not expired; and key id -> when it stops
+        working, of those that will stop by themselves: at the expiry, or at the end of a
+        rotation's grace, whichever is first (one read, so that a key cannot slip between the two)."""
         now = time.time()
         rows = self._db.execute(
             "SELECT hash, id, team, revoked, expires FROM keys WHERE (revoked IS NULL OR revoked > ?) "
