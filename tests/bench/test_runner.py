@@ -16,9 +16,10 @@ import pytest
 from tokenmill.bench.data import RequestSpec
 from tokenmill.bench.load import LoadProfile
 from tokenmill.bench.metrics import summarize
-from tokenmill.bench.mock_server import MockConfig, MockServer
+from tokenmill.bench.mock_server import MAX_TOKENS, MockConfig, MockServer
 from tokenmill.bench.records import read_log, write_log
 from tokenmill.bench.runner import LoadRunner, RunSettings
+from tokenmill.client import HTTPTransport
 
 SPECS = [RequestSpec(prompt=f"tell me story number {i}", prompt_tokens=5) for i in range(8)]
 
@@ -352,3 +353,26 @@ def test_a_stream_with_more_content_messages_than_its_usage_is_a_mismatch():
     three_words = [ROLE, word("one "), word("two "), word("three "), USAGE, b"[DONE]"]
     records = asyncio.run(sse_server(three_words)(SPECS[:1]))  # usage says 2 tokens
     assert records[0].counted_output_tokens == 3 and summarize(records).token_mismatches == 1
+
+
+@pytest.mark.parametrize("max_tokens", [10**12, MAX_TOKENS + 1, 0, True, "8"])
+def test_the_mock_server_refuses_a_length_it_cannot_make_naming_max_tokens(max_tokens):
+    async def main():
+        async with MockServer(MockConfig(ttft=0, itl=0)) as server, HTTPTransport(server.url) as http:
+            chat = [{"role": "user", "content": "hi"}]
+            body = {"model": "mock", "messages": chat, "max_tokens": max_tokens}
+            refused = await http.request("POST", "/v1/chat/completions", json=body)
+            body["max_tokens"] = 3  # and the server goes on answering
+            answered = await http.request("POST", "/v1/chat/completions", json=body)
+            return refused, answered
+
+    refused, answered = asyncio.run(asyncio.wait_for(main(), 10))
+    assert refused.status == 400
+    error = refused.json()["error"]
+    assert error["param"] == "max_tokens" and f"from 1 to {MAX_TOKENS}" in error["message"]
+    assert answered.status == 200 and answered.json()["usage"]["completion_tokens"] == 3
+
+
+def test_the_mock_server_refuses_a_default_length_it_cannot_make():
+    with pytest.raises(ValueError, match=f"output_tokens must be from 0 to {MAX_TOKENS}"):
+        MockConfig(output_tokens=MAX_TOKENS + 1)

@@ -4,7 +4,7 @@
 ``/v1/completions`` and ``/v1/chat/completions`` (streamed or not) with the
 first token ``ttft`` seconds after the request arrived and one more every
 ``itl`` seconds, each token a word; a request's ``max_tokens`` (or
-``max_completion_tokens``) sets its length, ``--output-tokens`` otherwise. Its
+``max_completion_tokens``) sets its length (up to ``MAX_TOKENS``), ``--output-tokens`` otherwise. Its
 tokenizer is whitespace: a prompt has as many tokens as words, and
 ``/tokenize`` and ``/detokenize`` agree with that, so synthetic prompts of exact
 lengths can be built against it. Every response carries ``x-tokenmill-worker``.
@@ -36,6 +36,10 @@ from typing import Any
 from tokenmill.bench.mock_http import Connection, Responder
 from tokenmill.bench.vocabulary import WORDS
 
+# The longest answer it makes, as a real server's context bounds it: the text of a larger one is
+# built in memory (a whole answer at once), so 10**12 would never come back.
+MAX_TOKENS = 1 << 20
+
 
 @dataclass(frozen=True)
 class MockConfig:
@@ -58,6 +62,8 @@ class MockConfig:
         for name in ("output_tokens", "fail_every", "cut_every", "crash_after", "empty_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.output_tokens > MAX_TOKENS:
+            raise ValueError(f"output_tokens must be from 0 to {MAX_TOKENS}, got {self.output_tokens}")
 
 
 class MockServer:
@@ -174,8 +180,11 @@ class MockServer:
         max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
         if max_tokens is None:
             max_tokens = cfg.output_tokens
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            respond.error(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}", "max_tokens")
+        integer = isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
+        if not integer or not 1 <= max_tokens <= MAX_TOKENS:
+            respond.error(
+                400, f"max_tokens must be an integer from 1 to {MAX_TOKENS}, got {max_tokens!r}", "max_tokens"
+            )
             return
         if chat:
             messages = req.get("messages")
